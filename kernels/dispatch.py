@@ -1,0 +1,56 @@
+"""Choose the implementation of each core: Triton on CUDA (or when forced), PyTorch elsewhere."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CHOICES = ("auto", "triton", "torch")
+
+
+def kernel_backend(device: torch.device | None = None) -> str:
+    """Return "triton" or "torch" for tensors on `device`, honouring ATMA_KERNELS."""
+    choice = os.environ.get("ATMA_KERNELS", "auto").strip().lower() or "auto"
+    if choice not in _CHOICES:
+        raise ValueError(f"ATMA_KERNELS must be one of {', '.join(_CHOICES)}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "triton" if device is not None and device.type == "cuda" else "torch"
+
+
+def polar_attention(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, *, window=None):
+    """Polar attention core (SPEC §2.6): (B,T,H,d) queries over (B,T,G,d) keys -> (direction, magnitude)."""
+    if kernel_backend(q.device) == "triton":
+        from .polar_triton import polar_attention_triton as impl
+    else:
+        from .polar_torch import polar_attention_torch as impl
+    return impl(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, window=window)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, output_final_state=False, chunk_size=64):
+    """Gated delta rule (SPEC §4.4) in FLA layout; flash-linear-attention on CUDA when safe.
+
+    `chunk_size` only affects the PyTorch chunked path (FLA chunks internally).
+    """
+    if q.device.type == "cuda" and kernel_backend(q.device) == "triton":
+        from .gated_delta_fla import fla_gated_delta_rule, fla_is_usable
+
+        if fla_is_usable(q.device):
+            return fla_gated_delta_rule(
+                q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
+            )
+    from .gated_delta_torch import chunk_gated_delta_rule_torch
+
+    return chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
+    )
+
+
+def causal_conv1d(x, weight):
+    """Causal depthwise conv1d (SPEC §2.4): x (B,T,C), weight (C,K), no bias, no activation."""
+    if kernel_backend(x.device) == "triton":
+        from .conv_triton import causal_conv1d_triton as impl
+    else:
+        from .conv_torch import causal_conv1d_torch as impl
+    return impl(x, weight)
