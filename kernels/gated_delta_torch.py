@@ -1,0 +1,118 @@
+"""Chunked (UT-transform / WY) gated delta rule in plain PyTorch, differentiable by autograd.
+
+FLA layout: q, k (B, T, H, dk) already L2-normalised, v (B, T, H, dv), g log-decay (B, T, H),
+beta (B, T, H); the state S (B, H, dk, dv) is M^T of SPEC §4.4. Every chunk's intra-chunk
+algebra (the triangular solve of SPEC §4.6) runs for all chunks at once; only the state carry
+is sequential across chunks.
+
+Shape legend: N chunks, C chunk length, K = dk, V = dv.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["chunk_gated_delta_rule_torch"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return the dtype the recurrence runs in: fp32 for half types, else the input dtype."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
+    """Raise ValueError unless the arguments follow the gated-delta contract (DESIGN.md)."""
+    if q.dim() != 4:
+        raise ValueError(f"q must be (B, T, H, dk), got shape {tuple(q.shape)}")
+    B, T, H, dk = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, dv) = ({B}, {T}, {H}, dv), got shape {tuple(v.shape)}")
+    for name, x in (("g", g), ("beta", beta)):
+        if tuple(x.shape) != (B, T, H):
+            raise ValueError(f"{name} must be (B, T, H) = ({B}, {T}, {H}), got shape {tuple(x.shape)}")
+    if initial_state is not None and tuple(initial_state.shape) != (B, H, dk, v.shape[-1]):
+        raise ValueError(
+            f"initial_state must be (B, H, dk, dv) = ({B}, {H}, {dk}, {v.shape[-1]}), "
+            f"got shape {tuple(initial_state.shape)}"
+        )
+    if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+# SPEC §4.6: eager only; compiling would unroll the loop over chunks.
+@torch.compiler.disable
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule (SPEC §4.4, §4.6) in FLA layout: returns o (B,T,H,dv) and the final state or None."""
+    _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    C = int(chunk_size)
+    out_dtype = v.dtype
+    cdt = _compute_dtype(q.dtype)
+
+    if initial_state is None:
+        state = torch.zeros((B, H, dk, dv), device=q.device, dtype=cdt)
+    else:
+        state = initial_state.to(cdt)
+    if T == 0:
+        return v.new_zeros((B, 0, H, dv)), (state if output_final_state else None)
+
+    # Zero padding is exact: a step with k = v = 0, beta = 0 and g = 0 leaves the state unchanged.
+    N = -(-T // C)
+    pad = N * C - T
+
+    def chunked(x):
+        # (B, T, H, *) -> (B, H, N, C, *)
+        x = x.to(cdt).transpose(1, 2)
+        x = F.pad(x, (0, 0, 0, pad)) if x.dim() == 4 else F.pad(x, (0, pad))
+        return x.reshape(B, H, N, C, *x.shape[3:])
+
+    q_c, k_c, v_c, g_c, b_c = (chunked(x) for x in (q, k, v, g, beta))
+
+    # Inclusive cumulative log-decay lambda_p within each chunk (SPEC §4.6).
+    lam = g_c.cumsum(dim=-1)  # (B,H,N,C)
+    idx = torch.arange(C, device=q.device)
+    causal = idx[:, None] >= idx[None, :]
+    strict = idx[:, None] > idx[None, :]
+    diff = lam[..., :, None] - lam[..., None, :]
+    # Mask before exp: above the diagonal lambda_p - lambda_s > 0 could overflow, and inf * 0 is NaN.
+    decay_incl = torch.exp(diff.masked_fill(~causal, float("-inf")))
+    decay_strict = decay_incl * strict
+
+    # Unit-lower-triangular system (I + diag(beta) D) U = beta (V - e^lambda K S0), split (WY form)
+    # into U = U_v - W S0 with U_v = solve(beta V) and W = solve(beta e^lambda K).
+    kk = torch.matmul(k_c, k_c.transpose(-1, -2))
+    eye = torch.eye(C, device=q.device, dtype=cdt)
+    system = eye + b_c[..., None] * kk * decay_strict
+    rhs = torch.cat([b_c[..., None] * v_c, (b_c * torch.exp(lam))[..., None] * k_c], dim=-1)
+    sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    u_v, w = sol[..., :dv], sol[..., dv:]
+
+    attn = torch.matmul(q_c, k_c.transpose(-1, -2)) * decay_incl  # A[p, s], s <= p
+    q_decayed = torch.exp(lam)[..., None] * q_c
+    lam_last = lam[..., -1]  # (B,H,N)
+    k_to_end = torch.exp(lam_last[..., None] - lam)[..., None] * k_c
+
+    outs = []
+    for n in range(N):
+        u = u_v[:, :, n] - torch.matmul(w[:, :, n], state)  # (B,H,C,V)
+        outs.append(torch.matmul(q_decayed[:, :, n], state) + torch.matmul(attn[:, :, n], u))
+        state = torch.exp(lam_last[:, :, n])[..., None, None] * state + torch.matmul(
+            k_to_end[:, :, n].transpose(-1, -2), u
+        )
+
+    o = torch.stack(outs, dim=2).reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, (state if output_final_state else None)
