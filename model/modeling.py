@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .attention import GlobalAttention
 from .config import AtmaConfig
-from .layers import MLP, LFM2Conv, RMSNorm, linear, softcap
+from .layers import MLP, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
 
 CHECKPOINT_POLICIES = ("none", "global", "all")
 
@@ -43,10 +43,16 @@ class AtmaOutput:
     """What `AtmaForCausalLM.forward` returns."""
 
     loss: torch.Tensor | None = None
+    kl_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     hidden_states: list[torch.Tensor] = field(default_factory=list)
     align_loss: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+
+
+def _chunk_rows(n: int, chunk: int):
+    for start in range(0, n, chunk):
+        yield start, min(start + chunk, n)
 
 
 def lm_loss_chunked(
@@ -71,15 +77,76 @@ def lm_loss_chunked(
         return F.cross_entropy(logits, y_c, reduction="sum")
 
     total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-    for start in range(0, h.shape[0], chunk_tokens):
-        h_c, y_c = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
+    for start, end in _chunk_rows(h.shape[0], chunk_tokens):
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + torch_checkpoint(chunk_sum, h_c, y_c, weight, bias, use_reentrant=False)
+            total = total + torch_checkpoint(chunk_sum, h[start:end], y[start:end], weight, bias, use_reentrant=False)
         else:
-            total = total + chunk_sum(h_c, y_c, weight, bias)
+            total = total + chunk_sum(h[start:end], y[start:end], weight, bias)
     if reduction == "sum":
         return total
     return total / max(y.numel(), 1)
+
+
+def soft_target_kl_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target_logits_rows,
+    *,
+    cap: float,
+    temperature: float = 1.0,
+    chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """Mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)), chunked.
+
+    `target_logits_rows(start, end)` returns target logits (end - start, V) for flattened rows;
+    this model's logits are computed chunk by chunk and recomputed in backward.
+    """
+    h = hidden.reshape(-1, hidden.shape[-1])
+
+    def chunk_kl(h_c, t_c, w, b):
+        log_p = F.log_softmax(softcap(F.linear(h_c, w.to(h_c.dtype), b.to(h_c.dtype)), cap) / temperature, dim=-1)
+        log_q = F.log_softmax(t_c.float() / temperature, dim=-1)
+        return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for start, end in _chunk_rows(h.shape[0], chunk_tokens):
+        with torch.no_grad():
+            t_c = target_logits_rows(start, end)
+        if t_c.shape[0] != end - start:
+            raise ValueError(f"target logits have {t_c.shape[0]} rows for tokens {start}:{end}")
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + torch_checkpoint(chunk_kl, h[start:end], t_c, weight, bias, use_reentrant=False)
+        else:
+            total = total + chunk_kl(h[start:end], t_c, weight, bias)
+    return total * temperature**2 / max(h.shape[0], 1)
+
+
+class SoftcapLMHead(ZeroInitLinear):
+    """LM head with bias and the algebraic soft-cap; computes logits, chunked CE and chunked KL.
+
+    Everything that reads the head's weight runs inside this module's forward, so ZeRO-3
+    gathers the weight for it.
+    """
+
+    def __init__(self, hidden: int, vocab: int, cap: float):
+        super().__init__(hidden, vocab)
+        self.cap = cap
+
+    def forward(self, hidden, labels=None, *, chunk_tokens=8192, kl_targets=None, kl_temperature=1.0):
+        """Return {"logits"} without targets, else {"lm"} and/or {"kl"} losses."""
+        if labels is None and kl_targets is None:
+            z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
+            return {"logits": softcap(z, self.cap)}
+        out = {}
+        if labels is not None:
+            out["lm"] = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap, chunk_tokens=chunk_tokens)
+        if kl_targets is not None:
+            out["kl"] = soft_target_kl_chunked(
+                hidden, self.weight, self.bias, kl_targets, cap=self.cap, temperature=kl_temperature,
+                chunk_tokens=chunk_tokens,
+            )
+        return out
 
 
 class AtmaForCausalLM(nn.Module):
@@ -92,7 +159,7 @@ class AtmaForCausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.proj = linear(config.hidden_size, config.vocab_size, zero=True)
+        self.proj = SoftcapLMHead(config.hidden_size, config.vocab_size, config.logit_softcap)
         self.checkpoint_policy = "none"
         self.checkpoint_fn = None
 
@@ -142,8 +209,7 @@ class AtmaForCausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Soft-capped fp32 logits of normed hidden states (SPEC §2.1)."""
-        z = F.linear(hidden, self.proj.weight.to(hidden.dtype), self.proj.bias.to(hidden.dtype))
-        return softcap(z, self.config.logit_softcap)
+        return self.proj(hidden)["logits"]
 
     def forward(
         self,
@@ -153,23 +219,26 @@ class AtmaForCausalLM(nn.Module):
         output_hidden_states: bool = False,
         return_logits: bool | None = None,
         loss_chunk_tokens: int = 8192,
+        kl_targets=None,
+        kl_temperature: float = 1.0,
     ) -> AtmaOutput:
         """Compute logits and, with `labels` (B,T), the mean next-token cross-entropy.
 
         With labels the loss is computed chunk by chunk and logits are not returned unless
-        `return_logits=True`. `hidden_states` holds every block's residual output when asked.
+        `return_logits=True`. `kl_targets(start, end)` -> target logits for flattened token rows
+        adds `kl_loss` (distillation). `hidden_states` holds every block's residual output when asked.
         """
         hidden, hidden_states, align_loss = self.trunk(input_ids, output_hidden_states=output_hidden_states)
         if return_logits is None:
-            return_logits = labels is None
+            return_logits = labels is None and kl_targets is None
         out = AtmaOutput(hidden_states=hidden_states, align_loss=align_loss, last_hidden_state=hidden)
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            out.loss = lm_loss_chunked(
-                hidden, self.proj.weight, self.proj.bias, labels,
-                cap=self.config.logit_softcap, chunk_tokens=loss_chunk_tokens,
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if labels is not None or kl_targets is not None:
+            losses = self.proj(
+                hidden, labels, chunk_tokens=loss_chunk_tokens, kl_targets=kl_targets, kl_temperature=kl_temperature
             )
+            out.loss, out.kl_loss = losses.get("lm"), losses.get("kl")
         if return_logits:
             out.logits = self.logits(hidden)
         return out

@@ -1,0 +1,81 @@
+"""Training dashboards: TensorBoard, Weights & Biases (run id stable across resumes), console, JSONL."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+from tqdm.auto import tqdm
+
+
+class Monitor:
+    """Writes scalars from rank 0 to every enabled sink; a no-op on other ranks."""
+
+    def __init__(self, run_dir: str, *, rank: int, name: str, config: dict, total_steps: int, start_step: int,
+                 tensorboard: bool, wandb: bool, wandb_project: str, wandb_mode: str, progress: bool):
+        self.active = rank == 0
+        self.tb = self.wandb_run = self.bar = None
+        self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
+        if not self.active:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
+        if wandb and wandb_mode != "disabled":
+            self.wandb_run = self._init_wandb(run_dir, name, config, wandb_project, wandb_mode)
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    @staticmethod
+    def _init_wandb(run_dir, name, config, project, mode):
+        import wandb
+
+        id_file = os.path.join(run_dir, "wandb_id.txt")
+        if os.path.isfile(id_file):
+            run_id = open(id_file, encoding="utf-8").read().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            with open(id_file, "w", encoding="utf-8") as f:
+                f.write(run_id + "\n")
+        return wandb.init(project=project, name=name, id=run_id, resume="allow", dir=run_dir, mode=mode,
+                          config=config)
+
+    def log(self, step: int, scalars: dict[str, float], *, console: bool = True) -> None:
+        """Record `scalars` at optimizer step `step`."""
+        if not self.active:
+            return
+        clean = {k: float(v) for k, v in scalars.items() if v is not None}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **clean}) + "\n")
+        if self.tb is not None:
+            for key, value in clean.items():
+                self.tb.add_scalar(key, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log(clean, step=step)
+        if console and self.bar is not None:
+            shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items()
+                     if k in ("loss/total", "lr", "perf/tokens_per_s", "perf/mfu", "grad_norm")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar."""
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def print(self, message: str) -> None:
+        """Print a line from rank 0 without breaking the progress bar."""
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

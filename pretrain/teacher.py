@@ -1,0 +1,61 @@
+"""Frozen teachers for knowledge distillation: an exported ATMA model or a Hugging Face causal LM."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from model import AtmaForCausalLM
+
+
+class Teacher:
+    """A frozen model replicated on every rank (inference only, no optimizer state to shard)."""
+
+    def __init__(self, spec: str, *, device: torch.device, dtype: torch.dtype, vocab_size: int):
+        self.spec = spec
+        self.vocab_size = vocab_size
+        self.is_atma = os.path.isfile(os.path.join(spec, "config.json")) and (
+            os.path.isfile(os.path.join(spec, "model.safetensors"))
+            or os.path.isfile(os.path.join(spec, "model.safetensors.index.json"))
+        )
+        if self.is_atma:
+            self.model = AtmaForCausalLM.from_pretrained(spec)
+        else:
+            try:
+                from transformers import AutoModelForCausalLM
+            except ImportError:
+                raise ValueError(
+                    f"teacher {spec!r} is not an exported ATMA model directory, and loading a Hugging Face "
+                    "model needs the `transformers` package (pip install transformers)"
+                ) from None
+            self.model = AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
+        self.model.to(device=device, dtype=dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def target_rows(self, input_ids: torch.Tensor):
+        """Return a function (start, end) -> teacher logits for flattened token rows of `input_ids`."""
+        if self.is_atma:
+            hidden = self.model.trunk(input_ids)[0]
+            flat = hidden.reshape(-1, hidden.shape[-1])
+
+            def rows(start, end):
+                return self._fit(self.model.logits(flat[start:end]))
+        else:
+            logits = self.model(input_ids=input_ids).logits
+            flat = logits.reshape(-1, logits.shape[-1])
+
+            def rows(start, end):
+                return self._fit(flat[start:end].float())
+
+        return rows
+
+    def _fit(self, logits: torch.Tensor) -> torch.Tensor:
+        """Match the student's vocabulary width: drop extra columns, give missing ones ~zero mass."""
+        width = logits.shape[-1]
+        if width >= self.vocab_size:
+            return logits[:, : self.vocab_size]
+        pad = logits.new_full((logits.shape[0], self.vocab_size - width), -1e4)
+        return torch.cat([logits, pad], dim=-1)

@@ -1,0 +1,213 @@
+"""Single-process pieces of pretraining: run config, schedules, parameter groups, loss terms, FLOPs."""
+
+import math
+
+import pytest
+import torch
+
+from model import AtmaConfig, AtmaForCausalLM
+from pretrain.config import ConfigError, load_run_config
+from pretrain.flops import forward_flops_per_token, peak_flops_for, train_flops_per_token
+from pretrain.losses import LossWeights, combine_losses, signature_loss
+from pretrain.optim import build_param_groups, lr_multiplier
+from pretrain.trainer import padded_vocab, plan_batch
+
+
+# ---------------------------------------------------------------------- run config
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_shipped_configs_load_and_validate():
+    for name in ("tiny-cpu", "atma-378m"):
+        cfg = load_run_config(f"pretrain/configs/{name}.yaml", ["data.dir=/tmp/shards"])
+        assert cfg.data.dir == "/tmp/shards"
+    paper = load_run_config("pretrain/configs/atma-378m.yaml", [], **{"data.dir": "x"})
+    assert paper.optim.name == "muon" and paper.schedule.kind == "paper"
+    assert paper.batch.tokens == 524_288 and paper.train.max_steps == 18_722
+
+
+def test_set_overrides_parse_yaml_values(tmp_path):
+    cfg = load_run_config(None, ["data.dir=d", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]",
+                                 "model.overrides.core=nope", "model.overrides.window=null",
+                                 "logging.wandb=true"])
+    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.model.overrides == {"core": "nope", "window": None}
+    assert cfg.logging.wandb is True
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("optim: {lr: -1}\ndata: {dir: d}", "optim.lr"),
+        ("optim: {name: sgd}\ndata: {dir: d}", "optim.name"),
+        ("optimizer: {}\ndata: {dir: d}", "unknown key"),
+        ("optim: {lrr: 1}\ndata: {dir: d}", "unknown key"),
+        ("train: {max_steps: ten}\ndata: {dir: d}", "train.max_steps"),
+        ("loss: {distill_weight: 0.5}\ndata: {dir: d}", "teacher"),
+        ("loss: {sig_weight: 0.5}\ndata: {dir: d}", "sig_mode"),
+        ("batch: {tokens: 0}\ndata: {dir: d}", "batch.tokens"),
+        ("train: {max_steps: 3}", "data.dir"),
+        ("[1, 2", "not valid YAML"),
+    ],
+)
+def test_bad_run_configs_fail_clearly(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_run_config(write(tmp_path, text))
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_run_config("/nonexistent/run.yaml")
+
+
+def test_batch_plan_derives_accumulation():
+    plan = plan_batch(4096, 4, 256, 2)
+    assert plan.grad_accum == 2 and plan.tokens_per_step == 4096
+    assert plan_batch(4096, 4, 256, 1).grad_accum == 4
+    with pytest.raises(ConfigError, match="not a multiple"):
+        plan_batch(4096, 3, 256, 2)
+
+
+def test_padded_vocab():
+    assert padded_vocab(50257, 128) == 50304
+    assert padded_vocab(8192, 128) == 8192
+
+
+# ---------------------------------------------------------------------- schedules
+def sched(**kw):
+    cfg = load_run_config(None, ["data.dir=d"] + [f"schedule.{k}={v}" for k, v in kw.items()])
+    return cfg.schedule
+
+
+def test_paper_schedule_is_flat_then_linear_to_zero():
+    s = sched(kind="paper", flat_fraction=0.3)
+    total = 1000
+    assert lr_multiplier(0, total, s) == 1.0 and lr_multiplier(299, total, s) == 1.0
+    assert math.isclose(lr_multiplier(300, total, s), 1.0)
+    assert math.isclose(lr_multiplier(650, total, s), 0.5)
+    assert math.isclose(lr_multiplier(1000, total, s), 0.0, abs_tol=1e-12)
+
+
+def test_cosine_and_wsd_schedules():
+    c = sched(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert math.isclose(lr_multiplier(0, 110, c), 0.1) and math.isclose(lr_multiplier(9, 110, c), 1.0)
+    assert math.isclose(lr_multiplier(10, 110, c), 1.0)
+    assert math.isclose(lr_multiplier(60, 110, c), 0.55)
+    assert math.isclose(lr_multiplier(110, 110, c), 0.1)
+    w = sched(kind="wsd", warmup_steps=0, decay_start_fraction=0.8, min_lr_ratio=0.0)
+    assert lr_multiplier(79, 100, w) == 1.0
+    assert math.isclose(lr_multiplier(90, 100, w), 0.5)
+
+
+# ---------------------------------------------------------------------- parameter groups
+def test_muon_groups_follow_the_project_partition():
+    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny"))
+    cfg = load_run_config("pretrain/configs/atma-378m.yaml", ["data.dir=d"]).optim
+    groups = {g["name"]: g for g in build_param_groups(model, cfg)}
+    params = dict(model.named_parameters())
+    ids = {name: {id(p) for p in g["params"]} for name, g in groups.items()}
+    assert id(params["blocks.0.attn.in_proj.weight"]) in ids["matrix"] and groups["matrix"]["use_muon"]
+    assert id(params["blocks.2.attn.v_null"]) in ids["matrix"]
+    assert id(params["blocks.0.attn.conv.weight"]) in ids["conv"] and not groups["conv"]["use_muon"]
+    assert id(params["blocks.2.attn.canon_q.weight"]) in ids["conv"]
+    assert id(params["embed.weight"]) in ids["embed"] and groups["embed"]["lr"] == 0.3
+    assert id(params["proj.weight"]) in ids["head"] and groups["head"]["lr"] == 0.003125
+    assert id(params["proj.bias"]) in ids["scalar"] and id(params["blocks.2.attn.null_base"]) in ids["scalar"]
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(params)  # exact and disjoint
+
+
+# ---------------------------------------------------------------------- loss terms
+def tiny_model():
+    torch.manual_seed(0)
+    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=256, num_random_keys=8))
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def grads_for(model, ids, weights: LossWeights, *, sig_mode="weak", seed=7):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    out = model(ids, ids, output_hidden_states=True)
+    terms = {"lm": out.loss, "sig": signature_loss(out.hidden_states, sig_mode, 16), "distractor": out.align_loss}
+    combine_losses(terms, weights).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("term", ["sig", "distractor"])
+def test_loss_term_weight_scales_its_gradient(term):
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 24))
+    base = grads_for(model, ids, LossWeights(lm=1.0))
+    off = grads_for(model, ids, LossWeights(lm=1.0, **{term: 0.0}))
+    assert torch.equal(base, off)
+    w1 = grads_for(model, ids, LossWeights(lm=1.0, **{term: 0.5}))
+    w2 = grads_for(model, ids, LossWeights(lm=1.0, **{term: 1.0}))
+    assert not torch.allclose(w1, base)
+    # Linear in the weight: g(1.0) - g(0) == 2 (g(0.5) - g(0)).
+    torch.testing.assert_close(w2 - base, 2 * (w1 - base), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["weak", "discrete", "strong", "zipfian"])
+def test_signature_modes_are_finite_and_differentiable(mode):
+    torch.manual_seed(0)
+    h = [torch.randn(2, 16, 32, requires_grad=True) for _ in range(3)]
+    loss = signature_loss(h, mode, sketch_dim=8)
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    loss.backward()
+    assert all(torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 for x in h)
+    assert signature_loss(h, "baseline").item() == 0.0
+
+
+def test_weak_signature_is_zero_for_whitened_input():
+    # Columns already white and D <= k: the covariance is the identity, so the loss vanishes.
+    n, d = 4096, 4
+    x = torch.randn(n, d, dtype=torch.float64)
+    x = x - x.mean(0)
+    chol = torch.linalg.cholesky(x.T @ x / (n - 1 + 1e-6))
+    x = x @ torch.linalg.inv(chol).T
+    # fp32 arithmetic inside the regularizer: zero up to rounding.
+    assert signature_loss([x[None]], "weak", sketch_dim=8).item() < 1e-5
+    assert signature_loss([2 * x[None]], "weak", sketch_dim=8).item() > 1.0
+
+
+def test_distillation_from_identical_teacher_is_zero_and_weight_scales():
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 20))
+    with torch.no_grad():
+        hidden = model.trunk(ids)[0].reshape(-1, model.config.hidden_size)
+    same = lambda s, e: model.logits(hidden[s:e])  # noqa: E731
+    out = model(ids, ids, kl_targets=same)
+    assert abs(out.kl_loss.item()) < 1e-6
+    other = lambda s, e: torch.randn(e - s, 256, generator=torch.Generator().manual_seed(s))  # noqa: E731
+    out = model(ids, ids, kl_targets=other, loss_chunk_tokens=7)
+    assert out.kl_loss.item() > 0.1
+    (g_kl,) = torch.autograd.grad(out.kl_loss, model.proj.weight)
+    assert g_kl.abs().sum() > 0
+    terms = {"lm": out.loss, "distill": out.kl_loss}
+    torch.testing.assert_close(combine_losses(terms, LossWeights(lm=1.0, distill=0.0)), out.loss)
+
+
+def test_all_zero_weights_rejected():
+    with pytest.raises(ValueError, match="zero"):
+        combine_losses({"lm": torch.tensor(1.0)}, LossWeights(lm=0.0))
+
+
+# ---------------------------------------------------------------------- FLOPs
+def test_flops_per_token_counts_every_component():
+    cfg = AtmaConfig.from_preset("atma-378m")
+    parts = forward_flops_per_token(cfg, 2048)
+    assert all(v > 0 for v in parts.values())
+    n_params = 378_220_864
+    # Matmul FLOPs dominate: forward is close to 2 x non-embedding parameters plus attention.
+    assert 2 * (n_params - 51_511_296) * 0.95 < sum(parts.values()) < 2 * n_params * 1.3
+    assert train_flops_per_token(cfg, 4096) > train_flops_per_token(cfg, 2048)
+    no_mem = AtmaConfig.from_preset("atma-378m", memory=False)
+    assert forward_flops_per_token(no_mem, 2048)["memory"] == 0
+    assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops_for("Quadro") is None
