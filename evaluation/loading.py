@@ -1,0 +1,70 @@
+"""Load an exported model for evaluation: device and dtype choice, full-context forward (window removed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from model import AtmaForCausalLM, CheckpointError
+
+from .errors import EvaluationError
+
+DTYPES = ("bf16", "fp32")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`name` as a torch.device, defaulting to cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvaluationError(f"bad --device {name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """The activation dtype name and the autocast dtype it implies (None: plain fp32); bf16 on GPU by default."""
+    if name is None:
+        name = "bf16" if device.type == "cuda" else "fp32"
+    if name not in DTYPES:
+        raise EvaluationError(f"bad --dtype {name!r}: choose {' or '.join(DTYPES)}")
+    return name, (torch.bfloat16 if name == "bf16" else None)
+
+
+def load_model(model_dir: str, device: torch.device, *, keep_window: bool = False) -> tuple[AtmaForCausalLM, int | None]:
+    """Load `model_dir` in eval mode on `device`; return it and the sliding window removed from it (None if none).
+
+    SPEC §7 evaluates the full-context forward, so a training window is dropped unless `keep_window`.
+    """
+    if not os.path.isdir(model_dir):
+        raise EvaluationError(f"{model_dir}: model directory not found")
+    try:
+        model = AtmaForCausalLM.from_pretrained(model_dir)
+    except CheckpointError as err:
+        raise EvaluationError(str(err)) from None
+    removed = None
+    if model.config.window is not None and not keep_window:
+        removed = model.config.window
+        # The window is a forward-time mask with no parameters of its own, so the weights carry over as is.
+        full = AtmaForCausalLM(dataclasses.replace(model.config, window=None))
+        full.load_state_dict(model.state_dict(), strict=True)
+        model = full
+    return model.to(device).eval(), removed
+
+
+def read_export_info(model_dir: str) -> dict | None:
+    """The optional export.json beside the weights (source run, step, tokens seen), or None."""
+    path = os.path.join(model_dir, "export.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise EvaluationError(f"{path}: not valid JSON ({err})") from None

@@ -1,0 +1,324 @@
+"""`python -m evaluation.long_context MODEL_DIR --lengths 2k,4k,...,64k --out DIR`.
+
+Evaluates an exported model at several context lengths: fixed-target perplexity and bits per
+byte (SPEC §7.3) and teacher-forced passkey / needle-in-a-haystack retrieval (SPEC §7.2), then
+writes results.json, report.md, perplexity.png and retrieval.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import tokenizers
+import torch
+from tqdm import tqdm
+
+from .codec import TextCodec, load_codec
+from .errors import EvaluationError
+from .haystack import Needle, make_needle
+from .loading import load_model, read_export_info, resolve_device, resolve_dtype
+from .perplexity import run_perplexity_cell
+from .prepare import build_haystacks, perplexity_documents
+from .report import plot_perplexity, plot_retrieval, write_json, write_markdown
+from .retrieval import run_retrieval_cell
+from .scoring import hidden_at
+from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, PERPLEXITY, check_settings, resolve_plan
+from .sources import DataSource, open_source
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a perplexity (source, length) or a retrieval (task, haystack, length, depth)."""
+
+    kind: str
+    length: int
+    name: str
+    haystack: str = ""
+    depth: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """Short text for the progress bar."""
+        if self.kind == PERPLEXITY:
+            return f"ppl {self.name} L={self.length}"
+        return f"{self.name}/{self.haystack} L={self.length} d={self.depth:g}"
+
+
+def _needle_record(needle: Needle) -> dict:
+    return {"sample": needle.sample, "cue": needle.cue, "value": needle.value, "value_tokens": len(needle.value_ids)}
+
+
+# ---------------------------------------------------------------------- the run
+def _plan_cells(lengths, tasks, haystacks, depths, ppl_names) -> list[Cell]:
+    cells = []
+    for length in lengths:
+        cells += [Cell(PERPLEXITY, length, name) for name in ppl_names]
+        cells += [
+            Cell("retrieval", length, task, haystack, depth)
+            for task in tasks if task != PERPLEXITY
+            for haystack in haystacks
+            for depth in depths
+        ]
+    return cells
+
+
+def _run_cell(cell: Cell, model, codec: TextCodec, prepared: dict, settings: dict) -> dict:
+    """Run one cell; record seconds, peak CUDA memory, and an error instead of numbers on out-of-memory."""
+    device, autocast_dtype = settings["device"], settings["autocast_dtype"]
+    if cell.kind == PERPLEXITY:
+        entry = {"source": cell.name, "length": cell.length}
+    else:
+        entry = {"task": cell.name, "haystack": cell.haystack, "length": cell.length, "depth": cell.depth}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    try:
+        if cell.kind == PERPLEXITY:
+            docs = prepared["docs"][cell.name][0]
+            entry.update(run_perplexity_cell(
+                model, codec, docs, cell.length, max_length=settings["max_length"],
+                target_tokens=settings["target_tokens"], device=device, autocast_dtype=autocast_dtype,
+            ))
+        else:
+            entry.update(run_retrieval_cell(
+                model, prepared["needles"][cell.name], prepared["haystacks"][cell.haystack], cell.length,
+                cell.depth, eot_id=codec.eot_id, device=device, autocast_dtype=autocast_dtype,
+            ))
+    except torch.OutOfMemoryError:
+        entry["error"] = "out of memory"
+        torch.cuda.empty_cache()
+    entry["seconds"] = time.perf_counter() - start
+    entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return entry
+
+
+def _warm_up(model, settings: dict, length: int) -> None:
+    """One untimed forward, so lazy imports and kernel compilation do not land in the first cell's time."""
+    with torch.inference_mode():
+        ids = torch.zeros(1, length, dtype=torch.long, device=settings["device"])
+        hidden_at(model, ids, [length - 1], autocast_dtype=settings["autocast_dtype"])
+
+
+def _metadata(model_dir, model, codec, settings, prepared, notes) -> dict:
+    device = settings["device"]
+    return {
+        "model_dir": os.path.abspath(model_dir),
+        "config": model.config.to_dict(),
+        "num_parameters": model.num_parameters(),
+        "export": read_export_info(model_dir),
+        "tokenizer": {
+            "path": codec.path, "vocab_size": codec.vocab_size, "eot_id": codec.eot_id, "eot_token": codec.eot_token,
+            "digit_tokens": {str(d): len(codec.digit_ids(d)) for d in range(10)},
+        },
+        "lengths": settings["lengths"],
+        "max_length": settings["max_length"],
+        "tasks": list(settings["tasks"]),
+        "haystacks": list(settings["haystacks"]),
+        "depths": list(settings["depths"]),
+        "trials": settings["trials"],
+        "seed": settings["seed"],
+        "target_tokens": settings["target_tokens"],
+        "data": {name: info for name, (_, info) in prepared["docs"].items()},
+        "haystack_sources": prepared["haystack_info"],
+        "needles": {task: [_needle_record(n) for n in ns] for task, ns in prepared["needles"].items()},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "dtype": settings["dtype"],
+        "window_removed": settings["window_removed"],
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__},
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "notes": notes,
+    }
+
+
+def _write_outputs(results: dict, out_dir: str) -> None:
+    """Write the plots that have data (removing stale ones), then report.md and results.json listing them."""
+    plots = {
+        "perplexity.png": (plot_perplexity, results[PERPLEXITY], "ppl"),
+        "retrieval.png": (plot_retrieval, results["retrieval"], "token_acc"),
+    }
+    outputs = {"results": os.path.join(out_dir, "results.json"), "report": os.path.join(out_dir, "report.md")}
+    for name, (plot, entries, key) in plots.items():
+        path = os.path.join(out_dir, name)
+        if any(e.get(key) is not None for e in entries):
+            plot(entries, path)
+            outputs[name.removesuffix(".png") + "_plot"] = path
+        elif os.path.exists(path):
+            os.remove(path)
+    results["metadata"]["outputs"] = outputs
+    write_markdown(results, outputs["report"])
+    write_json(results, outputs["results"])
+
+
+def run_evaluation(
+    model_dir: str,
+    lengths,
+    out_dir: str,
+    *,
+    data: str | list[str] | None = None,
+    tasks=None,
+    haystacks=None,
+    depths=DEFAULT_DEPTHS,
+    trials: int = 10,
+    seed: int = DEFAULT_SEED,
+    target_tokens: int = 256,
+    max_docs: int = 8,
+    concat_docs: bool = False,
+    text_field: str = "text",
+    device: str | None = None,
+    dtype: str | None = None,
+    keep_window: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `model_dir` at every length and write results.json, report.md and plots to `out_dir`.
+
+    Args:
+        lengths: ints or a string such as "2k,4k,...,64k".
+        data: held-out text (val shard directory, .tar, .txt/.md, .jsonl/.jsonl.gz), one path or several;
+            the first also gives the real haystack. Without data only synthetic retrieval runs.
+        tasks: subset of ("passkey", "niah", "perplexity"); haystacks: subset of ("synthetic", "real").
+        device/dtype: default cuda + bf16 when a GPU is present, else cpu + fp32.
+    Returns:
+        The results dict written to results.json ("metadata", "retrieval", "perplexity").
+    """
+    lengths, depths = check_settings(lengths, depths, trials, target_tokens, max_docs)
+    paths = [data] if isinstance(data, str) else list(data or [])
+    tasks, haystacks, notes = resolve_plan(tasks, haystacks, bool(paths))
+    torch_device = resolve_device(device)
+    dtype_name, autocast_dtype = resolve_dtype(dtype, torch_device)
+    if not os.path.isdir(model_dir):
+        raise EvaluationError(f"{model_dir}: model directory not found")
+    codec = load_codec(model_dir)
+    model, removed_window = load_model(model_dir, torch_device, keep_window=keep_window)
+    vocab_size = model.config.vocab_size
+    if codec.vocab_size > vocab_size:
+        raise EvaluationError(f"{codec.path}: {codec.vocab_size} tokens, more than the model's vocab_size {vocab_size}")
+    sources: list[DataSource] = [open_source(p, text_field=text_field) for p in paths]
+    max_length = lengths[-1]
+    retrieval_tasks = [t for t in tasks if t != PERPLEXITY]
+    needles = {t: [make_needle(codec, t, s, seed) for s in range(trials)] for t in retrieval_tasks}
+    prepared = {"needles": needles, "docs": {}, "haystacks": {}, "haystack_info": {}}
+    if PERPLEXITY in tasks:
+        prepared["docs"] = perplexity_documents(
+            sources, codec, max_length + target_tokens, max_docs=max_docs, concat=concat_docs, vocab_size=vocab_size
+        )
+    if retrieval_tasks:
+        prepared["haystacks"], prepared["haystack_info"] = build_haystacks(haystacks, codec, needles, sources, lengths, vocab_size)
+    settings = {
+        "device": torch_device, "autocast_dtype": autocast_dtype, "dtype": dtype_name, "lengths": lengths,
+        "max_length": max_length, "tasks": tasks, "haystacks": haystacks, "depths": depths, "trials": trials,
+        "seed": seed, "target_tokens": target_tokens, "window_removed": removed_window,
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    results = {"metadata": _metadata(model_dir, model, codec, settings, prepared, notes), "retrieval": [], "perplexity": []}
+    cells = _plan_cells(lengths, tasks, haystacks if retrieval_tasks else (), depths, list(prepared["docs"]))
+    _warm_up(model, settings, min(lengths[0], 512))
+    start = time.perf_counter()
+    bar = tqdm(cells, desc="long-context eval", unit="cell", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode():
+        for cell in bar:
+            bar.set_postfix_str(cell.label)
+            entry = _run_cell(cell, model, codec, prepared, settings)
+            results[PERPLEXITY if cell.kind == PERPLEXITY else "retrieval"].append(entry)
+            results["metadata"]["total_seconds"] = time.perf_counter() - start
+            write_json(results, os.path.join(out_dir, "results.json"))
+    bar.close()
+    peaks = [e["peak_memory_bytes"] for k in ("retrieval", PERPLEXITY) for e in results[k] if e["peak_memory_bytes"]]
+    results["metadata"]["peak_memory_bytes"] = max(peaks) if peaks else None
+    _write_outputs(results, out_dir)
+    return results
+
+
+# ---------------------------------------------------------------------- command line
+def _comma_list(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `python -m evaluation.long_context`."""
+    p = argparse.ArgumentParser(
+        prog="python -m evaluation.long_context",
+        description=(
+            "Long-context evaluation of an exported ATMA model directory (model.safetensors, config.json, "
+            "tokenizer.json). Measures (1) fixed-target likelihood: the same --target-tokens tokens of each "
+            "held-out document are scored after the L tokens just before them, for every length L, giving "
+            "nll, perplexity and bits per byte vs L; (2) teacher-forced retrieval: a cue and a five-digit "
+            "value are hidden at each depth of a haystack of exactly L tokens, the cue is repeated at the end "
+            "and the value tokens are scored teacher-forced (token accuracy, exact accuracy, NLL). Writes "
+            "results.json, report.md, perplexity.png and retrieval.png to --out."
+        ),
+        epilog="example: python -m evaluation.long_context exported/run1 --lengths 2k,4k,...,64k "
+        "--data shards/ --out eval/run1",
+    )
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="exported model directory")
+    p.add_argument("--lengths", default="2k,4k,...,64k",
+                   help="context lengths: integers with optional k (x1024) / m suffix, comma-separated; "
+                   "'a,b,...,c' repeats the ratio b/a up to c (default: 2k,4k,...,64k)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files in it are replaced)")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="held-out text, repeatable: a directory of validation shards (val-*.tar with tokens.npy "
+                   "samples), one .tar shard, a .txt/.md file (one document) or .jsonl/.jsonl.gz (one document "
+                   "per line). Each gives a perplexity source; the first also gives the real haystack. "
+                   "Without it only synthetic retrieval runs")
+    p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files (default: text)")
+    p.add_argument("--tasks", type=_comma_list, default=None,
+                   help="comma list from passkey,niah,perplexity (default: all; perplexity only with --data)")
+    p.add_argument("--haystacks", type=_comma_list, default=None,
+                   help="comma list from synthetic,real (default: both; real only with --data)")
+    p.add_argument("--depths", type=_comma_list, default=[str(d) for d in DEFAULT_DEPTHS],
+                   help="needle depths in [0, 1], fraction of the haystack before the needle (default: 0.1,0.5,0.9)")
+    p.add_argument("--trials", type=int, default=10, help="needles per retrieval cell (default: 10)")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                   help=f"needle seed; sample s of task t draws from Random('seed:t:s') (default: {DEFAULT_SEED})")
+    p.add_argument("--target-tokens", type=int, default=256, help="scored target tokens per document (default: 256)")
+    p.add_argument("--max-docs", type=int, default=8, help="documents per perplexity source (default: 8)")
+    p.add_argument("--concat-docs", action="store_true",
+                   help="text sources: concatenate documents into one stream cut into windows, instead of "
+                   "skipping documents shorter than max length + target (shards are always read as a stream)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="activation dtype of the trunk (default: bf16 on GPU, fp32 on CPU); logits are fp32")
+    p.add_argument("--keep-window", action="store_true",
+                   help="keep the model's sliding attention window (default: removed, full-context forward)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def _depths(values: list[str]) -> list[float]:
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise EvaluationError(f"bad --depths {','.join(values)}: expected numbers in [0, 1]") from None
+
+
+def main(argv=None) -> int:
+    """Run the command line; returns 0, 2 for a user error (printed as one line) or 130 when interrupted."""
+    args = build_parser().parse_args(argv)
+    try:
+        results = run_evaluation(
+            args.model_dir, args.lengths, args.out, data=args.data, tasks=args.tasks, haystacks=args.haystacks,
+            depths=_depths(args.depths), trials=args.trials, seed=args.seed, target_tokens=args.target_tokens,
+            max_docs=args.max_docs, concat_docs=args.concat_docs, text_field=args.text_field, device=args.device,
+            dtype=args.dtype, keep_window=args.keep_window, progress=not args.no_progress,
+        )
+    except EvaluationError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: finished cells are in {os.path.join(args.out, 'results.json')}", file=sys.stderr)
+        return 130
+    meta = results["metadata"]
+    print(f"evaluated {meta['model_dir']} at {len(meta['lengths'])} lengths in {meta['total_seconds']:.1f} s")
+    for name, path in meta["outputs"].items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Write the evaluation's outputs: results.json, a markdown report and PNG plots (no display needed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from matplotlib.figure import Figure
+
+from .lengths import format_length
+
+
+def _finite(value):
+    """JSON has no NaN/Infinity: turn them into null, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_json(results: dict, path: str) -> None:
+    """Write `results` as indented JSON, atomically (a partial run leaves a valid file)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite(results), f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _perplexity_section(entries: list[dict], lengths: list[int], meta: dict) -> list[str]:
+    sources = list(dict.fromkeys(e["source"] for e in entries))
+    by_key = {(e["source"], e["length"]): e for e in entries}
+    rows = []
+    for source in sources:
+        for metric, spec in (("ppl", ".3f"), ("bpb", ".4f"), ("nll", ".4f")):
+            rows.append([source, metric] + [_fmt(by_key.get((source, n), {}).get(metric), spec) for n in lengths])
+    docs = ", ".join(f"{s}: {next(e['documents'] for e in entries if e['source'] == s)}" for s in sources)
+    return [
+        "## Fixed-target likelihood",
+        "",
+        f"The same {meta['target_tokens']} target tokens of every document are scored at each context length "
+        f"(context = the L tokens just before them). Documents per source: {docs}. "
+        "nll in nats/token; bpb = sum NLL / ln 2 / UTF-8 bytes of the targets.",
+        "",
+        *_table(["source", "metric"] + [format_length(n) for n in lengths], rows),
+        "",
+    ]
+
+
+def _retrieval_table(entries: list[dict], lengths: list[int], metric: str) -> list[str]:
+    by_key = {(e["task"], e["haystack"], e["depth"], e["length"]): e for e in entries}
+    groups = list(dict.fromkeys((e["task"], e["haystack"]) for e in entries))
+    depths = sorted({e["depth"] for e in entries})
+    rows = []
+    for task, haystack in groups:
+        for depth in depths:
+            values = [by_key.get((task, haystack, depth, n), {}).get(metric) for n in lengths]
+            rows.append([task, haystack, f"{depth:g}"] + [_fmt(None if v is None else 100 * v, ".1f") for v in values])
+        means = []
+        for n in lengths:
+            cell = [by_key.get((task, haystack, d, n), {}).get(metric) for d in depths]
+            means.append(None if any(v is None for v in cell) else 100 * sum(cell) / len(cell))
+        rows.append([task, haystack, "**mean**"] + [_fmt(v, ".1f") for v in means])
+    return _table(["task", "haystack", "depth"] + [format_length(n) for n in lengths], rows)
+
+
+def _retrieval_section(entries: list[dict], lengths: list[int], meta: dict) -> list[str]:
+    return [
+        "## Teacher-forced retrieval",
+        "",
+        f"{meta['trials']} trials per cell; all tokens of the five value digits are scored teacher-forced "
+        "(a token is correct only when its logit is strictly the largest; ties count as wrong). "
+        f"Tokens per digit 0-9: {', '.join(str(v) for v in meta['tokenizer']['digit_tokens'].values())}.",
+        "",
+        "Token accuracy (%):",
+        "",
+        *_retrieval_table(entries, lengths, "token_acc"),
+        "",
+        "Digit accuracy (%; a digit is correct when all its tokens are):",
+        "",
+        *_retrieval_table(entries, lengths, "digit_acc"),
+        "",
+        "Exact accuracy (% of trials with every value token correct):",
+        "",
+        *_retrieval_table(entries, lengths, "exact_acc"),
+        "",
+    ]
+
+
+def _timing_section(results: dict, lengths: list[int]) -> list[str]:
+    rows = []
+    for kind in ("retrieval", "perplexity"):
+        entries = results.get(kind, [])
+        for n in lengths:
+            cells = [e for e in entries if e["length"] == n]
+            if not cells:
+                continue
+            seconds = sum(e["seconds"] for e in cells) / len(cells)
+            peaks = [e["peak_memory_bytes"] for e in cells if e.get("peak_memory_bytes")]
+            peak = f"{max(peaks) / 2**30:.2f}" if peaks else "—"
+            rows.append([kind, format_length(n), str(len(cells)), f"{seconds:.2f}", peak])
+    return ["## Timing", "", *_table(["cells", "length", "count", "seconds/cell", "peak GiB"], rows), ""]
+
+
+def write_markdown(results: dict, path: str) -> None:
+    """Write report.md: run details, perplexity and retrieval tables, and timings."""
+    meta = results["metadata"]
+    lengths = meta["lengths"]
+    lines = [
+        "# Long-context evaluation",
+        "",
+        f"- model: `{meta['model_dir']}` ({meta['num_parameters']:,} parameters, preset {meta['config'].get('preset')})",
+        f"- device: {meta['device']} ({meta['device_name']}), dtype {meta['dtype']}",
+        f"- lengths: {', '.join(format_length(n) for n in lengths)}; seed {meta['seed']}",
+        f"- total time: {meta.get('total_seconds', 0):.1f} s",
+        "",
+    ]
+    for note in meta.get("notes", []):
+        lines.append(f"> {note}")
+    if meta.get("notes"):
+        lines.append("")
+    if results.get("perplexity"):
+        lines += _perplexity_section(results["perplexity"], lengths, meta)
+    if results.get("retrieval"):
+        lines += _retrieval_section(results["retrieval"], lengths, meta)
+    failed = [e for kind in ("retrieval", "perplexity") for e in results.get(kind, []) if e.get("error")]
+    if failed:
+        lines += ["## Failed cells", ""] + [f"- {_cell_label(e)}: {e['error']}" for e in failed] + [""]
+    lines += _timing_section(results, lengths)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+
+
+def _cell_label(entry: dict) -> str:
+    if "task" in entry:
+        return f"{entry['task']}/{entry['haystack']} L={entry['length']} depth={entry['depth']:g}"
+    return f"perplexity/{entry['source']} L={entry['length']}"
+
+
+def plot_perplexity(entries: list[dict], path: str) -> None:
+    """perplexity.png: perplexity and bits per byte vs context length (log-x), one line per source."""
+    fig = Figure(figsize=(10, 4), dpi=120, layout="constrained")
+    axes = fig.subplots(1, 2)
+    for source in dict.fromkeys(e["source"] for e in entries):
+        points = sorted((e["length"], e["ppl"], e["bpb"]) for e in entries if e["source"] == source and e.get("ppl") is not None)
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        axes[0].plot(xs, [p[1] for p in points], marker="o", label=source)
+        axes[1].plot(xs, [p[2] for p in points], marker="o", label=source)
+    for ax, ylabel in zip(axes, ("perplexity", "bits per byte")):
+        ax.set_xscale("log", base=2)
+        lengths = sorted({e["length"] for e in entries})
+        ax.set_xticks(lengths, [format_length(n) for n in lengths])
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle("Fixed-target likelihood vs context length")
+    fig.savefig(path)
+
+
+def plot_retrieval(entries: list[dict], path: str) -> None:
+    """retrieval.png: token-accuracy heatmaps of depth x length, one panel per task (rows) x haystack (columns)."""
+    tasks = list(dict.fromkeys(e["task"] for e in entries))
+    haystacks = list(dict.fromkeys(e["haystack"] for e in entries))
+    lengths = sorted({e["length"] for e in entries})
+    depths = sorted({e["depth"] for e in entries})
+    by_key = {(e["task"], e["haystack"], e["depth"], e["length"]): e.get("token_acc") for e in entries}
+    panel_w, panel_h = max(3.5, 1.2 + 0.7 * len(lengths)), 1.6 + 0.5 * len(depths)
+    fig = Figure(figsize=(panel_w * len(haystacks) + 1.2, panel_h * len(tasks)), dpi=120, layout="constrained")
+    axes = fig.subplots(len(tasks), len(haystacks), squeeze=False)
+    image = None
+    for row, task in enumerate(tasks):
+        for col, haystack in enumerate(haystacks):
+            ax = axes[row][col]
+            values = [[by_key.get((task, haystack, d, n)) for n in lengths] for d in depths]
+            values = [[math.nan if v is None else 100 * v for v in line] for line in values]
+            image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto", origin="lower")
+            for i, line in enumerate(values):
+                for j, v in enumerate(line):
+                    text, color = ("—", "black") if math.isnan(v) else (f"{v:.0f}", "white" if v < 60 else "black")
+                    ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+            ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+            ax.set_xlabel("context length")
+            ax.set_ylabel("needle depth")
+            ax.set_title(f"{task} / {haystack}")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label="token accuracy (%)")
+    fig.savefig(path)

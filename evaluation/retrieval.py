@@ -1,0 +1,35 @@
+"""One retrieval cell: every trial's needle at one (length, depth), value tokens scored teacher-forced."""
+
+from __future__ import annotations
+
+import torch
+
+from .haystack import Needle, build_context
+from .scoring import RetrievalTally, score_positions, teacher_forced
+
+
+def retrieval_inputs(haystack, needle: Needle, length: int, depth: float, *, eot_id: int | None):
+    """(input ids, scored positions, value ids) of one trial: the context of `length` plus value[:-1]."""
+    context = build_context(haystack, needle, length, depth, eot_id=eot_id)
+    return teacher_forced(context, needle.value_ids)
+
+
+def run_retrieval_cell(
+    model,
+    needles: list[Needle],
+    haystack,
+    length: int,
+    depth: float,
+    *,
+    eot_id: int | None,
+    device: torch.device | str = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Score every needle at (length, depth): token/digit/exact accuracy in [0, 1], nll per value token, counts."""
+    tally = RetrievalTally()
+    for needle in needles:
+        ids, positions, targets = retrieval_inputs(haystack, needle, length, depth, eot_id=eot_id)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        scores = score_positions(model, input_ids, positions, targets, autocast_dtype=autocast_dtype)
+        tally.add(scores, needle.digit_sizes)
+    return tally.summary()

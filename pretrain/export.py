@@ -1,0 +1,146 @@
+"""Export a ZeRO checkpoint of a run to the standalone model layout (no DeepSpeed needed to load it).
+
+    python -m pretrain.export RUN_DIR OUT_DIR [--tag latest|STEP] [--dtype fp32|bf16]
+
+Writes OUT_DIR/model.safetensors (sharded above --max-shard-size), config.json, tokenizer.json
+and export.json (source run, step, tokens seen). Consolidation uses DeepSpeed's own
+`zero_to_fp32` in its low-memory lazy mode: tensors are materialised one at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from model import AtmaConfig, AtmaForCausalLM
+from model.persistence import CONFIG_NAME, check_state_dict, save_state_dict
+
+from . import checkpoint as ckpt
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ExportError(ValueError):
+    """The run directory or checkpoint cannot be exported."""
+
+
+def resolve_tag(run_dir: str, tag: str) -> str:
+    """Map "latest" or a step number to an existing complete checkpoint tag."""
+    root = os.path.join(run_dir, "checkpoints")
+    tags = ckpt.complete_tags(root)
+    if not tags:
+        raise ExportError(f"{root}: no complete checkpoint to export")
+    if tag == "latest":
+        return tags[-1]
+    wanted = ckpt.tag_for(int(tag)) if tag.isdigit() else tag
+    if wanted not in tags:
+        raise ExportError(f"{root}: no complete checkpoint {wanted} (have {', '.join(tags)})")
+    return wanted
+
+
+def read_client_state(tag_dir: str) -> dict:
+    """The client state (step, tokens seen, config) stored in the rank-0 model-states file."""
+    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: missing")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def consolidate(run_dir: str, tag: str, states: dict) -> dict[str, torch.Tensor]:
+    """Full fp32 state dict of the checkpoint (lazy ZeRO consolidation, or the module for stage 0)."""
+    stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 0:
+        return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(os.path.join(run_dir, "checkpoints"), tag=tag, lazy_mode=True)
+
+
+def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp32",
+           max_shard_bytes: int | None = 5 * 2**30) -> dict:
+    """Export checkpoint `tag` of `run_dir` to `out_dir`; returns the export.json record."""
+    if not os.path.isdir(run_dir):
+        raise ExportError(f"{run_dir}: run directory not found")
+    config_path = os.path.join(run_dir, "model_config.json")
+    if not os.path.isfile(config_path):
+        raise ExportError(f"{config_path}: missing (not a run directory written by pretrain.train?)")
+    config = AtmaConfig.load(config_path)
+    tag = resolve_tag(run_dir, tag)
+    tag_dir = os.path.join(run_dir, "checkpoints", tag)
+    states = read_client_state(tag_dir)
+    lazy = consolidate(run_dir, tag, states)
+    with torch.device("meta"):
+        skeleton = AtmaForCausalLM(config)
+    expected = skeleton.state_dict()
+    target = DTYPES[dtype]
+    tensors = {}
+    for name in expected:
+        if name not in lazy:
+            continue
+        t = lazy[name]
+        t = t.contiguous() if hasattr(t, "contiguous") else t
+        tensors[name] = t.to(target) if t.is_floating_point() else t
+    check_state_dict(expected, tensors, tag_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    save_state_dict(tensors, out_dir, max_shard_bytes=max_shard_bytes)
+    config.save(os.path.join(out_dir, CONFIG_NAME))
+    tokenizer = os.path.join(run_dir, "tokenizer.json")
+    if os.path.isfile(tokenizer):
+        shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
+    record = {
+        "source_run": os.path.abspath(run_dir),
+        "checkpoint": tag,
+        "step": int(states.get("step", -1)),
+        "tokens_seen": int(states.get("tokens_seen", -1)),
+        "dtype": dtype,
+        "num_parameters": skeleton.num_parameters(),
+    }
+    with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    return record
+
+
+def parse_size(text: str) -> int | None:
+    """Parse "5GB", "500MB", "0" (no sharding) into bytes."""
+    units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
+    text = text.strip().upper()
+    if text in ("0", "NONE"):
+        return None
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def main(argv=None) -> int:
+    """Command-line entry point."""
+    p = argparse.ArgumentParser(
+        prog="python -m pretrain.export",
+        description="Consolidate a run's ZeRO checkpoint into model.safetensors + config.json + tokenizer.json "
+        "(loadable with model.AtmaForCausalLM.from_pretrained, no DeepSpeed needed).",
+    )
+    p.add_argument("run_dir", help="run directory written by pretrain.train")
+    p.add_argument("out_dir", help="where to write the exported model")
+    p.add_argument("--tag", default="latest", help="'latest' or a step number (default: latest)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default: fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size (0: never)")
+    args = p.parse_args(argv)
+    try:
+        record = export(args.run_dir, args.out_dir, tag=args.tag, dtype=args.dtype,
+                        max_shard_bytes=parse_size(args.max_shard_size))
+    except (ExportError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {record['checkpoint']} (step {record['step']}, {record['tokens_seen']:,} tokens) "
+          f"to {args.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

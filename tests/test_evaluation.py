@@ -1,0 +1,350 @@
+"""Long-context evaluation: length parsing, scorers on hand-made models, fixed targets, data sources, the CLI."""
+
+import argparse
+import dataclasses
+import fractions
+import inspect
+import io
+import json
+import math
+import os
+import string
+import subprocess
+import sys
+import tarfile
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from evaluation import EvaluationError, parse_lengths, run_evaluation, score_tokens, teacher_forced
+from evaluation.codec import load_codec
+from evaluation.haystack import build_context, make_needle, needle_budget, synthetic_haystack
+from evaluation.loading import load_model
+from evaluation.long_context import main
+from evaluation.perplexity import fixed_target, run_perplexity_cell
+from evaluation.retrieval import run_retrieval_cell
+from evaluation.scoring import RetrievalTally, logits_at
+from evaluation.sources import iter_documents, long_documents, open_source, read_shard_stream, token_stream
+from model import AtmaConfig, AtmaForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EOT = "<|endoftext|>"
+
+
+# ---------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return [inspect.getsource(m) for m in (json.decoder, argparse, textwrap, string, tarfile, dataclasses, fractions)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, corpus) -> str:
+    """A real exported tiny model: safetensors + config.json + a byte-level BPE tokenizer.json."""
+    directory = str(tmp_path_factory.mktemp("exported"))
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    torch.manual_seed(0)
+    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
+    params = dict(model.named_parameters())
+    with torch.no_grad():  # the default init zeroes output projections; give them weights so context matters
+        for name in model.zero_init_names():
+            params[name].normal_(0.0, 0.05)
+    model.save_pretrained(directory)
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def codec(model_dir):
+    return load_codec(model_dir)
+
+
+@pytest.fixture(scope="module")
+def jsonl_file(tmp_path_factory, corpus) -> str:
+    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus), encoding="utf-8")
+    return str(path)
+
+
+def write_shards(directory, stream: np.ndarray, seq_len: int, per_shard: int) -> None:
+    """Validation shards as the data pipeline writes them: sample i = stream[i*T : i*T + T + 1]."""
+    os.makedirs(directory, exist_ok=True)
+    samples = [stream[i * seq_len : i * seq_len + seq_len + 1] for i in range((len(stream) - 1) // seq_len)]
+    for shard, start in enumerate(range(0, len(samples), per_shard)):
+        with tarfile.open(os.path.join(directory, f"val-{shard:06d}.tar"), "w") as tar:
+            for i, sample in enumerate(samples[start : start + per_shard], start=start):
+                for name, payload in ((f"{i:06d}.tokens.npy", _npy(sample)), (f"{i:06d}.json", b"{}")):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({"seq_len": seq_len, "samples": len(samples)}, f)
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.uint16))
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, codec, corpus) -> tuple[str, np.ndarray]:
+    ids = []
+    for text in corpus:
+        ids += codec.encode(text) + [codec.eot_id]
+    stream = np.asarray(ids, dtype=np.int64)
+    directory = str(tmp_path_factory.mktemp("shards"))
+    write_shards(directory, stream, seq_len=64, per_shard=50)
+    return directory, stream
+
+
+# ---------------------------------------------------------------------- hand-made models
+class UniformModel(nn.Module):
+    """Every logit equal at every position."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+
+    def trunk(self, input_ids):
+        return torch.zeros(*input_ids.shape, 1), [], torch.zeros(())
+
+    def logits(self, hidden):
+        return torch.zeros(*hidden.shape[:-1], self.vocab_size)
+
+
+class InductionModel(nn.Module):
+    """Predicts the token that followed the longest earlier match of the sequence's current suffix."""
+
+    def __init__(self, vocab_size: int, max_match: int = 16):
+        super().__init__()
+        self.vocab_size, self.max_match = vocab_size, max_match
+
+    def _predict(self, ids: list[int], t: int) -> int:
+        best_len, best_next = 0, 0
+        for j in range(t - 1, -1, -1):
+            m = 0
+            while m < self.max_match and j - m >= 0 and ids[j - m] == ids[t - m]:
+                m += 1
+            if m > best_len:
+                best_len, best_next = m, ids[j + 1]
+        return best_next
+
+    def trunk(self, input_ids):
+        ids = input_ids[0].tolist()
+        predicted = torch.tensor([self._predict(ids, t) for t in range(len(ids))])
+        return nn.functional.one_hot(predicted, self.vocab_size).float()[None], [], torch.zeros(())
+
+    def logits(self, hidden):
+        return 30.0 * hidden
+
+
+# ---------------------------------------------------------------------- lengths
+def test_parse_lengths():
+    assert parse_lengths("2k,4k,...,64k") == [2048, 4096, 8192, 16384, 32768, 65536]
+    assert parse_lengths("64, 128") == [64, 128]
+    assert parse_lengths("2K,1024,2048") == [1024, 2048]
+    assert parse_lengths("1m") == [1 << 20]
+    for bad in ["", "abc", "2.5k", "-3", "0", "1,,2", "2k,...,8k", "2k,4k,...,60k"]:
+        with pytest.raises(ValueError):
+            parse_lengths(bad)
+
+
+# ---------------------------------------------------------------------- scorers on hand-made cases
+def test_score_tokens_strict_argmax_and_nll():
+    logits = torch.tensor([[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [3.0, 0.0, 0.0]])
+    scores = score_tokens(logits, [1, 0, 2])
+    assert scores.correct.tolist() == [True, False, False]  # strict max, a tie, a lower logit
+    expected = -torch.log_softmax(logits.double(), dim=-1)[[0, 1, 2], [1, 0, 2]]
+    assert torch.allclose(scores.nll, expected, rtol=0, atol=1e-12)
+
+
+def test_tally_groups_tokens_into_digits():
+    tally = RetrievalTally()
+    tally.add(score_tokens(torch.eye(4) * 5, [0, 1, 3, 3]), digit_sizes=[2, 2])
+    summary = tally.summary()
+    assert summary["token_acc"] == 0.75 and summary["digit_acc"] == 0.5 and summary["exact_acc"] == 0.0
+    assert summary["scored_tokens"] == 4 and summary["trials"] == 1
+
+
+@pytest.mark.parametrize("haystack_kind", ["synthetic", "real"])
+def test_induction_model_retrieves_everything(codec, jsonl_file, haystack_kind):
+    needles = [make_needle(codec, task, s, seed=1234) for task in ("passkey", "niah") for s in range(2)]
+    if haystack_kind == "synthetic":
+        haystack = synthetic_haystack(codec, 256)
+    else:
+        haystack, _ = token_stream(open_source(jsonl_file), codec, 256)
+    model = InductionModel(codec.vocab_size)
+    for length, depth in ((96, 0.1), (192, 0.5), (192, 0.9)):
+        result = run_retrieval_cell(model, needles, haystack, length, depth, eot_id=codec.eot_id)
+        assert result["token_acc"] == 1.0 and result["digit_acc"] == 1.0 and result["exact_acc"] == 1.0
+        assert result["trials"] == 4
+        assert result["scored_tokens"] == sum(len(n.value_ids) for n in needles)
+        assert result["nll"] < 1e-3
+
+
+def test_uniform_model_scores_zero_and_ln_v(codec):
+    vocab = codec.vocab_size
+    needles = [make_needle(codec, "passkey", s, seed=7) for s in range(3)]
+    result = run_retrieval_cell(UniformModel(vocab), needles, synthetic_haystack(codec, 128), 96, 0.5, eot_id=codec.eot_id)
+    # Ties count as wrong: all-equal logits never hit the right digit by an argmax accident.
+    assert result["token_acc"] == 0.0 and result["digit_acc"] == 0.0 and result["exact_acc"] == 0.0
+    assert result["nll"] == pytest.approx(math.log(vocab), abs=1e-12)
+
+
+# ---------------------------------------------------------------------- needles and contexts
+def test_needles_are_seeded_per_sample_and_placed_exactly(codec):
+    first, again = make_needle(codec, "niah", 3, seed=1234), make_needle(codec, "niah", 3, seed=1234)
+    assert first == again and first != make_needle(codec, "niah", 4, seed=1234)
+    assert len(first.digits) == 5 and sum(first.digit_sizes) == len(first.value_ids)
+    assert first.value == "".join(f" {d}" for d in first.digits)
+    assert codec.decode(first.value_ids) == first.value
+    haystack = synthetic_haystack(codec, 512)
+    block = list(first.cue_ids) + list(first.value_ids)
+    for length in (96, 300):
+        budget = needle_budget(length, first, has_eot=True)
+        for depth in (0.0, 0.5, 1.0):
+            context = build_context(haystack, first, length, depth, eot_id=codec.eot_id)
+            insert = 1 + math.floor(depth * budget)
+            assert len(context) == length and context[0] == codec.eot_id
+            assert context[insert : insert + len(block)] == block
+            assert context[-len(first.cue_ids) :] == list(first.cue_ids)
+
+
+def test_fixed_target_is_identical_at_every_length():
+    doc = np.arange(1000, 1000 + 300)
+    max_length, target_tokens = 200, 50
+    targets = set()
+    for length in (25, 50, 100, 200):
+        context, target = fixed_target(doc, length, max_length=max_length, target_tokens=target_tokens)
+        ids, positions, scored = teacher_forced(context, target)
+        assert list(context) == list(doc[max_length - length : max_length])
+        assert ids[:length] == list(context) and ids[length:] == list(target[:-1])
+        assert positions == list(range(length - 1, length - 1 + target_tokens))
+        targets.add(tuple(scored))
+    assert targets == {tuple(range(1200, 1250))}
+
+
+def test_perplexity_cell_uniform_model(codec, jsonl_file):
+    docs, info = long_documents(open_source(jsonl_file), codec, 160, max_docs=3)
+    assert len(docs) == 3 and all(len(d) == 160 for d in docs) and info["mode"] == "documents"
+    result = run_perplexity_cell(UniformModel(codec.vocab_size), codec, docs, 64, max_length=128, target_tokens=32)
+    assert result["nll"] == pytest.approx(math.log(codec.vocab_size), abs=1e-12)
+    assert result["ppl"] == pytest.approx(codec.vocab_size)
+    num_bytes = sum(len(codec.decode(d[128:160]).encode("utf-8")) for d in docs)
+    assert result["bytes"] == num_bytes and result["tokens"] == 96
+    assert result["bpb"] == pytest.approx(96 * math.log(codec.vocab_size) / math.log(2) / num_bytes)
+
+
+def test_logits_at_matches_full_forward(model_dir):
+    model, _ = load_model(model_dir, torch.device("cpu"))
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        full = model(ids).logits[0]
+        picked = logits_at(model, ids, [3, 17, 39])
+    assert torch.allclose(picked, full[[3, 17, 39]], atol=1e-5)
+
+
+def test_training_window_is_removed(tmp_path, model_dir):
+    windowed = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=64, window=8))
+    windowed.save_pretrained(str(tmp_path))
+    model, removed = load_model(str(tmp_path), torch.device("cpu"))
+    assert removed == 8 and model.config.window is None
+    kept, removed = load_model(str(tmp_path), torch.device("cpu"), keep_window=True)
+    assert removed is None and kept.config.window == 8
+
+
+# ---------------------------------------------------------------------- data sources
+def test_shard_stream_drops_the_one_token_overlap(shard_dir):
+    directory, stream = shard_dir
+    source = open_source(directory)
+    assert source.kind == "shards" and len(source.shards) >= 2
+    read, info = read_shard_stream(source.shards)
+    num_samples = (len(stream) - 1) // 64
+    assert info == {"samples": num_samples, "boundaries_without_overlap": 0}
+    assert np.array_equal(read, stream[: num_samples * 64 + 1])
+    partial, _ = read_shard_stream(source.shards, max_tokens=200)
+    assert 200 <= len(partial) < 200 + 64 and np.array_equal(partial, stream[: len(partial)])
+
+
+def test_bad_sources_give_one_line_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    bad_tar = tmp_path / "val-000000.tar"
+    bad_tar.write_bytes(b"not a tar file" * 10)
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"text": "ok"}\n{oops\n')
+    with pytest.raises(EvaluationError, match="no validation shards"):
+        open_source(str(tmp_path / "empty"))
+    with pytest.raises(EvaluationError, match="unreadable shard"):
+        read_shard_stream([str(bad_tar)])
+    with pytest.raises(EvaluationError, match=r"bad.jsonl:2: not valid JSON"):
+        list(iter_documents(open_source(str(bad_json))))
+
+
+# ---------------------------------------------------------------------- end to end
+def test_cli_end_to_end(tmp_path, model_dir, jsonl_file):
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "evaluation.long_context", model_dir, "--lengths", "64,128", "--out", str(out),
+           "--data", jsonl_file, "--trials", "2", "--target-tokens", "32", "--max-docs", "2", "--no-progress"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    cells = {(e["task"], e["haystack"], e["length"], e["depth"]) for e in results["retrieval"]}
+    expected = {(t, h, n, d) for t in ("passkey", "niah") for h in ("synthetic", "real") for n in (64, 128) for d in (0.1, 0.5, 0.9)}
+    assert cells == expected and len(results["retrieval"]) == len(expected)
+    for entry in results["retrieval"]:
+        assert 0.0 <= entry["token_acc"] <= 1.0 and 0.0 <= entry["exact_acc"] <= 1.0
+        assert entry["trials"] == 2 and entry["nll"] > 0 and entry["seconds"] >= 0
+    assert [(e["source"], e["length"]) for e in results["perplexity"]] == [("docs.jsonl", 64), ("docs.jsonl", 128)]
+    for entry in results["perplexity"]:
+        assert entry["tokens"] == 64 and entry["bytes"] > 0 and entry["documents"] == 2
+        assert entry["ppl"] == pytest.approx(math.exp(entry["nll"])) and entry["bpb"] > 0
+    meta = results["metadata"]
+    assert meta["lengths"] == [64, 128] and meta["seed"] == 1234 and meta["config"]["preset"] == "tiny"
+    assert meta["tokenizer"]["eot_token"] == EOT
+    report = (out / "report.md").read_text()
+    assert "| passkey | synthetic | 0.1 |" in report and "| docs.jsonl | bpb |" in report
+    for name in ("perplexity.png", "retrieval.png"):
+        data = (out / name).read_bytes()
+        assert len(data) > 1000 and data.startswith(PNG_SIGNATURE)
+
+
+def test_api_with_validation_shards(tmp_path, model_dir, shard_dir):
+    directory, _ = shard_dir
+    results = run_evaluation(
+        model_dir, "64,128", str(tmp_path), data=directory, tasks=["niah", "perplexity"], haystacks=["real"],
+        depths=[0.5], trials=1, target_tokens=16, max_docs=2, progress=False,
+    )
+    assert [(e["task"], e["haystack"], e["length"]) for e in results["retrieval"]] == [("niah", "real", 64), ("niah", "real", 128)]
+    assert [e["length"] for e in results["perplexity"]] == [64, 128]
+    assert results["metadata"]["data"][os.path.basename(directory)]["mode"] == "stream windows"
+    assert os.path.isfile(tmp_path / "retrieval.png") and os.path.isfile(tmp_path / "perplexity.png")
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["{missing}", "--lengths", "64"], "model directory not found"),
+        (["{model}", "--lengths", "64,abc"], "bad length 'abc'"),
+        (["{model}", "--lengths", "16"], "too short for retrieval"),
+        (["{model}", "--lengths", "64k", "--data", "{data}", "--tasks", "perplexity"], "no document has"),
+        (["{model}", "--lengths", "64", "--tasks", "perplexity"], "need held-out text"),
+        (["{model}", "--lengths", "64", "--tasks", "passkey,sudoku"], "bad task sudoku"),
+    ],
+)
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, model_dir, jsonl_file, args, message):
+    subs = {"{missing}": str(tmp_path / "nope"), "{model}": model_dir, "{data}": jsonl_file}
+    argv = [subs.get(a, a) for a in args] + ["--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
