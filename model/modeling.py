@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -38,16 +36,33 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x)), align
 
 
-@dataclass
-class AtmaOutput:
-    """What `AtmaForCausalLM.forward` returns."""
+class AtmaOutput(dict):
+    """What `AtmaForCausalLM.forward` returns: a dict with attribute access.
 
-    loss: torch.Tensor | None = None
-    kl_loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    hidden_states: list[torch.Tensor] = field(default_factory=list)
-    align_loss: torch.Tensor | None = None
-    last_hidden_state: torch.Tensor | None = None
+    Keys: loss, kl_loss, logits, hidden_states (list), align_loss, last_hidden_state. Being a dict
+    lets DeepSpeed ZeRO-3 find the tensors inside and hook their backward.
+    """
+
+    FIELDS = ("loss", "kl_loss", "logits", "hidden_states", "align_loss", "last_hidden_state")
+
+    def __init__(self, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise TypeError(f"unknown AtmaOutput field(s): {sorted(unknown)}")
+        super().__init__({name: None for name in self.FIELDS})
+        self["hidden_states"] = []
+        self.update(values)
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name, value):
+        if name not in self.FIELDS:
+            raise AttributeError(f"unknown AtmaOutput field {name!r}")
+        self[name] = value
 
 
 def _chunk_rows(n: int, chunk: int):

@@ -45,9 +45,11 @@ def resolve_tag(run_dir: str, tag: str) -> str:
 
 def read_client_state(tag_dir: str) -> dict:
     """The client state (step, tokens seen, config) stored in the rank-0 model-states file."""
-    path = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
-    if not os.path.isfile(path):
-        raise ExportError(f"{path}: missing")
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    candidates = [os.path.join(tag_dir, n) for n in names if os.path.isfile(os.path.join(tag_dir, n))]
+    if not candidates:
+        raise ExportError(f"{os.path.join(tag_dir, names[0])}: missing (no rank-0 model states file)")
+    path = candidates[0]
     return torch.load(path, map_location="cpu", weights_only=False)
 
 

@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ from .flops import peak_flops_for, train_flops_per_token
 from .losses import LossWeights, combine_losses, signature_loss
 from .monitor import Monitor
 from .optim import apply_lr, build_optimizer, lr_multiplier
+
+# torch.distributed deprecation notices raised from inside DeepSpeed on every step.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 # Fault injection for tests of the non-finite-loss guard: the loss of this optimizer step is NaN.
 NAN_STEP_ENV = "ATMA_FAULT_NAN_AT_STEP"
@@ -171,10 +175,10 @@ class Trainer:
 
         loader_args = dict(data_dir=cfg.data.dir, batch_size=self.plan.micro_batch_size, rank=self.rank,
                            world_size=self.world, num_workers=cfg.data.num_workers, seed=cfg.data.seed)
-        self.train_loader = build_loader(split="train", shuffle=cfg.data.shuffle, epochs=None, **loader_args)
+        self.train_loader = build_loader(split="train", shuffle=cfg.data.shuffle, num_epochs=None, **loader_args)
         self.val_loader = None
         if cfg.logging.val_every and "val" in self.manifest.splits and self.manifest.num_samples("val") > 0:
-            self.val_loader = build_loader(split="val", shuffle=False, epochs=None, **loader_args)
+            self.val_loader = build_loader(split="val", shuffle=False, num_epochs=None, **loader_args)
 
         self.step = 0
         self.tokens_seen = 0
