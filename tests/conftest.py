@@ -19,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """Small real shards of the built-in corpus (seq_len 64, a 512-token BPE) shared by tests."""
+    from data_pipeline.prepare import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "tiny"
+    prepare(output=str(out), seq_len=64, vocab_size=512, max_docs=200, val_fraction=0.1, progress=False)
+    return str(out)
