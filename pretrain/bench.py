@@ -1,0 +1,129 @@
+"""Training throughput benchmark: tokens/s and MFU of a preset under DeepSpeed ZeRO-3, Polar vs NoPE.
+
+    python -m pretrain.bench                       # atma-378m, T=2048, one GPU, polar+mem vs nope+mem
+    python -m pretrain.bench --preset tiny --seq-len 128 --device cpu   # a smoke run on the CPU
+
+Both cores are measured in the same process on the same device with identical settings; the
+NoPE (SDPA softmax) run is the baseline of the printed ratio. Random tokens; no data loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from model import PRESETS, AtmaConfig, AtmaForCausalLM
+
+from .flops import peak_flops_for, train_flops_per_token
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line."""
+    p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="atma-378m", choices=sorted(PRESETS))
+    p.add_argument("--cores", default="polar,nope", help="comma-separated cores; the last is the baseline")
+    p.add_argument("--no-memory", action="store_true", help="benchmark without the gated-delta memory")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per core")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernel autotuning, allocator)")
+    p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "global", "all"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", help="also write the results to this JSON file")
+    return p.parse_args(argv)
+
+
+def bench_core(core: str, args, device: torch.device) -> dict:
+    """Time forward+backward+step of one core; returns tokens/s, MFU, step times, peak memory."""
+    import deepspeed
+
+    from .optim import build_optimizer
+    from .config import OptimSection
+
+    bf16 = device.type == "cuda"
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
+        "train_batch_size": args.micro_batch, "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": args.zero_stage}, "steps_per_print": 10**9,
+    }
+    config = AtmaConfig.from_preset(args.preset, core=core, memory=not args.no_memory)
+    torch.manual_seed(0)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.zero_stage == 3):
+        model = AtmaForCausalLM(config)
+    model.set_activation_checkpointing(args.activation_checkpointing)
+    optimizer = build_optimizer(model, OptimSection(), device_type=device.type, cpu_offload=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    ids = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        loss = engine(ids, ids).loss
+        engine.backward(loss)
+        engine.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    tokens_per_s = args.micro_batch * args.seq_len / step
+    flops = train_flops_per_token(config, args.seq_len)
+    peak = peak_flops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    result = {
+        "core": core, "memory": not args.no_memory, "step_s_median": step, "tokens_per_s": tokens_per_s,
+        "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
+        "mfu": flops * tokens_per_s / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "final_loss": float(loss.item()),
+    }
+    del engine, model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main(argv=None) -> int:
+    """Run the benchmark for each core and print the table and the ratios to the baseline."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and args.preset != "tiny":
+        print(f"error: the {args.preset} preset is too large to benchmark on the CPU; use --preset tiny "
+              "for a smoke run or run on a GPU", file=sys.stderr)
+        return 2
+    cores = [c.strip() for c in args.cores.split(",") if c.strip()]
+    from .trainer import init_distributed
+
+    init_distributed()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; preset {args.preset}, T={args.seq_len}, micro-batch {args.micro_batch}, "
+          f"ZeRO-{args.zero_stage}, memory={'off' if args.no_memory else 'on'}")
+    results = [bench_core(core, args, device) for core in cores]
+    base = results[-1]
+    print(f"{'core':8} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} {'vs ' + base['core']:>9}")
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+        ratio = r["step_s_median"] / base["step_s_median"]
+        r["step_time_ratio_to_baseline"] = ratio
+        print(f"{r['core']:8} {1000 * r['step_s_median']:9.1f} {r['tokens_per_s']:11,.0f} {r['tflops']:9.2f} "
+              f"{mfu:>7} {mem:>9} {ratio:8.3f}x")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"device": name, "args": vars(args), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
