@@ -1,0 +1,101 @@
+"""Host-side helpers shared by the Triton kernels: interpreter detection and GPU launch classes.
+
+Nothing here defines a Triton JIT function, so a module that does can be re-imported under
+`TRITON_INTERPRET=1` without this one changing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+__all__ = [
+    "interpreting",
+    "patch_interpreter_index",
+    "check_launch_device",
+    "device_class",
+    "autotune_enabled",
+]
+
+# Launch classes, by compute capability and shared memory per block:
+#   "large": Hopper / Blackwell datacenter parts (H100, H200, B200): sm_90 / sm_100, ~227 KB.
+#   "mid":   other NVIDIA parts with >= 96 KB (A100, L4, L40S, consumer Blackwell).
+#   "small": ROCm, or below 96 KB.
+_CLASSES = ("large", "mid", "small")
+
+
+def interpreting() -> bool:
+    """Return True when Triton kernels defined now run under the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+def patch_interpreter_index() -> None:
+    """Let the Triton interpreter use runtime loop bounds with numpy >= 2.4 (idempotent).
+
+    The interpreter holds every scalar as a one-element 1-D array and implements
+    `tensor.__index__` as `int(array)`, which numpy 2.4 rejects for 1-D arrays; so
+    `range(start, end, step)` with a runtime bound fails. This re-registers `__index__` through
+    `.item()` each time the interpreter patches `triton.language.tensor` for a launch.
+    """
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int32))
+        return  # this numpy still converts one-element arrays
+    except TypeError:
+        pass
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_index_via_item", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._index_via_item = True
+    interpreter._patch_lang_tensor = patched
+
+
+def check_launch_device(t: torch.Tensor, interpret: bool, what: str) -> None:
+    """Raise a clear error when `t` cannot be handed to a Triton kernel in this process."""
+    if t.device.type == "cuda" and not interpret:
+        return
+    if t.device.type == "cpu" and interpret:
+        return
+    if interpret:
+        raise ValueError(f"{what}: under TRITON_INTERPRET=1 the kernels take CPU tensors, got {t.device}")
+    raise ValueError(
+        f"{what}: Triton kernels need CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 before "
+        "importing the kernels to run them on the CPU, or use the PyTorch path (ATMA_KERNELS=torch)"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _device_class_cached(index: int) -> str:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 0
+    if torch.version.hip is not None or (smem and smem < 96 * 1024):
+        return "small"
+    if props.major in (9, 10) or smem >= 200 * 1024:
+        return "large"
+    return "mid"
+
+
+def device_class(device: torch.device, env_var: str) -> str:
+    """Return the launch class of a CUDA device ("large", "mid" or "small"); `env_var` overrides it."""
+    forced = os.environ.get(env_var, "auto").strip().lower() or "auto"
+    if forced != "auto":
+        if forced not in _CLASSES:
+            raise ValueError(f"{env_var} must be one of auto, {', '.join(_CLASSES)}; got {forced!r}")
+        return forced
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _device_class_cached(index)
+
+
+def autotune_enabled(env_var: str) -> bool:
+    """Return False when `env_var` is set to 0 (launch only each class's first configuration)."""
+    return os.environ.get(env_var, "1").strip() != "0"

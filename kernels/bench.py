@@ -1,0 +1,329 @@
+"""Kernel benchmarks: Polar attention vs SDPA (flash and cuDNN), causal conv, gated-delta memory.
+
+    python -m kernels.bench [--seq-lens 2048 8192 32768] [--iters 20] [--json results.json]
+
+Everything is timed in one process on one GPU, so the ratios compare like with like. Polar runs
+with H query heads over G key/value heads (GQA read in-kernel); SDPA runs the same query heads
+with `enable_gqa=True` when the backend accepts it, else with K/V expanded to H heads before
+timing (the "sdpa_gqa" field says which). Attention FLOPs count causal attention as
+2*B*H*T^2*d per forward and 2.5x that for the backward (fwd+bwd = 3.5x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+DEFAULT_SEQ_LENS = (2048, 8192, 32768)
+TOKENS_PER_BATCH = 16384  # B = 8, 2, 1 at T = 2K, 8K, 32K
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser of `python -m kernels.bench`."""
+    p = argparse.ArgumentParser(
+        prog="python -m kernels.bench",
+        description="Time Polar attention against SDPA (flash and cuDNN backends), the causal conv "
+        "and the gated-delta memory paths on one CUDA GPU.",
+    )
+    p.add_argument("--seq-lens", type=int, nargs="+", default=list(DEFAULT_SEQ_LENS), metavar="T",
+                   help="sequence lengths (default: 2048 8192 32768); batch = max(1, 16384 // T)")
+    p.add_argument("--iters", type=int, default=20, help="timed iterations per case (default: 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations per case (default: 5)")
+    p.add_argument("--heads", type=int, default=8, help="query heads H (default: 8)")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads G of Polar (default: 2)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim d (default: 128)")
+    p.add_argument("--conv-channels", type=int, default=1024, help="channels of the conv benchmark (default: 1024)")
+    p.add_argument("--skip-attention", action="store_true", help="skip Polar vs SDPA")
+    p.add_argument("--skip-conv", action="store_true", help="skip the causal conv")
+    p.add_argument("--skip-memory", action="store_true", help="skip the gated-delta memory")
+    p.add_argument("--fla-timing-only", action="store_true",
+                   help="time flash-linear-attention even where its gradients are known to be wrong "
+                        "(timing only; training never uses it there)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and validate the command line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.iters < 1 or args.warmup < 0:
+        parser.error("--iters must be >= 1 and --warmup >= 0")
+    if any(t < 1 for t in args.seq_lens):
+        parser.error("--seq-lens must be positive")
+    if args.heads % args.kv_heads:
+        parser.error("--heads must be a multiple of --kv-heads")
+    return args
+
+
+def batch_for(T: int) -> int:
+    """Batch size used at sequence length T (16K tokens per call, at least one sequence)."""
+    return max(1, TOKENS_PER_BATCH // T)
+
+
+def attention_flops(B: int, H: int, T: int, d: int, *, backward: bool) -> float:
+    """Causal attention FLOPs: 2*B*H*T^2*d forward, 3.5x that for forward + backward."""
+    fwd = 2.0 * B * H * T * T * d
+    return fwd * 3.5 if backward else fwd
+
+
+def _time_ms(fn, iters: int, warmup: int) -> float:
+    """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def _peak_extra_mib(fn) -> float:
+    """Peak memory fn() allocates beyond what is live before it, in MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _measure(name: str, fwd, fwd_bwd, args, flops_fwd: float | None, flops_fb: float | None) -> dict:
+    rec = {"name": name}
+    try:
+        rec["fwd_ms"] = _time_ms(fwd, args.iters, args.warmup)
+        rec["fwd_bwd_ms"] = _time_ms(fwd_bwd, args.iters, args.warmup)
+        rec["fwd_peak_mib"] = _peak_extra_mib(fwd)
+        rec["fwd_bwd_peak_mib"] = _peak_extra_mib(fwd_bwd)
+    except Exception as exc:  # one failing backend must not hide the others' numbers
+        rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        torch.cuda.synchronize()
+        return rec
+    if flops_fwd is not None:
+        rec["fwd_tflops"] = flops_fwd / rec["fwd_ms"] / 1e9
+        rec["fwd_bwd_tflops"] = flops_fb / rec["fwd_bwd_ms"] / 1e9
+    return rec
+
+
+def bench_attention(args, T: int) -> list[dict]:
+    """Polar (Triton) and SDPA flash / cuDNN at one sequence length."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    import torch.nn.functional as F
+
+    from .polar_triton import polar_attention_triton
+
+    B, H, G, d = batch_for(T), args.heads, args.kv_heads, args.head_dim
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    fwd_flops = attention_flops(B, H, T, d, backward=False)
+    fb_flops = attention_flops(B, H, T, d, backward=True)
+    out = []
+
+    q = torch.randn(B, T, H, d, device=dev, dtype=dt, generator=gen).requires_grad_()
+    k = torch.randn(B, T, G, d, device=dev, dtype=dt, generator=gen).requires_grad_()
+    v = torch.randn(B, T, G, d, device=dev, dtype=dt, generator=gen).requires_grad_()
+    v_null = torch.zeros(H, d, device=dev, requires_grad=True)
+    scalars = [torch.full((H,), val, device=dev, requires_grad=True) for val in (2.0, 0.5, -1.0, -1.5)]
+    g_dir = torch.randn(B, T, H, d, device=dev, dtype=dt, generator=gen)
+    g_mag = torch.randn(B, T, H, device=dev, dtype=dt, generator=gen)
+    inputs = [q, k, v, v_null, *scalars]
+
+    def polar_fwd():
+        with torch.no_grad():
+            polar_attention_triton(*inputs)
+
+    def polar_fb():
+        c, mu = polar_attention_triton(*inputs)
+        torch.autograd.grad((c, mu), inputs, (g_dir, g_mag))
+
+    rec = _measure("polar_triton", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
+    rec.update(T=T, B=B, H=H, G=G, d=d)
+    out.append(rec)
+
+    qs = torch.randn(B, H, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
+    ks = torch.randn(B, G, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
+    vs = torch.randn(B, G, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
+    ke = ks.detach().repeat_interleave(H // G, dim=1).requires_grad_()
+    ve = vs.detach().repeat_interleave(H // G, dim=1).requires_grad_()
+    g_o = torch.randn(B, H, T, d, device=dev, dtype=dt, generator=gen)
+    for name, backend in (("sdpa_flash", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for gqa in (True, False):
+            kk, vv = (ks, vs) if gqa else (ke, ve)
+            extra = {"enable_gqa": True} if gqa and G != H else {}
+
+            def sdpa_fwd(kk=kk, vv=vv, extra=extra, backend=backend):
+                with sdpa_kernel(backend), torch.no_grad():
+                    F.scaled_dot_product_attention(qs, kk, vv, is_causal=True, **extra)
+
+            def sdpa_fb(kk=kk, vv=vv, extra=extra, backend=backend):
+                with sdpa_kernel(backend):
+                    o = F.scaled_dot_product_attention(qs, kk, vv, is_causal=True, **extra)
+                torch.autograd.grad(o, (qs, kk, vv), g_o)
+
+            rec = _measure(name, sdpa_fwd, sdpa_fb, args, fwd_flops, fb_flops)
+            rec.update(T=T, B=B, H=H, G=G if gqa else H, d=d, sdpa_gqa="enable_gqa" if gqa else "expanded K/V")
+            if "error" not in rec or not gqa:
+                break
+        out.append(rec)
+    polar = out[0]
+    for rec in out[1:]:
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            if key in rec and key in polar:
+                # speed ratio: > 1 means Polar is faster than this SDPA backend
+                polar[f"{key[:-3]}_speed_vs_{rec['name']}"] = rec[key] / polar[key]
+    return out
+
+
+def bench_conv(args, T: int) -> list[dict]:
+    """Causal depthwise conv, Triton vs PyTorch, for the LFM2 (K=3) and canon (K=4) widths."""
+    from .conv_torch import causal_conv1d_torch
+    from .conv_triton import causal_conv1d_triton
+
+    B, C, dev = batch_for(T), args.conv_channels, torch.device("cuda")
+    out = []
+    for K in (3, 4):
+        x = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(C, K, device=dev, requires_grad=True)
+        gy = torch.randn(B, T, C, device=dev, dtype=torch.bfloat16)
+        for name, fn in (("conv_triton", causal_conv1d_triton), ("conv_torch", causal_conv1d_torch)):
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    fn(x, w)
+
+            def fb(fn=fn):
+                torch.autograd.grad(fn(x, w), (x, w), gy)
+
+            rec = _measure(name, fwd, fb, args, None, None)
+            rec.update(T=T, B=B, C=C, K=K)
+            out.append(rec)
+    return out
+
+
+def bench_memory(args, T: int) -> list[dict]:
+    """Gated delta rule fwd+bwd: flash-linear-attention (when usable) vs the PyTorch chunked path."""
+    import torch.nn.functional as F
+
+    from . import gated_delta_fla as fla_bridge
+
+    B, H, d, dev = batch_for(T), args.heads, args.head_dim, torch.device("cuda")
+    q = F.normalize(torch.randn(B, T, H, d, device=dev), dim=-1).bfloat16().requires_grad_()
+    k = F.normalize(torch.randn(B, T, H, d, device=dev), dim=-1).bfloat16().requires_grad_()
+    v = torch.randn(B, T, H, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    g = F.logsigmoid(torch.randn(B, T, H, device=dev) + 3.9).requires_grad_()
+    beta = torch.sigmoid(torch.randn(B, T, H, device=dev)).requires_grad_()
+    go = torch.randn(B, T, H, d, device=dev, dtype=torch.bfloat16)
+    out = []
+    paths = []
+    reason = fla_bridge.fla_guard_reason(
+        fla_bridge._installed_fla_version(), fla_bridge._triton_version(), tuple(torch.cuda.get_device_capability())
+    )
+    if reason is None or (args.fla_timing_only and fla_bridge._installed_fla_version() is not None):
+        paths.append(("memory_fla" if reason is None else "memory_fla_timing_only", fla_bridge.fla_gated_delta_rule))
+    else:
+        out.append({"name": "memory_fla", "T": T, "B": B, "skipped": reason})
+    try:
+        from .gated_delta_torch import chunk_gated_delta_rule_torch
+
+        paths.append(("memory_torch", chunk_gated_delta_rule_torch))
+    except ImportError as exc:
+        out.append({"name": "memory_torch", "T": T, "B": B, "skipped": f"not importable: {exc}"})
+    for name, fn in paths:
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(q, k, v, g, beta)
+
+        def fb(fn=fn):
+            o, _ = fn(q, k, v, g, beta)
+            torch.autograd.grad(o, (q, k, v, g, beta), go)
+
+        rec = _measure(name, fwd, fb, args, None, None)
+        rec.update(T=T, B=B, H=H, d=d)
+        out.append(rec)
+    return out
+
+
+def _fmt(rec: dict) -> str:
+    if "skipped" in rec:
+        return f"  {rec['name']:<24s} skipped: {rec['skipped']}"
+    if "error" in rec:
+        return f"  {rec['name']:<24s} error: {rec['error']}"
+    line = f"  {rec['name']:<24s} fwd {rec['fwd_ms']:8.3f} ms"
+    if "fwd_tflops" in rec:
+        line += f" {rec['fwd_tflops']:6.1f} TFLOP/s"
+    line += f" | fwd+bwd {rec['fwd_bwd_ms']:8.3f} ms"
+    if "fwd_bwd_tflops" in rec:
+        line += f" {rec['fwd_bwd_tflops']:6.1f} TFLOP/s"
+    line += f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB, fwd+bwd {rec['fwd_bwd_peak_mib']:7.1f} MiB"
+    if "sdpa_gqa" in rec:
+        line += f" [{rec['sdpa_gqa']}]"
+    ratios = [f"{k.replace('_speed_vs_', ' vs ')}={v:.2f}x" for k, v in rec.items() if "_speed_vs_" in k]
+    if ratios:
+        line += "\n" + " " * 28 + "speed ratio (>1 = Polar faster): " + ", ".join(ratios)
+    return line
+
+
+def environment() -> dict:
+    """Versions and device, recorded with every result."""
+    import triton
+
+    try:
+        from importlib import metadata
+
+        fla_version = metadata.version("flash-linear-attention")
+    except Exception:
+        fla_version = None
+    return {
+        "device": torch.cuda.get_device_name(),
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "flash_linear_attention": fla_version,
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def main(argv=None) -> int:
+    """Run the benchmarks; returns the process exit code (2 without a CUDA GPU)."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("kernels.bench: no CUDA GPU available; the benchmarks need one (nothing was run)", file=sys.stderr)
+        return 2
+    env = environment()
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(f"iters={args.iters} warmup={args.warmup} H={args.heads} G={args.kv_heads} d={args.head_dim} bf16, causal")
+    results = []
+    for T in args.seq_lens:
+        print(f"T={T} B={batch_for(T)}")
+        recs = []
+        if not args.skip_attention:
+            recs += bench_attention(args, T)
+        if not args.skip_conv:
+            recs += bench_conv(args, T)
+        if not args.skip_memory:
+            recs += bench_memory(args, T)
+        for rec in recs:
+            print(_fmt(rec), flush=True)
+        results += recs
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
