@@ -55,10 +55,13 @@ class Monitor:
                 self.tb.add_scalar(key, value, step)
         if self.wandb_run is not None:
             self.wandb_run.log(clean, step=step)
-        if console and self.bar is not None:
+        if console:
             shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in clean.items()
                      if k in ("loss/total", "lr", "perf/tokens_per_s", "perf/mfu", "grad_norm")}
-            self.bar.set_postfix(shown, refresh=False)
+            if self.bar is not None:
+                self.bar.set_postfix(shown, refresh=False)
+            elif shown:
+                print(f"[atma] step {step}: " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
 
     def advance(self, n: int = 1) -> None:
         """Move the progress bar."""

@@ -1,0 +1,196 @@
+"""The main job end to end on the built-in corpus: prepare -> pretrain -> export -> evaluate.
+
+    python -m launch.quickstart [--out DIR]
+
+No download and no GPU needed: the corpus is this Python interpreter's standard library, the
+model is the `tiny` preset, and pretraining runs DeepSpeed ZeRO-3 on 2 CPU ranks (all GPUs when
+there are some). Every step can be rerun: finished steps are reused, training resumes from its
+last checkpoint. Each step prints the equivalent stand-alone command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+LAYOUT = """\
+# Quickstart output
+
+| path | what | made by |
+|---|---|---|
+| `shards/` | WebDataset shards (`train-*.tar`, `val-*.tar`), `manifest.json`, `tokenizer.json` | `python -m data_pipeline prepare` |
+| `run/` | the training run: `checkpoints/` (DeepSpeed ZeRO), `tensorboard/`, `metrics.jsonl`, `config.yaml` | `deepspeed pretrain/train.py` |
+| `exported/` | the standalone model: `model.safetensors`, `config.json`, `tokenizer.json`, `export.json` | `python -m pretrain.export` |
+| `eval/` | long-context evaluation: `results.json`, `report.md`, `perplexity.png`, `retrieval.png` | `python -m evaluation.long_context` |
+| `summary.json` | the figures of this run and the commands that made each step | this quickstart |
+
+Dashboards: `tensorboard --logdir run/tensorboard`.
+"""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m launch.quickstart",
+        description="Run the whole pipeline on the built-in corpus: prepare shards, pretrain a tiny ATMA "
+        "with DeepSpeed ZeRO-3, export it, and run the long-context evaluation.",
+    )
+    p.add_argument("--out", default="quickstart", help="output directory (default: ./quickstart)")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default: 256)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
+    p.add_argument("--max-docs", type=int, default=400, help="corpus files to read (default: 400)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="data-parallel ranks (default: all GPUs, or 2 CPU ranks without a GPU)")
+    p.add_argument("--eval-multiples", default="1,2,4,8",
+                   help="evaluation lengths as multiples of --seq-len (default: 1,2,4,8)")
+    p.add_argument("--trials", type=int, default=4, help="retrieval trials per cell (default: 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    return p.parse_args(argv)
+
+
+def banner(step: int, title: str, command: list[str]) -> None:
+    """Announce a step and the equivalent stand-alone command."""
+    print(f"\n[{step}/4] {title}\n      $ {shlex.join(command)}", flush=True)
+
+
+def default_ranks() -> int:
+    """All visible GPUs, else 2 CPU ranks."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def run_prepare(args, shards: str) -> dict:
+    """Step 1: tokenize and pack the built-in corpus (reused when already finished)."""
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.prepare import prepare
+
+    banner(1, "prepare shards from the built-in corpus (the Python standard library)",
+           ["python", "-m", "data_pipeline", "prepare", "--output", shards, "--seq-len", str(args.seq_len),
+            "--vocab-size", str(args.vocab_size), "--max-docs", str(args.max_docs), "--val-fraction", "0.05"])
+    if os.path.isfile(os.path.join(shards, "manifest.json")):
+        print("      shards already prepared: reusing them", flush=True)
+    else:
+        prepare(output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size, max_docs=args.max_docs,
+                val_fraction=0.05, progress=not args.no_progress)
+    manifest = load_manifest(shards)
+    info = {"train_tokens": manifest.num_tokens("train"), "val_tokens": manifest.num_tokens("val"),
+            "vocab_size": manifest.vocab_size, "seq_len": manifest.seq_len}
+    print(f"      {info['train_tokens']:,} training tokens, {info['val_tokens']:,} validation tokens, "
+          f"vocab {info['vocab_size']}", flush=True)
+    return info
+
+
+def run_pretrain(args, shards: str, run_dir: str, extra_sets: list[str] = (), *, step: int = 2,
+                 title: str = "pretrain the tiny ATMA") -> list[str]:
+    """Step 2: DeepSpeed ZeRO-3 pretraining through the deepspeed launcher (resumes automatically)."""
+    ranks = args.ranks or default_ranks()
+    train_args = [
+        "pretrain/train.py", "--config", "pretrain/configs/tiny-cpu.yaml", "--data", shards, "--run-dir", run_dir,
+        "--max-steps", str(args.steps),
+        "--set", f"batch.tokens={args.batch_tokens}", "--set", f"batch.micro_batch_size={args.micro_batch}",
+        "--set", f"checkpoint.every={max(args.steps // 3, 1)}", "--set", "logging.every=5",
+        "--set", f"logging.val_every={max(args.steps // 3, 1)}",
+        "--set", f"logging.progress={'false' if args.no_progress else 'true'}",
+    ]
+    for assignment in extra_sets:
+        train_args += ["--set", assignment]
+    shown = ["deepspeed", "--num_gpus", str(ranks), *train_args]
+    banner(step, f"{title} with DeepSpeed ZeRO-3 on {ranks} rank(s)", shown)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), *train_args]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("WANDB_MODE", "offline")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"error: pretraining failed (exit code {proc.returncode}); rerun to resume from the "
+                         f"last checkpoint in {run_dir}/checkpoints")
+    return shown
+
+
+def read_curve(run_dir: str) -> dict:
+    """First and last training loss and the last validation loss from metrics.jsonl."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8")]
+    train = [r for r in rows if "loss/total" in r]
+    val = [r for r in rows if "loss/val" in r]
+    return {
+        "first_train_loss": train[0]["loss/total"] if train else None,
+        "last_train_loss": train[-1]["loss/total"] if train else None,
+        "last_val_loss": val[-1]["loss/val"] if val else None,
+        "steps": train[-1]["step"] if train else 0,
+        "tokens_per_s": train[-1].get("perf/tokens_per_s") if train else None,
+    }
+
+
+def main(argv=None) -> int:
+    """Run the four steps and print where everything is."""
+    args = parse_args(argv)
+    out = os.path.abspath(args.out)
+    shards, run_dir = os.path.join(out, "shards"), os.path.join(out, "run")
+    exported, eval_dir = os.path.join(out, "exported"), os.path.join(out, "eval")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
+        f.write(LAYOUT)
+    start = time.time()
+    timings = {}
+
+    t = time.time()
+    data_info = run_prepare(args, shards)
+    timings["prepare_s"] = time.time() - t
+
+    t = time.time()
+    train_cmd = run_pretrain(args, shards, run_dir)
+    timings["pretrain_s"] = time.time() - t
+
+    from pretrain.export import export
+
+    banner(3, "export the last checkpoint to a standalone model",
+           ["python", "-m", "pretrain.export", run_dir, exported])
+    t = time.time()
+    record = export(run_dir, exported)
+    timings["export_s"] = time.time() - t
+    print(f"      {record['checkpoint']}: step {record['step']}, {record['num_parameters']:,} parameters", flush=True)
+
+    from evaluation.long_context import run_evaluation
+
+    lengths = [int(m) * args.seq_len for m in args.eval_multiples.split(",")]
+    banner(4, "long-context evaluation (fixed-target perplexity and retrieval)",
+           ["python", "-m", "evaluation.long_context", exported, "--lengths", ",".join(map(str, lengths)),
+            "--data", shards, "--trials", str(args.trials), "--out", eval_dir])
+    t = time.time()
+    results = run_evaluation(exported, lengths, eval_dir, data=shards, trials=args.trials,
+                             progress=not args.no_progress)
+    timings["evaluate_s"] = time.time() - t
+    timings["total_s"] = time.time() - start
+
+    curve = read_curve(run_dir)
+    summary = {"data": data_info, "training": curve, "export": record, "timings": timings,
+               "commands": {"pretrain": shlex.join(train_cmd)},
+               "evaluation": {"lengths": lengths, "retrieval_cells": len(results.get("retrieval", [])),
+                              "perplexity": [{k: r.get(k) for k in ("length", "ppl", "bpb")}
+                                             for r in results.get("perplexity", [])]}}
+    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print(f"\nDone in {timings['total_s'] / 60:.1f} min. Training loss {curve['first_train_loss']:.3f} -> "
+          f"{curve['last_train_loss']:.3f}" + (f", validation {curve['last_val_loss']:.3f}" if curve["last_val_loss"] else ""))
+    for row in summary["evaluation"]["perplexity"]:
+        print(f"  context {row['length']:>6}: perplexity {row['ppl']:.2f}, {row['bpb']:.3f} bits/byte")
+    print(f"Report:      {os.path.join(eval_dir, 'report.md')}")
+    print(f"Plots:       {os.path.join(eval_dir, 'perplexity.png')}, {os.path.join(eval_dir, 'retrieval.png')}")
+    print(f"TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'tensorboard')}")
+    print(f"Everything:  {out} (see README.md there)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
