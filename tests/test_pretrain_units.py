@@ -211,3 +211,24 @@ def test_flops_per_token_counts_every_component():
     no_mem = AtmaConfig.from_preset("atma-378m", memory=False)
     assert forward_flops_per_token(no_mem, 2048)["memory"] == 0
     assert peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops_for("Quadro") is None
+
+
+# ---------------------------------------------------------------------- checkpoint bookkeeping
+def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
+    from pretrain import checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+    for step, complete in ((4, True), (8, True), (12, False)):
+        tag = root / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"partial")
+        if complete:
+            (tag / ckpt.COMPLETE).write_text(f"{step}\n")
+    assert ckpt.complete_tags(str(root)) == ["step_00000004", "step_00000008"]
+    assert ckpt.find_resume(str(root), "auto").endswith("step_00000008")
+    assert ckpt.find_resume(str(root), "none") is None
+    assert ckpt.find_resume(str(root), str(root / "step_00000004")).endswith("step_00000004")
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        ckpt.find_resume(str(root), str(root / "step_00000012"))
+    assert ckpt.remove_incomplete(str(root)) == ["step_00000012"]
+    assert not (root / "step_00000012").exists() and (root / "step_00000008").exists()
