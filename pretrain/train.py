@@ -70,4 +70,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit without interpreter teardown: gloo worker threads can otherwise release their last
+    # collective while Python finalizes and abort the process after training has finished.
+    os._exit(code)

@@ -1,0 +1,477 @@
+"""Launchers: the exact deepspeed command of every mode (dry runs), .deepspeed_env, the SLURM
+script under a fake SLURM, bad input, and two emulated nodes matching a single-node run."""
+
+import json
+import os
+import random
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch.cli import main
+from launch.commands import (
+    ENV_NAMES, ENV_PREFIXES, Host, LaunchError, deepspeed_version_ok, env_file_entries, local_device_args,
+    parse_hostfile,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = "pretrain/configs/tiny-cpu.yaml"
+TRAIN = ["--data", "/shared/shards", "--max-steps", "4", "--set", "optim.lr=3e-4"]
+TRAIN_STR = "--data /shared/shards --max-steps 4 --set optim.lr=3e-4"
+LAUNCH_ENV = ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "DS_ENV_FILE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """Run from the repository root with none of the variables the launcher reads."""
+    monkeypatch.chdir(ROOT)
+    for key in list(os.environ):
+        if key in LAUNCH_ENV or key.startswith(ENV_PREFIXES) or key in ENV_NAMES:
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+@pytest.fixture
+def hostfile(tmp_path):
+    path = tmp_path / "hostfile"
+    path.write_text("# two machines\nnode0 slots=4\n\nnode1 slots=4\n")
+    return str(path)
+
+
+def dry_run(capsys, *argv):
+    """Run `python -m launch ARGV` in-process; return (exit code, stdout lines, stderr)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out.splitlines(), err
+
+
+def cli(*argv, env=None, cwd=ROOT, timeout=60):
+    """Run `python -m launch ARGV` as a process."""
+    full = dict(os.environ if env is None else env)
+    full["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, full.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "launch", *argv], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def fake_bin(tmp_path, **scripts):
+    """A directory of executable bash scripts to put first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        path = bin_dir / name
+        path.write_text("#!/usr/bin/env bash\nset -euo pipefail\n" + body)
+        path.chmod(0o755)
+    return str(bin_dir)
+
+
+# A deepspeed that prints where and how it was called, then exits with $FAKE_DS_EXIT.
+FAKE_DEEPSPEED = 'echo "deepspeed-called node=${SLURM_NODEID:-none} args=$*"\nexit "${FAKE_DS_EXIT:-0}"\n'
+
+
+# ---------------------------------------------------------------------- single node
+def test_single_node_dry_run(clean_env, capsys):
+    code, lines, _ = dry_run(capsys, "single", "--gpus", "2", "--dry-run", RUN, *TRAIN)
+    assert code == 0
+    assert lines == [f"localhost: deepspeed --num_gpus 2 pretrain/train.py --config {RUN} {TRAIN_STR}"]
+
+
+def test_single_node_port_extra_args_and_quoting(clean_env, capsys):
+    code, lines, _ = dry_run(capsys, "single", "--gpus", "8", "--master-port", "29600",
+                             "--deepspeed-arg=--bind_cores_to_rank", "--dry-run", RUN, "--set", "name=my run")
+    assert code == 0
+    assert lines == [f"localhost: deepspeed --num_gpus 8 --master_port 29600 --bind_cores_to_rank "
+                     f"pretrain/train.py --config {RUN} --set 'name=my run'"]
+
+
+def test_single_node_num_gpus_env(clean_env, capsys):
+    clean_env.setenv("NUM_GPUS", "4")
+    _, lines, _ = dry_run(capsys, "single", "--dry-run", RUN)
+    assert lines == [f"localhost: deepspeed --num_gpus 4 pretrain/train.py --config {RUN}"]
+
+
+def test_device_selection():
+    assert local_device_args(3, {}) == ["--num_gpus", "3"]
+    # DeepSpeed drops CUDA_VISIBLE_DEVICES under --num_gpus, so the visible set becomes --include.
+    assert local_device_args(None, {"CUDA_VISIBLE_DEVICES": "2,3"}) == ["--include", "localhost:2,3"]
+    assert local_device_args(1, {"CUDA_VISIBLE_DEVICES": "2,3"}) == ["--include", "localhost:2"]
+    # Every GPU hidden: CPU ranks, DeepSpeed's default of 2.
+    assert local_device_args(None, {"CUDA_VISIBLE_DEVICES": ""}) == ["--num_gpus", "2"]
+    with pytest.raises(LaunchError, match="names 2 device"):
+        local_device_args(4, {"CUDA_VISIBLE_DEVICES": "2,3"})
+    with pytest.raises(LaunchError, match="numeric"):
+        local_device_args(None, {"CUDA_VISIBLE_DEVICES": "GPU-1234"})
+    with pytest.raises(LaunchError, match="at least 1"):
+        local_device_args(0, {})
+
+
+def test_gpu_count_from_nvidia_smi(clean_env, tmp_path):
+    listing = 'for i in 0 1 2; do echo "GPU $i: NVIDIA H100 (UUID: GPU-$i)"; done\n'
+    clean_env.setenv("PATH", fake_bin(tmp_path, **{"nvidia-smi": listing}) + os.pathsep + os.environ["PATH"])
+    assert local_device_args(None, {}) == ["--num_gpus", "3"]
+    clean_env.setenv("PATH", fake_bin(tmp_path, **{"nvidia-smi": "exit 0\n"}) + os.pathsep + os.environ["PATH"])
+    # No GPU listed: CPU ranks.
+    assert local_device_args(None, {}) == ["--num_gpus", "2"]
+
+
+def test_pretrain_sh_wraps_single_mode(clean_env):
+    clean_env.setenv("PYTHON", sys.executable)
+    proc = subprocess.run(["launch/pretrain.sh", "--gpus", "2", "--dry-run", RUN, *TRAIN], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == f"localhost: deepspeed --num_gpus 2 pretrain/train.py --config {RUN} {TRAIN_STR}\n"
+    usage = subprocess.run(["launch/pretrain.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: launch/pretrain.sh")
+
+
+# ---------------------------------------------------------------------- hostfile over pdsh
+def test_pdsh_dry_run_with_env_file(clean_env, capsys, hostfile):
+    clean_env.setenv("WANDB_PROJECT", "atma")
+    clean_env.setenv("WANDB_API_KEY", "secret-value")
+    clean_env.setenv("HF_HOME", "/shared/hf")
+    clean_env.setenv("NCCL_IB_HCA", "mlx5_0,mlx5_1")
+    clean_env.setenv("TRITON_CACHE_DIR", "/tmp/triton")
+    clean_env.setenv("ATMA_KERNELS", "triton")
+    clean_env.setenv("PYTHONPATH", "/opt/extra")
+    clean_env.setenv("UNRELATED_SETTING", "not exported")
+    env_file = os.path.join(ROOT, ".deepspeed_env")
+    existed = os.path.exists(env_file)
+    code, lines, err = dry_run(capsys, "pdsh", "--hostfile", hostfile, "--dry-run", RUN, *TRAIN)
+    assert code == 0, err
+    assert lines == [
+        f"launch host: deepspeed --hostfile {hostfile} --master_addr node0 --master_port 29500 --launcher pdsh "
+        f"pretrain/train.py --config {RUN} {TRAIN_STR}",
+        "node0 (node_rank 0, ranks 0-3): started by the launch host over pdsh/ssh",
+        "node1 (node_rank 1, ranks 4-7): started by the launch host over pdsh/ssh",
+        ".deepspeed_env: ATMA_KERNELS=triton",
+        ".deepspeed_env: HF_HOME=/shared/hf",
+        ".deepspeed_env: NCCL_IB_HCA=mlx5_0,mlx5_1",
+        ".deepspeed_env: PYTHONPATH=/opt/extra",
+        ".deepspeed_env: TRITON_CACHE_DIR=/tmp/triton",
+        ".deepspeed_env: WANDB_API_KEY=***",
+        ".deepspeed_env: WANDB_PROJECT=atma",
+    ]
+    # A dry run writes nothing.
+    assert os.path.exists(env_file) == existed
+
+
+def test_pdsh_master_override_and_no_env_file(clean_env, capsys, hostfile):
+    clean_env.setenv("MASTER_PORT", "29700")
+    code, lines, _ = dry_run(capsys, "pdsh", "--hostfile", hostfile, "--master-addr", "10.0.0.1",
+                             "--no-env-file", "--dry-run", RUN)
+    assert code == 0
+    assert lines[0] == (f"launch host: deepspeed --hostfile {hostfile} --master_addr 10.0.0.1 --master_port 29700 "
+                        f"--launcher pdsh pretrain/train.py --config {RUN}")
+    assert lines[-1] == ".deepspeed_env: left as is (--no-env-file)"
+
+
+def test_env_file_entries_skip_multiline_values():
+    entries, skipped = env_file_entries({"WANDB_TAGS": "a,b", "HF_TOKEN": "x\ny", "XDG_CACHE_HOME": "/c",
+                                         "TORCH_HOME": "/t", "TORCH_LOGS": "dynamo", "HOME": "/root"})
+    assert entries == [("TORCH_HOME", "/t"), ("WANDB_TAGS", "a,b"), ("XDG_CACHE_HOME", "/c")]
+    assert skipped == ["HF_TOKEN"]
+
+
+def test_pdsh_run_writes_env_file_and_propagates_exit_code(tmp_path, hostfile):
+    """Without --dry-run: .deepspeed_env is written (owner-only) and deepspeed's exit code comes back."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k in LAUNCH_ENV or k.startswith(ENV_PREFIXES) or k in ENV_NAMES)}
+    env.update(PATH=fake_bin(tmp_path, deepspeed=FAKE_DEEPSPEED, pdsh="exit 0\n") + os.pathsep + env["PATH"],
+               WANDB_API_KEY="secret-value", HF_HOME="/shared/hf", FAKE_DS_EXIT="7")
+    work = tmp_path / "work"
+    work.mkdir()
+    run_config = os.path.join(ROOT, RUN)
+    proc = cli("pdsh", "--hostfile", hostfile, run_config, "--max-steps", "4", env=env, cwd=work)
+    assert proc.returncode == 7, proc.stderr
+    script = os.path.join(ROOT, "pretrain", "train.py")
+    assert proc.stdout == (f"deepspeed-called node=none args=--hostfile {hostfile} --master_addr node0 "
+                           f"--master_port 29500 --launcher pdsh {script} --config {run_config} --max-steps 4\n")
+    # PYTHONPATH is set by cli() for the subprocess, so it is exported too.
+    assert (work / ".deepspeed_env").read_text() == (
+        f"HF_HOME=/shared/hf\nPYTHONPATH={ROOT}\nWANDB_API_KEY=secret-value\n")
+    assert stat.S_IMODE((work / ".deepspeed_env").stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("script,first", [
+    ("multinode.sh", "launch host: deepspeed --hostfile {h} --master_addr node0 --master_port 29500 --launcher pdsh "),
+    ("node.sh", "node0 (node_rank 0, ranks 0-3): deepspeed --hostfile {h} --no_ssh --node_rank 0 --master_addr node0 "),
+])
+def test_multi_node_wrappers(clean_env, hostfile, script, first):
+    clean_env.setenv("PYTHON", sys.executable)
+    proc = subprocess.run([f"launch/{script}", "--hostfile", hostfile, "--dry-run", RUN], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(first.format(h=hostfile))
+    usage = subprocess.run([f"launch/{script}"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert usage.returncode == 2 and usage.stderr.startswith(f"usage: launch/{script}")
+
+
+# ---------------------------------------------------------------------- no ssh, one launcher per node
+@pytest.mark.parametrize("rank", [0, 1])
+def test_no_ssh_dry_run_per_node(clean_env, capsys, hostfile, rank):
+    code, lines, _ = dry_run(capsys, "no-ssh", "--hostfile", hostfile, "--node-rank", str(rank),
+                             "--master-addr", "10.0.0.1", "--master-port", "29601", "--dry-run", RUN, *TRAIN)
+    assert code == 0
+    ranks = ["ranks 0-3", "ranks 4-7"][rank]
+    assert lines == [f"node{rank} (node_rank {rank}, {ranks}): deepspeed --hostfile {hostfile} --no_ssh "
+                     f"--node_rank {rank} --master_addr 10.0.0.1 --master_port 29601 pretrain/train.py "
+                     f"--config {RUN} {TRAIN_STR}"]
+
+
+def test_no_ssh_dry_run_every_node_and_env_defaults(clean_env, capsys, hostfile):
+    clean_env.setenv("MASTER_ADDR", "10.0.0.9")
+    _, lines, _ = dry_run(capsys, "no-ssh", "--hostfile", hostfile, "--dry-run", RUN)
+    assert lines == [
+        f"node0 (node_rank 0, ranks 0-3): deepspeed --hostfile {hostfile} --no_ssh --node_rank 0 "
+        f"--master_addr 10.0.0.9 --master_port 29500 pretrain/train.py --config {RUN}",
+        f"node1 (node_rank 1, ranks 4-7): deepspeed --hostfile {hostfile} --no_ssh --node_rank 1 "
+        f"--master_addr 10.0.0.9 --master_port 29500 pretrain/train.py --config {RUN}",
+    ]
+    clean_env.setenv("NODE_RANK", "1")
+    _, lines, _ = dry_run(capsys, "no-ssh", "--hostfile", hostfile, "--dry-run", RUN)
+    assert len(lines) == 1 and lines[0].startswith("node1 (node_rank 1, ranks 4-7): ")
+
+
+def test_deepspeed_version_check():
+    assert deepspeed_version_ok("0.19.8") and deepspeed_version_ok("0.14.5+abc123")
+    assert not deepspeed_version_ok("0.14.4") and not deepspeed_version_ok("0.9.9")
+
+
+# ---------------------------------------------------------------------- SLURM
+FAKE_SCONTROL = """\
+[[ "$*" == "show hostnames gpu[07-08]" ]] || { echo "fake scontrol: unexpected arguments: $*" >&2; exit 1; }
+printf 'gpu07\\ngpu08\\n'
+"""
+# Runs the task once per node, in order, the way srun would on each node of the allocation.
+FAKE_SRUN = """\
+printf '%s\\n' "$@" >"$FAKE_SRUN_ARGS"
+while [[ $1 == --* ]]; do shift; done
+SLURM_NODEID=0 SLURMD_NODENAME=gpu07 "$@"
+SLURM_NODEID=1 SLURMD_NODENAME=gpu08 "$@"
+"""
+
+
+def slurm_env(tmp_path, **extra):
+    """The environment of a batch script on a two-node allocation, with fake scontrol/srun/deepspeed."""
+    env = {k: v for k, v in os.environ.items()
+           if not (k.startswith("SLURM_") or k in LAUNCH_ENV or k in ("GPUS_PER_NODE", "ATMA_DRY_RUN"))}
+    # nvidia-smi lists no GPU, as on a machine without one.
+    bin_dir = fake_bin(tmp_path, scontrol=FAKE_SCONTROL, srun=FAKE_SRUN, deepspeed=FAKE_DEEPSPEED, **{"nvidia-smi": ""})
+    env.update(PATH=bin_dir + os.pathsep + env["PATH"], SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="4242",
+               SLURM_JOB_NUM_NODES="2", SLURM_SUBMIT_DIR=ROOT, SLURM_GPUS_ON_NODE="4", PYTHON=sys.executable,
+               ATMA_HOSTFILE=str(tmp_path / "hostfile"), FAKE_SRUN_ARGS=str(tmp_path / "srun-args"))
+    env.update(extra)
+    return env
+
+
+def sbatch(tmp_path, *args, **extra):
+    # sbatch runs the script from a spool copy in another directory; so does this test.
+    return subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), *args], cwd=tmp_path,
+                          env=slurm_env(tmp_path, **extra), capture_output=True, text=True, timeout=120)
+
+
+def slurm_line(tmp_path, rank):
+    ranks = ["ranks 0-3", "ranks 4-7"][rank]
+    return (f"gpu0{7 + rank} (node_rank {rank}, {ranks}): deepspeed --hostfile {tmp_path / 'hostfile'} --no_ssh "
+            f"--node_rank {rank} --master_addr gpu07 --master_port 29500 pretrain/train.py --config {RUN} {TRAIN_STR}")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_slurm_dry_run(tmp_path, how):
+    args = ["--dry-run", RUN, *TRAIN] if how == "flag" else [RUN, *TRAIN]
+    proc = sbatch(tmp_path, *args, **({"ATMA_DRY_RUN": "1"} if how == "env" else {}))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [slurm_line(tmp_path, 0), slurm_line(tmp_path, 1)]
+    assert (tmp_path / "hostfile").read_text() == "gpu07 slots=4\ngpu08 slots=4\n"
+    srun_args = (tmp_path / "srun-args").read_text().splitlines()
+    assert srun_args[:5] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "bash"]
+    launch_args = ["--hostfile", str(tmp_path / "hostfile"), "--master-addr", "gpu07", "--master-port", "29500",
+                   "--dry-run", RUN, *TRAIN]
+    assert srun_args[-len(launch_args):] == launch_args
+
+
+def test_slurm_runs_the_no_ssh_command_on_every_node(tmp_path):
+    proc = sbatch(tmp_path, RUN, *TRAIN, GPUS_PER_NODE="2", MASTER_PORT="29777")
+    assert proc.returncode == 0, proc.stderr
+    expected = [f"deepspeed-called node={rank} args=--hostfile {tmp_path / 'hostfile'} --no_ssh --node_rank {rank} "
+                f"--master_addr gpu07 --master_port 29777 pretrain/train.py --config {RUN} {TRAIN_STR}"
+                for rank in (0, 1)]
+    assert proc.stdout.splitlines() == expected
+    assert (tmp_path / "hostfile").read_text() == "gpu07 slots=2\ngpu08 slots=2\n"
+
+
+def test_slurm_typed_gpus_per_node_and_default_hostfile_cleanup(tmp_path):
+    env = dict(SLURM_GPUS_ON_NODE="", SLURM_GPUS_PER_NODE="h100:8", ATMA_HOSTFILE="")
+    proc = sbatch(tmp_path, "--dry-run", RUN, **env)
+    assert proc.returncode == 0, proc.stderr
+    default = os.path.join(ROOT, ".hostfile-4242")
+    assert proc.stdout.splitlines()[1] == (
+        f"gpu08 (node_rank 1, ranks 8-15): deepspeed --hostfile {default} --no_ssh --node_rank 1 "
+        f"--master_addr gpu07 --master_port 29500 pretrain/train.py --config {RUN}")
+    assert not os.path.exists(default)
+
+
+@pytest.mark.parametrize("args,extra,message", [
+    (["missing.yaml"], {}, "error: missing.yaml: run config not found"),
+    ([RUN], {"SLURM_JOB_NODELIST": ""}, "error: SLURM_JOB_NODELIST is not set: submit this script with sbatch"),
+    ([RUN], {"SLURM_GPUS_ON_NODE": ""}, "error: cannot tell the GPUs per node (got '0'): set GPUS_PER_NODE"),
+])
+def test_slurm_bad_input(tmp_path, args, extra, message):
+    proc = sbatch(tmp_path, *args, **extra)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [message]
+
+
+# ---------------------------------------------------------------------- bad input
+BAD_HOSTFILES = {
+    "no-slots": ("node0\n", ":1: expected 'HOST slots=N', got 'node0'"),
+    "bad-slots": ("node0 slots=eight\n", ":1: expected 'HOST slots=N', got 'node0 slots=eight'"),
+    "zero-slots": ("node0 slots=0\n", ":1: node0 has slots=0; it must be at least 1"),
+    "twice": ("node0 slots=1\nnode0 slots=1\n", ":2: host node0 is listed twice"),
+    "empty": ("# nothing\n\n", ": hostfile lists no hosts"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_HOSTFILES))
+def test_malformed_hostfile(tmp_path, name):
+    text, message = BAD_HOSTFILES[name]
+    path = tmp_path / "hostfile"
+    path.write_text(text)
+    proc = cli("no-ssh", "--hostfile", str(path), "--node-rank", "0", "--dry-run", RUN)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: {path}{message}"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["single", "--gpus", "2", "--dry-run", "missing.yaml"], "error: missing.yaml: run config not found"),
+    (["pdsh", "--hostfile", "missing-hostfile", "--dry-run", RUN], "error: missing-hostfile: hostfile not found"),
+    (["no-ssh", "--hostfile", "missing-hostfile", "--node-rank", "0", RUN],
+     "error: missing-hostfile: hostfile not found"),
+    (["single", "--gpus", "0", "--dry-run", RUN], "error: --gpus must be at least 1, got 0"),
+    (["single", RUN, "--gpus", "2"], "error: launcher option --gpus must come before RUN.yaml"),
+    (["single", "--dry-run", RUN, "--config", RUN], "error: give the run config as RUN.yaml, not as --config"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message):
+    proc = cli(*argv)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [message]
+
+
+@pytest.mark.parametrize("rank", ["2", "-1"])
+def test_node_rank_out_of_range(hostfile, rank):
+    proc = cli("no-ssh", "--hostfile", hostfile, "--node-rank", rank, "--dry-run", RUN)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        f"error: --node-rank {rank} is out of range: {hostfile} lists 2 host(s), so it must be 0..1"]
+
+
+def test_no_ssh_run_needs_a_node_rank(clean_env, hostfile):
+    proc = cli("no-ssh", "--hostfile", hostfile, RUN)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "error: no-ssh needs --node-rank N (or $NODE_RANK): this machine's line in the hostfile, from 0"]
+
+
+def test_usage_errors_are_one_line_and_exit_2():
+    proc = cli("pdsh", RUN)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [
+        "python -m launch pdsh: error: the following arguments are required: --hostfile (see --help)"]
+
+
+def test_hostfile_example_parses():
+    assert parse_hostfile(os.path.join(ROOT, "launch", "hostfile.example")) == [
+        Host("gpu-node-0", 8), Host("gpu-node-1", 8)]
+
+
+# ---------------------------------------------------------------------- two nodes on one machine
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def launch_shards(tmp_path_factory):
+    """Tiny shards (seq_len 64, a 512-token BPE) of a generated text corpus."""
+    from data_pipeline.prepare import prepare
+
+    base = tmp_path_factory.mktemp("launch-data")
+    corpus = base / "corpus"
+    corpus.mkdir()
+    rng = random.Random(0)
+    words = "the a of memory token polar gate delta layer train step loss data node rank shard sum".split()
+    for i in range(40):
+        (corpus / f"doc{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(400)))
+    out = base / "shards"
+    prepare(output=str(out), inputs=[str(corpus)], seq_len=64, vocab_size=512, val_fraction=0.1, progress=False)
+    return str(out)
+
+
+def start(argv, log_path):
+    """Start `python -m launch ARGV` from the repository root in its own process group."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1",
+               WANDB_MODE="offline")
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, "-m", "launch", *argv], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(procs, logs, timeout=300):
+    """Wait for every process; on a timeout stop their process groups. Fail with the logs' tails."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait()
+            codes.append("timeout")
+    if any(code != 0 for code in codes):
+        tails = "\n".join(f"--- {log}:\n{open(log).read()[-3000:]}" for log in logs)
+        raise AssertionError(f"launch failed with {codes}\n{tails}")
+
+
+def step_losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {row["step"]: row["loss/total"] for row in rows if "loss/total" in row}
+
+
+@pytest.mark.slow
+def test_two_nodes_on_one_machine_match_single_node(launch_shards, tmp_path):
+    """Two no-ssh launchers (node ranks 0 and 1, one CPU rank each) = one launcher with two ranks."""
+    train = ["--data", launch_shards, "--max-steps", "4", "--resume", "none",
+             "--set", "batch.tokens=512", "--set", "batch.micro_batch_size=4", "--set", "checkpoint.every=100",
+             "--set", "logging.val_every=0", "--set", "logging.every=1", "--set", "logging.tensorboard=false",
+             "--set", "logging.progress=false", "--set", "train.precision=fp32",
+             "--set", "deepspeed_config=ds_configs/zero3_bf16.json"]
+    single_dir, multi_dir = tmp_path / "single", tmp_path / "two-nodes"
+    log = str(tmp_path / "single.log")
+    finish([start(["single", "--gpus", "2", "--master-port", str(free_port()), RUN, "--run-dir", str(single_dir),
+                   *train], log)], [log])
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(free_port())
+    logs = [str(tmp_path / f"node{rank}.log") for rank in (0, 1)]
+    procs = [start(["no-ssh", "--hostfile", str(hostfile), "--node-rank", str(rank), "--master-addr", "127.0.0.1",
+                    "--master-port", port, RUN, "--run-dir", str(multi_dir), *train], logs[rank]) for rank in (0, 1)]
+    finish(procs, logs)
+
+    reference, got = step_losses(single_dir), step_losses(multi_dir)
+    assert sorted(reference) == [1, 2, 3, 4] and sorted(got) == [1, 2, 3, 4]
+    for step, value in reference.items():
+        # Same world size, same ZeRO-3 partitioning, fp32 on the CPU: only launch plumbing differs.
+        assert got[step] == pytest.approx(value, rel=1e-6), (step, got, reference)
+    with open(logs[1]) as f:
+        started = f"[launch] node1 (node_rank 1, rank 1): deepspeed --hostfile {hostfile} --no_ssh --node_rank 1 "
+        assert started in f.read()
