@@ -318,6 +318,8 @@ class Trainer:
             return None
         self.engine.module.eval()
         total, count = 0.0, 0
+        # The same validation batches every time: restart the loader at its first batch.
+        self.val_loader.reset()
         batches = iter(self.val_loader)
         for _ in range(self.cfg.logging.val_batches):
             input_ids, labels = self._to_device(next(batches))

@@ -1,0 +1,130 @@
+"""The on-disk sample format shared by the shard writer, the reader and ``verify``.
+
+A shard is a plain tar (ustar headers, written by ``webdataset.TarWriter``). Sample ``i`` of a
+split has key ``f"{i:010d}"`` and two members, in this order (the writer sorts names):
+
+* ``KEY.doc_mask.npy``: uint8, ``ceil((seq_len + 1) / 8)`` bytes of ``np.packbits`` output; bit
+  ``j`` is set when a document starts at ``tokens[j]``.
+* ``KEY.tokens.npy``: ``seq_len + 1`` token ids (uint16 or uint32, little endian).
+
+Every member has the same name length and payload size, so every sample occupies exactly
+``record_bytes`` bytes and sample ``j`` of a shard starts at byte ``j * record_bytes``. The
+loader uses this for O(1) random access; readers that do not care can stream the tar.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+TAR_BLOCK = 512
+KEY_DIGITS = 10
+MASK_MEMBER = "doc_mask.npy"
+TOKENS_MEMBER = "tokens.npy"
+SHARD_SUFFIX = ".tar"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def sample_key(index: int) -> str:
+    """The WebDataset key of sample ``index`` of a split."""
+    return f"{index:0{KEY_DIGITS}d}"
+
+
+def shard_name(split: str, index: int) -> str:
+    """File name of shard ``index`` of ``split``, e.g. ``train-000003.tar``."""
+    return f"{split}-{index:06d}{SHARD_SUFFIX}"
+
+
+def npy_header(length: int, dtype: np.dtype) -> bytes:
+    """The exact .npy header numpy writes for a 1-D array of ``length`` items of ``dtype``."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros(length, dtype=dtype))
+    return buffer.getvalue()[: -length * dtype.itemsize or None]
+
+
+def _padded(size: int) -> int:
+    return -(-size // TAR_BLOCK) * TAR_BLOCK
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """Byte layout of one sample record for a given sequence length and token dtype."""
+
+    seq_len: int
+    dtype: np.dtype
+
+    @property
+    def num_tokens(self) -> int:
+        """Token ids stored per sample (seq_len + 1: inputs plus the last target)."""
+        return self.seq_len + 1
+
+    @property
+    def mask_bytes(self) -> int:
+        """Bytes of the packed document-start bitmap."""
+        return -(-self.num_tokens // 8)
+
+    @cached_property
+    def mask_header(self) -> bytes:
+        """The .npy header of the doc_mask member."""
+        return npy_header(self.mask_bytes, np.dtype("u1"))
+
+    @cached_property
+    def tokens_header(self) -> bytes:
+        """The .npy header of the tokens member."""
+        return npy_header(self.num_tokens, self.dtype)
+
+    @property
+    def mask_offset(self) -> int:
+        """Offset of the doc_mask .npy payload (its header included) inside a record."""
+        return TAR_BLOCK
+
+    @cached_property
+    def tokens_member_offset(self) -> int:
+        """Offset of the tokens member's tar header inside a record."""
+        return TAR_BLOCK + _padded(len(self.mask_header) + self.mask_bytes)
+
+    @cached_property
+    def tokens_offset(self) -> int:
+        """Offset of the first token id inside a record."""
+        return self.tokens_member_offset + TAR_BLOCK + len(self.tokens_header)
+
+    @cached_property
+    def record_bytes(self) -> int:
+        """Bytes one sample occupies in a shard."""
+        tokens_npy = len(self.tokens_header) + self.num_tokens * self.dtype.itemsize
+        return self.tokens_member_offset + TAR_BLOCK + _padded(tokens_npy)
+
+    def encode(self, index: int, tokens: np.ndarray, doc_starts: np.ndarray) -> dict:
+        """The sample as a ``TarWriter`` dict of raw bytes (``doc_starts``: positions in tokens)."""
+        mask = np.zeros(self.num_tokens, dtype=bool)
+        mask[doc_starts] = True
+        return {
+            "__key__": sample_key(index),
+            MASK_MEMBER: self.mask_header + np.packbits(mask).tobytes(),
+            TOKENS_MEMBER: self.tokens_header + tokens.astype(self.dtype, copy=False).tobytes(),
+        }
+
+    def decode_mask(self, payload: bytes) -> np.ndarray:
+        """Document-start positions from a doc_mask payload (header included)."""
+        bits = np.frombuffer(payload, dtype=np.uint8, offset=len(self.mask_header))
+        return np.flatnonzero(np.unpackbits(bits, count=self.num_tokens)).astype(np.int64)
+
+    def samples_per_shard(self, shard_mb: float) -> int:
+        """Samples per shard for a target shard size in MiB (at least one)."""
+        return max(1, int(shard_mb * 2**20) // self.record_bytes)
+
+    def describe(self) -> dict:
+        """The layout facts recorded in manifest.json."""
+        return {
+            "members": [MASK_MEMBER, TOKENS_MEMBER],
+            "record_bytes": self.record_bytes,
+            "tokens_offset": self.tokens_offset,
+            "mask_offset": self.mask_offset,
+        }

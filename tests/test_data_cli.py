@@ -1,0 +1,121 @@
+"""The command line: help, prepare/inspect/verify end to end, one-line errors, bench smoke run."""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from data_fixtures import synthetic_docs, write_jsonl
+
+from data_pipeline.bench import add_arguments, run_bench
+from data_pipeline.cli import build_parser
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "data_pipeline", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_help_explains_every_flag():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"prepare", "inspect", "verify", "bench"}
+    for name, sub in commands.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    result = _cli("prepare", "--help")
+    assert result.returncode == 0 and "--strict" in result.stdout and "--workers" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    docs = synthetic_docs(60, seed=8)
+    corpus = write_jsonl(str(root / "corpus.jsonl"), docs)
+    out = str(root / "data")
+    result = _cli("prepare", "--input", corpus, "--output", out, "--seq-len", "16",
+                  "--vocab-size", "300", "--val-fraction", "0.2", "--shard-mb", "0.05", "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out, corpus, docs, result
+
+
+def test_prepare_prints_a_summary(prepared):
+    out, _, _, result = prepared
+    assert result.stdout.startswith(f"prepared {out}: ")
+    assert "tokens/s" in result.stdout and result.stderr == ""
+
+
+def test_inspect_shows_the_manifest_and_decodes_a_sample(prepared):
+    out, _, docs, _ = prepared
+    result = _cli("inspect", out, "--max-chars", "100000")
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "documents start at [0" in result.stdout
+    decoded = result.stdout.split("text:\n", 1)[1]
+    assert decoded.startswith(docs[0][:10]) or decoded.startswith(docs[1][:10])
+
+
+def test_verify_passes_then_names_a_damaged_shard(prepared, tmp_path):
+    out, _, _, _ = prepared
+    ok = _cli("verify", out)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: ")
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    with open(os.path.join(copy, "manifest.json")) as f:
+        splits = json.load(f)["splits"]
+    shard = splits["train"]["shards"][0]["file"]
+    num_shards = len(splits["train"]["shards"]) + len(splits["val"]["shards"])
+    with open(os.path.join(copy, shard), "r+b") as f:
+        f.truncate(1000)
+    bad = _cli("verify", copy)
+    assert bad.returncode == 1
+    lines = bad.stderr.strip().splitlines()
+    assert lines[0].startswith(f"error: {os.path.join(copy, shard)}: 1000 bytes")
+    assert lines[1:] == [f"1 problem(s) in {num_shards} shards"]
+
+
+def test_user_errors_are_one_line_without_traceback(prepared, tmp_path):
+    out, corpus, _, _ = prepared
+    again = _cli("prepare", "--input", corpus, "--output", out, "--seq-len", "16",
+                 "--vocab-size", "300", "--val-fraction", "0.2", "--shard-mb", "0.05", "--quiet")
+    assert again.returncode == 2
+    assert again.stderr.strip() == (f"error: {out}: already holds a finished dataset "
+                                    "(manifest.json); pass --overwrite to replace it")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n', encoding="utf-8")
+    strict = _cli("prepare", "--input", str(bad), "--output", str(tmp_path / "o"),
+                  "--seq-len", "8", "--vocab-size", "300", "--strict", "--quiet")
+    assert strict.returncode == 2 and "Traceback" not in strict.stderr
+    assert strict.stderr.count("\n") == 1
+    assert strict.stderr.startswith(f"error: {bad}:2: malformed JSON")
+    missing = _cli("inspect", str(tmp_path))
+    assert missing.returncode == 2
+    assert missing.stderr == f"error: {tmp_path / 'manifest.json'}: not found (not a prepared " \
+                             "dataset, or prepare did not finish)\n"
+
+
+def test_bench_runs_on_a_tiny_corpus(tmp_path, capsys):
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), synthetic_docs(80, seed=12))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--input", corpus, "--vocab-size", "300", "--seq-len", "16",
+                              "--workers", "1", "2", "--repeats", "1", "--batch-size", "4",
+                              "--loader-workers", "0", "--loader-seconds", "0.2",
+                              "--json", str(tmp_path / "bench.json")])
+    figures = run_bench(args)
+    budgets = figures["budgets"]
+    assert set(budgets) == {"1", "2"}
+    for budget in budgets.values():
+        assert budget["encode_batch"]["median"] > 0 and budget["prepare"]["median"] > 0
+        assert budget["rounds"][0]["ratio"] == pytest.approx(
+            budget["rounds"][0]["prepare"] / budget["rounds"][0]["encode_batch"])
+    assert figures["loader"]["0"]["tokens_per_s"] > 0
+    printed = capsys.readouterr().out
+    assert "(a) tokenizers encode_batch" in printed and "(b) prepare" in printed
+    assert "(c) loader" in printed
+    with open(tmp_path / "bench.json") as f:
+        assert json.load(f)["num_documents"] == 80
