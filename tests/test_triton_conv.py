@@ -16,16 +16,14 @@ import torch
 from model.reference import causal_conv1d_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
-interpreted = pytest.mark.skipif(
-    not INTERPRETING, reason="needs TRITON_INTERPRET=1 from process start; run by test_interpreter_suite"
-)
+# Interpreter-only tests run in the child process of `test_interpreter_suite` (tests/conftest.py
+# deselects each group in the process where it does not belong).
+interpreted = pytest.mark.interpreter
 
 
+@pytest.mark.interpreter_driver
 def test_interpreter_suite():
     """Run this file's interpreter tests in a child pytest with TRITON_INTERPRET=1."""
-    if INTERPRETING:
-        pytest.skip("this process already runs the interpreter tests directly")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
