@@ -25,16 +25,18 @@ from .flops import peak_flops_for, train_flops_per_token
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="atma-378m", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="atma-378m", choices=sorted(PRESETS), help="model preset (default: atma-378m)")
     p.add_argument("--cores", default="polar,nope", help="comma-separated cores; the last is the baseline")
     p.add_argument("--no-memory", action="store_true", help="benchmark without the gated-delta memory")
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per core")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernel autotuning, allocator)")
-    p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "global", "all"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default: 3)")
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "global", "all"],
+                   help="recompute block activations in backward (default: none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (default when present) or cpu (tiny preset only)")
     p.add_argument("--json", help="also write the results to this JSON file")
     return p.parse_args(argv)
 
