@@ -120,8 +120,17 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
     ds.pop("fp16", None)
     ds.setdefault("steps_per_print", 10**9)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
-    if cfg.optim.name == "muon" and zero.get("stage", 0) == 3 and zero.get("reduce_scatter", True):
-        raise ConfigError(f"{path}: Muon under ZeRO-3 needs zero_optimization.reduce_scatter = false")
+    if cfg.optim.name == "muon":
+        if zero.get("stage", 0) == 3 and zero.get("reduce_scatter", True):
+            raise ConfigError(f"{path}: Muon under ZeRO-3 needs zero_optimization.reduce_scatter = false")
+        if cfg.optim.grad_clip > 0:
+            # DeepSpeed's ZeRO-3 Muon writes the orthogonalised update into the gradient buffer
+            # before the global-norm clip, so clipping would shrink every Muon step by the norm of
+            # all updates (~30-80x on the tiny model). The Muon step is normalised anyway and
+            # AdamW is invariant to gradient scale, so the clip is switched off instead.
+            warnings.warn("optim.grad_clip is not applied with Muon (DeepSpeed clips the Muon update, "
+                          "not the raw gradient); training runs without gradient clipping", stacklevel=2)
+            ds["gradient_clipping"] = 0.0
     return ds
 
 

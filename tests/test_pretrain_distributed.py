@@ -191,3 +191,12 @@ def test_training_bench_runs_both_cores(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "pretrain.bench", "--device", "cpu"], cwd=ROOT, env=env(),
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "too large" in refused.stderr
+
+
+def test_muon_under_zero3_trains(tiny_shards, tmp_path):
+    run = tmp_path / "muon"
+    proc = train(tiny_shards, run, "--max-steps", "8", "--set", "optim.name=muon",
+                 "--set", "deepspeed_config=ds_configs/zero3_muon_bf16.json", ranks=2)
+    assert "not applied with Muon" in proc.stderr
+    curve = losses(run)
+    assert sorted(curve) == list(range(1, 9)) and curve[8] < curve[1] - 0.3, curve

@@ -232,3 +232,20 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
         ckpt.find_resume(str(root), str(root / "step_00000012"))
     assert ckpt.remove_incomplete(str(root)) == ["step_00000012"]
     assert not (root / "step_00000012").exists() and (root / "step_00000008").exists()
+
+
+def test_ds_config_filled_from_run_config():
+    from pretrain.trainer import build_ds_config
+
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d"])
+    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cpu")
+    assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}  # fp32 on the CPU
+    assert build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda")["bf16"] == {"enabled": True}
+    muon = load_run_config("pretrain/configs/atma-378m.yaml", ["data.dir=d"])
+    with pytest.warns(UserWarning, match="Muon"):
+        ds = build_ds_config(muon, plan_batch(524288, 16, 2048, 2), device_type="cuda")
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["reduce_scatter"] is False
+    bad = load_run_config(None, ["data.dir=d", "optim.name=muon", "deepspeed_config=ds_configs/zero3_bf16.json"])
+    with pytest.raises(ConfigError, match="reduce_scatter"):
+        build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")
