@@ -33,8 +33,10 @@ class GatedDeltaMemory(nn.Module):
         g = F.logsigmoid(self.w_gamma(x).float() + self.gamma_bias)
         beta = torch.sigmoid(self.w_beta(x).float() + self.beta_bias)
         # The memory L2-normalises its own q and k: unit keys keep the delta rule contractive (SPEC §4.2).
-        q_hat = F.normalize(q.float(), dim=-1, eps=1e-12)
-        k_hat = F.normalize(k.float(), dim=-1, eps=1e-12)
-        r, _ = kernels.gated_delta_rule(q_hat, k_hat, v.float(), g, beta, chunk_size=self.chunk)
+        # Normalised in fp32, handed over in the activation dtype (bf16 reaches FLA's kernels on GPU;
+        # the PyTorch path computes in fp32 either way).
+        q_hat = F.normalize(q.float(), dim=-1, eps=1e-12).to(v.dtype)
+        k_hat = F.normalize(k.float(), dim=-1, eps=1e-12).to(v.dtype)
+        r, _ = kernels.gated_delta_rule(q_hat, k_hat, v, g, beta, chunk_size=self.chunk)
         r = head_rms_norm(r).reshape(B, T, self.num_heads * self.head_dim).to(x.dtype)
         return self.proj(r * torch.sigmoid(self.gate(x)))
