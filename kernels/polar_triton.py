@@ -72,6 +72,26 @@ def _tanh_pos(x):
 
 
 @triton.jit
+def _load_kv_tile(p_k0, p_v0, o_n, o_d, T, stride_kv, MASK: tl.constexpr):
+    # One [BN, D] tile of keys and of values for key rows o_n; rows past T read as zero when MASK.
+    p_k = p_k0 + o_n[:, None] * stride_kv + o_d[None, :]
+    p_v = p_v0 + o_n[:, None] * stride_kv + o_d[None, :]
+    if MASK:
+        m_n = (o_n < T)[:, None]
+        return tl.load(p_k, mask=m_n, other=0.0), tl.load(p_v, mask=m_n, other=0.0)
+    return tl.load(p_k), tl.load(p_v)
+
+
+@triton.jit
+def _visible(o_m, o_n, T, WINDOW, HAS_WINDOW: tl.constexpr):
+    # [BM, BN] causal (and windowed) visibility of key o_n to query o_m; keys past T never visible.
+    m_vis = (o_n[None, :] <= o_m[:, None]) & (o_n[None, :] < T)
+    if HAS_WINDOW:
+        m_vis = m_vis & (o_m[:, None] - o_n[None, :] < WINDOW)
+    return m_vis
+
+
+@triton.jit
 def polar_fwd_kernel_inner(
     b_q, b_scale, b_m, b_l, b_q2, b_acc,
     p_k0, p_v0, o_m, start, end, T, WINDOW, stride_kv,
@@ -81,22 +101,11 @@ def polar_fwd_kernel_inner(
     o_d = tl.arange(0, D)
     for i_n in range(start, end, BN):
         o_n = i_n + tl.arange(0, BN)
-        p_k = p_k0 + o_n[:, None] * stride_kv + o_d[None, :]
-        p_v = p_v0 + o_n[:, None] * stride_kv + o_d[None, :]
-        if MASK:
-            m_n = o_n < T
-            b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)  # [BN, D]
-            b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)  # [BN, D]
-        else:
-            b_k = tl.load(p_k)
-            b_v = tl.load(p_v)
+        b_k, b_v = _load_kv_tile(p_k0, p_v0, o_n, o_d, T, stride_kv, MASK)  # [BN, D] each
         # logits t * q.k / sqrt(D), in log2 units  [BM, BN]
         b_a = _mma(b_q, tl.trans(b_k), DOT_PREC, UPCAST) * b_scale[:, None]
         if MASK:
-            m_vis = (o_n[None, :] <= o_m[:, None]) & (o_n[None, :] < T)
-            if HAS_WINDOW:
-                m_vis = m_vis & (o_m[:, None] - o_n[None, :] < WINDOW)
-            b_a = tl.where(m_vis, b_a, float("-inf"))
+            b_a = tl.where(_visible(o_m, o_n, T, WINDOW, HAS_WINDOW), b_a, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_a, 1))
         b_alpha = tl.exp2(b_m - b_m_new)
         b_p = tl.exp2(b_a - b_m_new[:, None])  # [BM, BN]
@@ -196,23 +205,12 @@ def polar_bwd_kernel_dq_inner(
     o_d = tl.arange(0, D)
     for i_n in range(start, end, BN):
         o_n = i_n + tl.arange(0, BN)
-        p_k = p_k0 + o_n[:, None] * stride_kv + o_d[None, :]
-        p_v = p_v0 + o_n[:, None] * stride_kv + o_d[None, :]
-        if MASK:
-            m_n = o_n < T
-            b_k = tl.load(p_k, mask=m_n[:, None], other=0.0)  # [BN, D]
-            b_v = tl.load(p_v, mask=m_n[:, None], other=0.0)  # [BN, D]
-        else:
-            b_k = tl.load(p_k)
-            b_v = tl.load(p_v)
+        b_k, b_v = _load_kv_tile(p_k0, p_v0, o_n, o_d, T, stride_kv, MASK)  # [BN, D] each
         b_qk = _mma(b_q, tl.trans(b_k), DOT_PREC, UPCAST)  # [BM, BN] raw q.k
         # p_j = exp(a_j - M), recomputed from the saved max (no second max pass)
         b_p = tl.exp2(b_qk * b_scale[:, None] - b_mr[:, None])
         if MASK:
-            m_vis = (o_n[None, :] <= o_m[:, None]) & (o_n[None, :] < T)
-            if HAS_WINDOW:
-                m_vis = m_vis & (o_m[:, None] - o_n[None, :] < WINDOW)
-            b_p = tl.where(m_vis, b_p, 0.0)
+            b_p = tl.where(_visible(o_m, o_n, T, WINDOW, HAS_WINDOW), b_p, 0.0)
         b_dp = _mma(b_gs, tl.trans(b_v), DOT_PREC, UPCAST)  # [BM, BN] g_s . v_j
         # dL/da_j = p_j (g_s . v_j + g_L + 2 p_j g_Q2)   (SPEC §2.8 step 4)
         b_ga = b_p * (b_dp + b_gl[:, None] + 2.0 * b_p * b_gq2[:, None])
