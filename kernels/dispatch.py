@@ -28,15 +28,23 @@ def polar_attention(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, ma
     return impl(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, window=window)
 
 
-def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, output_final_state=False, chunk_size=64):
+def gated_delta_rule(
+    q, k, v, g, beta, *, initial_state=None, output_final_state=False, chunk_size=64, differentiable=None
+):
     """Gated delta rule (SPEC §4.4) in FLA layout; flash-linear-attention on CUDA when safe.
 
-    `chunk_size` only affects the PyTorch chunked path (FLA chunks internally).
+    `chunk_size` only affects the PyTorch chunked path (FLA chunks internally). `differentiable`
+    says whether a backward may follow; None infers it from autograd (grad mode and requires_grad).
+    Pass True in training so a no-grad first pass (reentrant checkpointing) takes the same path as
+    its recomputation.
     """
     if q.device.type == "cuda" and kernel_backend(q.device) == "triton":
         from .gated_delta_fla import fla_gated_delta_rule, fla_is_usable
 
-        if fla_is_usable(q.device):
+        if differentiable is None:
+            tensors = (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())
+            differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        if fla_is_usable(q.device, backward=differentiable):
             return fla_gated_delta_rule(
                 q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
             )

@@ -4,9 +4,10 @@ flash-linear-attention (FLA) computes the gated delta rule of SPEC §4.4 in the 
 the `kernels.gated_delta_rule` contract: q, k [B, T, H, dk], v [B, T, H, dv], g (log-decay) and
 beta [B, T, H], state [B, H, dk, dv]. FLA releases up to 0.6.x compute wrong gradients for the
 gated backward on Hopper GPUs (compute capability 9.x) with triton < 3.7.1 (a triton
-miscompilation, flash-linear-attention#640); `fla_is_usable` refuses that combination so that
-training never runs on known-wrong gradients, and the caller falls back to the PyTorch path.
-`ATMA_FLA=0` turns the bridge off.
+miscompilation, flash-linear-attention#640); `fla_is_usable` refuses that combination for any
+call that will be differentiated, so that training never runs on known-wrong gradients, and the
+caller falls back to the PyTorch path. Forward-only calls (evaluation) keep FLA there: the bug
+is in the backward. `ATMA_FLA=0` turns the bridge off.
 """
 
 from __future__ import annotations
@@ -41,9 +42,16 @@ def _older_than(version: str, bound: tuple[int, int, int]) -> bool:
 
 
 def fla_guard_reason(
-    fla_version: str | None, triton_version: str | None, capability: tuple[int, int] | None
+    fla_version: str | None,
+    triton_version: str | None,
+    capability: tuple[int, int] | None,
+    *,
+    backward: bool = True,
 ) -> str | None:
-    """Return why FLA must not be used for this (FLA version, triton version, GPU capability), or None."""
+    """Return why FLA must not be used for this (FLA version, triton version, GPU capability), or None.
+
+    `backward=False` asks about a forward-only call, which the Hopper gradient bug does not touch.
+    """
     if fla_version is None:
         return "flash-linear-attention is not installed (or failed to import)"
     if capability is None:
@@ -51,7 +59,7 @@ def fla_guard_reason(
     hopper = capability[0] == 9
     old_fla = _older_than(fla_version, (0, 7, 0))
     bad_triton = triton_version is None or _older_than(triton_version, (3, 7, 1))
-    if hopper and old_fla and bad_triton:
+    if backward and hopper and old_fla and bad_triton:
         return (
             f"flash-linear-attention {fla_version} computes wrong gated-delta gradients on Hopper "
             f"(compute capability {capability[0]}.{capability[1]}) with triton {triton_version} < 3.7.1 "
@@ -95,19 +103,21 @@ def _warn_once(reason: str) -> None:
         )
 
 
-def fla_is_usable(device: torch.device | str) -> bool:
-    """Return True when FLA may run the gated delta rule on `device`; warns once per process otherwise."""
+def fla_is_usable(device: torch.device | str, *, backward: bool = True) -> bool:
+    """Return True when FLA may run the gated delta rule on `device`; warns once per process otherwise.
+
+    `backward=False`: the call will not be differentiated (evaluation), so only the forward must be safe.
+    """
     if os.environ.get("ATMA_FLA", "1").strip() == "0":
         return False
     device = torch.device(device)
-    key = (device.type, device.index)
+    key = (device.type, device.index, backward)
     if key not in _USABLE:
         capability = None
         if device.type == "cuda" and torch.cuda.is_available():
             index = device.index if device.index is not None else torch.cuda.current_device()
             capability = tuple(torch.cuda.get_device_capability(index))
-        reason = fla_guard_reason(_installed_fla_version(), _triton_version(), capability)
-        _USABLE[key] = reason
+        _USABLE[key] = fla_guard_reason(_installed_fla_version(), _triton_version(), capability, backward=backward)
     reason = _USABLE[key]
     if reason is not None:
         _warn_once(reason)

@@ -37,6 +37,10 @@ class GatedDeltaMemory(nn.Module):
         # the PyTorch path computes in fp32 either way).
         q_hat = F.normalize(q.float(), dim=-1, eps=1e-12).to(v.dtype)
         k_hat = F.normalize(k.float(), dim=-1, eps=1e-12).to(v.dtype)
-        r, _ = kernels.gated_delta_rule(q_hat, k_hat, v, g, beta, chunk_size=self.chunk)
+        # In training mode every call counts as differentiable, so the kernel choice cannot change
+        # between a checkpointed forward and its recomputation.
+        r, _ = kernels.gated_delta_rule(
+            q_hat, k_hat, v, g, beta, chunk_size=self.chunk, differentiable=True if self.training else None
+        )
         r = head_rms_norm(r).reshape(B, T, self.num_heads * self.head_dim).to(x.dtype)
         return self.proj(r * torch.sigmoid(self.gate(x)))

@@ -1,48 +1,72 @@
 #!/usr/bin/env bash
-# One GPU check of the whole stack, writing every result under OUT_DIR:
-#   gpu-marked tests (kernels vs fp64 oracles at realistic shapes, model with vs without kernels),
-#   the kernel benchmark (Polar vs SDPA flash/cuDNN, same run), the training benchmark (Polar vs
-#   NoPE, ZeRO-3), and a 64K-token evaluation of a randomly initialised atma-378m.
+# One GPU check of the whole stack, writing every result under OUT_DIR, most important first:
+#   the kernel benchmark (Polar vs SDPA flash/cuDNN, same run), the gpu-marked tests (kernels vs
+#   fp64 oracles at realistic shapes, model with vs without kernels), the training benchmark
+#   (Polar vs NoPE, ZeRO-3), and a 64K-token evaluation of a randomly initialised atma-378m.
+# Each step has its own time limit (seconds; override with the variables below) so that one slow
+# step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
 out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [--quick]}
 quick=${2:-}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 WANDB_MODE=offline
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+T_BENCH=${T_BENCH:-170} T_TESTS=${T_TESTS:-120} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-90}
+export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a.
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
 status=0
-python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" || status=1
+step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT/NAME.log
+    local name=$1 limit=$2; shift 2
+    local t0=$SECONDS rc
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    rc=${PIPESTATUS[0]}
+    [ "$rc" -ne 0 ] && status=1
+    echo "step $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/gpu.txt"
+}
+
 seq_lens="2048 8192 32768"
-[ "$quick" = "--quick" ] && seq_lens="2048 8192"
-python -m kernels.bench --seq-lens $seq_lens --json "$out/bench_kernels.json" 2>&1 | tee "$out/bench_kernels.log" || status=1
-python -m pretrain.bench --steps 10 --warmup 3 --json "$out/bench_training.json" 2>&1 | tee "$out/bench_training.log" || status=1
+iters=20
+[ "$quick" = "--quick" ] && iters=10
+step bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
+    --fla-timing-only --json "$out/bench_kernels.json"
+step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu tests -q -p no:cacheprovider -rs
+step bench_training "$T_TRAIN" "$PY" -m pretrain.bench --steps "$iters" --warmup 3 --json "$out/bench_training.json"
 
 # 64K evaluation of the paper-size model (random init): peak memory and seconds per cell.
-python - "$out" <<'PY' 2>&1 | tee "$out/eval_64k.log" || status=1
-import os, sys, tokenizers
-from tokenizers import models, pre_tokenizers, decoders, trainers
+cat > "$out/eval_64k.py" <<'PY'
+import json, os, sys
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from model import AtmaConfig, AtmaForCausalLM
+from evaluation.long_context import run_evaluation
 out = sys.argv[1]
 mdir = os.path.join(out, "model-378m")
 tok = tokenizers.Tokenizer(models.BPE())
 tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()
-text = [open(os.path.join(d, f), encoding="utf-8", errors="ignore").read()
-        for d in [os.path.dirname(os.__file__)] for f in sorted(os.listdir(d)) if f.endswith(".py")][:200]
+src = os.path.dirname(os.__file__)
+text = [open(os.path.join(src, f), encoding="utf-8", errors="ignore").read()
+        for f in sorted(os.listdir(src)) if f.endswith(".py")][:200]
 tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
                                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-model = AtmaForCausalLM(AtmaConfig.from_preset("atma-378m", vocab_size=4096))
-model.save_pretrained(mdir)
+AtmaForCausalLM(AtmaConfig.from_preset("atma-378m", vocab_size=4096)).save_pretrained(mdir)
 tok.save(os.path.join(mdir, "tokenizer.json"))
-from evaluation.long_context import run_evaluation
-run_evaluation(mdir, "2k,8k,32k,64k", os.path.join(out, "eval_64k"), tasks=["passkey"], haystacks=["synthetic"],
-               depths=(0.5,), trials=1, progress=False)
+res = run_evaluation(mdir, "2k,8k,32k,64k", os.path.join(out, "eval_64k"), tasks=["passkey"],
+                     haystacks=["synthetic"], depths=(0.5,), trials=1, progress=False)
+with open(os.path.join(out, "eval_64k", "results.json"), encoding="utf-8") as f:
+    results = json.load(f)
+for key, cells in results.items():
+    if isinstance(cells, list):
+        for c in cells:
+            print(key, {k: v for k, v in c.items() if k in ("length", "task", "seconds", "peak_memory_bytes", "error")})
 PY
+step eval_64k "$T_EVAL" "$PY" "$out/eval_64k.py" "$out"
 rm -rf "$out/model-378m"
 echo "gpu check finished with status $status" | tee -a "$out/gpu.txt"
 exit $status

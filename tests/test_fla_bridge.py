@@ -35,6 +35,13 @@ def test_guard_decision(fla, triton, cap, refused):
         assert "wrong" in reason and "3.7.1" in reason and fla in reason
 
 
+@pytest.mark.parametrize("cap,triton", [((9, 0), "3.6.0"), ((9, 0), "3.7.0"), ((8, 0), "3.6.0")])
+def test_guard_lets_forward_only_calls_through(cap, triton):
+    """The Hopper bug is in the gated backward: a forward-only call (evaluation) may use FLA."""
+    assert bridge.fla_guard_reason("0.6.0", triton, cap, backward=False) is None
+    assert "not installed" in bridge.fla_guard_reason(None, triton, cap, backward=False)
+
+
 def test_guard_missing_fla_or_device():
     assert "not installed" in bridge.fla_guard_reason(None, "3.6.0", (9, 0))
     assert "CUDA" in bridge.fla_guard_reason("0.6.0", "3.6.0", None)
@@ -68,6 +75,16 @@ def test_is_usable_refuses_hopper_with_old_triton_and_warns_once(fake_env):
     assert "PyTorch chunked path" in str(caught[0].message) and "#640" in str(caught[0].message)
 
 
+def test_is_usable_forward_only_on_hopper_without_warning(fake_env):
+    fake_env(cap=(9, 0), triton="3.6.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bridge.fla_is_usable("cuda:0", backward=False) is True
+    with pytest.warns(RuntimeWarning, match="#640"):
+        assert bridge.fla_is_usable("cuda:0", backward=True) is False
+    assert bridge.fla_is_usable("cuda:0", backward=False) is True
+
+
 def test_is_usable_accepts_safe_combinations(fake_env):
     fake_env(cap=(8, 9))
     with warnings.catch_warnings():
@@ -98,7 +115,7 @@ def test_is_usable_without_fla(fake_env):
 def test_gpu_fla_matches_reference(with_state):
     """FLA (bf16) vs the fp64 sequential oracle: outputs, state and all gradients, rel err < 0.05."""
     if not bridge.fla_is_usable(torch.device("cuda")):
-        pytest.skip(f"flash-linear-attention not usable here: {bridge._USABLE.get(('cuda', None))}")
+        pytest.skip(f"flash-linear-attention not usable here: {bridge._USABLE.get(('cuda', None, True))}")
     torch.manual_seed(0)
     B, T, H, d = 2, 300, 4, 64
     q = F.normalize(torch.randn(B, T, H, d, device="cuda", dtype=torch.float64), dim=-1)
@@ -144,3 +161,37 @@ def test_fp32_inputs_use_the_torch_path():
     o_ref, state_ref = chunk_gated_delta_rule_torch(q, k, v, g, beta, output_final_state=True)
     torch.testing.assert_close(o, o_ref)
     torch.testing.assert_close(state, state_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_fla_forward_only_matches_reference_and_dispatch_picks_it(monkeypatch):
+    """Forward-only FLA (allowed even where its backward is refused) vs the fp64 oracle; the
+    dispatch sends no-grad CUDA calls there and differentiable ones only where the guard allows."""
+    import kernels
+    from kernels import dispatch  # noqa: F401  (the module whose choice is observed)
+
+    if not bridge.fla_is_usable(torch.device("cuda"), backward=False):
+        pytest.skip("flash-linear-attention is not installed here")
+    torch.manual_seed(0)
+    B, T, H, d = 2, 1000, 4, 128
+    q = F.normalize(torch.randn(B, T, H, d, device="cuda", dtype=torch.float64), dim=-1).bfloat16()
+    k = F.normalize(torch.randn(B, T, H, d, device="cuda", dtype=torch.float64), dim=-1).bfloat16()
+    v = torch.randn(B, T, H, d, device="cuda", dtype=torch.float64).bfloat16()
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 3.9)
+    beta = torch.sigmoid(torch.randn(B, T, H, device="cuda"))
+    ref, ref_state = gated_delta_reference(q.double(), k.double(), v.double(), g.double(), beta.double(),
+                                           output_final_state=True)
+    with torch.no_grad():
+        o, state = bridge.fla_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+    for name, a, b in (("o", o, ref), ("state", state, ref_state)):
+        rel = ((a.double() - b).norm() / b.norm()).item()
+        assert rel < 0.02, (name, rel)
+
+    calls = []
+    real = bridge.fla_gated_delta_rule
+    monkeypatch.setattr(bridge, "fla_gated_delta_rule", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        kernels.gated_delta_rule(q, k, v, g, beta)
+    assert calls == [1]
+    kernels.gated_delta_rule(q, k, v.requires_grad_(), g, beta)
+    assert len(calls) == 1 + int(bridge.fla_is_usable(torch.device("cuda"), backward=True))
