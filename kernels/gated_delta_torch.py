@@ -140,13 +140,17 @@ def chunk_gated_delta_rule_torch(
     lam_last = lam[..., -1]  # (B,H,N)
     k_to_end = torch.exp(lam_last[..., None] - lam)[..., None] * k_c
 
+    # Split per chunk with unbind: its backward is one stack, where indexing [:, :, n] inside the
+    # loop would give every chunk's gradient a zero-filled full-size buffer (O(N^2) memory traffic).
+    chunks = zip(
+        u_v.unbind(2), w.unbind(2), q_decayed.unbind(2), attn.unbind(2),
+        k_to_end.transpose(-1, -2).unbind(2), torch.exp(lam_last)[..., None, None].unbind(2),
+    )
     outs = []
-    for n in range(N):
-        u = u_v[:, :, n] - torch.matmul(w[:, :, n], state)  # (B,H,C,V)
-        outs.append(torch.matmul(q_decayed[:, :, n], state) + torch.matmul(attn[:, :, n], u))
-        state = torch.exp(lam_last[:, :, n])[..., None, None] * state + torch.matmul(
-            k_to_end[:, :, n].transpose(-1, -2), u
-        )
+    for u_v_n, w_n, q_n, attn_n, k_end_t_n, decay_n in chunks:
+        u = u_v_n - torch.matmul(w_n, state)  # (B,H,C,V)
+        outs.append(torch.matmul(q_n, state) + torch.matmul(attn_n, u))
+        state = decay_n * state + torch.matmul(k_end_t_n, u)
 
     o = torch.stack(outs, dim=2).reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, (state if output_final_state else None)

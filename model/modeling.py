@@ -92,11 +92,12 @@ def lm_loss_chunked(
         return F.cross_entropy(logits, y_c, reduction="sum")
 
     total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-    for start, end in _chunk_rows(h.shape[0], chunk_tokens):
+    # split (not h[start:end]): its backward is one concatenation, not a full-size buffer per chunk.
+    for h_c, y_c in zip(h.split(chunk_tokens), y.split(chunk_tokens)):
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + torch_checkpoint(chunk_sum, h[start:end], y[start:end], weight, bias, use_reentrant=False)
+            total = total + torch_checkpoint(chunk_sum, h_c, y_c, weight, bias, use_reentrant=False)
         else:
-            total = total + chunk_sum(h[start:end], y[start:end], weight, bias)
+            total = total + chunk_sum(h_c, y_c, weight, bias)
     if reduction == "sum":
         return total
     return total / max(y.numel(), 1)
@@ -125,15 +126,15 @@ def soft_target_kl_chunked(
         return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
 
     total = h.new_zeros((), dtype=torch.float32)
-    for start, end in _chunk_rows(h.shape[0], chunk_tokens):
+    for h_c, (start, end) in zip(h.split(chunk_tokens), _chunk_rows(h.shape[0], chunk_tokens)):
         with torch.no_grad():
             t_c = target_logits_rows(start, end)
         if t_c.shape[0] != end - start:
             raise ValueError(f"target logits have {t_c.shape[0]} rows for tokens {start}:{end}")
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + torch_checkpoint(chunk_kl, h[start:end], t_c, weight, bias, use_reentrant=False)
+            total = total + torch_checkpoint(chunk_kl, h_c, t_c, weight, bias, use_reentrant=False)
         else:
-            total = total + chunk_kl(h[start:end], t_c, weight, bias)
+            total = total + chunk_kl(h_c, t_c, weight, bias)
     return total * temperature**2 / max(h.shape[0], 1)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+
 import math
 
 import torch
@@ -75,8 +78,25 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, *, device_type: s
     return adam_cls(groups, betas=tuple(cfg.betas), eps=cfg.eps, **adam_kwargs)
 
 
+def jit_safe_arch_list(value: str | None) -> str | None:
+    """TORCH_CUDA_ARCH_LIST without arch suffixes ("9.0a" -> "9.0"), which DeepSpeed's op builder rejects."""
+    if value is None:
+        return None
+    return re.sub(r"(\d+\.\d+)[a-z]+\b", r"\1", value)
+
+
+def _prepare_op_build_env() -> None:
+    # DeepSpeed JIT-builds its ops with TORCH_CUDA_ARCH_LIST; "9.0a" (set on many Hopper images)
+    # makes its version parser fail with "invalid literal for int()". The plain arch builds the same ops.
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    safe = jit_safe_arch_list(value)
+    if safe != value:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = safe
+
+
 def _adam_class(device_type: str, cpu_offload: bool):
     """DeepSpeed's CPU Adam under offload, FusedAdam on CUDA, torch AdamW otherwise."""
+    _prepare_op_build_env()
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 

@@ -157,3 +157,35 @@ def test_input_validation_and_empty():
     o, s = chunk_gated_delta_rule_torch(q[:, :0], k[:, :0], v[:, :0], g[:, :0], beta[:, :0], initial_state=h0, output_final_state=True)
     assert o.shape == (1, 0, 2, 4)
     torch.testing.assert_close(s, h0)
+
+
+def _backward_node_names(t: torch.Tensor) -> list[str]:
+    seen, stack, names = set(), [t.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+def test_backward_is_linear_in_the_number_of_chunks():
+    """The chunk loop must not index per chunk: each SelectBackward would allocate and add a
+    zero-filled buffer of the full (all-chunks) size, making the backward O(N^2) in memory traffic."""
+
+    def indexing_nodes(num_chunks: int) -> int:
+        torch.manual_seed(0)
+        B, T, H, d = 1, 8 * num_chunks, 2, 8
+        q = F.normalize(torch.randn(B, T, H, d), dim=-1).requires_grad_()
+        k = F.normalize(torch.randn(B, T, H, d), dim=-1).requires_grad_()
+        v = torch.randn(B, T, H, d, requires_grad=True)
+        g = F.logsigmoid(torch.randn(B, T, H) + 3.9).requires_grad_()
+        beta = torch.sigmoid(torch.randn(B, T, H)).requires_grad_()
+        o, _ = chunk_gated_delta_rule_torch(q, k, v, g, beta, chunk_size=8)
+        names = _backward_node_names(o)
+        assert "UnbindBackward0" in names
+        return sum(n in ("SelectBackward0", "SliceBackward0") for n in names)
+
+    assert indexing_nodes(16) == indexing_nodes(4)

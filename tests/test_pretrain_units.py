@@ -249,3 +249,12 @@ def test_ds_config_filled_from_run_config():
     bad = load_run_config(None, ["data.dir=d", "optim.name=muon", "deepspeed_config=ds_configs/zero3_bf16.json"])
     with pytest.raises(ConfigError, match="reduce_scatter"):
         build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("9.0a", "9.0"), ("8.0;9.0a+PTX", "8.0;9.0+PTX"), ("9.0a 10.0a", "9.0 10.0"), ("8.6", "8.6"), (None, None),
+])
+def test_arch_list_for_deepspeed_op_builds(value, expected):
+    from pretrain.optim import jit_safe_arch_list
+
+    assert jit_safe_arch_list(value) == expected
