@@ -101,18 +101,23 @@ def _peak_extra_mib(fn) -> float:
 
 def _measure(name: str, fwd, fwd_bwd, args, flops_fwd: float | None, flops_fb: float | None) -> dict:
     rec = {"name": name}
-    try:
-        rec["fwd_ms"] = _time_ms(fwd, args.iters, args.warmup)
-        rec["fwd_bwd_ms"] = _time_ms(fwd_bwd, args.iters, args.warmup)
-        rec["fwd_peak_mib"] = _peak_extra_mib(fwd)
-        rec["fwd_bwd_peak_mib"] = _peak_extra_mib(fwd_bwd)
-    except Exception as exc:  # one failing backend must not hide the others' numbers
-        rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        torch.cuda.synchronize()
-        return rec
-    if flops_fwd is not None:
-        rec["fwd_tflops"] = flops_fwd / rec["fwd_ms"] / 1e9
-        rec["fwd_bwd_tflops"] = flops_fb / rec["fwd_bwd_ms"] / 1e9
+    # Forward and forward+backward are measured separately: a backend that refuses its backward
+    # (flash-linear-attention on Hopper with an old triton) still reports its forward.
+    for key, fn, flops in (("fwd", fwd, flops_fwd), ("fwd_bwd", fwd_bwd, flops_fb)):
+        try:
+            rec[f"{key}_ms"] = _time_ms(fn, args.iters, args.warmup)
+            rec[f"{key}_peak_mib"] = _peak_extra_mib(fn)
+        except Exception as exc:  # one failing backend must not hide the others' numbers
+            rec.pop(f"{key}_ms", None)
+            rec["error" if key == "fwd" else "fwd_bwd_error"] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+            torch.cuda.synchronize()
+            if key == "fwd":
+                return rec
+            continue
+        if flops is not None:
+            rec[f"{key}_tflops"] = flops / rec[f"{key}_ms"] / 1e9
     return rec
 
 
@@ -261,10 +266,13 @@ def _fmt(rec: dict) -> str:
     line = f"  {rec['name']:<24s} fwd {rec['fwd_ms']:8.3f} ms"
     if "fwd_tflops" in rec:
         line += f" {rec['fwd_tflops']:6.1f} TFLOP/s"
-    line += f" | fwd+bwd {rec['fwd_bwd_ms']:8.3f} ms"
-    if "fwd_bwd_tflops" in rec:
-        line += f" {rec['fwd_bwd_tflops']:6.1f} TFLOP/s"
-    line += f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB, fwd+bwd {rec['fwd_bwd_peak_mib']:7.1f} MiB"
+    if "fwd_bwd_ms" in rec:
+        line += f" | fwd+bwd {rec['fwd_bwd_ms']:8.3f} ms"
+        if "fwd_bwd_tflops" in rec:
+            line += f" {rec['fwd_bwd_tflops']:6.1f} TFLOP/s"
+        line += f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB, fwd+bwd {rec['fwd_bwd_peak_mib']:7.1f} MiB"
+    else:
+        line += f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB | fwd+bwd error: {rec['fwd_bwd_error']}"
     if "sdpa_gqa" in rec:
         line += f" [{rec['sdpa_gqa']}]"
     ratios = [f"{k.replace('_speed_vs_', ' vs ')}={v:.2f}x" for k, v in rec.items() if "_speed_vs_" in k]

@@ -57,3 +57,24 @@ def test_module_entry_point_without_gpu():
     help_proc = subprocess.run([sys.executable, "-m", "kernels.bench", "--help"], cwd=ROOT,
                                capture_output=True, text=True, timeout=120)
     assert help_proc.returncode == 0 and "--seq-lens" in help_proc.stdout and "--json" in help_proc.stdout
+
+
+def test_a_refused_backward_keeps_the_forward_figures(monkeypatch):
+    """A backend whose backward raises (FLA on Hopper with an old triton) still reports its forward."""
+    monkeypatch.setattr(bench, "_time_ms", lambda fn, iters, warmup: fn() or 2.0)
+    monkeypatch.setattr(bench, "_peak_extra_mib", lambda fn: 16.0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def refused():
+        raise RuntimeError("backward refused on this GPU\nsecond line")
+
+    args = bench.parse_args(["--iters", "1"])
+    rec = bench._measure("memory_fla", lambda: None, refused, args, 4e9, 14e9)
+    assert rec["fwd_ms"] == 2.0 and rec["fwd_tflops"] == pytest.approx(2.0)
+    assert "fwd_bwd_ms" not in rec and rec["fwd_bwd_error"] == "RuntimeError: backward refused on this GPU"
+    line = bench._fmt(rec)
+    assert "fwd    2.000 ms" in line and "fwd+bwd error: RuntimeError" in line
+    rec = bench._measure("broken", refused, refused, args, None, None)
+    assert set(rec) == {"name", "error"} and "error:" in bench._fmt(rec)
+    ok = bench._measure("ok", lambda: None, lambda: None, args, None, None)
+    assert ok["fwd_bwd_ms"] == 2.0 and "fwd+bwd    2.000 ms" in bench._fmt(ok)
