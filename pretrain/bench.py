@@ -2,6 +2,9 @@
 
     python -m pretrain.bench                       # atma-378m, T=2048, one GPU, polar+mem vs nope+mem
     python -m pretrain.bench --preset tiny --seq-len 128 --device cpu   # a smoke run on the CPU
+    # framework overhead of the atma-378m module structure (near-zero compute), ZeRO-0 vs ZeRO-3:
+    python -m pretrain.bench --device cpu --cores polar --model-set hidden_size=64 --model-set head_dim=16 \
+        --model-set vocab_size=256 --seq-len 64 --micro-batch 1 --zero-stage 3
 
 Both cores are measured in the same process on the same device with identical settings; the
 NoPE (SDPA softmax) run is the baseline of the printed ratio. Random tokens; no data loading.
@@ -26,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="atma-378m", choices=sorted(PRESETS), help="model preset (default: atma-378m)")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one model config field of the preset (repeatable), e.g. hidden_size=256")
     p.add_argument("--cores", default="polar,nope", help="comma-separated cores; the last is the baseline")
     p.add_argument("--no-memory", action="store_true", help="benchmark without the gated-delta memory")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
@@ -41,6 +46,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+CPU_MAX_PARAMETERS = 50_000_000
+
+
+def model_overrides(assignments: list[str]) -> dict:
+    """Parse `--model-set KEY=VALUE` assignments (values read as YAML scalars) into a dict."""
+    import yaml
+
+    out = {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--model-set expects KEY=VALUE, got {item!r}")
+        if key.strip() in ("core", "memory"):
+            raise ValueError(f"--model-set {key.strip()}: use --cores / --no-memory instead")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def count_parameters(config: AtmaConfig) -> int:
+    """Parameter count of `config`, built on the meta device (no memory used)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in AtmaForCausalLM(config).parameters())
+
+
 def bench_core(core: str, args, device: torch.device) -> dict:
     """Time forward+backward+step of one core; returns tokens/s, MFU, step times, peak memory."""
     import deepspeed
@@ -54,7 +83,7 @@ def bench_core(core: str, args, device: torch.device) -> dict:
         "train_batch_size": args.micro_batch, "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": args.zero_stage}, "steps_per_print": 10**9,
     }
-    config = AtmaConfig.from_preset(args.preset, core=core, memory=not args.no_memory)
+    config = AtmaConfig.from_preset(args.preset, **args.model_overrides, core=core, memory=not args.no_memory)
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.zero_stage == 3):
         model = AtmaForCausalLM(config)
@@ -100,16 +129,24 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
-    if device.type == "cpu" and args.preset != "tiny":
-        print(f"error: the {args.preset} preset is too large to benchmark on the CPU; use --preset tiny "
-              "for a smoke run or run on a GPU", file=sys.stderr)
+    try:
+        args.model_overrides = model_overrides(args.model_set)
+        config = AtmaConfig.from_preset(args.preset, **args.model_overrides)
+    except (ValueError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if device.type == "cpu" and count_parameters(config) > CPU_MAX_PARAMETERS:
+        print(f"error: the {args.preset} preset ({count_parameters(config) / 1e6:.0f}M parameters) is too large "
+              "to benchmark on the CPU; use --preset tiny for a smoke run, shrink it with --model-set, or run "
+              "on a GPU", file=sys.stderr)
         return 2
     cores = [c.strip() for c in args.cores.split(",") if c.strip()]
     from .trainer import init_distributed
 
     init_distributed()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; preset {args.preset}, T={args.seq_len}, micro-batch {args.micro_batch}, "
+    changed = "".join(f", {k}={v}" for k, v in args.model_overrides.items())
+    print(f"device: {name}; preset {args.preset}{changed}, T={args.seq_len}, micro-batch {args.micro_batch}, "
           f"ZeRO-{args.zero_stage}, memory={'off' if args.no_memory else 'on'}")
     results = [bench_core(core, args, device) for core in cores]
     base = results[-1]

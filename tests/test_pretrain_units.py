@@ -258,3 +258,21 @@ def test_arch_list_for_deepspeed_op_builds(value, expected):
     from pretrain.optim import jit_safe_arch_list
 
     assert jit_safe_arch_list(value) == expected
+
+
+def test_training_bench_model_overrides(capsys):
+    from pretrain import bench
+
+    assert bench.model_overrides(["hidden_size=64", "window=512", "rope_scale=0.5"]) == {
+        "hidden_size": 64, "window": 512, "rope_scale": 0.5}
+    for bad in (["hidden_size"], ["=3"], ["core=nope"]):
+        with pytest.raises(ValueError, match="model-set"):
+            bench.model_overrides(bad)
+    small = AtmaConfig.from_preset("atma-378m", hidden_size=64, head_dim=16, vocab_size=256)
+    assert bench.count_parameters(small) < bench.CPU_MAX_PARAMETERS
+    assert bench.count_parameters(AtmaConfig.from_preset("atma-378m")) == 378_220_864
+    assert bench.main(["--device", "cpu", "--model-set", "hidden_sise=64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden_sise" in err[0]
+    assert bench.main(["--device", "cpu"]) == 2
+    assert "too large" in capsys.readouterr().err
