@@ -2,7 +2,8 @@
 # One GPU check of the whole stack, writing every result under OUT_DIR, most important first:
 #   the kernel benchmark (Polar vs SDPA flash/cuDNN, same run), the gpu-marked tests (kernels vs
 #   fp64 oracles at realistic shapes, model with vs without kernels), the training benchmark
-#   (Polar vs NoPE, ZeRO-3), and a 64K-token evaluation of a randomly initialised atma-378m.
+#   (Polar vs NoPE under ZeRO-3, then Polar under ZeRO-2), and a 64K-token evaluation of a
+#   randomly initialised atma-378m.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
@@ -18,7 +19,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYT
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-bench_kernels gpu_tests bench_training eval_64k} "
+steps=" ${GPU_CHECK_STEPS:-bench_kernels gpu_tests bench_training bench_training_zero2 eval_64k} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -43,6 +44,9 @@ step bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iter
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
     tests/test_triton_polar.py tests/test_triton_conv.py tests/test_fla_bridge.py tests/test_model_gpu.py
 step bench_training "$T_TRAIN" "$PY" -m pretrain.bench --steps 10 --warmup 3 --json "$out/bench_training.json"
+# The same Polar run under ZeRO-2: on one GPU the difference is ZeRO-3's gather/release overhead.
+step bench_training_zero2 "$T_TRAIN" "$PY" -m pretrain.bench --cores polar --zero-stage 2 --steps 10 --warmup 3 \
+    --json "$out/bench_training_zero2.json"
 
 # 64K evaluation of the paper-size model (random init): peak memory and seconds per cell.
 cat > "$out/eval_64k.py" <<'PY'
