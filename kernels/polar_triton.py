@@ -92,6 +92,31 @@ def _visible(o_m, o_n, T, WINDOW, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
+def _query_tile(k, v, T, H, G, D: tl.constexpr, BM: tl.constexpr):
+    # The query tile of this program (grid (ceil(T / BM), B * H)): its head, first row, rows and
+    # their mask, the K/V base pointers of the head's KV group, and the offsets of the tile in
+    # [B, T, H, D] and of its rows in [B, T, H].
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos = i_b.to(tl.int64) * T
+    kv0 = (bos * G + i_h // (H // G)) * D
+    start_m = i_m * BM
+    o_m = start_m + tl.arange(0, BM)
+    o_d = tl.arange(0, D)
+    o_tile = (bos * H + i_h) * D + o_m[:, None] * (H * D) + o_d[None, :]
+    o_row = (bos + o_m) * H + i_h
+    return i_h, start_m, o_m, o_m < T, k + kv0, v + kv0, o_tile, o_row
+
+
+@triton.jit
+def _window_key_tiles(start_m, WINDOW, BM: tl.constexpr, BN: tl.constexpr):
+    # Key tiles [lo, mid) are cut by the window's lower edge, [mid, start_m) are fully visible.
+    lo = tl.maximum(start_m - WINDOW + 1, 0) // BN * BN
+    mid = tl.minimum(tl.cdiv(tl.maximum(start_m + BM - WINDOW, 0), BN) * BN, start_m)
+    return lo, mid
+
+
+@triton.jit
 def polar_fwd_kernel_inner(
     b_q, b_scale, b_m, b_l, b_q2, b_acc,
     p_k0, p_v0, o_m, start, end, T, WINDOW, stride_kv,
@@ -125,19 +150,8 @@ def polar_fwd_kernel(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SAVE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_g = i_h // (H // G)
-    bos = i_b.to(tl.int64) * T
-    p_q0 = q + (bos * H + i_h) * D
-    p_k0 = k + (bos * G + i_g) * D
-    p_v0 = v + (bos * G + i_g) * D
-
-    start_m = i_m * BM
-    o_m = start_m + tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    m_m = o_m < T
-    b_q = tl.load(p_q0 + o_m[:, None] * (H * D) + o_d[None, :], mask=m_m[:, None], other=0.0)  # [BM, D]
+    i_h, start_m, o_m, m_m, p_k0, p_v0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
+    b_q = tl.load(q + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
     b_t = tl.load(temp + i_h * T + o_m, mask=m_m, other=1.0)  # [BM]
     b_scale = b_t * qk_scale
 
@@ -149,8 +163,7 @@ def polar_fwd_kernel(
     # Key tiles: [lo, mid) cut by the window's lower edge, [mid, start_m) fully visible,
     # [start_m, start_m + BM) the diagonal tiles.
     if HAS_WINDOW:
-        lo = tl.maximum(start_m - WINDOW + 1, 0) // BN * BN
-        mid = tl.minimum(tl.cdiv(tl.maximum(start_m + BM - WINDOW, 0), BN) * BN, start_m)
+        lo, mid = _window_key_tiles(start_m, WINDOW, BM, BN)
         b_m, b_l, b_q2, b_acc = polar_fwd_kernel_inner(
             b_q, b_scale, b_m, b_l, b_q2, b_acc, p_k0, p_v0, o_m, lo, mid, T, WINDOW, G * D,
             D, BN, True, HAS_WINDOW, DOT_PREC, UPCAST,
@@ -175,7 +188,7 @@ def polar_fwd_kernel(
     b_acc = b_acc * b_alpha[:, None]
     b_pn = tl.exp2(b_an - b_m_new)
     b_z = b_l + b_pn
-    b_vn = tl.load(v_null + i_h * D + o_d).to(tl.float32)  # [D]
+    b_vn = tl.load(v_null + i_h * D + tl.arange(0, D)).to(tl.float32)  # [D]
     b_s = b_acc + b_pn[:, None] * b_vn[None, :]  # [BM, D]
     b_norm = tl.sqrt(tl.sum(b_s * b_s, 1))
     b_c = b_s / tl.maximum(b_norm, 1e-6 * b_z)[:, None]
@@ -184,8 +197,6 @@ def polar_fwd_kernel(
     b_meff = b_neff * (b_l / b_z)
     b_mu = _tanh_pos(tl.load(beta + i_h) * _log1p_pos(b_meff))
 
-    o_row = (bos + o_m) * H + i_h  # [BM] offsets into [B, T, H]
-    o_tile = (bos * H + i_h) * D + o_m[:, None] * (H * D) + o_d[None, :]
     tl.store(o + o_tile, b_c.to(o.dtype.element_ty), mask=m_m[:, None])
     tl.store(mu + o_row, b_mu.to(mu.dtype.element_ty), mask=m_m)
     if SAVE:
@@ -227,19 +238,7 @@ def polar_bwd_kernel_dq(
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    i_g = i_h // (H // G)
-    bos = i_b.to(tl.int64) * T
-    p_k0 = k + (bos * G + i_g) * D
-    p_v0 = v + (bos * G + i_g) * D
-
-    start_m = i_m * BM
-    o_m = start_m + tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    m_m = o_m < T
-    o_tile = (bos * H + i_h) * D + o_m[:, None] * (H * D) + o_d[None, :]
-    o_row = (bos + o_m) * H + i_h
+    i_h, start_m, o_m, m_m, p_k0, p_v0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
     b_q = tl.load(q + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
     b_gs = tl.load(gs + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
     b_t = tl.load(temp + i_h * T + o_m, mask=m_m, other=1.0)
@@ -252,8 +251,7 @@ def polar_bwd_kernel_dq(
     b_gsum = tl.zeros([BM], dtype=tl.float32)
 
     if HAS_WINDOW:
-        lo = tl.maximum(start_m - WINDOW + 1, 0) // BN * BN
-        mid = tl.minimum(tl.cdiv(tl.maximum(start_m + BM - WINDOW, 0), BN) * BN, start_m)
+        lo, mid = _window_key_tiles(start_m, WINDOW, BM, BN)
         b_dq, b_gt, b_gsum = polar_bwd_kernel_dq_inner(
             b_q, b_gs, b_scale, b_mr, b_gl, b_gq2, b_dq, b_gt, b_gsum, p_k0, p_v0, o_m, lo, mid, T, WINDOW,
             G * D, D, BN, True, HAS_WINDOW, DOT_PREC, UPCAST,
