@@ -9,13 +9,19 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .attention import GlobalAttention
 from .config import AtmaConfig
-from .layers import MLP, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
+from .layers import MLP, CausalDepthwiseConv, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
 
 CHECKPOINT_POLICIES = ("none", "global", "all")
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm1(x)), then x + mlp(norm2(x)) (SPEC §2.2)."""
+    """Pre-norm residual block: x + mixer(norm1(x)), then x + mlp(norm2(x)) (SPEC §2.2).
+
+    The mixer is the global attention mixer in global blocks and the LFM2 gated conv elsewhere.
+    """
+
+    # The mixer's parameters are named blocks.{i}.attn.* in both kinds of block (SPEC §2.12).
+    MIXER_KEY = "attn"
 
     def __init__(self, config: AtmaConfig, layer: int):
         super().__init__()
@@ -23,15 +29,19 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.norm2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if self.is_global:
-            self.attn = GlobalAttention(config)
+            mixer = GlobalAttention(config)
         else:
-            self.attn = LFM2Conv(
-                config.hidden_size, config.conv_kernel_size, zero_in_proj=config.init_scheme == "reference"
-            )
+            mixer = LFM2Conv(config.hidden_size, config.conv_kernel_size, zero_in_proj=config.init_scheme == "reference")
+        self.add_module(self.MIXER_KEY, mixer)
         self.mlp = MLP(config.hidden_size, config.mlp_ratio)
 
+    @property
+    def mixer(self) -> nn.Module:
+        """The token mixer: `GlobalAttention` in a global block, `LFM2Conv` otherwise."""
+        return self._modules[self.MIXER_KEY]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mixed, align = self.attn(self.norm1(x))
+        mixed, align = self.mixer(self.norm1(x))
         x = x + mixed
         return x + self.mlp(self.norm2(x)), align
 
@@ -39,11 +49,11 @@ class Block(nn.Module):
 class AtmaOutput(dict):
     """What `AtmaForCausalLM.forward` returns: a dict with attribute access.
 
-    Keys: loss, kl_loss, logits, hidden_states (list), align_loss, last_hidden_state. Being a dict
-    lets DeepSpeed ZeRO-3 find the tensors inside and hook their backward.
+    Keys: loss, kl_loss, logits, hidden_states (list), align_loss. Being a dict lets DeepSpeed
+    ZeRO-3 find the tensors inside and hook their backward.
     """
 
-    FIELDS = ("loss", "kl_loss", "logits", "hidden_states", "align_loss", "last_hidden_state")
+    FIELDS = ("loss", "kl_loss", "logits", "hidden_states", "align_loss")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -78,9 +88,8 @@ def lm_loss_chunked(
     *,
     cap: float,
     chunk_tokens: int = 8192,
-    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cross-entropy of soft-capped logits, chunked over tokens and recomputed in backward.
+    """Mean cross-entropy of soft-capped logits, chunked over tokens and recomputed in backward.
 
     Never holds fp32 logits for more than `chunk_tokens` tokens at once (forward or backward).
     """
@@ -98,8 +107,6 @@ def lm_loss_chunked(
             total = total + torch_checkpoint(chunk_sum, h_c, y_c, weight, bias, use_reentrant=False)
         else:
             total = total + chunk_sum(h_c, y_c, weight, bias)
-    if reduction == "sum":
-        return total
     return total / max(y.numel(), 1)
 
 
@@ -177,34 +184,41 @@ class AtmaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.proj = SoftcapLMHead(config.hidden_size, config.vocab_size, config.logit_softcap)
         self.checkpoint_policy = "none"
-        self.checkpoint_fn = None
 
-    # ------------------------------------------------------------------ init
-    def zero_init_names(self) -> list[str]:
-        """Names of the parameters the init scheme starts at zero (SPEC §2.9, DESIGN departure 1)."""
-        names = [n for n, _ in self.named_parameters()]
-        if self.config.init_scheme == "reference":
-            return [n for n in names if "proj" in n]
-        return [n for n in names if "proj" in n and ".in_proj." not in n]
+    # ------------------------------------------------------------------ roles and checkpointing
+    def parameter_roles(self) -> dict[str, str]:
+        """Role of every parameter by name: "embed", "head", "conv", "matrix" or "scalar".
 
-    # ------------------------------------------------------------------ checkpointing
-    def set_activation_checkpointing(self, policy: str, checkpoint_fn=None) -> None:
-        """Recompute block activations in backward: "none", "global" (global blocks only) or "all".
-
-        `checkpoint_fn(fn, *args)` defaults to torch.utils.checkpoint (non-reentrant);
-        DeepSpeed's `deepspeed.checkpointing.checkpoint` can be passed instead.
+        Roles follow the owning module, not the name: the embedding table, the LM head's weight,
+        depthwise conv kernels, other tensors of two or more dims, and one-dim tensors (biases,
+        norm weights, per-head Polar scalars; the LM head's bias too, SPEC §6.2).
         """
+        roles = {}
+        for prefix, module in self.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                # Under ZeRO-3, p.shape is a flat stub; ds_shape keeps the declared shape.
+                ndim = len(getattr(p, "ds_shape", p.shape))
+                if isinstance(module, nn.Embedding):
+                    role = "embed"
+                elif isinstance(module, SoftcapLMHead) and pname == "weight":
+                    role = "head"
+                elif isinstance(module, CausalDepthwiseConv):
+                    role = "conv"
+                else:
+                    role = "matrix" if ndim >= 2 else "scalar"
+                roles[f"{prefix}.{pname}" if prefix else pname] = role
+        return roles
+
+    def set_activation_checkpointing(self, policy: str) -> None:
+        """Recompute block activations in backward: "none", "global" (global blocks only) or "all"."""
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"activation checkpointing must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
         self.checkpoint_policy = policy
-        self.checkpoint_fn = checkpoint_fn
 
     def _run_block(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         wanted = self.checkpoint_policy == "all" or (self.checkpoint_policy == "global" and block.is_global)
         if not (wanted and self.training and torch.is_grad_enabled()):
             return block(x)
-        if self.checkpoint_fn is not None:
-            return self.checkpoint_fn(block, x)
         return torch_checkpoint(block, x, use_reentrant=False)
 
     # ------------------------------------------------------------------ forward
@@ -247,7 +261,7 @@ class AtmaForCausalLM(nn.Module):
         hidden, hidden_states, align_loss = self.trunk(input_ids, output_hidden_states=output_hidden_states)
         if return_logits is None:
             return_logits = labels is None and kl_targets is None
-        out = AtmaOutput(hidden_states=hidden_states, align_loss=align_loss, last_hidden_state=hidden)
+        out = AtmaOutput(hidden_states=hidden_states, align_loss=align_loss)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if labels is not None or kl_targets is not None:

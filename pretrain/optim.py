@@ -12,32 +12,17 @@ import torch
 from .config import OptimSection, ScheduleSection
 
 
-def _layer_shape(p: torch.Tensor) -> tuple:
-    """A parameter's true shape, also under ZeRO-3 partitioning (where p.shape is a flat stub)."""
-    ds_shape = getattr(p, "ds_shape", None)
-    return tuple(p.shape) if ds_shape is None else tuple(ds_shape)
-
-
-def classify_parameter(name: str, p: torch.Tensor) -> str:
-    """Group of a parameter: "matrix" (Muon-able), "conv", "embed", "head" or "scalar" (DESIGN departure 5)."""
-    shape = _layer_shape(p)
-    if name.startswith("embed."):
-        return "embed"
-    if name == "proj.weight":
-        return "head"
-    if len(shape) < 2:
-        return "scalar"
-    if len(shape) == 3:  # depthwise conv kernels (C, 1, K): per-channel, not matrices
-        return "conv"
-    return "matrix"
-
-
 def build_param_groups(model: torch.nn.Module, cfg: OptimSection) -> list[dict]:
-    """Parameter groups with a `name`, base `lr` and, for Muon, a `use_muon` flag."""
+    """Parameter groups by the model's parameter roles, each with a `name`, base `lr` and, for Muon, `use_muon`.
+
+    Muon takes the block matrices; embeddings, the LM head, depthwise conv kernels and 1-D
+    tensors go to AdamW (DESIGN departure 5).
+    """
     buckets: dict[str, list] = {"matrix": [], "conv": [], "embed": [], "head": [], "scalar": []}
+    roles = model.parameter_roles()
     for name, p in model.named_parameters():
         if p.requires_grad:
-            buckets[classify_parameter(name, p)].append(p)
+            buckets[roles[name]].append(p)
     groups = []
     if cfg.name == "muon":
         adam = dict(betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=0.0, use_muon=False)

@@ -34,9 +34,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
-    """Small real shards of the built-in corpus (seq_len 64, a 512-token BPE) shared by tests."""
-    from data_pipeline.prepare import prepare
+    """Small real shards of the built-in corpus (seq_len 64, a 512-token BPE) shared by tests.
 
-    out = tmp_path_factory.mktemp("shards") / "tiny"
-    prepare(output=str(out), seq_len=64, vocab_size=512, max_docs=200, val_fraction=0.1, progress=False)
-    return str(out)
+    They are the shards of the golden-loss run (tests/golden_loss.py).
+    """
+    from golden_loss import prepare_shards
+
+    return prepare_shards(str(tmp_path_factory.mktemp("shards") / "tiny"))

@@ -106,20 +106,40 @@ def test_reference_init_loss_is_ln_vocab(core):
     assert abs(loss.item() - math.log(model.config.vocab_size)) < 1e-10
 
 
-def test_default_init_zeroes_only_output_projections():
+def zero_parameters(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if torch.count_nonzero(p) == 0}
+
+
+def expected_zero_init(scheme: str) -> set[str]:
+    """The zero-initialised tensors of the tiny preset (layout L L G L), listed by hand (SPEC §2.9)."""
+    names = {"proj.weight", "proj.bias", "blocks.2.attn.v_null"}  # LM head; v_null starts at 0 (SPEC §2.6)
+    for i in range(4):
+        names |= {f"blocks.{i}.mlp.proj.weight", f"blocks.{i}.mlp.proj.bias"}
+    for i in (0, 1, 3):
+        names |= {f"blocks.{i}.attn.out_proj.weight", f"blocks.{i}.attn.out_proj.bias"}
+        if scheme == "reference":  # the reference's substring rule also zeroes the conv blocks' in_proj
+            names |= {f"blocks.{i}.attn.in_proj.weight", f"blocks.{i}.attn.in_proj.bias"}
+    for module in ("proj", "mu_proj", "mem.proj"):
+        names |= {f"blocks.2.attn.{module}.weight", f"blocks.2.attn.{module}.bias"}
+    return names
+
+
+@pytest.mark.parametrize("scheme", ["default", "reference"])
+def test_init_zeroes_exactly_the_output_projections(scheme):
+    assert zero_parameters(tiny(init_scheme=scheme)) == expected_zero_init(scheme)
+
+
+def test_parameter_roles_follow_the_owning_module():
     model = tiny()
-    params = dict(model.named_parameters())
-    zeroed = set(model.zero_init_names())
-    assert "proj.weight" in zeroed and "blocks.0.attn.out_proj.weight" in zeroed
-    assert "blocks.2.attn.mu_proj.weight" in zeroed and "blocks.2.attn.mem.proj.weight" in zeroed
-    assert "blocks.0.attn.in_proj.weight" not in zeroed
-    for name, p in params.items():
-        if name in zeroed:
-            assert torch.count_nonzero(p) == 0, name
-    assert torch.count_nonzero(params["blocks.0.attn.in_proj.weight"]) > 0
-    ref = tiny(init_scheme="reference")
-    assert "blocks.0.attn.in_proj.weight" in ref.zero_init_names()
-    assert torch.count_nonzero(dict(ref.named_parameters())["blocks.0.attn.in_proj.weight"]) == 0
+    roles = model.parameter_roles()
+    assert set(roles) == {name for name, _ in model.named_parameters()}
+    assert roles["embed.weight"] == "embed" and roles["proj.weight"] == "head" and roles["proj.bias"] == "scalar"
+    assert roles["blocks.0.attn.conv.weight"] == "conv" and roles["blocks.2.attn.canon_k.weight"] == "conv"
+    assert roles["blocks.2.attn.v_null"] == "matrix" and roles["blocks.2.attn.null_base"] == "scalar"
+    assert roles["blocks.0.attn.in_proj.weight"] == "matrix" and roles["blocks.2.attn.mem.proj.weight"] == "matrix"
+    # The MLP's output projection shares the LM head's attribute name but not its role.
+    assert roles["blocks.1.mlp.proj.weight"] == "matrix"
+    assert sum(r == "head" for r in roles.values()) == 1
 
 
 def conv_block_grads_after_one_step(init_scheme: str) -> list[float]:
@@ -132,7 +152,7 @@ def conv_block_grads_after_one_step(init_scheme: str) -> list[float]:
         grads = []
         for i, block in enumerate(model.blocks):
             if not block.is_global:
-                conv = block.attn
+                conv = block.mixer
                 weights = [conv.in_proj.weight, conv.conv.weight, conv.out_proj.weight]
                 grads.append(sum(w.grad.abs().sum().item() for w in weights))
         opt.step()

@@ -146,15 +146,42 @@ def test_dashboards_and_composite_loss(tiny_shards, tmp_path):
     assert (run / "wandb_id.txt").read_text().strip() == wandb_id  # same W&B run across resumes
 
 
-def test_distillation_from_exported_teacher(tiny_shards, tmp_path):
-    train(tiny_shards, tmp_path / "teacher", "--max-steps", "2")
-    subprocess.run([sys.executable, "-m", "pretrain.export", str(tmp_path / "teacher"), str(tmp_path / "t-out")],
-                   cwd=ROOT, env=env(), check=True, capture_output=True)
+def kl_to_teacher(teacher_dir, student, batch) -> float:
+    """Mean per-token KL(teacher || student) on `batch`, through the trainer's Teacher."""
+    from pretrain.teacher import Teacher
+
+    teacher = Teacher(str(teacher_dir), device=torch.device("cpu"), dtype=torch.float32,
+                      vocab_size=student.config.vocab_size)
+    with torch.no_grad():
+        return student(batch, kl_targets=teacher.target_rows(batch)).kl_loss.item()
+
+
+def test_distillation_alone_moves_the_student_to_the_teacher(tiny_shards, tmp_path):
+    from data_pipeline.loader import build_loader
+    from model import AtmaForCausalLM
+
+    train(tiny_shards, tmp_path / "teacher", "--max-steps", "10")
+    export = [sys.executable, "-m", "pretrain.export"]
+    subprocess.run([*export, str(tmp_path / "teacher"), str(tmp_path / "t-out")], cwd=ROOT, env=env(), check=True,
+                   capture_output=True)
+    batch = next(iter(build_loader(tiny_shards, split="val", batch_size=4, shuffle=False)))["input_ids"]
+    teacher = AtmaForCausalLM.from_pretrained(str(tmp_path / "t-out"))
+    # The teacher as its own student: nothing to distil.
+    assert abs(kl_to_teacher(tmp_path / "t-out", teacher, batch)) < 1e-6
+
     run = tmp_path / "student"
-    train(tiny_shards, run, "--max-steps", "2", "--set", f"loss.teacher={tmp_path / 't-out'}",
-          "--set", "loss.distill_weight=0.5", "--set", "loss.distill_temperature=2.0")
+    train(tiny_shards, run, "--max-steps", "8", "--set", f"loss.teacher={tmp_path / 't-out'}",
+          "--set", "loss.lm_weight=0", "--set", "loss.distill_weight=1.0")
     kd = losses(run, "loss/distill")
-    assert sorted(kd) == [1, 2] and all(v >= 0 for v in kd.values())
+    assert sorted(kd) == list(range(1, 9)) and "loss/lm" not in json.loads(open(run / "metrics.jsonl").readline())
+    subprocess.run([*export, str(run), str(tmp_path / "s-out")], cwd=ROOT, env=env(), check=True, capture_output=True)
+    student = AtmaForCausalLM.from_pretrained(str(tmp_path / "s-out"))
+    # A fresh student has a zero LM head, i.e. uniform logits; training on KD alone halves its distance
+    # to the teacher on held-out text.
+    fresh = AtmaForCausalLM(student.config)
+    before, after = kl_to_teacher(tmp_path / "t-out", fresh, batch), kl_to_teacher(tmp_path / "t-out", student, batch)
+    assert before > 0.05 and after < 0.5 * before, (before, after)
+    assert kd[8] < kd[1]
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
@@ -186,7 +213,6 @@ def test_training_bench_runs_both_cores(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads(out.read_text())["results"]
     assert [r["core"] for r in results] == ["polar", "nope"]
-    assert results[-1]["step_time_ratio_to_baseline"] == 1.0
     assert all(r["tokens_per_s"] > 0 for r in results)
     refused = subprocess.run([sys.executable, "-m", "pretrain.bench", "--device", "cpu"], cwd=ROOT, env=env(),
                              capture_output=True, text=True, timeout=120)
