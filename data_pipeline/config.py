@@ -14,7 +14,7 @@ MIN_VOCAB_SIZE = 260
 
 @dataclass(kw_only=True, slots=True)
 class PrepareConfig:
-    """Every setting of ``prepare``; the CLI flags map onto these fields one to one."""
+    """Every setting of ``prepare``; each CLI flag sets its field (--input: inputs, --quiet: progress), errors name the flag."""
 
     output: str
     """Directory that receives the shards, manifest.json and tokenizer.json."""
@@ -93,6 +93,10 @@ class PrepareConfig:
             raise DataError(f"--shard-mb must be positive, got {self.shard_mb}")
         if self.max_docs is not None and self.max_docs < 1:
             raise DataError(f"--max-docs must be at least 1, got {self.max_docs}")
+        if self.tokenizer_train_docs is not None and self.tokenizer_train_docs < 1:
+            raise DataError(f"--tokenizer-train-docs must be at least 1, got {self.tokenizer_train_docs}")
+        if not self.text_field:
+            raise DataError("--text-field must name a field, got ''")
         self.inputs = list(self.inputs) or [BUILTIN_CORPUS]
         if self.weights is not None:
             self.weights = [float(w) for w in self.weights]
@@ -101,7 +105,7 @@ class PrepareConfig:
                     f"--weights has {len(self.weights)} values for {len(self.inputs)} inputs"
                 )
             if any(w <= 0 for w in self.weights):
-                raise DataError("--weights must all be positive")
+                raise DataError(f"--weights must all be positive, got {self.weights}")
         self.text_extensions = tuple(self.text_extensions)
 
     def to_dict(self) -> dict:

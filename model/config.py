@@ -1,4 +1,4 @@
-"""`AtmaConfig`: the model's hyper-parameters, validated at construction, with named presets."""
+"""`AtmaConfig`: the model's hyper-parameters, checked at construction, with named presets."""
 
 from __future__ import annotations
 
@@ -9,63 +9,106 @@ from dataclasses import dataclass, field
 
 CORES = ("polar", "nope", "rope")
 INIT_SCHEMES = ("default", "reference")
+_POSITIVE_INTS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "num_attention_heads",
+    "num_key_value_heads", "global_every", "mlp_ratio", "conv_kernel_size", "attn_kernel_size", "mem_chunk",
+)
+_NUMBERS = ("mem_gamma_bias", "mem_beta_bias", "rms_norm_eps", "logit_softcap", "rope_scale")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class AtmaConfig:
     """Hyper-parameters of an ATMA model (SPEC §1.1); field names are the public config.json keys."""
 
     vocab_size: int = 50304
+    """Rows of the embedding and the LM head (the tokenizer's vocabulary, padded)."""
+
     hidden_size: int = 1024
+    """Width of the residual stream."""
+
     num_hidden_layers: int = 16
+    """Number of blocks: LFM2 conv blocks and global (attention + memory) blocks."""
+
     head_dim: int = 128
+    """Width of one attention head; a power of two >= 4."""
+
     num_attention_heads: int = 8
+    """Query heads of a global block."""
+
     num_key_value_heads: int = 2
-    # Block i is a global (attention + memory) block iff i % global_every == global_offset (SPEC §1.1).
+    """Key/value heads of a global block (grouped-query attention); divides num_attention_heads."""
+
     global_every: int = 4
+    """Block i is global iff i % global_every == global_offset (SPEC §1.1)."""
+
     global_offset: int = 2
+    """Position of the global block inside each group of global_every blocks; in [0, global_every)."""
+
     mlp_ratio: int = 4
+    """MLP hidden width as a multiple of hidden_size (SPEC §2.3)."""
+
     conv_kernel_size: int = 3
+    """Taps of the LFM2 gated short convolution (SPEC §2.4)."""
+
     attn_kernel_size: int = 4
+    """Taps of the depthwise causal "canon" convs on q/k/v of the polar and nope cores (SPEC §2.5)."""
+
     core: str = "polar"
+    """Attention core of the global blocks: polar, nope or rope (SPEC §2.6, §2.11)."""
+
     memory: bool = True
+    """Add the gated-delta fast-weight memory branch to every global block (SPEC §4)."""
+
     window: int | None = None
+    """Sliding attention window in tokens; null attends to the full context."""
+
     mem_gamma_bias: float = 3.9
+    """Constant added to the memory's retention logits (sigmoid(3.9) = 0.98; SPEC §4.3)."""
+
     mem_beta_bias: float = 0.0
+    """Constant added to the memory's write-strength logits (SPEC §4.3)."""
+
     mem_chunk: int = 64
+    """Chunk length of the PyTorch chunked memory path (SPEC §4.6); FLA chunks internally."""
+
     num_random_keys: int = 0
+    """Random keys per sequence for the distractor alignment loss; 0 turns it off (SPEC §5.3)."""
+
     rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+
     logit_softcap: float = 15.0
+    """Logits are soft-capped to (-cap, cap) by cap * tanh(z / cap); positive."""
+
     rope_scale: float = 0.12
+    """Softmax scale of the rope core (SPEC §2.11)."""
+
     init_scheme: str = "default"
+    """default zeroes output projections only; reference also zeroes conv in_proj (DESIGN departure 1)."""
+
     preset: str | None = field(default=None, compare=False)
+    """Name of the preset this config was built from (informational)."""
 
     def __post_init__(self):
-        self.validate()
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> None:
-        """Raise ValueError naming the field when a setting is impossible."""
-        positive = (
-            "vocab_size", "hidden_size", "num_hidden_layers", "head_dim", "num_attention_heads",
-            "num_key_value_heads", "global_every", "mlp_ratio", "conv_kernel_size",
-            "attn_kernel_size", "mem_chunk",
-        )
-        for name in positive:
+        for name in _POSITIVE_INTS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 raise ValueError(f"AtmaConfig.{name} must be a positive integer, got {value!r}")
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"AtmaConfig.{name} must be a number, got {value!r}")
         if self.core not in CORES:
             raise ValueError(f"AtmaConfig.core must be one of {CORES}, got {self.core!r}")
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"AtmaConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if not isinstance(self.memory, bool):
             raise ValueError(f"AtmaConfig.memory must be true or false, got {self.memory!r}")
-        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1):
+        if self.window is not None and (not _is_int(self.window) or self.window < 1):
             raise ValueError(f"AtmaConfig.window must be a positive integer or null, got {self.window!r}")
-        if not 0 <= self.global_offset < self.global_every:
+        if not _is_int(self.global_offset) or not 0 <= self.global_offset < self.global_every:
             raise ValueError(
-                f"AtmaConfig.global_offset must be in [0, global_every={self.global_every}), got {self.global_offset}"
+                f"AtmaConfig.global_offset must be in [0, global_every={self.global_every}), got {self.global_offset!r}"
             )
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
@@ -74,12 +117,12 @@ class AtmaConfig:
             )
         if self.head_dim & (self.head_dim - 1) or self.head_dim < 4:
             raise ValueError(f"AtmaConfig.head_dim must be a power of two >= 4, got {self.head_dim}")
-        if self.core == "rope" and self.head_dim % 4 != 0:
-            raise ValueError("AtmaConfig.head_dim must be divisible by 4 for the rope core")
-        if self.num_random_keys < 0:
-            raise ValueError(f"AtmaConfig.num_random_keys must be >= 0, got {self.num_random_keys}")
+        if not _is_int(self.num_random_keys) or self.num_random_keys < 0:
+            raise ValueError(f"AtmaConfig.num_random_keys must be an integer >= 0, got {self.num_random_keys!r}")
         if self.logit_softcap <= 0:
             raise ValueError(f"AtmaConfig.logit_softcap must be > 0, got {self.logit_softcap}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"AtmaConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
         if not self.global_layers:
             raise ValueError(
                 f"AtmaConfig has no global block: {self.num_hidden_layers} layers with "
@@ -113,7 +156,7 @@ class AtmaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown AtmaConfig field(s): {', '.join(unknown)}")
+            raise ValueError(f"unknown AtmaConfig field(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         return cls(**data)
 
     def save(self, path: str) -> None:
@@ -167,3 +210,7 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=8, num_key_value_heads=2,
     ),
 }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -177,7 +177,6 @@ class AtmaForCausalLM(nn.Module):
 
     def __init__(self, config: AtmaConfig):
         super().__init__()
-        config.validate()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))

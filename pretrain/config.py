@@ -1,13 +1,25 @@
-"""Run configuration: a YAML file of nested sections, validated dataclasses, `--set a.b=v` overrides."""
+"""Run configuration: a YAML file of nested sections, typed and checked dataclasses, `--set a.b=v` overrides.
+
+OmegaConf merges the YAML and the overrides onto the dataclass schema (types, unknown keys, dotted
+paths); each section checks its own values at construction and `RunConfig` checks the rules that
+span sections. Every failure is one `ConfigError` line that names the key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, get_type_hints
+from typing import Any
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ValidationError
+
+from model.config import PRESETS, AtmaConfig
 
 SIG_MODES = ("baseline", "weak", "discrete", "strong", "zipfian")
 SCHEDULES = ("cosine", "wsd", "paper", "constant")
@@ -15,191 +27,403 @@ OPTIMIZERS = ("adamw", "muon")
 CHECKPOINT_POLICIES = ("none", "global", "all")
 NAN_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "bf16", "fp32")
+WANDB_MODES = ("online", "offline", "disabled")
+DATA_DIR_UNSET = "data.dir is not set: pass --data DIR or set data.dir in the run config"
 
 
 class ConfigError(ValueError):
     """A run configuration value is missing, unknown or impossible."""
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class ModelSection:
     """Which model to train."""
 
     preset: str = "tiny"
-    # Any AtmaConfig field, e.g. {core: nope, memory: false, window: 1024}.
-    overrides: dict = field(default_factory=dict)
-    # Pad the tokenizer's vocabulary up to a multiple of this (the paper pads 50,257 to 50,304).
+    """Model preset: tiny, atma-155m or atma-378m (PRESETS in model/config.py)."""
+
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """AtmaConfig fields that replace the preset's, e.g. {core: nope, memory: false, window: 1024}."""
+
     vocab_multiple: int = 128
+    """Pad the tokenizer's vocabulary up to a multiple of this (the paper pads 50,257 to 50,304)."""
+
+    def __post_init__(self):
+        _require(self.preset in PRESETS, f"model.preset must be one of {tuple(PRESETS)}, got {self.preset!r}")
+        _require(self.vocab_multiple > 0, f"model.vocab_multiple must be positive, got {self.vocab_multiple}")
+        self.overrides = _typed_model_overrides(self.preset, self.overrides)
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class DataSection:
     """Where the shards are and how they are read."""
 
-    dir: str = ""
+    dir: str
+    """Shard directory written by `python -m data_pipeline prepare` (or --data DIR)."""
+
     num_workers: int = 0
+    """Data-loader worker processes per rank; 0 reads in the training process."""
+
     shuffle: bool = True
+    """Shuffle shards and samples (with seed); false reads the stream in order."""
+
     seed: int = 1234
+    """Seed of the shuffle."""
+
+    def __post_init__(self):
+        _require(bool(self.dir), DATA_DIR_UNSET)
+        _require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class BatchSection:
     """Batch size in tokens per optimizer step and sequences per micro-batch per rank."""
 
     tokens: int = 4096
+    """Tokens per optimizer step over all ranks; gradient accumulation is derived from it."""
+
     micro_batch_size: int = 4
+    """Sequences per forward/backward pass on one rank."""
+
+    def __post_init__(self):
+        _require(self.tokens > 0, f"batch.tokens must be positive, got {self.tokens}")
+        _require(self.micro_batch_size > 0, f"batch.micro_batch_size must be positive, got {self.micro_batch_size}")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class OptimSection:
     """Optimizer: AdamW everywhere, or Muon for matrices with AdamW for the rest (DESIGN departure 5)."""
 
     name: str = "adamw"
+    """adamw (any ZeRO stage) or muon (block matrices; AdamW for the other groups)."""
+
     lr: float = 3e-4
-    betas: tuple = (0.9, 0.95)
+    """Peak AdamW learning rate (with muon: unused; see the per-group rates below)."""
+
+    betas: tuple[float, ...] = (0.9, 0.95)
+    """AdamW [beta1, beta2]."""
+
     eps: float = 1e-8
+    """AdamW epsilon."""
+
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay."""
+
     grad_clip: float = 1.0
-    # Muon recipe (SPEC §6.2): Muon lr/momentum/decay for matrices in blocks; AdamW lrs per group.
+    """Global gradient-norm clip; 0 turns it off (not applied with muon)."""
+
     muon_lr: float = 0.02
+    """Muon learning rate of the block matrices (SPEC §6.2)."""
+
     muon_momentum: float = 0.95
+    """Muon momentum, in [0, 1)."""
+
     muon_weight_decay: float = 0.01
+    """Muon weight decay."""
+
     embed_lr: float = 0.3
+    """AdamW learning rate of the embedding under muon."""
+
     head_lr: float = 0.003125
+    """AdamW learning rate of the LM head under muon."""
+
     scalar_lr: float = 0.01
+    """AdamW learning rate of conv kernels and 1-D parameters under muon."""
+
+    def __post_init__(self):
+        _require_one_of(self.name, OPTIMIZERS, "optim.name")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                 f"optim.betas must be a pair [beta1, beta2] in [0, 1), got {list(self.betas)}")
+        self.betas = tuple(self.betas)
+        for name in ("lr", "eps", "muon_lr", "embed_lr", "head_lr", "scalar_lr"):
+            value = getattr(self, name)
+            _require(value > 0, f"optim.{name} must be positive, got {value}")
+        for name in ("weight_decay", "grad_clip", "muon_weight_decay"):
+            value = getattr(self, name)
+            _require(value >= 0, f"optim.{name} must be >= 0, got {value}")
+        _require(0 <= self.muon_momentum < 1, f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class ScheduleSection:
     """Learning-rate multiplier over steps."""
 
     kind: str = "cosine"
+    """cosine, wsd (warmup-stable-decay), paper (flat, then linear to 0; SPEC §6.3) or constant."""
+
     warmup_steps: int = 0
-    # cosine: decay to min_lr_ratio; wsd: stable until decay_start_fraction, then linear to min.
+    """Steps of linear warmup from 0 (cosine, wsd, constant)."""
+
     min_lr_ratio: float = 0.1
+    """cosine and wsd: final multiplier of the peak rate, in [0, 1]."""
+
     decay_start_fraction: float = 0.8
-    # paper: flat for flat_fraction of the steps, then linear to 0 (SPEC §6.3).
+    """wsd: fraction of the steps spent at the peak before the linear decay, in [0, 1]."""
+
     flat_fraction: float = 0.3
+    """paper: fraction of the steps at the peak before the linear decay to 0, in [0, 1]."""
+
+    def __post_init__(self):
+        _require_one_of(self.kind, SCHEDULES, "schedule.kind")
+        _require(self.warmup_steps >= 0, f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("min_lr_ratio", "decay_start_fraction", "flat_fraction"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"schedule.{name} must be in [0, 1], got {value}")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class LossSection:
     """Weights of the composite loss terms (DESIGN departure 2); each is a per-token mean."""
 
     lm_weight: float = 1.0
+    """Weight of the next-token cross-entropy."""
+
     sig_mode: str = "baseline"
+    """Signature regularizer (SPEC §5.2): baseline (off), weak, discrete, strong or zipfian."""
+
     sig_weight: float = 0.0
+    """Weight of the signature regularizer; > 0 needs a sig_mode other than baseline."""
+
     sig_sketch_dim: int = 64
+    """Width of the random sketch the signature regularizer compares."""
+
     distractor_weight: float = 0.0
+    """Weight of the distractor alignment loss (SPEC §5.3); > 0 needs num_random_keys > 0."""
+
     num_random_keys: int = 0
+    """Random keys per sequence for the distractor loss (sets the model's num_random_keys)."""
+
     distill_weight: float = 0.0
-    teacher: str = ""
+    """Weight of knowledge distillation from teacher (SPEC §5.5); > 0 needs a teacher."""
+
+    teacher: str | None = None
+    """Frozen teacher: an exported ATMA model directory or a Hugging Face causal LM name."""
+
     distill_temperature: float = 1.0
+    """Softmax temperature of the distillation targets."""
+
     loss_chunk_tokens: int = 8192
+    """Tokens per chunk of the LM-head loss (bounds the memory of the logits)."""
+
+    def __post_init__(self):
+        _require_one_of(self.sig_mode, SIG_MODES, "loss.sig_mode")
+        for name in ("lm_weight", "sig_weight", "distractor_weight", "distill_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, f"loss.{name} must be >= 0, got {value}")
+        _require(self.sig_sketch_dim > 0, f"loss.sig_sketch_dim must be positive, got {self.sig_sketch_dim}")
+        _require(self.num_random_keys >= 0, f"loss.num_random_keys must be >= 0, got {self.num_random_keys}")
+        _require(self.distill_temperature > 0,
+                 f"loss.distill_temperature must be positive, got {self.distill_temperature}")
+        _require(self.loss_chunk_tokens > 0, f"loss.loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
+        _require(self.distill_weight == 0 or bool(self.teacher),
+                 "loss.distill_weight > 0 needs loss.teacher (an exported model dir or HF model)")
+        _require(self.distractor_weight == 0 or self.num_random_keys > 0,
+                 "loss.distractor_weight > 0 needs loss.num_random_keys > 0")
+        _require(self.sig_weight == 0 or self.sig_mode != "baseline",
+                 "loss.sig_weight > 0 needs loss.sig_mode other than baseline")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class TrainSection:
     """Length of the run and what happens on bad steps."""
 
     max_steps: int = 100
+    """Optimizer steps to train for (or --max-steps N)."""
+
     seed: int = 0
+    """Seed of the model init and of every rank's random state."""
+
     activation_checkpointing: str = "none"
+    """Recompute block activations in backward: none, global (global blocks only) or all."""
+
     nan_policy: str = "stop"
+    """On a non-finite loss: stop the run, or skip the micro-batch."""
+
     max_skipped_steps: int = 10
+    """With nan_policy skip: stop after this many skipped steps."""
+
     precision: str = "auto"
+    """auto (the DeepSpeed JSON's bf16 on a GPU, fp32 on the CPU), bf16 or fp32."""
+
+    def __post_init__(self):
+        _require(self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
+        _require_one_of(self.activation_checkpointing, CHECKPOINT_POLICIES, "train.activation_checkpointing")
+        _require_one_of(self.nan_policy, NAN_POLICIES, "train.nan_policy")
+        _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
+        _require_one_of(self.precision, PRECISIONS, "train.precision")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class CheckpointSection:
     """When checkpoints are written and how many are kept."""
 
     every: int = 100
+    """Write a checkpoint every this many steps (and at the end)."""
+
     keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted."""
+
     resume: str = "auto"
+    """auto (newest complete checkpoint), none, or a checkpoint PATH (or --resume)."""
+
+    def __post_init__(self):
+        _require(self.every > 0, f"checkpoint.every must be positive, got {self.every}")
+        _require(self.keep_last > 0, f"checkpoint.keep_last must be positive, got {self.keep_last}")
+        _require(bool(self.resume), "checkpoint.resume must be auto, none or a checkpoint path, got ''")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class LoggingSection:
     """Console, TensorBoard and Weights & Biases output; validation cadence."""
 
     every: int = 10
+    """Log training metrics every this many steps."""
+
     tensorboard: bool = True
+    """Write TensorBoard events under run_dir/tensorboard."""
+
     wandb: bool = False
+    """Log to Weights & Biases."""
+
     wandb_project: str = "atma"
+    """W&B project name."""
+
     wandb_mode: str = "offline"
+    """W&B mode: online, offline or disabled (WANDB_MODE in the environment wins)."""
+
     val_every: int = 100
+    """Run validation every this many steps; 0 turns validation off."""
+
     val_batches: int = 8
+    """Micro-batches per validation."""
+
     progress: bool = True
+    """Show a progress bar on rank 0."""
+
     peak_flops: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 looks the GPU up by name."""
+
+    def __post_init__(self):
+        _require(self.every > 0, f"logging.every must be positive, got {self.every}")
+        _require_one_of(self.wandb_mode, WANDB_MODES, "logging.wandb_mode")
+        _require(self.val_every >= 0, f"logging.val_every must be >= 0 (0 disables validation), got {self.val_every}")
+        _require(self.val_batches > 0, f"logging.val_batches must be positive, got {self.val_batches}")
+        _require(self.peak_flops >= 0, f"logging.peak_flops must be >= 0, got {self.peak_flops}")
 
 
-@dataclass
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     """A whole pretraining run."""
 
     name: str = "atma"
+    """Run name (dashboards, W&B)."""
+
     run_dir: str = "runs/atma"
+    """Where checkpoints, logs, dashboards and the resolved config.yaml go (or --run-dir DIR)."""
+
     deepspeed_config: str = "ds_configs/zero3_bf16.json"
+    """DeepSpeed JSON (ZeRO stage, offload); batch, precision and clipping are filled in from here."""
+
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    """Which model to train."""
+
+    data: DataSection
+    """Where the shards are and how they are read."""
+
     batch: BatchSection = field(default_factory=BatchSection)
+    """Batch size."""
+
     optim: OptimSection = field(default_factory=OptimSection)
+    """Optimizer."""
+
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    """Learning-rate schedule."""
+
     loss: LossSection = field(default_factory=LossSection)
+    """Loss terms and weights."""
+
     train: TrainSection = field(default_factory=TrainSection)
+    """Length of the run and handling of bad steps."""
+
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    """Checkpoint cadence and resume."""
+
     logging: LoggingSection = field(default_factory=LoggingSection)
+    """Logging and validation."""
+
+    def __post_init__(self):
+        _require(bool(self.run_dir), "run_dir must not be empty")
+        _require(bool(self.deepspeed_config), "deepspeed_config must name a DeepSpeed JSON file")
+        model_keys = self.model.overrides.get("num_random_keys")
+        _require(model_keys is None or not self.loss.num_random_keys or model_keys == self.loss.num_random_keys,
+                 f"model.overrides.num_random_keys ({model_keys}) differs from loss.num_random_keys "
+                 f"({self.loss.num_random_keys}); set loss.num_random_keys only")
 
     def to_dict(self) -> dict:
         """The resolved config as plain data (tuples become lists)."""
         return _plain(dataclasses.asdict(self))
 
-    def validate(self) -> None:
-        """Raise ConfigError naming the key of any impossible value."""
-        checks = [
-            (self.optim.name in OPTIMIZERS, "optim.name", f"one of {OPTIMIZERS}"),
-            (self.schedule.kind in SCHEDULES, "schedule.kind", f"one of {SCHEDULES}"),
-            (self.loss.sig_mode in SIG_MODES, "loss.sig_mode", f"one of {SIG_MODES}"),
-            (self.train.activation_checkpointing in CHECKPOINT_POLICIES, "train.activation_checkpointing",
-             f"one of {CHECKPOINT_POLICIES}"),
-            (self.train.nan_policy in NAN_POLICIES, "train.nan_policy", f"one of {NAN_POLICIES}"),
-            (self.train.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}"),
-            (self.batch.tokens > 0, "batch.tokens", "positive"),
-            (self.batch.micro_batch_size > 0, "batch.micro_batch_size", "positive"),
-            (self.train.max_steps > 0, "train.max_steps", "positive"),
-            (self.optim.lr > 0, "optim.lr", "positive"),
-            (len(self.optim.betas) == 2, "optim.betas", "a pair [beta1, beta2]"),
-            (self.optim.grad_clip >= 0, "optim.grad_clip", ">= 0"),
-            (self.schedule.warmup_steps >= 0, "schedule.warmup_steps", ">= 0"),
-            (0 <= self.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "in [0, 1]"),
-            (0 <= self.schedule.decay_start_fraction <= 1, "schedule.decay_start_fraction", "in [0, 1]"),
-            (0 <= self.schedule.flat_fraction <= 1, "schedule.flat_fraction", "in [0, 1]"),
-            (self.checkpoint.every > 0, "checkpoint.every", "positive"),
-            (self.checkpoint.keep_last > 0, "checkpoint.keep_last", "positive"),
-            (self.logging.every > 0, "logging.every", "positive"),
-            (self.logging.val_every >= 0, "logging.val_every", ">= 0 (0 disables validation)"),
-            (self.logging.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
-             "online, offline or disabled"),
-            (self.loss.distill_temperature > 0, "loss.distill_temperature", "positive"),
-            (self.loss.num_random_keys >= 0, "loss.num_random_keys", ">= 0"),
-            (self.loss.loss_chunk_tokens > 0, "loss.loss_chunk_tokens", "positive"),
-            (self.model.vocab_multiple > 0, "model.vocab_multiple", "positive"),
-            (self.data.num_workers >= 0, "data.num_workers", ">= 0"),
-        ]
-        for weight in ("lm_weight", "sig_weight", "distractor_weight", "distill_weight"):
-            checks.append((getattr(self.loss, weight) >= 0, f"loss.{weight}", ">= 0"))
-        for ok, key, what in checks:
-            if not ok:
-                raise ConfigError(f"{key} must be {what}")
-        if not self.data.dir:
-            raise ConfigError("data.dir is not set: pass --data DIR or set data.dir in the run config")
-        if self.loss.distill_weight > 0 and not self.loss.teacher:
-            raise ConfigError("loss.distill_weight > 0 needs loss.teacher (an exported model dir or HF model)")
-        if self.loss.distractor_weight > 0 and self.loss.num_random_keys == 0:
-            raise ConfigError("loss.distractor_weight > 0 needs loss.num_random_keys > 0")
-        if self.loss.sig_weight > 0 and self.loss.sig_mode == "baseline":
-            raise ConfigError("loss.sig_weight > 0 needs loss.sig_mode other than baseline")
+
+def load_run_config(path: str | None, overrides: list[str] = (), **cli: Any) -> RunConfig:
+    """Read the YAML at `path` (or defaults), apply `--set` overrides and CLI values, check, build."""
+    data = _read_yaml(path) if path else {}
+    schema = OmegaConf.structured(RunConfig)
+    try:
+        for key, value in data.items():
+            if not (value is None and dataclasses.is_dataclass(_field_type(RunConfig, str(key)))):
+                # an empty section (`optim:` with nothing under it) keeps its defaults
+                _apply(schema, str(key), value)
+        for assignment in overrides:
+            _apply(schema, *_parse_assignment(assignment))
+        for key, value in cli.items():
+            if value is not None:
+                _apply(schema, key, value)
+        return OmegaConf.to_object(schema)
+    except OmegaConfBaseException as err:
+        raise _one_line(err, data) from None
+
+
+# ---------------------------------------------------------------------- helpers
+def _parse_assignment(assignment: str) -> tuple[str, Any]:
+    """Split one `a.b.c=value` override into the dotted key and its value parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    key, raw = assignment.split("=", 1)
+    key = key.strip()
+    if not key or "" in key.split("."):
+        raise ConfigError(f"--set has an empty key: {assignment!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _typed_model_overrides(preset: str, overrides: dict) -> dict:
+    """Check `overrides` against AtmaConfig (names, types, values) and return them typed (e.g. "3e-4" -> 3e-4)."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model.overrides must be a mapping, got {overrides!r}")
+    known = [f.name for f in dataclasses.fields(AtmaConfig) if f.name != "preset"]
+    unknown = sorted(str(k) for k in overrides if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in model.overrides: {', '.join(unknown)} (known: {', '.join(known)})")
+    schema = OmegaConf.structured(AtmaConfig.from_preset(preset))
+    try:
+        config = OmegaConf.to_object(OmegaConf.merge(schema, overrides))
+    except OmegaConfBaseException as err:
+        raise _one_line(err, overrides, prefix="model.overrides.") from None
+    except ValueError as err:
+        raise ConfigError(f"model.overrides: {err}") from None
+    return {name: getattr(config, name) for name in overrides}
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _require_one_of(value: str, choices: tuple[str, ...], key: str) -> None:
+    _require(value in choices, f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
 def _plain(value):
@@ -210,112 +434,94 @@ def _plain(value):
     return value
 
 
-def _coerce(value, hint, key: str):
-    """Convert a YAML value to the dataclass field's type, or raise ConfigError."""
-    origin = getattr(hint, "__origin__", None)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads exponents without a dot ("3e-4") as strings.
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if value is None:
-            return ""
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    if hint is tuple or origin is tuple:
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, float, key) for v in value)
-        raise ConfigError(f"{key} must be a list, got {value!r}")
-    if hint is dict or origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise ConfigError(f"{key} must be a mapping, got {value!r}")
-    return value
-
-
-def _build(cls, data: dict, prefix: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'the run config'} must be a mapping, got {type(data).__name__}")
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f" in {prefix}" if prefix else ""
-        raise ConfigError(f"unknown key(s){where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        hint = hints[name]
-        key = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value or {}, key)
-        else:
-            kwargs[name] = _coerce(value, hint, key)
-    return cls(**kwargs)
-
-
-def apply_override(data: dict, assignment: str) -> None:
-    """Apply one `a.b.c=value` assignment (value parsed as YAML) to nested dict `data`."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
-    key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set has an empty key: {assignment!r}")
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: run config not found")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {part} is not a section")
-    node[parts[-1]] = value
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
 
 
-def load_run_config(path: str | None, overrides: list[str] = (), **cli: Any) -> RunConfig:
-    """Read the YAML at `path` (or defaults), apply `--set` overrides and CLI values, validate."""
-    data: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigError(f"{path}: run config not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-    for assignment in overrides:
-        apply_override(data, assignment)
-    for key, value in cli.items():
-        if value is not None:
-            apply_override(data, f"{key}={value}") if not isinstance(value, str) else _set_str(data, key, value)
-    config = _build(RunConfig, data, "")
-    config.validate()
-    return config
-
-
-def _set_str(data: dict, key: str, value: str) -> None:
-    node = data
+def _apply(schema: DictConfig, key: str, value: Any) -> None:
+    """Set dotted `key` to `value`; a mapping for a section is applied key by key, so errors name the leaf."""
+    if isinstance(value, dict) and value and isinstance(_node(schema, key), DictConfig):
+        for name, item in value.items():
+            _apply(schema, f"{key}.{name}", item)
+        return
     parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    for depth in range(1, len(parts)):
+        parent, name = ".".join(parts[:depth - 1]), parts[depth - 1]
+        node = _node(schema, parent)
+        if not isinstance(node, DictConfig):
+            break
+        missing = OmegaConf.is_missing(node, name)
+        if missing and dataclasses.is_dataclass(_field_type(OmegaConf.get_type(node), name)):
+            OmegaConf.update(schema, ".".join(parts[:depth]), {}, merge=True)  # fill an unset section first
+        elif missing or (name in node and not isinstance(node[name], DictConfig)):
+            raise ConfigError(f"{key}: {'.'.join(parts[:depth])} is a value, not a section")
+    OmegaConf.update(schema, key, value, merge=True)
+
+
+def _node(schema: DictConfig, key: str) -> Any:
+    """The config node at dotted `key`, or None where the path is unknown or unset."""
+    node = schema
+    for part in filter(None, key.split(".")):
+        if not isinstance(node, DictConfig) or OmegaConf.is_missing(node, part) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _one_line(err: OmegaConfBaseException, data: dict, prefix: str = "") -> ConfigError:
+    """Turn an OmegaConf error into one ConfigError line naming the key."""
+    key = prefix + (err.full_key or "")
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)) and dataclasses.is_dataclass(err.object_type):
+        section = key.rpartition(".")[0]
+        known = [f.name for f in dataclasses.fields(err.object_type)]
+        given = _lookup(data, err.full_key.rpartition(".")[0]) if not prefix else data
+        unknown = sorted(str(k) for k in given if k not in known) if isinstance(given, dict) else []
+        where = f" in {section}" if section else ""
+        return ConfigError(f"unknown key(s){where}: {', '.join(unknown or [str(err.key)])} (known: {', '.join(known)})")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(DATA_DIR_UNSET if key in ("data", "data.dir") else f"{key} is not set")
+    hint = _field_type(err.object_type, err.key)
+    if isinstance(err, ValidationError) and hint is not None:
+        return ConfigError(f"{key} must be {_expected(hint)}, got {_shown(err.value)}")
+    return ConfigError(f"{key or 'run config'}: {str(err).splitlines()[0]}")
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in filter(None, dotted.split(".")):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _field_type(cls, name) -> Any:
+    if not dataclasses.is_dataclass(cls) or not isinstance(name, str):
+        return None
+    return typing.get_type_hints(cls).get(name)
+
+
+def _expected(hint) -> str:
+    """Describe a field type for an error message, e.g. float -> "a number"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_expected(a) for a in args if a is not type(None)) + " or null"
+    if origin is tuple:
+        return "a list of numbers" if args[0] is float else "a list"
+    if origin is dict or hint is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping (a section)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _shown(value) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    return repr(value)

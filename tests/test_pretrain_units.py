@@ -1,4 +1,4 @@
-"""Single-process pieces of pretraining: run config, schedules, parameter groups, loss terms, FLOPs."""
+"""Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
 import math
 
@@ -13,56 +13,7 @@ from pretrain.optim import build_param_groups, lr_multiplier
 from pretrain.trainer import padded_vocab, plan_batch
 
 
-# ---------------------------------------------------------------------- run config
-def write(tmp_path, text):
-    path = tmp_path / "run.yaml"
-    path.write_text(text)
-    return str(path)
-
-
-def test_shipped_configs_load_and_validate():
-    for name in ("tiny-cpu", "atma-378m"):
-        cfg = load_run_config(f"pretrain/configs/{name}.yaml", ["data.dir=/tmp/shards"])
-        assert cfg.data.dir == "/tmp/shards"
-    paper = load_run_config("pretrain/configs/atma-378m.yaml", [], **{"data.dir": "x"})
-    assert paper.optim.name == "muon" and paper.schedule.kind == "paper"
-    assert paper.batch.tokens == 524_288 and paper.train.max_steps == 18_722
-
-
-def test_set_overrides_parse_yaml_values(tmp_path):
-    cfg = load_run_config(None, ["data.dir=d", "optim.lr=3e-4", "optim.betas=[0.8, 0.9]",
-                                 "model.overrides.core=nope", "model.overrides.window=null",
-                                 "logging.wandb=true"])
-    assert cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.model.overrides == {"core": "nope", "window": None}
-    assert cfg.logging.wandb is True
-
-
-@pytest.mark.parametrize(
-    "text,needle",
-    [
-        ("optim: {lr: -1}\ndata: {dir: d}", "optim.lr"),
-        ("optim: {name: sgd}\ndata: {dir: d}", "optim.name"),
-        ("optimizer: {}\ndata: {dir: d}", "unknown key"),
-        ("optim: {lrr: 1}\ndata: {dir: d}", "unknown key"),
-        ("train: {max_steps: ten}\ndata: {dir: d}", "train.max_steps"),
-        ("loss: {distill_weight: 0.5}\ndata: {dir: d}", "teacher"),
-        ("loss: {sig_weight: 0.5}\ndata: {dir: d}", "sig_mode"),
-        ("batch: {tokens: 0}\ndata: {dir: d}", "batch.tokens"),
-        ("train: {max_steps: 3}", "data.dir"),
-        ("[1, 2", "not valid YAML"),
-    ],
-)
-def test_bad_run_configs_fail_clearly(tmp_path, text, needle):
-    with pytest.raises(ConfigError, match=needle):
-        load_run_config(write(tmp_path, text))
-
-
-def test_missing_config_file():
-    with pytest.raises(ConfigError, match="not found"):
-        load_run_config("/nonexistent/run.yaml")
-
-
+# ---------------------------------------------------------------------- batch plan
 def test_batch_plan_derives_accumulation():
     plan = plan_batch(4096, 4, 256, 2)
     assert plan.grad_accum == 2 and plan.tokens_per_step == 4096
