@@ -1,24 +1,24 @@
-"""Corpus to token shards (``prepare``), and shards to training batches (``loader``).
+"""Corpus to token shards, and one way to read them back.
 
-Imports are lazy: importing the package (as tokenizer workers do where processes are spawned)
-loads neither torch nor webdataset.
+Public API: ``SplitReader`` (every reader of the shards goes through it), ``load_manifest`` /
+``Manifest``, the end-of-document token lookup and the error types. The two entry modules are
+imported by name: ``data_pipeline.prepare.prepare`` writes a dataset, and
+``data_pipeline.loader.build_loader`` feeds training. The loader needs torch, so importing this
+package loads neither torch nor webdataset (tokenizer worker processes import it).
 """
 
-import importlib
+from data_pipeline.errors import DataError, ShardError
+from data_pipeline.manifest import Manifest, load_manifest
+from data_pipeline.split_reader import SplitReader, StoredSample
+from data_pipeline.tokenizer import EOS_CANDIDATES, find_eos
 
-__all__ = ["prepare", "load_manifest", "Manifest", "build_loader", "TokenLoader", "DataError"]
-
-_HOMES = {
-    "prepare": "data_pipeline.prepare",
-    "load_manifest": "data_pipeline.manifest",
-    "Manifest": "data_pipeline.manifest",
-    "build_loader": "data_pipeline.loader",
-    "TokenLoader": "data_pipeline.loader",
-    "DataError": "data_pipeline.errors",
-}
-
-
-def __getattr__(name):
-    if name not in _HOMES:
-        raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")
-    return getattr(importlib.import_module(_HOMES[name]), name)
+__all__ = [
+    "DataError",
+    "EOS_CANDIDATES",
+    "Manifest",
+    "ShardError",
+    "SplitReader",
+    "StoredSample",
+    "find_eos",
+    "load_manifest",
+]

@@ -15,13 +15,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import Manifest, as_manifest
 from data_pipeline.order import EpochOrder
 from data_pipeline.shard_reader import ShardReader
 
@@ -37,7 +38,7 @@ class TokenBatches(IterableDataset):
     training process.
     """
 
-    def __init__(self, data_dir: str, *, split: str, batch_size: int, rank: int, world_size: int,
+    def __init__(self, dataset: str | os.PathLike | Manifest, *, split: str, batch_size: int, rank: int, world_size: int,
                  seed: int, shuffle: bool, shuffle_window: int, num_epochs: int | None,
                  drop_last: bool):
         if world_size < 1 or not 0 <= rank < world_size:
@@ -46,12 +47,12 @@ class TokenBatches(IterableDataset):
             raise DataError("batch_size and shuffle_window must be at least 1")
         if num_epochs is not None and num_epochs < 1:
             raise DataError(f"num_epochs must be at least 1 (or None for no end), got {num_epochs}")
-        self.manifest = load_manifest(data_dir)
+        self.manifest = as_manifest(dataset)
         self.split = split
         self.reader = ShardReader(self.manifest, split)
         self.num_samples = self.manifest.num_samples(split)
         if self.num_samples == 0:
-            raise DataError(f"{data_dir}: split {split!r} has no samples")
+            raise DataError(f"{self.manifest.data_dir}: split {split!r} has no samples")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.shuffle, self.shuffle_window = seed, shuffle, shuffle_window
         self.num_epochs, self.drop_last = num_epochs, drop_last
@@ -216,15 +217,16 @@ class TokenLoader:
         self.position = int(state["position"])
 
 
-def build_loader(data_dir: str, *, split: str = "train", batch_size: int, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
+def build_loader(dataset: str | os.PathLike | Manifest, *, split: str = "train", batch_size: int,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, num_epochs: int | None = None,
                  shuffle_window: int = DEFAULT_SHUFFLE_WINDOW, pin_memory: bool = False,
                  prefetch_factor: int | None = None, multiprocessing_context=None) -> TokenLoader:
     """A resumable loader of ``{"input_ids", "labels"}`` int64 ``(batch_size, seq_len)`` batches.
 
     Args:
-        data_dir: a directory written by ``prepare`` (holds manifest.json).
+        dataset: a directory written by ``prepare`` (holds manifest.json), or its already
+            loaded ``Manifest`` (then manifest.json is not read again).
         split: "train" or "val".
         batch_size: sequences per rank per batch.
         rank, world_size: this process's data-parallel rank and the data-parallel size.
@@ -235,10 +237,10 @@ def build_loader(data_dir: str, *, split: str = "train", batch_size: int, rank: 
             on some ranks.
         num_epochs: passes over the split; None cycles forever (reshuffled every epoch).
     """
-    dataset = TokenBatches(data_dir, split=split, batch_size=batch_size, rank=rank,
+    batches = TokenBatches(dataset, split=split, batch_size=batch_size, rank=rank,
                            world_size=world_size, seed=seed, shuffle=shuffle,
                            shuffle_window=shuffle_window, num_epochs=num_epochs,
                            drop_last=drop_last)
-    return TokenLoader(dataset, num_workers=num_workers, pin_memory=pin_memory,
+    return TokenLoader(batches, num_workers=num_workers, pin_memory=pin_memory,
                        prefetch_factor=prefetch_factor,
                        multiprocessing_context=multiprocessing_context)

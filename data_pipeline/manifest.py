@@ -149,6 +149,11 @@ def load_manifest(data_dir: str) -> Manifest:
     return manifest
 
 
+def as_manifest(dataset: str | os.PathLike | Manifest) -> Manifest:
+    """``dataset`` itself when it is a loaded Manifest, else the manifest of that directory."""
+    return dataset if isinstance(dataset, Manifest) else load_manifest(os.fspath(dataset))
+
+
 def write_json_atomic(path: str, obj: dict) -> None:
     """Write JSON to a temporary file, fsync it and rename it over ``path``."""
     tmp = path + ".tmp"

@@ -53,6 +53,19 @@ def _padded(size: int) -> int:
     return -(-size // TAR_BLOCK) * TAR_BLOCK
 
 
+def member_name(header: bytes) -> str:
+    """The member name in a tar header block (its NUL-terminated first 100 bytes)."""
+    return header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def member_size(header: bytes) -> int | None:
+    """The payload size in a tar header block (octal, bytes 124-135), or None if unreadable."""
+    try:
+        return int(header[124:136].strip(b"\0 "), 8)
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class SampleLayout:
     """Byte layout of one sample record for a given sequence length and token dtype."""
@@ -110,6 +123,37 @@ class SampleLayout:
             MASK_MEMBER: self.mask_header + np.packbits(mask).tobytes(),
             TOKENS_MEMBER: self.tokens_header + tokens.astype(self.dtype, copy=False).tobytes(),
         }
+
+    def record_problem(self, record: bytes, index: int) -> str | None:
+        """What in ``record`` (the bytes of sample ``index``) breaks this layout, or None.
+
+        Checks each member's tar header (name and size) and its .npy header; the token ids
+        themselves are the caller's to check.
+        """
+        if len(record) < self.record_bytes:
+            return f"ends inside sample {index}"
+        members = (
+            (0, MASK_MEMBER, self.mask_header, self.mask_bytes),
+            (self.tokens_member_offset, TOKENS_MEMBER, self.tokens_header,
+             self.num_tokens * self.dtype.itemsize),
+        )
+        for offset, member, header, data_bytes in members:
+            block = record[offset: offset + TAR_BLOCK]
+            expected = f"{sample_key(index)}.{member}"
+            found = member_name(block)
+            if found != expected:
+                return f"unexpected member {found!r} where {expected!r} belongs"
+            size = member_size(block)
+            if size != len(header) + data_bytes:
+                return f"{expected}: tar header gives {size} bytes, the layout {len(header) + data_bytes}"
+            if record[offset + TAR_BLOCK: offset + TAR_BLOCK + len(header)] != header:
+                return (f"{expected}: .npy header does not match seq_len {self.seq_len} "
+                        f"and dtype {self.dtype.name}")
+        return None
+
+    def decode_tokens(self, record: bytes) -> np.ndarray:
+        """The token ids of a whole sample record (a view of its bytes)."""
+        return np.frombuffer(record, dtype=self.dtype, count=self.num_tokens, offset=self.tokens_offset)
 
     def decode_mask(self, payload: bytes) -> np.ndarray:
         """Document-start positions from a doc_mask payload (header included)."""

@@ -17,20 +17,22 @@ _MAX_OPEN_FILES = 16
 class ShardReader:
     """Reads sample tokens by (shard, local index) with one ``pread`` each.
 
-    Opening checks that every shard exists with the size the manifest records; each read checks
-    the sample's tar member name and .npy header, so a shard that does not match its manifest
-    fails loudly instead of yielding wrong tokens. File handles open lazily (the reader can be
-    sent to DataLoader worker processes before its first read).
+    Opening checks that every shard exists with the size the manifest records (unless
+    ``check_sizes`` is False); each read checks the sample's tar member name and .npy header, so
+    a shard that does not match its manifest fails loudly instead of yielding wrong tokens. File
+    handles open lazily (the reader can be sent to DataLoader worker processes before its first
+    read).
     """
 
-    def __init__(self, manifest: Manifest, split: str):
+    def __init__(self, manifest: Manifest, split: str, *, check_sizes: bool = True):
         self.layout = manifest.layout
         self.paths = manifest.shard_paths(split)
         info = manifest.split(split)
         self.num_samples = np.array([s.num_samples for s in info.shards], dtype=np.int64)
         self.first_sample = np.array([s.first_sample for s in info.shards], dtype=np.int64)
-        for path, shard in zip(self.paths, info.shards, strict=True):
-            check_shard_size(path, shard.bytes)
+        if check_sizes:
+            for path, shard in zip(self.paths, info.shards, strict=True):
+                check_shard_size(path, shard.bytes)
         header = self.layout.tokens_header
         self._tokens_read = TAR_BLOCK + len(header) + self.layout.num_tokens * self.layout.dtype.itemsize
         self._header = header
@@ -62,6 +64,14 @@ class ShardReader:
         if len(data) != size or data[: len(name)] != name:
             raise ShardError(f"{self.paths[shard]}: sample {local} has no readable {MASK_MEMBER}")
         return layout.decode_mask(data[TAR_BLOCK:])
+
+    def read_at(self, shard: int, offset: int, size: int) -> bytes:
+        """Up to ``size`` raw bytes of shard ``shard`` from byte ``offset`` (fewer at its end)."""
+        return os.pread(self._fd(shard), size, offset)
+
+    def file_size(self, shard: int) -> int:
+        """The size in bytes of shard ``shard`` as it is on disk now."""
+        return os.fstat(self._fd(shard)).st_size
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, local index) of sample ``index`` of the split."""

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest
-from data_pipeline.shard_reader import ShardReader
+from data_pipeline.split_reader import SplitReader
 
 
 def manifest_report(manifest: Manifest) -> list[str]:
@@ -38,23 +37,20 @@ def manifest_report(manifest: Manifest) -> list[str]:
 
 def sample_report(manifest: Manifest, split: str, index: int, max_chars: int) -> list[str]:
     """Lines showing one sample: its document starts and its decoded text."""
-    reader = ShardReader(manifest, split)
-    try:
-        if not 0 <= index < manifest.num_samples(split):
-            raise DataError(f"{manifest.data_dir}: {split} has {manifest.num_samples(split)} samples, "
-                            f"no sample {index}")
+    if not 0 <= index < manifest.num_samples(split):
+        raise DataError(f"{manifest.data_dir}: {split} has {manifest.num_samples(split)} samples, "
+                        f"no sample {index}")
+    with SplitReader(manifest, split) as reader:
+        sample = reader.sample(index, doc_starts=True)
         shard, local = reader.locate(index)
-        tokens = np.empty(manifest.seq_len + 1, dtype=manifest.layout.dtype)
-        reader.read_into(shard, local, tokens)
-        starts = reader.read_doc_starts(shard, local)
-    finally:
-        reader.close()
+        path = reader.shard_paths[shard]
+    tokens = sample.tokens
     tokenizer = Tokenizer.from_file(manifest.tokenizer_path)
     text = tokenizer.decode(tokens.tolist(), skip_special_tokens=False)
     shown = text if len(text) <= max_chars else text[:max_chars] + f"... [{len(text) - max_chars} more chars]"
     return [
-        f"{split} sample {index} ({reader.paths[shard]}, #{local}): {len(tokens)} tokens, "
-        f"documents start at {starts.tolist()}",
+        f"{split} sample {index} ({path}, #{local}): {len(tokens)} tokens, "
+        f"documents start at {sample.doc_starts.tolist()}",
         f"first ids   {tokens[:16].tolist()}",
         "text:",
         shown,

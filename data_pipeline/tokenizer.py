@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from data_pipeline.errors import DataError, one_line
 
 DEFAULT_EOS = "<|endoftext|>"
-EOS_CANDIDATES = (DEFAULT_EOS, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]")
+# Names an end-of-document token goes by in common tokenizer files, in order of preference.
+EOS_CANDIDATES = (DEFAULT_EOS, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|eot|>", "<eot>", "[EOS]")
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -85,15 +86,22 @@ def _load_file(path: str, eos_token: str | None) -> TokenizerInfo:
     return describe(text, eos_token, os.path.abspath(path))
 
 
-def describe(json_text: str, eos_token: str | None, origin: str) -> TokenizerInfo:
-    """Wrap tokenizer JSON with its end-of-document token, found by name when not given."""
-    tokenizer = Tokenizer.from_str(json_text)
-    candidates = (eos_token,) if eos_token else EOS_CANDIDATES
+def find_eos(tokenizer: Tokenizer, candidates: Iterable[str] = EOS_CANDIDATES) -> tuple[str, int] | None:
+    """The first of ``candidates`` the tokenizer knows, with its id; None when it knows none."""
     for candidate in candidates:
         eos_id = tokenizer.token_to_id(candidate)
         if eos_id is not None:
-            vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
-            return TokenizerInfo(json_text, candidate, eos_id, vocab_size, origin)
+            return candidate, eos_id
+    return None
+
+
+def describe(json_text: str, eos_token: str | None, origin: str) -> TokenizerInfo:
+    """Wrap tokenizer JSON with its end-of-document token, found by name when not given."""
+    tokenizer = Tokenizer.from_str(json_text)
+    found = find_eos(tokenizer, (eos_token,) if eos_token else EOS_CANDIDATES)
+    if found is not None:
+        vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
+        return TokenizerInfo(json_text, found[0], found[1], vocab_size, origin)
     if eos_token:
         raise DataError(f"{origin}: tokenizer has no token {eos_token!r}")
     raise DataError(f"{origin}: no end-of-document token found (tried {', '.join(EOS_CANDIDATES)}); "

@@ -1,4 +1,4 @@
-"""The model directory's tokenizer.json: encode/decode, the end-of-text token, digit tokens."""
+"""The model directory's tokenizer.json: encode/decode, the end-of-document token (EOS), digit tokens."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from data_pipeline import find_eos
+
 from .errors import EvaluationError
 
 TOKENIZER_NAME = "tokenizer.json"
-# Names an end-of-text / end-of-document token goes by in common tokenizer files, in order of preference.
-EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|eot|>", "<eot>", "[EOS]")
 
 
 @dataclass
 class TextCodec:
-    """A Hugging Face tokenizer plus the end-of-text token the evaluation puts first in every context."""
+    """A Hugging Face tokenizer plus the end-of-document token (EOS) the evaluation puts first in every context."""
 
     tokenizer: Tokenizer
     path: str
-    eot_id: int | None
-    eot_token: str | None
+    eos_id: int | None
+    eos_token: str | None
 
     @property
     def vocab_size(self) -> int:
@@ -44,15 +44,6 @@ class TextCodec:
         return ids
 
 
-def find_eot(tokenizer: Tokenizer) -> tuple[int | None, str | None]:
-    """The id and text of the tokenizer's end-of-text token, or (None, None) when it has none."""
-    for name in EOT_CANDIDATES:
-        token_id = tokenizer.token_to_id(name)
-        if token_id is not None:
-            return token_id, name
-    return None, None
-
-
 def load_codec(model_dir: str) -> TextCodec:
     """Load `model_dir/tokenizer.json`, raising EvaluationError with the path when it is missing or unreadable."""
     path = os.path.join(model_dir, TOKENIZER_NAME)
@@ -62,5 +53,5 @@ def load_codec(model_dir: str) -> TextCodec:
         tokenizer = Tokenizer.from_file(path)
     except Exception as err:  # the tokenizers library raises a bare Exception for bad files
         raise EvaluationError(f"{path}: not a readable tokenizers file ({str(err).splitlines()[0]})") from None
-    eot_id, eot_token = find_eot(tokenizer)
-    return TextCodec(tokenizer=tokenizer, path=path, eot_id=eot_id, eot_token=eot_token)
+    eos_token, eos_id = find_eos(tokenizer) or (None, None)
+    return TextCodec(tokenizer=tokenizer, path=path, eos_id=eos_id, eos_token=eos_token)

@@ -73,27 +73,27 @@ def synthetic_haystack(codec: TextCodec, num_tokens: int) -> np.ndarray:
     return np.tile(unit, repeats)
 
 
-def needle_budget(length: int, needle: Needle, *, has_eot: bool) -> int:
-    """Haystack tokens in a context of `length`: length - (EOT + cue + value + cue)."""
-    return length - (int(has_eot) + 2 * len(needle.cue_ids) + len(needle.value_ids))
+def needle_budget(length: int, needle: Needle, *, has_eos: bool) -> int:
+    """Haystack tokens in a context of `length`: length - (EOS + cue + value + cue)."""
+    return length - (int(has_eos) + 2 * len(needle.cue_ids) + len(needle.value_ids))
 
 
-def build_context(haystack, needle: Needle, length: int, depth: float, *, eot_id: int | None) -> list[int]:
-    """A context of exactly `length` tokens: [EOT] + body[:i] + cue + value + body[i:] + cue.
+def build_context(haystack, needle: Needle, length: int, depth: float, *, eos_id: int | None) -> list[int]:
+    """A context of exactly `length` tokens: [EOS] + body[:i] + cue + value + body[i:] + cue.
 
-    body = haystack[:budget] and i = floor(depth * budget); the EOT is left out when the
+    body = haystack[:budget] and i = floor(depth * budget); the EOS is left out when the
     tokenizer has none.
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    budget = needle_budget(length, needle, has_eot=eot_id is not None)
+    budget = needle_budget(length, needle, has_eos=eos_id is not None)
     if budget < 0:
         raise ValueError(f"length {length} is shorter than the needle and query ({length - budget} tokens)")
     if len(haystack) < budget:
         raise ValueError(f"haystack has {len(haystack)} tokens, length {length} needs {budget}")
     body = [int(t) for t in haystack[:budget]]
     insert = math.floor(depth * budget)
-    prefix = [eot_id] if eot_id is not None else []
+    prefix = [eos_id] if eos_id is not None else []
     context = prefix + body[:insert] + list(needle.cue_ids) + list(needle.value_ids) + body[insert:] + list(needle.cue_ids)
     assert len(context) == length
     return context

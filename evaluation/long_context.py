@@ -22,14 +22,14 @@ from tqdm import tqdm
 from .codec import TextCodec, load_codec
 from .errors import EvaluationError
 from .haystack import Needle, make_needle
+from .heldout import DataSource, open_source
+from .inputs import build_haystacks, perplexity_documents
 from .loading import load_model, read_export_info, resolve_device, resolve_dtype
 from .perplexity import run_perplexity_cell
-from .prepare import build_haystacks, perplexity_documents
 from .report import plot_perplexity, plot_retrieval, write_json, write_markdown
 from .retrieval import run_retrieval_cell
 from .scoring import hidden_at
 from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, PERPLEXITY, check_settings, resolve_plan
-from .sources import DataSource, open_source
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _run_cell(cell: Cell, model, codec: TextCodec, prepared: dict, settings: dic
         else:
             entry.update(run_retrieval_cell(
                 model, prepared["needles"][cell.name], prepared["haystacks"][cell.haystack], cell.length,
-                cell.depth, eot_id=codec.eot_id, device=device, autocast_dtype=autocast_dtype,
+                cell.depth, eos_id=codec.eos_id, device=device, autocast_dtype=autocast_dtype,
             ))
     except torch.OutOfMemoryError:
         entry["error"] = "out of memory"
@@ -113,7 +113,7 @@ def _metadata(model_dir, model, codec, settings, prepared, notes) -> dict:
         "num_parameters": model.num_parameters(),
         "export": read_export_info(model_dir),
         "tokenizer": {
-            "path": codec.path, "vocab_size": codec.vocab_size, "eot_id": codec.eot_id, "eot_token": codec.eot_token,
+            "path": codec.path, "vocab_size": codec.vocab_size, "eos_id": codec.eos_id, "eos_token": codec.eos_token,
             "digit_tokens": {str(d): len(codec.digit_ids(d)) for d in range(10)},
         },
         "lengths": settings["lengths"],
@@ -180,7 +180,7 @@ def run_evaluation(
 
     Args:
         lengths: ints or a string such as "2k,4k,...,64k".
-        data: held-out text (val shard directory, .tar, .txt/.md, .jsonl/.jsonl.gz), one path or several;
+        data: held-out text (prepared shard directory, one of its .tar shards, .txt/.md, .jsonl/.jsonl.gz), one path or several;
             the first also gives the real haystack. Without data only synthetic retrieval runs.
         tasks: subset of ("passkey", "niah", "perplexity"); haystacks: subset of ("synthetic", "real").
         device/dtype: default cuda + bf16 when a GPU is present, else cpu + fp32.
@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "'a,b,...,c' repeats the ratio b/a up to c (default: 2k,4k,...,64k)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created; files in it are replaced)")
     p.add_argument("--data", action="append", metavar="PATH",
-                   help="held-out text, repeatable: a directory of validation shards (val-*.tar with tokens.npy "
-                   "samples), one .tar shard, a .txt/.md file (one document) or .jsonl/.jsonl.gz (one document "
-                   "per line). Each gives a perplexity source; the first also gives the real haystack. "
+                   help="held-out text, repeatable: a directory written by `python -m data_pipeline prepare` (its val "
+                   "split), one .tar shard of such a directory, a .txt/.md file (one document) or .jsonl/.jsonl.gz "
+                   "(one document per line). Each gives a perplexity source; the first also gives the real haystack. "
                    "Without it only synthetic retrieval runs")
     p.add_argument("--text-field", default="text", help="JSON field holding the text in .jsonl files (default: text)")
     p.add_argument("--tasks", type=_comma_list, default=None,

@@ -8,9 +8,9 @@ from .haystack import Needle, build_context
 from .scoring import RetrievalTally, score_positions, teacher_forced
 
 
-def retrieval_inputs(haystack, needle: Needle, length: int, depth: float, *, eot_id: int | None):
+def retrieval_inputs(haystack, needle: Needle, length: int, depth: float, *, eos_id: int | None):
     """(input ids, scored positions, value ids) of one trial: the context of `length` plus value[:-1]."""
-    context = build_context(haystack, needle, length, depth, eot_id=eot_id)
+    context = build_context(haystack, needle, length, depth, eos_id=eos_id)
     return teacher_forced(context, needle.value_ids)
 
 
@@ -21,14 +21,14 @@ def run_retrieval_cell(
     length: int,
     depth: float,
     *,
-    eot_id: int | None,
+    eos_id: int | None,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
 ) -> dict:
     """Score every needle at (length, depth): token/digit/exact accuracy in [0, 1], nll per value token, counts."""
     tally = RetrievalTally()
     for needle in needles:
-        ids, positions, targets = retrieval_inputs(haystack, needle, length, depth, eot_id=eot_id)
+        ids, positions, targets = retrieval_inputs(haystack, needle, length, depth, eos_id=eos_id)
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)
         scores = score_positions(model, input_ids, positions, targets, autocast_dtype=autocast_dtype)
         tally.add(scores, needle.digit_sizes)

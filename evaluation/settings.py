@@ -52,5 +52,5 @@ def resolve_plan(tasks, haystacks, has_data: bool) -> tuple[tuple, tuple, list[s
     tasks = check_choices(tasks, ALL_TASKS, "task")
     haystacks = check_choices(haystacks, HAYSTACKS, "haystack")
     if not has_data and (PERPLEXITY in tasks or ("real" in haystacks and set(tasks) & set(TASKS))):
-        raise EvaluationError("perplexity and the real haystack need held-out text: pass --data (val shards, .txt or .jsonl)")
+        raise EvaluationError("perplexity and the real haystack need held-out text: pass --data (a prepared shard directory, .txt or .jsonl)")
     return tasks, haystacks, notes

@@ -182,7 +182,7 @@ class Trainer:
             self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
                                    vocab_size=self.model_config.vocab_size)
 
-        loader_args = dict(data_dir=cfg.data.dir, batch_size=self.plan.micro_batch_size, rank=self.rank,
+        loader_args = dict(dataset=self.manifest, batch_size=self.plan.micro_batch_size, rank=self.rank,
                            world_size=self.world, num_workers=cfg.data.num_workers, seed=cfg.data.seed)
         self.train_loader = build_loader(split="train", shuffle=cfg.data.shuffle, num_epochs=None, **loader_args)
         self.val_loader = None

@@ -7,7 +7,7 @@ import os
 import shutil
 
 import pytest
-from data_fixtures import decoded_documents, read_manifest, synthetic_docs, write_jsonl
+from data_fixtures import decoded_documents, synthetic_docs, write_jsonl
 
 from data_pipeline.errors import DataError, ShardError
 from data_pipeline.loader import build_loader
@@ -46,7 +46,7 @@ def test_bad_json_line_is_skipped_counted_and_named(tmp_path, caplog, reason, ba
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
         prepare(inputs=[path], output=out, **SMALL)
-    corpus = read_manifest(out)["corpus"]
+    corpus = load_manifest(out).corpus
     assert corpus["skipped"] == {reason: 1}
     assert corpus["num_documents_read"] == 10 and corpus["num_documents_used"] == 9
     [example] = corpus["skip_examples"][reason]
@@ -73,7 +73,7 @@ def test_bad_text_files_are_skipped_counted_and_named(tmp_path, caplog):
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
         prepare(inputs=[str(corpus)], output=out, **SMALL)
-    corpus_stats = read_manifest(out)["corpus"]
+    corpus_stats = load_manifest(out).corpus
     assert corpus_stats["skipped"] == {"invalid_utf8": 1, "empty": 1}
     warned = _warnings(caplog)
     assert f"skipped {corpus / '1a.txt'}: invalid UTF-8 at byte 11" in warned
@@ -92,11 +92,10 @@ def test_empty_source_is_reported_and_strict_fails(tmp_path, caplog):
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
         prepare(inputs=[good, str(empty), str(empty_dir)], output=out, **SMALL)
-    manifest = read_manifest(out)
-    assert manifest["corpus"]["skipped"] == {"empty_source": 2}
-    assert manifest["corpus"]["num_documents_read"] == 6
-    assert [s["skipped"] for s in manifest["corpus"]["sources"]] == [{}, {"empty_source": 1},
-                                                                     {"empty_source": 1}]
+    corpus = load_manifest(out).corpus
+    assert corpus["skipped"] == {"empty_source": 2}
+    assert corpus["num_documents_read"] == 6
+    assert [s["skipped"] for s in corpus["sources"]] == [{}, {"empty_source": 1}, {"empty_source": 1}]
     assert f"skipped {empty}: no documents found" in _warnings(caplog)
     with pytest.raises(DataError, match=r"empty\.jsonl: no documents found \(--strict\)"):
         prepare(inputs=[good, str(empty)], output=str(tmp_path / "s"), strict=True, **SMALL)
@@ -114,7 +113,7 @@ def test_truncated_gzip_source_keeps_what_was_readable(tmp_path, caplog):
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
         prepare(inputs=[str(cut)], output=out, **SMALL)
-    corpus = read_manifest(out)["corpus"]
+    corpus = load_manifest(out).corpus
     assert corpus["skipped"] == {"source_error": 1}
     assert 0 < corpus["num_documents_used"] < len(docs)
     [warning] = [w for w in _warnings(caplog) if str(cut) in w]
@@ -141,7 +140,7 @@ def copy(dataset, tmp_path):
 
 
 def _shard(copy, i):
-    return os.path.join(copy, read_manifest(copy)["splits"]["train"]["shards"][i]["file"])
+    return os.path.join(copy, load_manifest(copy).split("train").shards[i].file)
 
 
 def _read_all(copy):
@@ -155,7 +154,7 @@ def test_truncated_shard_is_named_by_verify_and_loader(copy):
     with open(path, "r+b") as f:
         f.truncate(size - 3000)
     count, problems = verify_dataset(load_manifest(copy))
-    assert len(problems) == 1 and count == len(read_manifest(copy)["splits"]["train"]["shards"])
+    assert len(problems) == 1 and count == len(load_manifest(copy).split("train").shards)
     assert problems[0].startswith(f"{path}: {size - 3000} bytes, manifest.json says {size}")
     assert "\n" not in problems[0]
     with pytest.raises(ShardError, match=f"{path}: {size - 3000} bytes, manifest.json says {size}"):
@@ -164,12 +163,13 @@ def test_truncated_shard_is_named_by_verify_and_loader(copy):
 
 def test_corrupt_shard_is_named_by_verify_and_loader(copy):
     path = _shard(copy, 0)
-    record = read_manifest(copy)["layout"]["record_bytes"]
+    record = load_manifest(copy).record_bytes
     with open(path, "r+b") as f:
         f.seek(3 * record + record // 2 + 1)
         f.write(b"\x00garbage\x00" * 8)
     _, problems = verify_dataset(load_manifest(copy))
     assert len(problems) == 1 and problems[0].startswith(f"{path}: sha256 ")
+    assert problems[0].endswith("; unexpected member '0' where '0000000003.tokens.npy' belongs")
     with pytest.raises(ShardError, match=f"{path}: sample 3 is not where the manifest says"):
         _read_all(copy)
 

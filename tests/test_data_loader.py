@@ -1,12 +1,13 @@
 """The training loader: rank/worker splitting, shuffling, epochs and exact resume."""
 
 import os
+import shutil
 from collections import Counter
 from itertools import islice
 
 import pytest
 import torch
-from data_fixtures import synthetic_docs, tar_samples, write_jsonl
+from data_fixtures import stored_samples, synthetic_docs, write_jsonl
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import build_loader
@@ -29,7 +30,7 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def all_samples(data_dir):
-    return [tuple(tokens.tolist()) for _, tokens, _ in tar_samples(data_dir, "train")]
+    return [tuple(sample.tokens.tolist()) for sample in stored_samples(data_dir, "train")]
 
 
 def _rows(batch):
@@ -106,6 +107,18 @@ def test_resume_mid_epoch_equals_the_uninterrupted_stream(data_dir, all_samples,
     tail = _stream(resumed, steps - 7)
     assert head + tail == straight
     assert resumed.epoch == 1
+
+
+def test_loader_takes_a_loaded_manifest_without_reading_it_again(data_dir, tmp_path):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(data_dir, copy)
+    manifest = load_manifest(copy)
+    os.remove(os.path.join(copy, "manifest.json"))
+    kwargs = dict(batch_size=4, rank=1, world_size=2, seed=3, num_epochs=1)
+    from_manifest = build_loader(manifest, **kwargs)
+    from_dir = build_loader(data_dir, **kwargs)
+    assert _stream(from_manifest) == _stream(from_dir)
+    assert from_manifest.state_dict() == from_dir.state_dict()
 
 
 def test_resume_reads_only_what_comes_after_the_saved_position(data_dir, monkeypatch):

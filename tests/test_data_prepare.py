@@ -1,16 +1,19 @@
 """prepare on a real corpus (a slice of the built-in one): round trip, determinism, readability."""
 
+import json
 import os
 import subprocess
 
 import numpy as np
 import pytest
-from data_fixtures import dir_bytes, read_manifest, stdlib_files, stream_of, tar_samples
+from data_fixtures import dir_bytes, stdlib_files, stored_samples, token_stream
 from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
+from data_pipeline.manifest import load_manifest
 from data_pipeline.mixing import split_of
 from data_pipeline.prepare import prepare
+from data_pipeline.shard_format import sample_key
 
 MAX_DOCS = 40
 VAL_FRACTION = 0.15
@@ -43,56 +46,58 @@ def _expected_docs():
 @pytest.mark.parametrize("split", ["train", "val"])
 def test_round_trip_decodes_to_the_source_documents(prepared, split):
     out, _ = prepared
-    manifest = read_manifest(out)
-    tokenizer = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
-    eos = manifest["eos_id"]
+    manifest = load_manifest(out)
+    tokenizer = Tokenizer.from_file(manifest.tokenizer_path)
+    eos = manifest.eos_id
     expected = _expected_docs()[split]
-    samples = tar_samples(out, split)
+    samples = stored_samples(out, split)
     assert samples, "split has samples"
-    stream = stream_of(samples)
+    stream = token_stream(out, split)
     ends = np.flatnonzero(stream == eos)
     complete = len(ends)
     assert 0 < complete <= len(expected)
     pieces = np.split(stream[: ends[-1] + 1], ends[:-1] + 1)
     for piece, doc in zip(pieces, expected[:complete], strict=True):
         assert tokenizer.decode(piece[:-1].tolist()) == doc
-    sep = manifest["eos_token"]
+    sep = manifest.eos_token
     joined = tokenizer.decode(stream[: ends[-1] + 1].tolist(), skip_special_tokens=False)
     assert joined == sep.join(expected[:complete]) + sep
     tail = stream[ends[-1] + 1:].tolist()
     if complete < len(expected):
         assert tokenizer.encode(expected[complete]).ids[: len(tail)] == tail
     full_stream = sum(len(tokenizer.encode(d).ids) + 1 for d in expected)
-    info = manifest["splits"][split]
-    assert info["num_stream_tokens"] == full_stream
-    assert info["num_documents"] == len(expected)
-    assert info["num_dropped_tokens"] == full_stream - len(stream)
+    info = manifest.split(split)
+    assert info.num_stream_tokens == full_stream
+    assert info.num_documents == len(expected)
+    assert info.num_dropped_tokens == full_stream - len(stream)
     doc_starts = np.concatenate([[0], ends + 1])
-    mask_starts = np.unique(np.concatenate(
-        [s[2] + i * manifest["seq_len"] for i, s in enumerate(samples)]))
+    mask_starts = np.unique(np.concatenate([s.doc_starts + s.index * manifest.seq_len for s in samples]))
     np.testing.assert_array_equal(mask_starts, doc_starts[doc_starts < len(stream)])
 
 
 def test_manifest_counts_add_up(prepared):
     out, result = prepared
-    manifest = read_manifest(out)
-    seq_len = manifest["seq_len"]
-    assert manifest["dtype"] == "uint16" and manifest["sample_tokens"] == seq_len + 1
+    manifest = load_manifest(out)
+    with open(os.path.join(out, "manifest.json"), encoding="utf-8") as f:
+        raw = json.load(f)
+    assert raw == json.loads(json.dumps(manifest.to_dict()))
+    seq_len = manifest.seq_len
+    assert manifest.dtype == "uint16" and raw["sample_tokens"] == seq_len + 1
     for split in ("train", "val"):
-        info = manifest["splits"][split]
-        shards = info["shards"]
-        assert sum(s["num_samples"] for s in shards) == info["num_samples"]
-        assert info["num_tokens"] == info["num_samples"] * seq_len
-        assert all(s["num_samples"] == manifest["layout"]["samples_per_shard"] for s in shards[:-1])
+        info = manifest.split(split)
+        shards = info.shards
+        assert sum(s.num_samples for s in shards) == info.num_samples
+        assert info.num_tokens == info.num_samples * seq_len
+        assert all(s.num_samples == manifest.samples_per_shard for s in shards[:-1])
         for s in shards:
-            assert os.path.getsize(os.path.join(out, s["file"])) == s["bytes"]
-    corpus = manifest["corpus"]
+            assert os.path.getsize(os.path.join(out, s.file)) == s.bytes
+    corpus = manifest.corpus
     assert corpus["num_documents_read"] == MAX_DOCS
     assert corpus["num_documents_used"] + sum(corpus["skipped"].values()) == MAX_DOCS
-    used = manifest["splits"]["train"]["num_documents"] + manifest["splits"]["val"]["num_documents"]
+    used = manifest.split("train").num_documents + manifest.split("val").num_documents
     assert used == corpus["num_documents_used"]
-    assert result.manifest.num_samples("train") == manifest["splits"]["train"]["num_samples"]
-    assert len(manifest["splits"]["train"]["shards"]) > 2
+    assert result.manifest.num_samples("train") == manifest.num_samples("train")
+    assert len(manifest.split("train").shards) > 2
 
 
 def test_output_is_identical_for_one_and_two_workers(prepared, tmp_path):
@@ -112,28 +117,31 @@ def test_given_tokenizer_file_gives_the_same_shards(prepared, tmp_path):
     for name in mine:
         if name != "manifest.json":
             assert mine[name] == theirs[name], name
-    assert read_manifest(other)["tokenizer"]["sha256"] == read_manifest(out)["tokenizer"]["sha256"]
+    assert load_manifest(other).tokenizer_sha256 == load_manifest(out).tokenizer_sha256
 
 
-def test_shards_are_plain_tars_for_tar_and_webdataset(prepared):
+def test_shards_read_by_tar_and_webdataset_match_our_reader(prepared):
+    """The one check of the on-disk format that does not go through our reader."""
     import webdataset
 
     out, _ = prepared
-    manifest = read_manifest(out)
-    first = manifest["splits"]["train"]["shards"][0]
-    listing = subprocess.run(["tar", "-tf", os.path.join(out, first["file"])], check=True,
+    manifest = load_manifest(out)
+    first = manifest.split("train").shards[0]
+    listing = subprocess.run(["tar", "-tf", os.path.join(out, first.file)], check=True,
                              capture_output=True, text=True).stdout.split()
     assert listing[:2] == ["0000000000.doc_mask.npy", "0000000000.tokens.npy"]
-    assert len(listing) == 2 * first["num_samples"]
-    urls = [os.path.join(out, s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    assert len(listing) == 2 * first.num_samples
+    urls = manifest.shard_paths("train")
     dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
-    ours = tar_samples(out, "train")
+    ours = stored_samples(out, "train")
     count = 0
-    for sample, (key, tokens, _) in zip(dataset, ours, strict=True):
-        assert sample["__key__"] == key
-        np.testing.assert_array_equal(sample["tokens.npy"], tokens)
+    for sample, stored in zip(dataset, ours, strict=True):
+        assert sample["__key__"] == sample_key(stored.index)
+        np.testing.assert_array_equal(sample["tokens.npy"], stored.tokens)
+        bits = np.unpackbits(sample["doc_mask.npy"])[: manifest.seq_len + 1]
+        np.testing.assert_array_equal(np.flatnonzero(bits), stored.doc_starts)
         count += 1
-    assert count == len(ours) == manifest["splits"]["train"]["num_samples"]
+    assert count == len(ours) == manifest.num_samples("train")
 
 
 def test_finished_output_is_never_silently_overwritten(prepared, tmp_path):

@@ -7,10 +7,11 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_fixtures import decoded_documents, read_manifest, synthetic_docs, write_jsonl
+from data_fixtures import decoded_documents, synthetic_docs, write_jsonl
 
 from data_pipeline.config import PrepareConfig
 from data_pipeline.errors import DataError
+from data_pipeline.manifest import load_manifest
 from data_pipeline.mixing import iter_mixed, split_of
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import resolve_sources
@@ -37,7 +38,7 @@ def test_directory_of_mixed_formats_is_read_in_sorted_order(tmp_path):
     got = decoded_documents(out, "train")
     expected = docs[0:10] + [docs[11], docs[10]]  # files of a directory come before its subdirectories
     assert got == expected[: len(got)] and len(got) >= len(expected) - 1
-    corpus_stats = read_manifest(out)["corpus"]
+    corpus_stats = load_manifest(out).corpus
     assert corpus_stats["num_documents_read"] == 12 and corpus_stats["skipped"] == {}
 
 
@@ -55,7 +56,7 @@ def test_saved_hugging_face_dataset_and_split(tmp_path):
     assert got == docs[: len(got)] and len(got) >= 7
     out2 = str(tmp_path / "out2")
     prepare(inputs=[path], output=out2, text_field="content", hf_split="validation", **SMALL)
-    assert read_manifest(out2)["corpus"]["num_documents_used"] == 3
+    assert load_manifest(out2).corpus["num_documents_used"] == 3
 
 
 def _mixed(tmp_path, weights, seed=0):

@@ -4,14 +4,14 @@ import argparse
 import dataclasses
 import fractions
 import inspect
-import io
 import json
 import math
 import os
+import pathlib
+import shutil
 import string
 import subprocess
 import sys
-import tarfile
 import textwrap
 
 import numpy as np
@@ -20,6 +20,10 @@ import torch
 import torch.nn as nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from data_pipeline import EOS_CANDIDATES, load_manifest
+from data_pipeline.mixing import split_of
+from data_pipeline.prepare import prepare
+from data_pipeline.tokenizer import describe
 from evaluation import EvaluationError, parse_lengths, run_evaluation, score_tokens, teacher_forced
 from evaluation.codec import load_codec
 from evaluation.haystack import build_context, make_needle, needle_budget, synthetic_haystack
@@ -28,18 +32,20 @@ from evaluation.long_context import main
 from evaluation.perplexity import fixed_target, run_perplexity_cell
 from evaluation.retrieval import run_retrieval_cell
 from evaluation.scoring import RetrievalTally, logits_at
-from evaluation.sources import iter_documents, long_documents, open_source, read_shard_stream, token_stream
+from evaluation.heldout import iter_documents, long_documents, open_source, read_shard_stream, token_stream
 from model import AtmaConfig, AtmaForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-EOT = "<|endoftext|>"
+EOS = "<|endoftext|>"
+SEQ_LEN = 64
+VAL_FRACTION = 0.5
 
 
 # ---------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
-    return [inspect.getsource(m) for m in (json.decoder, argparse, textwrap, string, tarfile, dataclasses, fractions)]
+    return [inspect.getsource(m) for m in (json.decoder, argparse, textwrap, string, pathlib, dataclasses, fractions)]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +56,7 @@ def model_dir(tmp_path_factory, corpus) -> str:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=[EOT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=512, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     tokenizer.train_from_iterator(corpus, trainer)
     torch.manual_seed(0)
@@ -76,36 +82,17 @@ def jsonl_file(tmp_path_factory, corpus) -> str:
     return str(path)
 
 
-def write_shards(directory, stream: np.ndarray, seq_len: int, per_shard: int) -> None:
-    """Validation shards as the data pipeline writes them: sample i = stream[i*T : i*T + T + 1]."""
-    os.makedirs(directory, exist_ok=True)
-    samples = [stream[i * seq_len : i * seq_len + seq_len + 1] for i in range((len(stream) - 1) // seq_len)]
-    for shard, start in enumerate(range(0, len(samples), per_shard)):
-        with tarfile.open(os.path.join(directory, f"val-{shard:06d}.tar"), "w") as tar:
-            for i, sample in enumerate(samples[start : start + per_shard], start=start):
-                for name, payload in ((f"{i:06d}.tokens.npy", _npy(sample)), (f"{i:06d}.json", b"{}")):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(payload)
-                    tar.addfile(info, io.BytesIO(payload))
-    with open(os.path.join(directory, "manifest.json"), "w") as f:
-        json.dump({"seq_len": seq_len, "samples": len(samples)}, f)
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array.astype(np.uint16))
-    return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory, codec, corpus) -> tuple[str, np.ndarray]:
+def shard_dir(tmp_path_factory, model_dir, codec, corpus, jsonl_file) -> tuple[str, np.ndarray]:
+    """The corpus prepared by data_pipeline with the model's tokenizer, and the val stream expected in its shards."""
+    directory = str(tmp_path_factory.mktemp("shards") / "prepared")
+    prepare(inputs=[jsonl_file], output=directory, seq_len=SEQ_LEN, tokenizer=os.path.join(model_dir, "tokenizer.json"),
+            val_fraction=VAL_FRACTION, shard_mb=50 * 2048 / 2**20, progress=False)
     ids = []
-    for text in corpus:
-        ids += codec.encode(text) + [codec.eot_id]
-    stream = np.asarray(ids, dtype=np.int64)
-    directory = str(tmp_path_factory.mktemp("shards"))
-    write_shards(directory, stream, seq_len=64, per_shard=50)
-    return directory, stream
+    for line, text in enumerate(corpus, start=1):
+        if split_of(f"docs.jsonl:{line}", VAL_FRACTION, 0) == "val":
+            ids += codec.encode(text) + [codec.eos_id]
+    return directory, np.asarray(ids, dtype=np.int64)
 
 
 # ---------------------------------------------------------------------- hand-made models
@@ -186,7 +173,7 @@ def test_induction_model_retrieves_everything(codec, jsonl_file, haystack_kind):
         haystack, _ = token_stream(open_source(jsonl_file), codec, 256)
     model = InductionModel(codec.vocab_size)
     for length, depth in ((96, 0.1), (192, 0.5), (192, 0.9)):
-        result = run_retrieval_cell(model, needles, haystack, length, depth, eot_id=codec.eot_id)
+        result = run_retrieval_cell(model, needles, haystack, length, depth, eos_id=codec.eos_id)
         assert result["token_acc"] == 1.0 and result["digit_acc"] == 1.0 and result["exact_acc"] == 1.0
         assert result["trials"] == 4
         assert result["scored_tokens"] == sum(len(n.value_ids) for n in needles)
@@ -196,7 +183,7 @@ def test_induction_model_retrieves_everything(codec, jsonl_file, haystack_kind):
 def test_uniform_model_scores_zero_and_ln_v(codec):
     vocab = codec.vocab_size
     needles = [make_needle(codec, "passkey", s, seed=7) for s in range(3)]
-    result = run_retrieval_cell(UniformModel(vocab), needles, synthetic_haystack(codec, 128), 96, 0.5, eot_id=codec.eot_id)
+    result = run_retrieval_cell(UniformModel(vocab), needles, synthetic_haystack(codec, 128), 96, 0.5, eos_id=codec.eos_id)
     # Ties count as wrong: all-equal logits never hit the right digit by an argmax accident.
     assert result["token_acc"] == 0.0 and result["digit_acc"] == 0.0 and result["exact_acc"] == 0.0
     assert result["nll"] == pytest.approx(math.log(vocab), abs=1e-12)
@@ -212,11 +199,11 @@ def test_needles_are_seeded_per_sample_and_placed_exactly(codec):
     haystack = synthetic_haystack(codec, 512)
     block = list(first.cue_ids) + list(first.value_ids)
     for length in (96, 300):
-        budget = needle_budget(length, first, has_eot=True)
+        budget = needle_budget(length, first, has_eos=True)
         for depth in (0.0, 0.5, 1.0):
-            context = build_context(haystack, first, length, depth, eot_id=codec.eot_id)
+            context = build_context(haystack, first, length, depth, eos_id=codec.eos_id)
             insert = 1 + math.floor(depth * budget)
-            assert len(context) == length and context[0] == codec.eot_id
+            assert len(context) == length and context[0] == codec.eos_id
             assert context[insert : insert + len(block)] == block
             assert context[-len(first.cue_ids) :] == list(first.cue_ids)
 
@@ -268,31 +255,74 @@ def test_training_window_is_removed(tmp_path, model_dir):
 def test_shard_stream_drops_the_one_token_overlap(shard_dir):
     directory, stream = shard_dir
     source = open_source(directory)
-    assert source.kind == "shards" and len(source.shards) >= 2
-    read, info = read_shard_stream(source.shards)
-    num_samples = (len(stream) - 1) // 64
-    assert info == {"samples": num_samples, "boundaries_without_overlap": 0}
-    assert np.array_equal(read, stream[: num_samples * 64 + 1])
-    partial, _ = read_shard_stream(source.shards, max_tokens=200)
-    assert 200 <= len(partial) < 200 + 64 and np.array_equal(partial, stream[: len(partial)])
+    assert source.kind == "shards" and source.split == "val"
+    assert len(load_manifest(directory).split("val").shards) >= 2
+    read, info = read_shard_stream(source)
+    num_samples = (len(stream) - 1) // SEQ_LEN
+    assert info == {"split": "val", "samples": num_samples}
+    assert read.dtype == np.int64 and np.array_equal(read, stream[: num_samples * SEQ_LEN + 1])
+    partial, _ = read_shard_stream(source, max_tokens=200)
+    assert 200 <= len(partial) < 200 + SEQ_LEN and np.array_equal(partial, stream[: len(partial)])
 
 
-def test_bad_sources_give_one_line_errors(tmp_path):
+def test_one_shard_is_read_through_the_manifest_beside_it(shard_dir):
+    directory, stream = shard_dir
+    second = load_manifest(directory).split("val").shards[1]
+    source = open_source(os.path.join(directory, second.file))
+    assert source.kind == "shards" and source.name == second.file
+    read, info = read_shard_stream(source)
+    start = second.first_sample * SEQ_LEN
+    assert info == {"split": "val", "samples": second.num_samples}
+    assert np.array_equal(read, stream[start : start + second.num_samples * SEQ_LEN + 1])
+
+
+def test_bad_sources_give_one_line_errors(tmp_path, shard_dir):
     (tmp_path / "empty").mkdir()
-    bad_tar = tmp_path / "val-000000.tar"
-    bad_tar.write_bytes(b"not a tar file" * 10)
+    stray = tmp_path / "val-000000.tar"
+    stray.write_bytes(b"not a tar file" * 10)
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"text": "ok"}\n{oops\n')
-    with pytest.raises(EvaluationError, match="no validation shards"):
+    with pytest.raises(EvaluationError, match=r"empty/manifest\.json: not found \(not a prepared dataset"):
         open_source(str(tmp_path / "empty"))
-    with pytest.raises(EvaluationError, match="unreadable shard"):
-        read_shard_stream([str(bad_tar)])
+    with pytest.raises(EvaluationError, match=r"manifest\.json: not found"):
+        open_source(str(stray))
     with pytest.raises(EvaluationError, match=r"bad.jsonl:2: not valid JSON"):
         list(iter_documents(open_source(str(bad_json))))
+    copy = tmp_path / "copy"
+    shutil.copytree(shard_dir[0], copy)
+    (copy / "val-000099.tar").write_bytes(b"x")
+    with pytest.raises(EvaluationError, match="not a shard listed in the manifest.json beside it"):
+        open_source(str(copy / "val-000099.tar"))
+    manifest = load_manifest(copy)
+    first = manifest.split("val").shards[0]
+    path = copy / first.file
+    with open(path, "r+b") as f:  # sample 1 no longer begins with the last token of sample 0
+        f.seek(manifest.record_bytes + manifest.layout.tokens_offset)
+        token = np.frombuffer(f.read(2), dtype="<u2")[0]
+        f.seek(manifest.record_bytes + manifest.layout.tokens_offset)
+        f.write(np.array([token + 1], dtype="<u2").tobytes())
+    with pytest.raises(EvaluationError, match=f"{path}: sample 1 does not begin with the last token of sample 0"):
+        read_shard_stream(open_source(str(copy)))
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(EvaluationError, match=f"{path}: truncated at sample 0"):
+        read_shard_stream(open_source(str(copy)))
+
+
+def test_evaluation_finds_the_data_pipelines_eos(tmp_path):
+    names = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|eot|>", "<eot>", "[EOS]")
+    assert set(names) <= set(EOS_CANDIDATES)
+    for name in names:
+        tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, name: 2}, unk_token="a"))
+        tokenizer.add_special_tokens([name])
+        tokenizer.save(str(tmp_path / "tokenizer.json"))
+        codec = load_codec(str(tmp_path))
+        info = describe(tokenizer.to_str(), None, "test")
+        assert (codec.eos_token, codec.eos_id) == (info.eos_token, info.eos_id) == (name, 2)
 
 
 # ---------------------------------------------------------------------- end to end
-def test_cli_end_to_end(tmp_path, model_dir, jsonl_file):
+def test_cli_end_to_end(tmp_path, model_dir, codec, jsonl_file):
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "evaluation.long_context", model_dir, "--lengths", "64,128", "--out", str(out),
            "--data", jsonl_file, "--trials", "2", "--target-tokens", "32", "--max-docs", "2", "--no-progress"]
@@ -311,7 +341,7 @@ def test_cli_end_to_end(tmp_path, model_dir, jsonl_file):
         assert entry["ppl"] == pytest.approx(math.exp(entry["nll"])) and entry["bpb"] > 0
     meta = results["metadata"]
     assert meta["lengths"] == [64, 128] and meta["seed"] == 1234 and meta["config"]["preset"] == "tiny"
-    assert meta["tokenizer"]["eot_token"] == EOT
+    assert meta["tokenizer"]["eos_token"] == EOS and meta["tokenizer"]["eos_id"] == codec.eos_id
     report = (out / "report.md").read_text()
     assert "| passkey | synthetic | 0.1 |" in report and "| docs.jsonl | bpb |" in report
     for name in ("perplexity.png", "retrieval.png"):

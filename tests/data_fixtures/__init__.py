@@ -1,19 +1,20 @@
-"""Helpers shared by the data_pipeline tests: small corpora and independent shard readers.
+"""Helpers shared by the data_pipeline tests: small corpora, and prepared shards read back.
 
-The readers here use only ``tarfile``/``webdataset`` and numpy, never data_pipeline's own
-reader, so tests compare the pipeline against an independent view of its output.
+Shards are read through data_pipeline's public reader (``SplitReader``) and manifest; the one
+check of the on-disk format that does not rely on that reader is in test_data_prepare.py
+(``webdataset`` reads the same shards).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import sysconfig
-import tarfile
 
 import numpy as np
+
+from data_pipeline import SplitReader, StoredSample, load_manifest
 
 STDLIB = sysconfig.get_paths()["stdlib"]
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -53,34 +54,16 @@ def write_jsonl(path: str, docs: list[str], field: str = "text") -> str:
     return path
 
 
-def read_manifest(data_dir: str) -> dict:
-    """manifest.json as plain JSON."""
-    with open(os.path.join(data_dir, "manifest.json"), encoding="utf-8") as f:
-        return json.load(f)
+def stored_samples(data_dir: str, split: str) -> list[StoredSample]:
+    """Every sample of a split, in order, with its document starts."""
+    with SplitReader(data_dir, split) as reader:
+        return list(reader.samples(doc_starts=True))
 
 
-def tar_samples(data_dir: str, split: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(key, tokens, doc_start positions) of every sample of a split, read with ``tarfile``."""
-    manifest = read_manifest(data_dir)
-    samples = []
-    for shard in manifest["splits"][split]["shards"]:
-        with tarfile.open(os.path.join(data_dir, shard["file"])) as tar:
-            members = {}
-            for member in tar:
-                members[member.name] = np.load(io.BytesIO(tar.extractfile(member).read()))
-        keys = sorted({name.split(".", 1)[0] for name in members})
-        for key in keys:
-            bits = np.unpackbits(members[f"{key}.doc_mask.npy"])[: manifest["seq_len"] + 1]
-            samples.append((key, members[f"{key}.tokens.npy"], np.flatnonzero(bits)))
-    return samples
-
-
-def stream_of(samples) -> np.ndarray:
-    """Rebuild the token stream from consecutive samples that overlap by one token."""
-    if not samples:
-        return np.zeros(0, dtype=np.int64)
-    parts = [samples[0][1]] + [s[1][1:] for s in samples[1:]]
-    return np.concatenate(parts).astype(np.int64)
+def token_stream(data_dir: str, split: str) -> np.ndarray:
+    """The split's token stream (consecutive samples overlap by one token, kept once)."""
+    with SplitReader(data_dir, split) as reader:
+        return reader.token_stream()
 
 
 def dir_bytes(data_dir: str) -> dict[str, bytes]:
@@ -96,11 +79,11 @@ def decoded_documents(data_dir: str, split: str) -> list[str]:
     """The documents of a split whose end (EOS) made it into a sample, decoded."""
     from tokenizers import Tokenizer
 
-    manifest = read_manifest(data_dir)
-    tokenizer = Tokenizer.from_file(os.path.join(data_dir, "tokenizer.json"))
-    stream = stream_of(tar_samples(data_dir, split))
-    ends = np.flatnonzero(stream == manifest["eos_id"])
+    manifest = load_manifest(data_dir)
+    tokenizer = Tokenizer.from_file(manifest.tokenizer_path)
+    stream = token_stream(data_dir, split).astype(np.int64)
+    ends = np.flatnonzero(stream == manifest.eos_id)
     if len(ends) == 0:
         return []
     pieces = np.split(stream[: ends[-1]], ends[:-1] + 1)
-    return [tokenizer.decode(p[p != manifest["eos_id"]].tolist()) for p in pieces]
+    return [tokenizer.decode(p[p != manifest.eos_id].tolist()) for p in pieces]

@@ -1,95 +1,95 @@
-"""Held-out text for the evaluation: validation shards (val-*.tar) or a .txt / .md / .jsonl(.gz) file."""
+"""Held-out text for the evaluation: a prepared shard directory (its val split), one of its shards, or a .txt / .md / .jsonl(.gz) file."""
 
 from __future__ import annotations
 
-import glob
 import gzip
-import io
 import json
 import os
-import tarfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+from data_pipeline import DataError, Manifest, SplitReader, load_manifest
 
 from .codec import TextCodec
 from .errors import EvaluationError
 
 TEXT_SUFFIXES = (".txt", ".md")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
-SAMPLE_SUFFIX = ".tokens.npy"
+SHARD_SUFFIX = ".tar"
+HELDOUT_SPLIT = "val"
 MAX_SCANNED_DOCUMENTS = 100_000
 
 
 @dataclass
 class DataSource:
-    """One place held-out text comes from: kind "shards" (token ids) or "text" (documents to tokenize)."""
+    """One place held-out text comes from: kind "shards" (token ids of a prepared split) or "text" (documents to tokenize).
+
+    Shards: `samples` are the indices of the split's samples to read (the whole split, or one shard's).
+    """
 
     path: str
     kind: str
     name: str
     text_field: str = "text"
-    shards: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
+    split: str = HELDOUT_SPLIT
+    samples: range = range(0)
 
 
 def open_source(path: str, *, text_field: str = "text") -> DataSource:
-    """Check `path` and say what it is: a shard directory, one .tar shard, or a text/jsonl file."""
+    """Check `path` and say what it is: a prepared shard directory, one of its .tar shards, or a text/jsonl file."""
     name = os.path.basename(os.path.normpath(path)) or path
     if os.path.isdir(path):
-        shards = sorted(glob.glob(os.path.join(path, "val-*.tar")))
-        if not shards:
-            raise EvaluationError(f"{path}: no validation shards (val-*.tar) in this directory")
-        return DataSource(path=path, kind="shards", name=name, shards=shards)
+        manifest = _manifest(path)
+        num_samples = manifest.num_samples(HELDOUT_SPLIT) if HELDOUT_SPLIT in manifest.splits else 0
+        if num_samples == 0:
+            raise EvaluationError(f"{path}: the prepared dataset has no {HELDOUT_SPLIT} samples (prepare with --val-fraction > 0)")
+        return DataSource(path=path, kind="shards", name=name, manifest=manifest, samples=range(num_samples))
     if not os.path.isfile(path):
         raise EvaluationError(f"{path}: data file or directory not found")
-    if path.endswith(".tar"):
-        return DataSource(path=path, kind="shards", name=name, shards=[path])
+    if path.endswith(SHARD_SUFFIX):
+        return _shard_source(path, name)
     if path.endswith(TEXT_SUFFIXES + JSONL_SUFFIXES):
         return DataSource(path=path, kind="text", name=name, text_field=text_field)
-    raise EvaluationError(f"{path}: unsupported data file; use a val-*.tar directory, a .tar shard, .txt, .md, .jsonl or .jsonl.gz")
+    raise EvaluationError(
+        f"{path}: unsupported data file; use a prepared shard directory, one of its .tar shards, .txt, .md, .jsonl or .jsonl.gz"
+    )
+
+
+def _manifest(directory: str) -> Manifest:
+    try:
+        return load_manifest(directory)
+    except DataError as err:
+        raise EvaluationError(str(err)) from None
+
+
+def _shard_source(path: str, name: str) -> DataSource:
+    """One shard, read through the manifest.json beside it."""
+    manifest = _manifest(os.path.dirname(os.path.abspath(path)))
+    for split, info in manifest.splits.items():
+        for shard in info.shards:
+            if shard.file == os.path.basename(path):
+                samples = range(shard.first_sample, shard.first_sample + shard.num_samples)
+                return DataSource(path=path, kind="shards", name=name, manifest=manifest, split=split, samples=samples)
+    raise EvaluationError(f"{path}: not a shard listed in the manifest.json beside it")
 
 
 # ---------------------------------------------------------------------- shards
-def iter_shard_samples(shards: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (member name, token ids) for every `*.tokens.npy` sample of the shards, in order."""
-    for shard in shards:
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if member.isfile() and member.name.endswith(SAMPLE_SUFFIX):
-                        data = tar.extractfile(member).read()
-                        yield f"{shard}:{member.name}", np.load(io.BytesIO(data), allow_pickle=False).reshape(-1)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-            raise EvaluationError(f"{shard}: unreadable shard ({err})") from None
+def read_shard_stream(source: DataSource, *, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
+    """The token stream of the source's samples (int64), through data_pipeline's reader; stops once `max_tokens` are read.
 
-
-def read_shard_stream(shards: list[str], *, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
-    """Rebuild the token stream from consecutive samples, dropping the one token each shares with the previous.
-
-    Stops once `max_tokens` tokens are read. Returns the stream (int64) and counts: samples read and
-    sample boundaries where the expected one-token overlap was absent (those tokens are kept).
+    Returns the stream and counts: the split and the number of samples read.
     """
-    pieces, total, previous_last = [], 0, None
-    info = {"samples": 0, "boundaries_without_overlap": 0}
-    for _, sample in iter_shard_samples(shards):
-        sample = sample.astype(np.int64)
-        if sample.size == 0:
-            continue
-        last = int(sample[-1])
-        if previous_last is not None:
-            if int(sample[0]) == previous_last:
-                sample = sample[1:]
-            else:
-                info["boundaries_without_overlap"] += 1
-        pieces.append(sample)
-        total += sample.size
-        previous_last = last
-        info["samples"] += 1
-        if max_tokens is not None and total >= max_tokens:
-            break
-    stream = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    return stream, info
+    try:
+        # Each sample's member name and header are checked as it is read, so only the shards read need to be present.
+        with SplitReader(source.manifest, source.split, check_sizes=False) as reader:
+            stream = reader.token_stream(source.samples.start, source.samples.stop, max_tokens=max_tokens)
+    except DataError as err:
+        raise EvaluationError(str(err)) from None
+    num_samples = (len(stream) - 1) // source.manifest.seq_len if len(stream) else 0
+    return stream.astype(np.int64), {"split": source.split, "samples": num_samples}
 
 
 # ---------------------------------------------------------------------- text files
@@ -141,7 +141,7 @@ def _text_stream(source: DataSource, codec: TextCodec, num_tokens: int) -> tuple
 def token_stream(source: DataSource, codec: TextCodec, num_tokens: int) -> tuple[np.ndarray, dict]:
     """At most about `num_tokens` tokens of the source as one stream (may be shorter when the source is)."""
     if source.kind == "shards":
-        return read_shard_stream(source.shards, max_tokens=num_tokens)
+        return read_shard_stream(source, max_tokens=num_tokens)
     return _text_stream(source, codec, num_tokens)
 
 
@@ -156,7 +156,7 @@ def long_documents(
 ) -> tuple[list[np.ndarray], dict]:
     """Up to `max_docs` token sequences of exactly `num_tokens` tokens, with counts of what was used and skipped.
 
-    Text sources: each document is tokenized on its own (no end-of-text prefix); documents shorter
+    Text sources: each document is tokenized on its own (no end-of-document prefix); documents shorter
     than `num_tokens` are skipped, longer ones cut to their first `num_tokens` tokens. Shards (and
     text with `concat=True`) are read as one stream cut into consecutive windows.
     """

@@ -1,4 +1,4 @@
-"""Prepare the evaluation's inputs: long documents per data source and the haystacks, checked up front."""
+"""The evaluation's inputs, built and checked up front: long documents per data source and the haystacks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 
 from .errors import EvaluationError
 from .haystack import REAL_HAYSTACK_MARGIN, needle_budget, synthetic_haystack
-from .sources import long_documents, token_stream
+from .heldout import long_documents, token_stream
 
 
 def check_ids(ids: np.ndarray, vocab_size: int, where: str) -> None:
@@ -42,15 +42,15 @@ def perplexity_documents(sources, codec, need, *, max_docs, concat, vocab_size) 
 
 def build_haystacks(haystacks, codec, needles, sources, lengths, vocab_size) -> tuple[dict, dict]:
     """Token arrays for each haystack, long enough for the largest context."""
-    eot = codec.eot_id is not None
+    has_eos = codec.eos_id is not None
     all_needles = [n for ns in needles.values() for n in ns]
-    overhead = max(lengths[0] - needle_budget(lengths[0], n, has_eot=eot) for n in all_needles)
+    overhead = max(lengths[0] - needle_budget(lengths[0], n, has_eos=has_eos) for n in all_needles)
     if overhead > lengths[0]:
         raise EvaluationError(
             f"length {lengths[0]} is too short for retrieval: the needle and query take up to {overhead} tokens"
         )
     max_length = lengths[-1]
-    need = max(needle_budget(max_length, n, has_eot=eot) for n in all_needles)
+    need = max(needle_budget(max_length, n, has_eos=has_eos) for n in all_needles)
     arrays, info = {}, {}
     if "synthetic" in haystacks:
         arrays["synthetic"] = synthetic_haystack(codec, need)
