@@ -1,4 +1,7 @@
-"""The fp64 oracles reproduce the golden vectors of SPEC §10 (the ground truth for every fast path)."""
+"""The fp64 oracles reproduce the golden vectors of SPEC §10 (the ground truth for every fast path),
+and only tests import them."""
+
+import os
 
 import pytest
 import torch
@@ -17,6 +20,7 @@ from kernels.gated_delta.naive import gated_delta_rule_naive
 from kernels.polar.naive import polar_attention_naive
 
 pytestmark = pytest.mark.nan_poison
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_polar_oracle_init_case():
@@ -64,3 +68,49 @@ def test_causal_conv_oracle_by_hand():
     y = causal_conv1d_naive(x, w)
     expected = [2 * 1, 2 * 2 - 1, 2 * 3 - 2 + 0.5 * 1, 2 * 4 - 3 + 0.5 * 2, 2 * 5 - 4 + 0.5 * 3]
     assert_golden(y[0, :, 0], expected, atol=0.0)
+
+
+def _imports(path: str):
+    """Yield (module, names) for every import statement of a Python file (relative modules resolved)."""
+    import ast
+
+    package = os.path.relpath(os.path.dirname(path), ROOT).replace(os.sep, ".")
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            yield module, [alias.name for alias in node.names]
+
+
+def _sources(*skip):
+    for folder, dirs, files in os.walk(ROOT):
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in skip]
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.join(folder, name)
+
+
+def test_no_module_outside_tests_imports_an_oracle():
+    offenders = []
+    for path in _sources(os.path.join(ROOT, "tests")):
+        for module, names in _imports(path):
+            if module.split(".")[-1] == "naive" or "naive" in names:
+                offenders.append(f"{os.path.relpath(path, ROOT)}: {module} {names}")
+    assert not offenders
+
+
+def test_model_uses_only_the_public_kernel_api():
+    import kernels
+
+    offenders = []
+    for path in _sources():
+        if os.path.relpath(path, ROOT).split(os.sep)[0] != "model":
+            continue
+        for module, names in _imports(path):
+            private = module.startswith("kernels.") or (module == "kernels" and set(names) - set(kernels.__all__))
+            if private:
+                offenders.append(f"{os.path.relpath(path, ROOT)}: {module} {names}")
+    assert not offenders
