@@ -2,8 +2,9 @@
 
 On the CPU the kernels run under the Triton interpreter, in a child pytest process started with
 TRITON_INTERPRET=1 (`test_interpreter_suite`), or directly when this process was started with
-it. Shapes stay small there (d = 16/32, T <= 70). The `gpu` tests repeat the comparison at
-realistic shapes.
+it. Shapes stay small there (d <= 64, T <= 260); every candidate tile shape of every launch class
+is forced once (ATMA_POLAR_CONFIG). The `gpu` tests repeat the comparison at realistic shapes,
+in the default launch configurations and then for every autotuning candidate of the device.
 """
 
 from __future__ import annotations
