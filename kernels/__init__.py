@@ -1,9 +1,21 @@
 """Compute cores of the ATMA model with a fast path per device and a pure-PyTorch path everywhere.
 
-Public contracts (DESIGN.md): `polar_attention`, `gated_delta_rule`, `causal_conv1d`.
-The backend is chosen per call from the tensors' device and `ATMA_KERNELS=triton|torch|auto`.
+Public contracts (DESIGN.md): `polar_attention`, `gated_delta_rule`, `causal_conv1d`; the
+backend is chosen per call from the tensors' device and `ATMA_KERNELS=triton|torch|auto`.
+`polar_visible_counts` and `polar_length_terms` are the Polar length terms (SPEC §2.6) that
+every Polar path uses, for callers that need the same t and nu (the distractor loss).
+One folder per operation (`polar/`, `gated_delta/`, `causal_conv/`) holds its paths and its
+fp64 oracle (`naive.py`); `common/` holds what they share.
 """
 
+from .common import polar_length_terms, polar_visible_counts
 from .dispatch import causal_conv1d, gated_delta_rule, kernel_backend, polar_attention
 
-__all__ = ["polar_attention", "gated_delta_rule", "causal_conv1d", "kernel_backend"]
+__all__ = [
+    "polar_attention",
+    "gated_delta_rule",
+    "causal_conv1d",
+    "kernel_backend",
+    "polar_visible_counts",
+    "polar_length_terms",
+]

@@ -126,7 +126,7 @@ def bench_attention(args, T: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
-    from .polar_triton import polar_attention_triton
+    from .polar.triton_impl import polar_attention_triton
 
     B, H, G, d = batch_for(T), args.heads, args.kv_heads, args.head_dim
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -192,8 +192,8 @@ def bench_attention(args, T: int) -> list[dict]:
 
 def bench_conv(args, T: int) -> list[dict]:
     """Causal depthwise conv, Triton vs PyTorch, for the LFM2 (K=3) and canon (K=4) widths."""
-    from .conv_torch import causal_conv1d_torch
-    from .conv_triton import causal_conv1d_triton
+    from .causal_conv.torch_impl import causal_conv1d_torch
+    from .causal_conv.triton_impl import causal_conv1d_triton
 
     B, C, dev = batch_for(T), args.conv_channels, torch.device("cuda")
     out = []
@@ -219,7 +219,7 @@ def bench_memory(args, T: int) -> list[dict]:
     """Gated delta rule fwd+bwd: flash-linear-attention (when usable) vs the PyTorch chunked path."""
     import torch.nn.functional as F
 
-    from . import gated_delta_fla as fla_bridge
+    from .gated_delta import fla_bridge
 
     B, H, d, dev = batch_for(T), args.heads, args.head_dim, torch.device("cuda")
     q = F.normalize(torch.randn(B, T, H, d, device=dev), dim=-1).bfloat16().requires_grad_()
@@ -238,7 +238,7 @@ def bench_memory(args, T: int) -> list[dict]:
     else:
         out.append({"name": "memory_fla", "T": T, "B": B, "skipped": reason})
     try:
-        from .gated_delta_torch import chunk_gated_delta_rule_torch
+        from .gated_delta.torch_impl import chunk_gated_delta_rule_torch
 
         paths.append(("memory_torch", chunk_gated_delta_rule_torch))
     except ImportError as exc:

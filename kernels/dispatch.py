@@ -22,9 +22,9 @@ def kernel_backend(device: torch.device | None = None) -> str:
 def polar_attention(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, *, window=None):
     """Polar attention core (SPEC §2.6): (B,T,H,d) queries over (B,T,G,d) keys -> (direction, magnitude)."""
     if kernel_backend(q.device) == "triton":
-        from .polar_triton import polar_attention_triton as impl
+        from .polar.triton_impl import polar_attention_triton as impl
     else:
-        from .polar_torch import polar_attention_torch as impl
+        from .polar.torch_impl import polar_attention_torch as impl
     return impl(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, window=window)
 
 
@@ -39,7 +39,7 @@ def gated_delta_rule(
     its recomputation.
     """
     if q.device.type == "cuda" and kernel_backend(q.device) == "triton":
-        from .gated_delta_fla import fla_gated_delta_rule, fla_is_usable
+        from .gated_delta.fla_bridge import fla_gated_delta_rule, fla_is_usable
 
         if differentiable is None:
             tensors = (q, k, v, g, beta) + ((initial_state,) if initial_state is not None else ())
@@ -48,7 +48,7 @@ def gated_delta_rule(
             return fla_gated_delta_rule(
                 q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
             )
-    from .gated_delta_torch import chunk_gated_delta_rule_torch
+    from .gated_delta.torch_impl import chunk_gated_delta_rule_torch
 
     return chunk_gated_delta_rule_torch(
         q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
@@ -58,7 +58,7 @@ def gated_delta_rule(
 def causal_conv1d(x, weight):
     """Causal depthwise conv1d (SPEC §2.4): x (B,T,C), weight (C,K), no bias, no activation."""
     if kernel_backend(x.device) == "triton":
-        from .conv_triton import causal_conv1d_triton as impl
+        from .causal_conv.triton_impl import causal_conv1d_triton as impl
     else:
-        from .conv_torch import causal_conv1d_torch as impl
+        from .causal_conv.torch_impl import causal_conv1d_torch as impl
     return impl(x, weight)

@@ -1,4 +1,4 @@
-"""The ATMA model: config, layers, the hybrid decoder and fp64 reference oracles."""
+"""The ATMA model: config, layers and the hybrid decoder (compute cores in `kernels`)."""
 
 from .config import PRESETS, AtmaConfig
 from .modeling import AtmaForCausalLM, AtmaOutput, lm_loss_chunked

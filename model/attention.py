@@ -13,7 +13,6 @@ import kernels
 from .config import AtmaConfig
 from .layers import CausalDepthwiseConv, head_rms_norm, linear
 from .memory import GatedDeltaMemory
-from .reference import polar_length_terms
 
 
 class HalfTruncatedRotary(nn.Module):
@@ -140,9 +139,9 @@ class GlobalAttention(nn.Module):
         qf = q.float().view(B, T, self.G, r, self.d)
         sigma = torch.einsum("btgrd,bngd->bgrtn", qf, k_r.float()) / math.sqrt(self.d)
         sigma = sigma.reshape(B, self.H, T, -1)
-        n = torch.arange(1, T + 1, device=q.device, dtype=torch.float32)
+        n = kernels.polar_visible_counts(T, None, device=q.device, dtype=torch.float32)
         _, null_base, null_slope, len_gain, _ = (p.float() for p in self.polar_params())
-        t, nu = polar_length_terms(n, null_base, null_slope, len_gain)
+        t, nu = kernels.polar_length_terms(n, null_base, null_slope, len_gain)
         logits = torch.cat([sigma * t[None, :, :, None], (t * nu)[None, :, :, None].expand(B, -1, -1, 1)], dim=-1)
         w = torch.softmax(logits, dim=-1)
         return w[..., :-1].sum(-1).mean()

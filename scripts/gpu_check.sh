@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU check of the whole stack, writing every result under OUT_DIR, most important first:
-#   the kernel benchmark (Polar vs SDPA flash/cuDNN, same run), the gpu-marked tests (kernels vs
-#   fp64 oracles at realistic shapes, model with vs without kernels), the training benchmark
-#   (Polar vs NoPE under ZeRO-3, then Polar under ZeRO-2), and a 64K-token evaluation of a
-#   randomly initialised atma-378m.
+# One GPU check of the whole stack, writing every result under OUT_DIR. The gpu-marked tests run
+# first (kernels vs fp64 oracles at realistic shapes, every autotuning candidate of the Polar
+# kernels forced one at a time, model with vs without kernels); the measurements follow only when
+# they pass: the kernel benchmark (Polar vs SDPA flash/cuDNN, same run), the training benchmark
+# (Polar vs NoPE under ZeRO-3, then Polar under ZeRO-2) and a 64K-token evaluation of a randomly
+# initialised atma-378m. When the tests fail, no figures are written: the measurement steps are
+# skipped, gpu.txt says so, and the exit status is 1.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
@@ -14,16 +16,17 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-T_BENCH=${T_BENCH:-170} T_TESTS=${T_TESTS:-170} T_TRAIN=${T_TRAIN:-200} T_EVAL=${T_EVAL:-90}
+T_BENCH=${T_BENCH:-170} T_TESTS=${T_TESTS:-480} T_TRAIN=${T_TRAIN:-200} T_EVAL=${T_EVAL:-90}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-bench_kernels gpu_tests bench_training bench_training_zero2 eval_64k} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_training bench_training_zero2 eval_64k} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
 status=0
+tests_failed=0
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT/NAME.log
     local name=$1 limit=$2; shift 2
     [[ "$steps" == *" $name "* ]] || return 0
@@ -32,20 +35,37 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT/NAM
     rc=${PIPESTATUS[0]}
     [ "$rc" -ne 0 ] && status=1
     echo "step $name: exit $rc after $((SECONDS - t0)) s (limit $limit s)" | tee -a "$out/gpu.txt"
+    return "$rc"
 }
+measure() {  # measure NAME SECONDS CMD...: a step that writes figures, run only after passing tests
+    if [ "$tests_failed" -ne 0 ]; then
+        [[ "$steps" == *" $1 "* ]] && echo "step $1: skipped (the gpu tests failed)" | tee -a "$out/gpu.txt"
+        return 0
+    fi
+    step "$@"
+}
+
+# Kernel tests first. Each kernel runs its default launch configuration (ATMA_POLAR_AUTOTUNE=0:
+# autotuning would compile every candidate for every new shape, dtype and window setting), and
+# test_gpu_every_launch_candidate_matches_oracle forces each candidate in turn.
+ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
+    tests/test_triton_polar.py tests/test_triton_conv.py tests/test_fla_bridge.py tests/test_model_gpu.py \
+    || tests_failed=1
+if [ "$tests_failed" -ne 0 ]; then
+    echo "gpu tests failed: the benchmark and evaluation steps are skipped and no figures are written" \
+        | tee -a "$out/gpu.txt"
+elif [[ "$steps" != *" gpu_tests "* ]]; then
+    echo "gpu tests not selected (GPU_CHECK_STEPS): the figures below are not gated by them" | tee -a "$out/gpu.txt"
+fi
 
 seq_lens="2048 8192 32768"
 iters=20
 [ "$quick" = "--quick" ] && iters=10 && seq_lens="2048 8192"
-step bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
+measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --fla-timing-only --json "$out/bench_kernels.json"
-# Kernel tests first; the tests check each kernel's default launch configuration (autotuning
-# would compile every candidate for every new shape, dtype and window setting).
-ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
-    tests/test_triton_polar.py tests/test_triton_conv.py tests/test_fla_bridge.py tests/test_model_gpu.py
-step bench_training "$T_TRAIN" "$PY" -m pretrain.bench --steps 10 --warmup 3 --json "$out/bench_training.json"
+measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench --steps 10 --warmup 3 --json "$out/bench_training.json"
 # The same Polar run under ZeRO-2: on one GPU the difference is ZeRO-3's gather/release overhead.
-step bench_training_zero2 "$T_TRAIN" "$PY" -m pretrain.bench --cores polar --zero-stage 2 --steps 10 --warmup 3 \
+measure bench_training_zero2 "$T_TRAIN" "$PY" -m pretrain.bench --cores polar --zero-stage 2 --steps 10 --warmup 3 \
     --json "$out/bench_training_zero2.json"
 
 # 64K evaluation of the paper-size model (random init): peak memory and seconds per cell.
@@ -76,7 +96,7 @@ for key, cells in results.items():
         for c in cells:
             print(key, {k: v for k, v in c.items() if k in ("length", "task", "seconds", "peak_memory_bytes", "error")})
 PY
-step eval_64k "$T_EVAL" "$PY" "$out/eval_64k.py" "$out"
+measure eval_64k "$T_EVAL" "$PY" "$out/eval_64k.py" "$out"
 rm -rf "$out/model-378m"
 echo "gpu check finished with status $status" | tee -a "$out/gpu.txt"
 exit $status

@@ -1,5 +1,7 @@
-"""Shared pytest configuration: `gpu` tests are skipped where CUDA is unavailable."""
+"""Shared pytest configuration: `gpu` tests are skipped where CUDA is unavailable, and tests marked
+`nan_poison` see NaN-filled `torch.empty` buffers."""
 
+import functools
 import os
 import sys
 
@@ -9,6 +11,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "nan_poison: torch.empty, torch.empty_like and Tensor.new_empty return NaN-filled float tensors, "
+        "so an output element a kernel never writes shows up",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -41,3 +51,28 @@ def tiny_shards(tmp_path_factory):
     from golden_loss import prepare_shards
 
     return prepare_shards(str(tmp_path_factory.mktemp("shards") / "tiny"))
+
+
+def _nan_filled(factory):
+    """Wrap a torch allocator so that the floating-point tensors it returns are filled with NaN."""
+
+    @functools.wraps(factory)
+    def allocate(*args, **kwargs):
+        out = factory(*args, **kwargs)
+        if out.is_floating_point() or out.is_complex():
+            with torch.no_grad():
+                out.fill_(float("nan"))
+        return out
+
+    return allocate
+
+
+@pytest.fixture(autouse=True)
+def _nan_poisoned_buffers(request, monkeypatch):
+    """For tests marked `nan_poison`: uninitialised allocations read as NaN (every output a kernel
+    returns must be written in full or zeroed explicitly)."""
+    if request.node.get_closest_marker("nan_poison") is not None:
+        monkeypatch.setattr(torch, "empty", _nan_filled(torch.empty))
+        monkeypatch.setattr(torch, "empty_like", _nan_filled(torch.empty_like))
+        monkeypatch.setattr(torch.Tensor, "new_empty", _nan_filled(torch.Tensor.new_empty))
+    yield

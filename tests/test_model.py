@@ -9,9 +9,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
+from kernels.causal_conv.naive import causal_conv1d_naive
+from kernels.polar.naive import polar_attention_naive
 from model import AtmaConfig, AtmaForCausalLM, CheckpointError
 from model.layers import softcap
-from model.reference import causal_conv1d_reference, polar_attention_reference
 
 
 def tiny(**overrides) -> AtmaForCausalLM:
@@ -84,7 +85,7 @@ def test_softcap_golden_values():
 def test_causal_conv_torch_matches_reference():
     torch.manual_seed(1)
     x, w = torch.randn(2, 9, 5, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
-    torch.testing.assert_close(kernels.causal_conv1d(x, w), causal_conv1d_reference(x, w))
+    torch.testing.assert_close(kernels.causal_conv1d(x, w), causal_conv1d_naive(x, w))
 
 
 def test_rope_frequencies():
@@ -219,7 +220,7 @@ def test_model_with_streaming_polar_equals_materialised_oracle(monkeypatch):
                 p.normal_(0, 0.1)
     ids = torch.randint(0, model.config.vocab_size, (2, 48))
     fast = model(ids).logits
-    monkeypatch.setattr(kernels, "polar_attention", polar_attention_reference)
+    monkeypatch.setattr(kernels, "polar_attention", polar_attention_naive)
     slow = model(ids).logits
     torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
 

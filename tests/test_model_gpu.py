@@ -5,7 +5,7 @@ import torch
 
 from model import AtmaConfig, AtmaForCausalLM
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.nan_poison]
 
 
 def run(model, ids, backend, monkeypatch):

@@ -13,8 +13,10 @@ import sys
 import pytest
 import torch
 
-from model.reference import causal_conv1d_reference
+from helpers import conv_case, rel_max_err
+from kernels.causal_conv.naive import causal_conv1d_naive
 
+pytestmark = pytest.mark.nan_poison
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Interpreter-only tests run in the child process of `test_interpreter_suite` (tests/conftest.py
 # deselects each group in the process where it does not belong).
@@ -32,29 +34,21 @@ def test_interpreter_suite():
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
 
 
-def conv_case(B, T, C, K, x_dtype, *, device="cpu", seed=0, strided=False):
-    """Run kernel and fp64 oracle on the same (rounded) inputs; return both outputs and grads."""
-    from kernels.conv_triton import causal_conv1d_triton
+def run_conv(B, T, C, K, x_dtype, *, device="cpu", seed=0, strided=False):
+    """Run kernel and fp64 oracle on the same (rounded) inputs; return (y, dx, dweight) pairs."""
+    from kernels.causal_conv.triton_impl import causal_conv1d_triton
 
-    gen = torch.Generator(device=device).manual_seed(seed)
-    width = 2 * C if strided else C
-    x = torch.randn(B, T, width, generator=gen, device=device, dtype=torch.float64).to(x_dtype)
-    if strided:
-        x = x[..., ::2]  # channel stride 2: the kernel reads strides, no copy
-    w = torch.randn(C, K, generator=gen, device=device, dtype=torch.float64).float()
-    gy = torch.randn(B, T, C, generator=gen, device=device, dtype=torch.float64)
+    x, w, gy = conv_case(B, T, C, K, dtype=x_dtype, device=device, seed=seed, channel_stride=2 if strided else 1)
+    w = w.float()
+    assert x.is_contiguous() != strided  # the kernel reads x's strides: no copy
     xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
-    yr = causal_conv1d_reference(xr, wr)
+    yr = causal_conv1d_naive(xr, wr)
     (yr * gy).sum().backward()
     xt, wt = x.detach().requires_grad_(), w.detach().requires_grad_()
     yt = causal_conv1d_triton(xt, wt)
     (yt.double() * gy).sum().backward()
     assert yt.dtype == x_dtype and xt.grad.dtype == x_dtype and wt.grad.dtype == torch.float32
-    return (yt.double(), yr), (xt.grad.double(), xr.grad), (wt.grad.double(), wr.grad)
-
-
-def max_rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+    return (yt, yr), (xt.grad, xr.grad), (wt.grad, wr.grad)
 
 
 # (B, T, C, K): LFM2 width K=3 and canon K=4, plus K=1 and a wide K; T=1, T smaller than the
@@ -65,38 +59,38 @@ CASES = [(1, 1, 8, 3), (2, 13, 40, 3), (2, 37, 96, 4), (3, 70, 33, 4), (1, 9, 16
 @interpreted
 @pytest.mark.parametrize("B,T,C,K", CASES, ids=[f"B{b}-T{t}-C{c}-K{k}" for b, t, c, k in CASES])
 def test_interpreted_fp32_matches_oracle(B, T, C, K):
-    for out, ref in conv_case(B, T, C, K, torch.float32, seed=T):
-        assert max_rel(out, ref) < 1e-5
+    for out, ref in run_conv(B, T, C, K, torch.float32, seed=T):
+        assert rel_max_err(out, ref) < 1e-5
 
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_interpreted_half_matches_oracle(dtype):
-    y, dx, dw = conv_case(2, 45, 64, 4, dtype, seed=1)
+    y, dx, dw = run_conv(2, 45, 64, 4, dtype, seed=1)
     # y, dx and the incoming dy are rounded to the half type (2^-8 / 2^-11); sums run in fp32
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    assert max_rel(*y) < tol and max_rel(*dx) < tol and max_rel(*dw) < tol
+    assert rel_max_err(*y) < tol and rel_max_err(*dx) < tol and rel_max_err(*dw) < tol
 
 
 @interpreted
 def test_interpreted_strided_input():
-    for out, ref in conv_case(2, 21, 24, 3, torch.float32, strided=True):
-        assert max_rel(out, ref) < 1e-5
+    for out, ref in run_conv(2, 21, 24, 3, torch.float32, strided=True):
+        assert rel_max_err(out, ref) < 1e-5
 
 
 @interpreted
 def test_interpreted_no_weight_grad_and_empty():
-    from kernels.conv_triton import causal_conv1d_triton
+    from kernels.causal_conv.triton_impl import causal_conv1d_triton
 
     x = torch.randn(2, 10, 16, requires_grad=True)
     w = torch.randn(16, 4)
     causal_conv1d_triton(x, w).sum().backward()
-    torch.testing.assert_close(x.grad, torch.autograd.grad(causal_conv1d_reference(x, w).sum(), x)[0])
+    torch.testing.assert_close(x.grad, torch.autograd.grad(causal_conv1d_naive(x, w).sum(), x)[0])
     assert causal_conv1d_triton(torch.randn(2, 0, 16), w).shape == (2, 0, 16)
 
 
 def test_rejects_bad_shapes():
-    from kernels.conv_triton import causal_conv1d_triton
+    from kernels.causal_conv.triton_impl import causal_conv1d_triton
 
     with pytest.raises(ValueError, match="weight"):
         causal_conv1d_triton(torch.randn(1, 4, 8), torch.randn(6, 3))
@@ -108,13 +102,13 @@ def test_rejects_bad_shapes():
 @pytest.mark.parametrize("K", [3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_matches_oracle_and_torch_path(K, dtype):
-    from kernels.conv_torch import causal_conv1d_torch
-    from kernels.conv_triton import causal_conv1d_triton
+    from kernels.causal_conv.torch_impl import causal_conv1d_torch
+    from kernels.causal_conv.triton_impl import causal_conv1d_triton
 
-    y, dx, dw = conv_case(2, 4097, 1024, K, dtype, device="cuda", seed=K)
+    y, dx, dw = run_conv(2, 4097, 1024, K, dtype, device="cuda", seed=K)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert max_rel(*y) < tol and max_rel(*dx) < tol
-    assert max_rel(*dw) < max(tol, 1e-4)
+    assert rel_max_err(*y) < tol and rel_max_err(*dx) < tol
+    assert rel_max_err(*dw) < max(tol, 1e-4)
     x = torch.randn(2, 4097, 1024, device="cuda", dtype=dtype)
     w = torch.randn(1024, K, device="cuda")
     # the PyTorch path rounds the weight to the activation dtype first; same values otherwise

@@ -2,8 +2,9 @@
 
 On the CPU the kernels run under the Triton interpreter, in a child pytest process started with
 TRITON_INTERPRET=1 (`test_interpreter_suite`), or directly when this process was started with
-it. Shapes stay small there (d = 16/32, T <= 70). The `gpu` tests repeat the comparison at
-realistic shapes.
+it. Shapes stay small there (d <= 64, T <= 260); every candidate tile shape of every launch class
+is forced once (ATMA_POLAR_CONFIG). The `gpu` tests repeat the comparison at realistic shapes,
+in the default launch configurations and then for every autotuning candidate of the device.
 """
 
 from __future__ import annotations
@@ -16,10 +17,23 @@ import sys
 import pytest
 import torch
 
-from model.reference import polar_attention_reference
+from helpers import (
+    POLAR_GOLDEN,
+    POLAR_GRAD_NAMES,
+    assert_golden,
+    max_abs_err,
+    polar_case,
+    polar_forward_backward,
+    polar_golden_inputs,
+    polar_golden_params,
+    polar_golden_upstream,
+    rel_max_err,
+    rel_rmse,
+)
+from kernels.polar.naive import polar_attention_naive
 
+pytestmark = pytest.mark.nan_poison
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GRAD_NAMES = ("q", "k", "v", "v_null", "null_base", "null_slope_raw", "len_gain_raw", "mag_beta_raw")
 
 
 # Interpreter-only tests run in the child process of `test_interpreter_suite` (tests/conftest.py
@@ -44,54 +58,29 @@ def test_interpreter_suite():
 
 @pytest.fixture(scope="module")
 def polar():
-    from kernels import polar_triton
+    from kernels.polar import triton_impl
 
-    return polar_triton
-
-
-def make_inputs(B, T, H, G, D, *, seed=0, device="cpu", null_base=None, v_null_scale=0.5):
-    """Random fp64 inputs (q, k, v, v_null, four per-head scalars) and upstream gradients."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float64)
-
-    inputs = [rnd(B, T, H, D), rnd(B, T, G, D), rnd(B, T, G, D), v_null_scale * rnd(H, D),
-              rnd(H) if null_base is None else torch.full((H,), float(null_base), device=device, dtype=torch.float64),
-              rnd(H), rnd(H), rnd(H)]
-    return inputs, rnd(B, T, H, D), rnd(B, T, H)
-
-
-def run_and_grad(fn, inputs, g_dir, g_mag, window, dtype):
-    """Forward + backward of fn on copies of `inputs` (q, k, v cast to dtype, the rest fp32/fp64)."""
-    leaves = []
-    for i, x in enumerate(inputs):
-        cast = dtype if i < 3 else (torch.float64 if dtype == torch.float64 else torch.float32)
-        leaves.append(x.to(cast).detach().requires_grad_())
-    direction, magnitude = fn(*leaves, window=window)
-    loss = (direction.double() * g_dir).sum() + (magnitude.double() * g_mag).sum()
-    loss.backward()
-    return direction.double(), magnitude.double(), [x.grad.double() for x in leaves]
-
-
-def rel_max_err(actual, expected, floor=1e-6):
-    """max |actual - expected| relative to max |expected| (absolute below a scale of `floor`)."""
-    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(floor)).item()
+    return triton_impl
 
 
 def compare(polar_fn, inputs, g_dir, g_mag, window, dtype, *, fwd_tol, grad_tol, round_inputs=False, grad_floor=1e-6):
     """Run kernel and oracle, assert closeness, return the errors by name."""
-    if round_inputs:  # compare bf16 kernels with the oracle on the same (rounded) q, k, v
+    if round_inputs:  # compare half-precision kernels with the oracle on the same (rounded) q, k, v
         inputs = [x.to(dtype).double() if i < 3 else x for i, x in enumerate(inputs)]
-    ref = run_and_grad(polar_attention_reference, inputs, g_dir, g_mag, window, torch.float64)
-    out = run_and_grad(polar_fn, inputs, g_dir, g_mag, window, dtype)
-    errs = {"direction": (out[0] - ref[0]).abs().max().item(), "magnitude": (out[1] - ref[1]).abs().max().item()}
-    for name, a, b in zip(GRAD_NAMES, out[2], ref[2]):
+    ref = polar_forward_backward(polar_attention_naive, inputs, g_dir, g_mag, window=window)
+    out = polar_forward_backward(polar_fn, inputs, g_dir, g_mag, dtype=dtype, window=window)
+    errs = {"direction": max_abs_err(out[0], ref[0]), "magnitude": max_abs_err(out[1], ref[1])}
+    for name, a, b in zip(POLAR_GRAD_NAMES, out[2], ref[2]):
         errs["d" + name] = rel_max_err(a, b, grad_floor)
-    assert errs["direction"] <= fwd_tol and errs["magnitude"] <= fwd_tol, errs
-    bad = {k: v for k, v in errs.items() if k.startswith("d") and k != "direction" and v > grad_tol}
+    # Written as "not <=" so that a NaN error (an element never written) fails too.
+    bad = {k: v for k, v in errs.items() if not v <= (fwd_tol if k in ("direction", "magnitude") else grad_tol)}
     assert not bad, errs
     return errs
+
+
+def config_string(configs: dict) -> str:
+    """The ATMA_POLAR_CONFIG value forcing `configs` {kernel: (BM, BN, warps, stages)}."""
+    return ";".join(f"{kind}={','.join(map(str, c))}" for kind, c in configs.items())
 
 
 # (B, T, H, G, D, window): T=1, T below one tile, odd T, several tiles, exact multiple of the
@@ -115,21 +104,21 @@ CPU_CASES = [
 @pytest.mark.parametrize("B,T,H,G,D,window", CPU_CASES,
                          ids=[f"B{c[0]}-T{c[1]}-H{c[2]}-G{c[3]}-D{c[4]}-W{c[5]}" for c in CPU_CASES])
 def test_interpreted_fp32_matches_oracle(polar, B, T, H, G, D, window):
-    inputs, g_dir, g_mag = make_inputs(B, T, H, G, D, seed=T + H)
+    inputs, g_dir, g_mag = polar_case(B, T, H, G, D, seed=T + H)
     compare(polar.polar_attention_triton, inputs, g_dir, g_mag, window, torch.float32, fwd_tol=1e-5, grad_tol=1e-4)
 
 
 @interpreted
 @pytest.mark.parametrize("window", [None, 9])
 def test_interpreted_bf16_matches_oracle(polar, window):
-    inputs, g_dir, g_mag = make_inputs(2, 45, 4, 1, 16, seed=3)
+    inputs, g_dir, g_mag = polar_case(2, 45, 4, 1, 16, seed=3)
     compare(polar.polar_attention_triton, inputs, g_dir, g_mag, window, torch.bfloat16,
             fwd_tol=2e-2, grad_tol=5e-2, round_inputs=True)
 
 
 @interpreted
 def test_interpreted_fp16_matches_oracle(polar):
-    inputs, g_dir, g_mag = make_inputs(1, 33, 4, 2, 16, seed=5)
+    inputs, g_dir, g_mag = polar_case(1, 33, 4, 2, 16, seed=5)
     compare(polar.polar_attention_triton, inputs, g_dir, g_mag, None, torch.float16,
             fwd_tol=5e-3, grad_tol=1e-2, round_inputs=True)
 
@@ -141,62 +130,86 @@ def test_interpreted_null_dominated_rows_follow_oracle_clamps(polar, v_null_scal
     # renormalisation clamps of SPEC §2.6 bind (and with v_null = 0 the direction clamp too).
     # The true scalar gradients are then ~1e-8 while each row's fp32 terms are O(1), so errors
     # are measured against a gradient scale of at least 1 (observed: <= 3e-5).
-    inputs, g_dir, g_mag = make_inputs(1, 40, 2, 1, 16, seed=11, null_base=30.0, v_null_scale=v_null_scale)
+    inputs, g_dir, g_mag = polar_case(1, 40, 2, 1, 16, seed=11, null_base=30.0, v_null_scale=v_null_scale)
     compare(polar.polar_attention_triton, inputs, g_dir, g_mag, None, torch.float32, fwd_tol=1e-5, grad_tol=1e-4,
             grad_floor=1.0)
+
+
+# Every tile shape (BM, BN) that some launch class lists for some kernel (head dim <= 128, bf16
+# and fp32 tables), so that each candidate's loop boundaries are checked on the CPU. Run i forces
+# the i-th shape of each kernel (cycling through the shorter lists).
+def _every_tile_shape(kind: str) -> list:
+    from unittest import mock
+
+    from kernels.polar.triton_impl import launch_candidates
+
+    shapes = []
+    for profile in ("large", "mid", "small"):
+        with mock.patch.dict(os.environ, {"ATMA_POLAR_TRITON_PROFILE": profile}):
+            for dtype in (torch.bfloat16, torch.float32):
+                for config in launch_candidates(kind, torch.device("cuda"), dtype, 128):
+                    if config[:2] not in [c[:2] for c in shapes]:
+                        shapes.append(config)
+    return shapes
+
+
+def _tile_runs() -> list:
+    shapes = {kind: _every_tile_shape(kind) for kind in ("fwd", "dq", "dkdv")}
+    return [{kind: shapes[kind][i % len(shapes[kind])] for kind in shapes}
+            for i in range(max(len(v) for v in shapes.values()))]
+
+
+TILE_RUNS = _tile_runs()
+
+
+@interpreted
+@pytest.mark.parametrize("configs", TILE_RUNS,
+                         ids=["-".join(f"{k}{c[0]}x{c[1]}" for k, c in run.items()) for run in TILE_RUNS])
+def test_interpreted_every_candidate_tile_shape(polar, monkeypatch, configs):
+    """T = 260 spans two of the largest tiles (128) and ends inside a tile of every size; windows
+    20 (inside one tile), 150 (across tiles) and none; forward and every gradient vs the oracle."""
+    monkeypatch.setenv(polar.FORCE_ENV, config_string(configs))
+    for window in (None, 20, 150):
+        inputs, g_dir, g_mag = polar_case(1, 260, 2, 1, 16, seed=41 + (window or 0))
+        compare(polar.polar_attention_triton, inputs, g_dir, g_mag, window, torch.float32, fwd_tol=1e-5,
+                grad_tol=1e-4)
 
 
 @interpreted
 def test_interpreted_reproduces_spec_golden_vectors(polar):
     """SPEC §10.1 "trained" case (d=4), embedded in d=16: zero-padded, q scaled by sqrt(16/4)."""
-    H, T, d, D = 2, 5, 4, 16
-    h = torch.arange(H, dtype=torch.float64)[:, None, None]
-    t = torch.arange(T, dtype=torch.float64)[None, :, None]
-    j = torch.arange(d, dtype=torch.float64)[None, None, :]
-    q4 = torch.sin(1 + h + 0.7 * t + 0.3 * j).transpose(0, 1)[None]  # (1, T, H, d)
-    k4 = torch.cos(0.5 + 0.4 * h + 0.9 * t - 0.2 * j).transpose(0, 1)[None]
-    v4 = torch.sin(0.3 + 0.2 * h - 0.5 * t + 1.1 * j).transpose(0, 1)[None]
+    gold = POLAR_GOLDEN["trained"]
+    d, D = 4, 16
+    q4, k4, v4 = polar_golden_inputs()
 
     def pad(x):
         return torch.nn.functional.pad(x, (0, D - d))
 
     q = (pad(q4) * math.sqrt(D / d)).float().requires_grad_()
     k, v = pad(k4).float().requires_grad_(), pad(v4).float().requires_grad_()
-    v_null = pad(torch.tensor([[0.1, 0.2, 0.3, 0.4], [-0.4, 0.3, -0.2, 0.1]])).requires_grad_()
-    scalars = [torch.tensor(x).requires_grad_() for x in ([0.5, -0.25], [0.0, 1.0], [0.3, -0.5], [0.2, -1.0])]
+    v_null4, *scalars4 = polar_golden_params("trained")
+    v_null = pad(v_null4).float().requires_grad_()
+    scalars = [x.float().requires_grad_() for x in scalars4]
     c, mu = polar.polar_attention_triton(q, k, v, v_null, *scalars)
-    g_c = torch.cos(0.3 * h + 0.2 * t + 0.1 * j).transpose(0, 1)[None].float()
-    g_mu = torch.sin(0.5 * h[..., 0] + 0.3 * t[..., 0]).t()[None].float()
-    loss = (c[..., :d] * g_c).sum() + (mu * g_mu).sum()
+    g_c, g_mu = polar_golden_upstream()
+    loss = (c[..., :d] * g_c.float()).sum() + (mu * g_mu.float()).sum()
     loss.backward()
 
     tol = dict(atol=2e-6, rtol=1e-5)
-    assert loss.item() == pytest.approx(9.0876503051, abs=1e-5)
-    torch.testing.assert_close(mu[0, :, 0], torch.tensor([0.3889823368, 0.4937076901, 0.3424161319, 0.2950060584, 0.6215444522]), **tol)
-    torch.testing.assert_close(mu[0, :, 1], torch.tensor([0.1296521227, 0.1369706813, 0.1436915445, 0.2643887710, 0.2986011863]), **tol)
-    torch.testing.assert_close(c[0, 4, 0, :d], torch.tensor([-0.5483052139, -0.0873937820, 0.5241990211, 0.6457082201]), **tol)
-    torch.testing.assert_close(c[0, 4, 1, :d], torch.tensor([-0.6389769576, 0.2488763209, 0.5618058489, 0.4627561049]), **tol)
+    assert loss.item() == pytest.approx(gold["loss"], abs=1e-5)
+    assert_golden(mu[0].T, gold["mu"], **tol)
+    assert_golden(c[0, 4, :, :d], gold["c_t4"], **tol)
     torch.testing.assert_close(c[..., d:], torch.zeros_like(c[..., d:]))
-    grads = {
-        0: [0.7217345516, -1.8191355144],  # null_base
-        1: [0.3912269260, -1.4692495109],  # null_slope_raw
-        2: [-0.1160025688, -0.4094581763],  # len_gain_raw
-        3: [0.6422649429, 0.6964154007],  # mag_beta_raw
-    }
-    for i, expected in grads.items():
-        torch.testing.assert_close(scalars[i].grad, torch.tensor(expected), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(v_null.grad[:, :d], torch.tensor(
-        [[2.6709444686, 0.6220475717, 0.0874279854, 1.0376640432],
-         [3.3159903673, 1.5181306378, 2.1710300075, 2.2951443155]]), atol=1e-5, rtol=1e-5)
+    for i, name in enumerate(("null_base", "null_slope_raw", "len_gain_raw", "mag_beta_raw")):
+        assert_golden(scalars[i].grad, gold["grads"][name], atol=1e-5, rtol=1e-5)
+    assert_golden(v_null.grad[:, :d], gold["grads"]["v_null"], atol=1e-5, rtol=1e-5)
     dq = q.grad[0, 4, :, :d] * math.sqrt(D / d)  # chain rule through the sqrt(16/4) scaling
-    torch.testing.assert_close(dq, torch.tensor(
-        [[0.0602186903, 0.0750956630, 0.0869788087, 0.0953943837],
-         [-0.0539001945, -0.0396750050, -0.0238680984, -0.0071096459]]), atol=1e-6, rtol=1e-5)
+    assert_golden(dq, gold["grads"]["q_t4"], atol=1e-6, rtol=1e-5)
 
 
 @interpreted
 def test_interpreted_no_grad_forward_matches(polar):
-    inputs, _, _ = make_inputs(1, 21, 4, 2, 16, seed=1)
+    inputs, _, _ = polar_case(1, 21, 4, 2, 16, seed=1)
     args = [x.float() for x in inputs]
     with torch.no_grad():
         c0, mu0 = polar.polar_attention_triton(*args, window=8)
@@ -208,7 +221,7 @@ def test_interpreted_no_grad_forward_matches(polar):
 
 @interpreted
 def test_interpreted_window_covering_sequence_equals_no_window(polar):
-    inputs, _, _ = make_inputs(1, 19, 2, 1, 16, seed=2)
+    inputs, _, _ = polar_case(1, 19, 2, 1, 16, seed=2)
     args = [x.float() for x in inputs]
     a = polar.polar_attention_triton(*args, window=19)
     b = polar.polar_attention_triton(*args, window=None)
@@ -238,14 +251,79 @@ def test_rejects_bad_inputs(polar, bad):
         polar.polar_attention_triton(q, k, v, v_null, *scalars, window=window)
 
 
-def test_cpu_tensors_need_the_interpreter():
-    from kernels import polar_triton
-
-    if polar_triton._INTERPRET:
+def test_cpu_tensors_need_the_interpreter(polar):
+    if polar._INTERPRET:
         pytest.skip("TRITON_INTERPRET was set when the suite started")
     q = torch.randn(1, 4, 2, 16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        polar_triton.polar_attention_triton(q, q, q, torch.zeros(2, 16), *[torch.zeros(2)] * 4)
+        polar.polar_attention_triton(q, q, q, torch.zeros(2, 16), *[torch.zeros(2)] * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations: candidates, the autotuning switch and the forced-configuration hook.
+
+
+@pytest.mark.parametrize("profile", ["large", "mid", "small"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_launch_candidates_respect_tile_constraints(polar, monkeypatch, profile, dtype, d):
+    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", profile)
+    for kind in polar.KERNELS:
+        cands = polar.launch_candidates(kind, torch.device("cuda"), dtype, d)
+        assert cands, kind
+        for bm, bn, warps, stages in cands:
+            assert bm >= 16 and bn >= 16 and warps in (1, 2, 4, 8) and stages >= 1
+            assert (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
+        assert polar.autotune_candidates(kind, torch.device("cuda"), dtype, d) == tuple(cands)
+    monkeypatch.setenv("ATMA_POLAR_AUTOTUNE", "0")
+    for kind in polar.KERNELS:
+        cands = polar.launch_candidates(kind, torch.device("cuda"), dtype, d)
+        assert polar.autotune_candidates(kind, torch.device("cuda"), dtype, d) == (cands[0],)
+
+
+def test_unknown_profile_is_rejected(polar, monkeypatch):
+    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", "huge")
+    with pytest.raises(ValueError, match="ATMA_POLAR_TRITON_PROFILE"):
+        polar.launch_candidates("fwd", torch.device("cuda"), torch.bfloat16, 128)
+
+
+class _RecordingKernel:
+    """Stands in for a Triton kernel: records the grid and launch options of `kernel[grid](...)`."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.launches.append((grid, kw))
+
+
+def test_forced_config_reaches_the_launch(polar, monkeypatch):
+    monkeypatch.setenv(polar.FORCE_ENV, "fwd=64,32,4,3; dkdv=16,64,8,1")
+    assert polar.forced_config("fwd") == (64, 32, 4, 3) and polar.forced_config("dq") is None
+    kernel = _RecordingKernel()
+    run = polar._launcher(kernel, "dkdv", torch.device("cuda"), torch.bfloat16, 128)
+    run(lambda meta: (100 // meta["BN"], 1), "arg", D=128)
+    assert kernel.launches == [((1, 1), dict(BM=16, BN=64, num_warps=8, num_stages=1, D=128))]
+
+
+@pytest.mark.parametrize("value,needle", [
+    ("fwd=64,32,4", "four positive integers"),
+    ("fwd=64,32,4,x", "four positive integers"),
+    ("fwd=64,32,4,0", "four positive integers"),
+    ("bwd=64,32,4,2", "KIND"),
+    ("fwd:64,32,4,2", "KIND"),
+    ("fwd=32,64,4,2", "BM % BN == 0"),
+    ("dkdv=64,32,4,2", "BN % BM == 0"),
+    ("dq=48,16,4,2", "powers of two"),
+    ("dq=32,8,4,2", "powers of two"),
+    ("dq=32,16,3,2", "warp"),
+])
+def test_forced_config_rejects_bad_values(polar, monkeypatch, value, needle):
+    monkeypatch.setenv(polar.FORCE_ENV, value)
+    with pytest.raises(ValueError, match=needle) as info:
+        for kind in polar.KERNELS:
+            polar.forced_config(kind)
+    assert polar.FORCE_ENV in str(info.value) and "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,14 +337,14 @@ def oracle_by_group(inputs, g_dir, g_mag, window):
     B, T, H, D = q.shape
     G = k.shape[2]
     r = H // G
-    direction, magnitude = torch.empty_like(q), torch.empty_like(g_mag)
+    direction, magnitude = torch.zeros_like(q), torch.zeros_like(g_mag)
     grads = [torch.zeros_like(x) for x in inputs]
     for b in range(B):
         for g in range(G):
             hs = slice(g * r, (g + 1) * r)
             leaves = [x.detach().requires_grad_() for x in (
                 q[b:b + 1, :, hs], k[b:b + 1, :, g:g + 1], v[b:b + 1, :, g:g + 1], v_null[hs], *[s[hs] for s in scalars])]
-            c, mu = polar_attention_reference(*leaves, window=window)
+            c, mu = polar_attention_naive(*leaves, window=window)
             ((c * g_dir[b:b + 1, :, hs]).sum() + (mu * g_mag[b:b + 1, :, hs]).sum()).backward()
             direction[b:b + 1, :, hs], magnitude[b:b + 1, :, hs] = c.detach(), mu.detach()
             grads[0][b:b + 1, :, hs] += leaves[0].grad
@@ -279,8 +357,30 @@ def oracle_by_group(inputs, g_dir, g_mag, window):
     return direction, magnitude, grads
 
 
-def rel_rmse(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+def gpu_bound_violations(out, ref, dtype) -> dict:
+    """The errors of (direction, magnitude, grads) against the oracle that exceed the GPU bounds."""
+    errs = {"direction": max_abs_err(out[0], ref[0]), "magnitude": max_abs_err(out[1], ref[1])}
+    if dtype == torch.float32:
+        # fp32 (products as three TF32 passes): ~1e-6 expected, 1e-4 allowed (T = 4097 sums)
+        bounds = dict(direction=1e-4, magnitude=1e-4)
+        for name, a, b in zip(POLAR_GRAD_NAMES, out[2], ref[2]):
+            errs["d" + name], bounds["d" + name] = rel_max_err(a, b), 1e-3
+    else:
+        # bf16 operands and outputs (rounding 2^-8). Relative RMSE: q, k, v, v_null and mag_beta
+        # < 2e-2; the null-floor scalars < 5e-2; len_gain < 0.25, because its gradient is a sum
+        # over all B*T rows with heavy cancellation (interpreter emulation, T=1024: 3e-2 to 8e-2).
+        bounds = dict(direction=2e-2, magnitude=2e-2)
+        loose = {"null_base": 5e-2, "null_slope_raw": 5e-2, "len_gain_raw": 0.25}
+        for name, a, b in zip(POLAR_GRAD_NAMES, out[2], ref[2]):
+            errs["d" + name], bounds["d" + name] = rel_rmse(a, b), loose.get(name, 2e-2)
+    return {name: err for name, err in errs.items() if not err < bounds[name]}
+
+
+def gpu_case(B, T, H, G, D, dtype, *, seed, device="cuda"):
+    """Random inputs whose q, k, v are already rounded to `dtype`, so the oracle sees what the kernel sees."""
+    inputs, g_dir, g_mag = polar_case(B, T, H, G, D, seed=seed, device=device)
+    inputs = [x.to(dtype).double() if i < 3 else x for i, x in enumerate(inputs)]
+    return inputs, g_dir, g_mag
 
 
 GPU_CASES = [
@@ -292,66 +392,89 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,window,dtype", GPU_CASES, ids=[f"T{c[0]}-W{c[1]}-{str(c[2])[6:]}" for c in GPU_CASES])
-def test_gpu_matches_oracle(T, window, dtype):
-    from kernels.polar_triton import polar_attention_triton
+def test_gpu_matches_oracle(polar, T, window, dtype):
+    inputs, g_dir, g_mag = gpu_case(2, T, 8, 2, 128, dtype, seed=T)
+    ref = oracle_by_group(inputs, g_dir, g_mag, window)
+    out = polar_forward_backward(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=dtype, window=window)
+    assert not gpu_bound_violations(out, ref, dtype)
 
-    torch.manual_seed(0)
-    inputs, g_dir, g_mag = make_inputs(2, T, 8, 2, 128, seed=T, device="cuda")
-    if dtype != torch.float32:
-        inputs = [x.to(dtype).double() if i < 3 else x for i, x in enumerate(inputs)]
-    ref_c, ref_mu, ref_grads = oracle_by_group(inputs, g_dir, g_mag, window)
-    c, mu, grads = run_and_grad(polar_attention_triton, inputs, g_dir, g_mag, window, dtype)
-    if dtype == torch.float32:
-        # fp32 (products as three TF32 passes): ~1e-6 expected, 1e-4 allowed (T = 4097 sums)
-        assert (c - ref_c).abs().max().item() < 1e-4
-        assert (mu - ref_mu).abs().max().item() < 1e-4
-        for name, a, b in zip(GRAD_NAMES, grads, ref_grads):
-            assert rel_max_err(a, b) < 1e-3, name
-    else:
-        # bf16 operands and outputs (rounding 2^-8). Relative RMSE: q, k, v, v_null and mag_beta
-        # < 2e-2; the null-floor scalars < 5e-2; len_gain < 0.25, because its gradient is a sum
-        # over all B*T rows with heavy cancellation (interpreter emulation, T=1024: 3e-2 to 8e-2).
-        assert (c - ref_c).abs().max().item() < 2e-2
-        assert (mu - ref_mu).abs().max().item() < 2e-2
-        bounds = {"null_base": 5e-2, "null_slope_raw": 5e-2, "len_gain_raw": 0.25}
-        for name, a, b in zip(GRAD_NAMES, grads, ref_grads):
-            assert rel_rmse(a, b) < bounds.get(name, 2e-2), name
+
+def candidate_failures(polar, monkeypatch, kind, dtype, device, shape, windows, oracle) -> list:
+    """Force each launch candidate of `kind` on `device` in turn (the other two kernels at their
+    class default) and compare forward and every gradient with the oracle; return the failures."""
+    B, T, H, G, D = shape
+    defaults = {k: polar.launch_candidates(k, device, dtype, D)[0] for k in polar.KERNELS}
+    failures = []
+    for cand in polar.launch_candidates(kind, device, dtype, D):
+        monkeypatch.setenv(polar.FORCE_ENV, config_string({**defaults, kind: cand}))
+        for window in windows:
+            inputs, g_dir, g_mag, ref = oracle(dtype, window)
+            out = polar_forward_backward(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=dtype,
+                                         window=window)
+            bad = gpu_bound_violations(out, ref, dtype)
+            if bad:
+                failures.append(f"{kind}={cand} window={window}: {bad}")
+    return failures
+
+
+@pytest.fixture(scope="module")
+def oracle_cache():
+    """Inputs and fp64 oracle results by (device, shape, dtype, window), computed once per module."""
+    cache = {}
+
+    def get(device, shape, dtype, window):
+        key = (str(device), shape, dtype, window)
+        if key not in cache:
+            inputs, g_dir, g_mag = gpu_case(*shape, dtype, seed=sum(shape), device=device)
+            cache[key] = (inputs, g_dir, g_mag, oracle_by_group(inputs, g_dir, g_mag, window))
+        return cache[key]
+
+    return get
+
+
+# T = 777 ends inside a tile of every size, spans six of the largest; window 50 lies inside one
+# tile of 64 or 128, window 300 crosses tiles.
+GPU_CANDIDATE_SHAPE = (2, 777, 8, 2, 128)
 
 
 @pytest.mark.gpu
-def test_gpu_dispatch_picks_triton(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv"])
+def test_gpu_every_launch_candidate_matches_oracle(polar, monkeypatch, oracle_cache, kind, dtype):
+    """Every autotuning candidate of this GPU's launch class, forced one at a time, against the oracle."""
+    device = torch.device("cuda")
+
+    def oracle(dtype, window):
+        return oracle_cache(device, GPU_CANDIDATE_SHAPE, dtype, window)
+
+    failures = candidate_failures(polar, monkeypatch, kind, dtype, device, GPU_CANDIDATE_SHAPE, (None, 50, 300),
+                                  oracle)
+    assert not failures, "\n".join(failures)
+
+
+@interpreted
+def test_interpreted_candidate_loop_of_the_small_class(polar, monkeypatch, oracle_cache):
+    """The GPU per-candidate check, run on the CPU for every kernel of the "small" class in bf16."""
+    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", "small")
+    device, shape = torch.device("cpu"), (1, 80, 2, 1, 16)
+
+    def oracle(dtype, window):
+        return oracle_cache(device, shape, dtype, window)
+
+    failures = []
+    for kind in polar.KERNELS:
+        failures += candidate_failures(polar, monkeypatch, kind, torch.bfloat16, device, shape, (None, 24), oracle)
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+def test_gpu_dispatch_picks_triton(polar, monkeypatch):
     import kernels
-    from kernels.polar_triton import polar_attention_triton
 
     monkeypatch.delenv("ATMA_KERNELS", raising=False)
-    inputs, _, _ = make_inputs(2, 300, 8, 2, 128, seed=1, device="cuda")
+    inputs, _, _ = polar_case(2, 300, 8, 2, 128, seed=1, device="cuda")
     args = [x.to(torch.bfloat16) if i < 3 else x.float() for i, x in enumerate(inputs)]
     assert kernels.kernel_backend(args[0].device) == "triton"
     a = kernels.polar_attention(*args)
-    b = polar_attention_triton(*args)
+    b = polar.polar_attention_triton(*args)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-@pytest.mark.parametrize("profile", ["large", "mid", "small"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_launch_candidates_respect_tile_constraints(monkeypatch, profile, dtype, d):
-    from kernels import polar_triton
-
-    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", profile)
-    for kind in ("fwd", "dq", "dkdv"):
-        cands = polar_triton._configs(kind, torch.device("cuda"), dtype, d)
-        assert cands, kind
-        for bm, bn, warps, stages in cands:
-            assert bm >= 16 and bn >= 16 and warps in (1, 2, 4, 8) and stages >= 1
-            assert (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
-    monkeypatch.setenv("ATMA_POLAR_AUTOTUNE", "0")
-    assert len(polar_triton._configs("fwd", torch.device("cuda"), dtype, d)) == 1
-
-
-def test_unknown_profile_is_rejected(monkeypatch):
-    from kernels import polar_triton
-
-    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", "huge")
-    with pytest.raises(ValueError, match="ATMA_POLAR_TRITON_PROFILE"):
-        polar_triton._configs("fwd", torch.device("cuda"), torch.bfloat16, 128)

@@ -14,14 +14,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_utils import check_launch_device, interpreting, patch_interpreter_index
+from ..common import TRITON_DTYPES, check_launch_device, interpreting, patch_interpreter_index
 
 __all__ = ["causal_conv1d_triton"]
 
 _INTERPRET = interpreting()
 if _INTERPRET:
     patch_interpreter_index()
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 # (BT, BC, num_warps): the conv is bandwidth-bound; wide channel tiles keep loads coalesced.
 _BLOCKS = (32, 32, 1) if _INTERPRET else (64, 128, 4)
 
@@ -126,7 +125,7 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Causal depthwise conv1d in Triton: x [B,T,C], weight [C,K] -> [B,T,C], no bias or activation."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
         raise ValueError(f"expected x (B, T, C) and weight (C, K); got {tuple(x.shape)} and {tuple(weight.shape)}")
-    if x.dtype not in _SUPPORTED or weight.dtype not in _SUPPORTED:
+    if x.dtype not in TRITON_DTYPES or weight.dtype not in TRITON_DTYPES:
         raise ValueError(f"x and weight must be fp32/bf16/fp16, got {x.dtype} and {weight.dtype}")
     if weight.shape[1] < 1:
         raise ValueError("weight needs at least one tap")

@@ -20,17 +20,16 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..common import (
+    POLAR_EPS,
+    Q2_FLOOR,
+    compute_dtype,
+    polar_length_features,
+    polar_length_terms,
+    polar_visible_counts,
+)
+
 __all__ = ["polar_attention_torch"]
-
-# SPEC §2.6: F.normalize epsilon of the direction and the clamp on Z.
-POLAR_EPS = 1e-6
-# SPEC §2.7 / §11 item 5: Q2 clamp of the Triton kernel (1e-6 would corrupt n_eff when the null dominates).
-Q2_FLOOR = 1e-30
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype the reduction runs in: fp32 for half types, else the input dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _row_range(j0: int, j1: int, T: int, window: int | None) -> tuple[int, int]:
@@ -50,16 +49,15 @@ def _visible(i0: int, i1: int, j0: int, j1: int, window: int | None, device) -> 
 
 
 def _length_terms(T, window, G, r, null_base, null_slope_raw, len_gain_raw, *, device, dtype):
-    """Return (log n, sqrt(log(n+1)), t, nu); the first two are (T, 1), t and nu are (G, T, r)."""
-    n = torch.arange(1, T + 1, device=device, dtype=dtype)
-    if window is not None:
-        n = n.clamp(max=window)
-    n = n.clamp(min=1)
-    log_n = torch.log(n)[:, None]
-    root = torch.sqrt(torch.log(n + 1.0))[:, None]
-    t = 1.0 + F.softplus(len_gain_raw).view(G, 1, r) * log_n
-    nu = null_base.view(G, 1, r) + F.softplus(null_slope_raw).view(G, 1, r) * root
-    return log_n, root, t, nu
+    """Return (log n, sqrt(log(n+1))), each (T, 1), and t, nu laid out (G, T, r) (SPEC §2.6)."""
+    n = polar_visible_counts(T, window, device=device, dtype=dtype)
+    log_n, root = polar_length_features(n)
+    t, nu = polar_length_terms(n, null_base, null_slope_raw, len_gain_raw)  # (H, T) each
+
+    def by_group(x):
+        return x.view(G, r, T).transpose(1, 2).contiguous()
+
+    return log_n[:, None], root[:, None], by_group(t), by_group(nu)
 
 
 def _block_scores(qg, kg, i0, i1, j0, j1, scale):
@@ -79,7 +77,7 @@ class _PolarStreaming(torch.autograd.Function):
         G = k.shape[2]
         r = H // G
         out_dtype = q.dtype
-        cdt = _compute_dtype(q.dtype)
+        cdt = compute_dtype(q.dtype)
         dev = q.device
         scale = 1.0 / math.sqrt(d)
 

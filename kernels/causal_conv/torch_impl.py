@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+__all__ = ["causal_conv1d_torch"]
+
 
 def causal_conv1d_torch(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Causal depthwise conv: x (B,T,C), weight (C,K) -> (B,T,C); weight[:, K-1] hits the current token."""

@@ -15,9 +15,13 @@ direction s = S + p_N v_null [B, T, H, D]. The backward is a PyTorch preamble ov
 dk/dv program owns one key tile of one KV head and loops over that head's H // G query heads,
 so GQA gradients are summed in registers, without atomics.
 
-The normalisation clamps follow the materialised oracle exactly (model.reference), written in
-running-max units: with Z = L + p_N, c = s / max(|s|, eps Z) and
+The normalisation clamps follow the materialised oracle (`naive.py`, beside this file) exactly,
+written in running-max units: with Z = L + p_N, c = s / max(|s|, eps Z) and
 n_eff = Lc^2 / max(Q2, eps Lc^2) with Lc = max(L, eps Z), eps = 1e-6.
+
+Launch configurations: autotuned among the candidates of the device's launch class;
+ATMA_POLAR_AUTOTUNE=0 keeps each class default, and ATMA_POLAR_CONFIG forces one configuration
+per kernel (`forced_config`), e.g. to compare every candidate with the oracle.
 """
 
 from __future__ import annotations
@@ -29,23 +33,36 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._triton_utils import (
+from ..common import (
+    POLAR_EPS,
+    TRITON_DTYPES,
     autotune_enabled,
     check_launch_device,
     device_class,
+    forced_launch_configs,
     interpreting,
     patch_interpreter_index,
+    polar_length_terms,
+    polar_visible_counts,
 )
 
-__all__ = ["polar_attention_triton"]
+__all__ = [
+    "polar_attention_triton",
+    "launch_candidates",
+    "autotune_candidates",
+    "forced_config",
+    "KERNELS",
+    "FORCE_ENV",
+]
 
 # Whether the JIT functions below were defined for the CPU interpreter (read once, at import).
 _INTERPRET = interpreting()
 if _INTERPRET:
     patch_interpreter_index()
-_EPS = 1e-6  # SPEC §2.6 (F.normalize / renormalisation epsilon)
 _LOG2E = 1.4426950408889634
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+# The same constants as compile-time values of the JIT functions.
+_EPS_C = tl.constexpr(POLAR_EPS)
+_LOG2E_C = tl.constexpr(_LOG2E)
 
 
 @triton.jit
@@ -180,7 +197,7 @@ def polar_fwd_kernel(
     )
 
     # Null fold (SPEC §2.7): the null logit t * nu joins the running max like one more key.
-    b_an = b_t * tl.load(nu + i_h * T + o_m, mask=m_m, other=0.0) * 1.4426950408889634
+    b_an = b_t * tl.load(nu + i_h * T + o_m, mask=m_m, other=0.0) * _LOG2E_C
     b_m_new = tl.maximum(b_m, b_an)
     b_alpha = tl.exp2(b_m - b_m_new)
     b_l = b_l * b_alpha
@@ -191,9 +208,9 @@ def polar_fwd_kernel(
     b_vn = tl.load(v_null + i_h * D + tl.arange(0, D)).to(tl.float32)  # [D]
     b_s = b_acc + b_pn[:, None] * b_vn[None, :]  # [BM, D]
     b_norm = tl.sqrt(tl.sum(b_s * b_s, 1))
-    b_c = b_s / tl.maximum(b_norm, 1e-6 * b_z)[:, None]
-    b_lc = tl.maximum(b_l, 1e-6 * b_z)
-    b_neff = b_lc * b_lc / tl.maximum(b_q2, 1e-6 * b_lc * b_lc)
+    b_c = b_s / tl.maximum(b_norm, _EPS_C * b_z)[:, None]
+    b_lc = tl.maximum(b_l, _EPS_C * b_z)
+    b_neff = b_lc * b_lc / tl.maximum(b_q2, _EPS_C * b_lc * b_lc)
     b_meff = b_neff * (b_l / b_z)
     b_mu = _tanh_pos(tl.load(beta + i_h) * _log1p_pos(b_meff))
 
@@ -398,11 +415,20 @@ _CONFIGS_FP32 = {
 # One small configuration under the interpreter: tiles smaller than the test sequences, with
 # BM != BN so that every loop boundary case is exercised.
 _CONFIG_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
+KERNELS = ("fwd", "dq", "dkdv")
+# Forces one launch configuration per named kernel, in place of autotuning (or of the interpreter's
+# configuration), e.g. ATMA_POLAR_CONFIG="fwd=128,64,8,2;dq=64,32,8,2;dkdv=32,64,8,1".
+FORCE_ENV = "ATMA_POLAR_CONFIG"
 _TUNED: dict = {}
 
 
-def _configs(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> list:
-    """Return the candidate launch tuples for one kernel, best guess first."""
+def _tiles_fit(kind: str, bm: int, bn: int) -> bool:
+    """Whether the tile loops of `kind` can start on these boundaries (see the launch tables above)."""
+    return (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
+
+
+def launch_candidates(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> list:
+    """Return every autotuning candidate (BM, BN, warps, stages) of one kernel, the class default first."""
     if dtype == torch.float32:
         cands = _CONFIGS_FP32[kind]
     else:
@@ -410,24 +436,44 @@ def _configs(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> lis
         cands = _CONFIGS_HALF["small" if d > 128 else cls][kind]
     if d > 128:  # [BM, D] / [BN, D] tiles with D = 256 need half the rows
         cands = [(max(bm // 2, 16), max(bn // 2, 16), w, s) for bm, bn, w, s in cands]
-    if not autotune_enabled("ATMA_POLAR_AUTOTUNE"):
-        cands = cands[:1]
-    for bm, bn, _, _ in cands:  # the tile loops start on these boundaries
-        assert (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0), (kind, bm, bn)
-    return cands
+    for bm, bn, _, _ in cands:
+        assert _tiles_fit(kind, bm, bn), (kind, bm, bn)
+    return list(cands)
+
+
+def autotune_candidates(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> tuple:
+    """The candidates autotuning runs: all of them, or the class default alone when ATMA_POLAR_AUTOTUNE=0."""
+    cands = launch_candidates(kind, device, dtype, d)
+    return tuple(cands if autotune_enabled("ATMA_POLAR_AUTOTUNE") else cands[:1])
+
+
+def forced_config(kind: str) -> tuple[int, int, int, int] | None:
+    """Return the launch configuration ATMA_POLAR_CONFIG forces on `kind`, or None."""
+    config = forced_launch_configs(FORCE_ENV, KERNELS).get(kind)
+    if config is None:
+        return None
+    bm, bn, warps, _ = config
+    if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1) or warps & (warps - 1) or not _tiles_fit(kind, bm, bn):
+        need = "BM % BN == 0" if kind != "dkdv" else "BN % BM == 0"
+        raise ValueError(
+            f"{FORCE_ENV}: {kind}={','.join(map(str, config))} needs BM, BN powers of two >= 16 with {need} "
+            "and a power-of-two warp count"
+        )
+    return config
 
 
 def _launcher(kernel, name: str, device: torch.device, dtype: torch.dtype, d: int):
-    """Return a callable kernel[grid](...) that picks the block sizes: autotuned on a GPU."""
-    if _INTERPRET:
-        bm, bn, w, s = _CONFIG_INTERPRET[name]
+    """Return a callable kernel[grid](...) that picks the block sizes: autotuned on a GPU unless forced."""
+    config = forced_config(name) or (_CONFIG_INTERPRET[name] if _INTERPRET else None)
+    if config is not None:
+        bm, bn, w, s = config
 
         def run(grid, *args, **kw):
             g = grid({"BM": bm, "BN": bn})
             kernel[g](*args, BM=bm, BN=bn, num_warps=w, num_stages=s, **kw)
 
         return run
-    cands = tuple(_configs(name, device, dtype, d))
+    cands = autotune_candidates(name, device, dtype, d)
     key = (name, cands)
     tuned = _TUNED.get(key)
     if tuned is None:
@@ -485,8 +531,8 @@ def _bwd_row_terms(s, m, l, q2, temp, nu, beta, v_null, g_dir, g_mag, io_dtype):
     z = l + p_n
     # direction: c = s / max(|s|, eps Z)
     ns = torch.linalg.vector_norm(s, dim=-1)
-    den = torch.maximum(ns, _EPS * z)
-    use_s = ns >= _EPS * z
+    den = torch.maximum(ns, POLAR_EPS * z)
+    use_s = ns >= POLAR_EPS * z
     gc = g_dir.to(torch.float32).contiguous()
     if gc.data_ptr() == g_dir.data_ptr():
         gc = gc.clone()
@@ -498,10 +544,10 @@ def _bwd_row_terms(s, m, l, q2, temp, nu, beta, v_null, g_dir, g_mag, io_dtype):
     g_z = torch.where(use_s, 0.0, -proj / z)
     # magnitude: m_eff = n_eff L / Z with n_eff = Lc^2 / max(Q2, eps Lc^2), Lc = max(L, eps Z);
     # d log m = [Q2 unclamped] (2 d log Lc - d log Q2) + d log L - d log Z
-    lc = torch.maximum(l, _EPS * z)
-    use_l = l >= _EPS * z
-    den_q = torch.maximum(q2, _EPS * lc * lc)
-    use_q2 = q2 >= _EPS * lc * lc
+    lc = torch.maximum(l, POLAR_EPS * z)
+    use_l = l >= POLAR_EPS * z
+    den_q = torch.maximum(q2, POLAR_EPS * lc * lc)
+    use_q2 = q2 >= POLAR_EPS * lc * lc
     n_eff = lc * lc / den_q
     m_eff = n_eff * l / z
     log1p_m = torch.log1p(m_eff)
@@ -576,7 +622,7 @@ def _check_inputs(q, k, v, v_null, params, window) -> None:
         raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({G})")
     if D < 16 or D & (D - 1):
         raise ValueError(f"the Triton Polar kernel needs a head dim that is a power of two >= 16, got {D}")
-    if q.dtype not in _SUPPORTED or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in TRITON_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype among fp32/bf16/fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if tuple(v_null.shape) != (H, D) or any(tuple(p.shape) != (H,) for p in params):
         raise ValueError(f"v_null must be ({H}, {D}) and the four per-head scalars ({H},)")
@@ -608,12 +654,8 @@ def polar_attention_triton(
         window = None  # a window covering the whole sequence changes neither the band nor the count
     window = None if window is None else int(window)
     # Length terms (SPEC §2.6) in fp32 as [H, T]; autograd carries their gradients to the raw scalars.
-    n = torch.arange(1, T + 1, device=q.device, dtype=torch.float32)
-    if window is not None:
-        n = n.clamp(max=window)
-    temp = 1.0 + F.softplus(len_gain_raw.float())[:, None] * torch.log(n)[None, :]
-    slope = F.softplus(null_slope_raw.float())
-    nu = null_base.float()[:, None] + slope[:, None] * torch.sqrt(torch.log(n + 1.0))[None, :]
+    n = polar_visible_counts(T, window, device=q.device, dtype=torch.float32)
+    temp, nu = polar_length_terms(n, null_base.float(), null_slope_raw.float(), len_gain_raw.float())
     beta = F.softplus(mag_beta_raw.float())
     inputs = (q.contiguous(), k.contiguous(), v.contiguous(), v_null.contiguous(), temp, nu, beta)
     # Statistics for the backward are written only when a gradient can be asked for.

@@ -138,7 +138,7 @@ def fla_gated_delta_rule(
     """Gated delta rule via FLA's chunk kernel: q, k [B,T,H,dk] (unit norm), v [B,T,H,dv] -> (o, state [B,H,dk,dv])."""
     if q.dtype == torch.float32:
         # FLA's chunk kernels take bf16/fp16 only; fp32 callers get the fp32 PyTorch path.
-        from .gated_delta_torch import chunk_gated_delta_rule_torch
+        from .torch_impl import chunk_gated_delta_rule_torch
 
         return chunk_gated_delta_rule_torch(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state

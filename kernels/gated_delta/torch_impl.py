@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..common import compute_dtype
+
 __all__ = ["chunk_gated_delta_rule_torch"]
 
 
@@ -48,11 +50,6 @@ class _UnitLowerSolve(torch.autograd.Function):
         grad_b = _solve_unit_lower(a.transpose(-1, -2), grad_x, upper=True)
         grad_a = -(grad_b @ x.transpose(-1, -2)).tril(-1) if ctx.needs_input_grad[0] else None
         return grad_a, grad_b
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Return the dtype the recurrence runs in: fp32 for half types, else the input dtype."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
@@ -95,7 +92,7 @@ def chunk_gated_delta_rule_torch(
     dv = v.shape[-1]
     C = int(chunk_size)
     out_dtype = v.dtype
-    cdt = _compute_dtype(q.dtype)
+    cdt = compute_dtype(q.dtype)
 
     if initial_state is None:
         state = torch.zeros((B, H, dk, dv), device=q.device, dtype=cdt)

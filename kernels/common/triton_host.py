@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the Triton kernels: interpreter detection and GPU launch classes.
+"""Host-side helpers shared by the Triton kernels: interpreter detection, GPU launch classes, the
+autotuning switch and forced launch configurations.
 
 Nothing here defines a Triton JIT function, so a module that does can be re-imported under
 `TRITON_INTERPRET=1` without this one changing.
@@ -17,7 +18,12 @@ __all__ = [
     "check_launch_device",
     "device_class",
     "autotune_enabled",
+    "forced_launch_configs",
+    "TRITON_DTYPES",
 ]
+
+# Input dtypes the Triton kernels take (fp64 stays on the PyTorch paths).
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Launch classes, by compute capability and shared memory per block:
 #   "large": Hopper / Blackwell datacenter parts (H100, H200, B200): sm_90 / sm_100, ~227 KB.
@@ -99,3 +105,28 @@ def device_class(device: torch.device, env_var: str) -> str:
 def autotune_enabled(env_var: str) -> bool:
     """Return False when `env_var` is set to 0 (launch only each class's first configuration)."""
     return os.environ.get(env_var, "1").strip() != "0"
+
+
+def forced_launch_configs(env_var: str, kinds: tuple[str, ...]) -> dict[str, tuple[int, int, int, int]]:
+    """Parse `env_var` = "kind=BM,BN,WARPS,STAGES;..." into {kind: (BM, BN, warps, stages)}.
+
+    Kernels not named keep their own choice; an unset or empty variable forces nothing. Raises
+    ValueError (one line) on an unknown kind or a malformed tuple.
+    """
+    text = os.environ.get(env_var, "").strip()
+    forced: dict[str, tuple[int, int, int, int]] = {}
+    if not text:
+        return forced
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        kind, sep, values = item.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in kinds:
+            raise ValueError(f"{env_var}: expected KIND=BM,BN,WARPS,STAGES with KIND in {', '.join(kinds)}; got {item!r}")
+        try:
+            config = tuple(int(v) for v in values.split(","))
+        except ValueError:
+            config = ()
+        if len(config) != 4 or min(config) < 1:
+            raise ValueError(f"{env_var}: {kind} needs four positive integers BM,BN,WARPS,STAGES; got {values!r}")
+        forced[kind] = config
+    return forced

@@ -1,0 +1,9 @@
+"""Gated delta rule (SPEC §4.4-§4.7): the chunked PyTorch path and the flash-linear-attention bridge.
+
+The fp64 oracle is `naive.gated_delta_rule_naive`, imported from its module by the tests.
+"""
+
+from .fla_bridge import fla_gated_delta_rule, fla_guard_reason, fla_is_usable
+from .torch_impl import chunk_gated_delta_rule_torch
+
+__all__ = ["chunk_gated_delta_rule_torch", "fla_gated_delta_rule", "fla_guard_reason", "fla_is_usable"]
