@@ -14,19 +14,6 @@ from kernels import bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_defaults():
-    args = bench.parse_args([])
-    assert args.seq_lens == [2048, 8192, 32768]
-    assert args.iters == 20 and args.json is None
-    assert (args.heads, args.kv_heads, args.head_dim) == (8, 2, 128)
-
-
-def test_options():
-    args = bench.parse_args(["--seq-lens", "1024", "4096", "--iters", "3", "--json", "out.json", "--skip-memory"])
-    assert args.seq_lens == [1024, 4096] and args.iters == 3 and args.json == "out.json"
-    assert args.skip_memory and not args.skip_conv
-
-
 @pytest.mark.parametrize("argv", [["--iters", "0"], ["--seq-lens", "0"], ["--heads", "8", "--kv-heads", "3"], ["--bogus"]])
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:

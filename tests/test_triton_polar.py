@@ -263,22 +263,17 @@ def test_cpu_tensors_need_the_interpreter(polar):
 # Launch configurations: candidates, the autotuning switch and the forced-configuration hook.
 
 
-@pytest.mark.parametrize("profile", ["large", "mid", "small"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("d", [64, 128, 256])
-def test_launch_candidates_respect_tile_constraints(polar, monkeypatch, profile, dtype, d):
-    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", profile)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_autotune_switch_keeps_only_the_class_default(polar, monkeypatch, dtype):
+    # The tile shapes themselves are checked against the oracle by the interpreter tests above.
+    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", "large")
     for kind in polar.KERNELS:
-        cands = polar.launch_candidates(kind, torch.device("cuda"), dtype, d)
-        assert cands, kind
-        for bm, bn, warps, stages in cands:
-            assert bm >= 16 and bn >= 16 and warps in (1, 2, 4, 8) and stages >= 1
-            assert (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
-        assert polar.autotune_candidates(kind, torch.device("cuda"), dtype, d) == tuple(cands)
+        cands = polar.launch_candidates(kind, torch.device("cuda"), dtype, 128)
+        assert len(cands) > 1 and polar.autotune_candidates(kind, torch.device("cuda"), dtype, 128) == tuple(cands)
     monkeypatch.setenv("ATMA_POLAR_AUTOTUNE", "0")
     for kind in polar.KERNELS:
-        cands = polar.launch_candidates(kind, torch.device("cuda"), dtype, d)
-        assert polar.autotune_candidates(kind, torch.device("cuda"), dtype, d) == (cands[0],)
+        cands = polar.launch_candidates(kind, torch.device("cuda"), dtype, 128)
+        assert polar.autotune_candidates(kind, torch.device("cuda"), dtype, 128) == (cands[0],)
 
 
 def test_unknown_profile_is_rejected(polar, monkeypatch):
