@@ -3,7 +3,20 @@
 The fp64 oracle is `naive.gated_delta_rule_naive`, imported from its module by the tests.
 """
 
-from .fla_bridge import fla_gated_delta_rule, fla_guard_reason, fla_is_usable
+from .fla_bridge import (
+    fla_gated_delta_rule,
+    fla_guard_reason,
+    fla_is_usable,
+    fla_timing_only,
+    fla_timing_only_active,
+)
 from .torch_impl import chunk_gated_delta_rule_torch
 
-__all__ = ["chunk_gated_delta_rule_torch", "fla_gated_delta_rule", "fla_guard_reason", "fla_is_usable"]
+__all__ = [
+    "chunk_gated_delta_rule_torch",
+    "fla_gated_delta_rule",
+    "fla_guard_reason",
+    "fla_is_usable",
+    "fla_timing_only",
+    "fla_timing_only_active",
+]

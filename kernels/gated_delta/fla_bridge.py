@@ -7,21 +7,25 @@ gated backward on Hopper GPUs (compute capability 9.x) with triton < 3.7.1 (a tr
 miscompilation, flash-linear-attention#640); `fla_is_usable` refuses that combination for any
 call that will be differentiated, so that training never runs on known-wrong gradients, and the
 caller falls back to the PyTorch path. Forward-only calls (evaluation) keep FLA there: the bug
-is in the backward. `ATMA_FLA=0` turns the bridge off.
+is in the backward. `ATMA_FLA=0` turns the bridge off. `fla_timing_only()` lets a benchmark time
+FLA's backward on such a machine anyway (the figure a fresh install gets); the trainer refuses to
+start while it is active.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
 
 import torch
 
-__all__ = ["fla_guard_reason", "fla_is_usable", "fla_gated_delta_rule"]
+__all__ = ["fla_gated_delta_rule", "fla_guard_reason", "fla_is_usable", "fla_timing_only", "fla_timing_only_active"]
 
 _WARNED = False
 _USABLE: dict = {}
+_TIMING_ONLY = False
 
 
 def _release(version: str) -> tuple[int, int, int, bool]:
@@ -103,6 +107,23 @@ def _warn_once(reason: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def fla_timing_only():
+    """Within this block FLA runs wherever it is installed and a CUDA device is present, even where its
+    gradients are known to be wrong: for timing only, never for training."""
+    global _TIMING_ONLY
+    previous, _TIMING_ONLY = _TIMING_ONLY, True
+    try:
+        yield
+    finally:
+        _TIMING_ONLY = previous
+
+
+def fla_timing_only_active() -> bool:
+    """True inside `fla_timing_only()`."""
+    return _TIMING_ONLY
+
+
 def fla_is_usable(device: torch.device | str, *, backward: bool = True) -> bool:
     """Return True when FLA may run the gated delta rule on `device`; warns once per process otherwise.
 
@@ -119,6 +140,9 @@ def fla_is_usable(device: torch.device | str, *, backward: bool = True) -> bool:
             capability = tuple(torch.cuda.get_device_capability(index))
         _USABLE[key] = fla_guard_reason(_installed_fla_version(), _triton_version(), capability, backward=backward)
     reason = _USABLE[key]
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    if reason is not None and _TIMING_ONLY and on_gpu and _installed_fla_version() is not None:
+        return True
     if reason is not None:
         _warn_once(reason)
         return False
@@ -143,18 +167,83 @@ def fla_gated_delta_rule(
         return chunk_gated_delta_rule_torch(
             q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
         )
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-    # Keywords throughout: other FLA entry points put extra gate arguments between g and beta.
-    o, final_state = chunk_gated_delta_rule(
-        q=q,
-        k=k,
-        v=v,
-        g=g.float(),
-        beta=beta,
-        scale=1.0,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=False,
-    )
+    o, final_state, _, _ = _fla_fwd(q, k, v, g.float(), beta, initial_state, output_final_state)
     return o, (final_state if output_final_state else None)
+
+
+# FLA's chunk kernels behind two custom ops, so a compiled block traces them as single calls
+# (FLA's public entry point is wrapped in @torch.compiler.disable, which would break the graph).
+# They chain FLA's own host functions, the ones its autograd.Function calls, with FLA's
+# defaults: chunk size 64, scale 1 (the queries are already normalised), no varlen.
+_FLA_CHUNK = 64
+
+
+@torch.library.custom_op("atma::gated_delta_fla_fwd", mutates_args=())
+def _fla_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    initial_state: torch.Tensor | None, output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FLA forward: o, the final state (empty unless asked for), the chunk-local cumulative g and A."""
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
+
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    with torch.cuda.device(q.device):
+        g_cum, o, A, final_state, *_ = chunk_gated_delta_rule_fwd(
+            q=q, k=k, v=v, g=g, beta=beta, scale=1.0, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=_FLA_CHUNK,
+        )
+    if final_state is None:
+        final_state = q.new_empty(0, dtype=torch.float32)
+    return o.to(q.dtype).contiguous(), final_state, g_cum.contiguous(), A.contiguous()
+
+
+@torch.library.custom_op("atma::gated_delta_fla_bwd", mutates_args=())
+def _fla_bwd(
+    grad_o: torch.Tensor, grad_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    g_cum: torch.Tensor, beta: torch.Tensor, A: torch.Tensor, initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FLA backward: gradients of q, k, v, g, beta and the initial state (empty when None)."""
+    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd
+
+    with torch.cuda.device(q.device):
+        dq, dk, dv, dbeta, dg, dh0, *_ = chunk_gated_delta_rule_bwd(
+            q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=1.0, initial_state=initial_state,
+            do=grad_o.contiguous(), dht=None if grad_state is None else grad_state.contiguous(),
+            chunk_size=_FLA_CHUNK,
+        )
+    if dh0 is None:
+        dh0 = q.new_empty(0, dtype=torch.float32)
+    grads = (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_cum.dtype), dbeta.to(beta.dtype), dh0)
+    return tuple(x.contiguous() for x in grads)
+
+
+@_fla_fwd.register_fake
+def _fla_fwd_fake(q, k, v, g, beta, initial_state, output_final_state):
+    B, T, H, K = q.shape
+    state_shape = (B, H, K, v.shape[-1]) if output_final_state else (0,)
+    return (v.new_empty(v.shape), q.new_empty(state_shape, dtype=torch.float32),
+            g.new_empty(g.shape, dtype=torch.float32), k.new_empty((B, T, H, _FLA_CHUNK)))
+
+
+@_fla_bwd.register_fake
+def _fla_bwd_fake(grad_o, grad_state, q, k, v, g_cum, beta, A, initial_state):
+    dh0 = q.new_empty(0 if initial_state is None else initial_state.shape, dtype=torch.float32)
+    return (*(x.new_empty(x.shape) for x in (q, k, v, g_cum, beta)), dh0)
+
+
+def _fla_setup_context(ctx, inputs, output):
+    q, k, v, _, beta, initial_state, _ = inputs
+    _, _, g_cum, A = output
+    ctx.save_for_backward(q, k, v, g_cum, beta, A, initial_state)
+    ctx.mark_non_differentiable(g_cum, A)
+
+
+def _fla_backward(ctx, grad_o, grad_state, *_):
+    q, k, v, g_cum, beta, A, initial_state = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = torch.zeros_like(v)
+    *grads, dh0 = _fla_bwd(grad_o, grad_state, q, k, v, g_cum, beta, A, initial_state)
+    return (*grads, dh0 if initial_state is not None else None, None)
+
+
+_fla_fwd.register_autograd(_fla_backward, setup_context=_fla_setup_context)

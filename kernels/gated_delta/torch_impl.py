@@ -5,10 +5,17 @@ beta (B, T, H); the state S (B, H, dk, dv) is M^T of SPEC §4.4. Every chunk's i
 algebra (the triangular solve of SPEC §4.6) runs for all chunks at once; only the state carry
 is sequential across chunks.
 
+Eager calls run the chunked code under autograd. Inside torch.compile the same code runs as the
+custom op `atma::gated_delta_torch_fwd`, whose backward `atma::gated_delta_torch_bwd`
+recomputes the forward under autograd (one extra forward, the same gradients), so a compiled
+block holds one opaque call instead of the unrolled loop over chunks.
+
 Shape legend: N chunks, C chunk length, K = dk, V = dv.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +80,6 @@ def _check_inputs(q, k, v, g, beta, initial_state, chunk_size):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
 
 
-# SPEC §4.6: eager only; compiling would unroll the loop over chunks.
-@torch.compiler.disable
 def chunk_gated_delta_rule_torch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -88,6 +93,15 @@ def chunk_gated_delta_rule_torch(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule (SPEC §4.4, §4.6) in FLA layout: returns o (B,T,H,dv) and the final state or None."""
     _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+    if torch.compiler.is_compiling() and q.shape[1] > 0:
+        # One opaque op in a compiled graph: tracing would unroll the loop over chunks (SPEC §4.6).
+        o, state = _gated_delta_fwd(q, k, v, g, beta, initial_state, int(chunk_size))
+        return o, (state if output_final_state else None)
+    return _chunked(q, k, v, g, beta, initial_state, output_final_state, int(chunk_size))
+
+
+def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size):
+    """The chunked forward, differentiable by autograd (eager training keeps its saved intermediates)."""
     B, T, H, dk = q.shape
     dv = v.shape[-1]
     C = int(chunk_size)
@@ -151,3 +165,72 @@ def chunk_gated_delta_rule_torch(
 
     o = torch.stack(outs, dim=2).reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, (state if output_final_state else None)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Record autograd inside a custom op's kernel, which the dispatcher runs below the autograd keys."""
+    include = torch._C._dispatch_tls_local_include_set()
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        yield
+
+
+@torch.library.custom_op("atma::gated_delta_torch_fwd", mutates_args=())
+def _gated_delta_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    initial_state: torch.Tensor | None, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked forward as one op: o (B,T,H,dv) and the final state (B,H,dk,dv), without autograd."""
+    o, state = _chunked(q, k, v, g, beta, initial_state, True, chunk_size)
+    return o.contiguous(), state
+
+
+@torch.library.custom_op("atma::gated_delta_torch_bwd", mutates_args=())
+def _gated_delta_bwd(
+    grad_o: torch.Tensor, grad_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    g: torch.Tensor, beta: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of q, k, v, g, beta and the initial state (empty when None), by recomputing the forward."""
+    leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
+    state0 = None if initial_state is None else initial_state.detach().requires_grad_()
+    with _autograd_inside_op():
+        o, state = _chunked(*leaves, state0, True, chunk_size)
+        outputs, upstream = [o], [grad_o]
+        if grad_state is not None:
+            outputs.append(state)
+            upstream.append(grad_state)
+        wrt = leaves + ([state0] if state0 is not None else [])
+        grads = torch.autograd.grad(outputs, wrt, upstream, allow_unused=True)
+    grads = [x.new_zeros(x.shape) if gr is None else gr.contiguous() for x, gr in zip(wrt, grads)]
+    d_state0 = grads[5] if state0 is not None else q.new_empty(0)
+    return (*grads[:5], d_state0)
+
+
+@_gated_delta_fwd.register_fake
+def _gated_delta_fwd_fake(q, k, v, g, beta, initial_state, chunk_size):
+    B, T, H, dk = q.shape
+    return v.new_empty((B, T, H, v.shape[-1])), q.new_empty((B, H, dk, v.shape[-1]), dtype=compute_dtype(q.dtype))
+
+
+@_gated_delta_bwd.register_fake
+def _gated_delta_bwd_fake(grad_o, grad_state, q, k, v, g, beta, initial_state, chunk_size):
+    d_state0 = q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
+    return (*(x.new_empty(x.shape) for x in (q, k, v, g, beta)), d_state0)
+
+
+def _gated_delta_setup_context(ctx, inputs, output):
+    q, k, v, g, beta, initial_state, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, g, beta, initial_state)
+    ctx.chunk_size = chunk_size
+
+
+def _gated_delta_backward(ctx, grad_o, grad_state):
+    q, k, v, g, beta, initial_state = ctx.saved_tensors
+    if grad_o is None:
+        grad_o = torch.zeros((*q.shape[:3], v.shape[-1]), device=q.device, dtype=v.dtype)
+    *grads, d_state0 = _gated_delta_bwd(grad_o, grad_state, q, k, v, g, beta, initial_state, ctx.chunk_size)
+    return (*grads, d_state0 if initial_state is not None else None, None)
+
+
+_gated_delta_fwd.register_autograd(_gated_delta_backward, setup_context=_gated_delta_setup_context)
