@@ -41,6 +41,10 @@ class Block(nn.Module):
         return self._modules[self.MIXER_KEY]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.compute(x)
+
+    def compute(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's math; `AtmaForCausalLM.compile_blocks` compiles this, not the module call."""
         mixed, align = self.mixer(self.norm1(x))
         x = x + mixed
         return x + self.mlp(self.norm2(x)), align
@@ -213,6 +217,15 @@ class AtmaForCausalLM(nn.Module):
         if policy not in CHECKPOINT_POLICIES:
             raise ValueError(f"activation checkpointing must be one of {CHECKPOINT_POLICIES}, got {policy!r}")
         self.checkpoint_policy = policy
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every block's `compute` (torchtitan's per-block compile), with `options` for torch.compile.
+
+        The module call stays eager, so hooks on a block (ZeRO-3 gathers its parameters there when
+        the block is a ZeRO-3 leaf module) run outside the compiled graph.
+        """
+        for block in self.blocks:
+            block.compute = torch.compile(block.compute, **options)
 
     def _run_block(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         wanted = self.checkpoint_policy == "all" or (self.checkpoint_policy == "global" and block.is_global)
