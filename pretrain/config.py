@@ -26,6 +26,8 @@ SCHEDULES = ("cosine", "wsd", "paper", "constant")
 OPTIMIZERS = ("adamw", "muon")
 CHECKPOINT_POLICIES = ("none", "global", "all")
 NAN_POLICIES = ("stop", "skip")
+COMPILE_CHOICES = ("auto", "true", "false")
+COMPILE_METHODS = ("blocks", "deepcompile")
 PRECISIONS = ("auto", "bf16", "fp32")
 WANDB_MODES = ("online", "offline", "disabled")
 DATA_DIR_UNSET = "data.dir is not set: pass --data DIR or set data.dir in the run config"
@@ -237,7 +239,8 @@ class TrainSection:
     """Recompute block activations in backward: none, global (global blocks only) or all."""
 
     nan_policy: str = "stop"
-    """On a non-finite loss: stop the run, or skip the micro-batch."""
+    """On a non-finite loss: stop the run (no update, no checkpoint of that step), or skip the whole
+    optimizer step (its gradients are discarded; needs ZeRO stage 1-3)."""
 
     max_skipped_steps: int = 10
     """With nan_policy skip: stop after this many skipped steps."""
@@ -245,12 +248,22 @@ class TrainSection:
     precision: str = "auto"
     """auto (the DeepSpeed JSON's bf16 on a GPU, fp32 on the CPU), bf16 or fp32."""
 
+    compile: str = "auto"
+    """torch.compile the model: true, false, or auto (on with CUDA, off on the CPU)."""
+
+    compile_method: str = "blocks"
+    """blocks (torch.compile of each block's computation; ZeRO-3 gathers stay outside the graphs) or
+    deepcompile (DeepSpeed's engine.compile() with DeepCompile; CUDA only)."""
+
     def __post_init__(self):
         _require(self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         _require_one_of(self.activation_checkpointing, CHECKPOINT_POLICIES, "train.activation_checkpointing")
         _require_one_of(self.nan_policy, NAN_POLICIES, "train.nan_policy")
         _require(self.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0, got {self.max_skipped_steps}")
         _require_one_of(self.precision, PRECISIONS, "train.precision")
+        self.compile = str(self.compile).lower()  # YAML true/false arrive as "True"/"False"
+        _require_one_of(self.compile, COMPILE_CHOICES, "train.compile")
+        _require_one_of(self.compile_method, COMPILE_METHODS, "train.compile_method")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -303,12 +316,17 @@ class LoggingSection:
     peak_flops: float = 0.0
     """Peak FLOP/s of one device for MFU; 0 looks the GPU up by name."""
 
+    throughput_warmup_steps: int = 3
+    """Optimizer steps after start or resume left out of tokens/s and MFU (compilation, autotuning)."""
+
     def __post_init__(self):
         _require(self.every > 0, f"logging.every must be positive, got {self.every}")
         _require_one_of(self.wandb_mode, WANDB_MODES, "logging.wandb_mode")
         _require(self.val_every >= 0, f"logging.val_every must be >= 0 (0 disables validation), got {self.val_every}")
         _require(self.val_batches > 0, f"logging.val_batches must be positive, got {self.val_batches}")
         _require(self.peak_flops >= 0, f"logging.peak_flops must be >= 0, got {self.peak_flops}")
+        _require(self.throughput_warmup_steps >= 0,
+                 f"logging.throughput_warmup_steps must be >= 0, got {self.throughput_warmup_steps}")
 
 
 @dataclass(kw_only=True, slots=True)

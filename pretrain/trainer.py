@@ -9,7 +9,6 @@ import resource
 import shutil
 import signal
 import socket
-import time
 import warnings
 from dataclasses import dataclass
 
@@ -19,11 +18,13 @@ import torch.distributed as dist
 from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
+from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .flops import peak_flops_for, train_flops_per_token
-from .losses import LossWeights, combine_losses, signature_loss
 from .monitor import Monitor
 from .optim import apply_lr, build_optimizer, lr_multiplier
+from .step import NonFiniteStep, TrainingError, TrainStep, check_skip_supported
+from .throughput import ThroughputMeter
 
 # torch.distributed deprecation notices raised from inside DeepSpeed on every step.
 warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
@@ -31,9 +32,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distri
 # Fault injection for tests of the non-finite-loss guard: the loss of this optimizer step is NaN.
 NAN_STEP_ENV = "ATMA_FAULT_NAN_AT_STEP"
 
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (non-finite loss under nan_policy=stop, too many skips, ...)."""
+__all__ = ["Trainer", "TrainingError", "build_ds_config", "build_engine", "init_distributed", "plan_batch"]
 
 
 def _free_port() -> int:
@@ -131,18 +130,43 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
             warnings.warn("optim.grad_clip is not applied with Muon (DeepSpeed clips the Muon update, "
                           "not the raw gradient); training runs without gradient clipping", stacklevel=2)
             ds["gradient_clipping"] = 0.0
+    configure_compile(ds, compile_method(cfg.train, device_type), device_type=device_type, source=path)
+    if cfg.train.nan_policy == "skip":
+        try:
+            check_skip_supported(ds)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return ds
+
+
+def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, device: torch.device):
+    """Build the model (ZeRO-3: partitioned at construction), its optimizer and the DeepSpeed engine, compiled
+    as the run config says; returns (engine, optimizer)."""
+    import deepspeed
+
+    zero_stage = ds_config["zero_optimization"].get("stage", 0)
+    torch.manual_seed(cfg.train.seed)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
+        model = AtmaForCausalLM(model_config)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+    optimizer = build_optimizer(model, cfg.optim, device_type=device.type, cpu_offload=offload)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    compile_engine(engine, compile_method(cfg.train, device.type))
+    return engine, optimizer
 
 
 class Trainer:
     """Owns the engine, data, teacher, monitor and the train/validate/checkpoint cadence."""
 
     def __init__(self, cfg: RunConfig):
-        import deepspeed
-
         from data_pipeline.loader import build_loader
         from data_pipeline.manifest import load_manifest
+        from kernels.gated_delta.fla_bridge import fla_timing_only_active
 
+        if fla_timing_only_active():
+            raise TrainingError("flash-linear-attention's guard is bypassed for timing in this process; "
+                                "training never runs on known-wrong gradients")
         self.cfg = cfg
         self.rank, self.world, self.device = init_distributed()
         self.manifest = load_manifest(cfg.data.dir)
@@ -163,17 +187,7 @@ class Trainer:
                 f"model vocab_size {self.model_config.vocab_size} < tokenizer vocabulary {self.manifest.vocab_size}"
             )
 
-        torch.manual_seed(cfg.train.seed)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_config, enabled=self.zero_stage == 3):
-            model = AtmaForCausalLM(self.model_config)
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        offload = self.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
-        optimizer = build_optimizer(model, cfg.optim, device_type=self.device.type, cpu_offload=offload)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=self.ds_config
-        )
-        self.weights = LossWeights(cfg.loss.lm_weight, cfg.loss.sig_weight, cfg.loss.distractor_weight,
-                                   cfg.loss.distill_weight)
+        self.engine, self.optimizer = build_engine(cfg, self.model_config, self.ds_config, device=self.device)
         self.teacher = None
         if cfg.loss.distill_weight > 0:
             from .teacher import Teacher
@@ -181,6 +195,8 @@ class Trainer:
             dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
             self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
                                    vocab_size=self.model_config.vocab_size)
+        self.runner = TrainStep(self.engine, grad_accum=self.plan.grad_accum, loss=cfg.loss,
+                                nan_policy=cfg.train.nan_policy, device=self.device, teacher=self.teacher)
 
         loader_args = dict(dataset=self.manifest, batch_size=self.plan.micro_batch_size, rank=self.rank,
                            world_size=self.world, num_workers=cfg.data.num_workers, seed=cfg.data.seed)
@@ -244,81 +260,35 @@ class Trainer:
         if self.rank == 0:
             print(f"[atma] resumed from {tag_dir} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
 
-    # ------------------------------------------------------------------ one micro-batch
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        return batch["input_ids"].to(self.device, non_blocking=True), batch["labels"].to(self.device, non_blocking=True)
-
-    def compute_terms(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Forward one micro-batch and return every enabled loss term (per-token means)."""
-        want_sig = self.weights.sig > 0
-        kl_targets = self.teacher.target_rows(input_ids) if self.teacher is not None else None
-        out = self.engine(
-            input_ids, labels if self.weights.lm > 0 else None, output_hidden_states=want_sig,
-            loss_chunk_tokens=self.cfg.loss.loss_chunk_tokens, kl_targets=kl_targets,
-            kl_temperature=self.cfg.loss.distill_temperature,
-        )
-        terms = {}
-        if out.loss is not None:
-            terms["lm"] = out.loss
-        if want_sig:
-            terms["sig"] = signature_loss(out.hidden_states, self.cfg.loss.sig_mode, self.cfg.loss.sig_sketch_dim)
-        if self.weights.distractor > 0:
-            terms["distractor"] = out.align_loss
-        if out.kl_loss is not None:
-            terms["distill"] = out.kl_loss
-        return terms
-
-    def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() == 0.0
-
-    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return {k: v / self.world for k, v in zip(keys, t.tolist())}
-
     # ------------------------------------------------------------------ steps
-    def train_step(self, batches) -> dict[str, float]:
-        """One optimizer step over grad_accum micro-batches; returns rank-mean loss terms."""
+    def train_step(self, batches):
+        """One optimizer step (`TrainStep.run`: one host sync); applies train.nan_policy to its outcome."""
         apply_lr(self.optimizer, lr_multiplier(self.step, self.cfg.train.max_steps, self.cfg.schedule))
-        sums: dict[str, float] = {}
-        done = 0
         nan_step = os.environ.get(NAN_STEP_ENV)
-        while done < self.plan.grad_accum:
-            input_ids, labels = self._to_device(next(batches))
-            terms = self.compute_terms(input_ids, labels)
-            loss = combine_losses(terms, self.weights)
-            if nan_step is not None and int(nan_step) == self.step and done == 0 and self.skipped == 0:
-                loss = loss * float("nan")
-            if not self._all_finite(loss.detach()):
-                self._handle_non_finite()
-                continue
-            self.engine.backward(loss)
-            self.engine.step()
-            done += 1
-            for name, value in terms.items():
-                sums[f"loss/{name}"] = sums.get(f"loss/{name}", 0.0) + value.item() / self.plan.grad_accum
-            sums["loss/total"] = sums.get("loss/total", 0.0) + loss.item() / self.plan.grad_accum
-        self.step += 1
-        self.tokens_seen += self.plan.tokens_per_step
-        return self._mean_over_ranks(sums)
-
-    def _handle_non_finite(self) -> None:
-        """Apply train.nan_policy to a micro-batch whose loss is NaN/inf on some rank."""
-        where = f"optimizer step {self.step + 1}"
-        if self.cfg.train.nan_policy == "stop":
+        inject = nan_step is not None and int(nan_step) == self.step and self.skipped == 0
+        try:
+            outcome = self.runner.run(batches, stop_requested=self.stop_requested, inject_nan=inject)
+        except NonFiniteStep as err:
             raise TrainingError(
-                f"non-finite loss at {where}; stopping (train.nan_policy=stop). The last complete checkpoint "
-                f"in {self.ckpt_root} is intact; lower the learning rate or set train.nan_policy=skip."
-            )
+                f"{err} at optimizer step {self.step + 1}; stopping (train.nan_policy=stop). The last complete "
+                f"checkpoint in {self.ckpt_root} is intact; lower the learning rate or set train.nan_policy=skip."
+            ) from None
+        if outcome.applied:
+            self.step += 1
+            self.tokens_seen += self.plan.tokens_per_step
+        else:
+            self._count_skipped()
+        return outcome
+
+    def _count_skipped(self) -> None:
+        """Count a skipped optimizer step (nan_policy=skip); stop after train.max_skipped_steps."""
         self.skipped += 1
         if self.rank == 0:
-            print(f"[atma] non-finite loss at {where}: micro-batch skipped ({self.skipped} so far)", flush=True)
+            print(f"[atma] non-finite loss at optimizer step {self.step + 1}: step skipped ({self.skipped} so far)",
+                  flush=True)
         if self.skipped > self.cfg.train.max_skipped_steps:
             raise TrainingError(f"more than train.max_skipped_steps={self.cfg.train.max_skipped_steps} "
-                                "non-finite micro-batches; stopping")
+                                "skipped steps (non-finite losses); stopping")
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -326,16 +296,16 @@ class Trainer:
         if self.val_loader is None:
             return None
         self.engine.module.eval()
-        total, count = 0.0, 0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         # The same validation batches every time: restart the loader at its first batch.
         self.val_loader.reset()
         batches = iter(self.val_loader)
         for _ in range(self.cfg.logging.val_batches):
-            input_ids, labels = self._to_device(next(batches))
-            total += self.engine(input_ids, labels, loss_chunk_tokens=self.cfg.loss.loss_chunk_tokens).loss.item()
-            count += 1
+            input_ids, labels = self.runner.to_device(next(batches))
+            total += self.engine(input_ids, labels, loss_chunk_tokens=self.cfg.loss.loss_chunk_tokens).loss.double()
         self.engine.module.train()
-        return self._mean_over_ranks({"val": total / max(count, 1)})["val"]
+        dist.all_reduce(total)
+        return total.item() / (self.world * self.cfg.logging.val_batches)
 
     def save(self) -> None:
         """Write a checkpoint of the current step on every rank."""
@@ -344,6 +314,7 @@ class Trainer:
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state(), "skipped": self.skipped}
         tag = ckpt.save(self.engine, self.ckpt_root, self.step, client, rank_state,
                         keep_last=self.cfg.checkpoint.keep_last)
+        self.last_saved = self.step
         self.monitor.print(f"[atma] saved checkpoint {tag}")
 
     def _memory_gib(self) -> float:
@@ -354,11 +325,6 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
 
-    def _stop_agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop_requested else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
-
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Train until train.max_steps; checkpoint, validate and log on their cadences."""
@@ -366,49 +332,58 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._request_stop)
         batches = iter(self.train_loader)
-        last_saved = self.step
+        self.last_saved = self.step
         self.engine.module.train()
+        meter = ThroughputMeter(warmup_steps=cfg.logging.throughput_warmup_steps, device=self.device)
+        meter.start()
         last = {}
         while self.step < cfg.train.max_steps:
-            start = time.perf_counter()
-            terms = self.train_step(batches)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            elapsed = time.perf_counter() - start
-            tokens_per_s = self.plan.tokens_per_step / elapsed
-            grad_norm = self.engine.get_global_grad_norm()
-            scalars = dict(terms)
-            scalars.update({
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "perf/step_time_s": elapsed,
-                "perf/tokens_per_s": tokens_per_s,
-                "perf/tokens_seen": self.tokens_seen,
-                "perf/memory_gib": self._memory_gib(),
-                "perf/skipped_micro_batches": self.skipped,
-            })
-            if self.peak_flops:
-                scalars["perf/mfu"] = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world)
-            if self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps or self.step == 1:
-                self.monitor.log(self.step, scalars)
-            if cfg.logging.val_every and (self.step % cfg.logging.val_every == 0 or self.step == cfg.train.max_steps):
-                val = self.validate()
-                if val is not None:
-                    self.monitor.log(self.step, {"loss/val": val}, console=False)
-                    self.monitor.print(f"[atma] step {self.step}: val loss {val:.4f}")
-            self.monitor.advance()
-            last = scalars
-            stop = self._stop_agreed()
-            if self.step % cfg.checkpoint.every == 0 or self.step == cfg.train.max_steps or stop:
+            outcome = self.train_step(batches)
+            meter.record(self.plan.tokens_per_step, outcome.data_wait_s)
+            if outcome.applied:
+                last = self._log(outcome, meter)
+                self._validate_on_cadence()
+                self.monitor.advance()
+            if (outcome.stop or (outcome.applied and self._save_due())) and self.last_saved != self.step:
                 self.save()
-                last_saved = self.step
-            if stop:
+            if outcome.stop:
                 self.monitor.print(f"[atma] stop requested: checkpoint saved at step {self.step}; exiting")
                 break
-        if last_saved != self.step:
+        if self.last_saved != self.step:
             self.save()
         self.monitor.close()
         return last
+
+    def _save_due(self) -> bool:
+        return self.step % self.cfg.checkpoint.every == 0 or self.step == self.cfg.train.max_steps
+
+    def _log(self, outcome, meter: ThroughputMeter) -> dict:
+        """Log the step's scalars on the logging cadence (the only place values are read beyond the step's
+        own sync); return the scalars known without reading."""
+        cfg = self.cfg
+        scalars = dict(outcome.terms)
+        scalars.update({"lr": self.optimizer.param_groups[0]["lr"], "perf/tokens_seen": self.tokens_seen,
+                        "perf/skipped_steps": self.skipped})
+        if not (self.step % cfg.logging.every == 0 or self.step == cfg.train.max_steps or self.step == 1):
+            return scalars
+        grad_norm = self.engine.get_global_grad_norm()
+        scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        scalars["perf/memory_gib"] = self._memory_gib()
+        scalars.update(meter.read())
+        if self.peak_flops and "perf/tokens_per_s" in scalars:
+            scalars["perf/mfu"] = self.flops_per_token * scalars["perf/tokens_per_s"] / (self.peak_flops * self.world)
+        if compile_method(cfg.train, self.device.type) is not None:
+            scalars.update({f"compile/{k}": v for k, v in dynamo_summary().items()})
+        self.monitor.log(self.step, scalars)
+        return scalars
+
+    def _validate_on_cadence(self) -> None:
+        cfg = self.cfg
+        if cfg.logging.val_every and (self.step % cfg.logging.val_every == 0 or self.step == cfg.train.max_steps):
+            val = self.validate()
+            if val is not None:
+                self.monitor.log(self.step, {"loss/val": val}, console=False)
+                self.monitor.print(f"[atma] step {self.step}: val loss {val:.4f}")
 
     def close(self) -> None:
         """Tear down the process group."""

@@ -194,7 +194,8 @@ def test_non_finite_loss_guard(tiny_shards, tmp_path, policy, monkeypatch):
         assert "non-finite loss at optimizer step 3" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
-        assert losses(tmp_path / policy, "perf/skipped_micro_batches")[4] == 1
+        assert losses(tmp_path / policy, "perf/skipped_steps")[4] == 1
+        assert "step skipped (1 so far)" in proc.stdout
 
 
 def test_bad_config_gives_one_line_error(tiny_shards, tmp_path):

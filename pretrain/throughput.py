@@ -1,0 +1,66 @@
+"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up steps left out."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+__all__ = ["ThroughputMeter"]
+
+
+class ThroughputMeter:
+    """Counts optimizer steps and tokens; `read()` returns the figures of the steps since the last read.
+
+    The first `warmup_steps` steps (compilation, autotuning, allocator growth) are left out: the
+    clock starts when they are done. The device is synchronised only where a window starts or is
+    read (the logging cadence), so the step itself keeps the host ahead of the device.
+    """
+
+    def __init__(self, *, warmup_steps: int, device: torch.device):
+        self.warmup_steps = warmup_steps
+        self.device = device
+        self.num_steps = 0
+        self._window_start = None
+        self._window_steps = 0
+        self._window_tokens = 0
+        self._window_data_wait = 0.0
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def start(self) -> None:
+        """Mark the start of training (the first window starts here when there is no warm-up)."""
+        if self.warmup_steps == 0:
+            self._window_start = self._now()
+
+    @property
+    def warming_up(self) -> bool:
+        """True while the steps recorded so far are all warm-up steps."""
+        return self.num_steps <= self.warmup_steps
+
+    def record(self, tokens: int, data_wait_s: float) -> None:
+        """Count one optimizer step of `tokens` tokens that waited `data_wait_s` seconds for data."""
+        self.num_steps += 1
+        if self.num_steps == self.warmup_steps:
+            self._window_start = self._now()
+        elif self.num_steps > self.warmup_steps:
+            self._window_steps += 1
+            self._window_tokens += tokens
+            self._window_data_wait += data_wait_s
+
+    def read(self) -> dict[str, float]:
+        """Tokens/s, seconds per step and the data-wait fraction since the last read; {} during warm-up."""
+        if self._window_steps == 0:
+            return {}
+        now = self._now()
+        elapsed = max(now - self._window_start, 1e-9)
+        out = {"perf/tokens_per_s": self._window_tokens / elapsed,
+               "perf/step_time_s": elapsed / self._window_steps,
+               "perf/data_wait_fraction": self._window_data_wait / elapsed}
+        self._window_start = now
+        self._window_steps = self._window_tokens = 0
+        self._window_data_wait = 0.0
+        return out
