@@ -89,6 +89,24 @@ def test_interpreted_no_weight_grad_and_empty():
     assert causal_conv1d_triton(torch.randn(2, 0, 16), w).shape == (2, 0, 16)
 
 
+@interpreted
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_interpreted_op_registration(weight_grad):
+    """atma::causal_conv1d_triton_fwd/_bwd: schema, fake implementation and autograd (torch.library.opcheck)."""
+    from kernels.causal_conv.triton_impl import _conv_fwd
+
+    x, w, _ = conv_case(2, 13, 40, 3, dtype=torch.float32, seed=2, channel_stride=2)
+    torch.library.opcheck(_conv_fwd, (x.requires_grad_(), w.float().contiguous().requires_grad_(weight_grad)))
+
+
+@pytest.mark.gpu
+def test_gpu_op_registration():
+    from kernels.causal_conv.triton_impl import _conv_fwd
+
+    x, w, _ = conv_case(2, 300, 256, 4, dtype=torch.bfloat16, device="cuda", seed=3)
+    torch.library.opcheck(_conv_fwd, (x.requires_grad_(), w.float().contiguous().requires_grad_()))
+
+
 def test_rejects_bad_shapes():
     from kernels.causal_conv.triton_impl import causal_conv1d_triton
 

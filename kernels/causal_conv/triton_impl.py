@@ -5,7 +5,9 @@ Shape legend: B batch, T sequence, C channels, K taps. x is [B, T, C] (any strid
     y[b, t, c] = sum_k weight[c, k] * x[b, t - (K - 1) + k, c],   x[b, <0, c] = 0.
 Products and sums run in fp32; y and dx come back in x's dtype, dweight in weight's dtype.
 The weight gradient is reduced without atomics: each (batch, time tile) program writes its
-partial [C, K] sums and PyTorch adds them up.
+partial [C, K] sums and PyTorch adds them up. Both passes are the custom ops
+`atma::causal_conv1d_triton_fwd` / `_bwd` (fake implementations and autograd registered), so
+torch.compile keeps them in the graph as single calls.
 """
 
 from __future__ import annotations
@@ -89,38 +91,62 @@ def _grid(B: int, T: int, C: int):
     return (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
 
 
-class _CausalConv1d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight):
-        B, T, C = x.shape
-        K = weight.shape[1]
-        BT, BC, warps = _BLOCKS
-        y = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
-        causal_conv1d_fwd_kernel[_grid(B, T, C)](
-            x, weight, y, T, C, *x.stride(), K=K, BT=BT, BC=BC, num_warps=warps,
-        )
-        ctx.save_for_backward(x, weight)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        B, T, C = x.shape
-        K = weight.shape[1]
-        BT, BC, warps = _BLOCKS
-        grid = _grid(B, T, C)
-        has_dw = ctx.needs_input_grad[1]
-        dx = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
-        dw = torch.empty((B * grid[0], C, K), device=x.device, dtype=torch.float32) if has_dw else dx
-        causal_conv1d_bwd_kernel[grid](
-            x, weight, dy, dx, dw, T, C, grid[0], *x.stride(), *dy.stride(),
-            K=K, BT=BT, BC=BC, HAS_DW=has_dw, num_warps=warps,
-        )
-        dweight = dw.sum(0).to(weight.dtype) if has_dw else None
-        return dx, dweight
+@torch.library.custom_op("atma::causal_conv1d_triton_fwd", mutates_args=())
+def _conv_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y [B,T,C] of x [B,T,C] (any strides) and a contiguous weight [C,K]."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    BT, BC, warps = _BLOCKS
+    y = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
+    causal_conv1d_fwd_kernel[_grid(B, T, C)](
+        x, weight, y, T, C, *x.stride(), K=K, BT=BT, BC=BC, num_warps=warps,
+    )
+    return y
 
 
-@torch.compiler.disable
+@torch.library.custom_op("atma::causal_conv1d_triton_bwd", mutates_args=())
+def _conv_bwd(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, weight_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dx [B,T,C] and, when `weight_grad`, dweight [C,K] (else an empty tensor)."""
+    B, T, C = x.shape
+    K = weight.shape[1]
+    BT, BC, warps = _BLOCKS
+    grid = _grid(B, T, C)
+    dx = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
+    dw = torch.empty((B * grid[0], C, K), device=x.device, dtype=torch.float32) if weight_grad else dx
+    causal_conv1d_bwd_kernel[grid](
+        x, weight, dy, dx, dw, T, C, grid[0], *x.stride(), *dy.stride(),
+        K=K, BT=BT, BC=BC, HAS_DW=weight_grad, num_warps=warps,
+    )
+    dweight = dw.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    return dx, dweight
+
+
+@_conv_fwd.register_fake
+def _conv_fwd_fake(x, weight):
+    return x.new_empty(x.shape)
+
+
+@_conv_bwd.register_fake
+def _conv_bwd_fake(dy, x, weight, weight_grad):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if weight_grad else (0,))
+
+
+def _conv_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    weight_grad = ctx.needs_input_grad[1]
+    dx, dweight = _conv_bwd(dy, x, weight, weight_grad)
+    return dx, dweight if weight_grad else None
+
+
+_conv_fwd.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
 def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Causal depthwise conv1d in Triton: x [B,T,C], weight [C,K] -> [B,T,C], no bias or activation."""
     if x.dim() != 3 or weight.dim() != 2 or weight.shape[0] != x.shape[2]:
@@ -132,4 +158,4 @@ def causal_conv1d_triton(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     check_launch_device(x, _INTERPRET, "causal_conv1d_triton")
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return x * weight[:, -1].to(x.dtype)  # empty result that stays in the autograd graph
-    return _CausalConv1d.apply(x, weight.contiguous())
+    return _conv_fwd(x, weight.contiguous())
