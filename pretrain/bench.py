@@ -1,22 +1,30 @@
-"""Training throughput benchmark: tokens/s and MFU of a preset under DeepSpeed ZeRO-3, Polar vs NoPE.
+"""Training throughput benchmark: the trainer's own step (`TrainStep`, `build_ds_config`, `build_engine`),
+timed per case, with a breakdown and the top profiler ops.
 
-    python -m pretrain.bench                       # atma-378m, T=2048, one GPU, polar+mem vs nope+mem
+    python -m pretrain.bench                       # atma-378m, T=2048, one GPU: polar vs nope, ZeRO-2 vs ZeRO-3
     python -m pretrain.bench --preset tiny --seq-len 128 --device cpu   # a smoke run on the CPU
-    # framework overhead of the atma-378m module structure (near-zero compute), ZeRO-0 vs ZeRO-3:
-    python -m pretrain.bench --device cpu --cores polar --model-set hidden_size=64 --model-set head_dim=16 \
-        --model-set vocab_size=256 --seq-len 64 --micro-batch 1 --zero-stage 3
+    # framework overhead of the atma-378m module structure (near-zero compute), ZeRO-3 / ZeRO-0 in one run:
+    python -m pretrain.bench --device cpu --cores polar --model-set hidden_size=64 --model-set head_dim=16 \\
+        --model-set vocab_size=256 --seq-len 64 --micro-batch 1 --steps 20 --zero-stages 0,3 --interleave
 
-Both cores are measured in the same process on the same device with identical settings; the
-NoPE (SDPA softmax) run is the baseline of the printed ratio. Random tokens; no data loading.
+A case is one combination of --cores, --zero-stages, --activation-checkpointing and --compile;
+each is built exactly as training builds it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, precision
+auto: bf16 on CUDA, fp32 on the CPU) and timed on random tokens (or --data shards). Ratios compare
+cases that differ in one setting, all measured in this run: core vs the last core of --cores,
+ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs eager, activation checkpointing vs none.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import itertools
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,29 +32,86 @@ from model import PRESETS, AtmaConfig, AtmaForCausalLM
 
 from .flops import peak_flops_for, train_flops_per_token
 
+CPU_MAX_PARAMETERS = 50_000_000
+ZERO_CONFIGS = {0: "ds_configs/zero0_bf16.json", 1: "ds_configs/zero1_bf16.json", 2: "ds_configs/zero2_bf16.json",
+                3: "ds_configs/zero3_bf16.json"}
+COMPILE_CHOICES = ("auto", "off", "blocks", "deepcompile")
+CHECKPOINT_POLICIES = ("none", "global", "all")
+
+
+def _list(kind, choices=None):
+    """An argparse type: a comma-separated list of `kind` values (each in `choices` when given)."""
+
+    def parse(text: str):
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        bad = [v for v in values if choices is not None and v not in choices]
+        if not values or bad:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(map(str, choices or ()))}; got {text!r}")
+        return values
+
+    return parse
+
+
+def _cases(text: str) -> list[tuple]:
+    """An argparse type: CORE:ZERO:AC:COMPILE cases, comma-separated."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        parts = item.split(":")
+        if len(parts) != 4 or parts[0] not in ("polar", "nope", "rope") or parts[1] not in ("0", "1", "2", "3") \
+                or parts[2] not in CHECKPOINT_POLICIES or parts[3] not in COMPILE_CHOICES:
+            raise argparse.ArgumentTypeError(
+                f"a case is CORE:ZERO:AC:COMPILE, e.g. polar:3:none:blocks; got {item!r}")
+        out.append((parts[0], int(parts[1]), parts[2], parts[3]))
+    if not out:
+        raise argparse.ArgumentTypeError("--cases needs at least one case")
+    return out
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line."""
-    p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="atma-378m", choices=sorted(PRESETS), help="model preset (default: atma-378m)")
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one model config field of the preset (repeatable), e.g. hidden_size=256")
-    p.add_argument("--cores", default="polar,nope", help="comma-separated cores; the last is the baseline")
+    p.add_argument("--cores", type=_list(str, ("polar", "nope", "rope")), default=["polar", "nope"],
+                   help="comma-separated cores; the last is the baseline of the core ratio (default: polar,nope)")
     p.add_argument("--no-memory", action="store_true", help="benchmark without the gated-delta memory")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per core")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (kernel autotuning, allocator)")
-    p.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3], help="DeepSpeed ZeRO stage (default: 3)")
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "global", "all"],
-                   help="recompute block activations in backward (default: none)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case (default: 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning, allocator)")
+    p.add_argument("--zero-stages", "--zero-stage", type=_list(int, (0, 1, 2, 3)), default=[2, 3],
+                   help="comma-separated DeepSpeed ZeRO stages (default: 2,3)")
+    p.add_argument("--activation-checkpointing", type=_list(str, CHECKPOINT_POLICIES), default=["none"],
+                   help="comma-separated policies: none, global, all (default: none)")
+    p.add_argument("--compile", type=_list(str, COMPILE_CHOICES), default=["auto"],
+                   help="comma-separated: off, blocks, deepcompile, or auto (the training default: blocks on "
+                        "CUDA, off on the CPU)")
+    p.add_argument("--cases", type=_cases, metavar="CORE:ZERO:AC:COMPILE,...",
+                   help="explicit cases instead of every combination of the four lists above, e.g. "
+                        "polar:3:none:blocks,nope:3:none:blocks,polar:2:none:blocks")
+    p.add_argument("--fla-timing-only", action="store_true",
+                   help="use flash-linear-attention's backward even where its gradients are known to be wrong "
+                        "(timing only; training never does)")
+    p.add_argument("--data", help="time on these shards through the training loader (default: random tokens)")
+    p.add_argument("--breakdown-steps", type=int, default=3,
+                   help="extra steps timed phase by phase (device synchronised between phases; default: 3)")
+    p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
+    p.add_argument("--top-ops", type=int, default=8, help="profiler ops listed per case (default: 8)")
+    p.add_argument("--interleave", action="store_true",
+                   help="build every case first and alternate their timed steps (steadier ratios on a shared "
+                        "machine; no per-case peak memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (default when present) or cpu (tiny preset only)")
-    p.add_argument("--json", help="also write the results to this JSON file")
-    return p.parse_args(argv)
-
-
-CPU_MAX_PARAMETERS = 50_000_000
+                   help="cuda (default when present) or cpu")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0 or args.profile_steps < 0:
+        p.error("--steps must be >= 1; --warmup, --breakdown-steps and --profile-steps >= 0")
+    return args
 
 
 def model_overrides(assignments: list[str]) -> dict:
@@ -70,60 +135,262 @@ def count_parameters(config: AtmaConfig) -> int:
         return sum(p.numel() for p in AtmaForCausalLM(config).parameters())
 
 
-def bench_core(core: str, args, device: torch.device) -> dict:
-    """Time forward+backward+step of one core; returns tokens/s, MFU, step times, peak memory."""
-    import deepspeed
+def paper_flops_per_token(config: AtmaConfig, seq_len: int, num_parameters: int) -> float:
+    """Training FLOPs per token by the paper's formula: 6N + 12 * L_attn * D * T."""
+    return 6.0 * num_parameters + 12.0 * len(config.global_layers) * config.hidden_size * seq_len
 
-    from .optim import build_optimizer
-    from .config import OptimSection
 
-    bf16 = device.type == "cuda"
-    ds_config = {
-        "train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
-        "train_batch_size": args.micro_batch, "gradient_clipping": 1.0, "bf16": {"enabled": bf16},
-        "zero_optimization": {"stage": args.zero_stage}, "steps_per_print": 10**9,
-    }
-    config = AtmaConfig.from_preset(args.preset, **args.model_overrides, core=core, memory=not args.no_memory)
-    torch.manual_seed(0)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=args.zero_stage == 3):
-        model = AtmaForCausalLM(config)
-    model.set_activation_checkpointing(args.activation_checkpointing)
-    optimizer = build_optimizer(model, OptimSection(), device_type=device.type, cpu_offload=False)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    ids = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq_len), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+@dataclass
+class Case:
+    """One benchmarked configuration and what was measured for it."""
+
+    core: str
+    zero_stage: int
+    checkpointing: str
+    compile: str
+    step_times: list[float] = field(default_factory=list)
+    result: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.core} z{self.zero_stage} ac={self.checkpointing} compile={self.compile}"
+
+    def key_without(self, setting: str) -> tuple:
+        """The case's settings other than `setting` (cases that differ only there share it)."""
+        fields = {"core": self.core, "zero": self.zero_stage, "ac": self.checkpointing, "compile": self.compile}
+        return tuple(v for k, v in fields.items() if k != setting)
+
+
+class CaseRunner:
+    """A case's engine and `TrainStep`, built through the trainer's own builders."""
+
+    def __init__(self, case: Case, args, device: torch.device):
+        from .config import load_run_config
+        from .optim import apply_lr
+        from .step import PhaseTimer, TrainStep
+        from .trainer import BatchPlan, build_ds_config, build_engine
+
+        compile_setting = {"off": ["train.compile=false"], "auto": [],
+                           "blocks": ["train.compile=true", "train.compile_method=blocks"],
+                           "deepcompile": ["train.compile=true", "train.compile_method=deepcompile"]}[case.compile]
+        self.cfg = load_run_config(None, [
+            "data.dir=random-tokens", f"deepspeed_config={ZERO_CONFIGS[case.zero_stage]}",
+            f"train.activation_checkpointing={case.checkpointing}", *compile_setting,
+        ])
+        self.plan = BatchPlan(args.seq_len, args.micro_batch, 1, 1)
+        self.config = AtmaConfig.from_preset(args.preset, **args.model_overrides, core=case.core,
+                                             memory=not args.no_memory)
+        ds_config = build_ds_config(self.cfg, self.plan, device_type=device.type)
+        self.engine, optimizer = build_engine(self.cfg, self.config, ds_config, device=device)
+        apply_lr(optimizer, 1.0)
+        self.timer = PhaseTimer(device, synchronize=True)
+        self.step = TrainStep(self.engine, grad_accum=1, loss=self.cfg.loss, nan_policy="stop", device=device,
+                              timer=self.timer)
+        self.batches = batch_stream(args, self.config.vocab_size)
+        self.device = device
+
+    def run(self):
+        """One optimizer step; returns its StepOutcome."""
+        return self.step.run(self.batches)
+
+    def timed_step(self) -> float:
+        """Wall seconds of one optimizer step, device synchronised before and after."""
+        synchronize(self.device)
         start = time.perf_counter()
-        loss = engine(ids, ids).loss
-        engine.backward(loss)
-        engine.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - start)
-    step = statistics.median(times)
-    tokens_per_s = args.micro_batch * args.seq_len / step
-    flops = train_flops_per_token(config, args.seq_len)
-    peak = peak_flops_for(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
-    result = {
-        "core": core, "memory": not args.no_memory, "step_s_median": step, "tokens_per_s": tokens_per_s,
-        "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
-        "mfu": flops * tokens_per_s / peak if peak else None,
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "final_loss": float(loss.item()),
-    }
-    del engine, model, optimizer
+        self.run()
+        synchronize(self.device)
+        return time.perf_counter() - start
+
+
+def batch_stream(args, vocab_size: int):
+    """Micro-batches of random tokens, or of --data shards through the training loader."""
+    if args.data:
+        from data_pipeline.loader import build_loader
+
+        yield from build_loader(args.data, split="train", batch_size=args.micro_batch, num_epochs=None)
+        return
+    gen = torch.Generator().manual_seed(0)
+    while True:
+        ids = torch.randint(0, vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+        yield {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (no-op on the CPU)."""
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+        torch.cuda.synchronize(device)
+
+
+def breakdown(runner: CaseRunner, steps: int) -> dict[str, float]:
+    """Mean milliseconds per step in each phase (data, forward, sync, backward, optimizer)."""
+    if steps == 0:
+        return {}
+    runner.timer.reset()
+    runner.timer.enabled = True
+    for _ in range(steps):
+        runner.run()
+    runner.timer.enabled = False
+    return {name: 1000 * seconds / steps for name, seconds in runner.timer.seconds.items()}
+
+
+def top_ops(runner: CaseRunner, steps: int, limit: int) -> list[dict]:
+    """The `limit` ops with the most self time (device time on CUDA) over `steps` profiled steps."""
+    if steps == 0 or limit == 0:
+        return []
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            runner.run()
+        synchronize(runner.device)
+    on_device = runner.device.type == "cuda"
+    rows = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total), e.count)
+            for e in prof.key_averages()]
+    rows.sort(key=lambda r: r[1], reverse=True)
+    return [{"op": name, "self_ms_per_step": us / 1000 / steps, "calls_per_step": count / steps}
+            for name, us, count in rows[:limit]]
+
+
+def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_memory: float | None) -> dict:
+    """The case's figures from its step times (median) and model."""
+    step = statistics.median(case.step_times)
+    tokens_per_s = args.micro_batch * args.seq_len / step
+    flops = train_flops_per_token(runner.config, args.seq_len)
+    paper_flops = paper_flops_per_token(runner.config, args.seq_len, count_parameters(runner.config))
+    return {
+        "case": case.name, "core": case.core, "zero_stage": case.zero_stage,
+        "activation_checkpointing": case.checkpointing, "compile": case.compile,
+        "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
+        "memory": not args.no_memory, "memory_kernel": memory_kernel(runner.device, args),
+        "step_s_median": step, "step_s_all": case.step_times,
+        "step_s_stdev": statistics.stdev(case.step_times) if len(case.step_times) > 1 else 0.0,
+        "tokens_per_s": tokens_per_s, "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
+        "mfu": flops * tokens_per_s / peak if peak else None,
+        "mfu_paper_formula": paper_flops * tokens_per_s / peak if peak else None,
+        "peak_memory_gib": peak_memory,
+    }
+
+
+def runner_compiles(runner: CaseRunner) -> bool:
+    """True when the case's engine was compiled."""
+    from .compilation import compile_method
+
+    return compile_method(runner.cfg.train, runner.device.type) is not None
+
+
+def memory_kernel(device: torch.device, args) -> str:
+    """Which gated-delta path training takes here: "fla", "fla (timing only)" or "torch"."""
+    if args.no_memory:
+        return "none"
+    if device.type != "cuda":
+        return "torch"
+    from kernels.gated_delta import fla_bridge
+
+    from kernels import kernel_backend
+
+    reason = fla_bridge.fla_guard_reason(fla_bridge._installed_fla_version(), fla_bridge._triton_version(),
+                                         tuple(torch.cuda.get_device_capability(device)))
+    if kernel_backend(device) != "triton" or fla_bridge._installed_fla_version() is None:
+        return "torch"
+    if reason is None:
+        return "fla"
+    return "fla (timing only: guard bypassed)" if args.fla_timing_only else "torch"
+
+
+def run_case(case: Case, args, device, peak) -> None:
+    """Build, warm up, time, break down and profile one case; fills case.result (or its error)."""
+    runner = None
+    try:
+        runner = CaseRunner(case, args, device)
+        for _ in range(args.warmup):
+            runner.run()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        case.step_times = [runner.timed_step() for _ in range(args.steps)]
+        memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        case.result = summarise(case, runner, args, peak, memory)
+        case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
+        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops)
+    except Exception as exc:  # one failing case (e.g. DeepCompile without its CUDA build) must not end the run
+        case.result = {"case": case.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+    finally:
+        runner = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_interleaved(cases: list[Case], args, device, peak) -> None:
+    """Build every case, warm each up, then time one step of each case per round."""
+    runners = [CaseRunner(case, args, device) for case in cases]
+    for runner in runners:
+        for _ in range(args.warmup):
+            runner.run()
+    for _ in range(args.steps):
+        for case, runner in zip(cases, runners):
+            case.step_times.append(runner.timed_step())
+    for case, runner in zip(cases, runners):
+        case.result = summarise(case, runner, args, peak, None)
+        case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
+        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops)
+
+
+def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
+    """Step-time ratios between cases of this run that differ in one setting only."""
+    done = [c for c in cases if "error" not in c.result]
+    cores = sorted({c.core for c in done} - {baseline_core})
+    comparisons = [
+        ("core", "core", [(core, baseline_core) for core in cores], "{}/{} step"),
+        ("zero", "zero_stage", [(3, 0), (2, 0), (1, 0), (3, 2)], "ZeRO-{}/ZeRO-{} step"),
+        ("compile", "compile", [("blocks", "off"), ("deepcompile", "off"), ("deepcompile", "blocks")],
+         "compile {}/{} step"),
+        ("ac", "checkpointing", [("global", "none"), ("all", "none")], "checkpointing {}/{} step"),
+    ]
+    out = []
+    for setting, attribute, pairs, label in comparisons:
+        groups: dict[tuple, dict] = {}
+        for c in done:
+            groups.setdefault(c.key_without(setting), {})[getattr(c, attribute)] = c
+        for members in groups.values():
+            for num, den in pairs:
+                if num in members and den in members:
+                    a, b = members[num], members[den]
+                    out.append({"ratio": label.format(num, den), "case": a.name, "baseline": b.name,
+                                "value": a.result["step_s_median"] / b.result["step_s_median"]})
+    return out
+
+
+def print_report(cases: list[Case], found: list[dict]) -> None:
+    """The table of cases, the ratios, and each case's breakdown and top ops."""
+    print(f"{'case':44} {'step ms':>9} {'±':>6} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(6N)':>8} {'GiB':>6}")
+    for c in cases:
+        r = c.result
+        if "error" in r:
+            print(f"{c.name:44} error: {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        paper = f"{100 * r['mfu_paper_formula']:.1f}%" if r["mfu_paper_formula"] is not None else "n/a"
+        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
+        print(f"{c.name:44} {1000 * r['step_s_median']:9.1f} {1000 * r['step_s_stdev']:6.1f} "
+              f"{r['tokens_per_s']:10,.0f} {r['tflops']:8.2f} {mfu:>6} {paper:>8} {mem:>6}")
+    if found:
+        print("ratios (same run):")
+        for r in found:
+            print(f"  {r['ratio']:28} {r['value']:6.3f}x   {r['case']}  vs  {r['baseline']}")
+    for c in cases:
+        r = c.result
+        if "error" in r or not (r.get("breakdown_ms") or r.get("top_ops")):
+            continue
+        parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
+        print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
+              f"{r['memory_kernel']}")
+        for op in r["top_ops"]:
+            print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
 
 
 def main(argv=None) -> int:
-    """Run the benchmark for each core and print the table and the ratios to the baseline."""
+    """Run every case and print the table, the ratios, the breakdowns and the top ops."""
     args = parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -140,28 +407,38 @@ def main(argv=None) -> int:
               "to benchmark on the CPU; use --preset tiny for a smoke run, shrink it with --model-set, or run "
               "on a GPU", file=sys.stderr)
         return 2
-    cores = [c.strip() for c in args.cores.split(",") if c.strip()]
+    from kernels.gated_delta import fla_bridge
+
     from .trainer import init_distributed
 
     init_distributed()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    peak = peak_flops_for(name) if device.type == "cuda" else None
     changed = "".join(f", {k}={v}" for k, v in args.model_overrides.items())
     print(f"device: {name}; preset {args.preset}{changed}, T={args.seq_len}, micro-batch {args.micro_batch}, "
-          f"ZeRO-{args.zero_stage}, memory={'off' if args.no_memory else 'on'}")
-    results = [bench_core(core, args, device) for core in cores]
-    base = results[-1]
-    print(f"{'core':8} {'step ms':>9} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9} {'vs ' + base['core']:>9}")
-    for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        ratio = r["step_s_median"] / base["step_s_median"]
-        r["step_time_ratio_to_baseline"] = ratio
-        print(f"{r['core']:8} {1000 * r['step_s_median']:9.1f} {r['tokens_per_s']:11,.0f} {r['tflops']:9.2f} "
-              f"{mfu:>7} {mem:>9} {ratio:8.3f}x")
+          f"memory={'off' if args.no_memory else 'on'}, {args.steps} timed steps after {args.warmup} warm-up")
+    if args.fla_timing_only:
+        print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
+              "wrong (guard bypassed); these figures are timings, not a configuration to train with")
+    if args.cases:
+        cases = [Case(*spec) for spec in args.cases]
+        args.cores = list(dict.fromkeys(c.core for c in cases))
+    else:
+        cases = [Case(core, zero, ac, comp) for zero, ac, comp, core in itertools.product(
+            args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
+    with fla_bridge.fla_timing_only() if args.fla_timing_only else contextlib.nullcontext():
+        if args.interleave:
+            run_interleaved(cases, args, device, peak)
+        else:
+            for case in cases:
+                run_case(case, args, device, peak)
+    found = ratios(cases, args.cores[-1])
+    print_report(cases, found)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": name, "args": vars(args), "results": results}, f, indent=2)
-    return 0
+            json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": vars(args),
+                       "results": [c.result for c in cases], "ratios": found}, f, indent=2)
+    return 0 if all("error" not in c.result for c in cases) else 1
 
 
 if __name__ == "__main__":

@@ -67,6 +67,32 @@ def fake_env(monkeypatch):
     return set_env
 
 
+def test_timing_only_switch_is_scoped_and_the_trainer_refuses_it(fake_env):
+    """`fla_timing_only()` lets FLA's known-wrong backward run for timing; training never starts under it."""
+    from pretrain.config import load_run_config
+    from pretrain.trainer import Trainer, TrainingError
+
+    fake_env(cap=(9, 0), triton="3.6.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert bridge.fla_is_usable("cuda:0") is False
+        with bridge.fla_timing_only():
+            assert bridge.fla_timing_only_active() and bridge.fla_is_usable("cuda:0") is True
+            assert bridge.fla_is_usable("cpu") is False  # still needs a GPU
+            with pytest.raises(TrainingError, match="known-wrong gradients"):
+                Trainer(load_run_config(None, ["data.dir=unused"]))
+        assert not bridge.fla_timing_only_active() and bridge.fla_is_usable("cuda:0") is False
+
+
+def test_only_the_benchmark_enables_the_timing_only_switch():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    users = sorted(str(p.relative_to(root)) for p in root.glob("*/**/*.py")
+                   if "tests" not in p.parts and "fla_timing_only()" in p.read_text())
+    assert users == ["kernels/gated_delta/fla_bridge.py", "pretrain/bench.py"]
+
+
 def test_is_usable_refuses_hopper_with_old_triton_and_warns_once(fake_env):
     fake_env(cap=(9, 0), triton="3.6.0")
     with warnings.catch_warnings(record=True) as caught:

@@ -206,20 +206,6 @@ def test_bad_config_gives_one_line_error(tiny_shards, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_training_bench_runs_both_cores(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "64",
-                           "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                           "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(out.read_text())["results"]
-    assert [r["core"] for r in results] == ["polar", "nope"]
-    assert all(r["tokens_per_s"] > 0 for r in results)
-    refused = subprocess.run([sys.executable, "-m", "pretrain.bench", "--device", "cpu"], cwd=ROOT, env=env(),
-                             capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "too large" in refused.stderr
-
-
 def test_muon_under_zero3_trains(tiny_shards, tmp_path):
     run = tmp_path / "muon"
     proc = train(tiny_shards, run, "--max-steps", "8", "--set", "optim.name=muon",

@@ -227,3 +227,73 @@ def test_training_bench_model_overrides(capsys):
     assert len(err) == 1 and "hidden_sise" in err[0]
     assert bench.main(["--device", "cpu"]) == 2
     assert "too large" in capsys.readouterr().err
+
+
+def test_ds_config_compile_and_skip_rules():
+    from pretrain.trainer import build_ds_config
+
+    plan = plan_batch(4096, 4, 256, 2)
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", "train.compile=true",
+                                                             "train.compile_method=deepcompile"])
+    with pytest.raises(ConfigError, match="deepcompile needs CUDA"):
+        build_ds_config(cfg, plan, device_type="cpu")
+    assert build_ds_config(cfg, plan, device_type="cuda")["compile"] == {"deepcompile": True}
+    # ZeRO-3 without Blocks as leaf modules: every compiled block would break at each submodule's hook.
+    no_leaf = load_run_config(None, ["data.dir=d", "train.compile=true",
+                                     "deepspeed_config=ds_configs/zero3_offload_bf16.json"])
+    assert build_ds_config(no_leaf, plan, device_type="cpu")["zero_optimization"]["leaf_module"]["classes"] == [
+        "model.modeling.Block"]
+    skip0 = load_run_config(None, ["data.dir=d", "train.nan_policy=skip", "deepspeed_config=ds_configs/zero0_bf16.json"])
+    with pytest.raises(ConfigError, match="nan_policy=skip needs ZeRO stage 1, 2 or 3"):
+        build_ds_config(skip0, plan, device_type="cpu")
+    for value, expected in (("true", "true"), (True, "true"), ("False", "false"), ("auto", "auto")):
+        assert load_run_config(None, ["data.dir=d", f"train.compile={value}"]).train.compile == expected
+    with pytest.raises(ConfigError, match="train.compile must be one of auto, true, false"):
+        load_run_config(None, ["data.dir=d", "train.compile=yes please"])
+
+
+def test_compile_default_is_on_for_cuda_only():
+    from pretrain.compilation import compile_method
+
+    train = load_run_config(None, ["data.dir=d"]).train
+    assert compile_method(train, "cuda") == "blocks" and compile_method(train, "cpu") is None
+    forced = load_run_config(None, ["data.dir=d", "train.compile=true"]).train
+    assert compile_method(forced, "cpu") == "blocks"
+    off = load_run_config(None, ["data.dir=d", "train.compile=false"]).train
+    assert compile_method(off, "cuda") is None
+
+
+def test_throughput_leaves_out_warmup_steps(monkeypatch):
+    from pretrain import throughput
+
+    clock = iter([100.0, 103.0, 104.0, 108.0])  # end of warm-up, then three reads
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    meter = throughput.ThroughputMeter(warmup_steps=2, device=torch.device("cpu"))
+    meter.start()
+    for _ in range(2):  # warm-up: 100 s, not counted
+        meter.record(1000, data_wait_s=0.5)
+    assert meter.read() == {}
+    meter.record(1000, data_wait_s=0.25)
+    meter.record(1000, data_wait_s=0.5)
+    first = meter.read()  # two steps in 3 s
+    assert first["perf/tokens_per_s"] == pytest.approx(2000 / 3)
+    assert first["perf/step_time_s"] == pytest.approx(1.5) and first["perf/data_wait_fraction"] == pytest.approx(0.25)
+    meter.record(1000, data_wait_s=0.0)
+    assert meter.read()["perf/tokens_per_s"] == pytest.approx(1000)  # next window: one step in 1 s
+    meter.record(1000, data_wait_s=0.0)
+    assert meter.read()["perf/step_time_s"] == pytest.approx(4.0)
+
+
+def test_bench_ratios_compare_cases_that_differ_in_one_setting():
+    from pretrain.bench import Case, ratios
+
+    cases = []
+    for zero, core, seconds in ((0, "polar", 1.0), (0, "nope", 0.5), (3, "polar", 1.2), (3, "nope", 0.6)):
+        case = Case(core, zero, "none", "off")
+        case.result = {"step_s_median": seconds}
+        cases.append(case)
+    found = {(r["ratio"], r["case"]): r["value"] for r in ratios(cases, "nope")}
+    assert found == {("polar/nope step", "polar z0 ac=none compile=off"): pytest.approx(2.0),
+                     ("polar/nope step", "polar z3 ac=none compile=off"): pytest.approx(2.0),
+                     ("ZeRO-3/ZeRO-0 step", "polar z3 ac=none compile=off"): pytest.approx(1.2),
+                     ("ZeRO-3/ZeRO-0 step", "nope z3 ac=none compile=off"): pytest.approx(1.2)}
