@@ -338,7 +338,7 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
 
 def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
     """Step-time ratios between cases of this run that differ in one setting only."""
-    done = [c for c in cases if "error" not in c.result]
+    done = [c for c in cases if "step_s_median" in c.result]
     cores = sorted({c.core for c in done} - {baseline_core})
     comparisons = [
         ("core", "core", [(core, baseline_core) for core in cores], "{}/{} step"),
@@ -426,18 +426,25 @@ def main(argv=None) -> int:
     else:
         cases = [Case(core, zero, ac, comp) for zero, ac, comp, core in itertools.product(
             args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
+
+    def write_json():
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": vars(args),
+                           "results": [c.result for c in cases if c.result],
+                           "ratios": ratios(cases, args.cores[-1])}, f, indent=2)
+
     with fla_bridge.fla_timing_only() if args.fla_timing_only else contextlib.nullcontext():
         if args.interleave:
             run_interleaved(cases, args, device, peak)
         else:
             for case in cases:
                 run_case(case, args, device, peak)
-    found = ratios(cases, args.cores[-1])
-    print_report(cases, found)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": vars(args),
-                       "results": [c.result for c in cases], "ratios": found}, f, indent=2)
+                print(f"[bench] {case.name}: " + (case.result.get("error") or
+                      f"{1000 * case.result['step_s_median']:.1f} ms/step"), flush=True)
+                write_json()  # what is done survives a time limit
+    print_report(cases, ratios(cases, args.cores[-1]))
+    write_json()
     return 0 if all("error" not in c.result for c in cases) else 1
 
 

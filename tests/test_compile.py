@@ -37,9 +37,12 @@ def test_graph_breaks_per_block(core, memory):
         assert explanation.graph_count == 1
 
 
-def test_one_graph_per_block_kind_and_same_step_as_eager():
+@pytest.mark.parametrize("checkpointing", ["none", "all"])
+def test_one_graph_per_block_kind_and_same_step_as_eager(checkpointing):
     eager = tiny_model("polar", True)
     compiled = tiny_model("polar", True)
+    for model in (eager, compiled):
+        model.set_activation_checkpointing(checkpointing)
     counter = CompileCounter()
     torch._dynamo.reset()
     compiled.compile_blocks(backend=counter)
@@ -50,7 +53,7 @@ def test_one_graph_per_block_kind_and_same_step_as_eager():
         loss.backward()
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=1e-6)
-    # 4 blocks of 2 kinds: one graph per kind, none per block instance.
+    # 4 blocks of 2 kinds: one graph per kind, none per block instance (recomputation reuses them).
     assert counter.frame_count == 2
     # fp32: the traced graph may order a reduction differently, so a few ulps apart at most.
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):

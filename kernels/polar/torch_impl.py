@@ -265,12 +265,13 @@ def _polar_setup_context(ctx, inputs, output):
 
 
 def _polar_backward(ctx, grad_dir, grad_mag, *_):
-    q = ctx.saved_tensors[0]
+    saved = ctx.saved_tensors  # unpack once: activation checkpointing allows one unpack per tensor
+    q = saved[0]
     if grad_dir is None:
         grad_dir = torch.zeros_like(q)
     if grad_mag is None:
         grad_mag = q.new_zeros(q.shape[:3])
-    return (*_polar_bwd(grad_dir, grad_mag, *ctx.saved_tensors, ctx.window, ctx.block_size), None, None)
+    return (*_polar_bwd(grad_dir, grad_mag, *saved, ctx.window, ctx.block_size), None, None)
 
 
 _polar_fwd.register_autograd(_polar_backward, setup_context=_polar_setup_context)
