@@ -374,6 +374,21 @@ def test_backward_variant_switch(polar, monkeypatch):
     assert "\n" not in str(info.value)
 
 
+def test_compile_report_reads_a_hopper_build(polar):
+    """compile_report builds a kernel for sm_90 on the CPU and reads its resource use."""
+    if polar._INTERPRET:
+        pytest.skip("interpreter-mode kernels cannot be compiled")
+    from kernels.polar import compile_report
+    from kernels.polar.triton_kernels import polar_bwd_kernel_heads
+
+    compiled = compile_report.compile_kernel(polar_bwd_kernel_heads, dict(D=64, RB=16), dict(num_warps=4),
+                                             io="bf16", dq_io=True, arch=90)
+    usage = compile_report.resource_usage(compiled)
+    assert compiled.metadata.target.arch == 90
+    assert set(usage) == {"reg", "stack", "shared", "local", "dynamic_shared"}
+    assert 16 <= usage["reg"] <= 255 and usage["stack"] == usage["local"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # In-kernel length terms, custom ops and launches per call.
 
@@ -661,3 +676,28 @@ def test_gpu_dispatch_picks_triton(polar, monkeypatch):
     a = kernels.polar_attention(*args)
     b = polar.polar_attention_triton(*args)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 4096])
+def test_gpu_length_terms_match_numerics(polar, window):
+    """The in-kernel t and nu with the GPU's own log and sqrt, for every count up to 70 000."""
+    from kernels.common import polar_length_terms, polar_visible_counts
+
+    raw = torch.tensor([[-3.0, 0.0, 25.0, 2.0], [2.0, -1.0, 0.5, 21.0], [-1.0, 19.5, 0.3, 40.0]], device="cuda")
+    T = 70_000
+    t, nu = polar.polar_length_terms_triton(T, window, *raw)
+    t_ref, nu_ref = polar_length_terms(polar_visible_counts(T, window, device="cuda"), *raw)
+    torch.testing.assert_close(t, t_ref, rtol=2e-6, atol=0.0)
+    torch.testing.assert_close(nu, nu_ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_two_pass_backward_is_reproducible(polar, monkeypatch):
+    """No atomics in the two-pass backward: the same call gives bit-identical gradients."""
+    monkeypatch.setenv(polar.BACKWARD_ENV, "two_pass")
+    inputs, g_dir, g_mag = gpu_case(2, 2048, 8, 2, 128, torch.bfloat16, seed=5)
+    runs = [kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.bfloat16, window=None,
+                             variants=("two_pass",))["two_pass"] for _ in range(2)]
+    for name, a, b in zip(POLAR_GRAD_NAMES, runs[0][2], runs[1][2]):
+        assert torch.equal(a, b), name

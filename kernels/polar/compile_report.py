@@ -84,7 +84,8 @@ def compile_kernel(kernel, constexprs: dict, options: dict, *, io: str, dq_io: b
     from triton.compiler import ASTSource
 
     src = ASTSource(fn=kernel, signature=_signature(kernel, io, dq_io), constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    # FP fusion (FMA contraction) on, as the launches on a GPU compile by default.
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, **options})
 
 
 def resource_usage(compiled) -> dict:
