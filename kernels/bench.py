@@ -3,7 +3,8 @@
     python -m kernels.bench [--seq-lens 2048 8192 32768] [--iters 20] [--json results.json]
 
 Everything is timed in one process on one GPU, so the ratios compare like with like. Polar runs
-with H query heads over G key/value heads (GQA read in-kernel); SDPA runs the same query heads
+with H query heads over G key/value heads (GQA read in-kernel), its forward+backward once with
+each backward variant (two-pass, the default, and one-pass: "polar_triton_one_pass"); SDPA runs the same query heads
 with `enable_gqa=True` when the backend accepts it, else with K/V expanded to H heads before
 timing (the "sdpa_gqa" field says which). Attention FLOPs count causal attention as
 2*B*H*T^2*d per forward and 2.5x that for the backward (fwd+bwd = 3.5x).
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
+from unittest import mock
 
 import torch
 
@@ -100,10 +103,13 @@ def _peak_extra_mib(fn) -> float:
 
 
 def _measure(name: str, fwd, fwd_bwd, args, flops_fwd: float | None, flops_fb: float | None) -> dict:
+    """Time fwd and fwd_bwd (fwd may be None: forward+backward only); returns the record."""
     rec = {"name": name}
     # Forward and forward+backward are measured separately: a backend that refuses its backward
     # (flash-linear-attention on Hopper with an old triton) still reports its forward.
     for key, fn, flops in (("fwd", fwd, flops_fwd), ("fwd_bwd", fwd_bwd, flops_fb)):
+        if fn is None:
+            continue
         try:
             rec[f"{key}_ms"] = _time_ms(fn, args.iters, args.warmup)
             rec[f"{key}_peak_mib"] = _peak_extra_mib(fn)
@@ -153,7 +159,12 @@ def bench_attention(args, T: int) -> list[dict]:
         torch.autograd.grad((c, mu), inputs, (g_dir, g_mag))
 
     rec = _measure("polar_triton", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
-    rec.update(T=T, B=B, H=H, G=G, d=d)
+    rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass")
+    out.append(rec)
+    # The same forward, then the one-pass backward (dq by atomic adds): forward+backward only.
+    with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": "one_pass"}):
+        rec = _measure("polar_triton_one_pass", None, polar_fb, args, fwd_flops, fb_flops)
+    rec.update(T=T, B=B, H=H, G=G, d=d, backward="one_pass")
     out.append(rec)
 
     qs = torch.randn(B, H, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
@@ -181,13 +192,19 @@ def bench_attention(args, T: int) -> list[dict]:
             if "error" not in rec or not gqa:
                 break
         out.append(rec)
-    polar = out[0]
-    for rec in out[1:]:
-        for key in ("fwd_ms", "fwd_bwd_ms"):
-            if key in rec and key in polar:
-                # speed ratio: > 1 means Polar is faster than this SDPA backend
-                polar[f"{key[:-3]}_speed_vs_{rec['name']}"] = rec[key] / polar[key]
+    add_speed_ratios(out[:2], out[2:])
+    add_speed_ratios(out[1:2], out[:1])  # one-pass against two-pass: > 1 means one-pass is faster
     return out
+
+
+def add_speed_ratios(polar_records: list[dict], baselines: list[dict]) -> None:
+    """Add to each Polar record its speed ratio against each baseline: "<fwd|fwd_bwd>_speed_vs_<name>"
+    = baseline ms / Polar ms (> 1 means Polar is faster), for every time both records have."""
+    for polar in polar_records:
+        for rec in baselines:
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                if key in rec and key in polar:
+                    polar[f"{key[:-3]}_speed_vs_{rec['name']}"] = rec[key] / polar[key]
 
 
 def bench_conv(args, T: int) -> list[dict]:
@@ -263,14 +280,20 @@ def _fmt(rec: dict) -> str:
         return f"  {rec['name']:<24s} skipped: {rec['skipped']}"
     if "error" in rec:
         return f"  {rec['name']:<24s} error: {rec['error']}"
-    line = f"  {rec['name']:<24s} fwd {rec['fwd_ms']:8.3f} ms"
-    if "fwd_tflops" in rec:
-        line += f" {rec['fwd_tflops']:6.1f} TFLOP/s"
+    if "fwd_ms" in rec:
+        line = f"  {rec['name']:<24s} fwd {rec['fwd_ms']:8.3f} ms"
+        if "fwd_tflops" in rec:
+            line += f" {rec['fwd_tflops']:6.1f} TFLOP/s"
+    else:  # forward+backward only (the one-pass backward)
+        line = f"  {rec['name']:<24s} fwd {'(as above)':>11s}"
+        if "fwd_bwd_ms" not in rec:
+            return line + f" | fwd+bwd error: {rec.get('fwd_bwd_error', 'not measured')}"
     if "fwd_bwd_ms" in rec:
         line += f" | fwd+bwd {rec['fwd_bwd_ms']:8.3f} ms"
         if "fwd_bwd_tflops" in rec:
             line += f" {rec['fwd_bwd_tflops']:6.1f} TFLOP/s"
-        line += f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB, fwd+bwd {rec['fwd_bwd_peak_mib']:7.1f} MiB"
+        line += (f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB," if "fwd_peak_mib" in rec else " | peak extra")
+        line += f" fwd+bwd {rec['fwd_bwd_peak_mib']:7.1f} MiB"
     else:
         line += f" | peak extra fwd {rec['fwd_peak_mib']:7.1f} MiB | fwd+bwd error: {rec['fwd_bwd_error']}"
     if "sdpa_gqa" in rec:

@@ -65,3 +65,23 @@ def test_a_refused_backward_keeps_the_forward_figures(monkeypatch):
     assert set(rec) == {"name", "error"} and "error:" in bench._fmt(rec)
     ok = bench._measure("ok", lambda: None, lambda: None, args, None, None)
     assert ok["fwd_bwd_ms"] == 2.0 and "fwd+bwd    2.000 ms" in bench._fmt(ok)
+
+
+def test_one_pass_record_and_speed_ratios(monkeypatch):
+    """The one-pass Polar record is timed forward+backward only, printed without a forward time,
+    and gets speed ratios against the SDPA records and the two-pass record."""
+    monkeypatch.setattr(bench, "_time_ms", lambda fn, iters, warmup: fn() or 4.0)
+    monkeypatch.setattr(bench, "_peak_extra_mib", lambda fn: 8.0)
+    calls = []
+    args = bench.parse_args(["--iters", "1"])
+    one_pass = bench._measure("polar_triton_one_pass", None, lambda: calls.append("fb"), args, 1e9, 3.5e9)
+    assert calls == ["fb"] and "fwd_ms" not in one_pass and one_pass["fwd_bwd_ms"] == 4.0
+    two_pass = {"name": "polar_triton", "fwd_ms": 1.0, "fwd_bwd_ms": 5.0}
+    sdpa = {"name": "sdpa_flash", "fwd_ms": 0.5, "fwd_bwd_ms": 2.0}
+    bench.add_speed_ratios([two_pass, one_pass], [sdpa])
+    bench.add_speed_ratios([one_pass], [two_pass])
+    assert two_pass["fwd_speed_vs_sdpa_flash"] == 0.5 and two_pass["fwd_bwd_speed_vs_sdpa_flash"] == 0.4
+    assert one_pass["fwd_bwd_speed_vs_sdpa_flash"] == 0.5 and one_pass["fwd_bwd_speed_vs_polar_triton"] == 1.25
+    assert "fwd_speed_vs_sdpa_flash" not in one_pass
+    line = bench._fmt(one_pass)
+    assert "(as above)" in line and "fwd+bwd    4.000 ms" in line and "fwd_bwd vs polar_triton=1.25x" in line

@@ -1,23 +1,19 @@
-"""Polar attention (SPEC §2.6-§2.8) as FlashAttention-style Triton kernels, forward and backward.
+"""Polar attention (SPEC §2.6-§2.8) in Triton: the host side of the kernels in `triton_kernels.py`.
 
-Shape legend: B batch, T sequence, H query heads, G key/value heads (H % G == 0), D head dim.
-q is [B, T, H, D]; k and v are [B, T, G, D]; query head h reads key/value head h // (H // G)
-directly from k and v (no repeated copy).
+`polar_attention_triton` checks its inputs and calls the torch custom op `atma::polar_triton_fwd`;
+its autograd formula calls `atma::polar_triton_bwd`. Both ops have fake implementations, so
+`torch.compile` traces through them without a graph break.
 
-Forward (one program per BM queries of one (b, h)): stream the key tiles inside the causal /
-window band and keep, per query row, the running max M, the real-key mass L, the squared mass
-Q2 and the direction numerator S (SPEC §2.7), fold in the null sink, then write the unit
-direction and the magnitude. Logits are kept in log2 units (exp2), so the saved M is too.
+Forward: one kernel launch. Backward: three launches. The query-parallel kernel computes the row
+terms of SPEC §2.8 steps 1-3 and then dq; the key-parallel kernel computes dk and dv; a per-head
+kernel adds up the per-tile partial sums in a fixed order into the gradients of v_null and of
+the four raw scalars. The length terms t and nu are computed inside every kernel from the raw
+per-head scalars. No atomics, so the two-pass backward is deterministic.
 
-Saved for the backward, fp32: M, L, Q2 [B, T, H] (after the null fold) and the unnormalised
-direction s = S + p_N v_null [B, T, H, D]. The backward is a PyTorch preamble over rows
-(SPEC §2.8 steps 1-3) plus a query-parallel dq kernel and a key-parallel dk/dv kernel; the
-dk/dv program owns one key tile of one KV head and loops over that head's H // G query heads,
-so GQA gradients are summed in registers, without atomics.
-
-The normalisation clamps follow the materialised oracle (`naive.py`, beside this file) exactly,
-written in running-max units: with Z = L + p_N, c = s / max(|s|, eps Z) and
-n_eff = Lc^2 / max(Q2, eps Lc^2) with Lc = max(L, eps Z), eps = 1e-6.
+ATMA_POLAR_BWD=one_pass selects the one-pass backward instead. The query-parallel kernel then
+computes only the row terms, and the key-parallel kernel also adds dq into an fp32 buffer with
+atomic adds (FlashAttention-2's scheme). That is 5 tile products per tile pair instead of 7,
+and dq is no longer bit-reproducible.
 
 Launch configurations: autotuned among the candidates of the device's launch class;
 ATMA_POLAR_AUTOTUNE=0 keeps each class default, and ATMA_POLAR_CONFIG forces one configuration
@@ -27,365 +23,51 @@ per kernel (`forced_config`), e.g. to compare every candidate with the oracle.
 from __future__ import annotations
 
 import math
+import os
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
-import triton.language as tl
+from torch import Tensor
 
 from ..common import (
-    POLAR_EPS,
     TRITON_DTYPES,
     autotune_enabled,
     check_launch_device,
     device_class,
     forced_launch_configs,
     interpreting,
-    patch_interpreter_index,
-    polar_length_terms,
-    polar_visible_counts,
+)
+from .triton_kernels import (
+    LOG2E,
+    polar_bwd_kernel_dkdv,
+    polar_bwd_kernel_dq,
+    polar_bwd_kernel_heads,
+    polar_fwd_kernel,
+    polar_length_terms_kernel,
 )
 
 __all__ = [
     "polar_attention_triton",
+    "polar_length_terms_triton",
+    "backward_variant",
     "launch_candidates",
     "autotune_candidates",
     "forced_config",
     "KERNELS",
     "FORCE_ENV",
+    "BACKWARD_ENV",
+    "BACKWARD_VARIANTS",
 ]
 
-# Whether the JIT functions below were defined for the CPU interpreter (read once, at import).
+# Whether the JIT kernels run under the CPU interpreter (read once, at import).
 _INTERPRET = interpreting()
-if _INTERPRET:
-    patch_interpreter_index()
-_LOG2E = 1.4426950408889634
-# The same constants as compile-time values of the JIT functions.
-_EPS_C = tl.constexpr(POLAR_EPS)
-_LOG2E_C = tl.constexpr(_LOG2E)
-
-
-@triton.jit
-def _mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # The CPU interpreter multiplies bf16 operands wrongly; it runs every product in fp32 instead.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PREC)
-
-
-@triton.jit
-def _log1p_pos(x):
-    # log(1 + x) for x >= 0 without losing the low bits of 1 + x (log(u) * x / (u - 1), u = fl(1 + x)).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
-
-
-@triton.jit
-def _tanh_pos(x):
-    # tanh for x >= 0; the odd series below 0.02 keeps the relative accuracy of tiny magnitudes.
-    e = tl.exp(-2.0 * x)
-    x2 = x * x
-    return tl.where(x < 0.02, x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0))), (1.0 - e) / (1.0 + e))
-
-
-@triton.jit
-def _load_kv_tile(p_k0, p_v0, o_n, o_d, T, stride_kv, MASK: tl.constexpr):
-    # One [BN, D] tile of keys and of values for key rows o_n; rows past T read as zero when MASK.
-    p_k = p_k0 + o_n[:, None] * stride_kv + o_d[None, :]
-    p_v = p_v0 + o_n[:, None] * stride_kv + o_d[None, :]
-    if MASK:
-        m_n = (o_n < T)[:, None]
-        return tl.load(p_k, mask=m_n, other=0.0), tl.load(p_v, mask=m_n, other=0.0)
-    return tl.load(p_k), tl.load(p_v)
-
-
-@triton.jit
-def _visible(o_m, o_n, T, WINDOW, HAS_WINDOW: tl.constexpr):
-    # [BM, BN] causal (and windowed) visibility of key o_n to query o_m; keys past T never visible.
-    m_vis = (o_n[None, :] <= o_m[:, None]) & (o_n[None, :] < T)
-    if HAS_WINDOW:
-        m_vis = m_vis & (o_m[:, None] - o_n[None, :] < WINDOW)
-    return m_vis
-
-
-@triton.jit
-def _query_tile(k, v, T, H, G, D: tl.constexpr, BM: tl.constexpr):
-    # The query tile of this program (grid (ceil(T / BM), B * H)): its head, first row, rows and
-    # their mask, the K/V base pointers of the head's KV group, and the offsets of the tile in
-    # [B, T, H, D] and of its rows in [B, T, H].
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos = i_b.to(tl.int64) * T
-    kv0 = (bos * G + i_h // (H // G)) * D
-    start_m = i_m * BM
-    o_m = start_m + tl.arange(0, BM)
-    o_d = tl.arange(0, D)
-    o_tile = (bos * H + i_h) * D + o_m[:, None] * (H * D) + o_d[None, :]
-    o_row = (bos + o_m) * H + i_h
-    return i_h, start_m, o_m, o_m < T, k + kv0, v + kv0, o_tile, o_row
-
-
-@triton.jit
-def _window_key_tiles(start_m, WINDOW, BM: tl.constexpr, BN: tl.constexpr):
-    # Key tiles [lo, mid) are cut by the window's lower edge, [mid, start_m) are fully visible.
-    lo = tl.maximum(start_m - WINDOW + 1, 0) // BN * BN
-    mid = tl.minimum(tl.cdiv(tl.maximum(start_m + BM - WINDOW, 0), BN) * BN, start_m)
-    return lo, mid
-
-
-@triton.jit
-def polar_fwd_kernel_inner(
-    b_q, b_scale, b_m, b_l, b_q2, b_acc,
-    p_k0, p_v0, o_m, start, end, T, WINDOW, stride_kv,
-    D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    o_d = tl.arange(0, D)
-    for i_n in range(start, end, BN):
-        o_n = i_n + tl.arange(0, BN)
-        b_k, b_v = _load_kv_tile(p_k0, p_v0, o_n, o_d, T, stride_kv, MASK)  # [BN, D] each
-        # logits t * q.k / sqrt(D), in log2 units  [BM, BN]
-        b_a = _mma(b_q, tl.trans(b_k), DOT_PREC, UPCAST) * b_scale[:, None]
-        if MASK:
-            b_a = tl.where(_visible(o_m, o_n, T, WINDOW, HAS_WINDOW), b_a, float("-inf"))
-        b_m_new = tl.maximum(b_m, tl.max(b_a, 1))
-        b_alpha = tl.exp2(b_m - b_m_new)
-        b_p = tl.exp2(b_a - b_m_new[:, None])  # [BM, BN]
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        # Q2 is a sum of squares: its rescale is alpha^2 (SPEC §2.7).
-        b_q2 = b_q2 * b_alpha * b_alpha + tl.sum(b_p * b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + _mma(b_p.to(b_v.dtype), b_v, DOT_PREC, UPCAST)
-        b_m = b_m_new
-    return b_m, b_l, b_q2, b_acc
-
-
-@triton.jit(do_not_specialize=["T", "WINDOW", "T_BUCKET"])
-def polar_fwd_kernel(
-    q, k, v, v_null, temp, nu, beta,
-    o, mu, s, m, l, q2,
-    T, H, G, WINDOW, qk_scale, T_BUCKET,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    i_h, start_m, o_m, m_m, p_k0, p_v0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
-    b_q = tl.load(q + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
-    b_t = tl.load(temp + i_h * T + o_m, mask=m_m, other=1.0)  # [BM]
-    b_scale = b_t * qk_scale
-
-    b_m = tl.full([BM], -1e38, dtype=tl.float32)
-    b_l = tl.zeros([BM], dtype=tl.float32)
-    b_q2 = tl.zeros([BM], dtype=tl.float32)
-    b_acc = tl.zeros([BM, D], dtype=tl.float32)
-
-    # Key tiles: [lo, mid) cut by the window's lower edge, [mid, start_m) fully visible,
-    # [start_m, start_m + BM) the diagonal tiles.
-    if HAS_WINDOW:
-        lo, mid = _window_key_tiles(start_m, WINDOW, BM, BN)
-        b_m, b_l, b_q2, b_acc = polar_fwd_kernel_inner(
-            b_q, b_scale, b_m, b_l, b_q2, b_acc, p_k0, p_v0, o_m, lo, mid, T, WINDOW, G * D,
-            D, BN, True, HAS_WINDOW, DOT_PREC, UPCAST,
-        )
-    else:
-        mid = 0
-    b_m, b_l, b_q2, b_acc = polar_fwd_kernel_inner(
-        b_q, b_scale, b_m, b_l, b_q2, b_acc, p_k0, p_v0, o_m, mid, start_m, T, WINDOW, G * D,
-        D, BN, False, HAS_WINDOW, DOT_PREC, UPCAST,
-    )
-    b_m, b_l, b_q2, b_acc = polar_fwd_kernel_inner(
-        b_q, b_scale, b_m, b_l, b_q2, b_acc, p_k0, p_v0, o_m, start_m, tl.minimum(start_m + BM, T), T,
-        WINDOW, G * D, D, BN, True, HAS_WINDOW, DOT_PREC, UPCAST,
-    )
-
-    # Null fold (SPEC §2.7): the null logit t * nu joins the running max like one more key.
-    b_an = b_t * tl.load(nu + i_h * T + o_m, mask=m_m, other=0.0) * _LOG2E_C
-    b_m_new = tl.maximum(b_m, b_an)
-    b_alpha = tl.exp2(b_m - b_m_new)
-    b_l = b_l * b_alpha
-    b_q2 = b_q2 * b_alpha * b_alpha
-    b_acc = b_acc * b_alpha[:, None]
-    b_pn = tl.exp2(b_an - b_m_new)
-    b_z = b_l + b_pn
-    b_vn = tl.load(v_null + i_h * D + tl.arange(0, D)).to(tl.float32)  # [D]
-    b_s = b_acc + b_pn[:, None] * b_vn[None, :]  # [BM, D]
-    b_norm = tl.sqrt(tl.sum(b_s * b_s, 1))
-    b_c = b_s / tl.maximum(b_norm, _EPS_C * b_z)[:, None]
-    b_lc = tl.maximum(b_l, _EPS_C * b_z)
-    b_neff = b_lc * b_lc / tl.maximum(b_q2, _EPS_C * b_lc * b_lc)
-    b_meff = b_neff * (b_l / b_z)
-    b_mu = _tanh_pos(tl.load(beta + i_h) * _log1p_pos(b_meff))
-
-    tl.store(o + o_tile, b_c.to(o.dtype.element_ty), mask=m_m[:, None])
-    tl.store(mu + o_row, b_mu.to(mu.dtype.element_ty), mask=m_m)
-    if SAVE:
-        tl.store(s + o_tile, b_s, mask=m_m[:, None])
-        tl.store(m + o_row, b_m_new, mask=m_m)
-        tl.store(l + o_row, b_l, mask=m_m)
-        tl.store(q2 + o_row, b_q2, mask=m_m)
-
-
-@triton.jit
-def polar_bwd_kernel_dq_inner(
-    b_q, b_gs, b_scale, b_mr, b_gl, b_gq2, b_dq, b_gt, b_gsum,
-    p_k0, p_v0, o_m, start, end, T, WINDOW, stride_kv,
-    D: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    o_d = tl.arange(0, D)
-    for i_n in range(start, end, BN):
-        o_n = i_n + tl.arange(0, BN)
-        b_k, b_v = _load_kv_tile(p_k0, p_v0, o_n, o_d, T, stride_kv, MASK)  # [BN, D] each
-        b_qk = _mma(b_q, tl.trans(b_k), DOT_PREC, UPCAST)  # [BM, BN] raw q.k
-        # p_j = exp(a_j - M), recomputed from the saved max (no second max pass)
-        b_p = tl.exp2(b_qk * b_scale[:, None] - b_mr[:, None])
-        if MASK:
-            b_p = tl.where(_visible(o_m, o_n, T, WINDOW, HAS_WINDOW), b_p, 0.0)
-        b_dp = _mma(b_gs, tl.trans(b_v), DOT_PREC, UPCAST)  # [BM, BN] g_s . v_j
-        # dL/da_j = p_j (g_s . v_j + g_L + 2 p_j g_Q2)   (SPEC §2.8 step 4)
-        b_ga = b_p * (b_dp + b_gl[:, None] + 2.0 * b_p * b_gq2[:, None])
-        b_dq += _mma(b_ga.to(b_k.dtype), b_k, DOT_PREC, UPCAST)
-        b_gt += tl.sum(b_ga * b_qk, 1)
-        b_gsum += tl.sum(b_ga, 1)
-    return b_dq, b_gt, b_gsum
-
-
-@triton.jit(do_not_specialize=["T", "WINDOW", "T_BUCKET"])
-def polar_bwd_kernel_dq(
-    q, k, v, gs, temp, m, gl, gq2, dq, gt, gsum,
-    T, H, G, WINDOW, qk_scale, inv_sqrt_d, T_BUCKET,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    i_h, start_m, o_m, m_m, p_k0, p_v0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
-    b_q = tl.load(q + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
-    b_gs = tl.load(gs + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
-    b_t = tl.load(temp + i_h * T + o_m, mask=m_m, other=1.0)
-    b_scale = b_t * qk_scale
-    b_mr = tl.load(m + o_row, mask=m_m, other=float("inf"))
-    b_gl = tl.load(gl + o_row, mask=m_m, other=0.0)
-    b_gq2 = tl.load(gq2 + o_row, mask=m_m, other=0.0)
-    b_dq = tl.zeros([BM, D], dtype=tl.float32)
-    b_gt = tl.zeros([BM], dtype=tl.float32)
-    b_gsum = tl.zeros([BM], dtype=tl.float32)
-
-    if HAS_WINDOW:
-        lo, mid = _window_key_tiles(start_m, WINDOW, BM, BN)
-        b_dq, b_gt, b_gsum = polar_bwd_kernel_dq_inner(
-            b_q, b_gs, b_scale, b_mr, b_gl, b_gq2, b_dq, b_gt, b_gsum, p_k0, p_v0, o_m, lo, mid, T, WINDOW,
-            G * D, D, BN, True, HAS_WINDOW, DOT_PREC, UPCAST,
-        )
-    else:
-        mid = 0
-    b_dq, b_gt, b_gsum = polar_bwd_kernel_dq_inner(
-        b_q, b_gs, b_scale, b_mr, b_gl, b_gq2, b_dq, b_gt, b_gsum, p_k0, p_v0, o_m, mid, start_m, T, WINDOW,
-        G * D, D, BN, False, HAS_WINDOW, DOT_PREC, UPCAST,
-    )
-    b_dq, b_gt, b_gsum = polar_bwd_kernel_dq_inner(
-        b_q, b_gs, b_scale, b_mr, b_gl, b_gq2, b_dq, b_gt, b_gsum, p_k0, p_v0, o_m, start_m,
-        tl.minimum(start_m + BM, T), T, WINDOW, G * D, D, BN, True, HAS_WINDOW, DOT_PREC, UPCAST,
-    )
-    # a_j = t sigma_j with sigma_j = q.k_j / sqrt(D): dq = t / sqrt(D) sum_j g_a,j k_j,
-    # and the real-key part of dL/dt is sum_j g_a,j sigma_j.
-    b_dq = b_dq * (b_t * inv_sqrt_d)[:, None]
-    tl.store(dq + o_tile, b_dq.to(dq.dtype.element_ty), mask=m_m[:, None])
-    tl.store(gt + o_row, b_gt * inv_sqrt_d, mask=m_m)
-    tl.store(gsum + o_row, b_gsum, mask=m_m)
-
-
-@triton.jit
-def polar_bwd_kernel_dkdv_inner(
-    b_k, b_v, b_dk, b_dv,
-    p_q0, p_gs0, p_t0, p_m0, p_gl0, p_gq20, o_n, start, end, T, H, WINDOW, qk_scale, inv_sqrt_d,
-    D: tl.constexpr, BM: tl.constexpr, MASK: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    o_d = tl.arange(0, D)
-    for i_m in range(start, end, BM):
-        o_m = i_m + tl.arange(0, BM)
-        m_m = o_m < T
-        b_q = tl.load(p_q0 + o_m[:, None] * (H * D) + o_d[None, :], mask=m_m[:, None], other=0.0)  # [BM, D]
-        b_gs = tl.load(p_gs0 + o_m[:, None] * (H * D) + o_d[None, :], mask=m_m[:, None], other=0.0)  # [BM, D]
-        b_t = tl.load(p_t0 + o_m, mask=m_m, other=1.0)  # [BM]
-        # rows past T get M = +inf, hence p = 0 and no contribution
-        b_mr = tl.load(p_m0 + o_m * H, mask=m_m, other=float("inf"))
-        b_gl = tl.load(p_gl0 + o_m * H, mask=m_m, other=0.0)
-        b_gq2 = tl.load(p_gq20 + o_m * H, mask=m_m, other=0.0)
-        b_qkT = _mma(b_k, tl.trans(b_q), DOT_PREC, UPCAST)  # [BN, BM]
-        b_pT = tl.exp2(b_qkT * (b_t * qk_scale)[None, :] - b_mr[None, :])
-        if MASK:
-            m_vis = o_m[None, :] >= o_n[:, None]
-            if HAS_WINDOW:
-                m_vis = m_vis & (o_m[None, :] - o_n[:, None] < WINDOW)
-            b_pT = tl.where(m_vis, b_pT, 0.0)
-        b_dv += _mma(b_pT.to(b_gs.dtype), b_gs, DOT_PREC, UPCAST)  # [BN, D]
-        b_dpT = _mma(b_v, tl.trans(b_gs), DOT_PREC, UPCAST)  # [BN, BM]
-        b_gaT = b_pT * (b_dpT + b_gl[None, :] + 2.0 * b_pT * b_gq2[None, :])
-        b_dsT = b_gaT * (b_t * inv_sqrt_d)[None, :]
-        b_dk += _mma(b_dsT.to(b_q.dtype), b_q, DOT_PREC, UPCAST)  # [BN, D]
-    return b_dk, b_dv
-
-
-@triton.jit(do_not_specialize=["T", "WINDOW", "T_BUCKET"])
-def polar_bwd_kernel_dkdv(
-    q, k, v, gs, temp, m, gl, gq2, dk, dv,
-    T, H, G, WINDOW, qk_scale, inv_sqrt_d, T_BUCKET,
-    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
-):
-    i_n, i_bg = tl.program_id(0), tl.program_id(1)
-    i_b, i_g = i_bg // G, i_bg % G
-    R = H // G
-    bos = i_b.to(tl.int64) * T
-
-    start_n = i_n * BN
-    o_n = start_n + tl.arange(0, BN)
-    o_d = tl.arange(0, D)
-    m_n = o_n < T
-    o_tile = (bos * G + i_g) * D + o_n[:, None] * (G * D) + o_d[None, :]
-    b_k = tl.load(k + o_tile, mask=m_n[:, None], other=0.0)  # [BN, D]
-    b_v = tl.load(v + o_tile, mask=m_n[:, None], other=0.0)  # [BN, D]
-    b_dk = tl.zeros([BN, D], dtype=tl.float32)
-    b_dv = tl.zeros([BN, D], dtype=tl.float32)
-
-    # Query tiles: [start_n, start_n + BN) the diagonal, then fully visible tiles, then (window
-    # only) the tiles cut by the window's upper edge, ending at the last query that sees the tile.
-    if HAS_WINDOW:
-        hi = tl.minimum(start_n + BN + WINDOW - 1, T)
-        full = tl.minimum(start_n + BN + tl.maximum(WINDOW - BN, 0) // BM * BM, hi)
-    else:
-        hi = T
-        full = T
-    for i_r in range(0, R):
-        i_h = i_g * R + i_r
-        p_q0 = q + (bos * H + i_h) * D
-        p_gs0 = gs + (bos * H + i_h) * D
-        p_t0 = temp + i_h * T
-        p_m0 = m + bos * H + i_h
-        p_gl0 = gl + bos * H + i_h
-        p_gq20 = gq2 + bos * H + i_h
-        b_dk, b_dv = polar_bwd_kernel_dkdv_inner(
-            b_k, b_v, b_dk, b_dv, p_q0, p_gs0, p_t0, p_m0, p_gl0, p_gq20, o_n,
-            start_n, tl.minimum(start_n + BN, T), T, H, WINDOW, qk_scale, inv_sqrt_d,
-            D, BM, True, HAS_WINDOW, DOT_PREC, UPCAST,
-        )
-        b_dk, b_dv = polar_bwd_kernel_dkdv_inner(
-            b_k, b_v, b_dk, b_dv, p_q0, p_gs0, p_t0, p_m0, p_gl0, p_gq20, o_n,
-            start_n + BN, full, T, H, WINDOW, qk_scale, inv_sqrt_d,
-            D, BM, False, HAS_WINDOW, DOT_PREC, UPCAST,
-        )
-        if HAS_WINDOW:
-            b_dk, b_dv = polar_bwd_kernel_dkdv_inner(
-                b_k, b_v, b_dk, b_dv, p_q0, p_gs0, p_t0, p_m0, p_gl0, p_gq20, o_n,
-                full, hi, T, H, WINDOW, qk_scale, inv_sqrt_d,
-                D, BM, True, HAS_WINDOW, DOT_PREC, UPCAST,
-            )
-    tl.store(dk + o_tile, b_dk.to(dk.dtype.element_ty), mask=m_n[:, None])
-    tl.store(dv + o_tile, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
-
 
 # ---------------------------------------------------------------------------------------------
 # Launch configurations: (BM, BN, num_warps, num_stages). The forward and dq kernels need
-# BM % BN == 0 and the dk/dv kernel BN % BM == 0 (their tile loops start on those boundaries).
-# The first entry of each list is the class default; the rest are autotuning candidates.
+# BM % BN == 0 and the key-parallel kernels (dkdv, onepass) BN % BM == 0 (their tile loops start
+# on those boundaries). The first entry of each list is the class default; the rest are
+# autotuning candidates. "dq" also launches the row terms alone ahead of the one-pass kernel.
 _CONFIGS_HALF = {
     "large": {
         "fwd": [(128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
@@ -394,16 +76,20 @@ _CONFIGS_HALF = {
                (64, 64, 8, 2)],
         "dkdv": [(32, 64, 8, 1), (16, 64, 8, 2), (32, 128, 8, 2), (32, 128, 4, 3), (64, 128, 8, 2),
                  (16, 32, 4, 2)],
+        "onepass": [(16, 64, 8, 2), (32, 64, 8, 1), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2),
+                    (16, 32, 4, 2)],
     },
     "mid": {
         "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
         "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
         "dkdv": [(32, 64, 8, 1), (16, 64, 8, 2), (16, 32, 4, 2)],
+        "onepass": [(16, 64, 8, 2), (32, 64, 8, 1), (16, 32, 4, 2)],
     },
     "small": {
         "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
         "dq": [(32, 32, 4, 2), (64, 32, 8, 2)],
         "dkdv": [(16, 32, 4, 2), (32, 64, 8, 1)],
+        "onepass": [(16, 32, 4, 2), (32, 64, 8, 1)],
     },
 }
 # fp32 operands take twice the registers and shared memory of bf16 ones.
@@ -411,20 +97,33 @@ _CONFIGS_FP32 = {
     "fwd": [(32, 32, 4, 2), (64, 32, 4, 2)],
     "dq": [(32, 16, 4, 2), (32, 32, 4, 2)],
     "dkdv": [(16, 32, 8, 1), (16, 32, 4, 2)],
+    "onepass": [(16, 32, 8, 1), (16, 32, 4, 2)],
 }
 # One small configuration under the interpreter: tiles smaller than the test sequences, with
 # BM != BN so that every loop boundary case is exercised.
-_CONFIG_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1)}
-KERNELS = ("fwd", "dq", "dkdv")
+_CONFIG_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "onepass": (32, 64, 1, 1)}
+KERNELS = ("fwd", "dq", "dkdv", "onepass")
+# The JIT kernel each launch kind runs, and the constexprs that separate its autotuning caches.
+_KIND_KERNEL = {"fwd": polar_fwd_kernel, "dq": polar_bwd_kernel_dq, "dkdv": polar_bwd_kernel_dkdv,
+                "onepass": polar_bwd_kernel_dkdv}
+_TUNE_KEYS = {"fwd": ["D", "HAS_WINDOW", "T_BUCKET"], "dq": ["D", "HAS_WINDOW", "T_BUCKET", "DQ_LOOP"],
+              "dkdv": ["D", "HAS_WINDOW", "T_BUCKET"], "onepass": ["D", "HAS_WINDOW", "T_BUCKET"]}
 # Forces one launch configuration per named kernel, in place of autotuning (or of the interpreter's
 # configuration), e.g. ATMA_POLAR_CONFIG="fwd=128,64,8,2;dq=64,32,8,2;dkdv=32,64,8,1".
 FORCE_ENV = "ATMA_POLAR_CONFIG"
+# The backward variant: "two_pass" (default) or "one_pass".
+BACKWARD_ENV = "ATMA_POLAR_BWD"
+BACKWARD_VARIANTS = ("two_pass", "one_pass")
 _TUNED: dict = {}
+
+
+def _key_parallel(kind: str) -> bool:
+    return kind in ("dkdv", "onepass")
 
 
 def _tiles_fit(kind: str, bm: int, bn: int) -> bool:
     """Whether the tile loops of `kind` can start on these boundaries (see the launch tables above)."""
-    return (bm % bn == 0) if kind != "dkdv" else (bn % bm == 0)
+    return (bn % bm == 0) if _key_parallel(kind) else (bm % bn == 0)
 
 
 def launch_candidates(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> list:
@@ -454,7 +153,7 @@ def forced_config(kind: str) -> tuple[int, int, int, int] | None:
         return None
     bm, bn, warps, _ = config
     if min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1) or warps & (warps - 1) or not _tiles_fit(kind, bm, bn):
-        need = "BM % BN == 0" if kind != "dkdv" else "BN % BM == 0"
+        need = "BN % BM == 0" if _key_parallel(kind) else "BM % BN == 0"
         raise ValueError(
             f"{FORCE_ENV}: {kind}={','.join(map(str, config))} needs BM, BN powers of two >= 16 with {need} "
             "and a power-of-two warp count"
@@ -462,15 +161,38 @@ def forced_config(kind: str) -> tuple[int, int, int, int] | None:
     return config
 
 
+def backward_variant() -> str:
+    """Return the backward variant ATMA_POLAR_BWD selects: "two_pass" (default) or "one_pass"."""
+    value = os.environ.get(BACKWARD_ENV, "two_pass").strip().lower() or "two_pass"
+    if value not in BACKWARD_VARIANTS:
+        raise ValueError(f"{BACKWARD_ENV} must be one of {', '.join(BACKWARD_VARIANTS)}; got {value!r}")
+    return value
+
+
+def _fixed_config(kind: str) -> tuple[int, int, int, int] | None:
+    """The configuration `kind` launches without autotuning: forced, or the interpreter's; else None."""
+    return forced_config(kind) or (_CONFIG_INTERPRET[kind] if _INTERPRET else None)
+
+
+def _smallest_tile(kind: str, device: torch.device, dtype: torch.dtype, d: int) -> int:
+    """The smallest tile along the parallel axis (BM, or BN for key-parallel kinds) a launch may pick."""
+    axis = 1 if _key_parallel(kind) else 0
+    fixed = _fixed_config(kind)
+    configs = [fixed] if fixed is not None else autotune_candidates(kind, device, dtype, d)
+    return min(c[axis] for c in configs)
+
+
 def _launcher(kernel, name: str, device: torch.device, dtype: torch.dtype, d: int):
-    """Return a callable kernel[grid](...) that picks the block sizes: autotuned on a GPU unless forced."""
-    config = forced_config(name) or (_CONFIG_INTERPRET[name] if _INTERPRET else None)
+    """Return a callable kernel[grid](...) that picks the block sizes (autotuned on a GPU unless
+    forced) and returns the (BM, BN) it launched with."""
+    config = _fixed_config(name)
     if config is not None:
         bm, bn, w, s = config
 
         def run(grid, *args, **kw):
             g = grid({"BM": bm, "BN": bn})
             kernel[g](*args, BM=bm, BN=bn, num_warps=w, num_stages=s, **kw)
+            return bm, bn
 
         return run
     cands = autotune_candidates(name, device, dtype, d)
@@ -478,11 +200,14 @@ def _launcher(kernel, name: str, device: torch.device, dtype: torch.dtype, d: in
     tuned = _TUNED.get(key)
     if tuned is None:
         configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cands]
-        tuned = triton.autotune(configs=configs, key=["D", "HAS_WINDOW", "T_BUCKET"])(kernel)
+        # The one-pass kernel adds into dq_acc: each timed trial starts from zero.
+        reset = ["dq_acc"] if name == "onepass" else None
+        tuned = triton.autotune(configs=configs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
         _TUNED[key] = tuned
 
     def run(grid, *args, **kw):
         tuned[grid](*args, **kw)
+        return tuned.best_config.kwargs["BM"], tuned.best_config.kwargs["BN"]
 
     return run
 
@@ -497,8 +222,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def _polar_fwd(q, k, v, v_null, temp, nu, beta, window: int | None, save: bool):
-    """Launch the forward kernel; returns (direction, magnitude, s, m, l, q2)."""
+# ---------------------------------------------------------------------------------------------
+# Launches.
+
+
+def _polar_fwd(q, k, v, v_null, params, window: int | None, save: bool):
+    """Launch the forward kernel; returns (direction, magnitude, s, m, l, q2), the last four empty
+    (zero elements) unless `save`."""
     B, T, H, D = q.shape
     G = k.shape[2]
     direction = torch.empty_like(q)
@@ -507,106 +237,157 @@ def _polar_fwd(q, k, v, v_null, temp, nu, beta, window: int | None, save: bool):
         s = torch.empty((B, T, H, D), device=q.device, dtype=torch.float32)
         m, l, q2 = (torch.empty((B, T, H), device=q.device, dtype=torch.float32) for _ in range(3))
     else:
-        s = m = l = q2 = direction  # never written when SAVE is off
+        s, m, l, q2 = (q.new_empty(0, dtype=torch.float32) for _ in range(4))
     run = _launcher(polar_fwd_kernel, "fwd", q.device, q.dtype, D)
     run(
         lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
-        q, k, v, v_null, temp, nu, beta, direction, magnitude, s, m, l, q2,
-        T, H, G, window or 0, _LOG2E / math.sqrt(D), _t_bucket(T),
+        q, k, v, v_null, *params, direction, magnitude,
+        *((s, m, l, q2) if save else (direction,) * 4),  # never written when SAVE is off
+        T, H, G, window or 0, LOG2E / math.sqrt(D), _t_bucket(T),
         D=D, HAS_WINDOW=window is not None, SAVE=save,
         DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET,
     )
-    if not save:
-        s = m = l = q2 = None
     return direction, magnitude, s, m, l, q2
 
 
-def _bwd_row_terms(s, m, l, q2, temp, nu, beta, v_null, g_dir, g_mag, io_dtype):
-    """SPEC §2.8 steps 1-3 per query row, in fp32.
+def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int | None, one_pass: bool):
+    """Launch the backward kernels; returns the gradients of (q, k, v, v_null, *params)."""
+    B, T, H, D = q.shape
+    G = k.shape[2]
+    dev, f32 = q.device, torch.float32
+    g_dir, g_mag = g_dir.contiguous(), g_mag.contiguous()
+    common = dict(D=D, HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET)
+    scalars = (T, H, G, window or 0, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), _t_bucket(T))
 
-    Returns g_s [B,T,H,D] (io dtype, for the kernels), g_L, g_Q2 and the null-logit gradient
-    g_aN [B,T,H], and the per-head gradients that need no O(T^2) work: d beta [H], d v_null [H,D].
+    # Row terms (and, two-pass, dq). g_s goes to the key-parallel kernel in the io dtype.
+    gs = torch.empty_like(q)
+    gl, gq2 = (torch.empty((B, T, H), device=dev, dtype=f32) for _ in range(2))
+    # One slot of per-head partial sums per (batch, query tile, head); sized for the smallest tile
+    # the launch may pick, and only the slots of the tile it picks are read.
+    slots = B * triton.cdiv(T, _smallest_tile("dq", dev, q.dtype, D))
+    part_s = torch.empty((slots, H, 4), device=dev, dtype=f32)
+    part_v = torch.empty((slots, H, D), device=dev, dtype=f32)
+    if one_pass:
+        dq = torch.zeros(q.shape, device=dev, dtype=f32)  # atomic adds land here
+    else:
+        dq = torch.empty_like(q)
+    run = _launcher(polar_bwd_kernel_dq, "dq", dev, q.dtype, D)
+    bm, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+                q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, part_s, part_v,
+                *scalars, DQ_LOOP=not one_pass, **common)
+
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    kind = "onepass" if one_pass else "dkdv"
+    if one_pass:
+        part_t = torch.empty((B * triton.cdiv(T, _smallest_tile(kind, dev, q.dtype, D)), H), device=dev, dtype=f32)
+    else:
+        part_t = gl  # never touched without ONE_PASS
+    null_base, null_slope_raw, len_gain_raw, _ = params
+    run = _launcher(polar_bwd_kernel_dkdv, kind, dev, q.dtype, D)
+    _, bn = run(lambda meta: (triton.cdiv(T, meta["BN"]), B * G),
+                q, k, v, null_base, null_slope_raw, len_gain_raw, gs, m, gl, gq2, dk, dv, dq, part_t,
+                *scalars, ONE_PASS=one_pass, **common)
+
+    d_v_null = torch.empty_like(v_null)
+    d_params = [torch.empty_like(p) for p in params]
+    polar_bwd_kernel_heads[(H,)](
+        part_s, part_v, part_t, *params[1:], d_v_null, *d_params,
+        B * triton.cdiv(T, bm), B * triton.cdiv(T, bn) if one_pass else 0, H,
+        D=D, RB=16 if _INTERPRET else 32, num_warps=4,
+    )
+    if one_pass and dq.dtype != q.dtype:
+        dq = dq.to(q.dtype)
+    return dq, dk, dv, d_v_null, *d_params
+
+
+def polar_length_terms_triton(T: int, window: int | None, null_base, null_slope_raw, len_gain_raw):
+    """The temperature t and null floor nu [H, T] as the kernels compute them in-kernel (fp32).
+
+    It runs the kernels' own `_length_terms`; tests compare it with
+    `kernels.common.numerics.polar_length_terms`.
     """
-    p_n = torch.exp2(temp.t() * nu.t() * _LOG2E - m)  # [B, T, H]
-    z = l + p_n
-    # direction: c = s / max(|s|, eps Z)
-    ns = torch.linalg.vector_norm(s, dim=-1)
-    den = torch.maximum(ns, POLAR_EPS * z)
-    use_s = ns >= POLAR_EPS * z
-    gc = g_dir.to(torch.float32).contiguous()
-    if gc.data_ptr() == g_dir.data_ptr():
-        gc = gc.clone()
-    inv = 1.0 / den
-    proj = torch.linalg.vecdot(gc, s) * inv  # g_c . c
-    # |s| >= eps Z: g_s = (g_c - (g_c.c) c) / |s|; else c = s / (eps Z): g_s = g_c / (eps Z), dc/dZ = -c/Z
-    coef = torch.where(use_s, proj * inv * inv, 0.0)
-    g_s = gc.mul_(inv[..., None]).addcmul_(s, coef[..., None], value=-1.0)
-    g_z = torch.where(use_s, 0.0, -proj / z)
-    # magnitude: m_eff = n_eff L / Z with n_eff = Lc^2 / max(Q2, eps Lc^2), Lc = max(L, eps Z);
-    # d log m = [Q2 unclamped] (2 d log Lc - d log Q2) + d log L - d log Z
-    lc = torch.maximum(l, POLAR_EPS * z)
-    use_l = l >= POLAR_EPS * z
-    den_q = torch.maximum(q2, POLAR_EPS * lc * lc)
-    use_q2 = q2 >= POLAR_EPS * lc * lc
-    n_eff = lc * lc / den_q
-    m_eff = n_eff * l / z
-    log1p_m = torch.log1p(m_eff)
-    mu = torch.tanh(beta * log1p_m)
-    g_mag = g_mag.to(torch.float32)
-    g_m = g_mag * beta * (1.0 - mu * mu) / (1.0 + m_eff)
-    g_logm = g_m * m_eff  # dL/d(log m)
-    r = g_m * n_eff / z  # = g_logm / L, without dividing by L
-    g_l = r - g_logm / z + torch.where(use_q2, 2.0 * torch.where(use_l, r, g_logm / z), 0.0) + g_z
-    g_q2 = torch.where(use_q2, -g_logm / den_q, 0.0)
-    # null entry (SPEC §2.8 step 3): dL/da_N = p_N (g_s . v_null + dL/dp_N through Z and the clamps)
-    g_pn = -g_logm / z + torch.where(use_q2 & ~use_l, 2.0 * g_logm / z, 0.0) + g_z
-    g_an = p_n * (g_pn + torch.einsum("bthd,hd->bth", g_s, v_null.to(torch.float32)))
-    grad_beta = (g_mag * (1.0 - mu * mu) * log1p_m).sum((0, 1))
-    grad_v_null = torch.einsum("bth,bthd->hd", p_n, g_s)
-    return g_s.to(io_dtype), g_l.contiguous(), g_q2.contiguous(), g_an, grad_beta, grad_v_null
+    H = null_base.shape[0]
+    t = torch.empty((H, T), device=null_base.device, dtype=torch.float32)
+    nu = torch.empty_like(t)
+    bt = 64
+    polar_length_terms_kernel[(triton.cdiv(T, bt), H)](
+        null_base, null_slope_raw, len_gain_raw, t, nu, T, H, window or 0,
+        HAS_WINDOW=window is not None, BT=bt,
+    )
+    return t, nu
 
 
-class _PolarAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, v_null, temp, nu, beta, window, save):
-        direction, magnitude, s, m, l, q2 = _polar_fwd(q, k, v, v_null, temp, nu, beta, window, save)
-        if save:
-            ctx.save_for_backward(q, k, v, v_null, temp, nu, beta, s, m, l, q2)
-        ctx.window = window
-        return direction, magnitude
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile, with fake implementations for tracing.
 
-    @staticmethod
-    def backward(ctx, g_dir, g_mag):
-        q, k, v, v_null, temp, nu, beta, s, m, l, q2 = ctx.saved_tensors
-        window = ctx.window
-        B, T, H, D = q.shape
-        G = k.shape[2]
-        g_s, g_l, g_q2, g_an, grad_beta, grad_v_null = _bwd_row_terms(
-            s, m, l, q2, temp, nu, beta, v_null, g_dir, g_mag, q.dtype
-        )
-        common = dict(D=D, HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET)
-        scalars = (T, H, G, window or 0, _LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), _t_bucket(T))
-        dq = dk = dv = grad_temp = grad_nu = None
-        need = ctx.needs_input_grad
-        if need[0] or need[4] or need[5]:
-            dq = torch.empty_like(q)
-            gt, gsum = (torch.empty((B, T, H), device=q.device, dtype=torch.float32) for _ in range(2))
-            run = _launcher(polar_bwd_kernel_dq, "dq", q.device, q.dtype, D)
-            run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
-                q, k, v, g_s, temp, m, g_l, g_q2, dq, gt, gsum, *scalars, **common)
-            # dL/dt = sum_j g_a,j sigma_j + g_aN nu. Adding one constant to every logit (null
-            # included) changes neither c nor mu, so g_aN = -sum_j g_a,j exactly; the form
-            # sum_j g_a,j (sigma_j - nu) uses that to cancel the bf16 error the kernel's g_a,j share.
-            grad_temp = (gt - gsum * nu.t()).sum(0).t()
-            grad_nu = (g_an * temp.t()).sum(0).t()
-            if not need[0]:
-                dq = None
-        if need[1] or need[2]:
-            dk, dv = torch.empty_like(k), torch.empty_like(v)
-            run = _launcher(polar_bwd_kernel_dkdv, "dkdv", q.device, q.dtype, D)
-            run(lambda meta: (triton.cdiv(T, meta["BN"]), B * G),
-                q, k, v, g_s, temp, m, g_l, g_q2, dk, dv, *scalars, **common)
-        return dq, dk, dv, grad_v_null.to(v_null.dtype), grad_temp, grad_nu, grad_beta, None, None
+
+@torch.library.custom_op("atma::polar_triton_fwd", mutates_args=())
+def polar_triton_fwd(
+    q: Tensor, k: Tensor, v: Tensor, v_null: Tensor, null_base: Tensor, null_slope_raw: Tensor,
+    len_gain_raw: Tensor, mag_beta_raw: Tensor, window: Optional[int], save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward kernel: (direction, magnitude, s, M, L, Q2); the statistics are empty unless `save`."""
+    params = (null_base, null_slope_raw, len_gain_raw, mag_beta_raw)
+    return _polar_fwd(q, k, v, v_null, params, window, save)
+
+
+@polar_triton_fwd.register_fake
+def _polar_triton_fwd_fake(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, window, save):
+    B, T, H, D = q.shape
+    stats = (B, T, H) if save else (0,)
+    return (
+        q.new_empty(q.shape), q.new_empty((B, T, H)),
+        q.new_empty((B, T, H, D) if save else (0,), dtype=torch.float32),
+        *(q.new_empty(stats, dtype=torch.float32) for _ in range(3)),
+    )
+
+
+@torch.library.custom_op("atma::polar_triton_bwd", mutates_args=())
+def polar_triton_bwd(
+    g_dir: Tensor, g_mag: Tensor, q: Tensor, k: Tensor, v: Tensor, v_null: Tensor, null_base: Tensor,
+    null_slope_raw: Tensor, len_gain_raw: Tensor, mag_beta_raw: Tensor, s: Tensor, m: Tensor, l: Tensor,
+    q2: Tensor, window: Optional[int], one_pass: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward kernels: the gradients of (q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw)."""
+    params = (null_base, null_slope_raw, len_gain_raw, mag_beta_raw)
+    return _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window, one_pass)
+
+
+@polar_triton_bwd.register_fake
+def _polar_triton_bwd_fake(g_dir, g_mag, q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw,
+                           s, m, l, q2, window, one_pass):
+    return tuple(torch.empty_like(x) for x in (q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, window, save = inputs
+    _, _, s, m, l, q2 = output
+    # The statistics get no gradient, and no zero-filled one is made for them.
+    ctx.mark_non_differentiable(s, m, l, q2)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw, s, m, l, q2)
+    ctx.window, ctx.save = window, save
+
+
+def _backward(ctx, g_dir, g_mag, *_):
+    if not ctx.save:
+        raise RuntimeError("polar_attention_triton: the forward ran without saving statistics for a backward "
+                           "(no input required grad, or grad mode was off)")
+    saved = ctx.saved_tensors
+    q = saved[0]
+    if g_dir is None:  # only the magnitude was used
+        g_dir = torch.zeros_like(q)
+    if g_mag is None:  # only the direction was used
+        g_mag = q.new_zeros(q.shape[:3])
+    grads = torch.ops.atma.polar_triton_bwd(g_dir, g_mag, *saved, ctx.window, backward_variant() == "one_pass")
+    return (*grads, None, None)
+
+
+polar_triton_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry.
 
 
 def _check_inputs(q, k, v, v_null, params, window) -> None:
@@ -626,12 +407,13 @@ def _check_inputs(q, k, v, v_null, params, window) -> None:
         raise ValueError(f"q, k, v must share one dtype among fp32/bf16/fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if tuple(v_null.shape) != (H, D) or any(tuple(p.shape) != (H,) for p in params):
         raise ValueError(f"v_null must be ({H}, {D}) and the four per-head scalars ({H},)")
+    if not all(p.is_floating_point() and p.device == q.device for p in (v_null, *params)):
+        raise ValueError("v_null and the four per-head scalars must be floating point, on the device of q")
     if window is not None and int(window) < 1:
         raise ValueError(f"window must be a positive integer or None, got {window}")
     check_launch_device(q, _INTERPRET, "polar_attention_triton")
 
 
-@torch.compiler.disable
 def polar_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -653,11 +435,8 @@ def polar_attention_triton(
     if window is not None and int(window) >= T:
         window = None  # a window covering the whole sequence changes neither the band nor the count
     window = None if window is None else int(window)
-    # Length terms (SPEC §2.6) in fp32 as [H, T]; autograd carries their gradients to the raw scalars.
-    n = polar_visible_counts(T, window, device=q.device, dtype=torch.float32)
-    temp, nu = polar_length_terms(n, null_base.float(), null_slope_raw.float(), len_gain_raw.float())
-    beta = F.softplus(mag_beta_raw.float())
-    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), v_null.contiguous(), temp, nu, beta)
+    inputs = (q.contiguous(), k.contiguous(), v.contiguous(), v_null.contiguous(), *(p.contiguous() for p in params))
     # Statistics for the backward are written only when a gradient can be asked for.
     save = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
-    return _PolarAttention.apply(*inputs, window, save)
+    direction, magnitude, *_ = torch.ops.atma.polar_triton_fwd(*inputs, window, save)
+    return direction, magnitude
