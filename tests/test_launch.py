@@ -4,6 +4,7 @@ script under a fake SLURM, bad input, and two emulated nodes matching a single-n
 import json
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -50,6 +51,13 @@ def dry_run(capsys, *argv):
     return code, out.splitlines(), err
 
 
+def chosen_port(line: str) -> tuple[str, int]:
+    """Split the free rendezvous port the single-node launcher chose out of a dry-run line."""
+    match = re.search(r" --master_port (\d+)", line)
+    assert match, line
+    return line.replace(match.group(0), " --master_port PORT"), int(match.group(1))
+
+
 def cli(*argv, env=None, cwd=ROOT, timeout=60):
     """Run `python -m launch ARGV` as a process."""
     full = dict(os.environ if env is None else env)
@@ -76,8 +84,12 @@ FAKE_DEEPSPEED = 'echo "deepspeed-called node=${SLURM_NODEID:-none} args=$*"\nex
 # ---------------------------------------------------------------------- single node
 def test_single_node_dry_run(clean_env, capsys):
     code, lines, _ = dry_run(capsys, "single", "--gpus", "2", "--dry-run", RUN, *TRAIN)
-    assert code == 0
-    assert lines == [f"localhost: deepspeed --num_gpus 2 pretrain/train.py --config {RUN} {TRAIN_STR}"]
+    assert code == 0 and len(lines) == 1
+    line, port = chosen_port(lines[0])
+    assert line == f"localhost: deepspeed --num_gpus 2 --master_port PORT pretrain/train.py --config {RUN} {TRAIN_STR}"
+    # A port nobody listens on (DeepSpeed's fixed default, 29500, fails for the second run on a machine).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
 
 
 def test_single_node_port_extra_args_and_quoting(clean_env, capsys):
@@ -91,7 +103,7 @@ def test_single_node_port_extra_args_and_quoting(clean_env, capsys):
 def test_single_node_num_gpus_env(clean_env, capsys):
     clean_env.setenv("NUM_GPUS", "4")
     _, lines, _ = dry_run(capsys, "single", "--dry-run", RUN)
-    assert lines == [f"localhost: deepspeed --num_gpus 4 pretrain/train.py --config {RUN}"]
+    assert chosen_port(lines[0])[0] == f"localhost: deepspeed --num_gpus 4 --master_port PORT pretrain/train.py --config {RUN}"
 
 
 def test_device_selection():
@@ -123,7 +135,8 @@ def test_pretrain_sh_wraps_single_mode(clean_env):
     proc = subprocess.run(["launch/pretrain.sh", "--gpus", "2", "--dry-run", RUN, *TRAIN], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"localhost: deepspeed --num_gpus 2 pretrain/train.py --config {RUN} {TRAIN_STR}\n"
+    line, _ = chosen_port(proc.stdout)
+    assert line == f"localhost: deepspeed --num_gpus 2 --master_port PORT pretrain/train.py --config {RUN} {TRAIN_STR}\n"
     usage = subprocess.run(["launch/pretrain.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr.startswith("usage: launch/pretrain.sh")
 
