@@ -488,3 +488,22 @@ def test_two_nodes_on_one_machine_match_single_node(launch_shards, tmp_path):
     with open(logs[1]) as f:
         started = f"[launch] node1 (node_rank 1, rank 1): deepspeed --hostfile {hostfile} --no_ssh --node_rank 1 "
         assert started in f.read()
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_each_report_a_user_error_once(launch_shards, tmp_path):
+    """Both launches rendezvous (each on a free port: a fixed 29500 makes the second fail with
+    EADDRINUSE) and both ranks of each meet the same config error: it is printed once, by rank 0."""
+    bad = ["--data", launch_shards, "--set", "batch.tokens=500", "--set", "logging.progress=false"]
+    logs = [str(tmp_path / f"run{i}.log") for i in (0, 1)]
+    procs = [start(["single", "--gpus", "2", RUN, "--run-dir", str(tmp_path / f"run{i}"), *bad], logs[i])
+             for i in (0, 1)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 2
+    for log in logs:
+        with open(log) as f:
+            text = f.read()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert errors == ["error: batch.tokens=500 is not a multiple of micro_batch_size (4) x seq_len (64) x "
+                          "data-parallel ranks (2) = 512"], text[-3000:]
+        assert "Traceback" not in text and "EADDRINUSE" not in text and "address already in use" not in text

@@ -108,6 +108,8 @@ def test_kill_9_then_auto_resume(tiny_shards, tmp_path):
     text = out.stdout + out.stderr
     assert f"resumed from {run}/checkpoints/step_{before:08d}" in text
     assert max(losses(run)) == 40
+    # Steps logged after the last checkpoint and redone after the kill appear once.
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == list(range(1, 41))
 
 
 def test_activation_checkpointing_same_gradients_under_zero3(tiny_shards, tmp_path):
