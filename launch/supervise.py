@@ -6,7 +6,8 @@ SIGKILL them 30 s later. So the launcher tree runs in a session of its own, whic
 Ctrl-C does not reach, and this process hands the first Ctrl-C to the training ranks alone: each
 finishes its step, saves a checkpoint and exits with code 130, which the launchers pass back. A
 second Ctrl-C (or a first one before any rank has started) kills the whole tree at once. SIGTERM
-is handed on the same way (the ranks save and exit with code 0).
+is handed on the same way (the ranks save and exit with code 0); SIGHUP (the terminal closed) goes
+to the whole tree, as it would without the separate session.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
-INTERRUPTED_EXIT_CODE = 130
+from pretrain.signals import INTERRUPTED_EXIT_CODE
 
 
 def training_ranks(runner_pid: int) -> list:
@@ -48,6 +49,10 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
 
     def hand_on(signum, frame) -> None:
         nonlocal interrupts
+        if signum == signal.SIGHUP:
+            # The terminal closed: what it would have done to a job in its own session.
+            os.killpg(proc.pid, signal.SIGHUP)
+            return
         ranks = training_ranks(proc.pid)
         if signum == signal.SIGINT:
             interrupts += 1
@@ -62,7 +67,7 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
             except Exception:  # noqa: BLE001  (a rank that has just exited)
                 pass
 
-    previous = {sig: signal.signal(sig, hand_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, hand_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         code = proc.wait()
     finally:

@@ -256,14 +256,20 @@ class Trainer:
                     print(f"[atma] --resume none: starting over at step 0; the earlier checkpoints are in {moved}",
                           flush=True)
         dist.barrier()
+        contract.check_allowed_keys(self.cfg.checkpoint.allow_changes, self.run_record["config"])
+        ways = "resume from another checkpoint with --resume PATH, or pass --resume none to start over"
         try:
             tag_dir = ckpt.find_resume(self.ckpt_root, self.cfg.checkpoint.resume)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"{err}; {ways}") from None
         if tag_dir is None:
             return None
-        contract.check_allowed_keys(self.cfg.checkpoint.allow_changes, self.run_record["config"])
-        saved = contract.read_record(tag_dir) or ckpt.legacy_record(tag_dir)
+        saved = contract.read_record(tag_dir)
+        if saved is None:
+            try:
+                saved = ckpt.legacy_record(tag_dir)
+            except FileNotFoundError as err:
+                raise ConfigError(f"{err}; {ways}") from None
         notices = contract.check_resume(saved, self.run_record, tag_dir=tag_dir,
                                         allowed=self.cfg.checkpoint.allow_changes)
         if self.rank == 0:

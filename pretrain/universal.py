@@ -26,9 +26,11 @@ def universal_path(tag_dir: str) -> str:
 
 def conversion_command(tag_dir: str, output: str | None = None) -> list[str]:
     """DeepSpeed's own command that writes the universal copy of `tag_dir`."""
+    # --inject_missing_state: ZeRO-1/2 conversion wants the version record Megatron-style clients
+    # store in their checkpoints; this trainer has no tensor or pipeline parallelism to describe there.
     return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", tag_dir,
             "--output_folder", output or universal_path(tag_dir), "--num_extract_workers", "1",
-            "--num_merge_workers", "1"]
+            "--num_merge_workers", "1", "--inject_missing_state"]
 
 
 def convert(tag_dir: str) -> str:

@@ -152,3 +152,29 @@ def yaml_lr(run):
     import yaml
 
     return yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"]
+
+
+def test_resume_none_moves_the_earlier_checkpoints_aside(tmp_path):
+    from pretrain.checkpoint import move_aside
+
+    root = tmp_path / "checkpoints"
+    (root / "step_00000003").mkdir(parents=True)
+    (root / "step_00000003" / "COMPLETE").write_text("3\n")
+    moved = move_aside(str(root))
+    assert not root.exists() and os.path.basename(moved).startswith("checkpoints-before-")
+    assert os.path.isfile(os.path.join(moved, "step_00000003", "COMPLETE"))
+    assert move_aside(str(root)) is None
+
+
+def test_universal_load_gets_one_step_counter_per_group():
+    import torch
+
+    from pretrain.universal import untie_step_counters
+
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.AdamW([{"params": [a]}, {"params": [b]}])
+    shared = torch.tensor(3.0)
+    optimizer.state[a]["step"], optimizer.state[b]["step"] = shared, shared  # as DeepSpeed 0.19.8 loads it
+    assert untie_step_counters(optimizer) == 1
+    assert optimizer.state[a]["step"] is not optimizer.state[b]["step"]
+    assert optimizer.state[a]["step"].item() == optimizer.state[b]["step"].item() == 3.0

@@ -133,7 +133,7 @@ def test_ctrl_c_through_the_launcher_saves_and_the_rerun_resumes_there(tiny_shar
     resumed = f"[atma] resumed from {run}/checkpoints/step_{stopped:08d} at step {stopped} "
     wait_for(lambda: f"[atma] step {stopped + 1}:" in log2.read_text(), proc, f"step {stopped + 1}")
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.5)
+    wait_for(lambda: "[atma] Ctrl-C: saving" in log2.read_text(), proc, "the first Ctrl-C's notice", timeout=60)
     os.killpg(proc.pid, signal.SIGINT)
     code = proc.wait(timeout=120)
     text = log2.read_text()
