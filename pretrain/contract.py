@@ -5,8 +5,9 @@ the model config, the sequence length, the identity of the training data (shards
 the ZeRO stage and world size, the code version and the library versions. Resume compares the
 record with the run being started and sorts every difference into one of three kinds:
 
-- free: the field does not change what is computed (paths, logging, checkpoint cadence, run
-  length, micro-batch size, loader workers, activation recomputation); listed in one notice;
+- free: the field does not change what is computed from here on (paths, logging, checkpoint
+  cadence, run length, micro-batch size, loader workers, activation recomputation, the non-finite
+  loss policy, the init seed: a resumed run keeps its saved random state); listed in one notice;
 - intended: the continued run computes something else (learning rate, schedule, loss weights,
   batch size, precision); refused unless `--allow-config-change KEY` names the key or its section;
 - fixed: the checkpoint cannot continue at all (model shape, sequence length, data, optimizer
