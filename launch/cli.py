@@ -9,13 +9,14 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Mapping, NoReturn, Sequence
+from typing import Mapping, Sequence
 
 from .commands import (
     DEFAULT_MASTER_PORT, ENV_FILE, ENV_NAMES, ENV_PREFIXES, MIN_NO_SSH_VERSION, LaunchError, check_node_rank,
-    check_run_config, deepspeed_version_ok, env_file_entries, local_device_args, no_ssh_command, node_label,
-    parse_hostfile, pdsh_command, single_node_command, write_env_file,
+    check_run_config, deepspeed_version_ok, env_file_entries, free_port, local_device_args, no_ssh_command,
+    node_label, parse_hostfile, pdsh_command, single_node_command, write_env_file,
 )
+from .supervise import run as run_supervised
 
 _SECRET_MARKERS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 # Options of this CLI; none of them is an option of pretrain/train.py.
@@ -35,7 +36,9 @@ Start ATMA pretraining (pretrain/train.py) with DeepSpeed's launcher, in one of 
 Launcher options go before RUN.yaml; everything after RUN.yaml is passed to pretrain/train.py
 (--data DIR, --run-dir DIR, --max-steps N, --resume auto|none|PATH, --set KEY=VALUE).
 --dry-run prints the exact command of every node, one line each, prefixed by the node, and runs
-nothing. Without it the command replaces this process and its exit code is the launcher's.
+nothing. Without it the command runs and its exit code is the launcher's; on one machine Ctrl-C
+makes every rank save a checkpoint at the end of its step and the exit code is 130 (a second
+Ctrl-C stops at once). Without --master-port, one machine uses a free port.
 Bad input (missing run config or hostfile, malformed hostfile, node rank out of range) exits 2.
 Run `python -m launch MODE --help` for the options of a mode.
 """
@@ -90,6 +93,8 @@ class LaunchPlan:
     lines: list[str]
     label: str = ""
     command: list[str] | None = None
+    # Run as a child in its own session (Ctrl-C becomes a checkpoint) instead of replacing this process.
+    supervised: bool = False
     env_file: str | None = None
     env_entries: list[tuple[str, str]] = field(default_factory=list)
     needs: list[str] = field(default_factory=list)
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--gpus", type=int, default=None, metavar="N",
                              help="ranks to start (default: $NUM_GPUS, else all visible GPUs, else 2 CPU ranks)")
             sub.add_argument("--master-port", type=int, default=None, metavar="P",
-                             help="rendezvous port (default: DeepSpeed's, 29500); set it to run two jobs at once")
+                             help="rendezvous port (default: a free one, so that runs can share a machine)")
         else:
             sub.add_argument("--hostfile", required=True, metavar="H",
                              help="DeepSpeed hostfile: one `HOST slots=N` line per machine")
@@ -167,9 +172,11 @@ def plan_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> LaunchP
     check_run_config(args.run_config)
     if args.mode == "single":
         requested = args.gpus if args.gpus is not None else _env_int(environ, "NUM_GPUS")
+        port = args.master_port if args.master_port is not None else free_port()
         cmd = single_node_command(args.run_config, args.train_args, device_args=local_device_args(requested, environ),
-                                  master_port=args.master_port, deepspeed_args=args.deepspeed_arg)
-        return LaunchPlan([f"localhost: {shlex.join(cmd)}"], label="localhost", command=cmd, needs=["deepspeed"])
+                                  master_port=port, deepspeed_args=args.deepspeed_arg)
+        return LaunchPlan([f"localhost: {shlex.join(cmd)}"], label="localhost", command=cmd, needs=["deepspeed"],
+                          supervised=True)
 
     hosts = parse_hostfile(args.hostfile)
     master_addr = args.master_addr or environ.get("MASTER_ADDR") or hosts[0].name
@@ -223,14 +230,20 @@ def _check_needs(plan: LaunchPlan) -> None:
             raise LaunchError(f"--no_ssh needs DeepSpeed >= {wanted}, found {version}")
 
 
-def execute(plan: LaunchPlan) -> NoReturn:
-    """Write .deepspeed_env if the plan has one, then replace this process with the launcher."""
+def execute(plan: LaunchPlan) -> int:
+    """Write .deepspeed_env if the plan has one, then run the launcher.
+
+    A supervised plan (one machine) runs it as a child and returns its exit code (launch/supervise.py:
+    Ctrl-C saves a checkpoint); the other plans replace this process with it.
+    """
     _check_needs(plan)
     if plan.env_file is not None:
         write_env_file(plan.env_file, plan.env_entries)
         print(f"[launch] wrote {plan.env_file} ({len(plan.env_entries)} variables)", file=sys.stderr)
     print(f"[launch] {plan.label}: {shlex.join(plan.command)}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    if plan.supervised:
+        return run_supervised(plan.command)
     os.execvp(plan.command[0], plan.command)
 
 
@@ -246,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dry_run:
             print("\n".join(plan.lines), flush=True)
             return 0
-        execute(plan)
+        return execute(plan)
     except LaunchError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

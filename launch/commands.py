@@ -2,8 +2,8 @@
 
 The command builders are pure functions of their arguments (the environment is passed in as a
 dict), so a dry run can print the commands and tests can assert them. Only `count_local_gpus`
-(which asks `nvidia-smi`, or torch, how many GPUs this machine has) and `write_env_file` touch
-the system.
+(which asks `nvidia-smi`, or torch, how many GPUs this machine has), `free_port` (which asks the
+kernel for an unused TCP port) and `write_env_file` touch the system.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -83,6 +84,17 @@ def parse_hostfile(path: str) -> list[Host]:
     if not hosts:
         raise LaunchError(f"{path}: hostfile lists no hosts")
     return hosts
+
+
+def free_port() -> int:
+    """A TCP port no process listens on now, chosen by the kernel (for the rendezvous of a one-node run).
+
+    The kernel picks among its ephemeral ports at random, so two launches started together get
+    different ports; a fixed default (29500) would make the second one fail with EADDRINUSE.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def count_local_gpus() -> int:

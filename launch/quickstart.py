@@ -14,9 +14,11 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
+
+from launch.commands import free_port
+from launch.supervise import INTERRUPTED_EXIT_CODE, run as run_supervised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,15 +107,21 @@ def run_pretrain(args, shards: str, run_dir: str, extra_sets: list[str] = (), *,
     ]
     for assignment in extra_sets:
         train_args += ["--set", assignment]
-    shown = ["deepspeed", "--num_gpus", str(ranks), *train_args]
+    # A free rendezvous port: a second run on this machine must not collide with the first.
+    launcher = ["--num_gpus", str(ranks), "--master_port", str(free_port())]
+    shown = ["deepspeed", *launcher, *train_args]
     banner(step, f"{title} with DeepSpeed ZeRO-3 on {ranks} rank(s)", shown)
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), *train_args]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *launcher, *train_args]
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("WANDB_MODE", "offline")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"error: pretraining failed (exit code {proc.returncode}); rerun to resume from the "
+    code = run_supervised(cmd, cwd=ROOT, env=env)
+    if code == INTERRUPTED_EXIT_CODE:
+        print(f"Stopped by Ctrl-C; rerun the same command to continue from the checkpoint in {run_dir}/checkpoints",
+              file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE)
+    if code != 0:
+        raise SystemExit(f"error: pretraining failed (exit code {code}); rerun to resume from the "
                          f"last checkpoint in {run_dir}/checkpoints")
     return shown
 
@@ -193,4 +201,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\nStopped by Ctrl-C; rerun the same command to continue (finished steps are reused)", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)

@@ -1,4 +1,5 @@
-"""Checkpoints: DeepSpeed ZeRO shards plus per-rank loader/RNG state, a completion marker, retention."""
+"""Checkpoints: DeepSpeed ZeRO shards plus per-rank loader/RNG state, the run record, a completion marker,
+retention, and loading at the same or (through the universal copy) another world size."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import time
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+RANK_STATE_RE = re.compile(r"^rank_state_(\d{5})\.pt$")
 
 
 def tag_for(step: int) -> str:
@@ -60,14 +63,29 @@ def complete_tags(root: str) -> list[str]:
     return sorted(tags)
 
 
-def save(engine, root: str, step: int, client_state: dict, rank_state: dict, *, keep_last: int) -> str:
-    """Save on every rank; mark complete only after all ranks wrote; keep the newest `keep_last`."""
+def save(engine, root: str, step: int, client_state: dict, rank_state: dict, *, keep_last: int,
+         record: dict | None = None, files: tuple[str, ...] = ()) -> str:
+    """Save on every rank; mark complete only after all ranks wrote; keep the newest `keep_last`.
+
+    Rank 0 also writes the tag's run record (`run.json`) and copies `files` (the tokenizer) into
+    the tag, before the completion marker. A tag of the same step left by an earlier run in this
+    directory is removed first, so its marker never vouches for a half-written save.
+    """
     tag = tag_for(step)
-    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank()
+    if rank == 0 and os.path.isdir(os.path.join(root, tag)):
+        shutil.rmtree(os.path.join(root, tag))
+    dist.barrier()
+    engine.save_checkpoint(root, tag=tag, client_state=client_state, save_latest=False)
     _atomic_torch_save(rank_state, os.path.join(root, tag, f"rank_state_{rank:05d}.pt"))
     dist.barrier()
     if rank == 0:
+        if record is not None:
+            from .contract import write_record
+
+            write_record(os.path.join(root, tag), record)
+        for path in files:
+            shutil.copyfile(path, os.path.join(root, tag, os.path.basename(path)))
         _atomic_write_text(os.path.join(root, tag, COMPLETE), f"{step}\n")
         # The `latest` file lets DeepSpeed's own tools (zero_to_fp32) find this checkpoint.
         _atomic_write_text(os.path.join(root, "latest"), tag)
@@ -93,23 +111,61 @@ def find_resume(root: str, resume: str) -> str | None:
     raise ValueError(f"{resume}: not a complete checkpoint (no {COMPLETE} marker) nor a directory holding one")
 
 
-def load(engine, tag_dir: str) -> tuple[dict, dict]:
-    """Load engine state from `tag_dir`; return (client_state, this rank's loader/RNG state)."""
+def saved_world_size(tag_dir: str) -> int:
+    """How many data-parallel ranks wrote the checkpoint (one loader/RNG state file each)."""
+    return len([f for f in os.listdir(tag_dir) if RANK_STATE_RE.match(f)])
+
+
+def load(engine, tag_dir: str, *, universal: bool = False) -> tuple[dict, dict]:
+    """Load engine state from `tag_dir`; return (client_state, this rank's loader/RNG state).
+
+    With `universal`, the engine (built with `checkpoint.load_universal`) reads the tag's
+    universal copy, which any world size can load; rank r then continues from the loader and RNG
+    state of saved rank r mod (saved world size): the loader position is the same global one on
+    every rank.
+    """
     root, tag = os.path.split(tag_dir.rstrip("/"))
     rank, world = dist.get_rank(), dist.get_world_size()
-    rank_file = os.path.join(tag_dir, f"rank_state_{rank:05d}.pt")
-    saved_world = len([f for f in os.listdir(tag_dir) if f.startswith("rank_state_")])
-    if saved_world != world:
-        raise ValueError(
-            f"{tag_dir}: written by {saved_world} data-parallel ranks, this run has {world}; "
-            "exact resume needs the same world size"
-        )
+    saved_world = saved_world_size(tag_dir)
+    if saved_world != world and not universal:
+        raise ValueError(f"{tag_dir}: written by {saved_world} data-parallel ranks, this run has {world}; "
+                         "load its universal copy (pretrain/universal.py)")
+    if universal:
+        from .universal import UNIVERSAL_DIR
+
+        root, tag = tag_dir, UNIVERSAL_DIR
     load_path, client_state = engine.load_checkpoint(root, tag=tag, load_optimizer_states=True,
                                                      load_lr_scheduler_states=True)
     if load_path is None:
         raise ValueError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    rank_file = os.path.join(tag_dir, f"rank_state_{rank % saved_world:05d}.pt")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
     return client_state or {}, rank_state
+
+
+def read_client_state(tag_dir: str) -> dict:
+    """The state stored in the tag's rank-0 model-states file (DeepSpeed's plus the client state)."""
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
+    for name in names:
+        path = os.path.join(tag_dir, name)
+        if os.path.isfile(path):
+            return torch.load(path, map_location="cpu", weights_only=False)
+    raise FileNotFoundError(f"{os.path.join(tag_dir, names[0])}: missing (no rank-0 model states file)")
+
+
+def legacy_record(tag_dir: str) -> dict:
+    """The run-record fields a checkpoint written before tags carried run.json still has (client state)."""
+    states = read_client_state(tag_dir)
+    return {key: states[key] for key in ("step", "tokens_seen", "config", "model_config") if key in states}
+
+
+def move_aside(root: str) -> str | None:
+    """Rename a checkpoints folder that holds complete tags to `<root>-before-<time>`; return the new name."""
+    if not complete_tags(root):
+        return None
+    target = f"{root.rstrip(os.sep)}-before-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.replace(root, target)
+    return target
 
 
 def remove_incomplete(root: str) -> list[str]:

@@ -277,7 +277,12 @@ class CheckpointSection:
     """Complete checkpoints kept; older ones are deleted."""
 
     resume: str = "auto"
-    """auto (newest complete checkpoint), none, or a checkpoint PATH (or --resume)."""
+    """auto (newest complete checkpoint), none (start over: earlier checkpoints are moved aside), or a
+    checkpoint PATH (or --resume)."""
+
+    allow_changes: list[str] = field(default_factory=list)
+    """Run-config keys or sections that may differ from the checkpoint's on resume, e.g. [optim.lr]
+    (or --allow-config-change KEY); see pretrain/contract.py for the keys that never may."""
 
     def __post_init__(self):
         _require(self.every > 0, f"checkpoint.every must be positive, got {self.every}")

@@ -3,26 +3,34 @@
     python -m pretrain.export RUN_DIR OUT_DIR [--tag latest|STEP] [--dtype fp32|bf16]
 
 Writes OUT_DIR/model.safetensors (sharded above --max-shard-size), config.json, tokenizer.json
-and export.json (source run, step, tokens seen). Consolidation uses DeepSpeed's own
-`zero_to_fp32` in its low-memory lazy mode: tensors are materialised one at a time.
+and export.json: step, tokens seen, the training seq_len, the sha256 of every weights file and the
+provenance (run, tag, run name, code version, library versions). The model config and tokenizer
+come from the checkpoint tag itself. Consolidation uses DeepSpeed's own `zero_to_fp32` in its
+low-memory lazy mode: tensors are materialised one at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
 import torch
 
 from model import AtmaConfig, AtmaForCausalLM
-from model.persistence import CONFIG_NAME, check_state_dict, save_state_dict
+from model.persistence import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_state_dict, save_state_dict
 
 from . import checkpoint as ckpt
+from .checkpoint import read_client_state  # noqa: F401  (re-exported: tests and tools read tags with it)
+from .contract import read_record
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TOKENIZER_NAME = "tokenizer.json"
+SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 class ExportError(ValueError):
@@ -43,16 +51,6 @@ def resolve_tag(run_dir: str, tag: str) -> str:
     return wanted
 
 
-def read_client_state(tag_dir: str) -> dict:
-    """The client state (step, tokens seen, config) stored in the rank-0 model-states file."""
-    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"]
-    candidates = [os.path.join(tag_dir, n) for n in names if os.path.isfile(os.path.join(tag_dir, n))]
-    if not candidates:
-        raise ExportError(f"{os.path.join(tag_dir, names[0])}: missing (no rank-0 model states file)")
-    path = candidates[0]
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def consolidate(run_dir: str, tag: str, states: dict) -> dict[str, torch.Tensor]:
     """Full fp32 state dict of the checkpoint (lazy ZeRO consolidation, or the module for stage 0)."""
     stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
@@ -63,18 +61,61 @@ def consolidate(run_dir: str, tag: str, states: dict) -> dict[str, torch.Tensor]
     return get_fp32_state_dict_from_zero_checkpoint(os.path.join(run_dir, "checkpoints"), tag=tag, lazy_mode=True)
 
 
+def sha256_file(path: str, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_weights(out_dir: str) -> None:
+    """Delete weights an earlier export left in `out_dir` (a single file beside new shards would win on load)."""
+    for name in os.listdir(out_dir):
+        if name in (WEIGHTS_NAME, INDEX_NAME) or SHARD_RE.match(name):
+            os.remove(os.path.join(out_dir, name))
+
+
+def tag_model_config(tag_dir: str, record: dict | None, states: dict) -> AtmaConfig:
+    """The model config the checkpoint was trained with: its run.json, else its client state."""
+    data = (record or {}).get("model_config") or states.get("model_config")
+    if not data:
+        raise ExportError(f"{tag_dir}: the checkpoint records no model config (neither run.json nor client state)")
+    return AtmaConfig.from_dict(data)
+
+
+def provenance(run_dir: str, tag: str, record: dict | None, states: dict) -> dict:
+    """Where the weights come from: run, tag, run name, code version and library versions at training time."""
+    record = record or {}
+    config = record.get("config") or states.get("config") or {}
+    return {
+        "run_dir": os.path.abspath(run_dir),
+        "checkpoint": tag,
+        "config_name": config.get("name"),
+        "code_version": record.get("code_version"),
+        "versions": record.get("versions"),
+        "world_size": record.get("world_size"),
+    }
+
+
 def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp32",
            max_shard_bytes: int | None = 5 * 2**30) -> dict:
-    """Export checkpoint `tag` of `run_dir` to `out_dir`; returns the export.json record."""
+    """Export checkpoint `tag` of `run_dir` to `out_dir`; returns the export.json record.
+
+    Everything comes from the tag itself (its run.json, client state and tokenizer copy), not from
+    files the run directory rewrites at every start.
+    """
     if not os.path.isdir(run_dir):
         raise ExportError(f"{run_dir}: run directory not found")
-    config_path = os.path.join(run_dir, "model_config.json")
-    if not os.path.isfile(config_path):
-        raise ExportError(f"{config_path}: missing (not a run directory written by pretrain.train?)")
-    config = AtmaConfig.load(config_path)
     tag = resolve_tag(run_dir, tag)
     tag_dir = os.path.join(run_dir, "checkpoints", tag)
-    states = read_client_state(tag_dir)
+    try:
+        states = ckpt.read_client_state(tag_dir)
+    except FileNotFoundError as err:
+        raise ExportError(str(err)) from None
+    record = read_record(tag_dir)
+    config = tag_model_config(tag_dir, record, states)
     lazy = consolidate(run_dir, tag, states)
     with torch.device("meta"):
         skeleton = AtmaForCausalLM(config)
@@ -89,23 +130,30 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
         tensors[name] = t.to(target) if t.is_floating_point() else t
     check_state_dict(expected, tensors, tag_dir)
     os.makedirs(out_dir, exist_ok=True)
-    save_state_dict(tensors, out_dir, max_shard_bytes=max_shard_bytes)
+    remove_weights(out_dir)
+    weight_files = save_state_dict(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     config.save(os.path.join(out_dir, CONFIG_NAME))
-    tokenizer = os.path.join(run_dir, "tokenizer.json")
-    if os.path.isfile(tokenizer):
-        shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
-    record = {
+    tokenizer = next((p for p in (os.path.join(tag_dir, TOKENIZER_NAME), os.path.join(run_dir, TOKENIZER_NAME))
+                      if os.path.isfile(p)), None)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_NAME))
+    # None for a checkpoint written before tags carried run.json.
+    seq_len = (record or {}).get("seq_len")
+    result = {
         "source_run": os.path.abspath(run_dir),
         "checkpoint": tag,
         "step": int(states.get("step", -1)),
         "tokens_seen": int(states.get("tokens_seen", -1)),
+        "seq_len": seq_len,
         "dtype": dtype,
         "num_parameters": skeleton.num_parameters(),
+        "weights_sha256": {name: sha256_file(os.path.join(out_dir, name)) for name in weight_files},
+        "provenance": provenance(run_dir, tag, record, states),
     }
     with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+        json.dump(result, f, indent=2)
         f.write("\n")
-    return record
+    return result
 
 
 def parse_size(text: str) -> int | None:

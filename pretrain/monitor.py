@@ -1,4 +1,8 @@
-"""Training dashboards: TensorBoard, Weights & Biases (run id stable across resumes), console, JSONL."""
+"""Training dashboards: TensorBoard, Weights & Biases (run id stable across resumes), console, JSONL.
+
+After a resume at step S, metrics.jsonl and TensorBoard keep one value per step: rows and events
+after S (logged before a crash or stop and then redone) are dropped when the run restarts.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,31 @@ import os
 import uuid
 
 from tqdm.auto import tqdm
+
+
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Keep only the rows of a metrics.jsonl with step <= last_step (rewritten atomically); return how many went."""
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                # A line cut short by a crash mid-write.
+                dropped += 1
+                continue
+            if row.get("step", 0) <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+    return dropped
 
 
 class Monitor:
@@ -20,9 +49,12 @@ class Monitor:
         if not self.active:
             return
         os.makedirs(run_dir, exist_ok=True)
+        # Steps after the resumed one are redone: drop what a crashed or stopped run logged for them.
+        truncate_metrics(self.metrics_path, start_step)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
+            # Readers (TensorBoard, EventAccumulator) drop earlier events from this step on.
             self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=start_step + 1)
         if wandb and wandb_mode != "disabled":
             self.wandb_run = self._init_wandb(run_dir, name, config, wandb_project, wandb_mode)

@@ -7,7 +7,6 @@ import math
 import os
 import resource
 import shutil
-import signal
 import socket
 import warnings
 from dataclasses import dataclass
@@ -18,11 +17,15 @@ import torch.distributed as dist
 from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
+from . import contract
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .flops import peak_flops_for, train_flops_per_token
 from .monitor import Monitor
+from .opbuild import announce_builds
 from .optim import apply_lr, build_optimizer, lr_multiplier
+from .provenance import code_version, library_versions
+from .signals import StopRequests
 from .step import NonFiniteStep, TrainingError, TrainStep, check_skip_supported
 from .throughput import ThroughputMeter
 
@@ -150,6 +153,8 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
         model = AtmaForCausalLM(model_config)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
+    if offload or device.type == "cuda":
+        announce_builds(["CPUAdamBuilder" if offload else "FusedAdamBuilder"])
     optimizer = build_optimizer(model, cfg.optim, device_type=device.type, cpu_offload=offload)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     compile_engine(engine, compile_method(cfg.train, device.type))
@@ -159,7 +164,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
 class Trainer:
     """Owns the engine, data, teacher, monitor and the train/validate/checkpoint cadence."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, stop: StopRequests | None = None):
         from data_pipeline.loader import build_loader
         from data_pipeline.manifest import load_manifest
         from kernels.gated_delta.fla_bridge import fla_timing_only_active
@@ -168,6 +173,9 @@ class Trainer:
             raise TrainingError("flash-linear-attention's guard is bypassed for timing in this process; "
                                 "training never runs on known-wrong gradients")
         self.cfg = cfg
+        self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
+        if not torch.cuda.is_available():
+            announce_builds(["ShareMemCommBuilder"])
         self.rank, self.world, self.device = init_distributed()
         self.manifest = load_manifest(cfg.data.dir)
         self.plan = plan_batch(cfg.batch.tokens, cfg.batch.micro_batch_size, self.manifest.seq_len, self.world)
@@ -187,6 +195,27 @@ class Trainer:
                 f"model vocab_size {self.model_config.vocab_size} < tokenizer vocabulary {self.manifest.vocab_size}"
             )
 
+        loader_args = dict(dataset=self.manifest, batch_size=self.plan.micro_batch_size, rank=self.rank,
+                           world_size=self.world, num_workers=cfg.data.num_workers, seed=cfg.data.seed)
+        self.train_loader = build_loader(split="train", shuffle=cfg.data.shuffle, num_epochs=None, **loader_args)
+        self.val_loader = None
+        if cfg.logging.val_every and "val" in self.manifest.splits and self.manifest.num_samples("val") > 0:
+            self.val_loader = build_loader(split="val", shuffle=False, num_epochs=None, **loader_args)
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.skipped = 0
+        self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.run_record = contract.build_record(
+            step=0, tokens_seen=0, config=cfg.to_dict(), model_config=self.model_config.to_dict(),
+            data=contract.data_identity(self.manifest, self.train_loader.dataset.data_id),
+            zero_stage=self.zero_stage, world_size=self.world, code_version=code_version(),
+            versions=library_versions(),
+        )
+        self.universal = False
+        # Before the engine: a tag from another world size makes the engine load a universal checkpoint.
+        self.resume_from = self._checkpoint_to_resume()
+
         self.engine, self.optimizer = build_engine(cfg, self.model_config, self.ds_config, device=self.device)
         self.teacher = None
         if cfg.loss.distill_weight > 0:
@@ -198,22 +227,10 @@ class Trainer:
         self.runner = TrainStep(self.engine, grad_accum=self.plan.grad_accum, loss=cfg.loss,
                                 nan_policy=cfg.train.nan_policy, device=self.device, teacher=self.teacher)
 
-        loader_args = dict(dataset=self.manifest, batch_size=self.plan.micro_batch_size, rank=self.rank,
-                           world_size=self.world, num_workers=cfg.data.num_workers, seed=cfg.data.seed)
-        self.train_loader = build_loader(split="train", shuffle=cfg.data.shuffle, num_epochs=None, **loader_args)
-        self.val_loader = None
-        if cfg.logging.val_every and "val" in self.manifest.splits and self.manifest.num_samples("val") > 0:
-            self.val_loader = build_loader(split="val", shuffle=False, num_epochs=None, **loader_args)
-
-        self.step = 0
-        self.tokens_seen = 0
-        self.skipped = 0
         self.flops_per_token = train_flops_per_token(self.model_config, self.manifest.seq_len)
         self.peak_flops = cfg.logging.peak_flops or (
             peak_flops_for(torch.cuda.get_device_name(self.device)) if self.device.type == "cuda" else None
         )
-        self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
-        self.stop_requested = False
         self._write_run_files()
         self._resume()
         self.monitor = Monitor(
@@ -225,40 +242,106 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup helpers
     def _write_run_files(self) -> None:
-        """Record the resolved config, model config and tokenizer in the run directory (rank 0)."""
+        """Record this start's resolved config, DeepSpeed config and tokenizer in the run directory (rank 0).
+
+        They describe the latest start only; each checkpoint tag keeps its own record (run.json).
+        """
         if self.rank == 0:
             os.makedirs(self.cfg.run_dir, exist_ok=True)
             import yaml
 
             with open(os.path.join(self.cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
                 yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
-            self.model_config.save(os.path.join(self.cfg.run_dir, "model_config.json"))
             shutil.copyfile(self.manifest.tokenizer_path, os.path.join(self.cfg.run_dir, "tokenizer.json"))
             with open(os.path.join(self.cfg.run_dir, "ds_config.json"), "w", encoding="utf-8") as f:
                 json.dump(self.ds_config, f, indent=2)
         dist.barrier()
 
-    def _resume(self) -> None:
-        """Load the checkpoint chosen by checkpoint.resume, if any."""
+    def _checkpoint_to_resume(self) -> str | None:
+        """Pick the tag to resume from and check it against this run (before the engine is built).
+
+        Raises ConfigError for a change that breaks resume (contract.check_resume). A tag written at
+        another world size is converted to DeepSpeed's universal format, and the engine is then
+        configured to load that.
+        """
         if self.rank == 0:
-            removed = ckpt.remove_incomplete(self.ckpt_root)
-            for tag in removed:
+            for tag in ckpt.remove_incomplete(self.ckpt_root):
                 print(f"[atma] removed incomplete checkpoint {tag} (interrupted save)", flush=True)
+            if self.cfg.checkpoint.resume == "none":
+                moved = ckpt.move_aside(self.ckpt_root)
+                if moved:
+                    print(f"[atma] --resume none: starting over at step 0; the earlier checkpoints are in {moved}",
+                          flush=True)
         dist.barrier()
+        contract.check_allowed_keys(self.cfg.checkpoint.allow_changes, self.run_record["config"])
+        ways = "resume from another checkpoint with --resume PATH, or pass --resume none to start over"
         try:
             tag_dir = ckpt.find_resume(self.ckpt_root, self.cfg.checkpoint.resume)
         except ValueError as err:
-            raise ConfigError(str(err)) from None
+            raise ConfigError(f"{err}; {ways}") from None
         if tag_dir is None:
+            return None
+        saved = contract.read_record(tag_dir)
+        if saved is None:
+            try:
+                saved = ckpt.legacy_record(tag_dir)
+            except FileNotFoundError as err:
+                raise ConfigError(f"{err}; {ways}") from None
+        notices = contract.check_resume(saved, self.run_record, tag_dir=tag_dir,
+                                        allowed=self.cfg.checkpoint.allow_changes)
+        if self.rank == 0:
+            for line in notices:
+                print(line, flush=True)
+        saved_world = ckpt.saved_world_size(tag_dir)
+        if saved_world != self.world:
+            self._convert_to_universal(tag_dir, saved_world)
+        return tag_dir
+
+    def _convert_to_universal(self, tag_dir: str, saved_world: int) -> None:
+        """Convert a tag written at another world size once (rank 0) and make the engine load that copy."""
+        from .universal import convert, universal_path
+
+        failure = ""
+        if self.rank == 0:
+            print(f"[atma] {tag_dir} was written by {saved_world} data-parallel rank(s) and this run has "
+                  f"{self.world}: DeepSpeed's ds_to_universal merges its ZeRO partitions once into "
+                  f"{universal_path(tag_dir)}, then each rank loads its share of the weights and Adam moments; "
+                  f"training continues at the same global sample (exact data order; the numbers match a "
+                  f"same-size resume up to the order of the gradient sums)", flush=True)
+            try:
+                convert(tag_dir)
+            except RuntimeError as err:
+                failure = str(err)
+        flag = torch.tensor([1.0 if failure else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            raise ConfigError(f"{failure or 'the universal conversion failed on rank 0'}; resume on "
+                              f"{saved_world} rank(s), or pass --resume none to start over")
+        self.ds_config["checkpoint"] = {"load_universal": True}
+        self.universal = True
+
+    def _resume(self) -> None:
+        """Load the checkpoint chosen by _checkpoint_to_resume, if any."""
+        if self.resume_from is None:
             return
-        client, rank_state = ckpt.load(self.engine, tag_dir)
+        # The optimizer's hyperparameters come from this run's config (the resume check allowed any
+        # change), not from the checkpoint, which would silently restore the old ones.
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        client, rank_state = ckpt.load(self.engine, self.resume_from, universal=self.universal)
+        for group, settings in zip(self.optimizer.param_groups, groups):
+            group.update(settings)
+        if self.universal:
+            from .universal import untie_step_counters
+
+            untie_step_counters(self.optimizer)
         self.step = int(client["step"])
         self.tokens_seen = int(client["tokens_seen"])
         self.skipped = int(rank_state.get("skipped", 0))
         self.train_loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
         if self.rank == 0:
-            print(f"[atma] resumed from {tag_dir} at step {self.step} ({self.tokens_seen:,} tokens seen)", flush=True)
+            print(f"[atma] resumed from {self.resume_from} at step {self.step} ({self.tokens_seen:,} tokens seen)",
+                  flush=True)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches):
@@ -267,7 +350,7 @@ class Trainer:
         nan_step = os.environ.get(NAN_STEP_ENV)
         inject = nan_step is not None and int(nan_step) == self.step and self.skipped == 0
         try:
-            outcome = self.runner.run(batches, stop_requested=self.stop_requested, inject_nan=inject)
+            outcome = self.runner.run(batches, stop_requested=self.stop.requested, inject_nan=inject)
         except NonFiniteStep as err:
             raise TrainingError(
                 f"{err} at optimizer step {self.step + 1}; stopping (train.nan_policy=stop). The last complete "
@@ -307,30 +390,30 @@ class Trainer:
         dist.all_reduce(total)
         return total.item() / (self.world * self.cfg.logging.val_batches)
 
-    def save(self) -> None:
-        """Write a checkpoint of the current step on every rank."""
+    def save(self, *, announce: bool = True) -> str:
+        """Write a checkpoint of the current step on every rank; return its tag."""
         client = {"step": self.step, "tokens_seen": self.tokens_seen, "config": self.cfg.to_dict(),
                   "model_config": self.model_config.to_dict()}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state(), "skipped": self.skipped}
+        record = dict(self.run_record, step=self.step, tokens_seen=self.tokens_seen)
         tag = ckpt.save(self.engine, self.ckpt_root, self.step, client, rank_state,
-                        keep_last=self.cfg.checkpoint.keep_last)
+                        keep_last=self.cfg.checkpoint.keep_last, record=record, files=(self.manifest.tokenizer_path,))
         self.last_saved = self.step
-        self.monitor.print(f"[atma] saved checkpoint {tag}")
+        if announce:
+            self.monitor.print(f"[atma] saved checkpoint {tag}")
+        return tag
 
     def _memory_gib(self) -> float:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**30
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
-    def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
-
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
-        """Train until train.max_steps; checkpoint, validate and log on their cadences."""
+        """Train until train.max_steps or a stop signal; checkpoint, validate and log on their cadences."""
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._request_stop)
+        self.stop.watch_training()
+        self.stopped = False
         batches = iter(self.train_loader)
         self.last_saved = self.step
         self.engine.module.train()
@@ -344,11 +427,15 @@ class Trainer:
                 last = self._log(outcome, meter)
                 self._validate_on_cadence()
                 self.monitor.advance()
-            if (outcome.stop or (outcome.applied and self._save_due())) and self.last_saved != self.step:
-                self.save()
             if outcome.stop:
-                self.monitor.print(f"[atma] stop requested: checkpoint saved at step {self.step}; exiting")
+                tag = self.save(announce=False) if self.last_saved != self.step else ckpt.tag_for(self.step)
+                self.stopped = True
+                why = "Ctrl-C" if self.stop.interrupted else self.stop.signal_name or "a signal on another rank"
+                self.monitor.print(f"[atma] stopped by {why} after step {self.step}: checkpoint {tag} saved; "
+                                   "run the same command again to continue from it")
                 break
+            if outcome.applied and self._save_due() and self.last_saved != self.step:
+                self.save()
         if self.last_saved != self.step:
             self.save()
         self.monitor.close()

@@ -1,6 +1,8 @@
-"""Export: the weights equal DeepSpeed's own zero_to_fp32 consolidation bit for bit, and the
-exported model's logits equal the training engine's at that checkpoint."""
+"""Export: the weights equal DeepSpeed's own zero_to_fp32 consolidation bit for bit, export.json holds the
+checkpoint's seq_len, tokens seen, weights sha256 and provenance (from the tag, not the run directory),
+and the exported model's logits equal the training engine's at that checkpoint."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -40,6 +42,10 @@ def test_export_matches_zero_to_fp32_and_training_logits(tiny_shards, tmp_path):
     run([sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny-cpu.yaml", "--data", tiny_shards, "--run-dir", str(run_dir),
          "--max-steps", "3", "--set", "batch.tokens=512", "--set", "logging.val_every=0",
          "--set", "logging.progress=false", "--set", "train.precision=fp32"])
+    # Files of the run directory describe its latest start only; export reads the tag's own copies.
+    tag = run_dir / "checkpoints" / "step_00000003"
+    (run_dir / "model_config.json").write_text('{"hidden_size": 7}')
+    (run_dir / "tokenizer.json").write_text("not this one")
     run([sys.executable, "-m", "pretrain.export", str(run_dir), str(out), "--max-shard-size", "2MB"])
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -53,7 +59,15 @@ def test_export_matches_zero_to_fp32_and_training_logits(tiny_shards, tmp_path):
     assert all(torch.equal(exported[k], reference[k]) for k in reference)
     assert os.path.isfile(out / "model.safetensors.index.json")  # sharded above 2 MB
     info = json.loads((out / "export.json").read_text())
-    assert info["step"] == 3 and info["tokens_seen"] == 3 * 512
+    assert info["step"] == 3 and info["tokens_seen"] == 3 * 512 and info["seq_len"] == 64
+    weights = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(weights) > 1 and sorted(info["weights_sha256"]) == weights
+    for name, digest in info["weights_sha256"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == digest
+    prov = info["provenance"]
+    assert prov["run_dir"] == str(run_dir) and prov["checkpoint"] == "step_00000003"
+    assert prov["config_name"] == "tiny-cpu" and prov["versions"]["torch"] and "commit" in prov["code_version"]
+    assert (out / "tokenizer.json").read_bytes() == (tag / "tokenizer.json").read_bytes()
 
     # Load the same checkpoint into a training engine (ZeRO-3, as trained) and compare logits.
     model = AtmaForCausalLM.from_pretrained(str(out)).eval()

@@ -4,6 +4,7 @@ script under a fake SLURM, bad input, and two emulated nodes matching a single-n
 import json
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -50,6 +51,13 @@ def dry_run(capsys, *argv):
     return code, out.splitlines(), err
 
 
+def chosen_port(line: str) -> tuple[str, int]:
+    """Split the free rendezvous port the single-node launcher chose out of a dry-run line."""
+    match = re.search(r" --master_port (\d+)", line)
+    assert match, line
+    return line.replace(match.group(0), " --master_port PORT"), int(match.group(1))
+
+
 def cli(*argv, env=None, cwd=ROOT, timeout=60):
     """Run `python -m launch ARGV` as a process."""
     full = dict(os.environ if env is None else env)
@@ -76,8 +84,12 @@ FAKE_DEEPSPEED = 'echo "deepspeed-called node=${SLURM_NODEID:-none} args=$*"\nex
 # ---------------------------------------------------------------------- single node
 def test_single_node_dry_run(clean_env, capsys):
     code, lines, _ = dry_run(capsys, "single", "--gpus", "2", "--dry-run", RUN, *TRAIN)
-    assert code == 0
-    assert lines == [f"localhost: deepspeed --num_gpus 2 pretrain/train.py --config {RUN} {TRAIN_STR}"]
+    assert code == 0 and len(lines) == 1
+    line, port = chosen_port(lines[0])
+    assert line == f"localhost: deepspeed --num_gpus 2 --master_port PORT pretrain/train.py --config {RUN} {TRAIN_STR}"
+    # A port nobody listens on (DeepSpeed's fixed default, 29500, fails for the second run on a machine).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
 
 
 def test_single_node_port_extra_args_and_quoting(clean_env, capsys):
@@ -91,7 +103,7 @@ def test_single_node_port_extra_args_and_quoting(clean_env, capsys):
 def test_single_node_num_gpus_env(clean_env, capsys):
     clean_env.setenv("NUM_GPUS", "4")
     _, lines, _ = dry_run(capsys, "single", "--dry-run", RUN)
-    assert lines == [f"localhost: deepspeed --num_gpus 4 pretrain/train.py --config {RUN}"]
+    assert chosen_port(lines[0])[0] == f"localhost: deepspeed --num_gpus 4 --master_port PORT pretrain/train.py --config {RUN}"
 
 
 def test_device_selection():
@@ -123,7 +135,8 @@ def test_pretrain_sh_wraps_single_mode(clean_env):
     proc = subprocess.run(["launch/pretrain.sh", "--gpus", "2", "--dry-run", RUN, *TRAIN], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == f"localhost: deepspeed --num_gpus 2 pretrain/train.py --config {RUN} {TRAIN_STR}\n"
+    line, _ = chosen_port(proc.stdout)
+    assert line == f"localhost: deepspeed --num_gpus 2 --master_port PORT pretrain/train.py --config {RUN} {TRAIN_STR}\n"
     usage = subprocess.run(["launch/pretrain.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert usage.returncode == 2 and usage.stderr.startswith("usage: launch/pretrain.sh")
 
@@ -475,3 +488,22 @@ def test_two_nodes_on_one_machine_match_single_node(launch_shards, tmp_path):
     with open(logs[1]) as f:
         started = f"[launch] node1 (node_rank 1, rank 1): deepspeed --hostfile {hostfile} --no_ssh --node_rank 1 "
         assert started in f.read()
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_each_report_a_user_error_once(launch_shards, tmp_path):
+    """Both launches rendezvous (each on a free port: a fixed 29500 makes the second fail with
+    EADDRINUSE) and both ranks of each meet the same config error: it is printed once, by rank 0."""
+    bad = ["--data", launch_shards, "--set", "batch.tokens=500", "--set", "logging.progress=false"]
+    logs = [str(tmp_path / f"run{i}.log") for i in (0, 1)]
+    procs = [start(["single", "--gpus", "2", RUN, "--run-dir", str(tmp_path / f"run{i}"), *bad], logs[i])
+             for i in (0, 1)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 2
+    for log in logs:
+        with open(log) as f:
+            text = f.read()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert errors == ["error: batch.tokens=500 is not a multiple of micro_batch_size (4) x seq_len (64) x "
+                          "data-parallel ranks (2) = 512"], text[-3000:]
+        assert "Traceback" not in text and "EADDRINUSE" not in text and "address already in use" not in text

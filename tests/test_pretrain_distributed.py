@@ -108,6 +108,8 @@ def test_kill_9_then_auto_resume(tiny_shards, tmp_path):
     text = out.stdout + out.stderr
     assert f"resumed from {run}/checkpoints/step_{before:08d}" in text
     assert max(losses(run)) == 40
+    # Steps logged after the last checkpoint and redone after the kill appear once.
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == list(range(1, 41))
 
 
 def test_activation_checkpointing_same_gradients_under_zero3(tiny_shards, tmp_path):
@@ -129,10 +131,10 @@ def test_dashboards_and_composite_loss(tiny_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "dash"
+    losses_on = ["--set", "loss.sig_mode=weak", "--set", "loss.sig_weight=0.01", "--set", "loss.num_random_keys=8",
+                 "--set", "loss.distractor_weight=0.01"]
     train(tiny_shards, run, "--max-steps", "4", "--set", "logging.wandb=true", "--set", "logging.val_every=2",
-          "--set", "logging.val_batches=2", "--set", "loss.sig_mode=weak", "--set", "loss.sig_weight=0.01",
-          "--set", "loss.num_random_keys=8", "--set", "loss.distractor_weight=0.01",
-          "--set", "logging.peak_flops=1e12")
+          "--set", "logging.val_batches=2", *losses_on, "--set", "logging.peak_flops=1e12")
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
@@ -142,7 +144,7 @@ def test_dashboards_and_composite_loss(tiny_shards, tmp_path):
     assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
     assert any(name.startswith("offline-run") for name in os.listdir(run / "wandb"))
     wandb_id = (run / "wandb_id.txt").read_text().strip()
-    train(tiny_shards, run, "--max-steps", "5", "--set", "logging.wandb=true")
+    train(tiny_shards, run, "--max-steps", "5", "--set", "logging.wandb=true", *losses_on)
     assert (run / "wandb_id.txt").read_text().strip() == wandb_id  # same W&B run across resumes
 
 

@@ -297,3 +297,34 @@ def test_bench_ratios_compare_cases_that_differ_in_one_setting():
                      ("polar/nope step", "polar z3 ac=none compile=off"): pytest.approx(2.0),
                      ("ZeRO-3/ZeRO-0 step", "polar z3 ac=none compile=off"): pytest.approx(1.2),
                      ("ZeRO-3/ZeRO-0 step", "nope z3 ac=none compile=off"): pytest.approx(1.2)}
+
+
+# ---------------------------------------------------------------------- error lines
+def test_an_error_every_rank_meets_is_printed_by_rank_0_only(capsys):
+    from pretrain.train import report_error
+
+    for rank in (0, 1):
+        report_error("batch.tokens=500 is not a multiple", rank=rank, world=2, every_rank=True)
+    assert capsys.readouterr().err == "error: batch.tokens=500 is not a multiple\n"
+    # An error of one rank's own (a shard it read) is printed by that rank, which it names.
+    report_error("train-000001.tar: sample 7 is corrupt", rank=1, world=2, every_rank=False)
+    assert capsys.readouterr().err == "error: rank 1: train-000001.tar: sample 7 is corrupt\n"
+
+
+# ---------------------------------------------------------------------- first-run op build
+def test_an_op_not_built_yet_is_announced_before_the_build(tmp_path, monkeypatch, capsys):
+    from pretrain.opbuild import announce_builds, pending_builds
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert pending_builds(["ShareMemCommBuilder"]) == ["ShareMemCommBuilder"]
+    capsys.readouterr()
+    announce_builds(["ShareMemCommBuilder"])
+    assert capsys.readouterr().out == (
+        "[atma] building DeepSpeed's CPU communication op for this machine (one time, about a minute; cached "
+        "under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)\n")
+    # Built once: the cached library is found and nothing is said.
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    assert pending_builds(["ShareMemCommBuilder"]) == []
+    announce_builds(["ShareMemCommBuilder"])
+    assert capsys.readouterr().out == ""

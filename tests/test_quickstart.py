@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -18,7 +19,14 @@ def test_quickstart_produces_every_artifact(tmp_path):
     cmd = [sys.executable, "-m", "launch.quickstart", "--out", str(out), "--steps", "4", "--max-docs", "60",
            "--seq-len", "64", "--vocab-size", "512", "--batch-tokens", "1024", "--micro-batch", "4",
            "--eval-multiples", "1,2", "--trials", "1", "--no-progress"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    with socket.socket() as busy:
+        # DeepSpeed's default rendezvous port is taken (another run on this machine): the quickstart uses a free one.
+        try:
+            busy.bind(("127.0.0.1", 29500))
+            busy.listen()
+        except OSError:
+            pass  # taken by another process already: the same situation
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for step in ("[1/4]", "[2/4]", "[3/4]", "[4/4]"):
         assert step in proc.stdout
