@@ -163,15 +163,17 @@ def test_truncated_shard_is_named_by_verify_and_loader(copy):
 
 def test_corrupt_shard_is_named_by_verify_and_loader(copy):
     path = _shard(copy, 0)
-    record = load_manifest(copy).record_bytes
+    layout = load_manifest(copy).layout
     with open(path, "r+b") as f:
-        f.seek(3 * record + record // 2 + 1)
+        f.seek(3 * layout.record_bytes + layout.tokens_member_offset + 1)
         f.write(b"\x00garbage\x00" * 8)
     _, problems = verify_dataset(load_manifest(copy))
     assert len(problems) == 1 and problems[0].startswith(f"{path}: sha256 ")
     assert problems[0].endswith("; unexpected member '0' where '0000000003.tokens.npy' belongs")
-    with pytest.raises(ShardError, match=f"{path}: sample 3 is not where the manifest says"):
+    with pytest.raises(ShardError) as e:
         _read_all(copy)
+    assert str(e.value) == (f"{path}: sample 3 (train sample 3) is not where manifest.json says (corrupt shard, "
+                            f"or a manifest of other shards); run `python -m data_pipeline verify {copy}`")
 
 
 def test_manifest_that_does_not_match_its_shards(copy):
@@ -182,7 +184,7 @@ def test_manifest_that_does_not_match_its_shards(copy):
     _, problems = verify_dataset(load_manifest(copy))
     assert [p.split(":")[0] for p in problems] == [a, b]
     assert all("unexpected member" in p for p in problems)
-    with pytest.raises(ShardError, match="not where the manifest says"):
+    with pytest.raises(ShardError, match="not where manifest.json says"):
         _read_all(copy)
     with open(os.path.join(copy, "manifest.json"), "w") as f:
         f.write('{\n  "format": "atma-token-shards",\n  "version": 1,\n  oops\n}')
