@@ -119,8 +119,9 @@ def _documents(config) -> list[str]:
     from data_pipeline.sources import resolve_sources
 
     texts = []
-    for mixed in iter_mixed(resolve_sources(config.inputs, config.weights), config):
-        parsed = parse_record(mixed.record.kind, mixed.record.payload, config.text_field)
+    sources = resolve_sources(config.inputs, config.weights, config.text_field)
+    for mixed in iter_mixed(sources, config):
+        parsed = parse_record(mixed.record.kind, mixed.record.payload, sources[mixed.source].text_field)
         if parsed.text is not None:
             texts.append(parsed.text)
     return texts

@@ -91,16 +91,17 @@ def test_empty_source_is_reported_and_strict_fails(tmp_path, caplog):
     empty_dir.mkdir()
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
-        prepare(inputs=[good, str(empty), str(empty_dir)], output=out, **SMALL)
+        prepare(inputs=[good, str(empty), str(empty_dir)], output=out, allow_empty_inputs=True, **SMALL)
     corpus = load_manifest(out).corpus
     assert corpus["skipped"] == {"empty_source": 2}
     assert corpus["num_documents_read"] == 6
     assert [s["skipped"] for s in corpus["sources"]] == [{}, {"empty_source": 1}, {"empty_source": 1}]
     assert f"skipped {empty}: no documents found" in _warnings(caplog)
     with pytest.raises(DataError, match=r"empty\.jsonl: no documents found \(--strict\)"):
-        prepare(inputs=[good, str(empty)], output=str(tmp_path / "s"), strict=True, **SMALL)
+        prepare(inputs=[good, str(empty)], output=str(tmp_path / "s"), strict=True, allow_empty_inputs=True,
+                **SMALL)
     with pytest.raises(DataError, match="no usable"):
-        prepare(inputs=[str(empty)], output=str(tmp_path / "e"), **SMALL)
+        prepare(inputs=[str(empty)], output=str(tmp_path / "e"), allow_empty_inputs=True, **SMALL)
 
 
 def test_truncated_gzip_source_keeps_what_was_readable(tmp_path, caplog):
