@@ -113,15 +113,19 @@ class TokenBatches(IterableDataset):
         positions = positions[positions < end]
         if len(positions) == 0:
             return None
-        out = np.empty((len(positions), self.manifest.seq_len + 1), dtype=self.manifest.layout.dtype)
+        layout = self.reader.layout
+        out = np.empty((len(positions), layout.num_tokens), dtype=layout.dtype)
+        # Rows handed to the reader as slices of one byte view: a numpy row would export its
+        # buffer anew for every read and for every digest.
+        rows, row_bytes = memoryview(out).cast("B"), layout.tokens_data_bytes
         epochs = positions // self.num_samples
-        row = 0
+        offset = 0
         for epoch in np.unique(epochs):
             in_epoch = positions[epochs == epoch] - epoch * self.num_samples
             shards, locals_ = self._order(int(epoch)).locate(in_epoch)
             for shard, local in zip(shards.tolist(), locals_.tolist(), strict=True):
-                self.reader.read_into(shard, local, out[row])
-                row += 1
+                self.reader.read_into(shard, local, rows[offset: offset + row_bytes])
+                offset += row_bytes
         # One range check per batch: far cheaper than one per sample.
         bad = self.reader.id_problem(out)
         if bad is not None:

@@ -70,11 +70,12 @@ class ShardReader:
         if not layout.checksums:
             _notice_unchecked(self.data_dir)
 
-    def read_into(self, shard: int, local: int, out: np.ndarray) -> None:
+    def read_into(self, shard: int, local: int, out) -> None:
         """Read the tokens of sample ``local`` of shard ``shard`` into ``out``.
 
-        ``out`` must be a C-contiguous array of ``seq_len + 1`` items of the layout's dtype (the
-        bytes land in it directly).
+        ``out`` is a writable buffer of exactly ``seq_len + 1`` ids of the layout's dtype: a
+        C-contiguous numpy array, or a byte memoryview of one (cheaper to hand over per sample).
+        The bytes land in it directly.
         """
         layout = self.layout
         offset = local * layout.record_bytes + layout.tokens_member_offset
