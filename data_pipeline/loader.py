@@ -115,24 +115,13 @@ class TokenBatches(IterableDataset):
             return None
         layout = self.reader.layout
         out = np.empty((len(positions), layout.num_tokens), dtype=layout.dtype)
-        # Rows handed to the reader as slices of one byte view: a numpy row would export its
-        # buffer anew for every read and for every digest.
-        rows, row_bytes = memoryview(out).cast("B"), layout.tokens_data_bytes
         epochs = positions // self.num_samples
-        offset = 0
+        places = []
         for epoch in np.unique(epochs):
             in_epoch = positions[epochs == epoch] - epoch * self.num_samples
             shards, locals_ = self._order(int(epoch)).locate(in_epoch)
-            for shard, local in zip(shards.tolist(), locals_.tolist(), strict=True):
-                self.reader.read_into(shard, local, rows[offset: offset + row_bytes])
-                offset += row_bytes
-        # One range check per batch: far cheaper than one per sample.
-        bad = self.reader.id_problem(out)
-        if bad is not None:
-            row, what = bad
-            epoch, in_epoch = divmod(int(positions[row]), self.num_samples)
-            shards, locals_ = self._order(epoch).locate(np.array([in_epoch]))
-            raise self.reader.sample_error(int(shards[0]), int(locals_[0]), what)
+            places += zip(shards.tolist(), locals_.tolist())
+        self.reader.read_rows(places, out)
         return out
 
     def _order(self, epoch: int) -> EpochOrder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -57,39 +58,63 @@ class ShardReader:
         # One read per sample, scattered: the tokens member's tar and .npy headers into a scratch
         # buffer, the ids straight into the caller's array and, when the layout has them, the
         # bytes up to the tokens digest into a scratch buffer and the digest into its own.
+        self._row_bytes = layout.tokens_data_bytes
         self._head = bytearray(TAR_BLOCK + len(layout.tokens_header))
-        self._sizes = [len(self._head), layout.tokens_data_bytes]
-        self._stored_digest = bytearray(DIGEST_BYTES)
-        self._tail: list[bytearray] = []
+        self._sizes = [len(self._head), self._row_bytes]
+        self._gap: list[bytearray] = []
+        self._scratch_tail: list[bytearray] = []
         if layout.checksums:
             gap = layout.mask_digest_offset + DIGEST_BYTES - layout.tokens_offset - layout.tokens_data_bytes
-            self._tail = [bytearray(gap), self._stored_digest]
+            self._gap = [bytearray(gap)]
+            self._scratch_tail = [*self._gap, bytearray(DIGEST_BYTES)]
             self._sizes += [gap, DIGEST_BYTES]
         self._read_bytes = sum(self._sizes)
         self._files: OrderedDict[int, int] = OrderedDict()
         if not layout.checksums:
             _notice_unchecked(self.data_dir)
 
-    def read_into(self, shard: int, local: int, out) -> None:
-        """Read the tokens of sample ``local`` of shard ``shard`` into ``out``.
+    def read_into(self, shard: int, local: int, out: np.ndarray) -> None:
+        """Read and check the tokens of sample ``local`` of shard ``shard`` into ``out`` (seq_len + 1 ids)."""
+        self.read_rows([(shard, local)], out)
 
-        ``out`` is a writable buffer of exactly ``seq_len + 1`` ids of the layout's dtype: a
-        C-contiguous numpy array, or a byte memoryview of one (cheaper to hand over per sample).
-        The bytes land in it directly.
+    def read_rows(self, places: Sequence[tuple[int, int]], out: np.ndarray) -> None:
+        """Read the samples at ``places`` ((shard, local index) each) into the rows of ``out``, then check them.
+
+        ``out`` is a C-contiguous array of ``len(places)`` rows of ``seq_len + 1`` ids of the
+        layout's dtype; the bytes land in it directly. With ``verify``, the rows' digests are
+        computed in one pass over the batch and the ids checked with one reduction.
         """
+        rows, n, count = memoryview(out).cast("B"), self._row_bytes, len(places)
+        views = [rows[i * n: (i + 1) * n] for i in range(count)]
+        if self.verify_digests:
+            digests = bytearray(DIGEST_BYTES * count)
+            stored = memoryview(digests)
+            tails = [[*self._gap, stored[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES]] for i in range(count)]
+        else:
+            tails = [self._scratch_tail] * count
+        for (shard, local), view, tail in zip(places, views, tails):
+            self._read_one(shard, local, [self._head, view, *tail])
+        # All digests of the batch in one pass (map runs in C), compared at once.
+        if self.verify_digests and b"".join(map(digest, views)) != digests:
+            computed = [digest(view) for view in views]
+            i = next(i for i in range(count) if computed[i] != stored[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES])
+            raise self.sample_error(*places[i], f"has token bytes that do not match their {CHECKSUM_NAME} "
+                                    "digest (the shard changed after prepare wrote it)")
+        bad = self.id_problem(out)
+        if bad is not None:
+            raise self.sample_error(*places[bad[0]], bad[1])
+
+    def _read_one(self, shard: int, local: int, buffers: list) -> None:
+        """One sample's scattered read, and the check that its tokens member is where the layout says."""
         layout = self.layout
         offset = local * layout.record_bytes + layout.tokens_member_offset
-        read = _preadv(self._fd(shard), [self._head, out, *self._tail], self._sizes, offset)
-        if read != self._read_bytes:
+        if _preadv(self._fd(shard), buffers, self._sizes, offset) != self._read_bytes:
             raise self.sample_error(shard, local, f"is cut short: the shard ends at byte {self.file_size(shard)}")
         head = self._head
         name = f"{sample_key(self.first_sample[shard] + local)}.{TOKENS_MEMBER}".encode()
         if head[: len(name)] != name or head[len(name)] != 0 or head[TAR_BLOCK:] != layout.tokens_header:
             raise self.sample_error(shard, local, "is not where manifest.json says (corrupt shard, or a "
                                     "manifest of other shards)")
-        if self.verify_digests and self._stored_digest != digest(out):
-            raise self.sample_error(shard, local, f"has token bytes that do not match their {CHECKSUM_NAME} "
-                                    "digest (the shard changed after prepare wrote it)")
 
     def id_problem(self, rows: np.ndarray) -> tuple[int, str] | None:
         """(row, what is wrong) for the first row of ``rows`` (samples as read, or one sample)

@@ -113,6 +113,8 @@ def test_a_field_suffix_is_never_confused_with_a_path_or_a_hub_name(tmp_path):
     assert split_field(colon) == (colon, None)
     assert split_field(f"{colon}:body") == (colon, "body")
     assert split_field(f"{plain}:body") == (plain, "body")
+    both = write_jsonl(f"{plain}:title", ["x"])  # plain.jsonl and plain.jsonl:title both exist
+    assert split_field(both) == (both, None)
     assert split_field("hf:user/corpus") == ("hf:user/corpus", None)
     assert split_field("hf:user/corpus:content") == ("hf:user/corpus", "content")
     assert split_field("builtin:stdlib") == ("builtin:stdlib", None)

@@ -123,9 +123,9 @@ def test_loader_takes_a_loaded_manifest_without_reading_it_again(data_dir, tmp_p
 
 def test_resume_reads_only_what_comes_after_the_saved_position(data_dir, monkeypatch):
     reads = []
-    original = ShardReader.read_into
-    monkeypatch.setattr(ShardReader, "read_into",
-                        lambda self, shard, local, out: reads.append(1) or original(self, shard, local, out))
+    original = ShardReader._read_one
+    monkeypatch.setattr(ShardReader, "_read_one",
+                        lambda self, shard, local, buffers: reads.append(1) or original(self, shard, local, buffers))
     loader = build_loader(data_dir, batch_size=4)
     _stream(loader, 10)
     state = loader.state_dict()
