@@ -137,10 +137,12 @@ def _timed_forward(model, settings: dict, length: int) -> tuple[float, torch.Ten
     return time.perf_counter() - start, model.logits(hidden).float()
 
 
-def _first_forwards(model, model_dir: str, settings: dict, length: int) -> list[tuple[int, float]]:
-    """Warm up, check the logits, and time forwards of `length` and 2 x `length` tokens for the plan.
+def _first_forwards(model, model_dir: str, settings: dict, length: int, longest: int) -> list[tuple[int, float]]:
+    """Warm up, check the logits, and time forwards of `length` and min(4 x `length`, `longest`) tokens.
 
-    The warm-up keeps lazy imports and kernel compilation out of the timing. Raises
+    The warm-up keeps lazy imports and kernel compilation out of the timing; each timing is the
+    faster of two runs, as other load on the machine only ever slows a forward down. A longer
+    forward that runs out of memory is left out (the cells at that length will record it). Raises
     EvaluationError when the logits are not finite: nothing can be measured on such a model.
     """
     with torch.inference_mode():
@@ -150,7 +152,16 @@ def _first_forwards(model, model_dir: str, settings: dict, length: int) -> list[
         except NonFiniteLogitsError as err:
             raise EvaluationError(f"{model_dir}: {err}: the weights are damaged or training diverged; "
                                   "nothing was evaluated") from None
-        return [(n, _timed_forward(model, settings, n)[0]) for n in (length, 2 * length)]
+        measured = [(length, min(_timed_forward(model, settings, length)[0] for _ in range(2)))]
+        longer = min(4 * length, longest)
+        if longer > length:
+            try:
+                measured.append((longer, min(_timed_forward(model, settings, longer)[0] for _ in range(2))))
+            except (RuntimeError, MemoryError) as err:
+                if not (isinstance(err, torch.OutOfMemoryError) or is_cpu_out_of_memory(err)):
+                    raise
+                gc.collect()
+    return measured
 
 
 def _plan(cells: list[Cell], model, prepared: dict, settings: dict, measured: list[tuple[int, float]]) -> dict:
@@ -162,7 +173,7 @@ def _plan(cells: list[Cell], model, prepared: dict, settings: dict, measured: li
         count, forward_length = cell_forwards(cell.kind, cell.length, num_docs=num_docs, trials=settings["trials"],
                                               target_tokens=settings["target_tokens"], value_tokens=value_tokens)
         work.setdefault(cell.length, []).append(Forwards(1, count, forward_length))
-    forward_time = ForwardTime.fit(model.config, *measured)
+    forward_time = ForwardTime.fit(model.config, measured[0], measured[-1])
     estimates = {n: estimate_seconds(forwards, forward_time) for n, forwards in work.items()}
     lines, warning = describe(work, estimates, device=str(settings["device"]), measured=measured)
     for line in lines:
@@ -291,7 +302,7 @@ def run_evaluation(
         "seed": seed, "target_tokens": target_tokens, "window_removed": removed_window,
     }
     cells = _plan_cells(lengths, tasks, haystacks if retrieval_tasks else (), depths, list(prepared["docs"]))
-    measured = _first_forwards(model, model_dir, settings, min(lengths[0], 256))
+    measured = _first_forwards(model, model_dir, settings, min(lengths[0], 256), lengths[-1])
     if notice:
         print(f"notice: {notice}", file=sys.stderr, flush=True)
     plan = _plan(cells, model, prepared, settings, measured)

@@ -56,7 +56,8 @@ class ForwardTime:
 
     @classmethod
     def fit(cls, config, short: tuple[int, float], long: tuple[int, float]) -> ForwardTime:
-        """Fit to two measured (length, seconds) forwards; noise that would give a negative term drops the overhead."""
+        """Fit to two measured (length, seconds) forwards; noise that would give a negative term, or one
+        measurement given twice, leaves out the overhead."""
         (l1, t1), (l2, t2) = short, long
         w1, w2 = l1 * trunk_flops_per_token(config, l1), l2 * trunk_flops_per_token(config, l2)
         per_flop = (t2 - t1) / (w2 - w1) if w2 > w1 else 0.0

@@ -104,7 +104,7 @@ def _failing_above(monkeypatch, length: int, failure) -> None:
 
 @pytest.mark.parametrize("failure", [RuntimeError(CPU_OOM), MemoryError()], ids=["torch allocator", "MemoryError"])
 def test_an_out_of_memory_length_on_the_cpu_is_that_cells_error(exported, tmp_path, capsys, monkeypatch, failure):
-    _failing_above(monkeypatch, 150, failure)
+    _failing_above(monkeypatch, 150, failure)  # the plan's timing forwards (64, 160 tokens) fail as well
     code, out = _run(capsys, exported, tmp_path / "eval", "--lengths", "64,160", *QUICK)
     assert code == 0, out.err
     results = json.load(open(tmp_path / "eval" / "results.json"))
@@ -115,10 +115,12 @@ def test_an_out_of_memory_length_on_the_cpu_is_that_cells_error(exported, tmp_pa
     assert f"- passkey/synthetic L=160 depth=0.5: out of memory ({detail})" in (tmp_path / "eval" / "report.md").read_text()
     assert (tmp_path / "eval" / "retrieval.png").is_file()
     assert out.err.splitlines()[-1].startswith(f"warning: 1 of 2 cells failed, first: out of memory ({detail})")
+    assert out.err.splitlines()[0].startswith("plan: 2 cells at 2 lengths") and "forwards of 64 tokens in " in out.err
+    assert "and 160 tokens" not in out.err
 
 
 def test_non_finite_logits_in_a_cell_are_that_cells_error_and_exit_1(exported, tmp_path, capsys, monkeypatch):
-    _failing_above(monkeypatch, 150, "nan")
+    _failing_above(monkeypatch, 160, "nan")  # the plan's timing forwards (64, 160 tokens) are finite
     code, out = _run(capsys, exported, tmp_path / "eval", "--lengths", "64,160", *QUICK)
     assert code == 1
     results = json.load(open(tmp_path / "eval" / "results.json"))
