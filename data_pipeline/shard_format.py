@@ -7,7 +7,8 @@ split has key ``f"{i:010d}"`` and three members, in this order (the writer sorts
   ``j`` is set when a document starts at ``tokens[j]``.
 * ``KEY.tokens.npy``: ``seq_len + 1`` token ids (uint16 or uint32, little endian).
 * ``KEY.xxh3.npy``: two big-endian uint64, the XXH3-64 digests of the array data (the bytes after
-  the .npy header) of ``doc_mask`` and of ``tokens``, so a reader finds a changed byte in the
+  the .npy header) of ``doc_mask`` and of ``tokens``, each seeded with the sample's index ``i``,
+  so a reader finds a changed byte, or a sample that is not where the manifest puts it, in the
   sample it reads. Shards of manifest format 1 have no such member (``checksums=False``).
 
 Every member has the same name length and payload size, so every sample occupies exactly
@@ -37,8 +38,8 @@ SHARD_SUFFIX = ".tar"
 _DIGEST_DTYPE = np.dtype(">u8")
 
 
-# digest(data) -> bytes: the 8-byte XXH3-64 digest (canonical, big endian) of a bytes-like object.
-# Bound directly (no wrapper) because the loader calls it once per sample.
+# digest(data, seed) -> bytes: the 8-byte XXH3-64 digest (canonical, big endian) of a bytes-like
+# object; the seed is the sample's index. Bound directly (no wrapper): the loader calls it per sample.
 digest = xxhash.xxh3_64_digest
 
 
@@ -167,7 +168,7 @@ class SampleLayout:
             TOKENS_MEMBER: self.tokens_header + tokens_data,
         }
         if self.checksums:
-            sample[CHECKSUM_MEMBER] = self.checksum_header + digest(mask_data) + digest(tokens_data)
+            sample[CHECKSUM_MEMBER] = self.checksum_header + digest(mask_data, index) + digest(tokens_data, index)
         return sample
 
     def _members(self) -> list[tuple[int, str, bytes, int]]:
@@ -210,9 +211,9 @@ class SampleLayout:
         view = memoryview(record)
         mask_start = TAR_BLOCK + len(self.mask_header)
         stored = record[self.mask_digest_offset: self.mask_digest_offset + 2 * DIGEST_BYTES]
-        if digest(view[mask_start: mask_start + self.mask_bytes]) != stored[:DIGEST_BYTES]:
+        if digest(view[mask_start: mask_start + self.mask_bytes], index) != stored[:DIGEST_BYTES]:
             return f"{sample_key(index)}.{MASK_MEMBER}: does not match its {CHECKSUM_NAME} digest"
-        if digest(view[self.tokens_offset: self.tokens_offset + self.tokens_data_bytes]) != stored[DIGEST_BYTES:]:
+        if digest(view[self.tokens_offset: self.tokens_offset + self.tokens_data_bytes], index) != stored[DIGEST_BYTES:]:
             return f"{sample_key(index)}.{TOKENS_MEMBER}: does not match its {CHECKSUM_NAME} digest"
         return None
 

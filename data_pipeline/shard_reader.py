@@ -55,18 +55,18 @@ class ShardReader:
         layout = self.layout
         self.verify_digests = verify and layout.checksums
         self.vocab_size = manifest.vocab_size if verify else None
+        self._first = [int(s.first_sample) for s in info.shards]
         # One read per sample, scattered: the tokens member's tar and .npy headers into a scratch
         # buffer, the ids straight into the caller's array and, when the layout has them, the
         # bytes up to the tokens digest into a scratch buffer and the digest into its own.
         self._row_bytes = layout.tokens_data_bytes
         self._head = bytearray(TAR_BLOCK + len(layout.tokens_header))
+        self._stored_digest = bytearray(DIGEST_BYTES)
         self._sizes = [len(self._head), self._row_bytes]
-        self._gap: list[bytearray] = []
-        self._scratch_tail: list[bytearray] = []
+        self._tail: list[bytearray] = []
         if layout.checksums:
             gap = layout.mask_digest_offset + DIGEST_BYTES - layout.tokens_offset - layout.tokens_data_bytes
-            self._gap = [bytearray(gap)]
-            self._scratch_tail = [*self._gap, bytearray(DIGEST_BYTES)]
+            self._tail = [bytearray(gap), self._stored_digest]
             self._sizes += [gap, DIGEST_BYTES]
         self._read_bytes = sum(self._sizes)
         self._files: OrderedDict[int, int] = OrderedDict()
@@ -78,43 +78,31 @@ class ShardReader:
         self.read_rows([(shard, local)], out)
 
     def read_rows(self, places: Sequence[tuple[int, int]], out: np.ndarray) -> None:
-        """Read the samples at ``places`` ((shard, local index) each) into the rows of ``out``, then check them.
+        """Read and check the samples at ``places`` ((shard, local index) each) into the rows of ``out``.
 
         ``out`` is a C-contiguous array of ``len(places)`` rows of ``seq_len + 1`` ids of the
-        layout's dtype; the bytes land in it directly. With ``verify``, the rows' digests are
-        computed in one pass over the batch and the ids checked with one reduction.
+        layout's dtype; the bytes land in it directly. Each sample's tar member name and .npy header
+        are checked, then its digest (seeded with the sample's index, so it also fails for a sample
+        read from the wrong place). The ids of all rows are then checked with one reduction.
         """
-        rows, n, count = memoryview(out).cast("B"), self._row_bytes, len(places)
-        views = [rows[i * n: (i + 1) * n] for i in range(count)]
-        if self.verify_digests:
-            digests = bytearray(DIGEST_BYTES * count)
-            stored = memoryview(digests)
-            tails = [[*self._gap, stored[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES]] for i in range(count)]
-        else:
-            tails = [self._scratch_tail] * count
-        for (shard, local), view, tail in zip(places, views, tails):
-            self._read_one(shard, local, [self._head, view, *tail])
-        # All digests of the batch in one pass (map runs in C), compared at once.
-        if self.verify_digests and b"".join(map(digest, views)) != digests:
-            computed = [digest(view) for view in views]
-            i = next(i for i in range(count) if computed[i] != stored[i * DIGEST_BYTES: (i + 1) * DIGEST_BYTES])
-            raise self.sample_error(*places[i], f"has token bytes that do not match their {CHECKSUM_NAME} "
-                                    "digest (the shard changed after prepare wrote it)")
+        rows, n = memoryview(out).cast("B"), self._row_bytes
+        head, header, stored = self._head, self.layout.tokens_header, self._stored_digest
+        record, member = self.layout.record_bytes, self.layout.tokens_member_offset
+        for i, (shard, local) in enumerate(places):
+            view = rows[i * n: (i + 1) * n]
+            index = self._first[shard] + local
+            if _preadv(self._fd(shard), [head, view, *self._tail], self._sizes,
+                       local * record + member) != self._read_bytes:
+                raise self.sample_error(shard, local, f"is cut short: the shard ends at byte {self.file_size(shard)}")
+            if head[TAR_BLOCK:] != header or not _named(head, index):
+                raise self.sample_error(shard, local, "is not where manifest.json says (corrupt shard, or a "
+                                        "manifest of other shards)")
+            if self.verify_digests and stored != digest(view, index):
+                raise self.sample_error(shard, local, f"has token bytes that do not match their {CHECKSUM_NAME} "
+                                        "digest (the shard changed after prepare wrote it)")
         bad = self.id_problem(out)
         if bad is not None:
             raise self.sample_error(*places[bad[0]], bad[1])
-
-    def _read_one(self, shard: int, local: int, buffers: list) -> None:
-        """One sample's scattered read, and the check that its tokens member is where the layout says."""
-        layout = self.layout
-        offset = local * layout.record_bytes + layout.tokens_member_offset
-        if _preadv(self._fd(shard), buffers, self._sizes, offset) != self._read_bytes:
-            raise self.sample_error(shard, local, f"is cut short: the shard ends at byte {self.file_size(shard)}")
-        head = self._head
-        name = f"{sample_key(self.first_sample[shard] + local)}.{TOKENS_MEMBER}".encode()
-        if head[: len(name)] != name or head[len(name)] != 0 or head[TAR_BLOCK:] != layout.tokens_header:
-            raise self.sample_error(shard, local, "is not where manifest.json says (corrupt shard, or a "
-                                    "manifest of other shards)")
 
     def id_problem(self, rows: np.ndarray) -> tuple[int, str] | None:
         """(row, what is wrong) for the first row of ``rows`` (samples as read, or one sample)
@@ -189,6 +177,12 @@ class ShardReader:
     def __del__(self):
         if "_files" in self.__dict__:
             self.close()
+
+
+def _named(head: bytearray, index: int) -> bool:
+    """Whether a tokens member's tar header (``head``) names sample ``index`` of the split."""
+    name = f"{sample_key(index)}.{TOKENS_MEMBER}".encode()
+    return head[: len(name)] == name and head[len(name)] == 0
 
 
 def _preadv(fd: int, buffers: list, sizes: list[int], offset: int) -> int:

@@ -110,5 +110,5 @@ def write_tokens(data_dir: str, split: str, index: int, position: int, values, *
             f.seek(start + layout.tokens_offset)
             data = f.read(layout.num_tokens * layout.dtype.itemsize)
             f.seek(start + layout.mask_digest_offset + 8)
-            f.write(xxhash.xxh3_64_digest(data))
+            f.write(xxhash.xxh3_64_digest(data, index))
     return path
