@@ -3,7 +3,9 @@
 All figures come from one run on one corpus. Baseline and prepare runs alternate round by
 round, so slow periods on a shared machine hit both; each ratio is taken within a round and
 the median over rounds is reported. The baseline runs in a fresh process per measurement with
-``RAYON_NUM_THREADS`` set to the same core budget as the prepare run it is compared with.
+``RAYON_NUM_THREADS`` set to the same core budget as the prepare run it is compared with. The
+loader is timed the same way: with and without its per-sample checks (digest and token ids),
+alternating within each round, so the cost of the checks is a ratio from one run.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import tempfile
 import time
 
 from data_pipeline.config import BUILTIN_CORPUS, DEFAULT_VOCAB_SIZE
+
+_WARMUP_BATCHES = 10
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,7 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loader-workers", nargs="+", type=int, default=[0, 2], metavar="K",
                    help="DataLoader worker counts to measure (default 0 2)")
     p.add_argument("--loader-seconds", type=float, default=3.0, metavar="S",
-                   help="seconds to time the loader for, after warm-up (default 3)")
+                   help="seconds to time each loader (with and without its per-sample checks) for, "
+                        "after warm-up (default 3)")
+    p.add_argument("--loader-rounds", type=int, default=10, metavar="R",
+                   help="slices the loader timing is cut into, checked and unchecked taking turns "
+                        "(default 10)")
+    p.add_argument("--loader-only", action="store_true",
+                   help="measure only (c), the loader with and without its per-sample checks, on "
+                        "shards prepared once with the largest --workers")
     p.add_argument("--work-dir", metavar="DIR",
                    help="keep the tokenizer and shards here (default: a temporary directory)")
     p.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
@@ -87,14 +98,17 @@ def _measure(args, work: str) -> dict:
     with open(tokenizer_path, "w", encoding="utf-8") as f:
         f.write(info.json_text)
     figures["tokenizer"] = info.origin
-    texts_path = os.path.join(work, "texts.pkl")
-    with open(texts_path, "wb") as f:
-        pickle.dump(texts, f, protocol=pickle.HIGHEST_PROTOCOL)
-    figures["budgets"] = {}
-    for n in args.workers:
-        figures["budgets"][str(n)] = _budget(args, n, texts_path, tokenizer_path, work)
     prepared = os.path.join(work, f"prepare-{args.workers[-1]}")
-    figures["loader"] = {str(k): _loader_rate(prepared, args, k) for k in args.loader_workers}
+    figures["budgets"] = {}
+    if args.loader_only:
+        _prepare_once(args, args.workers[-1], tokenizer_path, prepared)
+    else:
+        texts_path = os.path.join(work, "texts.pkl")
+        with open(texts_path, "wb") as f:
+            pickle.dump(texts, f, protocol=pickle.HIGHEST_PROTOCOL)
+        for n in args.workers:
+            figures["budgets"][str(n)] = _budget(args, n, texts_path, tokenizer_path, work)
+    figures["loader"] = {str(k): _loader_checks(prepared, args, k) for k in args.loader_workers}
     return figures
 
 
@@ -105,8 +119,9 @@ def _documents(config) -> list[str]:
     from data_pipeline.sources import resolve_sources
 
     texts = []
-    for mixed in iter_mixed(resolve_sources(config.inputs, config.weights), config):
-        parsed = parse_record(mixed.record.kind, mixed.record.payload, config.text_field)
+    sources = resolve_sources(config.inputs, config.weights, config.text_field)
+    for mixed in iter_mixed(sources, config):
+        parsed = parse_record(mixed.record.kind, mixed.record.payload, sources[mixed.source].text_field)
         if parsed.text is not None:
             texts.append(parsed.text)
     return texts
@@ -204,24 +219,49 @@ def _encode_child(texts_path: str, tokenizer_path: str, fast: bool, queue) -> No
     queue.put({"rate": num_tokens / wall, "cpu": cpu, "per_cpu_second": num_tokens / cpu})
 
 
-def _loader_rate(data_dir: str, args, num_workers: int) -> dict:
-    """Tokens/s delivered to one rank, timed after a warm-up that includes worker start."""
+def _loader_checks(data_dir: str, args, num_workers: int) -> dict:
+    """Loader tokens/s with and without the per-sample checks, timed in alternating slices.
+
+    Both loaders run side by side (workers started and warm) and take turns for
+    ``--loader-seconds / --loader-rounds`` each, so load from elsewhere on the machine hits
+    both; the cost is taken per round and its median reported.
+    """
     from data_pipeline.loader import build_loader
 
-    loader = build_loader(data_dir, batch_size=args.batch_size, num_workers=num_workers,
-                          num_epochs=None, shuffle=True)
-    num_tokens, started, warm = 0, 0.0, 0
-    for batch in loader:
-        if warm < 10:
-            warm += 1
-            started = time.perf_counter()
-            continue
-        num_tokens += batch["input_ids"].numel()
-        if time.perf_counter() - started >= args.loader_seconds:
+    streams = {}
+    for verify in (True, False):
+        loader = build_loader(data_dir, batch_size=args.batch_size, num_workers=num_workers,
+                              num_epochs=None, shuffle=True, verify=verify)
+        streams[verify] = iter(loader)
+        for _ in range(_WARMUP_BATCHES):
+            next(streams[verify])
+    seconds = args.loader_seconds / args.loader_rounds
+    rounds = []
+    for r in range(args.loader_rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        timed = {verify: _timed_slice(streams[verify], seconds) for verify in order}
+        checked, unchecked = timed[True], timed[False]
+        rounds.append({"checked": checked["rate"], "unchecked": unchecked["rate"],
+                       "cost": 1.0 - checked["rate"] / unchecked["rate"],
+                       "cpu_cost": 1.0 - checked["per_cpu_second"] / unchecked["per_cpu_second"]})
+    del streams  # stops the DataLoader workers
+    keys = ("checked", "unchecked", "cost", "cpu_cost")
+    figures = {"rounds": rounds, **{k: _spread([r[k] for r in rounds]) for k in keys}}
+    return {**figures, "tokens_per_s": figures["checked"]["median"], "batch_size": args.batch_size,
+            "seq_len": args.seq_len, "seconds": args.loader_seconds}
+
+
+def _timed_slice(stream, seconds: float) -> dict:
+    """Tokens/s of ``stream`` over about ``seconds``, by wall time and by this process's CPU time."""
+    num_tokens = 0
+    wall, cpu = time.perf_counter(), time.process_time()
+    while True:
+        num_tokens += next(stream)["input_ids"].numel()
+        elapsed = time.perf_counter() - wall
+        if elapsed >= seconds:
             break
-    seconds = time.perf_counter() - started
-    return {"tokens_per_s": num_tokens / seconds, "batch_size": args.batch_size,
-            "seq_len": args.seq_len, "seconds": seconds}
+    cpu = max(time.process_time() - cpu, 1e-9)
+    return {"rate": num_tokens / elapsed, "per_cpu_second": num_tokens / cpu}
 
 
 def report(figures: dict) -> list[str]:
@@ -248,8 +288,18 @@ def report(figures: dict) -> list[str]:
         ]
     for k, run in figures["loader"].items():
         rate = run["tokens_per_s"]
-        lines.append(f"  (c) loader, {k} DataLoader workers, batch {run['batch_size']}x{run['seq_len']}: "
-                     f"{rate / 1e6:.1f}M tokens/s = {rate / best_base:.0f}x (a)")
+        versus = f" = {rate / best_base:.0f}x (a)" if best_base else ""
+        per_round = ", ".join(f"{100 * r['cost']:.1f}" for r in run["rounds"])
+        lines += [
+            f"  (c) loader, {k} DataLoader workers, batch {run['batch_size']}x{run['seq_len']}: "
+            f"{rate / 1e6:.1f}M tokens/s{versus}",
+            f"      without the per-sample checks (digest, token ids): {run['unchecked']['median'] / 1e6:.1f}M "
+            f"tokens/s; cost of the checks: median {100 * run['cost']['median']:.1f}% "
+            f"(per round, %: {per_round})",
+        ]
+        if k == "0":
+            lines.append(f"      cost per CPU-second of the training process: median "
+                         f"{100 * run['cpu_cost']['median']:.1f}%")
     return lines
 
 

@@ -36,11 +36,14 @@ def _add_prepare(commands) -> None:
         description="Read corpora, tokenize them, pack fixed-length samples and write "
                     "train-*.tar / val-*.tar shards, manifest.json and tokenizer.json. "
                     "An interrupted run resumes when started again with the same arguments.")
-    p.add_argument("--input", nargs="+", default=[], metavar="PATH",
+    p.add_argument("--input", nargs="+", default=[], metavar="PATH[:FIELD]",
                    help="files (.txt/.md: one document each; .jsonl[.gz]; .parquet), directories "
                         "(walked recursively), datasets saved with `datasets`, or hf:NAME for a "
-                        f"hub dataset; default: {BUILTIN_CORPUS}, this Python's standard library "
-                        "sources (no download)")
+                        "hub dataset. A :FIELD suffix names that input's text field or column "
+                        "(man.jsonl:body info.parquet:content hf:user/name:content); a path that "
+                        "exists as written is never split. An input that yields no documents stops "
+                        "the run (see --allow-empty-inputs). Default: "
+                        f"{BUILTIN_CORPUS}, this Python's standard library sources (no download)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W",
                    help="one weight per --input: how many times each of its documents is used "
                         "on average (2 doubles a source, 0.5 keeps half of it); default 1 each")
@@ -66,7 +69,11 @@ def _add_prepare(commands) -> None:
     p.add_argument("--shard-mb", type=float, default=256.0, metavar="MB",
                    help="target shard size in MiB (default 256)")
     p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="JSON field / parquet or dataset column holding the text (default: text)")
+                   help="JSON field / parquet or dataset column holding the text, for every input "
+                        "without its own :FIELD (default: text)")
+    p.add_argument("--allow-empty-inputs", action="store_true",
+                   help="go on, with a warning, when an input yields no documents (by default that "
+                        "stops the run before any work, naming the input and why)")
     p.add_argument("--text-extensions", nargs="+", default=[".txt", ".md"], metavar="EXT",
                    help="file endings read as text documents inside directories (default .txt .md)")
     p.add_argument("--max-docs", type=int, metavar="N",
@@ -123,6 +130,7 @@ def _cmd_prepare(args) -> int:
         tokenizer=args.tokenizer, vocab_size=args.vocab_size, eos_token=args.eos_token,
         val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
         strict=args.strict, shard_mb=args.shard_mb, text_field=args.text_field,
+        allow_empty_inputs=args.allow_empty_inputs,
         text_extensions=tuple(args.text_extensions), max_docs=args.max_docs,
         tokenizer_train_docs=args.tokenizer_train_docs, hf_split=args.hf_split,
         hf_config=args.hf_config, overwrite=args.overwrite, progress=not args.quiet)

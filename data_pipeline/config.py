@@ -23,7 +23,9 @@ class PrepareConfig:
     """Tokens per training sample; every stored sample holds seq_len + 1 token ids."""
 
     inputs: list[str] = field(default_factory=list)
-    """Corpus sources: files, directories, saved datasets, ``hf:NAME``; empty means the built-in corpus."""
+    """Corpus sources: files, directories, saved datasets, ``hf:NAME``; empty means the built-in corpus.
+
+    An input names its own text field with a ``:FIELD`` suffix (``man.jsonl:body``)."""
 
     weights: list[float] | None = None
     """Per-input weight: expected number of times each document is used (2.0 doubles, 0.5 halves)."""
@@ -53,7 +55,11 @@ class PrepareConfig:
     """Target shard size in MiB; every shard but the last of a split has the same sample count."""
 
     text_field: str = "text"
-    """Field (JSON lines) or column (parquet, datasets) that holds the document text."""
+    """Field (JSON lines) or column (parquet, datasets) that holds the document text, for every
+    input that does not name its own."""
+
+    allow_empty_inputs: bool = False
+    """Go on (with a warning) when an input yields no documents, instead of stopping."""
 
     text_extensions: tuple[str, ...] = (".txt", ".md")
     """File name endings read as one-document-per-file text inside input directories."""

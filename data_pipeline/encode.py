@@ -20,11 +20,13 @@ _state: dict = {}
 
 
 class Job(NamedTuple):
-    """One record to parse; ``tokenize`` is False for documents already in finished shards."""
+    """One record to parse with its input's text field; ``tokenize`` is False for documents
+    already in finished shards."""
 
     kind: str
     payload: object
     tokenize: bool
+    text_field: str
 
 
 class ChunkResult(NamedTuple):
@@ -36,16 +38,15 @@ class ChunkResult(NamedTuple):
     tokens: np.ndarray
 
 
-def init_worker(tokenizer: TokenizerInfo, dtype: str, text_field: str) -> None:
+def init_worker(tokenizer: TokenizerInfo, dtype: str) -> None:
     """Process initializer: one tokenizer per process, encoding on this process's thread only."""
     os.environ[_PARALLELISM_ENV] = "false"
-    load_state(tokenizer, dtype, text_field)
+    load_state(tokenizer, dtype)
 
 
-def load_state(tokenizer: TokenizerInfo, dtype: str, text_field: str) -> None:
+def load_state(tokenizer: TokenizerInfo, dtype: str) -> None:
     """Set up the tokenizer used by ``encode_chunk`` in this process."""
-    _state.update(tokenizer=tokenizer.build(), eos_id=tokenizer.eos_id,
-                  dtype=np.dtype(dtype), text_field=text_field)
+    _state.update(tokenizer=tokenizer.build(), eos_id=tokenizer.eos_id, dtype=np.dtype(dtype))
 
 
 @contextlib.contextmanager
@@ -64,10 +65,9 @@ def serial_tokenizers():
 
 def encode_chunk(jobs: list[Job]) -> ChunkResult:
     """Parse every job, encode those to tokenize, and append EOS to each document."""
-    text_field = _state["text_field"]
     reasons, messages, texts, slots = [], [], [], []
     for i, job in enumerate(jobs):
-        parsed = parse_record(job.kind, job.payload, text_field)
+        parsed = parse_record(job.kind, job.payload, job.text_field)
         reasons.append(parsed.reason)
         messages.append(parsed.message)
         if parsed.text is not None and job.tokenize:

@@ -8,6 +8,9 @@ by random access, so nothing before the resume point is ever read again.
 
 The resumable state is one number, the global position of the next batch. It is the same on
 every rank, so it survives checkpoints that keep only one rank's client state.
+
+Every sample is checked as it is read (its stored digest, and its token ids against the
+manifest's vocabulary); a failure is one ``ShardError`` line, also when a worker process hit it.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class TokenBatches(IterableDataset):
 
     def __init__(self, dataset: str | os.PathLike | Manifest, *, split: str, batch_size: int, rank: int, world_size: int,
                  seed: int, shuffle: bool, shuffle_window: int, num_epochs: int | None,
-                 drop_last: bool):
+                 drop_last: bool, verify: bool = True):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank must be in [0, world_size), got rank={rank} world_size={world_size}")
         if batch_size < 1 or shuffle_window < 1:
@@ -49,7 +52,7 @@ class TokenBatches(IterableDataset):
             raise DataError(f"num_epochs must be at least 1 (or None for no end), got {num_epochs}")
         self.manifest = as_manifest(dataset)
         self.split = split
-        self.reader = ShardReader(self.manifest, split)
+        self.reader = ShardReader(self.manifest, split, verify=verify)
         self.num_samples = self.manifest.num_samples(split)
         if self.num_samples == 0:
             raise DataError(f"{self.manifest.data_dir}: split {split!r} has no samples")
@@ -94,6 +97,12 @@ class TokenBatches(IterableDataset):
                     return
                 yield batch_tokens
                 batch += num_workers
+        except DataError as err:
+            if info is None:
+                raise
+            # The DataLoader would re-raise it with the worker's traceback inside the message;
+            # TokenLoader raises it in the training process as the one line it is.
+            yield err
         finally:
             self.reader.close()
 
@@ -104,15 +113,15 @@ class TokenBatches(IterableDataset):
         positions = positions[positions < end]
         if len(positions) == 0:
             return None
-        out = np.empty((len(positions), self.manifest.seq_len + 1), dtype=self.manifest.layout.dtype)
+        layout = self.reader.layout
+        out = np.empty((len(positions), layout.num_tokens), dtype=layout.dtype)
         epochs = positions // self.num_samples
-        row = 0
+        places = []
         for epoch in np.unique(epochs):
             in_epoch = positions[epochs == epoch] - epoch * self.num_samples
             shards, locals_ = self._order(int(epoch)).locate(in_epoch)
-            for shard, local in zip(shards.tolist(), locals_.tolist(), strict=True):
-                self.reader.read_into(shard, local, out[row])
-                row += 1
+            places += zip(shards.tolist(), locals_.tolist())
+        self.reader.read_rows(places, out)
         return out
 
     def _order(self, epoch: int) -> EpochOrder:
@@ -170,6 +179,8 @@ class TokenLoader:
         self.dataset.start = start
         end = self.dataset.end(start)
         for j, tokens in enumerate(self._loader):
+            if isinstance(tokens, DataError):
+                raise tokens
             self.position = int(min(start + (j + 1) * self.dataset.global_batch, end))
             yield to_tensors(tokens, self.pin_memory)
 
@@ -221,7 +232,8 @@ def build_loader(dataset: str | os.PathLike | Manifest, *, split: str = "train",
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  drop_last: bool = True, num_epochs: int | None = None,
                  shuffle_window: int = DEFAULT_SHUFFLE_WINDOW, pin_memory: bool = False,
-                 prefetch_factor: int | None = None, multiprocessing_context=None) -> TokenLoader:
+                 prefetch_factor: int | None = None, multiprocessing_context=None,
+                 verify: bool = True) -> TokenLoader:
     """A resumable loader of ``{"input_ids", "labels"}`` int64 ``(batch_size, seq_len)`` batches.
 
     Args:
@@ -236,11 +248,14 @@ def build_loader(dataset: str | os.PathLike | Manifest, *, split: str = "train",
             the same number of batches; if False the last batches may be shorter or missing
             on some ranks.
         num_epochs: passes over the split; None cycles forever (reshuffled every epoch).
+        verify: check every sample as it is read: its stored digest and its token ids against
+            the manifest's vocabulary (ShardError naming shard, sample and ``verify``). Only the
+            loader benchmark turns it off, to measure what the checks cost.
     """
     batches = TokenBatches(dataset, split=split, batch_size=batch_size, rank=rank,
                            world_size=world_size, seed=seed, shuffle=shuffle,
                            shuffle_window=shuffle_window, num_epochs=num_epochs,
-                           drop_last=drop_last)
+                           drop_last=drop_last, verify=verify)
     return TokenLoader(batches, num_workers=num_workers, pin_memory=pin_memory,
                        prefetch_factor=prefetch_factor,
                        multiprocessing_context=multiprocessing_context)

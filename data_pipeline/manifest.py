@@ -13,7 +13,9 @@ from data_pipeline.shard_format import SampleLayout
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_NAME = "atma-token-shards"
-FORMAT_VERSION = 1
+# Version 2 added the per-sample checksum member; version 1 shards are still read (unchecked).
+FORMAT_VERSION = 2
+UNCHECKED_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,10 @@ class SplitInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A prepared dataset's description; ``data_dir`` is where it was loaded from."""
+    """A prepared dataset's description; ``data_dir`` is where it was loaded from.
+
+    ``checksums`` is False for a dataset of manifest format 1, whose samples carry no digests.
+    """
 
     seq_len: int
     dtype: str
@@ -58,6 +63,7 @@ class Manifest:
     corpus: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     data_dir: str = ""
+    checksums: bool = True
 
     @property
     def tokenizer_path(self) -> str:
@@ -67,7 +73,7 @@ class Manifest:
     @property
     def layout(self) -> SampleLayout:
         """The byte layout of this dataset's samples."""
-        return SampleLayout(self.seq_len, np.dtype(self.dtype))
+        return SampleLayout(self.seq_len, np.dtype(self.dtype), checksums=self.checksums)
 
     def split(self, name: str) -> SplitInfo:
         """One split's info; raises DataError naming the known splits."""
@@ -91,7 +97,7 @@ class Manifest:
         """The JSON form written to manifest.json."""
         return {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": FORMAT_VERSION if self.checksums else UNCHECKED_VERSION,
             "seq_len": self.seq_len,
             "sample_tokens": self.seq_len + 1,
             "dtype": self.dtype,
@@ -121,7 +127,7 @@ class Manifest:
             samples_per_shard=d["layout"]["samples_per_shard"],
             record_bytes=d["layout"]["record_bytes"],
             splits=splits, corpus=d.get("corpus", {}), settings=d.get("settings", {}),
-            data_dir=os.path.abspath(data_dir),
+            data_dir=os.path.abspath(data_dir), checksums=d.get("version", FORMAT_VERSION) != UNCHECKED_VERSION,
         )
 
 
@@ -137,8 +143,9 @@ def load_manifest(data_dir: str) -> Manifest:
         raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise DataError(f"{path}: not a {FORMAT_NAME} manifest")
-    if raw.get("version") != FORMAT_VERSION:
-        raise DataError(f"{path}: format version {raw.get('version')}, this reader knows {FORMAT_VERSION}")
+    if raw.get("version") not in (UNCHECKED_VERSION, FORMAT_VERSION):
+        raise DataError(f"{path}: format version {raw.get('version')}, this reader knows "
+                        f"{UNCHECKED_VERSION} and {FORMAT_VERSION}")
     try:
         manifest = Manifest.from_dict(raw, data_dir)
     except (KeyError, TypeError) as e:

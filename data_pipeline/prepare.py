@@ -26,6 +26,7 @@ from data_pipeline.manifest import MANIFEST_FILE, Manifest, SplitInfo, write_jso
 from data_pipeline.mixing import SPLITS, TRAIN, iter_mixed, split_of
 from data_pipeline.output_dir import open_output
 from data_pipeline.pack import Packer
+from data_pipeline.probe import EMPTY_INPUT_HINT, empty_inputs, no_documents, rereadable
 from data_pipeline.records import parse_record
 from data_pipeline.shard_format import SampleLayout, token_dtype
 from data_pipeline.shard_writer import TMP_SUFFIX, SplitWriter
@@ -46,7 +47,7 @@ log = logging.getLogger("data_pipeline")
 _CHUNK_RECORDS = 256
 _CHUNK_BYTES = 1 << 18  # small enough that the last chunks balance across workers
 # Settings that change how a run executes but not a byte of what it writes.
-_EXECUTION_ONLY = ("output", "workers", "strict", "overwrite", "progress")
+_EXECUTION_ONLY = ("output", "workers", "strict", "overwrite", "progress", "allow_empty_inputs")
 
 
 class PrepareResult(NamedTuple):
@@ -74,8 +75,9 @@ def prepare(**settings) -> PrepareResult:
 def run_prepare(config: PrepareConfig) -> PrepareResult:
     """Run (or resume) a prepare; returns the manifest it wrote and its throughput figures."""
     started = time.perf_counter()
-    sources = resolve_sources(config.inputs, config.weights)
-    settings = _settings(config)
+    sources = resolve_sources(config.inputs, config.weights, config.text_field)
+    _check_inputs(sources, config)
+    settings = _settings(config, sources)
     given = load_tokenizer(config.tokenizer, config.eos_token) if config.tokenizer else None
     journal = open_output(config.output, settings, config.overwrite)
     tokenizer = given or _trained_tokenizer(config, sources, journal)
@@ -88,10 +90,17 @@ def run_prepare(config: PrepareConfig) -> PrepareResult:
     return PrepareResult(manifest, run.num_encoded, time.perf_counter() - started)
 
 
-def _settings(config: PrepareConfig) -> dict:
+def _check_inputs(sources: list[Source], config: PrepareConfig) -> None:
+    """Stop (or, when allowed, warn) for every input that yields no documents, before any work."""
+    for source, why in empty_inputs(sources, config):
+        if not config.allow_empty_inputs:
+            raise DataError(f"{source.spec}: yields no documents: {why}; {EMPTY_INPUT_HINT}")
+        log.warning("%s: yields no documents: %s (--allow-empty-inputs)", source.spec, why)
+
+
+def _settings(config: PrepareConfig, sources: list[Source]) -> dict:
     settings = {k: v for k, v in config.to_dict().items() if k not in _EXECUTION_ONLY}
-    settings["inputs"] = [p if ":" in p and not os.path.exists(p) else os.path.abspath(p)
-                          for p in config.inputs]
+    settings["inputs"] = [source.setting for source in sources]
     settings["text_extensions"] = list(config.text_extensions)
     if config.tokenizer and os.path.exists(config.tokenizer):
         settings["tokenizer"] = os.path.abspath(config.tokenizer)
@@ -126,7 +135,7 @@ def _training_texts(config: PrepareConfig, sources: list[Source]) -> Iterator[st
     count = 0
     for mixed in iter_mixed(sources, config):
         record = mixed.record
-        parsed = parse_record(record.kind, record.payload, config.text_field)
+        parsed = parse_record(record.kind, record.payload, sources[mixed.source].text_field)
         if parsed.text is None:
             if config.strict and mixed.first_pass:
                 raise DataError(f"{record.origin}: {parsed.message} (--strict)")
@@ -182,7 +191,7 @@ class _Run:
                 results = ordered_map(
                     encode_chunk, self._chunks(metas), workers=self.config.workers,
                     initializer=init_worker,
-                    initargs=(self.tokenizer, self.layout.dtype.str, self.config.text_field))
+                    initargs=(self.tokenizer, self.layout.dtype.str))
                 with contextlib.closing(results):
                     self._consume_all(results, metas, bar, started)
             for split in SPLITS:
@@ -196,9 +205,20 @@ class _Run:
             raise
         finally:
             bar.close()
+        self._check_contributions()
         if self.stats.num_used == 0:
             raise DataError("no usable documents in the inputs "
                             f"(skipped: {dict(self.stats.skipped_total)})")
+
+    def _check_contributions(self) -> None:
+        """Every input gave documents; catches the pipes ``_check_inputs`` could not read ahead."""
+        for source, stats in zip(self.sources, self.stats.sources, strict=True):
+            if stats.num_used > 0 or rereadable(source):
+                continue
+            line = f"{source.spec}: yields no documents: {no_documents(source, stats)}"
+            if not self.config.allow_empty_inputs:
+                raise DataError(f"{line}; {EMPTY_INPUT_HINT}")
+            log.warning("%s (--allow-empty-inputs)", line)
 
     def _consume_all(self, results, metas: deque, bar, started: float) -> None:
         for result in results:
@@ -215,7 +235,7 @@ class _Run:
             split = split_of(record.key, self.config.val_fraction, self.config.seed)
             cursor = self.starts[split].cursor
             tokenize = cursor is None or mixed.index >= cursor.doc
-            jobs.append(Job(record.kind, record.payload, tokenize))
+            jobs.append(Job(record.kind, record.payload, tokenize, self.sources[mixed.source].text_field))
             chunk_metas.append(_Meta(mixed.index, mixed.source, mixed.first_pass, record.origin,
                                      split, record.kind != "problem"))
             size += len(record.payload) if isinstance(record.payload, (bytes, str)) else 64

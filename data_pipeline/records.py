@@ -34,6 +34,8 @@ def parse_record(kind: str, payload: object, text_field: str) -> Parsed:
     if kind == "problem":
         reason, message = payload
         return Parsed(None, reason, message)
+    if kind == "missing":
+        return Parsed(None, MISSING_FIELD, f"no column '{payload}'")
     try:
         if kind == "text":
             value = _decode(payload)

@@ -3,6 +3,10 @@
 A reader only reads; it never decodes or validates text (that happens in ``records.py``, inside
 the tokenizer workers). Every record names where it came from (``origin``, used in messages) and
 carries a stable ``key`` (used to hash documents into splits), both independent of the machine.
+
+An input names its own text field with a ``:FIELD`` suffix (``man.jsonl:body``,
+``hf:user/name:content``); without one the global ``--text-field`` applies. A path that exists
+as written is always a path, even when it holds a colon.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import gzip
 import os
 import sysconfig
+import urllib.error
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +27,9 @@ from data_pipeline.errors import DataError, one_line
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
 HF_PREFIX = "hf:"
+FIELD_SEPARATOR = ":"
+# Seconds to wait for the Hugging Face hub to answer before calling it unreachable.
+HUB_TIMEOUT_S = 5.0
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -35,32 +44,83 @@ class Record(NamedTuple):
 
 @dataclass(frozen=True)
 class Source:
-    """One resolved input: what it is, where it lives and how much weight it gets."""
+    """One resolved input: what it is, where it lives, its text field and how much weight it gets.
+
+    ``field_given`` says whether the input named its text field itself (``PATH:FIELD``).
+    """
 
     spec: str
     kind: str
     path: str
     weight: float = 1.0
+    text_field: str = "text"
+    field_given: bool = False
+
+    @property
+    def setting(self) -> str:
+        """The input as recorded in the manifest's settings: absolute path, plus its own field."""
+        if self.kind == "builtin":
+            location = self.spec
+        elif self.kind == "hf_hub":
+            location = HF_PREFIX + self.path
+        else:
+            location = os.path.abspath(self.path)
+        return location + (FIELD_SEPARATOR + self.text_field if self.field_given else "")
 
 
-def resolve_sources(inputs: list[str], weights: list[float] | None) -> list[Source]:
-    """Check every input exists and decide how to read it; raises DataError for a bad one."""
+def resolve_sources(inputs: list[str], weights: list[float] | None, text_field: str = "text") -> list[Source]:
+    """Check every input exists and decide how to read it; raises DataError for a bad one.
+
+    ``text_field`` applies to the inputs that do not name their own (``PATH:FIELD``).
+    """
     weights = weights or [1.0] * len(inputs)
-    return [_resolve_one(spec, weight) for spec, weight in zip(inputs, weights, strict=True)]
+    return [_resolve_one(spec, weight, text_field) for spec, weight in zip(inputs, weights, strict=True)]
 
 
-def _resolve_one(spec: str, weight: float) -> Source:
-    if spec == BUILTIN_CORPUS:
-        return Source(spec, "builtin", sysconfig.get_paths()["stdlib"], weight)
+def split_field(spec: str) -> tuple[str, str | None]:
+    """``(location, field)`` of an input spec; field is None when the spec names none.
+
+    A spec that exists as a path is that path; otherwise a last ``:FIELD`` (a name without a
+    path separator) is split off. ``hf:NAME:FIELD`` names a hub dataset's column.
+    """
+    if spec == BUILTIN_CORPUS or os.path.exists(spec):
+        return spec, None
     if spec.startswith(HF_PREFIX):
-        return Source(spec, "hf_hub", spec[len(HF_PREFIX):], weight)
-    if not os.path.exists(spec):
-        raise DataError(f"{spec}: no such file or directory (use {HF_PREFIX}NAME for a hub dataset)")
-    if os.path.isdir(spec):
-        if _is_saved_dataset(spec):
-            return Source(spec, "hf_disk", spec, weight)
-        return Source(spec, "dir", spec, weight)
-    return Source(spec, "file", spec, weight)
+        name = spec[len(HF_PREFIX):]
+        if FIELD_SEPARATOR in name:
+            name, field = name.rsplit(FIELD_SEPARATOR, 1)
+            return HF_PREFIX + name, _field_name(spec, field)
+        return spec, None
+    location, sep, field = spec.rpartition(FIELD_SEPARATOR)
+    if sep and location and "/" not in field and os.sep not in field and os.path.exists(location):
+        return location, _field_name(spec, field)
+    return spec, None
+
+
+def _field_name(spec: str, field: str) -> str:
+    if not field:
+        raise DataError(f"{spec}: no field name after '{FIELD_SEPARATOR}' (write PATH{FIELD_SEPARATOR}FIELD)")
+    return field
+
+
+def _resolve_one(spec: str, weight: float, text_field: str) -> Source:
+    location, field = split_field(spec)
+    options = dict(weight=weight, text_field=field or text_field, field_given=field is not None)
+    if location == BUILTIN_CORPUS:
+        return Source(spec, "builtin", sysconfig.get_paths()["stdlib"], **options)
+    if location.startswith(HF_PREFIX):
+        return Source(spec, "hf_hub", location[len(HF_PREFIX):], **options)
+    if not os.path.exists(location):
+        raise DataError(f"{spec}: no such file or directory (use {HF_PREFIX}NAME for a hub dataset, "
+                        f"PATH{FIELD_SEPARATOR}FIELD to name an input's text field)")
+    if os.path.isdir(location):
+        if _is_saved_dataset(location):
+            return Source(spec, "hf_disk", location, **options)
+        return Source(spec, "dir", location, **options)
+    if field is not None and not location.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
+        raise DataError(f"{spec}: a text field applies to JSON lines, parquet and dataset inputs; "
+                        f"{location} is read as one text document")
+    return Source(spec, "file", location, **options)
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -86,18 +146,18 @@ def problem(origin: str, reason: str, message: str) -> Record:
 
 def _read_any(source: Source, config: PrepareConfig) -> Iterator[Record]:
     if source.kind == "builtin":
-        yield from _read_tree(source.path, "stdlib", (".py",), config, _STDLIB_SKIP_DIRS)
+        yield from _read_tree(source.path, "stdlib", (".py",), source.text_field, _STDLIB_SKIP_DIRS)
     elif source.kind == "dir":
-        yield from _read_tree(source.path, "", config.text_extensions, config, set())
+        yield from _read_tree(source.path, "", config.text_extensions, source.text_field, set())
     elif source.kind == "file":
-        yield from _read_file(source.path, os.path.basename(source.path), config)
+        yield from _read_file(source.path, os.path.basename(source.path), source.text_field)
     elif source.kind == "hf_disk":
         yield from _read_saved_dataset(source, config)
     else:
         yield from _read_hub_dataset(source, config)
 
 
-def _read_tree(root, key_prefix, text_exts, config, skip_dirs) -> Iterator[Record]:
+def _read_tree(root, key_prefix, text_exts, text_field, skip_dirs) -> Iterator[Record]:
     """Walk a directory in sorted order; hidden entries and ``skip_dirs`` are left out."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
@@ -110,16 +170,16 @@ def _read_tree(root, key_prefix, text_exts, config, skip_dirs) -> Iterator[Recor
             if name.endswith(JSONL_SUFFIXES):
                 yield from _read_jsonl(path, key)
             elif name.endswith(PARQUET_SUFFIXES):
-                yield from _read_parquet(path, key, config.text_field)
+                yield from _read_parquet(path, key, text_field)
             elif name.endswith(tuple(text_exts)):
                 yield _read_text(path, key)
 
 
-def _read_file(path: str, key: str, config: PrepareConfig) -> Iterator[Record]:
+def _read_file(path: str, key: str, text_field: str) -> Iterator[Record]:
     if path.endswith(JSONL_SUFFIXES):
         yield from _read_jsonl(path, key)
     elif path.endswith(PARQUET_SUFFIXES):
-        yield from _read_parquet(path, key, config.text_field)
+        yield from _read_parquet(path, key, text_field)
     else:
         yield _read_text(path, key)
 
@@ -151,7 +211,9 @@ def _read_parquet(path: str, key: str, text_field: str) -> Iterator[Record]:
     try:
         table = pq.ParquetFile(path)
         if text_field not in table.schema_arrow.names:
-            yield problem(path, "missing_field", f"no column '{text_field}'")
+            # Every row is a document without text: counted as read and skipped, like JSON lines.
+            for row in range(table.metadata.num_rows):
+                yield Record("missing", text_field, f"{path}:row {row}", f"{key}:{row}")
             return
         row = 0
         for batch in table.iter_batches(columns=[text_field], batch_size=1024):
@@ -174,17 +236,45 @@ def _read_saved_dataset(source: Source, config: PrepareConfig) -> Iterator[Recor
         return iter(dataset)
 
     name = os.path.basename(os.path.normpath(source.path))
-    yield from _read_rows(source, rows, name, config.text_field)
+    yield from _read_rows(source, rows, name, source.text_field)
 
 
 def _read_hub_dataset(source: Source, config: PrepareConfig) -> Iterator[Record]:
     import datasets
 
+    unreachable = hub_unreachable()
+    if unreachable:
+        yield problem(source.spec, "source_error", unreachable)
+        return
+
     def rows():
         return iter(datasets.load_dataset(source.path, config.hf_config, split=config.hf_split,
                                           streaming=True))
 
-    yield from _read_rows(source, rows, source.path, config.text_field)
+    yield from _read_rows(source, rows, source.path, source.text_field)
+
+
+def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one line), or None when it answers.
+
+    Asked once, with a short timeout, before a hub dataset is opened: the hub client would
+    otherwise retry for about half a minute before giving up. In offline mode
+    (``HF_HUB_OFFLINE=1``) the client fails at once by itself, so nothing is asked.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return None
+    endpoint = constants.ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered, if only with an error status
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return one_line(f"the Hugging Face hub at {endpoint} is unreachable ({reason}); to work offline, "
+                        "save the dataset with `datasets` (save_to_disk) and give its directory")
+    return None
 
 
 def _read_rows(source: Source, open_rows, name: str, text_field: str) -> Iterator[Record]:

@@ -40,8 +40,10 @@ class SplitReader:
             records. Without it only the shards actually read must be present (each sample is
             still checked as it is read); ``verify`` turns it off to report sizes itself.
 
-    Reading a sample whose tar member name or .npy header is not where the layout puts it
-    raises ``ShardError`` naming the shard. Use as a context manager, or call ``close()``.
+    Reading a sample whose tar member name or .npy header is not where the layout puts it, whose
+    bytes do not match the digests stored with it, or that holds a token id outside the
+    manifest's vocabulary raises a one-line ``ShardError`` naming the shard, the sample and
+    ``verify``. Use as a context manager, or call ``close()``.
     """
 
     def __init__(self, dataset: str | os.PathLike | Manifest, split: str = "train", *,
@@ -77,6 +79,9 @@ class SplitReader:
         shard, local = self._shards.locate(index)
         tokens = np.empty(self.layout.num_tokens, dtype=self.layout.dtype)
         self._shards.read_into(shard, local, tokens)
+        bad = self._shards.id_problem(tokens)
+        if bad is not None:
+            raise self._shards.sample_error(shard, local, bad[1])
         starts = self._shards.read_doc_starts(shard, local) if doc_starts else None
         return StoredSample(index, tokens, starts)
 
@@ -119,8 +124,8 @@ class SplitReader:
     def check_sample(self, index: int) -> str | None:
         """What is wrong with the stored bytes of sample ``index``, or None.
 
-        Checks the member names, the tar and .npy headers, and that every token id is below the
-        manifest's vocabulary size. The line does not repeat the shard's path
+        Checks the member names, the tar and .npy headers, the stored digests (format 2), and that
+        every token id is below the manifest's vocabulary size. The line does not repeat the shard's path
         (``shard_path(index)`` gives it).
         """
         shard, local = self._shards.locate(index)

@@ -17,6 +17,8 @@ class SourceStats:
     num_read: int = 0
     num_used: int = 0
     skipped: Counter = field(default_factory=Counter)
+    first_skips: dict[str, str] = field(default_factory=dict)
+    """The first message of each skip reason (not written to the manifest)."""
 
     def to_dict(self) -> dict:
         """JSON form for the manifest."""
@@ -41,6 +43,7 @@ class CorpusStats:
         stats = self.sources[source]
         stats.num_read += is_document
         stats.skipped[reason] += 1
+        stats.first_skips.setdefault(reason, message)
         examples = self.examples.setdefault(reason, [])
         if len(examples) < _EXAMPLES_PER_REASON:
             examples.append(message)

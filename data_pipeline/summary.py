@@ -63,6 +63,10 @@ def prepare_summary(manifest: Manifest, seconds: float, num_encoded: int) -> str
     parts = [f"{name} {s.num_samples:,} samples / {len(s.shards)} shards"
              for name, s in manifest.splits.items()]
     rate = num_encoded / seconds if seconds > 0 else 0.0
+    per_input = ""
+    if len(corpus["sources"]) > 1:
+        per_input = " (" + ", ".join(f"{s['input']} {s['num_documents_used']:,} of {s['num_documents_read']:,}"
+                                     for s in corpus["sources"]) + ")"
     return (f"prepared {manifest.data_dir}: {corpus['num_documents_used']:,} of "
-            f"{corpus['num_documents_read']:,} documents, {', '.join(parts)}; "
+            f"{corpus['num_documents_read']:,} documents{per_input}, {', '.join(parts)}; "
             f"{num_encoded:,} tokens encoded in {seconds:.1f}s ({rate:,.0f} tokens/s)")

@@ -86,6 +86,22 @@ def _load_file(path: str, eos_token: str | None) -> TokenizerInfo:
     return describe(text, eos_token, os.path.abspath(path))
 
 
+def data_vocab_size(manifest) -> int:
+    """Token ids a model must embed to train on a prepared dataset (``manifest``: its ``Manifest``).
+
+    The manifest's vocabulary size, or more when the tokenizer.json beside the shards knows a
+    larger id (a tokenizer replaced after prepare); raises DataError when that file is unreadable.
+    """
+    path = manifest.tokenizer_path
+    try:
+        tokenizer = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers reports a missing or malformed file as plain Exception
+        raise DataError(one_line(f"{path}: unreadable tokenizer of the prepared data ({e}); "
+                                 f"run `python -m data_pipeline verify {manifest.data_dir}`")) from None
+    largest = max(tokenizer.get_vocab(with_added_tokens=True).values())
+    return max(manifest.vocab_size, largest + 1)
+
+
 def find_eos(tokenizer: Tokenizer, candidates: Iterable[str] = EOS_CANDIDATES) -> tuple[str, int] | None:
     """The first of ``candidates`` the tokenizer knows, with its id; None when it knows none."""
     for candidate in candidates:

@@ -3,3 +3,7 @@
 
 class EvaluationError(ValueError):
     """A bad argument, a missing file or data that cannot serve the requested evaluation."""
+
+
+class NonFiniteLogitsError(EvaluationError):
+    """The model produced NaN or infinite logits where tokens are scored."""

@@ -1,8 +1,10 @@
-"""Load an exported model for evaluation: device and dtype choice, full-context forward (window removed)."""
+"""Load an exported model for evaluation: weights checked against export.json, device and dtype
+choice, full-context forward (window removed)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 
@@ -13,6 +15,8 @@ from model import AtmaForCausalLM, CheckpointError
 from .errors import EvaluationError
 
 DTYPES = ("bf16", "fp32")
+EXPORT_INFO = "export.json"
+WEIGHTS_CHECKSUMS = "weights_sha256"
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -59,12 +63,50 @@ def load_model(model_dir: str, device: torch.device, *, keep_window: bool = Fals
 
 
 def read_export_info(model_dir: str) -> dict | None:
-    """The optional export.json beside the weights (source run, step, tokens seen), or None."""
-    path = os.path.join(model_dir, "export.json")
+    """The optional export.json beside the weights (source run, step, tokens seen, seq_len, weights'
+    sha256, provenance), or None."""
+    path = os.path.join(model_dir, EXPORT_INFO)
     if not os.path.isfile(path):
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            info = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
         raise EvaluationError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise EvaluationError(f"{path}: expected a JSON object")
+    return info
+
+
+def check_weights(model_dir: str, export_info: dict | None) -> str | None:
+    """Check every weights file export.json lists against its sha256, before anything is loaded.
+
+    Raises EvaluationError naming the first file that is missing or differs. Returns a one-line
+    notice when there is nothing to check against (no export.json, or one from an older export
+    without checksums), else None.
+    """
+    listed = (export_info or {}).get(WEIGHTS_CHECKSUMS)
+    if not listed:
+        why = f"no {EXPORT_INFO}" if export_info is None else f"{EXPORT_INFO} records no {WEIGHTS_CHECKSUMS}"
+        return f"{model_dir}: {why} (an older export); the weights are loaded unchecked"
+    if not isinstance(listed, dict):
+        raise EvaluationError(f"{os.path.join(model_dir, EXPORT_INFO)}: {WEIGHTS_CHECKSUMS} is not a mapping "
+                              "of file name to sha256")
+    for name, expected in sorted(listed.items()):
+        path = os.path.join(model_dir, name)
+        if not os.path.isfile(path):
+            raise EvaluationError(f"{path}: missing (listed in {EXPORT_INFO})")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise EvaluationError(f"{path}: sha256 {actual[:12]}... does not match {EXPORT_INFO} "
+                                  f"({str(expected)[:12]}...); the file changed after export, export it again")
+    return None
+
+
+def file_sha256(path: str, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

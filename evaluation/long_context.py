@@ -3,12 +3,19 @@
 Evaluates an exported model at several context lengths: fixed-target perplexity and bits per
 byte (SPEC §7.3) and teacher-forced passkey / needle-in-a-haystack retrieval (SPEC §7.2), then
 writes results.json, report.md, perplexity.png and retrieval.png.
+
+Before any cell runs, the weights are checked against export.json's sha256, one forward is
+measured and its logits must be finite, and the plan (cells, tokens, estimated time per length)
+is printed, with a warning when it is long for the device. A cell that runs out of memory (GPU
+or CPU) or meets non-finite logits is recorded as that cell's error and the others still run.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import gc
 import os
 import platform
 import sys
@@ -20,15 +27,16 @@ import torch
 from tqdm import tqdm
 
 from .codec import TextCodec, load_codec
-from .errors import EvaluationError
+from .errors import EvaluationError, NonFiniteLogitsError
 from .haystack import Needle, make_needle
 from .heldout import DataSource, open_source
 from .inputs import build_haystacks, perplexity_documents
-from .loading import load_model, read_export_info, resolve_device, resolve_dtype
+from .loading import check_weights, load_model, read_export_info, resolve_device, resolve_dtype
 from .perplexity import run_perplexity_cell
+from .plan import Forwards, ForwardTime, cell_forwards, describe, estimate_seconds
 from .report import plot_perplexity, plot_retrieval, write_json, write_markdown
 from .retrieval import run_retrieval_cell
-from .scoring import hidden_at
+from .scoring import check_finite, hidden_at
 from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, PERPLEXITY, check_settings, resolve_plan
 
 
@@ -93,25 +101,98 @@ def _run_cell(cell: Cell, model, codec: TextCodec, prepared: dict, settings: dic
     except torch.OutOfMemoryError:
         entry["error"] = "out of memory"
         torch.cuda.empty_cache()
+    except (RuntimeError, MemoryError) as err:
+        if not is_cpu_out_of_memory(err):
+            raise
+        entry["error"] = f"out of memory ({_first_line(err)})"
+        gc.collect()
+    except NonFiniteLogitsError as err:
+        entry["error"] = str(err)
     entry["seconds"] = time.perf_counter() - start
     entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return entry
 
 
-def _warm_up(model, settings: dict, length: int) -> None:
-    """One untimed forward, so lazy imports and kernel compilation do not land in the first cell's time."""
+def is_cpu_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the host allocator running out of memory (torch's CPU allocator, or Python's)."""
+    return isinstance(err, MemoryError) or "can't allocate memory" in str(err)
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _timed_forward(model, settings: dict, length: int) -> tuple[float, torch.Tensor]:
+    """Seconds of one forward of `length` seeded random tokens, and fp32 logits at up to 64 of its positions."""
+    device = settings["device"]
+    ids = torch.randint(0, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = sorted({int(p) for p in torch.linspace(0, length - 1, min(length, 64))})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    hidden = hidden_at(model, ids, positions, autocast_dtype=settings["autocast_dtype"])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, model.logits(hidden).float()
+
+
+def _first_forwards(model, model_dir: str, settings: dict, length: int, longest: int) -> list[tuple[int, float]]:
+    """Warm up, check the logits, and time forwards of `length` and min(4 x `length`, `longest`) tokens.
+
+    The warm-up keeps lazy imports and kernel compilation out of the timing; each timing is the
+    faster of two runs, as other load on the machine only ever slows a forward down. A longer
+    forward that runs out of memory is left out (the cells at that length will record it). Raises
+    EvaluationError when the logits are not finite: nothing can be measured on such a model.
+    """
     with torch.inference_mode():
-        ids = torch.zeros(1, length, dtype=torch.long, device=settings["device"])
-        hidden_at(model, ids, [length - 1], autocast_dtype=settings["autocast_dtype"])
+        _, logits = _timed_forward(model, settings, length)
+        try:
+            check_finite(logits, f"at the first forward ({length} tokens)")
+        except NonFiniteLogitsError as err:
+            raise EvaluationError(f"{model_dir}: {err}: the weights are damaged or training diverged; "
+                                  "nothing was evaluated") from None
+        measured = [(length, min(_timed_forward(model, settings, length)[0] for _ in range(2)))]
+        longer = min(4 * length, longest)
+        if longer > length:
+            try:
+                measured.append((longer, min(_timed_forward(model, settings, longer)[0] for _ in range(2))))
+            except (RuntimeError, MemoryError) as err:
+                if not (isinstance(err, torch.OutOfMemoryError) or is_cpu_out_of_memory(err)):
+                    raise
+                gc.collect()
+    return measured
 
 
-def _metadata(model_dir, model, codec, settings, prepared, notes) -> dict:
+def _plan(cells: list[Cell], model, prepared: dict, settings: dict, measured: list[tuple[int, float]]) -> dict:
+    """Print the work about to be done and its estimated time (a warning when long); return it for results.json."""
+    work: dict[int, list[Forwards]] = {}
+    for cell in cells:
+        num_docs = len(prepared["docs"][cell.name][0]) if cell.kind == PERPLEXITY else 0
+        value_tokens = max((len(n.value_ids) for n in prepared["needles"].get(cell.name, [])), default=0)
+        count, forward_length = cell_forwards(cell.kind, cell.length, num_docs=num_docs, trials=settings["trials"],
+                                              target_tokens=settings["target_tokens"], value_tokens=value_tokens)
+        work.setdefault(cell.length, []).append(Forwards(1, count, forward_length))
+    forward_time = ForwardTime.fit(model.config, measured[0], measured[-1])
+    estimates = {n: estimate_seconds(forwards, forward_time) for n, forwards in work.items()}
+    lines, warning = describe(work, estimates, device=str(settings["device"]), measured=measured)
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return {"cells": len(cells), "tokens": sum(f.tokens for fs in work.values() for f in fs),
+            "estimated_seconds": sum(estimates.values()), "estimated_seconds_per_length": estimates,
+            "measured_forwards": [{"tokens": n, "seconds": t} for n, t in measured], "warning": warning}
+
+
+def _metadata(model_dir, model, codec, settings, prepared, notes, export_info) -> dict:
     device = settings["device"]
     return {
         "model_dir": os.path.abspath(model_dir),
         "config": model.config.to_dict(),
         "num_parameters": model.num_parameters(),
-        "export": read_export_info(model_dir),
+        "export": export_info,
+        "training_seq_len": (export_info or {}).get("seq_len"),
         "tokenizer": {
             "path": codec.path, "vocab_size": codec.vocab_size, "eos_id": codec.eos_id, "eos_token": codec.eos_token,
             "digit_tokens": {str(d): len(codec.digit_ids(d)) for d in range(10)},
@@ -140,7 +221,8 @@ def _metadata(model_dir, model, codec, settings, prepared, notes) -> dict:
 def _write_outputs(results: dict, out_dir: str) -> None:
     """Write the plots that have data (removing stale ones), then report.md and results.json listing them."""
     plots = {
-        "perplexity.png": (plot_perplexity, results[PERPLEXITY], "ppl"),
+        "perplexity.png": (functools.partial(plot_perplexity, training_length=results["metadata"]["training_seq_len"]),
+                           results[PERPLEXITY], "ppl"),
         "retrieval.png": (plot_retrieval, results["retrieval"], "token_acc"),
     }
     outputs = {"results": os.path.join(out_dir, "results.json"), "report": os.path.join(out_dir, "report.md")}
@@ -194,6 +276,10 @@ def run_evaluation(
     dtype_name, autocast_dtype = resolve_dtype(dtype, torch_device)
     if not os.path.isdir(model_dir):
         raise EvaluationError(f"{model_dir}: model directory not found")
+    export_info = read_export_info(model_dir)
+    notice = check_weights(model_dir, export_info)
+    if notice:
+        notes = [*notes, notice]
     codec = load_codec(model_dir)
     model, removed_window = load_model(model_dir, torch_device, keep_window=keep_window)
     vocab_size = model.config.vocab_size
@@ -215,10 +301,14 @@ def run_evaluation(
         "max_length": max_length, "tasks": tasks, "haystacks": haystacks, "depths": depths, "trials": trials,
         "seed": seed, "target_tokens": target_tokens, "window_removed": removed_window,
     }
-    os.makedirs(out_dir, exist_ok=True)
-    results = {"metadata": _metadata(model_dir, model, codec, settings, prepared, notes), "retrieval": [], "perplexity": []}
     cells = _plan_cells(lengths, tasks, haystacks if retrieval_tasks else (), depths, list(prepared["docs"]))
-    _warm_up(model, settings, min(lengths[0], 512))
+    measured = _first_forwards(model, model_dir, settings, min(lengths[0], 256), lengths[-1])
+    if notice:
+        print(f"notice: {notice}", file=sys.stderr, flush=True)
+    plan = _plan(cells, model, prepared, settings, measured)
+    os.makedirs(out_dir, exist_ok=True)
+    metadata = _metadata(model_dir, model, codec, settings, prepared, notes, export_info)
+    results = {"metadata": {**metadata, "plan": plan}, "retrieval": [], "perplexity": []}
     start = time.perf_counter()
     bar = tqdm(cells, desc="long-context eval", unit="cell", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode():
@@ -297,8 +387,14 @@ def _depths(values: list[str]) -> list[float]:
         raise EvaluationError(f"bad --depths {','.join(values)}: expected numbers in [0, 1]") from None
 
 
+def failed_cells(results: dict) -> list[dict]:
+    """The cells recorded with an error (out of memory, non-finite logits)."""
+    return [e for kind in ("retrieval", PERPLEXITY) for e in results[kind] if e.get("error")]
+
+
 def main(argv=None) -> int:
-    """Run the command line; returns 0, 2 for a user error (printed as one line) or 130 when interrupted."""
+    """Run the command line; returns 0 (cells that ran out of memory are results too), 1 when a cell
+    met non-finite logits, 2 for a user error (printed as one line) or 130 when interrupted."""
     args = build_parser().parse_args(argv)
     try:
         results = run_evaluation(
@@ -317,7 +413,12 @@ def main(argv=None) -> int:
     print(f"evaluated {meta['model_dir']} at {len(meta['lengths'])} lengths in {meta['total_seconds']:.1f} s")
     for name, path in meta["outputs"].items():
         print(f"  {name}: {path}")
-    return 0
+    failed = failed_cells(results)
+    if failed:
+        num_cells = len(results["retrieval"]) + len(results[PERPLEXITY])
+        print(f"warning: {len(failed)} of {num_cells} cells failed, first: {failed[0]['error']} "
+              f"(listed in {meta['outputs']['report']})", file=sys.stderr)
+    return 1 if any(e["error"].startswith("non-finite") for e in failed) else 0
 
 
 if __name__ == "__main__":

@@ -127,6 +127,7 @@ def write_markdown(results: dict, path: str) -> None:
         f"- model: `{meta['model_dir']}` ({meta['num_parameters']:,} parameters, preset {meta['config'].get('preset')})",
         f"- device: {meta['device']} ({meta['device_name']}), dtype {meta['dtype']}",
         f"- lengths: {', '.join(format_length(n) for n in lengths)}; seed {meta['seed']}",
+        f"- training: {_training(meta)}",
         f"- total time: {meta.get('total_seconds', 0):.1f} s",
         "",
     ]
@@ -146,14 +147,25 @@ def write_markdown(results: dict, path: str) -> None:
         f.write("\n".join(lines))
 
 
+def _training(meta: dict) -> str:
+    """The training length and tokens seen from export.json, or why they are unknown."""
+    export = meta.get("export") or {}
+    if not meta.get("training_seq_len"):
+        return "sequence length unknown (export.json does not record it)"
+    seen = export.get("tokens_seen")
+    seen = f", {seen:,} tokens seen" if isinstance(seen, int) and seen >= 0 else ""
+    return f"sequence length {format_length(meta['training_seq_len'])}{seen}"
+
+
 def _cell_label(entry: dict) -> str:
     if "task" in entry:
         return f"{entry['task']}/{entry['haystack']} L={entry['length']} depth={entry['depth']:g}"
     return f"perplexity/{entry['source']} L={entry['length']}"
 
 
-def plot_perplexity(entries: list[dict], path: str) -> None:
-    """perplexity.png: perplexity and bits per byte vs context length (log-x), one line per source."""
+def plot_perplexity(entries: list[dict], path: str, training_length: int | None = None) -> None:
+    """perplexity.png: perplexity and bits per byte vs context length (log-x), one line per source, and the
+    training sequence length as a dashed line when known."""
     fig = Figure(figsize=(10, 4), dpi=120, layout="constrained")
     axes = fig.subplots(1, 2)
     for source in dict.fromkeys(e["source"] for e in entries):
@@ -169,6 +181,8 @@ def plot_perplexity(entries: list[dict], path: str) -> None:
         ax.set_xticks(lengths, [format_length(n) for n in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
+        if training_length:
+            ax.axvline(training_length, color="gray", linestyle="--", label="training length")
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle("Fixed-target likelihood vs context length")

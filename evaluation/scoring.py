@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import NonFiniteLogitsError
+
 
 def teacher_forced(context, target) -> tuple[list[int], list[int], list[int]]:
     """Input ids, scored positions and target ids for scoring `target` after `context`.
@@ -106,16 +108,30 @@ class RetrievalTally:
         }
 
 
+def check_finite(logits: torch.Tensor, where: str) -> None:
+    """NonFiniteLogitsError (one line: how many NaN and inf values, and `where`) unless every logit is finite."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    num_nan = int(torch.isnan(logits).sum())
+    num_inf = int(torch.isinf(logits).sum())
+    raise NonFiniteLogitsError(f"non-finite logits ({num_nan:,} NaN, {num_inf:,} inf of {logits.numel():,}) {where}")
+
+
 def score_positions(
     model, input_ids: torch.Tensor, positions, targets, *, autocast_dtype: torch.dtype | None = None, chunk: int = 256
 ) -> TokenScores:
-    """Run the model once and score `targets` at `positions`, mapping at most `chunk` rows to logits at a time."""
+    """Run the model once and score `targets` at `positions`, mapping at most `chunk` rows to logits at a time.
+
+    Raises NonFiniteLogitsError when a scored position has a NaN or infinite logit: such scores
+    would read as 0 accuracy and an undefined perplexity instead of as a broken model.
+    """
     hidden = hidden_at(model, input_ids, positions, autocast_dtype=autocast_dtype)
     targets = list(targets)
-    parts = [
-        score_tokens(model.logits(hidden[start : start + chunk]).float(), targets[start : start + chunk])
-        for start in range(0, len(targets), chunk)
-    ]
+    parts = []
+    for start in range(0, len(targets), chunk):
+        logits = model.logits(hidden[start : start + chunk]).float()
+        check_finite(logits, f"at the scored positions of a {input_ids.shape[1]}-token input")
+        parts.append(score_tokens(logits, targets[start : start + chunk]))
     return TokenScores(correct=torch.cat([p.correct for p in parts]), nll=torch.cat([p.nll for p in parts]))
 
 

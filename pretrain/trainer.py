@@ -167,6 +167,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, stop: StopRequests | None = None):
         from data_pipeline.loader import build_loader
         from data_pipeline.manifest import load_manifest
+        from data_pipeline.tokenizer import data_vocab_size
         from kernels.gated_delta.fla_bridge import fla_timing_only_active
 
         if fla_timing_only_active():
@@ -190,10 +191,12 @@ class Trainer:
             self.model_config = AtmaConfig.from_preset(cfg.model.preset, **overrides)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"model: {err}") from None
-        if self.model_config.vocab_size < self.manifest.vocab_size:
-            raise ConfigError(
-                f"model vocab_size {self.model_config.vocab_size} < tokenizer vocabulary {self.manifest.vocab_size}"
-            )
+        data_vocab = data_vocab_size(self.manifest)
+        if self.model_config.vocab_size < data_vocab:
+            raise ConfigError(f"model vocab_size {self.model_config.vocab_size} is below the {data_vocab} token ids of "
+                              f"the data in {self.manifest.data_dir} (manifest.json, tokenizer.json): set "
+                              f"model.overrides.vocab_size to at least {data_vocab}, or run `python -m data_pipeline "
+                              f"verify {self.manifest.data_dir}` if tokenizer.json changed")
 
         loader_args = dict(dataset=self.manifest, batch_size=self.plan.micro_batch_size, rank=self.rank,
                            world_size=self.world, num_workers=cfg.data.num_workers, seed=cfg.data.seed)

@@ -91,16 +91,17 @@ def test_empty_source_is_reported_and_strict_fails(tmp_path, caplog):
     empty_dir.mkdir()
     out = str(tmp_path / "out")
     with caplog.at_level(logging.WARNING, logger="data_pipeline"):
-        prepare(inputs=[good, str(empty), str(empty_dir)], output=out, **SMALL)
+        prepare(inputs=[good, str(empty), str(empty_dir)], output=out, allow_empty_inputs=True, **SMALL)
     corpus = load_manifest(out).corpus
     assert corpus["skipped"] == {"empty_source": 2}
     assert corpus["num_documents_read"] == 6
     assert [s["skipped"] for s in corpus["sources"]] == [{}, {"empty_source": 1}, {"empty_source": 1}]
     assert f"skipped {empty}: no documents found" in _warnings(caplog)
     with pytest.raises(DataError, match=r"empty\.jsonl: no documents found \(--strict\)"):
-        prepare(inputs=[good, str(empty)], output=str(tmp_path / "s"), strict=True, **SMALL)
+        prepare(inputs=[good, str(empty)], output=str(tmp_path / "s"), strict=True, allow_empty_inputs=True,
+                **SMALL)
     with pytest.raises(DataError, match="no usable"):
-        prepare(inputs=[str(empty)], output=str(tmp_path / "e"), **SMALL)
+        prepare(inputs=[str(empty)], output=str(tmp_path / "e"), allow_empty_inputs=True, **SMALL)
 
 
 def test_truncated_gzip_source_keeps_what_was_readable(tmp_path, caplog):
@@ -163,15 +164,17 @@ def test_truncated_shard_is_named_by_verify_and_loader(copy):
 
 def test_corrupt_shard_is_named_by_verify_and_loader(copy):
     path = _shard(copy, 0)
-    record = load_manifest(copy).record_bytes
+    layout = load_manifest(copy).layout
     with open(path, "r+b") as f:
-        f.seek(3 * record + record // 2 + 1)
+        f.seek(3 * layout.record_bytes + layout.tokens_member_offset + 1)
         f.write(b"\x00garbage\x00" * 8)
     _, problems = verify_dataset(load_manifest(copy))
     assert len(problems) == 1 and problems[0].startswith(f"{path}: sha256 ")
     assert problems[0].endswith("; unexpected member '0' where '0000000003.tokens.npy' belongs")
-    with pytest.raises(ShardError, match=f"{path}: sample 3 is not where the manifest says"):
+    with pytest.raises(ShardError) as e:
         _read_all(copy)
+    assert str(e.value) == (f"{path}: sample 3 (train sample 3) is not where manifest.json says (corrupt shard, "
+                            f"or a manifest of other shards); run `python -m data_pipeline verify {copy}`")
 
 
 def test_manifest_that_does_not_match_its_shards(copy):
@@ -182,7 +185,7 @@ def test_manifest_that_does_not_match_its_shards(copy):
     _, problems = verify_dataset(load_manifest(copy))
     assert [p.split(":")[0] for p in problems] == [a, b]
     assert all("unexpected member" in p for p in problems)
-    with pytest.raises(ShardError, match="not where the manifest says"):
+    with pytest.raises(ShardError, match="not where manifest.json says"):
         _read_all(copy)
     with open(os.path.join(copy, "manifest.json"), "w") as f:
         f.write('{\n  "format": "atma-token-shards",\n  "version": 1,\n  oops\n}')

@@ -113,9 +113,26 @@ def test_bench_runs_on_a_tiny_corpus(tmp_path, capsys):
         assert budget["encode_batch"]["median"] > 0 and budget["prepare"]["median"] > 0
         assert budget["rounds"][0]["ratio"] == pytest.approx(
             budget["rounds"][0]["prepare"] / budget["rounds"][0]["encode_batch"])
-    assert figures["loader"]["0"]["tokens_per_s"] > 0
+    loader = figures["loader"]["0"]
+    assert loader["tokens_per_s"] == loader["checked"]["median"] > 0 and loader["unchecked"]["median"] > 0
+    assert len(loader["rounds"]) == 10
+    for r in loader["rounds"]:
+        assert r["cost"] == pytest.approx(1 - r["checked"] / r["unchecked"])
     printed = capsys.readouterr().out
     assert "(a) tokenizers encode_batch" in printed and "(b) prepare" in printed
-    assert "(c) loader" in printed
+    assert "(c) loader" in printed and "cost of the checks: median" in printed
     with open(tmp_path / "bench.json") as f:
         assert json.load(f)["num_documents"] == 80
+
+
+def test_bench_loader_only(tmp_path, capsys):
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), synthetic_docs(80, seed=12))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--input", corpus, "--vocab-size", "300", "--seq-len", "16", "--loader-only",
+                              "--batch-size", "4", "--loader-workers", "0", "2", "--loader-seconds", "0.4",
+                              "--loader-rounds", "2"])
+    figures = run_bench(args)
+    assert figures["budgets"] == {} and set(figures["loader"]) == {"0", "2"}
+    printed = capsys.readouterr().out
+    assert "(a)" not in printed and printed.count("without the per-sample checks") == 2

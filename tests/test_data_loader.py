@@ -13,7 +13,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import build_loader
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import prepare
-from data_pipeline.shard_reader import ShardReader
+from data_pipeline import shard_reader
 
 SEQ_LEN = 16
 
@@ -123,9 +123,8 @@ def test_loader_takes_a_loaded_manifest_without_reading_it_again(data_dir, tmp_p
 
 def test_resume_reads_only_what_comes_after_the_saved_position(data_dir, monkeypatch):
     reads = []
-    original = ShardReader.read_into
-    monkeypatch.setattr(ShardReader, "read_into",
-                        lambda self, shard, local, out: reads.append(1) or original(self, shard, local, out))
+    original = shard_reader._preadv
+    monkeypatch.setattr(shard_reader, "_preadv", lambda *args: reads.append(1) or original(*args))
     loader = build_loader(data_dir, batch_size=4)
     _stream(loader, 10)
     state = loader.state_dict()

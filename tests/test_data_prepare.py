@@ -123,14 +123,15 @@ def test_given_tokenizer_file_gives_the_same_shards(prepared, tmp_path):
 def test_shards_read_by_tar_and_webdataset_match_our_reader(prepared):
     """The one check of the on-disk format that does not go through our reader."""
     import webdataset
+    import xxhash
 
     out, _ = prepared
     manifest = load_manifest(out)
     first = manifest.split("train").shards[0]
     listing = subprocess.run(["tar", "-tf", os.path.join(out, first.file)], check=True,
                              capture_output=True, text=True).stdout.split()
-    assert listing[:2] == ["0000000000.doc_mask.npy", "0000000000.tokens.npy"]
-    assert len(listing) == 2 * first.num_samples
+    assert listing[:3] == ["0000000000.doc_mask.npy", "0000000000.tokens.npy", "0000000000.xxh3.npy"]
+    assert len(listing) == 3 * first.num_samples
     urls = manifest.shard_paths("train")
     dataset = webdataset.WebDataset(urls, shardshuffle=False, empty_check=False).decode()
     ours = stored_samples(out, "train")
@@ -140,6 +141,8 @@ def test_shards_read_by_tar_and_webdataset_match_our_reader(prepared):
         np.testing.assert_array_equal(sample["tokens.npy"], stored.tokens)
         bits = np.unpackbits(sample["doc_mask.npy"])[: manifest.seq_len + 1]
         np.testing.assert_array_equal(np.flatnonzero(bits), stored.doc_starts)
+        digests = [xxhash.xxh3_64_intdigest(sample[m].tobytes(), stored.index) for m in ("doc_mask.npy", "tokens.npy")]
+        assert sample["xxh3.npy"].tolist() == digests
         count += 1
     assert count == len(ours) == manifest.num_samples("train")
 

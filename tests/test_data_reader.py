@@ -8,10 +8,11 @@ import sys
 
 import numpy as np
 import pytest
-from data_fixtures import synthetic_docs, write_jsonl
+from data_fixtures import synthetic_docs, write_jsonl, write_tokens
 
 from data_pipeline import ShardError, SplitReader, load_manifest
 from data_pipeline.prepare import prepare
+from data_pipeline.shard_format import SampleLayout
 from data_pipeline.verify import verify_dataset
 
 SEQ_LEN = 16
@@ -23,7 +24,7 @@ def data_dir(tmp_path_factory):
     corpus = write_jsonl(str(root / "c.jsonl"), synthetic_docs(120, seed=21))
     out = str(root / "data")
     prepare(inputs=[corpus], output=out, seq_len=SEQ_LEN, vocab_size=300, val_fraction=0.2,
-            shard_mb=23 * 2048 / 2**20, progress=False)
+            shard_mb=23 * SampleLayout(SEQ_LEN, np.dtype("<u2")).record_bytes / 2**20, progress=False)
     return out
 
 
@@ -79,13 +80,10 @@ def test_token_stream_keeps_the_shared_token_once(data_dir):
 
 def test_token_stream_refuses_samples_that_do_not_overlap(copy):
     manifest = load_manifest(copy)
+    index = 30
     with SplitReader(manifest, "train") as reader:
-        index = 30
-        shard, local = reader.locate(index)
         previous_last = int(reader.sample(index - 1).tokens[-1])
-        path = reader.shard_paths[shard]
-    offset = local * manifest.record_bytes + manifest.layout.tokens_offset
-    _write_at(path, offset, np.array([(previous_last + 1) % 300], dtype="<u2").tobytes())
+    path = write_tokens(copy, "train", index, 0, [(previous_last + 1) % 300], reseal=True)
     with SplitReader(copy, "train") as reader:
         assert len(reader.token_stream(0, index)) == index * SEQ_LEN + 1
         with pytest.raises(ShardError, match=f"{path}: sample 30 does not begin with the last token of sample 29"):
@@ -100,11 +98,15 @@ def test_check_sample_and_check_shard_name_what_is_wrong(copy):
     assert [reader.check_shard(i) for i in range(len(reader.shard_paths))] == [None] * len(reader.shard_paths)
     assert reader.check_sample(4) is None
     first, second = reader.shard_paths[:2]
-    _write_at(first, 4 * record + layout.tokens_offset + 2, np.array([300], dtype="<u2").tobytes())
+    write_tokens(copy, "train", 4, 1, [300], reseal=True)
+    write_tokens(copy, "train", 5, 1, [7], reseal=False)
+    _write_at(first, 6 * record + layout.mask_offset + len(layout.mask_header), b"\xff")
     _write_at(first, 7 * record + 3, b"9")
     descr = layout.tokens_member_offset + 512 + layout.tokens_header.index(b"<u2")
     _write_at(first, 9 * record + descr, b"<u4")
     assert reader.check_sample(4) == "0000000004.tokens.npy: token id 300 is not below the vocabulary size 300"
+    assert reader.check_sample(5) == "0000000005.tokens.npy: does not match its xxh3_64 digest"
+    assert reader.check_sample(6) == "0000000006.doc_mask.npy: does not match its xxh3_64 digest"
     assert reader.check_sample(7) == "unexpected member '0009000007.doc_mask.npy' where '0000000007.doc_mask.npy' belongs"
     assert reader.check_sample(9) == ("0000000009.tokens.npy: .npy header does not match seq_len 16 and "
                                       "dtype uint16")
@@ -137,13 +139,13 @@ def test_check_shard_sees_more_samples_than_listed(copy):
 def test_verify_says_where_a_damaged_shard_stops_matching(copy):
     manifest = load_manifest(copy)
     path = manifest.shard_paths("val")[0]
-    _write_at(path, 2 * manifest.record_bytes + manifest.layout.tokens_offset, b"\xff\xff")
+    _write_at(path, 2 * manifest.record_bytes + manifest.layout.tokens_offset, b"\x01")
     count, problems = verify_dataset(manifest)
     assert count == len(manifest.shard_paths("train")) + len(manifest.shard_paths("val"))
     [problem] = problems
     assert problem.startswith(f"{path}: sha256 ")
     first = manifest.split("val").shards[0].first_sample
-    assert problem.endswith(f"; {first + 2:010d}.tokens.npy: token id 65535 is not below the vocabulary size 300")
+    assert problem.endswith(f"; {first + 2:010d}.tokens.npy: does not match its xxh3_64 digest")
 
 
 def test_importing_the_package_loads_neither_torch_nor_webdataset():

@@ -18,7 +18,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from data_fixtures import write_tokens
+from eval_fixtures import EOS, export_tiny_model
+from tokenizers import Tokenizer, models
 
 from data_pipeline import EOS_CANDIDATES, load_manifest
 from data_pipeline.mixing import split_of
@@ -37,7 +39,6 @@ from model import AtmaConfig, AtmaForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-EOS = "<|endoftext|>"
 SEQ_LEN = 64
 VAL_FRACTION = 0.5
 
@@ -50,24 +51,8 @@ def corpus() -> list[str]:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, corpus) -> str:
-    """A real exported tiny model: safetensors + config.json + a byte-level BPE tokenizer.json."""
-    directory = str(tmp_path_factory.mktemp("exported"))
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=512, special_tokens=[EOS], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tokenizer.train_from_iterator(corpus, trainer)
-    torch.manual_seed(0)
-    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=tokenizer.get_vocab_size()))
-    with torch.no_grad():  # the default init zeroes output projections; give them weights so context matters
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0.0, 0.05)
-    model.save_pretrained(directory)
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    return directory
+    """A real exported tiny model: safetensors + config.json + a byte-level BPE tokenizer.json + export.json."""
+    return export_tiny_model(str(tmp_path_factory.mktemp("exported")), corpus)
 
 
 @pytest.fixture(scope="module")
@@ -296,16 +281,21 @@ def test_bad_sources_give_one_line_errors(tmp_path, shard_dir):
     manifest = load_manifest(copy)
     first = manifest.split("val").shards[0]
     path = copy / first.file
-    with open(path, "r+b") as f:  # sample 1 no longer begins with the last token of sample 0
-        f.seek(manifest.record_bytes + manifest.layout.tokens_offset)
-        token = np.frombuffer(f.read(2), dtype="<u2")[0]
-        f.seek(manifest.record_bytes + manifest.layout.tokens_offset)
-        f.write(np.array([token + 1], dtype="<u2").tobytes())
+    token = int(read_shard_stream(open_source(str(copy)))[0][SEQ_LEN])
+    # Sample 1 no longer begins with the last token of sample 0: first as damage on disk, which
+    # its digest catches, then as a writer would leave it, digest rewritten to match.
+    write_tokens(str(copy), "val", 1, 0, [token + 1], reseal=False)
+    with pytest.raises(EvaluationError) as err:
+        read_shard_stream(open_source(str(copy)))
+    assert str(err.value) == (f"{path}: sample 1 (val sample 1) has token bytes that do not match their xxh3_64 "
+                              f"digest (the shard changed after prepare wrote it); run `python -m data_pipeline "
+                              f"verify {copy}`")
+    write_tokens(str(copy), "val", 1, 0, [token + 1], reseal=True)
     with pytest.raises(EvaluationError, match=f"{path}: sample 1 does not begin with the last token of sample 0"):
         read_shard_stream(open_source(str(copy)))
     with open(path, "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(EvaluationError, match=f"{path}: truncated at sample 0"):
+    with pytest.raises(EvaluationError, match=rf"{path}: sample 0 \(val sample 0\) is cut short: the shard ends at byte 1000"):
         read_shard_stream(open_source(str(copy)))
 
 

@@ -87,3 +87,28 @@ def decoded_documents(data_dir: str, split: str) -> list[str]:
         return []
     pieces = np.split(stream[: ends[-1]], ends[:-1] + 1)
     return [tokenizer.decode(p[p != manifest.eos_id].tolist()) for p in pieces]
+
+
+def write_tokens(data_dir: str, split: str, index: int, position: int, values, *, reseal: bool) -> str:
+    """Overwrite token ids of sample ``index`` from ``position`` on, in place; returns the shard path.
+
+    With ``reseal`` the sample's stored digest is rewritten to match, as a faulty writer would
+    leave it (only what the ids mean is wrong); without, the change looks like damage on disk.
+    """
+    import xxhash
+
+    manifest = load_manifest(data_dir)
+    layout = manifest.layout
+    with SplitReader(manifest, split, check_sizes=False) as reader:
+        shard, local = reader.locate(index)
+        path = reader.shard_paths[shard]
+    start = local * manifest.record_bytes
+    with open(path, "r+b") as f:
+        f.seek(start + layout.tokens_offset + position * layout.dtype.itemsize)
+        f.write(np.asarray(values, dtype=layout.dtype).tobytes())
+        if reseal:
+            f.seek(start + layout.tokens_offset)
+            data = f.read(layout.num_tokens * layout.dtype.itemsize)
+            f.seek(start + layout.mask_digest_offset + 8)
+            f.write(xxhash.xxh3_64_digest(data, index))
+    return path
