@@ -85,8 +85,11 @@ def polar_attention_cached(
     directions, magnitudes = [], []
     for i0 in range(0, Tq, rows):
         i1 = min(i0 + rows, Tq)
-        sigma = torch.matmul(qg[:, :, :, i0:i1], kg.transpose(-1, -2)) * scale  # (B,G,r,tq,Tk)
-        visible = visible_keys(q_start + i0, i1 - i0, k_start, Tk, window, device=q.device)
+        # Keys these rows can see: up to the last row's own key, from W - 1 before the first row.
+        j1 = q_start + i1 - k_start
+        j0 = 0 if window is None else max(0, q_start + i0 - window + 1 - k_start)
+        sigma = torch.matmul(qg[:, :, :, i0:i1], kg[..., j0:j1, :].transpose(-1, -2)) * scale  # (B,G,r,tq,tk)
+        visible = visible_keys(q_start + i0, i1 - i0, k_start + j0, j1 - j0, window, device=q.device)
         t_rows, null_rows = t[:, :, i0:i1], null_logit[:, :, i0:i1]
         real = torch.where(visible, sigma * t_rows[..., None], float("-inf"))
         # Each query sees its own key, so the running max is finite.
@@ -95,11 +98,14 @@ def polar_attention_cached(
         p_null = torch.exp(null_rows - m)
         z = p.sum(-1) + p_null
         w, w_null = p / z[..., None], p_null / z
-        s = torch.matmul(w, vg) + w_null[..., None] * v_null_.view(G, r, 1, d)
+        s = torch.matmul(w, vg[..., j0:j1, :]) + w_null[..., None] * v_null_.view(G, r, 1, d)
         directions.append(s / s.norm(dim=-1, keepdim=True).clamp_min(POLAR_EPS))
-        w_hat = w / w.sum(-1, keepdim=True).clamp_min(POLAR_EPS)
+        w_real = w.sum(-1)
+        w_hat = w / w_real[..., None].clamp_min(POLAR_EPS)
         n_eff = 1.0 / (w_hat * w_hat).sum(-1).clamp_min(POLAR_EPS)
-        magnitudes.append(torch.tanh(beta_eff * torch.log1p(n_eff * (1.0 - w_null))))
+        # m_eff = n_eff (1 - w_null), with 1 - w_null summed from the real weights: exact even
+        # when the null takes nearly all the mass.
+        magnitudes.append(torch.tanh(beta_eff * torch.log1p(n_eff * w_real)))
     direction = torch.cat(directions, dim=3).permute(0, 3, 1, 2, 4).reshape(B, Tq, H, d)
     magnitude = torch.cat(magnitudes, dim=3).permute(0, 3, 1, 2).reshape(B, Tq, H)
     return direction.to(q.dtype), magnitude.to(q.dtype)

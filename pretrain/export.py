@@ -21,6 +21,7 @@ from model import AtmaConfig, AtmaForCausalLM
 from model.persistence import CONFIG_NAME, check_state_dict, save_state_dict
 
 from . import checkpoint as ckpt
+from .hf_export import write_transformers_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,6 +95,7 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
     tokenizer = os.path.join(run_dir, "tokenizer.json")
     if os.path.isfile(tokenizer):
         shutil.copyfile(tokenizer, os.path.join(out_dir, "tokenizer.json"))
+    write_transformers_files(out_dir)
     record = {
         "source_run": os.path.abspath(run_dir),
         "checkpoint": tag,
