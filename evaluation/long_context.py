@@ -26,10 +26,10 @@ from .heldout import DataSource, open_source
 from .inputs import build_haystacks, perplexity_documents
 from .loading import load_model, read_export_info, resolve_device, resolve_dtype
 from .perplexity import run_perplexity_cell
-from .report import plot_perplexity, plot_retrieval, write_json, write_markdown
+from .report import plot_generation, plot_perplexity, plot_retrieval, write_json, write_markdown
 from .retrieval import run_retrieval_cell
 from .scoring import hidden_at
-from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, PERPLEXITY, check_settings, resolve_plan
+from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, FREE_GENERATION_DEFAULT, PERPLEXITY, check_settings, resolve_plan
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def _run_cell(cell: Cell, model, codec: TextCodec, prepared: dict, settings: dic
             entry.update(run_retrieval_cell(
                 model, prepared["needles"][cell.name], prepared["haystacks"][cell.haystack], cell.length,
                 cell.depth, eos_id=codec.eos_id, device=device, autocast_dtype=autocast_dtype,
+                decode=codec.decode if settings["free_generation"] else None,
             ))
     except torch.OutOfMemoryError:
         entry["error"] = "out of memory"
@@ -131,6 +132,7 @@ def _metadata(model_dir, model, codec, settings, prepared, notes) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": settings["dtype"],
         "window_removed": settings["window_removed"],
+        "free_generation": settings["free_generation"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__},
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
@@ -142,6 +144,7 @@ def _write_outputs(results: dict, out_dir: str) -> None:
     plots = {
         "perplexity.png": (plot_perplexity, results[PERPLEXITY], "ppl"),
         "retrieval.png": (plot_retrieval, results["retrieval"], "token_acc"),
+        "generation.png": (plot_generation, results["retrieval"], "free_exact_acc"),
     }
     outputs = {"results": os.path.join(out_dir, "results.json"), "report": os.path.join(out_dir, "report.md")}
     for name, (plot, entries, key) in plots.items():
@@ -175,6 +178,7 @@ def run_evaluation(
     dtype: str | None = None,
     keep_window: bool = False,
     progress: bool = True,
+    free_generation: bool = FREE_GENERATION_DEFAULT,
 ) -> dict:
     """Evaluate `model_dir` at every length and write results.json, report.md and plots to `out_dir`.
 
@@ -184,6 +188,8 @@ def run_evaluation(
             the first also gives the real haystack. Without data only synthetic retrieval runs.
         tasks: subset of ("passkey", "niah", "perplexity"); haystacks: subset of ("synthetic", "real").
         device/dtype: default cuda + bf16 when a GPU is present, else cpu + fp32.
+        free_generation: also let the model write each retrieval value itself (greedy, with the
+            decoding cache) and score exact matches; costs one more prefill per trial.
     Returns:
         The results dict written to results.json ("metadata", "retrieval", "perplexity").
     """
@@ -214,6 +220,7 @@ def run_evaluation(
         "device": torch_device, "autocast_dtype": autocast_dtype, "dtype": dtype_name, "lengths": lengths,
         "max_length": max_length, "tasks": tasks, "haystacks": haystacks, "depths": depths, "trials": trials,
         "seed": seed, "target_tokens": target_tokens, "window_removed": removed_window,
+        "free_generation": free_generation,
     }
     os.makedirs(out_dir, exist_ok=True)
     results = {"metadata": _metadata(model_dir, model, codec, settings, prepared, notes), "retrieval": [], "perplexity": []}
@@ -287,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-window", action="store_true",
                    help="keep the model's sliding attention window (default: removed, full-context forward)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--free-generation", action=argparse.BooleanOptionalAction, default=FREE_GENERATION_DEFAULT,
+                   help="also generate each retrieval value greedily with the decoding cache and score exact "
+                   "matches (one more prefill per trial; default: %(default)s)")
     return p
 
 
@@ -306,6 +316,7 @@ def main(argv=None) -> int:
             depths=_depths(args.depths), trials=args.trials, seed=args.seed, target_tokens=args.target_tokens,
             max_docs=args.max_docs, concat_docs=args.concat_docs, text_field=args.text_field, device=args.device,
             dtype=args.dtype, keep_window=args.keep_window, progress=not args.no_progress,
+            free_generation=args.free_generation,
         )
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)

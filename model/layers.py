@@ -66,12 +66,17 @@ class CausalDepthwiseConv(nn.Module):
         Returns the output (B,T,C) and the new history (B,K-1,C). Without history this is `forward`.
         """
         K = self.weight.shape[-1]
+        weight = self.weight.squeeze(1).to(x.dtype)
         if history is None:
             y = self(x)
             inputs = F.pad(x, (0, 0, K - 1, 0))
         else:
             inputs = torch.cat([history.to(x.dtype), x], dim=1)
-            y = kernels.causal_conv1d(inputs, self.weight.squeeze(1).to(x.dtype))[:, K - 1 :]
+            if x.shape[1] == 1:
+                # One decode step: the K taps against the last K inputs, without a conv launch.
+                y = torch.einsum("bkc,ck->bc", inputs, weight)[:, None]
+            else:
+                y = kernels.causal_conv1d(inputs, weight)[:, K - 1 :]
         # A copy, so that the history does not keep the whole input alive.
         return y, inputs[:, inputs.shape[1] - (K - 1) :].clone()
 

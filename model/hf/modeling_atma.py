@@ -263,7 +263,11 @@ class CausalDepthwiseConv(nn.Module):
             inputs = F.pad(x, (0, 0, K - 1, 0))
         else:
             inputs = torch.cat([history.to(x.dtype), x], dim=1)
-        y = F.conv1d(inputs.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+        if x.shape[1] == 1:
+            # One decode step: the K taps against the last K inputs, without a conv launch.
+            y = torch.einsum("bkc,ck->bc", inputs, self.weight[:, 0].to(x.dtype))[:, None]
+        else:
+            y = F.conv1d(inputs.transpose(1, 2), self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
         return y, inputs[:, inputs.shape[1] - (K - 1) :].clone()
 
 
