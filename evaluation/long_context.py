@@ -2,7 +2,8 @@
 
 Evaluates an exported model at several context lengths: fixed-target perplexity and bits per
 byte (SPEC §7.3) and teacher-forced passkey / needle-in-a-haystack retrieval (SPEC §7.2), then
-writes results.json, report.md, perplexity.png and retrieval.png.
+writes results.json, report.md, perplexity.png and retrieval.png. With --free-generation the model
+also writes each value itself with its decoding cache (evaluation/generation.py; generation.png).
 """
 
 from __future__ import annotations

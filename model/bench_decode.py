@@ -122,7 +122,7 @@ def time_recompute(model, prompt: torch.Tensor, steps: int) -> dict:
     return {"recompute_ms_per_token": statistics.median(times), "recompute_peak_bytes": _peak(device)}
 
 
-def check_cache(config: AtmaConfig, device: torch.device, *, prompt_len: int = 300, steps: int = 8) -> float:
+def check_cache(config: AtmaConfig, device: torch.device, *, prompt_len: int = 160, steps: int = 6) -> float:
     """Greedy decoding with the cache vs full recomputation on `device` (tiny preset, fp32, live weights).
 
     Returns the largest logit difference; raises RuntimeError when the tokens differ or it exceeds

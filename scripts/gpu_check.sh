@@ -3,9 +3,10 @@
 # first (kernels vs fp64 oracles at realistic shapes, every autotuning candidate of the Polar
 # kernels forced one at a time, model with vs without kernels); the measurements follow only when
 # they pass: the kernel benchmark (Polar vs SDPA flash/cuDNN, same run), the training benchmark
-# (Polar vs NoPE under ZeRO-3, then Polar under ZeRO-2) and a 64K-token evaluation of a randomly
-# initialised atma-378m. When the tests fail, no figures are written: the measurement steps are
-# skipped, gpu.txt says so, and the exit status is 1.
+# (Polar vs NoPE under ZeRO-3, then Polar under ZeRO-2), a 64K-token evaluation of a randomly
+# initialised atma-378m and its batch-1 decode benchmark (cache vs recomputation vs NoPE). When
+# the tests fail, no figures are written: the measurement steps are skipped, gpu.txt says so, and
+# the exit status is 1.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
@@ -16,12 +17,12 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
-T_BENCH=${T_BENCH:-170} T_TESTS=${T_TESTS:-480} T_TRAIN=${T_TRAIN:-200} T_EVAL=${T_EVAL:-90}
+T_BENCH=${T_BENCH:-170} T_TESTS=${T_TESTS:-480} T_TRAIN=${T_TRAIN:-200} T_EVAL=${T_EVAL:-90} T_DECODE=${T_DECODE:-90}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_training bench_training_zero2 eval_64k} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_training bench_training_zero2 eval_64k bench_decode} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -98,5 +99,13 @@ for key, cells in results.items():
 PY
 measure eval_64k "$T_EVAL" "$PY" "$out/eval_64k.py" "$out"
 rm -rf "$out/model-378m"
+
+# Batch-1 decoding of atma-378m (bf16) with the cache: prefill s and decode ms/token, against full
+# recomputation and NoPE with its SDPA KV cache in the same run; it first checks cached greedy
+# decoding against recomputation on the GPU and prints no figure when they differ.
+decode_lens="2k,8k,32k,64k"
+[ "$quick" = "--quick" ] && decode_lens="2k,8k"
+ATMA_POLAR_AUTOTUNE=0 measure bench_decode "$T_DECODE" "$PY" -m model.bench_decode --lengths "$decode_lens" \
+    --decode-tokens 32 --recompute-steps 2 --json "$out/bench_decode.json"
 echo "gpu check finished with status $status" | tee -a "$out/gpu.txt"
 exit $status
