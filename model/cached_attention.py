@@ -62,14 +62,22 @@ def polar_attention_cached(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Polar attention (SPEC §2.6) of q (B,Tq,H,d) at positions q_start.. over k, v (B,Tk,G,d) at k_start..
 
-    Returns direction (B,Tq,H,d) and magnitude (B,Tq,H) in q's dtype; reductions run in fp32 or wider.
+    Returns direction (B,Tq,H,d) and magnitude (B,Tq,H) in q's dtype; reductions run in fp32 or wider,
+    also under autocast (SPEC §2.6: the whole reduction in fp32).
     """
     _check_positions(q, k, q_start, k_start)
+    with torch.autocast(q.device.type, enabled=False):
+        return _polar_reduce(q, k, v, (v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw),
+                             q_start=q_start, k_start=k_start, window=window)
+
+
+def _polar_reduce(q, k, v, params, *, q_start: int, k_start: int, window: int | None):
+    """The body of `polar_attention_cached`, in the compute dtype."""
     B, Tq, H, d = q.shape
     Tk, G = k.shape[1], k.shape[2]
     r = H // G
     cdt = compute_dtype(q.dtype)
-    v_null_, base_, slope_, gain_, beta_ = (p.to(cdt) for p in (v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw))
+    v_null_, base_, slope_, gain_, beta_ = (p.to(cdt) for p in params)
     counts = torch.arange(q_start + 1, q_start + Tq + 1, device=q.device, dtype=cdt)
     if window is not None:
         counts = counts.clamp(max=window)

@@ -83,9 +83,11 @@ def gated_delta_step(
     if q.shape[1] != 1:
         raise ValueError(f"gated_delta_step takes one token, got {q.shape[1]}")
     cdt = torch.promote_types(state.dtype, torch.float32)
-    q_, k_, v_ = q[:, 0].to(cdt), k[:, 0].to(cdt), v[:, 0].to(cdt)  # (B,H,d)
-    decayed = state.to(cdt) * torch.exp(g[:, 0].to(cdt))[..., None, None]
-    prediction = torch.einsum("bhkv,bhk->bhv", decayed, k_)
-    new_state = decayed + beta[:, 0].to(cdt)[..., None, None] * k_[..., :, None] * (v_ - prediction)[..., None, :]
-    o = torch.einsum("bhkv,bhk->bhv", new_state, q_)
+    # The state stays in fp32 under autocast too (SPEC §4.8).
+    with torch.autocast(q.device.type, enabled=False):
+        q_, k_, v_ = q[:, 0].to(cdt), k[:, 0].to(cdt), v[:, 0].to(cdt)  # (B,H,d)
+        decayed = state.to(cdt) * torch.exp(g[:, 0].to(cdt))[..., None, None]
+        prediction = torch.einsum("bhkv,bhk->bhv", decayed, k_)
+        new_state = decayed + beta[:, 0].to(cdt)[..., None, None] * k_[..., :, None] * (v_ - prediction)[..., None, :]
+        o = torch.einsum("bhkv,bhk->bhv", new_state, q_)
     return o[:, None].to(v.dtype), new_state

@@ -158,6 +158,19 @@ def test_polar_attention_cached_keeps_the_input_dtype_and_computes_in_fp32():
     torch.testing.assert_close(got_mag.double(), expected_mag[:, 8:], rtol=0, atol=3e-2)
 
 
+def test_cached_reductions_stay_fp32_under_autocast():
+    inputs, _, _ = polar_case(1, 7, 4, 2, 8, seed=6)
+    q, k, v, *params = (x.float() for x in inputs)
+    state = torch.randn(1, 4, 8, 8)
+    gq, gk, gv, gg, gbeta, _ = (x.float() if x is not None else None for x in gated_delta_case(1, 1, 4, 8, 8, seed=1))
+    plain = polar_attention_cached(q[:, 6:], k, v, *params, q_start=6, k_start=0), gated_delta_step(gq, gk, gv, gg, gbeta, state)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = polar_attention_cached(q[:, 6:], k, v, *params, q_start=6, k_start=0), gated_delta_step(gq, gk, gv, gg, gbeta, state)
+    for expected, got in zip(plain, autocast):
+        for e, g in zip(expected, got):
+            assert g.dtype == torch.float32 and torch.equal(g, e)
+
+
 def test_cached_attention_rejects_keys_that_do_not_end_at_the_last_query():
     q = torch.zeros(1, 2, 2, 4)
     k = torch.zeros(1, 5, 1, 4)

@@ -141,13 +141,20 @@ def polar_attention(q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, ma
     null floor nu = b + softplus(s) sqrt(ln(n + 1)); one softmax over t * q.k / sqrt(d) and the null
     logit t * nu; direction = normalised (sum_j w_j v_j + w_null v_null); magnitude =
     tanh(softplus(beta) ln(1 + n_eff (1 - w_null))) with n_eff the participation ratio of the real
-    weights. Returns (direction (B,Tq,H,d), magnitude (B,Tq,H)) in q's dtype.
+    weights. Returns (direction (B,Tq,H,d), magnitude (B,Tq,H)) in q's dtype; computed in fp32 or
+    wider, also under autocast.
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _polar_reduce(q, k, v, (v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw),
+                             q_start=q_start, k_start=k_start, window=window)
+
+
+def _polar_reduce(q, k, v, params, *, q_start, k_start, window):
     B, Tq, H, d = q.shape
     Tk, G = k.shape[1], k.shape[2]
     r = H // G
     cdt = compute_dtype(q.dtype)
-    v_null_, base_, slope_, gain_, beta_ = (p.to(cdt) for p in (v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw))
+    v_null_, base_, slope_, gain_, beta_ = (p.to(cdt) for p in params)
     n = torch.arange(q_start + 1, q_start + Tq + 1, device=q.device, dtype=cdt)
     if window is not None:
         n = n.clamp(max=window)
@@ -200,7 +207,13 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk):
 
     q, k (B,T,H,dk) unit-norm, v (B,T,H,dv), g = log-decay and beta (B,T,H); state (B,H,dk,dv) = M^T
     or None (zeros). Per token: M <- gamma M; M <- M + beta (v - M k) k^T; read M q after the write.
+    Computed in fp32 or wider, also under autocast.
     """
+    with torch.autocast(q.device.type, enabled=False):
+        return _gated_delta_chunks(q, k, v, g, beta, state, chunk)
+
+
+def _gated_delta_chunks(q, k, v, g, beta, state, chunk):
     B, T, H, dk = q.shape
     dv = v.shape[-1]
     cdt = torch.promote_types(compute_dtype(q.dtype), torch.float32)
@@ -228,11 +241,13 @@ def gated_delta_chunked(q, k, v, g, beta, state, chunk):
 def gated_delta_step(q, k, v, g, beta, state):
     """One token of the gated delta rule (recurrent form): decay, delta write, readout; O(1) per token."""
     cdt = torch.promote_types(state.dtype, torch.float32)
-    q_, k_, v_ = q[:, 0].to(cdt), k[:, 0].to(cdt), v[:, 0].to(cdt)
-    decayed = state.to(cdt) * torch.exp(g[:, 0].to(cdt))[..., None, None]
-    prediction = torch.einsum("bhkv,bhk->bhv", decayed, k_)
-    S = decayed + beta[:, 0].to(cdt)[..., None, None] * k_[..., :, None] * (v_ - prediction)[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", S, q_)[:, None].to(v.dtype), S
+    with torch.autocast(q.device.type, enabled=False):
+        q_, k_, v_ = q[:, 0].to(cdt), k[:, 0].to(cdt), v[:, 0].to(cdt)
+        decayed = state.to(cdt) * torch.exp(g[:, 0].to(cdt))[..., None, None]
+        prediction = torch.einsum("bhkv,bhk->bhv", decayed, k_)
+        S = decayed + beta[:, 0].to(cdt)[..., None, None] * k_[..., :, None] * (v_ - prediction)[..., None, :]
+        o = torch.einsum("bhkv,bhk->bhv", S, q_)
+    return o[:, None].to(v.dtype), S
 
 
 # ---------------------------------------------------------------------- layers
