@@ -2,7 +2,8 @@
 
 Evaluates an exported model at several context lengths: fixed-target perplexity and bits per
 byte (SPEC §7.3) and teacher-forced passkey / needle-in-a-haystack retrieval (SPEC §7.2), then
-writes results.json, report.md, perplexity.png and retrieval.png.
+writes results.json, report.md, perplexity.png and retrieval.png. With --free-generation the model
+also writes each value itself with its decoding cache (evaluation/generation.py; generation.png).
 
 Before any cell runs, the weights are checked against export.json's sha256, one forward is
 measured and its logits must be finite, and the plan (cells, tokens, estimated time per length)
@@ -34,10 +35,10 @@ from .inputs import build_haystacks, perplexity_documents
 from .loading import check_weights, load_model, read_export_info, resolve_device, resolve_dtype
 from .perplexity import run_perplexity_cell
 from .plan import Forwards, ForwardTime, cell_forwards, describe, estimate_seconds
-from .report import plot_perplexity, plot_retrieval, write_json, write_markdown
+from .report import plot_generation, plot_perplexity, plot_retrieval, write_json, write_markdown
 from .retrieval import run_retrieval_cell
 from .scoring import check_finite, hidden_at
-from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, PERPLEXITY, check_settings, resolve_plan
+from .settings import DEFAULT_DEPTHS, DEFAULT_SEED, FREE_GENERATION_DEFAULT, PERPLEXITY, check_settings, resolve_plan
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ def _run_cell(cell: Cell, model, codec: TextCodec, prepared: dict, settings: dic
             entry.update(run_retrieval_cell(
                 model, prepared["needles"][cell.name], prepared["haystacks"][cell.haystack], cell.length,
                 cell.depth, eos_id=codec.eos_id, device=device, autocast_dtype=autocast_dtype,
+                decode=codec.decode if settings["free_generation"] else None,
             ))
     except torch.OutOfMemoryError:
         entry["error"] = "out of memory"
@@ -171,7 +173,8 @@ def _plan(cells: list[Cell], model, prepared: dict, settings: dict, measured: li
         num_docs = len(prepared["docs"][cell.name][0]) if cell.kind == PERPLEXITY else 0
         value_tokens = max((len(n.value_ids) for n in prepared["needles"].get(cell.name, [])), default=0)
         count, forward_length = cell_forwards(cell.kind, cell.length, num_docs=num_docs, trials=settings["trials"],
-                                              target_tokens=settings["target_tokens"], value_tokens=value_tokens)
+                                              target_tokens=settings["target_tokens"], value_tokens=value_tokens,
+                                              free_generation=settings["free_generation"])
         work.setdefault(cell.length, []).append(Forwards(1, count, forward_length))
     forward_time = ForwardTime.fit(model.config, measured[0], measured[-1])
     estimates = {n: estimate_seconds(forwards, forward_time) for n, forwards in work.items()}
@@ -212,6 +215,7 @@ def _metadata(model_dir, model, codec, settings, prepared, notes, export_info) -
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "dtype": settings["dtype"],
         "window_removed": settings["window_removed"],
+        "free_generation": settings["free_generation"],
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__},
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "notes": notes,
@@ -224,6 +228,7 @@ def _write_outputs(results: dict, out_dir: str) -> None:
         "perplexity.png": (functools.partial(plot_perplexity, training_length=results["metadata"]["training_seq_len"]),
                            results[PERPLEXITY], "ppl"),
         "retrieval.png": (plot_retrieval, results["retrieval"], "token_acc"),
+        "generation.png": (plot_generation, results["retrieval"], "free_exact_acc"),
     }
     outputs = {"results": os.path.join(out_dir, "results.json"), "report": os.path.join(out_dir, "report.md")}
     for name, (plot, entries, key) in plots.items():
@@ -257,6 +262,7 @@ def run_evaluation(
     dtype: str | None = None,
     keep_window: bool = False,
     progress: bool = True,
+    free_generation: bool = FREE_GENERATION_DEFAULT,
 ) -> dict:
     """Evaluate `model_dir` at every length and write results.json, report.md and plots to `out_dir`.
 
@@ -266,6 +272,8 @@ def run_evaluation(
             the first also gives the real haystack. Without data only synthetic retrieval runs.
         tasks: subset of ("passkey", "niah", "perplexity"); haystacks: subset of ("synthetic", "real").
         device/dtype: default cuda + bf16 when a GPU is present, else cpu + fp32.
+        free_generation: also let the model write each retrieval value itself (greedy, with the
+            decoding cache) and score exact matches; costs one more prefill per trial.
     Returns:
         The results dict written to results.json ("metadata", "retrieval", "perplexity").
     """
@@ -300,6 +308,7 @@ def run_evaluation(
         "device": torch_device, "autocast_dtype": autocast_dtype, "dtype": dtype_name, "lengths": lengths,
         "max_length": max_length, "tasks": tasks, "haystacks": haystacks, "depths": depths, "trials": trials,
         "seed": seed, "target_tokens": target_tokens, "window_removed": removed_window,
+        "free_generation": free_generation,
     }
     cells = _plan_cells(lengths, tasks, haystacks if retrieval_tasks else (), depths, list(prepared["docs"]))
     measured = _first_forwards(model, model_dir, settings, min(lengths[0], 256), lengths[-1])
@@ -377,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-window", action="store_true",
                    help="keep the model's sliding attention window (default: removed, full-context forward)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--free-generation", action=argparse.BooleanOptionalAction, default=FREE_GENERATION_DEFAULT,
+                   help="also generate each retrieval value greedily with the decoding cache and score exact "
+                   "matches (one more prefill per trial; default: %(default)s)")
     return p
 
 
@@ -402,6 +414,7 @@ def main(argv=None) -> int:
             depths=_depths(args.depths), trials=args.trials, seed=args.seed, target_tokens=args.target_tokens,
             max_docs=args.max_docs, concat_docs=args.concat_docs, text_field=args.text_field, device=args.device,
             dtype=args.dtype, keep_window=args.keep_window, progress=not args.no_progress,
+            free_generation=args.free_generation,
         )
     except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)

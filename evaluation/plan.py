@@ -1,7 +1,8 @@
 """The work an evaluation is about to do, and how long it should take on this device.
 
 Every cell is a number of forwards of known length: a perplexity cell runs one forward of
-L + target - 1 tokens per document, a retrieval cell one of L + value - 1 tokens per trial. The
+L + target - 1 tokens per document, a retrieval cell one of L + value - 1 tokens per trial (two
+with free generation). The
 time of a forward is modelled as a fixed overhead plus a cost proportional to its FLOPs (the
 model's forward FLOPs per token at that length, times the length: the attention term grows with
 L), fitted to two forwards measured before the cells start.
@@ -33,11 +34,13 @@ class Forwards:
         return self.count * self.length
 
 
-def cell_forwards(kind: str, length: int, *, num_docs: int, trials: int, target_tokens: int, value_tokens: int) -> tuple[int, int]:
+def cell_forwards(kind: str, length: int, *, num_docs: int, trials: int, target_tokens: int, value_tokens: int,
+                  free_generation: bool = False) -> tuple[int, int]:
     """(forwards, tokens per forward) of one cell: a perplexity cell or a retrieval cell."""
     if kind == "perplexity":
         return num_docs, length + target_tokens - 1
-    return trials, length + value_tokens - 1
+    # Free generation adds one cached prefill of about the same length per trial.
+    return trials * (2 if free_generation else 1), length + value_tokens - 1
 
 
 def trunk_flops_per_token(config, length: int) -> float:

@@ -99,6 +99,27 @@ def _retrieval_section(entries: list[dict], lengths: list[int], meta: dict) -> l
         "",
         *_retrieval_table(entries, lengths, "exact_acc"),
         "",
+        *_generation_section(entries, lengths),
+    ]
+
+
+def _generation_section(entries: list[dict], lengths: list[int]) -> list[str]:
+    if not any(e.get("free_exact_acc") is not None for e in entries):
+        return []
+    return [
+        "## Free-generation retrieval",
+        "",
+        "The model writes the value itself: the context is prefilled into its decoding cache and as many "
+        "tokens as the value takes are generated greedily.",
+        "",
+        "Exact match (% of trials whose generated text starts with the value \" d1 d2 d3 d4 d5\"):",
+        "",
+        *_retrieval_table(entries, lengths, "free_exact_acc"),
+        "",
+        "Digit accuracy (% of the five digits written in their place):",
+        "",
+        *_retrieval_table(entries, lengths, "free_digit_acc"),
+        "",
     ]
 
 
@@ -191,11 +212,20 @@ def plot_perplexity(entries: list[dict], path: str, training_length: int | None 
 
 def plot_retrieval(entries: list[dict], path: str) -> None:
     """retrieval.png: token-accuracy heatmaps of depth x length, one panel per task (rows) x haystack (columns)."""
+    _plot_heatmaps(entries, path, "token_acc", "token accuracy (%)")
+
+
+def plot_generation(entries: list[dict], path: str) -> None:
+    """generation.png: free-generation exact-match heatmaps, laid out as in retrieval.png."""
+    _plot_heatmaps(entries, path, "free_exact_acc", "free-generation exact match (%)")
+
+
+def _plot_heatmaps(entries: list[dict], path: str, metric: str, label: str) -> None:
     tasks = list(dict.fromkeys(e["task"] for e in entries))
     haystacks = list(dict.fromkeys(e["haystack"] for e in entries))
     lengths = sorted({e["length"] for e in entries})
     depths = sorted({e["depth"] for e in entries})
-    by_key = {(e["task"], e["haystack"], e["depth"], e["length"]): e.get("token_acc") for e in entries}
+    by_key = {(e["task"], e["haystack"], e["depth"], e["length"]): e.get(metric) for e in entries}
     panel_w, panel_h = max(3.5, 1.2 + 0.7 * len(lengths)), 1.6 + 0.5 * len(depths)
     fig = Figure(figsize=(panel_w * len(haystacks) + 1.2, panel_h * len(tasks)), dpi=120, layout="constrained")
     axes = fig.subplots(len(tasks), len(haystacks), squeeze=False)
@@ -215,5 +245,5 @@ def plot_retrieval(entries: list[dict], path: str) -> None:
             ax.set_xlabel("context length")
             ax.set_ylabel("needle depth")
             ax.set_title(f"{task} / {haystack}")
-    fig.colorbar(image, ax=axes.ravel().tolist(), label="token accuracy (%)")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label=label)
     fig.savefig(path)

@@ -10,6 +10,9 @@ PERPLEXITY = "perplexity"
 ALL_TASKS = TASKS + (PERPLEXITY,)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 DEFAULT_SEED = 1234
+# Free-generation retrieval (evaluation/generation.py) is opt-in: on the CPU it more than doubles
+# the retrieval cells' time (one more prefill and a decode step per value token per trial).
+FREE_GENERATION_DEFAULT = False
 
 
 def check_choices(values, allowed, what: str) -> tuple:

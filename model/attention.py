@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import kernels
 
+from .cached_attention import polar_attention_cached, softmax_attention_cached
 from .config import AtmaConfig
 from .layers import CausalDepthwiseConv, head_rms_norm, linear
 from .memory import GatedDeltaMemory
@@ -24,10 +25,10 @@ class HalfTruncatedRotary(nn.Module):
         live = (1.0 / 1024) ** torch.linspace(0, 1, steps=quarter, dtype=torch.float32)
         self.register_buffer("angular_freq", torch.cat([live, live.new_zeros(quarter)]))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B,T,heads,d) by position 0..T-1, in fp32."""
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotate x (B,T,heads,d) by position offset..offset+T-1, in fp32."""
         T = x.shape[1]
-        pos = torch.arange(T, device=x.device, dtype=torch.float32)
+        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
         theta = pos[:, None] * self.angular_freq.float()[None, :]  # (T, d/2)
         cos, sin = theta.cos()[None, :, None, :], theta.sin()[None, :, None, :]
         x1, x2 = x.float().chunk(2, dim=-1)
@@ -85,8 +86,11 @@ class GlobalAttention(nn.Module):
         )
 
     # ------------------------------------------------------------------ pieces
-    def project_qkv(self, x: torch.Tensor):
-        """Return q (B,T,H,d), gate (B,T,H,d), k, v (B,T,G,d) after QK-norm and canon (SPEC §2.5 steps 1-4)."""
+    def project_qkv(self, x: torch.Tensor, state=None):
+        """Return q (B,T,H,d), gate (B,T,H,d), k, v (B,T,G,d) after QK-norm and canon (SPEC §2.5 steps 1-4).
+
+        With a decoding `state` the canon convs continue from its histories (updated in place).
+        """
         B, T, _ = x.shape
         H, G, d = self.H, self.G, self.d
         qg = self.q(x).view(B, T, H, 2 * d)
@@ -95,10 +99,19 @@ class GlobalAttention(nn.Module):
         v = self.v(x).view(B, T, G, d)
         q, k = head_rms_norm(q), head_rms_norm(k)
         if self.core != "rope":
-            q = q + self.canon_q(q.reshape(B, T, H * d)).view(B, T, H, d)
-            k = k + self.canon_k(k.reshape(B, T, G * d)).view(B, T, G, d)
-            v = v + self.canon_v(v.reshape(B, T, G * d)).view(B, T, G, d)
+            q = q + self._canon("canon_q", q.reshape(B, T, H * d), state).view(B, T, H, d)
+            k = k + self._canon("canon_k", k.reshape(B, T, G * d), state).view(B, T, G, d)
+            v = v + self._canon("canon_v", v.reshape(B, T, G * d), state).view(B, T, G, d)
         return q, gate, k, v
+
+    def _canon(self, name: str, x: torch.Tensor, state) -> torch.Tensor:
+        """Canon conv `name` of x (B,T,C); with a state, continued from and saved to its attribute `name`."""
+        conv = getattr(self, name)
+        if state is None:
+            return conv(x)
+        y, history = conv.extend(x, getattr(state, name))
+        setattr(state, name, history)
+        return y
 
     def polar_params(self):
         """The five per-head Polar parameter tensors, in kernel argument order."""
@@ -167,8 +180,43 @@ class GlobalAttention(nn.Module):
                 o_noisy = self.softmax_core(qc, kc, v, extra_k=k_r, extra_v=v_r)
                 align = F.mse_loss(o_noisy.float(), o.float())
         if self.mem is not None:
-            r = self.H // self.G
-            k_h = k.repeat_interleave(r, dim=2) if r > 1 else k
-            v_h = v.repeat_interleave(r, dim=2) if r > 1 else v
+            k_h, v_h = self._expand_heads(k), self._expand_heads(v)
             out = out + self.mem(x, q, k_h, v_h)
         return out, align
+
+    def _expand_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,T,G,d) -> (B,T,H,d): query head h reads key/value head h // (H // G) (SPEC §2.5 step 5)."""
+        r = self.H // self.G
+        return x.repeat_interleave(r, dim=2) if r > 1 else x
+
+    def extend(self, x: torch.Tensor, state, offset: int) -> torch.Tensor:
+        """Mixer output for x (B,T,D) at positions offset.. after the tokens in `state` (updated in place).
+
+        At offset 0 the core runs its parallel path, as in `forward`; later tokens attend to the
+        cached keys through `model.cached_attention` (SPEC §2.6: counts and window at each position).
+        """
+        B, T, _ = x.shape
+        q, gate, k, v = self.project_qkv(x, state)
+        qc, kc = (self.rotary(q, offset), self.rotary(k, offset)) if self.core == "rope" else (q, k)
+        num_cached = len(state.kv)
+        keys, values = state.kv.append(kc, v)
+        k_start = offset - num_cached
+        if self.core == "polar":
+            if offset == 0:
+                c, mu = kernels.polar_attention(q, k, v, *self.polar_params(), window=self.window)
+            else:
+                c, mu = polar_attention_cached(
+                    q, keys, values, *self.polar_params(), q_start=offset, k_start=k_start, window=self.window
+                )
+            out = self.proj((c * torch.sigmoid(gate)).reshape(B, T, -1)) + self.mu_proj(mu.to(x.dtype))
+        else:
+            if offset == 0:
+                o = self.softmax_core(qc, kc, v)
+            else:
+                o = softmax_attention_cached(
+                    qc, keys, values, scale=self.scale, q_start=offset, k_start=k_start, window=self.window
+                )
+            out = self.proj((o * torch.sigmoid(gate)).reshape(B, T, -1))
+        if self.mem is not None:
+            out = out + self.mem.extend(x, q, self._expand_heads(k), self._expand_heads(v), state)
+        return out

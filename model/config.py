@@ -7,6 +7,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .hf import TRANSFORMERS_CONFIG_KEYS
+
 CORES = ("polar", "nope", "rope")
 INIT_SCHEMES = ("default", "reference")
 _POSITIVE_INTS = (
@@ -167,7 +169,7 @@ class AtmaConfig:
 
     @classmethod
     def load(cls, path: str) -> "AtmaConfig":
-        """Read a config.json written by `save`."""
+        """Read a config.json written by `save` (keys added for transformers are skipped)."""
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: config file not found")
         try:
@@ -177,6 +179,8 @@ class AtmaConfig:
             raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object")
+        # An exported config.json also describes the model to transformers (model/hf); those keys are not ours.
+        data = {k: v for k, v in data.items() if k not in TRANSFORMERS_CONFIG_KEYS}
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as err:

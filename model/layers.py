@@ -60,6 +60,26 @@ class CausalDepthwiseConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.causal_conv1d(x, self.weight.squeeze(1).to(x.dtype))
 
+    def extend(self, x: torch.Tensor, history: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv of x (B,T,C) continuing after `history`, the last K-1 earlier inputs (None: none yet).
+
+        Returns the output (B,T,C) and the new history (B,K-1,C). Without history this is `forward`.
+        """
+        K = self.weight.shape[-1]
+        weight = self.weight.squeeze(1).to(x.dtype)
+        if history is None:
+            y = self(x)
+            inputs = F.pad(x, (0, 0, K - 1, 0))
+        else:
+            inputs = torch.cat([history.to(x.dtype), x], dim=1)
+            if x.shape[1] == 1:
+                # One decode step: the K taps against the last K inputs, without a conv launch.
+                y = torch.einsum("bkc,ck->bc", inputs, weight)[:, None]
+            else:
+                y = kernels.causal_conv1d(inputs, weight)[:, K - 1 :]
+        # A copy, so that the history does not keep the whole input alive.
+        return y, inputs[:, inputs.shape[1] - (K - 1) :].clone()
+
 
 class MLP(nn.Module):
     """Squared-ReLU gated MLP: proj(g * relu(a)^2) with [a, g] = split(fc(x)) (SPEC §2.3)."""
@@ -89,6 +109,12 @@ class LFM2Conv(nn.Module):
         b_gate, c_gate, u = self.in_proj(x).chunk(3, dim=-1)
         y = self.conv(b_gate * u)
         return self.out_proj(c_gate * y), x.new_zeros((), dtype=torch.float32)
+
+    def extend(self, x: torch.Tensor, state, offset: int) -> torch.Tensor:
+        """Mixer output for x (B,T,D) after the tokens in `state` (a `ConvBlockState`, updated in place)."""
+        b_gate, c_gate, u = self.in_proj(x).chunk(3, dim=-1)
+        y, state.conv = self.conv.extend(b_gate * u, state.conv)
+        return self.out_proj(c_gate * y)
 
 
 def softcap(z: torch.Tensor, cap: float = 15.0) -> torch.Tensor:

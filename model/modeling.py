@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from .attention import GlobalAttention
+from .cache import AtmaCache
 from .config import AtmaConfig
 from .layers import MLP, CausalDepthwiseConv, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
 
@@ -48,6 +49,11 @@ class Block(nn.Module):
         mixed, align = self.mixer(self.norm1(x))
         x = x + mixed
         return x + self.mlp(self.norm2(x)), align
+
+    def extend(self, x: torch.Tensor, state, offset: int) -> torch.Tensor:
+        """The block on x (B,T,D) at positions offset.. after the tokens in `state` (updated in place)."""
+        x = x + self.mixer.extend(self.norm1(x), state, offset)
+        return x + self.mlp(self.norm2(x))
 
 
 class AtmaOutput(dict):
@@ -248,6 +254,31 @@ class AtmaForCausalLM(nn.Module):
                 hidden_states.append(x)
         align_loss = torch.stack(aligns).mean() if aligns else x.new_zeros(())
         return self.norm(x), hidden_states, align_loss
+
+    # ------------------------------------------------------------------ incremental decoding
+    def new_cache(self) -> AtmaCache:
+        """An empty decoding cache laid out for this model's blocks (see `extend`)."""
+        return AtmaCache.empty(self.config)
+
+    def extend(self, input_ids: torch.Tensor, cache: AtmaCache) -> torch.Tensor:
+        """Run input_ids (B,T) after the tokens already in `cache`; return normed hidden states (B,T,D).
+
+        The cache is updated in place. On an empty cache this is a prefill on the parallel paths
+        (the same kernels as `trunk`); afterwards each call continues from the cached state, so
+        one token per call is a decode step. Logits: `self.logits(hidden)`.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, seq_len) with seq_len >= 1, got shape {tuple(input_ids.shape)}")
+        if len(cache.layers) != len(self.blocks):
+            raise ValueError(f"the cache has {len(cache.layers)} layers, the model {len(self.blocks)}: use model.new_cache()")
+        if cache.batch_size is not None and cache.batch_size != input_ids.shape[0]:
+            raise ValueError(f"the cache holds {cache.batch_size} sequences, input_ids {input_ids.shape[0]}")
+        x = self.embed(input_ids)
+        for block, state in zip(self.blocks, cache.layers):
+            x = block.extend(x, state, cache.seq_len)
+        cache.seq_len += input_ids.shape[1]
+        cache.batch_size = input_ids.shape[0]
+        return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Soft-capped fp32 logits of normed hidden states (SPEC §2.1)."""

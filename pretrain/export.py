@@ -27,6 +27,7 @@ from model.persistence import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_state
 from . import checkpoint as ckpt
 from .checkpoint import read_client_state  # noqa: F401  (re-exported: tests and tools read tags with it)
 from .contract import read_record
+from .hf_export import write_transformers_files
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_NAME = "tokenizer.json"
@@ -137,6 +138,7 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
                       if os.path.isfile(p)), None)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, os.path.join(out_dir, TOKENIZER_NAME))
+    write_transformers_files(out_dir)
     # None for a checkpoint written before tags carried run.json.
     seq_len = (record or {}).get("seq_len")
     result = {

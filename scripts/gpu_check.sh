@@ -15,7 +15,10 @@
 # JSON after every case, so a time limit keeps what was measured.
 # Time plan (limits in seconds; the whole check fits in about 8 minutes when every step ends at
 # its usual time): tests 240, kernel benchmark 90, training 150, DeepCompile 60, guarded 40,
-# evaluation 60; eval_64k and bench_training_guarded can be left out with GPU_CHECK_STEPS.
+# evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache against
+# recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
+# GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_training" then "bench_training_deepcompile
+# bench_training_guarded eval_64k bench_decode" (a call without gpu_tests says its figures are ungated).
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
@@ -27,12 +30,12 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 T_BENCH=${T_BENCH:-90} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-60}
-T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40}
+T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_training bench_training_deepcompile bench_training_guarded eval_64k} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_training bench_training_deepcompile bench_training_guarded eval_64k bench_decode} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -115,5 +118,13 @@ for key, cells in results.items():
 PY
 measure eval_64k "$T_EVAL" "$PY" "$out/eval_64k.py" "$out"
 rm -rf "$out/model-378m"
+
+# Batch-1 decoding of atma-378m (bf16) with the cache: prefill s and decode ms/token, against full
+# recomputation and NoPE with its SDPA KV cache in the same run; it first checks cached greedy
+# decoding against recomputation on the GPU and prints no figure when they differ.
+decode_lens="2k,8k,32k,64k"
+[ "$quick" = "--quick" ] && decode_lens="2k,8k"
+ATMA_POLAR_AUTOTUNE=0 measure bench_decode "$T_DECODE" "$PY" -m model.bench_decode --lengths "$decode_lens" \
+    --decode-tokens 32 --recompute-steps 2 --json "$out/bench_decode.json"
 echo "gpu check finished with status $status" | tee -a "$out/gpu.txt"
 exit $status
