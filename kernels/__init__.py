@@ -3,12 +3,14 @@
 Public contracts (DESIGN.md): `polar_attention`, `gated_delta_rule`, `causal_conv1d`; the
 backend is chosen per call from the tensors' device and `ATMA_KERNELS=triton|torch|auto`.
 `polar_visible_counts` and `polar_length_terms` are the Polar length terms (SPEC §2.6) that
-every Polar path uses, for callers that need the same t and nu (the distractor loss).
+every Polar path uses, for callers that need the same t and nu (the distractor loss);
+`POLAR_EPS` and `compute_dtype` are the Polar clamp and dtype rules, for the one-token decoding
+step that evaluates the same reduction outside the kernels.
 One folder per operation (`polar/`, `gated_delta/`, `causal_conv/`) holds its paths and its
 fp64 oracle (`naive.py`); `common/` holds what they share.
 """
 
-from .common import polar_length_terms, polar_visible_counts
+from .common import POLAR_EPS, compute_dtype, polar_length_terms, polar_visible_counts
 from .dispatch import causal_conv1d, gated_delta_rule, kernel_backend, polar_attention
 
 __all__ = [
@@ -18,4 +20,6 @@ __all__ = [
     "kernel_backend",
     "polar_visible_counts",
     "polar_length_terms",
+    "POLAR_EPS",
+    "compute_dtype",
 ]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.common import POLAR_EPS, compute_dtype
+from kernels import POLAR_EPS, compute_dtype
 
 # Rows per block: each (B, H, rows, Tk) intermediate stays near this many elements.
 _BLOCK_ELEMENTS = 1 << 24
