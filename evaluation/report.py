@@ -31,6 +31,21 @@ def write_json(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+# A uniform guess among the ten digits gets one digit in ten right (SPEC §7.2 scores five digits).
+DIGIT_CHANCE = 0.1
+CHANCE_MARK = "°"
+
+
+def at_chance(entry: dict) -> bool:
+    """Whether a retrieval cell's digit accuracy is not clearly above chance: below 10% plus two
+    standard errors of a 10% binomial over its scored digits (5 per trial)."""
+    accuracy, trials = entry.get("digit_acc"), entry.get("trials") or 0
+    if accuracy is None or trials <= 0:
+        return False
+    digits = 5 * trials
+    return accuracy <= DIGIT_CHANCE + 2 * math.sqrt(DIGIT_CHANCE * (1 - DIGIT_CHANCE) / digits)
+
+
 def _fmt(value, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
@@ -69,14 +84,37 @@ def _retrieval_table(entries: list[dict], lengths: list[int], metric: str) -> li
     rows = []
     for task, haystack in groups:
         for depth in depths:
-            values = [by_key.get((task, haystack, depth, n), {}).get(metric) for n in lengths]
-            rows.append([task, haystack, f"{depth:g}"] + [_fmt(None if v is None else 100 * v, ".1f") for v in values])
+            cells = [by_key.get((task, haystack, depth, n), {}) for n in lengths]
+            rows.append([task, haystack, f"{depth:g}"] + [_accuracy_text(c, metric) for c in cells])
         means = []
         for n in lengths:
             cell = [by_key.get((task, haystack, d, n), {}).get(metric) for d in depths]
             means.append(None if any(v is None for v in cell) else 100 * sum(cell) / len(cell))
         rows.append([task, haystack, "**mean**"] + [_fmt(v, ".1f") for v in means])
     return _table(["task", "haystack", "depth"] + [format_length(n) for n in lengths], rows)
+
+
+def _accuracy_text(cell: dict, metric: str) -> str:
+    """A cell's accuracy in %, marked when its digits are at chance."""
+    value = cell.get(metric)
+    text = _fmt(None if value is None else 100 * value, ".1f")
+    return text + CHANCE_MARK if value is not None and at_chance(cell) else text
+
+
+def _chance_note(entries: list[dict]) -> list[str]:
+    """The line that says which cells are at chance, and what chance is."""
+    measured = [e for e in entries if e.get("digit_acc") is not None]
+    if not measured:
+        return []
+    count = sum(at_chance(e) for e in measured)
+    lines = [f"{CHANCE_MARK} at chance: digit accuracy within two standard errors of "
+             f"{100 * DIGIT_CHANCE:.0f}% (a uniform guess among the ten digits; exact-match chance is 0.001%)."]
+    if count == len(measured):
+        lines.append("**Every cell is at chance: this model has not learned to retrieve at any length, so "
+                     "these tables say nothing about length extrapolation.**")
+    elif count:
+        lines.append(f"{count} of {len(measured)} cells are at chance.")
+    return lines + [""]
 
 
 def _retrieval_section(entries: list[dict], lengths: list[int], meta: dict) -> list[str]:
@@ -87,6 +125,7 @@ def _retrieval_section(entries: list[dict], lengths: list[int], meta: dict) -> l
         "(a token is correct only when its logit is strictly the largest; ties count as wrong). "
         f"Tokens per digit 0-9: {', '.join(str(v) for v in meta['tokenizer']['digit_tokens'].values())}.",
         "",
+        *_chance_note(entries),
         "Token accuracy (%):",
         "",
         *_retrieval_table(entries, lengths, "token_acc"),
@@ -184,19 +223,44 @@ def _cell_label(entry: dict) -> str:
     return f"perplexity/{entry['source']} L={entry['length']}"
 
 
+# The perplexity panel spans at least this many percent either side of zero, so that a change of
+# a fraction of a percent (noise at toy scale) is drawn as flat, not as a dramatic curve.
+MIN_PERCENT_SPAN = 2.0
+
+
+def relative_change(values: list[float]) -> list[float]:
+    """Percent change of each value against the first one."""
+    return [100.0 * (v / values[0] - 1.0) for v in values]
+
+
+def percent_limits(series: list[list[float]], span: float = MIN_PERCENT_SPAN) -> tuple[float, float]:
+    """y-limits for percent-change curves: the data with a margin, and never narrower than ±span."""
+    values = [v for line in series for v in line] or [0.0]
+    low, high = min(values), max(values)
+    margin = 0.1 * (high - low)
+    return min(low - margin, -span), max(high + margin, span)
+
+
 def plot_perplexity(entries: list[dict], path: str, training_length: int | None = None) -> None:
-    """perplexity.png: perplexity and bits per byte vs context length (log-x), one line per source, and the
-    training sequence length as a dashed line when known."""
+    """perplexity.png: perplexity change (% vs the shortest length) and bits per byte (axis from zero) vs
+    context length (log-x), one line per source, and the training length dashed when known."""
     fig = Figure(figsize=(10, 4), dpi=120, layout="constrained")
     axes = fig.subplots(1, 2)
+    changes = []
     for source in dict.fromkeys(e["source"] for e in entries):
         points = sorted((e["length"], e["ppl"], e["bpb"]) for e in entries if e["source"] == source and e.get("ppl") is not None)
         if not points:
             continue
         xs = [p[0] for p in points]
-        axes[0].plot(xs, [p[1] for p in points], marker="o", label=source)
+        change = relative_change([p[1] for p in points])
+        changes.append(change)
+        axes[0].plot(xs, change, marker="o", label=f"{source} (ppl {points[0][1]:.3g} at {format_length(xs[0])})")
         axes[1].plot(xs, [p[2] for p in points], marker="o", label=source)
-    for ax, ylabel in zip(axes, ("perplexity", "bits per byte")):
+    axes[0].set_ylim(*percent_limits(changes))
+    axes[0].axhline(0.0, color="black", linewidth=0.6)
+    axes[1].set_ylim(bottom=0)
+    labels = ("perplexity change vs the shortest length (%)", "bits per byte")
+    for ax, ylabel in zip(axes, labels):
         ax.set_xscale("log", base=2)
         lengths = sorted({e["length"] for e in entries})
         ax.set_xticks(lengths, [format_length(n) for n in lengths])
@@ -205,7 +269,7 @@ def plot_perplexity(entries: list[dict], path: str, training_length: int | None 
         if training_length:
             ax.axvline(training_length, color="gray", linestyle="--", label="training length")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle("Fixed-target likelihood vs context length")
     fig.savefig(path)
 
@@ -226,6 +290,7 @@ def _plot_heatmaps(entries: list[dict], path: str, metric: str, label: str) -> N
     lengths = sorted({e["length"] for e in entries})
     depths = sorted({e["depth"] for e in entries})
     by_key = {(e["task"], e["haystack"], e["depth"], e["length"]): e.get(metric) for e in entries}
+    chance = {(e["task"], e["haystack"], e["depth"], e["length"]) for e in entries if at_chance(e)}
     panel_w, panel_h = max(3.5, 1.2 + 0.7 * len(lengths)), 1.6 + 0.5 * len(depths)
     fig = Figure(figsize=(panel_w * len(haystacks) + 1.2, panel_h * len(tasks)), dpi=120, layout="constrained")
     axes = fig.subplots(len(tasks), len(haystacks), squeeze=False)
@@ -239,6 +304,8 @@ def _plot_heatmaps(entries: list[dict], path: str, metric: str, label: str) -> N
             for i, line in enumerate(values):
                 for j, v in enumerate(line):
                     text, color = ("—", "black") if math.isnan(v) else (f"{v:.0f}", "white" if v < 60 else "black")
+                    if (task, haystack, depths[i], lengths[j]) in chance:
+                        text += CHANCE_MARK
                     ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
             ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
             ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -246,4 +313,9 @@ def _plot_heatmaps(entries: list[dict], path: str, metric: str, label: str) -> N
             ax.set_ylabel("needle depth")
             ax.set_title(f"{task} / {haystack}")
     fig.colorbar(image, ax=axes.ravel().tolist(), label=label)
+    if chance:
+        everything = len(chance) == sum(v is not None for v in by_key.values())
+        fig.suptitle(f"{CHANCE_MARK} digits at chance ({100 * DIGIT_CHANCE:.0f}%)"
+                     + (": every cell, the model does not retrieve at any length" if everything else ""),
+                     fontsize=9)
     fig.savefig(path)

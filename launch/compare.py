@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from evaluation.report import CHANCE_MARK, DIGIT_CHANCE, at_chance, percent_limits, relative_change
+
 from .quickstart import banner, run_prepare, run_pretrain
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
@@ -55,10 +57,13 @@ def summarise(results: dict) -> dict:
     acc: dict[int, list] = {}
     for r in results.get("retrieval", []):
         if "token_acc" in r:
-            acc.setdefault(r["length"], []).append((r["token_acc"], r["exact_acc"]))
-    for length, values in acc.items():
-        rows.setdefault(length, {})["token_acc"] = sum(v[0] for v in values) / len(values)
-        rows[length]["exact_acc"] = sum(v[1] for v in values) / len(values)
+            acc.setdefault(r["length"], []).append(r)
+    for length, cells in acc.items():
+        row = rows.setdefault(length, {})
+        for metric in ("token_acc", "digit_acc", "exact_acc"):
+            row[metric] = sum(c[metric] for c in cells) / len(cells)
+        row["trials"] = sum(c["trials"] for c in cells)
+        row["at_chance"] = at_chance(row)
     return dict(sorted(rows.items()))
 
 
@@ -71,16 +76,18 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     lines = [f"# Miniature comparison: train at {args.seq_len}, evaluate to {lengths[-1]}", "",
              f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data and seed; "
              f"{args.trials} retrieval trials per (task, haystack, depth) cell; {seconds / 60:.0f} min in all.", ""]
-    for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.2f}"),
+    for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.3f}"),
                                ("bpb", "Bits per byte", "{:.3f}"),
                                ("token_acc", "Retrieval token accuracy, % (mean over tasks, haystacks, depths)",
                                 "{:.1f}"),
                                ("exact_acc", "Retrieval exact accuracy, %", "{:.1f}")):
         lines += [f"## {title}", "", head, sep]
         for name, rows in table.items():
-            cells = [fmt.format(rows[str(n)][metric]) if metric in rows.get(str(n), {}) else "-" for n in lengths]
+            cells = [_cell(rows.get(str(n), {}), metric, fmt) for n in lengths]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        if metric == "token_acc":
+            lines += _chance_lines(table), ""
     with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     import matplotlib
@@ -88,14 +95,25 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    for metric, ylabel, fname in (("ppl", "fixed-target perplexity", "comparison_perplexity.png"),
+    for metric, ylabel, fname in (("ppl", "perplexity change vs 1x (%)", "comparison_perplexity.png"),
                                   ("token_acc", "retrieval token accuracy (%)", "comparison_retrieval.png")):
         fig = Figure(figsize=(6, 4))
         ax = fig.add_subplot()
+        series = []
         for name, rows in table.items():
             xs = [n for n in lengths if metric in rows.get(str(n), {})]
-            ax.plot(xs, [rows[str(n)][metric] for n in xs], marker="o", label=name,
-                    linestyle="-" if name.endswith("+mem") else "--")
+            if not xs:
+                continue
+            ys = [rows[str(n)][metric] for n in xs]
+            ys = relative_change(ys) if metric == "ppl" else [100 * y for y in ys]
+            series.append(ys)
+            ax.plot(xs, ys, marker="o", label=name, linestyle="-" if name.endswith("+mem") else "--")
+        if metric == "ppl":
+            ax.set_ylim(*percent_limits(series))
+            ax.axhline(0.0, color="black", linewidth=0.6)
+        else:
+            ax.set_ylim(0, 100)
+            ax.axhline(100 * DIGIT_CHANCE, color="red", linewidth=0.8, linestyle=":", label="chance (digits)")
         ax.set_xscale("log", base=2)
         ax.axvline(args.seq_len, color="grey", linewidth=0.8)
         ax.set_xlabel("context length (tokens)")
@@ -103,6 +121,26 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fname), dpi=120)
+
+
+def _cell(row: dict, metric: str, fmt: str) -> str:
+    """One table cell: the value (accuracies in %), marked when the retrieval there is at chance."""
+    if metric not in row:
+        return "-"
+    value = row[metric] * (100 if metric.endswith("_acc") else 1)
+    text = fmt.format(value)
+    return text + CHANCE_MARK if metric.endswith("_acc") and row.get("at_chance") else text
+
+
+def _chance_lines(table: dict) -> str:
+    """What the chance mark means, and a plain warning when no model retrieves at all."""
+    cells = [row for rows in table.values() for row in rows.values() if "at_chance" in row]
+    note = (f"{CHANCE_MARK} at chance: digit accuracy within two standard errors of {100 * DIGIT_CHANCE:.0f}% "
+            "(a uniform guess among the ten digits).")
+    if cells and all(row["at_chance"] for row in cells):
+        note += (" **Every model is at chance at every length, the training length included: none learned "
+                 "to retrieve, so these numbers say nothing about extrapolation.**")
+    return note
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,67 @@
+"""Reports at toy scale: retrieval at chance is labelled as such, and plots do not magnify noise."""
+
+import json
+
+import pytest
+
+from evaluation.report import CHANCE_MARK, at_chance, percent_limits, relative_change, write_markdown
+from launch import compare
+
+
+def _cell(length, digit_acc, trials=8, depth=0.5):
+    return {"task": "passkey", "haystack": "synthetic", "length": length, "depth": depth, "trials": trials,
+            "token_acc": digit_acc, "digit_acc": digit_acc, "exact_acc": digit_acc**5, "nll": 2.3,
+            "scored_tokens": 5 * trials, "seconds": 0.1, "peak_memory_bytes": None}
+
+
+def _results(cells):
+    meta = {"model_dir": "m", "num_parameters": 1000, "config": {"preset": "tiny"}, "device": "cpu",
+            "device_name": "cpu", "dtype": "fp32", "lengths": sorted({c["length"] for c in cells}), "seed": 0,
+            "training_seq_len": 256, "export": {"tokens_seen": 1000}, "trials": 8, "target_tokens": 64,
+            "tokenizer": {"digit_tokens": {str(d): 1 for d in range(10)}}, "total_seconds": 1.0}
+    return {"metadata": meta, "retrieval": cells, "perplexity": []}
+
+
+def test_chance_is_two_standard_errors_above_ten_percent():
+    # 8 trials = 40 digits: the bound is 10% + 2 * sqrt(0.09 / 40) = 19.5%.
+    assert at_chance(_cell(256, 0.10)) and at_chance(_cell(256, 0.19)) and at_chance(_cell(256, 0.0))
+    assert not at_chance(_cell(256, 0.20)) and not at_chance(_cell(256, 0.95))
+    # More trials tighten the bound: 15% over 400 digits is above chance (bound 13%).
+    assert not at_chance(_cell(256, 0.15, trials=80))
+    assert not at_chance({"digit_acc": None, "trials": 8}) and not at_chance({"digit_acc": 0.0, "trials": 0})
+
+
+def test_report_labels_cells_at_chance_and_says_when_nothing_is_learned(tmp_path):
+    path = tmp_path / "report.md"
+    write_markdown(_results([_cell(256, 0.1), _cell(512, 0.05)]), str(path))
+    text = path.read_text()
+    assert "Every cell is at chance" in text and f"10.0{CHANCE_MARK}" in text and f"5.0{CHANCE_MARK}" in text
+    write_markdown(_results([_cell(256, 0.96), _cell(512, 0.1)]), str(path))
+    text = path.read_text()
+    assert "Every cell is at chance" not in text and "1 of 2 cells are at chance" in text
+    assert "96.0 |" in text and f"96.0{CHANCE_MARK}" not in text
+
+
+def test_perplexity_axis_keeps_a_fraction_of_a_percent_flat():
+    change = relative_change([10.0, 10.016, 10.008])
+    assert change == pytest.approx([0.0, 0.16, 0.08])
+    low, high = percent_limits([change])
+    assert low <= -2.0 and high >= 2.0  # 0.16% drawn within +-2%, not across the whole plot
+    low, high = percent_limits([relative_change([10.0, 13.0])])
+    assert (low, high) == pytest.approx((-3.0, 33.0))  # a real change keeps its own scale (10% margins)
+
+
+def test_comparison_marks_chance_and_plots_relative_change(tmp_path):
+    cells = [_cell(256, 0.1), _cell(1024, 0.08)]
+    table = {"polar+mem": {str(k): v for k, v in compare.summarise({"retrieval": cells, "perplexity": [
+        {"length": 256, "ppl": 10.0, "bpb": 1.0}, {"length": 1024, "ppl": 10.016, "bpb": 1.001}]}).items()}}
+    args = type("Args", (), {"seq_len": 256, "preset": "tiny", "steps": 10, "batch_tokens": 4096, "trials": 8})()
+    compare.write_report(str(tmp_path), table, args, [256, 1024], 60.0)
+    text = (tmp_path / "comparison.md").read_text()
+    assert f"10.0{CHANCE_MARK}" in text and "Every model is at chance" in text
+    assert json.loads((tmp_path / "comparison.json").read_text())["table"]["polar+mem"]["256"]["at_chance"]
+    assert (tmp_path / "comparison_perplexity.png").stat().st_size > 0
+    table["polar+mem"]["256"].update(digit_acc=0.9, token_acc=0.9, at_chance=False)
+    compare.write_report(str(tmp_path), table, args, [256, 1024], 60.0)
+    text = (tmp_path / "comparison.md").read_text()
+    assert "90.0 |" in text and "Every model is at chance" not in text
