@@ -41,7 +41,9 @@ def _add_prepare(commands) -> None:
                         "(walked recursively), datasets saved with `datasets`, or hf:NAME for a "
                         "hub dataset. A :FIELD suffix names that input's text field or column "
                         "(man.jsonl:body info.parquet:content hf:user/name:content); a path that "
-                        "exists as written is never split. An input that yields no documents stops "
+                        "exists as written is never split. recall:INPUT turns INPUT's documents into "
+                        "key-value recall episodes for learning retrieval (mix it with --weights). "
+                        "An input that yields no documents stops "
                         "the run (see --allow-empty-inputs). Default: "
                         f"{BUILTIN_CORPUS}, this Python's standard library sources (no download)")
     p.add_argument("--weights", nargs="+", type=float, metavar="W",

@@ -68,4 +68,6 @@ def _weighted(source_index: int, source: Source, config: PrepareConfig):
                 continue
             if p >= whole and unit_hash("mix", config.seed, record.key, p) >= source.weight - whole:
                 continue
+            if record.kind == "recall" and p > 0:  # new episodes on every pass over the input
+                record = record._replace(payload=(*record.payload[:2], f"{record.key}#{p}"))
             yield source_index, p == 0, record

@@ -6,6 +6,7 @@ import json
 from typing import NamedTuple
 
 from data_pipeline.errors import one_line
+from data_pipeline.recall import recall_document
 
 # Reasons a record is skipped; each is counted under this name in manifest.json.
 INVALID_UTF8 = "invalid_utf8"
@@ -36,6 +37,10 @@ def parse_record(kind: str, payload: object, text_field: str) -> Parsed:
         return Parsed(None, reason, message)
     if kind == "missing":
         return Parsed(None, MISSING_FIELD, f"no column '{payload}'")
+    if kind == "recall":
+        inner_kind, inner_payload, seed = payload
+        parsed = parse_record(inner_kind, inner_payload, text_field)
+        return parsed if parsed.text is None else Parsed(recall_document(parsed.text, seed))
     try:
         if kind == "text":
             value = _decode(payload)

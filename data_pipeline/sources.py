@@ -4,6 +4,9 @@ A reader only reads; it never decodes or validates text (that happens in ``recor
 the tokenizer workers). Every record names where it came from (``origin``, used in messages) and
 carries a stable ``key`` (used to hash documents into splits), both independent of the machine.
 
+``recall:INPUT`` reads ``INPUT`` and turns each of its documents into key-value recall episodes
+(``data_pipeline/recall.py``).
+
 An input names its own text field with a ``:FIELD`` suffix (``man.jsonl:body``,
 ``hf:user/name:content``); without one the global ``--text-field`` applies. A path that exists
 as written is always a path, even when it holds a colon.
@@ -23,6 +26,7 @@ from typing import NamedTuple
 
 from data_pipeline.config import BUILTIN_CORPUS, PrepareConfig
 from data_pipeline.errors import DataError, one_line
+from data_pipeline.recall import RECALL_PREFIX
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -55,10 +59,14 @@ class Source:
     weight: float = 1.0
     text_field: str = "text"
     field_given: bool = False
+    inner: Source | None = None
+    """For a ``recall:INPUT`` source, the input whose documents it rewrites."""
 
     @property
     def setting(self) -> str:
         """The input as recorded in the manifest's settings: absolute path, plus its own field."""
+        if self.kind == "recall":
+            return RECALL_PREFIX + self.inner.setting
         if self.kind == "builtin":
             location = self.spec
         elif self.kind == "hf_hub":
@@ -104,6 +112,14 @@ def _field_name(spec: str, field: str) -> str:
 
 
 def _resolve_one(spec: str, weight: float, text_field: str) -> Source:
+    if spec.startswith(RECALL_PREFIX):
+        if not spec[len(RECALL_PREFIX):]:
+            raise DataError(f"{spec}: name the input whose text carries the recall episodes, e.g. "
+                            f"{RECALL_PREFIX}{BUILTIN_CORPUS}")
+        inner = _resolve_one(spec[len(RECALL_PREFIX):], weight, text_field)
+        if inner.kind == "recall":
+            raise DataError(f"{spec}: {RECALL_PREFIX} applies once")
+        return Source(spec, "recall", inner.path, weight, inner.text_field, inner.field_given, inner)
     location, field = split_field(spec)
     options = dict(weight=weight, text_field=field or text_field, field_given=field is not None)
     if location == BUILTIN_CORPUS:
@@ -145,7 +161,13 @@ def problem(origin: str, reason: str, message: str) -> Record:
 
 
 def _read_any(source: Source, config: PrepareConfig) -> Iterator[Record]:
-    if source.kind == "builtin":
+    if source.kind == "recall":
+        for record in _read_any(source.inner, config):
+            if record.kind in ("problem", "missing"):
+                yield record
+            else:  # parsed (and rewritten) in the tokenizer workers: records.parse_record
+                yield Record("recall", (record.kind, record.payload, record.key), record.origin, record.key)
+    elif source.kind == "builtin":
         yield from _read_tree(source.path, "stdlib", (".py",), source.text_field, _STDLIB_SKIP_DIRS)
     elif source.kind == "dir":
         yield from _read_tree(source.path, "", config.text_extensions, source.text_field, set())
