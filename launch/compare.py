@@ -1,25 +1,30 @@
 """The paper's central comparison in miniature: Polar vs NoPE vs RoPE, each with and without memory.
 
-    python -m launch.compare [--out DIR] [--steps N] [--seq-len 256]
+    python -m launch.compare [--out DIR] [--seeds 0,1,2] [--steps N] [--seq-len 256]
 
-Trains matched tiny models (same data, seed, steps and optimizer) at a short training length,
-evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and
-writes `comparison.md`, `comparison.json` and two plots to the output directory.
+Trains matched tiny models (same data, steps and optimizer; one run per model and seed) at a short
+training length on the built-in corpus mixed with key-value recall episodes (``recall:INPUT``,
+data_pipeline/recall.py), evaluates fixed-target perplexity and teacher-forced retrieval from 1x to
+16x that length, and writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds,
+with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
+resumes an interrupted training run from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 from evaluation.report import CHANCE_MARK, DIGIT_CHANCE, at_chance, percent_limits, relative_change
 
-from .quickstart import banner, run_prepare, run_pretrain
+from .quickstart import banner, run_pretrain
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
+METRICS = ("ppl", "bpb", "token_acc", "digit_acc", "exact_acc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -27,18 +32,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="comparison", help="output directory (default: ./comparison)")
     p.add_argument("--seq-len", type=int, default=256, help="training length (default: 256)")
-    p.add_argument("--vocab-size", type=int, default=2048)
-    p.add_argument("--max-docs", type=int, default=400)
-    p.add_argument("--steps", type=int, default=150)
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--ranks", type=int, default=None)
+    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
+    p.add_argument("--max-docs", type=int, default=400, help="corpus files to read (default: 400)")
+    p.add_argument("--recall-weight", type=float, default=1.0,
+                   help="weight of the recall:builtin:stdlib input beside the plain corpus (0: no recall "
+                        "episodes; default: 1.0)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default: 150)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
+    p.add_argument("--ranks", type=int, default=None, help="training ranks (default: all GPUs, else 2 CPU ranks)")
     p.add_argument("--preset", default="tiny", help="model preset for every variant (default: tiny)")
+    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one model config field for every variant (repeatable), e.g. head_dim=64")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds, one run each per model (default: 0,1,2)")
     p.add_argument("--eval-multiples", default="1,2,4,8,16", help="evaluation lengths / training length")
-    p.add_argument("--trials", type=int, default=8, help="retrieval trials per cell")
-    p.add_argument("--variants", default=",".join(f"{c}{'+mem' if m else ''}" for c, m in VARIANTS),
+    p.add_argument("--trials", type=int, default=8, help="retrieval trials per cell (default: 8)")
+    p.add_argument("--variants", default=",".join(variant_name(c, m) for c, m in VARIANTS),
                    help="subset to run, e.g. polar+mem,nope+mem")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
@@ -47,8 +59,19 @@ def variant_name(core: str, memory: bool) -> str:
     return f"{core}+mem" if memory else core
 
 
+def parse_seeds(text: str) -> list[int]:
+    """"0,1,2" -> [0, 1, 2]; raises ValueError with a one-line reason."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs at least one seed and no repeats, got {text!r}")
+    return seeds
+
+
 def summarise(results: dict) -> dict:
-    """Per length: perplexity, bits/byte, and retrieval token/exact accuracy averaged over tasks/depths."""
+    """Per length: perplexity, bits/byte, and retrieval accuracies averaged over tasks, haystacks and depths."""
     rows: dict[int, dict] = {}
     for r in results.get("perplexity", []):
         if "ppl" in r:
@@ -67,15 +90,64 @@ def summarise(results: dict) -> dict:
     return dict(sorted(rows.items()))
 
 
-def write_report(out: str, table: dict, args, lengths: list[int], seconds: float) -> None:
-    """comparison.md (tables), comparison.json and the two plots."""
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """Mean, standard deviation, min and max over seeds of every metric, per length (string keys)."""
+    lengths = sorted({int(n) for summary in per_seed.values() for n in summary})
+    table = {}
+    for n in lengths:
+        rows = [summary[str(n)] for summary in per_seed.values() if str(n) in summary]
+        entry = {"seeds": len(rows)}
+        for metric in METRICS:
+            values = [row[metric] for row in rows if metric in row]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+            entry[metric] = mean
+            entry[f"{metric}_sd"] = sd
+            entry[f"{metric}_min"], entry[f"{metric}_max"] = min(values), max(values)
+        trials = sum(row.get("trials", 0) for row in rows)
+        if "digit_acc" in entry:
+            entry["trials"] = trials
+            entry["at_chance"] = at_chance(entry)
+        table[str(n)] = entry
+    return table
+
+
+def _cell(row: dict, metric: str, fmt: str) -> str:
+    """One table cell: mean ± sd over seeds (accuracies in %), marked when the retrieval there is at chance."""
+    if metric not in row:
+        return "-"
+    scale = 100 if metric.endswith("_acc") else 1
+    text = fmt.format(row[metric] * scale)
+    if row.get("seeds", 1) > 1:
+        text += " ± " + fmt.format(row.get(f"{metric}_sd", 0.0) * scale)
+    return text + CHANCE_MARK if metric.endswith("_acc") and row.get("at_chance") else text
+
+
+def _chance_lines(table: dict) -> str:
+    """What the chance mark means, and a plain warning when no model retrieves at all."""
+    cells = [row for rows in table.values() for row in rows.values() if "at_chance" in row]
+    note = (f"{CHANCE_MARK} at chance: digit accuracy within two standard errors of {100 * DIGIT_CHANCE:.0f}% "
+            "(a uniform guess among the ten digits).")
+    if cells and all(row["at_chance"] for row in cells):
+        note += (" **Every model is at chance at every length, the training length included: none learned "
+                 "to retrieve, so these numbers say nothing about extrapolation.**")
+    return note
+
+
+def write_report(out: str, table: dict, args, lengths: list[int], seconds: float, per_seed: dict | None = None) -> None:
+    """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots."""
+    seeds = getattr(args, "seeds", "0")
     with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
-        json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "table": table}, f, indent=2)
+        json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "seeds": seeds,
+                   "table": table, "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
     lines = [f"# Miniature comparison: train at {args.seq_len}, evaluate to {lengths[-1]}", "",
-             f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data and seed; "
-             f"{args.trials} retrieval trials per (task, haystack, depth) cell; {seconds / 60:.0f} min in all.", ""]
+             f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data; seeds "
+             f"{seeds} (mean ± standard deviation over seeds); {args.trials} retrieval trials per "
+             f"(task, haystack, depth) cell; {seconds / 60:.0f} min in all.", ""]
     for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.3f}"),
                                ("bpb", "Bits per byte", "{:.3f}"),
                                ("token_acc", "Retrieval token accuracy, % (mean over tasks, haystacks, depths)",
@@ -90,6 +162,11 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
             lines += _chance_lines(table), ""
     with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
+    _plot(out, table, args, lengths)
+
+
+def _plot(out: str, table: dict, args, lengths: list[int]) -> None:
+    """Perplexity as % change against 1x and retrieval accuracy from 0 to 100, mean over seeds with min-max bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,10 +181,18 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
             xs = [n for n in lengths if metric in rows.get(str(n), {})]
             if not xs:
                 continue
-            ys = [rows[str(n)][metric] for n in xs]
-            ys = relative_change(ys) if metric == "ppl" else [100 * y for y in ys]
-            series.append(ys)
-            ax.plot(xs, ys, marker="o", label=name, linestyle="-" if name.endswith("+mem") else "--")
+            mean = [rows[str(n)][metric] for n in xs]
+            low = [rows[str(n)].get(f"{metric}_min", m) for n, m in zip(xs, mean)]
+            high = [rows[str(n)].get(f"{metric}_max", m) for n, m in zip(xs, mean)]
+            if metric == "ppl":
+                base = mean[0]
+                mean, low, high = (relative_change([base] + v)[1:] for v in (mean, low, high))
+            else:
+                mean, low, high = ([100 * y for y in v] for v in (mean, low, high))
+            series.append(low + high)
+            errors = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
+            ax.errorbar(xs, mean, yerr=errors, marker="o", capsize=3, label=name,
+                        linestyle="-" if name.endswith("+mem") else "--")
         if metric == "ppl":
             ax.set_ylim(*percent_limits(series))
             ax.axhline(0.0, color="black", linewidth=0.6)
@@ -123,59 +208,85 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
         fig.savefig(os.path.join(out, fname), dpi=120)
 
 
-def _cell(row: dict, metric: str, fmt: str) -> str:
-    """One table cell: the value (accuracies in %), marked when the retrieval there is at chance."""
-    if metric not in row:
-        return "-"
-    value = row[metric] * (100 if metric.endswith("_acc") else 1)
-    text = fmt.format(value)
-    return text + CHANCE_MARK if metric.endswith("_acc") and row.get("at_chance") else text
+def prepare_shards(args, shards: str) -> None:
+    """The built-in corpus plus its recall episodes (reused when already prepared)."""
+    from data_pipeline.config import BUILTIN_CORPUS
+    from data_pipeline.prepare import prepare
+    from data_pipeline.recall import RECALL_PREFIX
+
+    inputs, weights = [BUILTIN_CORPUS], [1.0]
+    if args.recall_weight > 0:
+        inputs.append(RECALL_PREFIX + BUILTIN_CORPUS)
+        weights.append(args.recall_weight)
+    command = ["python", "-m", "data_pipeline", "prepare", "--input", *inputs, "--weights", *map(str, weights),
+               "--output", shards, "--seq-len", str(args.seq_len), "--vocab-size", str(args.vocab_size),
+               "--max-docs", str(args.max_docs), "--val-fraction", "0.05"]
+    banner(1, "prepare shards: the built-in corpus and its recall episodes", command)
+    if os.path.isfile(os.path.join(shards, "manifest.json")):
+        print("      shards already prepared: reusing them", flush=True)
+        return
+    prepare(inputs=inputs, weights=weights, output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size,
+            max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress)
 
 
-def _chance_lines(table: dict) -> str:
-    """What the chance mark means, and a plain warning when no model retrieves at all."""
-    cells = [row for rows in table.values() for row in rows.values() if "at_chance" in row]
-    note = (f"{CHANCE_MARK} at chance: digit accuracy within two standard errors of {100 * DIGIT_CHANCE:.0f}% "
-            "(a uniform guess among the ten digits).")
-    if cells and all(row["at_chance"] for row in cells):
-        note += (" **Every model is at chance at every length, the training length included: none learned "
-                 "to retrieve, so these numbers say nothing about extrapolation.**")
-    return note
+def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, lengths: list[int], label: str) -> dict:
+    """Train, export and evaluate one (model, seed), or read its results when a previous run finished it."""
+    results_path = os.path.join(base, "eval", "results.json")
+    done_marker = os.path.join(base, "done")
+    if os.path.isfile(done_marker) and os.path.isfile(results_path):
+        print(f"\n{label}: finished earlier, reusing {results_path}", flush=True)
+        with open(results_path, encoding="utf-8") as f:
+            return json.load(f)
+    sets = [f"model.preset={args.preset}", f"model.overrides.core={core}",
+            f"model.overrides.memory={'true' if memory else 'false'}", f"train.seed={seed}", f"data.seed={seed}"]
+    sets += [f"model.overrides.{assignment}" for assignment in args.model_set]
+    if args.lr is not None:
+        sets.append(f"optim.lr={args.lr}")
+    run_pretrain(args, shards, os.path.join(base, "run"), sets, step=2, title=f"{label}: pretrain")
+    from evaluation.long_context import run_evaluation
+    from pretrain.export import export
+
+    export(os.path.join(base, "run"), os.path.join(base, "exported"))
+    banner(4, f"{label}: evaluate at {lengths}", ["python", "-m", "evaluation.long_context",
+           os.path.join(base, "exported"), "--lengths", ",".join(map(str, lengths)), "--data", shards])
+    results = run_evaluation(os.path.join(base, "exported"), lengths, os.path.join(base, "eval"), data=shards,
+                             trials=args.trials, seed=seed, progress=not args.no_progress)
+    with open(done_marker, "w", encoding="utf-8") as f:
+        f.write("trained, exported and evaluated\n")
+    return results
 
 
 def main(argv=None) -> int:
-    """Train, export and evaluate each variant, then write the comparison report."""
+    """Train, export and evaluate each variant and seed, then write the comparison report."""
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     known = {variant_name(c, m): (c, m) for c, m in VARIANTS}
     unknown = [v for v in wanted if v not in known]
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(known)}", file=sys.stderr)
         return 2
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    os.makedirs(out, exist_ok=True)
     start = time.time()
     shards = os.path.join(out, "shards")
-    run_prepare(args, shards)
+    prepare_shards(args, shards)
     lengths = [int(m) * args.seq_len for m in args.eval_multiples.split(",")]
-    from evaluation.long_context import run_evaluation
-    from pretrain.export import export
-
-    table = {}
-    for i, name in enumerate(wanted, start=1):
+    table, per_seed = {}, {}
+    total = len(wanted) * len(seeds)
+    for i, name in enumerate(wanted):
         core, memory = known[name]
-        base = os.path.join(out, name)
-        run_pretrain(args, shards, os.path.join(base, "run"),
-                     [f"model.preset={args.preset}", f"model.overrides.core={core}",
-                      f"model.overrides.memory={'true' if memory else 'false'}", "train.seed=0", "data.seed=0"],
-                     step=2, title=f"[{i}/{len(wanted)}] pretrain {name}")
-        export(os.path.join(base, "run"), os.path.join(base, "exported"))
-        banner(4, f"[{i}/{len(wanted)}] evaluate {name} at {lengths}", ["python", "-m", "evaluation.long_context",
-               os.path.join(base, "exported"), "--lengths", ",".join(map(str, lengths)), "--data", shards])
-        results = run_evaluation(os.path.join(base, "exported"), lengths, os.path.join(base, "eval"), data=shards,
-                                 trials=args.trials, progress=not args.no_progress)
-        table[name] = {str(k): v for k, v in summarise(results).items()}
-        write_report(out, table, args, lengths, time.time() - start)
+        per_seed[name] = {}
+        for j, seed in enumerate(seeds):
+            label = f"[{i * len(seeds) + j + 1}/{total}] {name} seed {seed}"
+            results = run_one(args, shards, os.path.join(out, name, f"seed{seed}"), core, memory, seed, lengths, label)
+            per_seed[name][seed] = {str(k): v for k, v in summarise(results).items()}
+            table[name] = aggregate(per_seed[name])
+            write_report(out, table, args, lengths, time.time() - start, per_seed)
     print(f"\nWrote {os.path.join(out, 'comparison.md')} and the plots in {out}")
     return 0
 

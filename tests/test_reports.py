@@ -65,3 +65,33 @@ def test_comparison_marks_chance_and_plots_relative_change(tmp_path):
     compare.write_report(str(tmp_path), table, args, [256, 1024], 60.0)
     text = (tmp_path / "comparison.md").read_text()
     assert "90.0 |" in text and "Every model is at chance" not in text
+
+
+def test_comparison_aggregates_seeds_into_mean_and_spread():
+    per_seed = {0: {"256": {"ppl": 10.0, "digit_acc": 0.9, "token_acc": 0.9, "trials": 8}},
+                1: {"256": {"ppl": 12.0, "digit_acc": 0.5, "token_acc": 0.5, "trials": 8}},
+                2: {"256": {"ppl": 11.0, "digit_acc": 0.7, "token_acc": 0.7, "trials": 8}}}
+    row = compare.aggregate(per_seed)["256"]
+    assert row["seeds"] == 3 and row["ppl"] == pytest.approx(11.0) and row["ppl_sd"] == pytest.approx(1.0)
+    assert (row["token_acc_min"], row["token_acc_max"]) == (0.5, 0.9) and row["trials"] == 24
+    assert not row["at_chance"]
+    assert compare._cell(row, "token_acc", "{:.1f}") == "70.0 ± 20.0"
+    low = compare.aggregate({s: {"256": {"digit_acc": 0.1, "token_acc": 0.1, "trials": 8}} for s in range(3)})
+    assert low["256"]["at_chance"] and compare._cell(low["256"], "token_acc", "{:.1f}").endswith(CHANCE_MARK)
+
+
+def test_comparison_seeds_are_checked_and_finished_runs_are_reused(tmp_path, capsys):
+    assert compare.parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "0,0", "a,b"):
+        with pytest.raises(ValueError, match="--seeds"):
+            compare.parse_seeds(bad)
+    assert compare.main(["--out", str(tmp_path), "--seeds", "1,1"]) == 2
+    assert "error: --seeds needs at least one seed and no repeats" in capsys.readouterr().err
+    base = tmp_path / "polar+mem" / "seed0"
+    (base / "eval").mkdir(parents=True)
+    (base / "eval" / "results.json").write_text(json.dumps({"retrieval": [_cell(256, 0.8)], "perplexity": []}))
+    (base / "done").write_text("")
+    # Finished: read back without training (no shards, no launcher needed).
+    results = compare.run_one(None, str(tmp_path / "no-shards"), str(base), "polar", True, 0, [256], "[1/1]")
+    assert results["retrieval"][0]["digit_acc"] == 0.8
+    assert "finished earlier" in capsys.readouterr().out
