@@ -4,12 +4,12 @@ choice, full-context forward (window removed)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 
 import torch
 
+from data_pipeline.journal import file_sha256
 from model import AtmaForCausalLM, CheckpointError
 
 from .errors import EvaluationError
@@ -101,12 +101,3 @@ def check_weights(model_dir: str, export_info: dict | None) -> str | None:
             raise EvaluationError(f"{path}: sha256 {actual[:12]}... does not match {EXPORT_INFO} "
                                   f"({str(expected)[:12]}...); the file changed after export, export it again")
     return None
-
-
-def file_sha256(path: str, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -12,7 +12,6 @@ low-memory lazy mode: tensors are materialised one at a time.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import sys
 
 import torch
 
+from data_pipeline.journal import file_sha256
 from model import AtmaConfig, AtmaForCausalLM
 from model.persistence import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_state_dict, save_state_dict
 
@@ -60,15 +60,6 @@ def consolidate(run_dir: str, tag: str, states: dict) -> dict[str, torch.Tensor]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(os.path.join(run_dir, "checkpoints"), tag=tag, lazy_mode=True)
-
-
-def sha256_file(path: str, chunk: int = 1 << 24) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remove_weights(out_dir: str) -> None:
@@ -149,7 +140,7 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
         "seq_len": seq_len,
         "dtype": dtype,
         "num_parameters": skeleton.num_parameters(),
-        "weights_sha256": {name: sha256_file(os.path.join(out_dir, name)) for name in weight_files},
+        "weights_sha256": {name: file_sha256(os.path.join(out_dir, name)) for name in weight_files},
         "provenance": provenance(run_dir, tag, record, states),
     }
     with open(os.path.join(out_dir, "export.json"), "w", encoding="utf-8") as f:
