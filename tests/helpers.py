@@ -199,3 +199,31 @@ def conv_case(B, T, C, K, *, dtype=F64, device="cpu", seed=0, channel_stride=1):
     w = torch.randn(C, K, generator=gen, device=device, dtype=F64)
     dy = torch.randn(B, T, C, generator=gen, device=device, dtype=F64)
     return x, w, dy
+
+
+def live_model(core: str = "polar", memory: bool = True, window: int | None = None):
+    """The tiny preset (vocab 512, memory chunks of 8, so a position can fall inside a chunk, at its start or
+    in a later one) with every zero-initialised tensor given weights, in eval mode."""
+    from model import AtmaConfig, AtmaForCausalLM
+
+    torch.manual_seed(0)
+    config = AtmaConfig.from_preset("tiny", core=core, memory=memory, window=window, mem_chunk=8, vocab_size=512)
+    model = AtmaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.1)
+    return model
+
+
+def induction_next(ids: list[int], t: int, max_match: int = 16) -> int:
+    """The token that followed the longest earlier match (up to ``max_match``) of ``ids[: t + 1]``'s suffix."""
+    best_len, best_next = 0, 0
+    for j in range(t - 1, -1, -1):
+        m = 0
+        while m < max_match and j - m >= 0 and ids[j - m] == ids[t - m]:
+            m += 1
+        if m > best_len:
+            best_len, best_next = m, ids[j + 1]
+    return best_next
+

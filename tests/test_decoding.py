@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from helpers import GATED_DELTA_GOLDEN, assert_golden, gated_delta_case, gated_delta_golden_inputs, polar_case
+from helpers import (GATED_DELTA_GOLDEN, assert_golden, gated_delta_case, gated_delta_golden_inputs, live_model,
+                     polar_case)
 from kernels.gated_delta.naive import gated_delta_rule_naive
 from kernels.polar.naive import polar_attention_naive
-from model import AtmaConfig, AtmaForCausalLM
+from model import AtmaForCausalLM
 from model.attention import sliding_causal_mask
 from model.cache import KVCache
 from model.cached_attention import polar_attention_cached, softmax_attention_cached
@@ -30,16 +31,6 @@ IDS = [f"{c}-mem{int(m)}-W{w}" for c, m, w in CASES]
 LOGIT_TOL = 2e-5
 
 
-def live_model(core: str, memory: bool, window: int | None) -> AtmaForCausalLM:
-    """The tiny preset with memory chunks of 8 and every zero-initialised tensor given weights."""
-    torch.manual_seed(0)
-    config = AtmaConfig.from_preset("tiny", core=core, memory=memory, window=window, mem_chunk=8, vocab_size=512)
-    model = AtmaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.1)
-    return model
 
 
 def prompt(model, batch=2, length=13, seed=1):

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from data_fixtures import write_tokens
 from eval_fixtures import EOS, export_tiny_model
+from helpers import induction_next
 from tokenizers import Tokenizer, models
 
 from data_pipeline import EOS_CANDIDATES, load_manifest
@@ -103,14 +104,7 @@ class InductionModel(nn.Module):
         self.vocab_size, self.max_match = vocab_size, max_match
 
     def _predict(self, ids: list[int], t: int) -> int:
-        best_len, best_next = 0, 0
-        for j in range(t - 1, -1, -1):
-            m = 0
-            while m < self.max_match and j - m >= 0 and ids[j - m] == ids[t - m]:
-                m += 1
-            if m > best_len:
-                best_len, best_next = m, ids[j + 1]
-        return best_next
+        return induction_next(ids, t, self.max_match)
 
     def trunk(self, input_ids):
         ids = input_ids[0].tolist()

@@ -12,6 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
+from helpers import induction_next
 from tokenizers import Tokenizer
 
 from evaluation import run_evaluation
@@ -32,14 +33,7 @@ class CachedInductionModel(nn.Module):
         self.vocab_size, self.max_match = vocab_size, max_match
 
     def _predict(self, ids: list[int], t: int) -> int:
-        best_len, best_next = 0, 0
-        for j in range(t - 1, -1, -1):
-            m = 0
-            while m < self.max_match and j - m >= 0 and ids[j - m] == ids[t - m]:
-                m += 1
-            if m > best_len:
-                best_len, best_next = m, ids[j + 1]
-        return best_next
+        return induction_next(ids, t, self.max_match)
 
     def _one_hot(self, ids: list[int], positions) -> torch.Tensor:
         predicted = torch.tensor([self._predict(ids, t) for t in positions])

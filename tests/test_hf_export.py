@@ -19,6 +19,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the transformers tests need requirements-eval.txt")
 
+from helpers import live_model  # noqa: E402
+
 from model import AtmaConfig, AtmaForCausalLM  # noqa: E402
 from model.generation import greedy_generate  # noqa: E402
 from model.hf import SHIPPED_FILES, TRANSFORMERS_CONFIG_KEYS, shipped_path  # noqa: E402
@@ -37,15 +39,6 @@ def _offline_hub(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def live_model(core="polar", memory=True, window=None) -> AtmaForCausalLM:
-    torch.manual_seed(0)
-    config = AtmaConfig.from_preset("tiny", core=core, memory=memory, window=window, mem_chunk=8, vocab_size=512)
-    model = AtmaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.1)
-    return model
 
 
 def exported(model, directory, tokenizer=None) -> str:

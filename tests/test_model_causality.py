@@ -8,24 +8,14 @@ so that every mixer (conv blocks, attention core, memory) really carries informa
 
 import pytest
 import torch
+from helpers import live_model
 
-from model import AtmaConfig, AtmaForCausalLM
 
 T = 24
 CUTS = (0, 7, 15, T - 2)  # positions t after which the tokens change
 CASES = [(core, memory, window) for core in ("polar", "nope", "rope") for memory in (True, False) for window in (None, 5)]
 
 
-def live_model(core: str, memory: bool, window: int | None) -> AtmaForCausalLM:
-    torch.manual_seed(0)
-    # Memory chunks of 8: a change can fall inside a chunk, at its start or in a later chunk.
-    config = AtmaConfig.from_preset("tiny", core=core, memory=memory, window=window, mem_chunk=8, vocab_size=512)
-    model = AtmaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.1)
-    return model
 
 
 def logits_of(model, ids):
