@@ -18,13 +18,13 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
+import psutil
+
 from pretrain.signals import INTERRUPTED_EXIT_CODE
 
 
 def training_ranks(runner_pid: int) -> list:
     """The training processes under DeepSpeed's runner: the children of its per-node launcher."""
-    import psutil
-
     try:
         return [rank for launcher in psutil.Process(runner_pid).children() for rank in launcher.children()]
     except psutil.Error:
@@ -64,7 +64,7 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
         for rank in ranks:
             try:
                 rank.send_signal(signum)
-            except Exception:  # noqa: BLE001  (a rank that has just exited)
+            except psutil.Error:  # a rank that has just exited
                 pass
 
     previous = {sig: signal.signal(sig, hand_on) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
