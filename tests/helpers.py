@@ -6,6 +6,8 @@ the golden vectors from here, so each value of SPEC §10 is written once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -226,4 +228,21 @@ def induction_next(ids: list[int], t: int, max_match: int = 16) -> int:
         if m > best_len:
             best_len, best_next = m, ids[j + 1]
     return best_next
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def project_sources() -> list[str]:
+    """Paths of the .py files of the project's packages (top-level folders with an __init__.py, tests
+    excluded), so that a virtual environment or other folder inside the checkout is never read."""
+    paths = []
+    for package in sorted(os.listdir(ROOT)):
+        top = os.path.join(ROOT, package)
+        if package == "tests" or not os.path.isfile(os.path.join(top, "__init__.py")):
+            continue
+        for folder, dirs, files in os.walk(top):
+            dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__")))
+            paths += [os.path.join(folder, name) for name in sorted(files) if name.endswith(".py")]
+    return paths
 

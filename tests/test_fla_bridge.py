@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import rel_rmse
+from helpers import ROOT, project_sources, rel_rmse
 from kernels.gated_delta import fla_bridge as bridge
 from kernels.gated_delta.naive import gated_delta_rule_naive
 
@@ -85,11 +86,8 @@ def test_timing_only_switch_is_scoped_and_the_trainer_refuses_it(fake_env):
 
 
 def test_only_the_benchmark_enables_the_timing_only_switch():
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    users = sorted(str(p.relative_to(root)) for p in root.glob("*/**/*.py")
-                   if "tests" not in p.parts and "fla_timing_only()" in p.read_text())
+    users = sorted(os.path.relpath(path, ROOT) for path in project_sources()
+                   if "fla_timing_only()" in open(path, encoding="utf-8").read())
     assert users == ["kernels/gated_delta/fla_bridge.py", "pretrain/bench.py"]
 
 

@@ -9,18 +9,19 @@ import torch
 from helpers import (
     GATED_DELTA_GOLDEN,
     POLAR_GOLDEN,
+    ROOT,
     assert_golden,
     gated_delta_golden_inputs,
     polar_golden_inputs,
     polar_golden_params,
     polar_golden_upstream,
+    project_sources,
 )
 from kernels.causal_conv.naive import causal_conv1d_naive
 from kernels.gated_delta.naive import gated_delta_rule_naive
 from kernels.polar.naive import polar_attention_naive
 
 pytestmark = pytest.mark.nan_poison
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_polar_oracle_init_case():
@@ -85,17 +86,9 @@ def _imports(path: str):
             yield module, [alias.name for alias in node.names]
 
 
-def _sources(*skip):
-    for folder, dirs, files in os.walk(ROOT):
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.join(folder, d) not in skip]
-        for name in files:
-            if name.endswith(".py"):
-                yield os.path.join(folder, name)
-
-
 def test_no_module_outside_tests_imports_an_oracle():
     offenders = []
-    for path in _sources(os.path.join(ROOT, "tests")):
+    for path in project_sources():
         for module, names in _imports(path):
             if module.split(".")[-1] == "naive" or "naive" in names:
                 offenders.append(f"{os.path.relpath(path, ROOT)}: {module} {names}")
@@ -106,7 +99,7 @@ def test_model_uses_only_the_public_kernel_api():
     import kernels
 
     offenders = []
-    for path in _sources():
+    for path in project_sources():
         if os.path.relpath(path, ROOT).split(os.sep)[0] != "model":
             continue
         for module, names in _imports(path):
