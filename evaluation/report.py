@@ -246,7 +246,7 @@ def plot_perplexity(entries: list[dict], path: str, training_length: int | None 
     context length (log-x), one line per source, and the training length dashed when known."""
     fig = Figure(figsize=(10, 4), dpi=120, layout="constrained")
     axes = fig.subplots(1, 2)
-    changes = []
+    changes, top_bpb = [], 0.0
     for source in dict.fromkeys(e["source"] for e in entries):
         points = sorted((e["length"], e["ppl"], e["bpb"]) for e in entries if e["source"] == source and e.get("ppl") is not None)
         if not points:
@@ -256,9 +256,10 @@ def plot_perplexity(entries: list[dict], path: str, training_length: int | None 
         changes.append(change)
         axes[0].plot(xs, change, marker="o", label=f"{source} (ppl {points[0][1]:.3g} at {format_length(xs[0])})")
         axes[1].plot(xs, [p[2] for p in points], marker="o", label=source)
+        top_bpb = max([top_bpb, *(p[2] for p in points)])
     axes[0].set_ylim(*percent_limits(changes))
     axes[0].axhline(0.0, color="black", linewidth=0.6)
-    axes[1].set_ylim(bottom=0)
+    axes[1].set_ylim(0, 1.1 * top_bpb or 1.0)
     labels = ("perplexity change vs the shortest length (%)", "bits per byte")
     for ax, ylabel in zip(axes, labels):
         ax.set_xscale("log", base=2)
