@@ -99,6 +99,34 @@ def test_compiled_training_matches_eager_under_zero3(tiny_shards, tmp_path):
     assert {(m["compile/graphs"], m["compile/graph_breaks"]) for m in metrics if "compile/graphs" in m} == {(2, 0)}
 
 
+ENGINE_BUILDER = r"""
+import torch
+import torch.nn.functional as F
+from model import AtmaConfig
+from pretrain.config import load_run_config
+from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_distributed
+
+linear = F.linear
+_, _, device = init_distributed()
+cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json", "train.precision=fp32"])
+ds_config = build_ds_config(cfg, BatchPlan(64, 1, 1, 1), device_type=device.type)
+engine, _ = build_engine(cfg, AtmaConfig.from_preset("tiny"), ds_config, device=device)
+assert engine.zero_optimization_stage() == 3
+print("linear unchanged:", F.linear is linear)
+"""
+
+
+def test_a_zero3_engine_leaves_torch_linear_alone(tmp_path):
+    # A process-wide replacement of F.linear would also slow every other model in the process, e.g.
+    # the ZeRO-0 baseline that pretrain.bench --interleave times beside the ZeRO-3 case.
+    script = tmp_path / "build.py"
+    script.write_text(ENGINE_BUILDER)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "linear unchanged: True" in proc.stdout
+
+
 def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "64",
