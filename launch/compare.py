@@ -37,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recall-weight", type=float, default=1.0,
                    help="weight of the recall:builtin:stdlib input beside the plain corpus (0: no recall "
                         "episodes; default: 1.0)")
+    p.add_argument("--copy-weight", type=float, default=0.0,
+                   help="weight of the extra loss on in-context copy targets (loss.copy_weight; default: 0, off)")
+    p.add_argument("--copy-context", type=int, default=3,
+                   help="tokens before a target that must repeat for it to be a copy target (loss.copy_context)")
+    p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the plain next-token loss (loss.lm_weight)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default: 150)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
@@ -141,13 +146,16 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     seeds = getattr(args, "seeds", "0")
     with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "seeds": seeds,
+                   "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight,
+                            "copy_context": args.copy_context},
                    "table": table, "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
     lines = [f"# Miniature comparison: train at {args.seq_len}, evaluate to {lengths[-1]}", "",
              f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data; seeds "
              f"{seeds} (mean ± standard deviation over seeds); {args.trials} retrieval trials per "
-             f"(task, haystack, depth) cell; {seconds / 60:.0f} min in all.", ""]
+             f"(task, haystack, depth) cell; {seconds / 60:.0f} min in all. Loss: next-token x "
+             f"{args.lm_weight} + copy targets x {args.copy_weight} (context {args.copy_context}).", ""]
     for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.3f}"),
                                ("bpb", "Bits per byte", "{:.3f}"),
                                ("token_acc", "Retrieval token accuracy, % (mean over tasks, haystacks, depths)",
@@ -242,6 +250,8 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
     sets += [f"model.overrides.{assignment}" for assignment in args.model_set]
     if args.lr is not None:
         sets.append(f"optim.lr={args.lr}")
+    sets += [f"loss.lm_weight={args.lm_weight}", f"loss.copy_weight={args.copy_weight}",
+             f"loss.copy_context={args.copy_context}"]
     run_pretrain(args, shards, os.path.join(base, "run"), sets, step=2, title=f"{label}: pretrain")
     from evaluation.long_context import run_evaluation
     from pretrain.export import export

@@ -59,11 +59,11 @@ class Block(nn.Module):
 class AtmaOutput(dict):
     """What `AtmaForCausalLM.forward` returns: a dict with attribute access.
 
-    Keys: loss, kl_loss, logits, hidden_states (list), align_loss. Being a dict lets DeepSpeed
+    Keys: loss, focus_loss, kl_loss, logits, hidden_states (list), align_loss. Being a dict lets DeepSpeed
     ZeRO-3 find the tensors inside and hook their backward.
     """
 
-    FIELDS = ("loss", "kl_loss", "logits", "hidden_states", "align_loss")
+    FIELDS = ("loss", "focus_loss", "kl_loss", "logits", "hidden_states", "align_loss")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -98,26 +98,34 @@ def lm_loss_chunked(
     *,
     cap: float,
     chunk_tokens: int = 8192,
-) -> torch.Tensor:
+    focus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean cross-entropy of soft-capped logits, chunked over tokens and recomputed in backward.
 
-    Never holds fp32 logits for more than `chunk_tokens` tokens at once (forward or backward).
+    Returns (mean over all tokens, mean over the tokens where the boolean `focus` (B,T) is set, or
+    None without `focus`; 0 when it selects nothing). Never holds fp32 logits for more than
+    `chunk_tokens` tokens at once (forward or backward).
     """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
+    f = (focus.reshape(-1) if focus is not None else torch.zeros_like(y, dtype=torch.bool)).to(h.dtype)
 
-    def chunk_sum(h_c, y_c, w, b):
+    def chunk_sums(h_c, y_c, f_c, w, b):
         logits = softcap(F.linear(h_c, w.to(h_c.dtype), b.to(h_c.dtype)), cap)
-        return F.cross_entropy(logits, y_c, reduction="sum")
+        ce = F.cross_entropy(logits, y_c, reduction="none")
+        return torch.stack([ce.sum(), (ce * f_c).sum()])
 
-    total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
+    total = h.new_zeros(2, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
     # split (not h[start:end]): its backward is one concatenation, not a full-size buffer per chunk.
-    for h_c, y_c in zip(h.split(chunk_tokens), y.split(chunk_tokens)):
+    for h_c, y_c, f_c in zip(h.split(chunk_tokens), y.split(chunk_tokens), f.split(chunk_tokens)):
         if torch.is_grad_enabled() and h.requires_grad:
-            total = total + torch_checkpoint(chunk_sum, h_c, y_c, weight, bias, use_reentrant=False)
+            total = total + torch_checkpoint(chunk_sums, h_c, y_c, f_c, weight, bias, use_reentrant=False)
         else:
-            total = total + chunk_sum(h_c, y_c, weight, bias)
-    return total / max(y.numel(), 1)
+            total = total + chunk_sums(h_c, y_c, f_c, weight, bias)
+    mean = total[0] / max(y.numel(), 1)
+    if focus is None:
+        return mean, None
+    return mean, total[1] / f.sum().clamp_min(1)
 
 
 def soft_target_kl_chunked(
@@ -166,14 +174,17 @@ class SoftcapLMHead(ZeroInitLinear):
         super().__init__(hidden, vocab)
         self.cap = cap
 
-    def forward(self, hidden, labels=None, *, chunk_tokens=8192, kl_targets=None, kl_temperature=1.0):
-        """Return {"logits"} without targets, else {"lm"} and/or {"kl"} losses."""
+    def forward(self, hidden, labels=None, *, chunk_tokens=8192, kl_targets=None, kl_temperature=1.0, focus=None):
+        """Return {"logits"} without targets, else {"lm"} (and {"focus"} with a `focus` mask) and/or {"kl"}."""
         if labels is None and kl_targets is None:
             z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
             return {"logits": softcap(z, self.cap)}
         out = {}
         if labels is not None:
-            out["lm"] = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap, chunk_tokens=chunk_tokens)
+            out["lm"], focus_loss = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap,
+                                                    chunk_tokens=chunk_tokens, focus=focus)
+            if focus_loss is not None:
+                out["focus"] = focus_loss
         if kl_targets is not None:
             out["kl"] = soft_target_kl_chunked(
                 hidden, self.weight, self.bias, kl_targets, cap=self.cap, temperature=kl_temperature,
@@ -294,11 +305,13 @@ class AtmaForCausalLM(nn.Module):
         loss_chunk_tokens: int = 8192,
         kl_targets=None,
         kl_temperature: float = 1.0,
+        focus: torch.Tensor | None = None,
     ) -> AtmaOutput:
         """Compute logits and, with `labels` (B,T), the mean next-token cross-entropy.
 
         With labels the loss is computed chunk by chunk and logits are not returned unless
-        `return_logits=True`. `kl_targets(start, end)` -> target logits for flattened token rows
+        `return_logits=True`. With a boolean `focus` (B,T) beside `labels`, `focus_loss` is the mean
+        cross-entropy over the focused tokens. `kl_targets(start, end)` -> target logits for flattened token rows
         adds `kl_loss` (distillation). `hidden_states` holds every block's residual output when asked.
         """
         hidden, hidden_states, align_loss = self.trunk(input_ids, output_hidden_states=output_hidden_states)
@@ -307,11 +320,14 @@ class AtmaForCausalLM(nn.Module):
         out = AtmaOutput(hidden_states=hidden_states, align_loss=align_loss)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if focus is not None and (labels is None or focus.shape != labels.shape):
+            raise ValueError("focus needs labels of the same shape")
         if labels is not None or kl_targets is not None:
             losses = self.proj(
-                hidden, labels, chunk_tokens=loss_chunk_tokens, kl_targets=kl_targets, kl_temperature=kl_temperature
+                hidden, labels, chunk_tokens=loss_chunk_tokens, kl_targets=kl_targets, kl_temperature=kl_temperature,
+                focus=focus,
             )
-            out.loss, out.kl_loss = losses.get("lm"), losses.get("kl")
+            out.loss, out.focus_loss, out.kl_loss = losses.get("lm"), losses.get("focus"), losses.get("kl")
         if return_logits:
             out.logits = self.logits(hidden)
         return out

@@ -204,12 +204,21 @@ class LossSection:
     distill_temperature: float = 1.0
     """Softmax temperature of the distillation targets."""
 
+    copy_weight: float = 0.0
+    """Weight of an extra cross-entropy over the in-context copy targets only: tokens that continue an
+    earlier occurrence, in the same sample, of the copy_context tokens before them (the recalled value
+    of a key-value recall episode, a repeated name). It teaches small models retrieval (docs/results.md)."""
+
+    copy_context: int = 3
+    """Tokens before a target that must repeat, together with the target, for it to count as a copy."""
+
     loss_chunk_tokens: int = 8192
     """Tokens per chunk of the LM-head loss (bounds the memory of the logits)."""
 
     def __post_init__(self):
         _require_one_of(self.sig_mode, SIG_MODES, "loss.sig_mode")
-        for name in ("lm_weight", "sig_weight", "distractor_weight", "distill_weight"):
+        _require(self.copy_context >= 1, f"loss.copy_context must be >= 1, got {self.copy_context}")
+        for name in ("lm_weight", "sig_weight", "distractor_weight", "distill_weight", "copy_weight"):
             value = getattr(self, name)
             _require(value >= 0, f"loss.{name} must be >= 0, got {value}")
         _require(self.sig_sketch_dim > 0, f"loss.sig_sketch_dim must be positive, got {self.sig_sketch_dim}")

@@ -1,4 +1,4 @@
-"""The composite pretraining loss: LM cross-entropy, signature regularizer, distractor, distillation.
+"""The composite pretraining loss: LM cross-entropy, copy targets, signature regularizer, distractor, distillation.
 
 The LM and distillation terms are computed by the model's LM head (chunked, `model.modeling`).
 
@@ -7,7 +7,9 @@ Every term is a per-token (or per-row) mean so its weight means what it says (DE
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +90,40 @@ def signature_loss(hidden_states: list[torch.Tensor], mode: str, sketch_dim: int
     return torch.stack(terms).mean()
 
 
+# ---------------------------------------------------------------------- copy targets
+_COPY_HASH_SEED = 20261201
+
+
+@functools.lru_cache(maxsize=None)
+def _gram_multipliers(n: int) -> tuple[int, ...]:
+    """n fixed odd 62-bit multipliers, one per position of a gram."""
+    rng = random.Random(_COPY_HASH_SEED)
+    return tuple(rng.getrandbits(62) | 1 for _ in range(n))
+
+
+def copy_targets(input_ids: torch.Tensor, labels: torch.Tensor, context: int) -> torch.Tensor:
+    """Boolean (B,T) mask of the labels that repeat an earlier (context + 1)-gram of their row.
+
+    Position t is a copy target when the `context` tokens ending at input t, followed by labels[t],
+    appeared together earlier in the same row: exactly the targets an induction (copy) mechanism can
+    predict. Each gram is hashed to one int64 (random odd multipliers, wrapping arithmetic); a stable
+    sort per row puts equal grams together in position order, so every one but the first is a repeat.
+    """
+    rows, length = input_ids.shape
+    n = context + 1
+    pad = input_ids.new_full((rows, n - 1), -1)  # no real gram matches a padded one
+    stream = torch.cat([pad, input_ids, labels[:, -1:]], dim=1).long()
+    multipliers = _gram_multipliers(n)
+    grams = torch.zeros(rows, length, dtype=torch.long, device=input_ids.device)
+    for back, multiplier in enumerate(multipliers):
+        # the gram of target t ends at stream index t + n (the label) and starts n - 1 tokens earlier
+        grams = grams + stream[:, n - back : n - back + length] * multiplier
+    ordered = torch.sort(grams, dim=1, stable=True)
+    repeat = torch.zeros_like(grams, dtype=torch.bool)
+    repeat[:, 1:] = ordered.values[:, 1:] == ordered.values[:, :-1]
+    return torch.zeros_like(repeat).scatter(1, ordered.indices, repeat)
+
+
 # ---------------------------------------------------------------------- composition
 @dataclass
 class LossWeights:
@@ -97,12 +133,13 @@ class LossWeights:
     sig: float = 0.0
     distractor: float = 0.0
     distill: float = 0.0
+    copy: float = 0.0
 
 
 def combine_losses(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """Weighted sum of the loss terms present in `terms` (keys lm, sig, distractor, distill)."""
+    """Weighted sum of the loss terms present in `terms` (keys lm, copy, sig, distractor, distill)."""
     total = None
-    for name in ("lm", "sig", "distractor", "distill"):
+    for name in ("lm", "copy", "sig", "distractor", "distill"):
         w = getattr(weights, name)
         if name in terms and w != 0:
             part = w * terms[name]

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError, LossSection
-from .losses import LossWeights, combine_losses, signature_loss
+from .losses import LossWeights, combine_losses, copy_targets, signature_loss
 
 __all__ = ["NonFiniteStep", "PhaseTimer", "StepOutcome", "TrainStep", "TrainingError", "check_skip_supported"]
 
@@ -116,7 +116,8 @@ class TrainStep:
         self.engine = engine
         self.grad_accum = grad_accum
         self.loss_cfg = loss
-        self.weights = LossWeights(loss.lm_weight, loss.sig_weight, loss.distractor_weight, loss.distill_weight)
+        self.weights = LossWeights(loss.lm_weight, loss.sig_weight, loss.distractor_weight, loss.distill_weight,
+                                   loss.copy_weight)
         self.nan_policy = nan_policy
         self.device = device
         self.teacher = teacher
@@ -130,15 +131,19 @@ class TrainStep:
     def compute_terms(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward one micro-batch and return every enabled loss term (per-token means)."""
         want_sig = self.weights.sig > 0
+        want_copy = self.weights.copy > 0
         kl_targets = self.teacher.target_rows(input_ids) if self.teacher is not None else None
+        focus = copy_targets(input_ids, labels, self.loss_cfg.copy_context) if want_copy else None
         out = self.engine(
-            input_ids, labels if self.weights.lm > 0 else None, output_hidden_states=want_sig,
+            input_ids, labels if self.weights.lm > 0 or want_copy else None, output_hidden_states=want_sig,
             loss_chunk_tokens=self.loss_cfg.loss_chunk_tokens, kl_targets=kl_targets,
-            kl_temperature=self.loss_cfg.distill_temperature,
+            kl_temperature=self.loss_cfg.distill_temperature, focus=focus,
         )
         terms = {}
         if out.loss is not None:
             terms["lm"] = out.loss
+        if want_copy:
+            terms["copy"] = out.focus_loss
         if want_sig:
             terms["sig"] = signature_loss(out.hidden_states, self.loss_cfg.sig_mode, self.loss_cfg.sig_sketch_dim)
         if self.weights.distractor > 0:

@@ -132,16 +132,18 @@ def test_dashboards_and_composite_loss(tiny_shards, tmp_path):
 
     run = tmp_path / "dash"
     losses_on = ["--set", "loss.sig_mode=weak", "--set", "loss.sig_weight=0.01", "--set", "loss.num_random_keys=8",
-                 "--set", "loss.distractor_weight=0.01"]
+                 "--set", "loss.distractor_weight=0.01", "--set", "loss.copy_weight=0.5"]
     train(tiny_shards, run, "--max-steps", "4", "--set", "logging.wandb=true", "--set", "logging.val_every=2",
           "--set", "logging.val_batches=2", *losses_on, "--set", "logging.peak_flops=1e12")
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("loss/total", "loss/lm", "loss/sig", "loss/distractor", "lr", "grad_norm", "perf/tokens_per_s",
+    for tag in ("loss/total", "loss/lm", "loss/copy", "loss/sig", "loss/distractor", "lr", "grad_norm", "perf/tokens_per_s",
                 "perf/mfu", "perf/memory_gib", "perf/step_time_s", "loss/val"):
         assert tag in tags, tag
     assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
+    # Source files repeat names and phrases: some targets are copies, and their loss is positive.
+    assert all(e.value > 0 for e in acc.Scalars("loss/copy"))
     assert any(name.startswith("offline-run") for name in os.listdir(run / "wandb"))
     wandb_id = (run / "wandb_id.txt").read_text().strip()
     train(tiny_shards, run, "--max-steps", "5", "--set", "logging.wandb=true", *losses_on)

@@ -55,10 +55,13 @@ def test_comparison_marks_chance_and_plots_relative_change(tmp_path):
     cells = [_cell(256, 0.1), _cell(1024, 0.08)]
     table = {"polar+mem": {str(k): v for k, v in compare.summarise({"retrieval": cells, "perplexity": [
         {"length": 256, "ppl": 10.0, "bpb": 1.0}, {"length": 1024, "ppl": 10.016, "bpb": 1.001}]}).items()}}
-    args = type("Args", (), {"seq_len": 256, "preset": "tiny", "steps": 10, "batch_tokens": 4096, "trials": 8})()
+    args = type("Args", (), {"seq_len": 256, "preset": "tiny", "steps": 10, "batch_tokens": 4096, "trials": 8,
+                                 "lm_weight": 1.0, "copy_weight": 2.0, "copy_context": 3})()
     compare.write_report(str(tmp_path), table, args, [256, 1024], 60.0)
     text = (tmp_path / "comparison.md").read_text()
     assert f"10.0{CHANCE_MARK}" in text and "Every model is at chance" in text
+    assert "copy targets x 2.0 (context 3)" in text
+    assert json.loads((tmp_path / "comparison.json").read_text())["loss"]["copy_weight"] == 2.0
     assert json.loads((tmp_path / "comparison.json").read_text())["table"]["polar+mem"]["256"]["at_chance"]
     assert (tmp_path / "comparison_perplexity.png").stat().st_size > 0
     table["polar+mem"]["256"].update(digit_acc=0.9, token_acc=0.9, at_chance=False)
