@@ -84,6 +84,12 @@ def _add_prepare(commands) -> None:
                    help="train the tokenizer on at most N training documents (default: all)")
     p.add_argument("--hf-split", default="train", help="split of Hugging Face datasets (default train)")
     p.add_argument("--hf-config", help="configuration name of a Hugging Face hub dataset")
+    p.add_argument("--recall-episodes", nargs=2, type=int, default=[1, 3], metavar=("LO", "HI"),
+                   help="key-value episodes per recall:INPUT document (default 1 3)")
+    p.add_argument("--recall-gap-chars", nargs=2, type=int, default=[0, 400], metavar=("LO", "HI"),
+                   help="characters of the document's text between a recall fact and its query (default 0 400)")
+    p.add_argument("--recall-digits", type=int, default=5, metavar="N",
+                   help="digits per recalled value (default 5, as in the evaluation; 1 for an easier first stage)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished dataset or an unrelated run in --output")
     p.add_argument("--quiet", action="store_true", help="no progress bar and no skip warnings")
@@ -135,7 +141,9 @@ def _cmd_prepare(args) -> int:
         allow_empty_inputs=args.allow_empty_inputs,
         text_extensions=tuple(args.text_extensions), max_docs=args.max_docs,
         tokenizer_train_docs=args.tokenizer_train_docs, hf_split=args.hf_split,
-        hf_config=args.hf_config, overwrite=args.overwrite, progress=not args.quiet)
+        hf_config=args.hf_config, recall_episodes=tuple(args.recall_episodes),
+        recall_gap_chars=tuple(args.recall_gap_chars), recall_digits=args.recall_digits,
+        overwrite=args.overwrite, progress=not args.quiet)
     print(prepare_summary(result.manifest, result.seconds, result.num_encoded_tokens))
     return 0
 

@@ -76,6 +76,15 @@ class PrepareConfig:
     hf_config: str | None = None
     """Configuration name for Hugging Face hub datasets."""
 
+    recall_episodes: tuple[int, int] = (1, 3)
+    """Key-value episodes per ``recall:INPUT`` document (inclusive range)."""
+
+    recall_gap_chars: tuple[int, int] = (0, 400)
+    """Characters of the document's own text between a recall fact and its query (inclusive range)."""
+
+    recall_digits: int = 5
+    """Digits of each recalled value (the evaluation's values have five; fewer make an easier first stage)."""
+
     overwrite: bool = False
     """Replace a finished or unrelated earlier run in the output directory."""
 
@@ -113,7 +122,22 @@ class PrepareConfig:
             if any(w <= 0 for w in self.weights):
                 raise DataError(f"--weights must all be positive, got {self.weights}")
         self.text_extensions = tuple(self.text_extensions)
+        self.recall_episodes = _inclusive_range(self.recall_episodes, "--recall-episodes", low=1)
+        self.recall_gap_chars = _inclusive_range(self.recall_gap_chars, "--recall-gap-chars", low=0)
+        if not 1 <= self.recall_digits <= 10:
+            raise DataError(f"--recall-digits must be between 1 and 10, got {self.recall_digits}")
 
     def to_dict(self) -> dict:
         """All settings as a JSON-friendly dict."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _inclusive_range(value, flag: str, *, low: int) -> tuple[int, int]:
+    """(lo, hi) integers with low <= lo <= hi, or a DataError naming the flag."""
+    try:
+        lo, hi = (int(v) for v in value)
+    except (TypeError, ValueError):
+        raise DataError(f"{flag} takes two integers LO HI, got {value!r}") from None
+    if not low <= lo <= hi:
+        raise DataError(f"{flag} needs {low} <= LO <= HI, got {lo} {hi}")
+    return lo, hi

@@ -69,5 +69,6 @@ def _weighted(source_index: int, source: Source, config: PrepareConfig):
             if p >= whole and unit_hash("mix", config.seed, record.key, p) >= source.weight - whole:
                 continue
             if record.kind == "recall" and p > 0:  # new episodes on every pass over the input
-                record = record._replace(payload=(*record.payload[:2], f"{record.key}#{p}"))
+                inner_kind, inner_payload, _, settings = record.payload
+                record = record._replace(payload=(inner_kind, inner_payload, f"{record.key}#{p}", settings))
             yield source_index, p == 0, record

@@ -98,10 +98,19 @@ def _check_inputs(sources: list[Source], config: PrepareConfig) -> None:
         log.warning("%s: yields no documents: %s (--allow-empty-inputs)", source.spec, why)
 
 
+RECALL_SETTINGS = ("recall_episodes", "recall_gap_chars", "recall_digits")
+
+
 def _settings(config: PrepareConfig, sources: list[Source]) -> dict:
     settings = {k: v for k, v in config.to_dict().items() if k not in _EXECUTION_ONLY}
     settings["inputs"] = [source.setting for source in sources]
     settings["text_extensions"] = list(config.text_extensions)
+    if any(source.kind == "recall" for source in sources):
+        settings["recall_episodes"] = list(config.recall_episodes)
+        settings["recall_gap_chars"] = list(config.recall_gap_chars)
+    else:  # they shape nothing without a recall input
+        for name in RECALL_SETTINGS:
+            settings.pop(name)
     if config.tokenizer and os.path.exists(config.tokenizer):
         settings["tokenizer"] = os.path.abspath(config.tokenizer)
     return settings

@@ -52,6 +52,8 @@ class RecallSettings:
     """Episodes per document (inclusive range)."""
     gap_chars: tuple[int, int] = (0, 400)
     """Characters of the document's own text between a fact and its query (inclusive range)."""
+    digits: int = NUM_DIGITS
+    """Digits of each value."""
 
 
 def make_key(rng: random.Random) -> str:
@@ -61,7 +63,7 @@ def make_key(rng: random.Random) -> str:
 
 
 def value_text(digits: tuple[int, ...]) -> str:
-    """Five digits as the evaluation writes a value: " d1 d2 d3 d4 d5"."""
+    """Digits as the evaluation writes a value: " d1 d2 d3 d4 d5"."""
     return "".join(f" {d}" for d in digits)
 
 
@@ -82,7 +84,7 @@ def recall_document(text: str, seed: str, settings: RecallSettings = RecallSetti
             key = make_key(rng)
         used.add(key)
         cue = rng.choice(CUES).format(key=key)
-        value = value_text(tuple(rng.randint(0, 9) for _ in range(NUM_DIGITS)))
+        value = value_text(tuple(rng.randint(0, 9) for _ in range(settings.digits)))
         gap, position = _stretch(text, position, rng.randint(*settings.gap_chars))
         if not gap.strip():
             gap = rng.choice(FILLERS)

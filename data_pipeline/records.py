@@ -38,9 +38,9 @@ def parse_record(kind: str, payload: object, text_field: str) -> Parsed:
     if kind == "missing":
         return Parsed(None, MISSING_FIELD, f"no column '{payload}'")
     if kind == "recall":
-        inner_kind, inner_payload, seed = payload
+        inner_kind, inner_payload, seed, settings = payload
         parsed = parse_record(inner_kind, inner_payload, text_field)
-        return parsed if parsed.text is None else Parsed(recall_document(parsed.text, seed))
+        return parsed if parsed.text is None else Parsed(recall_document(parsed.text, seed, settings))
     try:
         if kind == "text":
             value = _decode(payload)

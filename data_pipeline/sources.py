@@ -26,7 +26,7 @@ from typing import NamedTuple
 
 from data_pipeline.config import BUILTIN_CORPUS, PrepareConfig
 from data_pipeline.errors import DataError, one_line
-from data_pipeline.recall import RECALL_PREFIX
+from data_pipeline.recall import RECALL_PREFIX, RecallSettings
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
@@ -166,7 +166,8 @@ def _read_any(source: Source, config: PrepareConfig) -> Iterator[Record]:
             if record.kind in ("problem", "missing"):
                 yield record
             else:  # parsed (and rewritten) in the tokenizer workers: records.parse_record
-                yield Record("recall", (record.kind, record.payload, record.key), record.origin, record.key)
+                settings = RecallSettings(config.recall_episodes, config.recall_gap_chars, config.recall_digits)
+                yield Record("recall", (record.kind, record.payload, record.key, settings), record.origin, record.key)
     elif source.kind == "builtin":
         yield from _read_tree(source.path, "stdlib", (".py",), source.text_field, _STDLIB_SKIP_DIRS)
     elif source.kind == "dir":

@@ -2,7 +2,11 @@
 
 import re
 
+import pytest
 from tokenizers import Tokenizer
+
+from data_pipeline.config import PrepareConfig
+from data_pipeline.errors import DataError
 
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import prepare
@@ -65,3 +69,31 @@ def test_prepare_mixes_recall_documents_by_weight(tmp_path):
     assert 120 <= len(facts) <= 360
     # The second pass draws new episodes, not copies of the first.
     assert len({value for _, value in facts}) > 0.8 * len(facts) / 2
+
+
+def test_prepare_recall_settings_shape_the_episodes(tmp_path):
+    corpus = tmp_path / "notes.jsonl"
+    corpus.write_text("".join(f'{{"text": "note {i}: {TEXT[: 300 + i]}"}}\n' for i in range(20)))
+    out = tmp_path / "shards"
+    prepare(inputs=[f"recall:{corpus}"], output=str(out), seq_len=64, vocab_size=300, val_fraction=0.0,
+            progress=False, recall_episodes=(6, 6), recall_gap_chars=(0, 30), recall_digits=1)
+    manifest = load_manifest(str(out))
+    assert manifest.settings["recall_episodes"] == [6, 6] and manifest.settings["recall_digits"] == 1
+    text = Tokenizer.from_file(manifest.tokenizer_path).decode(SplitReader(manifest, "train").token_stream().tolist())
+    one_digit = re.compile(rf"(?P<cue>{_CUE})(?P<value> \d)\.")
+    # 6 facts + 6 queries in each of 20 documents, one digit each (the stream's last sample may drop a tail).
+    assert 20 * 6 * 2 - 4 <= len(one_digit.findall(text)) <= 20 * 6 * 2 and not _facts(text)
+    plain = tmp_path / "plain"  # without a recall input the recall settings are not part of the data's identity
+    prepare(inputs=[str(corpus)], output=str(plain), seq_len=64, vocab_size=300, progress=False, recall_digits=1)
+    assert "recall_digits" not in load_manifest(str(plain)).settings
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(recall_episodes=(0, 2)), "--recall-episodes needs 1 <= LO <= HI"),
+    (dict(recall_gap_chars=(50, 10)), "--recall-gap-chars needs 0 <= LO <= HI"),
+    (dict(recall_episodes=("a", 2)), "--recall-episodes takes two integers"),
+    (dict(recall_digits=0), "--recall-digits must be between 1 and 10"),
+])
+def test_bad_recall_settings_are_refused_in_one_line(tmp_path, settings, message):
+    with pytest.raises(DataError, match=re.escape(message)):
+        PrepareConfig(output=str(tmp_path), seq_len=64, **settings)
