@@ -260,6 +260,11 @@ class TrainSection:
     compile: str = "auto"
     """torch.compile the model: true, false, or auto (on with CUDA, off on the CPU)."""
 
+    init_from: str | None = None
+    """An exported model directory (python -m pretrain.export) whose weights start this run; the
+    optimizer, schedule and step counter start fresh (continued pretraining, e.g. a second curriculum
+    stage on other data). A run that resumes from its own checkpoint ignores it."""
+
     compile_method: str = "blocks"
     """blocks (torch.compile of each block's computation; ZeRO-3 gathers stay outside the graphs) or
     deepcompile (DeepSpeed's engine.compile() with DeepCompile; CUDA only)."""

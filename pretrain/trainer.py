@@ -21,6 +21,7 @@ from . import contract
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .flops import peak_flops_for, train_flops_per_token
+from .init_from import load_initial_weights
 from .monitor import Monitor
 from .opbuild import announce_builds
 from .optim import apply_lr, build_optimizer, lr_multiplier
@@ -142,15 +143,18 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
     return ds
 
 
-def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, device: torch.device):
-    """Build the model (ZeRO-3: partitioned at construction), its optimizer and the DeepSpeed engine, compiled
-    as the run config says; returns (engine, optimizer)."""
+def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, device: torch.device,
+                 init_from: str | None = None):
+    """Build the model (ZeRO-3: partitioned at construction; weights from the exported model `init_from` when
+    given), its optimizer and the DeepSpeed engine, compiled as the run config says; returns (engine, optimizer)."""
     import deepspeed
 
     zero_stage = ds_config["zero_optimization"].get("stage", 0)
     torch.manual_seed(cfg.train.seed)
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=zero_stage == 3):
         model = AtmaForCausalLM(model_config)
+    if init_from:
+        load_initial_weights(model, init_from, model_config)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
     if offload or device.type == "cuda":
@@ -219,7 +223,11 @@ class Trainer:
         # Before the engine: a tag from another world size makes the engine load a universal checkpoint.
         self.resume_from = self._checkpoint_to_resume()
 
-        self.engine, self.optimizer = build_engine(cfg, self.model_config, self.ds_config, device=self.device)
+        init_from = cfg.train.init_from if self.resume_from is None else None
+        self.engine, self.optimizer = build_engine(cfg, self.model_config, self.ds_config, device=self.device,
+                                                   init_from=init_from)
+        if init_from and self.rank == 0:
+            print(f"[atma] weights from {init_from}; optimizer and schedule start at step 0", flush=True)
         self.teacher = None
         if cfg.loss.distill_weight > 0:
             from .teacher import Teacher

@@ -217,3 +217,22 @@ def test_muon_under_zero3_trains(tiny_shards, tmp_path):
     assert "not applied with Muon" in proc.stderr
     curve = losses(run)
     assert sorted(curve) == list(range(1, 9)) and curve[8] < curve[1] - 0.3, curve
+
+
+def test_a_run_starts_from_exported_weights(tiny_shards, tmp_path):
+    from pretrain.export import export
+
+    first = tmp_path / "first"
+    train(tiny_shards, first, "--max-steps", "3", "--set", "optim.lr=0.003")
+    export(str(first), str(tmp_path / "exported"))
+    # A second run on 2 ranks (ZeRO-3) starts from those weights; a tiny learning rate keeps them.
+    second = tmp_path / "second"
+    train(tiny_shards, second, "--max-steps", "1", "--set", "optim.lr=1e-9", "--set",
+          f"train.init_from={tmp_path / 'exported'}", ranks=2)
+    a, b = final_weights(first), final_weights(second)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    # A model of another shape is refused in one line before any step.
+    bad = train(tiny_shards, tmp_path / "bad", "--max-steps", "1", "--set", "model.overrides.hidden_size=64",
+                "--set", f"train.init_from={tmp_path / 'exported'}", check=False)
+    assert bad.returncode != 0 and "train.init_from" in bad.stderr and "holds another model" in bad.stderr
