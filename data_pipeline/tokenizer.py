@@ -102,6 +102,17 @@ def data_vocab_size(manifest) -> int:
     return max(manifest.vocab_size, largest + 1)
 
 
+def number_token_ids(path: str) -> list[int]:
+    """Ids of the tokens that decode to digits only (with optional surrounding spaces), e.g. " 7" or "2024"."""
+    tokenizer = Tokenizer.from_file(path)
+    ids = []
+    for token_id in sorted(tokenizer.get_vocab(with_added_tokens=False).values()):
+        text = tokenizer.decode([token_id]).strip()
+        if text and text.isascii() and text.isdigit():
+            ids.append(token_id)
+    return ids
+
+
 def find_eos(tokenizer: Tokenizer, candidates: Iterable[str] = EOS_CANDIDATES) -> tuple[str, int] | None:
     """The first of ``candidates`` the tokenizer knows, with its id; None when it knows none."""
     for candidate in candidates:

@@ -21,6 +21,7 @@ from omegaconf.errors import ValidationError
 
 from model.config import PRESETS, AtmaConfig
 
+COPY_TARGETS = ("all", "numbers")
 SIG_MODES = ("baseline", "weak", "discrete", "strong", "zipfian")
 SCHEDULES = ("cosine", "wsd", "paper", "constant")
 OPTIMIZERS = ("adamw", "muon")
@@ -212,12 +213,17 @@ class LossSection:
     copy_context: int = 3
     """Tokens before a target that must repeat, together with the target, for it to count as a copy."""
 
+    copy_targets: str = "all"
+    """Which copy targets the copy loss counts: all, or numbers (only targets that are number tokens:
+    recalled values and passkeys, without the repeated names and phrases around them)."""
+
     loss_chunk_tokens: int = 8192
     """Tokens per chunk of the LM-head loss (bounds the memory of the logits)."""
 
     def __post_init__(self):
         _require_one_of(self.sig_mode, SIG_MODES, "loss.sig_mode")
         _require(self.copy_context >= 1, f"loss.copy_context must be >= 1, got {self.copy_context}")
+        _require_one_of(self.copy_targets, COPY_TARGETS, "loss.copy_targets")
         for name in ("lm_weight", "sig_weight", "distractor_weight", "distill_weight", "copy_weight"):
             value = getattr(self, name)
             _require(value >= 0, f"loss.{name} must be >= 0, got {value}")

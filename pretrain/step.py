@@ -112,7 +112,7 @@ class TrainStep:
     """Runs optimizer steps of `engine` over micro-batches from an iterator of {"input_ids", "labels"}."""
 
     def __init__(self, engine, *, grad_accum: int, loss: LossSection, nan_policy: str, device: torch.device,
-                 teacher=None, timer: PhaseTimer | None = None):
+                 teacher=None, timer: PhaseTimer | None = None, number_ids: list[int] | None = None):
         self.engine = engine
         self.grad_accum = grad_accum
         self.loss_cfg = loss
@@ -122,6 +122,12 @@ class TrainStep:
         self.device = device
         self.teacher = teacher
         self.timer = timer or PhaseTimer(device)
+        # loss.copy_targets=numbers: the copy loss counts only targets among these token ids.
+        self.number_ids = None
+        if loss.copy_weight > 0 and loss.copy_targets == "numbers":
+            if not number_ids:
+                raise ConfigError("loss.copy_targets=numbers, but the tokenizer has no number tokens")
+            self.number_ids = torch.tensor(number_ids, dtype=torch.long, device=device)
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Move one micro-batch's input ids and labels to the training device."""
@@ -134,6 +140,8 @@ class TrainStep:
         want_copy = self.weights.copy > 0
         kl_targets = self.teacher.target_rows(input_ids) if self.teacher is not None else None
         focus = copy_targets(input_ids, labels, self.loss_cfg.copy_context) if want_copy else None
+        if focus is not None and self.number_ids is not None:
+            focus = focus & torch.isin(labels, self.number_ids)
         out = self.engine(
             input_ids, labels if self.weights.lm > 0 or want_copy else None, output_hidden_states=want_sig,
             loss_chunk_tokens=self.loss_cfg.loss_chunk_tokens, kl_targets=kl_targets,

@@ -235,8 +235,14 @@ class Trainer:
             dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
             self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
                                    vocab_size=self.model_config.vocab_size)
+        number_ids = None
+        if cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers":
+            from data_pipeline.tokenizer import number_token_ids
+
+            number_ids = number_token_ids(self.manifest.tokenizer_path)
         self.runner = TrainStep(self.engine, grad_accum=self.plan.grad_accum, loss=cfg.loss,
-                                nan_policy=cfg.train.nan_policy, device=self.device, teacher=self.teacher)
+                                nan_policy=cfg.train.nan_policy, device=self.device, teacher=self.teacher,
+                                number_ids=number_ids)
 
         self.flops_per_token = train_flops_per_token(self.model_config, self.manifest.seq_len)
         self.peak_flops = cfg.logging.peak_flops or (

@@ -44,13 +44,19 @@ def test_rows_are_independent():
     assert mask[0].any() and not mask[1].any()
 
 
-def test_focus_loss_is_the_cross_entropy_over_the_focused_tokens():
+def random_model():
+    """The tiny model with its zero-initialised tensors drawn at random (distinct logits per token)."""
     torch.manual_seed(0)
     model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=64))
     with torch.no_grad():
         for p in model.parameters():
             if torch.count_nonzero(p) == 0:
                 p.normal_(0, 0.05)
+    return model
+
+
+def test_focus_loss_is_the_cross_entropy_over_the_focused_tokens():
+    model = random_model()
     ids = torch.randint(0, 64, (2, 30))
     focus = torch.rand(2, 30) < 0.3
     out = model(ids, ids, focus=focus, loss_chunk_tokens=7)  # chunks cut through rows
@@ -66,3 +72,37 @@ def test_focus_loss_is_the_cross_entropy_over_the_focused_tokens():
     # The copy term enters the total with its weight.
     total = combine_losses({"lm": out.loss, "copy": out.focus_loss}, LossWeights(lm=1.0, copy=2.0))
     torch.testing.assert_close(total, out.loss + 2 * out.focus_loss)
+
+
+def test_number_tokens_of_a_trained_tokenizer(tiny_shards):
+    from tokenizers import Tokenizer
+
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.tokenizer import number_token_ids
+
+    path = load_manifest(tiny_shards).tokenizer_path
+    ids = number_token_ids(path)
+    tokenizer = Tokenizer.from_file(path)
+    assert tokenizer.token_to_id("7") in ids and tokenizer.token_to_id("a") not in ids
+    assert all(tokenizer.decode([i]).strip().isdigit() for i in ids)
+
+
+def test_copy_targets_numbers_keeps_only_the_number_copies():
+    from pretrain.config import LossSection
+    from pretrain.step import TrainStep
+
+    model = random_model()
+    numbers = [40, 41, 42]
+    phrase = [10, 11, 12, 13, 40, 42, 41, 9]  # a cue of four word tokens, then a three-digit value
+    ids = torch.tensor([phrase + [20, 21, 22] + phrase])
+    inputs, labels = ids[:, :-1], ids[:, 1:]
+    loss = LossSection(copy_weight=1.0, copy_targets="numbers")
+    step = TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"),
+                     number_ids=numbers)
+    every_copy = copy_targets(inputs, labels, loss.copy_context)
+    only_numbers = every_copy & torch.isin(labels, torch.tensor(numbers))
+    assert labels[only_numbers].tolist() == [40, 42, 41] and every_copy.sum() > only_numbers.sum()
+    expected = model(inputs, labels, focus=only_numbers).focus_loss
+    torch.testing.assert_close(step.compute_terms(inputs, labels)["copy"], expected)
+    with pytest.raises(Exception, match="no number tokens"):
+        TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"), number_ids=[])
