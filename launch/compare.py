@@ -4,8 +4,9 @@
 
 Trains matched tiny models (same data, steps and optimizer; one run per model and seed) at a short
 training length on the built-in corpus mixed with key-value recall episodes (``recall:INPUT``,
-data_pipeline/recall.py), evaluates fixed-target perplexity and teacher-forced retrieval from 1x to
-16x that length, and writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds,
+data_pipeline/recall.py), after a first stage on short recall samples with one-digit values, with
+the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, docs/results.md);
+evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds,
 with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
 resumes an interrupted training run from its last checkpoint.
 """
@@ -25,6 +26,7 @@ from .quickstart import banner, run_pretrain
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
 METRICS = ("ppl", "bpb", "token_acc", "digit_acc", "exact_acc")
+DEFAULT_MODEL_SET = ["hidden_size=64"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,19 +39,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recall-weight", type=float, default=1.0,
                    help="weight of the recall:builtin:stdlib input beside the plain corpus (0: no recall "
                         "episodes; default: 1.0)")
-    p.add_argument("--copy-weight", type=float, default=0.0,
-                   help="weight of the extra loss on in-context copy targets (loss.copy_weight; default: 0, off)")
+    p.add_argument("--recall-episodes", nargs=2, type=int, default=[4, 8], metavar=("LO", "HI"),
+                   help="episodes per recall document (prepare --recall-episodes; default 4 8)")
+    p.add_argument("--recall-gap-chars", nargs=2, type=int, default=[0, 300], metavar=("LO", "HI"),
+                   help="characters between a fact and its query (prepare --recall-gap-chars; default 0 300)")
+    p.add_argument("--copy-weight", type=float, default=1.0,
+                   help="weight of the extra loss on in-context copy targets (loss.copy_weight; default: 1.0)")
+    p.add_argument("--copy-targets", choices=("all", "numbers"), default="numbers",
+                   help="copy targets the copy loss counts (loss.copy_targets; default: numbers, the recalled values)")
     p.add_argument("--copy-context", type=int, default=3,
                    help="tokens before a target that must repeat for it to be a copy target (loss.copy_context)")
-    p.add_argument("--lm-weight", type=float, default=1.0, help="weight of the plain next-token loss (loss.lm_weight)")
+    p.add_argument("--lm-weight", type=float, default=0.1,
+                   help="weight of the plain next-token loss (loss.lm_weight; default: 0.1)")
+    p.add_argument("--stage1-steps", type=int, default=250,
+                   help="steps of a first stage on short recall samples with one-digit values, which teach the "
+                        "lookup before the five-digit values of the main stage (0: no first stage; default: 250)")
+    p.add_argument("--stage1-seq-len", type=int, default=64, help="sample length of the first stage (default: 64)")
+    p.add_argument("--stage1-batch-tokens", type=int, default=2048,
+                   help="tokens per optimizer step in the first stage (default: 2048, 32 samples of 64)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default: 150)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (default: 4096)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
     p.add_argument("--ranks", type=int, default=None, help="training ranks (default: all GPUs, else 2 CPU ranks)")
     p.add_argument("--preset", default="tiny", help="model preset for every variant (default: tiny)")
-    p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one model config field for every variant (repeatable), e.g. head_dim=64")
+    p.add_argument("--model-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="override one model config field for every variant (repeatable; default: hidden_size=64, "
+                        "the width at which the tiny models learn retrieval at lr 3e-3), e.g. head_dim=64")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, one run each per model (default: 0,1,2)")
     p.add_argument("--eval-multiples", default="1,2,4,8,16", help="evaluation lengths / training length")
     p.add_argument("--trials", type=int, default=8, help="retrieval trials per cell (default: 8)")
@@ -216,8 +232,14 @@ def _plot(out: str, table: dict, args, lengths: list[int]) -> None:
         fig.savefig(os.path.join(out, fname), dpi=120)
 
 
+def stage1_shards(shards: str) -> str:
+    """Where the first stage's shards live beside the main ones."""
+    return shards.rstrip(os.sep) + "-stage1"
+
+
 def prepare_shards(args, shards: str) -> None:
-    """The built-in corpus plus its recall episodes (reused when already prepared)."""
+    """The built-in corpus plus its recall episodes, and the first stage's short one-digit episodes
+    (same tokenizer); each reused when already prepared."""
     from data_pipeline.config import BUILTIN_CORPUS
     from data_pipeline.prepare import prepare
     from data_pipeline.recall import RECALL_PREFIX
@@ -226,15 +248,33 @@ def prepare_shards(args, shards: str) -> None:
     if args.recall_weight > 0:
         inputs.append(RECALL_PREFIX + BUILTIN_CORPUS)
         weights.append(args.recall_weight)
+    recall = dict(recall_episodes=tuple(args.recall_episodes), recall_gap_chars=tuple(args.recall_gap_chars))
+    recall_flags = ["--recall-episodes", *map(str, args.recall_episodes),
+                    "--recall-gap-chars", *map(str, args.recall_gap_chars)]
     command = ["python", "-m", "data_pipeline", "prepare", "--input", *inputs, "--weights", *map(str, weights),
                "--output", shards, "--seq-len", str(args.seq_len), "--vocab-size", str(args.vocab_size),
-               "--max-docs", str(args.max_docs), "--val-fraction", "0.05"]
+               "--max-docs", str(args.max_docs), "--val-fraction", "0.05", *recall_flags]
     banner(1, "prepare shards: the built-in corpus and its recall episodes", command)
     if os.path.isfile(os.path.join(shards, "manifest.json")):
         print("      shards already prepared: reusing them", flush=True)
+    else:
+        prepare(inputs=inputs, weights=weights, output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size,
+                max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress, **recall)
+    if args.stage1_steps <= 0:
         return
-    prepare(inputs=inputs, weights=weights, output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size,
-            max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress)
+    short, gaps = stage1_shards(shards), (args.recall_gap_chars[0], min(args.recall_gap_chars[1], 100))
+    tokenizer = os.path.join(shards, "tokenizer.json")
+    command = ["python", "-m", "data_pipeline", "prepare", "--input", RECALL_PREFIX + BUILTIN_CORPUS, "--weights",
+               "4", "--output", short, "--seq-len", str(args.stage1_seq_len), "--tokenizer", tokenizer,
+               "--max-docs", str(args.max_docs), "--val-fraction", "0.05", "--recall-episodes",
+               *map(str, args.recall_episodes), "--recall-gap-chars", *map(str, gaps), "--recall-digits", "1"]
+    banner(1, "prepare shards: first-stage recall episodes with one-digit values", command)
+    if os.path.isfile(os.path.join(short, "manifest.json")):
+        print("      shards already prepared: reusing them", flush=True)
+        return
+    prepare(inputs=[RECALL_PREFIX + BUILTIN_CORPUS], weights=[4.0], output=short, seq_len=args.stage1_seq_len,
+            tokenizer=tokenizer, max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress,
+            recall_episodes=tuple(args.recall_episodes), recall_gap_chars=gaps, recall_digits=1)
 
 
 def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, lengths: list[int], label: str) -> dict:
@@ -247,14 +287,29 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
             return json.load(f)
     sets = [f"model.preset={args.preset}", f"model.overrides.core={core}",
             f"model.overrides.memory={'true' if memory else 'false'}", f"train.seed={seed}", f"data.seed={seed}"]
-    sets += [f"model.overrides.{assignment}" for assignment in args.model_set]
+    sets += [f"model.overrides.{assignment}" for assignment in (args.model_set or DEFAULT_MODEL_SET)]
     if args.lr is not None:
         sets.append(f"optim.lr={args.lr}")
     sets += [f"loss.lm_weight={args.lm_weight}", f"loss.copy_weight={args.copy_weight}",
-             f"loss.copy_context={args.copy_context}"]
-    run_pretrain(args, shards, os.path.join(base, "run"), sets, step=2, title=f"{label}: pretrain")
+             f"loss.copy_context={args.copy_context}", f"loss.copy_targets={args.copy_targets}"]
     from evaluation.long_context import run_evaluation
     from pretrain.export import export
+
+    if args.stage1_steps > 0:
+        stage1 = os.path.join(base, "stage1")
+        if not os.path.isfile(os.path.join(stage1, "done")):
+            short = argparse.Namespace(**{**vars(args), "steps": args.stage1_steps,
+                                          "batch_tokens": args.stage1_batch_tokens})
+            # A constant rate after the warmup: a decay over so short a stage slows the onset of retrieval.
+            stage1_sets = sets + ["schedule.kind=constant", f"schedule.warmup_steps={min(50, args.stage1_steps // 5)}"]
+            run_pretrain(short, stage1_shards(shards), os.path.join(stage1, "run"), stage1_sets, step=2,
+                         title=f"{label}: stage 1 (one-digit values, {args.stage1_seq_len}-token samples)")
+            export(os.path.join(stage1, "run"), os.path.join(stage1, "exported"))
+            with open(os.path.join(stage1, "done"), "w", encoding="utf-8") as f:
+                f.write("trained and exported\n")
+        sets.append(f"train.init_from={os.path.join(stage1, 'exported')}")
+    sets += ["schedule.kind=wsd", f"schedule.warmup_steps={min(10, args.steps // 5)}"]
+    run_pretrain(args, shards, os.path.join(base, "run"), sets, step=2, title=f"{label}: pretrain")
 
     export(os.path.join(base, "run"), os.path.join(base, "exported"))
     banner(4, f"{label}: evaluate at {lengths}", ["python", "-m", "evaluation.long_context",
@@ -288,13 +343,13 @@ def main(argv=None) -> int:
     lengths = [int(m) * args.seq_len for m in args.eval_multiples.split(",")]
     table, per_seed = {}, {}
     total = len(wanted) * len(seeds)
-    for i, name in enumerate(wanted):
-        core, memory = known[name]
-        per_seed[name] = {}
-        for j, seed in enumerate(seeds):
-            label = f"[{i * len(seeds) + j + 1}/{total}] {name} seed {seed}"
+    # Seed by seed, every model in each: a comparison cut short still compares all models.
+    for j, seed in enumerate(seeds):
+        for i, name in enumerate(wanted):
+            core, memory = known[name]
+            label = f"[{j * len(wanted) + i + 1}/{total}] {name} seed {seed}"
             results = run_one(args, shards, os.path.join(out, name, f"seed{seed}"), core, memory, seed, lengths, label)
-            per_seed[name][seed] = {str(k): v for k, v in summarise(results).items()}
+            per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
             table[name] = aggregate(per_seed[name])
             write_report(out, table, args, lengths, time.time() - start, per_seed)
     print(f"\nWrote {os.path.join(out, 'comparison.md')} and the plots in {out}")

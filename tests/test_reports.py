@@ -1,6 +1,7 @@
 """Reports at toy scale: retrieval at chance is labelled as such, and plots do not magnify noise."""
 
 import json
+import os
 
 import pytest
 
@@ -98,3 +99,40 @@ def test_comparison_seeds_are_checked_and_finished_runs_are_reused(tmp_path, cap
     results = compare.run_one(None, str(tmp_path / "no-shards"), str(base), "polar", True, 0, [256], "[1/1]")
     assert results["retrieval"][0]["digit_acc"] == 0.8
     assert "finished earlier" in capsys.readouterr().out
+
+
+def test_comparison_trains_a_first_stage_then_starts_the_main_run_from_it(tmp_path, monkeypatch):
+    import evaluation.long_context
+    import pretrain.export
+
+    calls = []
+
+    def fake_pretrain(args, shards, run_dir, sets, **_):
+        calls.append(("pretrain", args.steps, args.batch_tokens, shards, run_dir, list(sets)))
+
+    def fake_export(run_dir, out):
+        calls.append(("export", run_dir))
+        os.makedirs(out, exist_ok=True)
+
+    def fake_evaluation(model_dir, lengths, out, **_):
+        calls.append(("evaluate", model_dir))
+        return {"retrieval": [], "perplexity": []}
+
+    monkeypatch.setattr(compare, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(pretrain.export, "export", fake_export)
+    monkeypatch.setattr(evaluation.long_context, "run_evaluation", fake_evaluation)
+    args = compare.parse_args(["--steps", "40", "--stage1-steps", "30", "--copy-weight", "2"])
+    base, shards = str(tmp_path / "nope+mem" / "seed0"), str(tmp_path / "shards")
+    compare.run_one(args, shards, base, "nope", True, 0, [256], "label")
+    (_, s1_steps, s1_tokens, s1_shards, s1_dir, s1_sets), export1, (_, steps, _, main_shards, _, sets), *_ = calls
+    assert (s1_steps, s1_tokens, s1_shards) == (30, 2048, shards + "-stage1") and s1_dir.endswith("stage1/run")
+    assert "schedule.kind=constant" in s1_sets and not any(s.startswith("train.init_from") for s in s1_sets)
+    assert "loss.copy_weight=2.0" in s1_sets and "loss.copy_targets=numbers" in s1_sets
+    assert export1 == ("export", s1_dir)
+    assert (steps, main_shards) == (40, shards) and f"train.init_from={base}/stage1/exported" in sets
+    assert "model.overrides.hidden_size=64" in sets and "schedule.kind=wsd" in sets
+    # A rerun after an interruption between the stages trains the main stage only.
+    os.remove(os.path.join(base, "done"))
+    calls.clear()
+    compare.run_one(args, shards, base, "nope", True, 0, [256], "label")
+    assert [c[0] for c in calls] == ["pretrain", "export", "evaluate"] and calls[0][3] == shards
