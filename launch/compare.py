@@ -36,9 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256, help="training length (default: 256)")
     p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
     p.add_argument("--max-docs", type=int, default=400, help="corpus files to read (default: 400)")
-    p.add_argument("--recall-weight", type=float, default=1.0,
+    p.add_argument("--recall-weight", type=float, default=4.0,
                    help="weight of the recall:builtin:stdlib input beside the plain corpus (0: no recall "
-                        "episodes; default: 1.0)")
+                        "episodes; default: 4.0)")
     p.add_argument("--recall-episodes", nargs=2, type=int, default=[4, 8], metavar=("LO", "HI"),
                    help="episodes per recall document (prepare --recall-episodes; default 4 8)")
     p.add_argument("--recall-gap-chars", nargs=2, type=int, default=[0, 300], metavar=("LO", "HI"),
@@ -51,13 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens before a target that must repeat for it to be a copy target (loss.copy_context)")
     p.add_argument("--lm-weight", type=float, default=0.1,
                    help="weight of the plain next-token loss (loss.lm_weight; default: 0.1)")
-    p.add_argument("--stage1-steps", type=int, default=250,
+    p.add_argument("--stage1-steps", type=int, default=300,
                    help="steps of a first stage on short recall samples with one-digit values, which teach the "
-                        "lookup before the five-digit values of the main stage (0: no first stage; default: 250)")
+                        "lookup before the five-digit values of the main stage (0: no first stage; default: 300)")
     p.add_argument("--stage1-seq-len", type=int, default=64, help="sample length of the first stage (default: 64)")
     p.add_argument("--stage1-batch-tokens", type=int, default=2048,
                    help="tokens per optimizer step in the first stage (default: 2048, 32 samples of 64)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run (default: 150)")
+    p.add_argument("--steps", type=int, default=250, help="optimizer steps of the main stage (default: 250)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (default: 4096)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
