@@ -51,9 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokens before a target that must repeat for it to be a copy target (loss.copy_context)")
     p.add_argument("--lm-weight", type=float, default=0.1,
                    help="weight of the plain next-token loss (loss.lm_weight; default: 0.1)")
-    p.add_argument("--stage1-steps", type=int, default=300,
+    p.add_argument("--stage1-steps", type=int, default=600,
                    help="steps of a first stage on short recall samples with one-digit values, which teach the "
-                        "lookup before the five-digit values of the main stage (0: no first stage; default: 300)")
+                        "lookup before the five-digit values of the main stage (0: no first stage; default: 600)")
     p.add_argument("--stage1-seq-len", type=int, default=64, help="sample length of the first stage (default: 64)")
     p.add_argument("--stage1-batch-tokens", type=int, default=2048,
                    help="tokens per optimizer step in the first stage (default: 2048, 32 samples of 64)")
