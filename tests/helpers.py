@@ -203,6 +203,15 @@ def conv_case(B, T, C, K, *, dtype=F64, device="cpu", seed=0, channel_stride=1):
     return x, w, dy
 
 
+def with_live_weights(model, std: float = 0.05):
+    """Give every all-zero tensor of `model` (the zero-initialised projections and head) N(0, std) weights."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, std)
+    return model
+
+
 def live_model(core: str = "polar", memory: bool = True, window: int | None = None):
     """The tiny preset (vocab 512, memory chunks of 8, so a position can fall inside a chunk, at its start or
     in a later one) with every zero-initialised tensor given weights, in eval mode."""
@@ -210,12 +219,7 @@ def live_model(core: str = "polar", memory: bool = True, window: int | None = No
 
     torch.manual_seed(0)
     config = AtmaConfig.from_preset("tiny", core=core, memory=memory, window=window, mem_chunk=8, vocab_size=512)
-    model = AtmaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.1)
-    return model
+    return with_live_weights(AtmaForCausalLM(config).eval(), std=0.1)
 
 
 def induction_next(ids: list[int], t: int, max_match: int = 16) -> int:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import with_live_weights
 from model import AtmaConfig, AtmaForCausalLM
 from pretrain.losses import LossWeights, combine_losses, copy_targets
 
@@ -47,12 +48,7 @@ def test_rows_are_independent():
 def random_model():
     """The tiny model with its zero-initialised tensors drawn at random (distinct logits per token)."""
     torch.manual_seed(0)
-    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=64))
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.05)
-    return model
+    return with_live_weights(AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=64)))
 
 
 def test_focus_loss_is_the_cross_entropy_over_the_focused_tokens():

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from helpers import induction_next
+from helpers import induction_next, with_live_weights
 from tokenizers import Tokenizer
 
 from evaluation import run_evaluation
@@ -67,11 +67,7 @@ def model_dir(tiny_shards, tmp_path_factory) -> str:
     """A tiny exported model with live weights and the shards' tokenizer."""
     directory = str(tmp_path_factory.mktemp("exported"))
     torch.manual_seed(0)
-    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=512))
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0.0, 0.05)
+    model = with_live_weights(AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=512)))
     model.save_pretrained(directory)
     tokenizer = Tokenizer.from_file(os.path.join(tiny_shards, "tokenizer.json"))
     tokenizer.save(os.path.join(directory, "tokenizer.json"))

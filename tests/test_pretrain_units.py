@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from helpers import with_live_weights
 from model import AtmaConfig, AtmaForCausalLM
 from pretrain.config import ConfigError, load_run_config
 from pretrain.flops import forward_flops_per_token, peak_flops_for, train_flops_per_token
@@ -74,12 +75,7 @@ def test_muon_groups_follow_the_project_partition():
 # ---------------------------------------------------------------------- loss terms
 def tiny_model():
     torch.manual_seed(0)
-    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=256, num_random_keys=8))
-    with torch.no_grad():
-        for p in model.parameters():
-            if torch.count_nonzero(p) == 0:
-                p.normal_(0, 0.05)
-    return model
+    return with_live_weights(AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=256, num_random_keys=8)))
 
 
 def grads_for(model, ids, weights: LossWeights, *, sig_mode="weak", seed=7):
