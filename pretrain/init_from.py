@@ -34,14 +34,19 @@ def load_initial_weights(model: torch.nn.Module, directory: str, model_config: A
     try:
         state = load_state_dict(directory)
         params = dict(model.named_parameters())
+        # The exported state holds the persistent buffers too (e.g. RoPE's frequencies).
+        buffers = {name: b for name, b in model.state_dict().items() if name not in params}
         expected = {name: torch.empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta")
-                    for name, p in params.items()}
+                    for name, p in {**params, **buffers}.items()}
         check_state_dict(expected, state, directory)
     except CheckpointError as err:
         raise ConfigError(f"train.init_from: {err}") from None
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    for name, param in params.items():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0 or not hasattr(param, "ds_id"):
-                with torch.no_grad():
+    with torch.no_grad():
+        for name, param in params.items():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0 or not hasattr(param, "ds_id"):
                     param.copy_(state[name].to(param.dtype))
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(state[name].to(buffer.dtype))
