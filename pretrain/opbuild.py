@@ -9,6 +9,12 @@ installed prebuilt nor in that cache.
 from __future__ import annotations
 
 import os
+import time
+
+# torch serialises an op's build with a lock file in its build directory and waits, without end, while
+# that file exists; a killed build leaves it behind. A build takes about a minute on the CPU (a few for
+# the CUDA ops), so a lock this old belongs to no running build.
+STALE_LOCK_SECONDS = 900
 
 # Builder class -> what the op does, for the announcement.
 PURPOSES = {
@@ -45,3 +51,33 @@ def announce_builds(builder_classes: list[str]) -> None:
     for cls in pending_builds(builder_classes):
         print(f"[atma] building DeepSpeed's {PURPOSES.get(cls, cls)} op for this machine (one time, about a "
               f"minute; cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)", flush=True)
+
+
+def stale_build_locks(builder_classes: list[str], max_age_s: float = STALE_LOCK_SECONDS) -> list[tuple[str, float]]:
+    """(path, age in seconds) of the build locks of `builder_classes` older than `max_age_s`."""
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    stale = []
+    for cls in builder_classes:
+        builder = get_accelerator().create_op_builder(cls)
+        if builder is None:
+            continue
+        lock = os.path.join(_get_build_directory(builder.NAME, verbose=False), "lock")
+        try:
+            age = time.time() - os.stat(lock).st_mtime
+        except FileNotFoundError:
+            continue
+        if age > max_age_s:
+            stale.append((lock, age))
+    return stale
+
+
+def check_build_locks(builder_classes: list[str]) -> None:
+    """Refuse to start, in one line, when an interrupted build left a lock that every load would wait on."""
+    from .step import TrainingError
+
+    for lock, age in stale_build_locks(builder_classes):
+        raise TrainingError(f"{lock} is {age / 60:.0f} minutes old: an interrupted build of a DeepSpeed op left it, "
+                            f"and loading the op would wait for it forever; if no build is running, delete it "
+                            f"(rm {lock}) and start again")

@@ -20,10 +20,11 @@ from . import checkpoint as ckpt
 from . import contract
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
+from .cpu_comm import release_shm_segment
 from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
 from .monitor import Monitor
-from .opbuild import announce_builds
+from .opbuild import announce_builds, check_build_locks
 from .optim import apply_lr, build_optimizer, lr_multiplier
 from .provenance import code_version, library_versions
 from .signals import StopRequests
@@ -55,6 +56,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+        if not use_cuda:
+            release_shm_segment()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -158,6 +161,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
     if offload or device.type == "cuda":
+        check_build_locks(["CPUAdamBuilder" if offload else "FusedAdamBuilder"])
         announce_builds(["CPUAdamBuilder" if offload else "FusedAdamBuilder"])
     optimizer = build_optimizer(model, cfg.optim, device_type=device.type, cpu_offload=offload)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
@@ -180,6 +184,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
         if not torch.cuda.is_available():
+            check_build_locks(["ShareMemCommBuilder"])
             announce_builds(["ShareMemCommBuilder"])
         self.rank, self.world, self.device = init_distributed()
         self.manifest = load_manifest(cfg.data.dir)

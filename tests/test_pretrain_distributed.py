@@ -1,6 +1,7 @@
 """DeepSpeed training end to end on CPU ranks (gloo): convergence, rank/stage agreement, exact
 resume, crash recovery, activation checkpointing under ZeRO-3, dashboards, bad-step guards."""
 
+import glob
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
+LAUNCH_PORT = 29500 + os.getpid() % 1000
 
 # Deterministic data order so that 1-rank and 2-rank runs see the same global batches.
 BASE = ["--config", "pretrain/configs/tiny-cpu.yaml", "--set", "batch.tokens=512", "--set", "logging.val_every=0",
@@ -32,7 +34,7 @@ def train(data, run_dir, *extra, ranks=1, check=True, timeout=600):
         cmd = [sys.executable, "-m", "pretrain.train", *args]
     else:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(29500 + os.getpid() % 1000), "pretrain/train.py", *args]
+               "--master_port", str(LAUNCH_PORT), "pretrain/train.py", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -73,6 +75,26 @@ def test_two_ranks_match_one_rank_and_zero_stages_agree(tiny_shards, tmp_path):
         for step, value in reference.items():
             # fp32 on CPU; only the order of the cross-rank gradient sum differs.
             assert abs(got[step] - value) <= 1e-5 * abs(value), (stage, step, got[step], value)
+    # DeepSpeed's shared-memory all-reduce segments of these runs did not outlive them.
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{LAUNCH_PORT}_*") == []
+
+
+def test_a_build_lock_left_by_a_killed_build_stops_training_in_one_line(tiny_shards, tmp_path):
+    from pretrain.opbuild import STALE_LOCK_SECONDS
+
+    extensions = tmp_path / "extensions"
+    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_bytes(b"")
+    old = time.time() - 2 * STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    args = [*BASE, "--data", tiny_shards, "--run-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(env(), TORCH_EXTENSIONS_DIR=str(extensions)), timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: {lock} is 30 minutes old: an interrupted build of a DeepSpeed op left it")
 
 
 def test_resume_is_exact(tiny_shards, tmp_path):

@@ -1,6 +1,8 @@
 """Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
 import math
+import os
+import time
 
 import pytest
 import torch
@@ -324,3 +326,22 @@ def test_an_op_not_built_yet_is_announced_before_the_build(tmp_path, monkeypatch
     assert pending_builds(["ShareMemCommBuilder"]) == []
     announce_builds(["ShareMemCommBuilder"])
     assert capsys.readouterr().out == ""
+
+
+def test_a_build_lock_left_by_a_killed_build_is_refused_in_one_line(tmp_path, monkeypatch):
+    from pretrain.opbuild import STALE_LOCK_SECONDS, check_build_locks
+    from pretrain.step import TrainingError
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    check_build_locks(["ShareMemCommBuilder"])  # no lock
+    lock.write_bytes(b"")
+    check_build_locks(["ShareMemCommBuilder"])  # a build running now: torch waits for it
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.raises(TrainingError) as err:
+        check_build_locks(["ShareMemCommBuilder"])
+    assert str(err.value) == (
+        f"{lock} is 16 minutes old: an interrupted build of a DeepSpeed op left it, and loading the op would wait "
+        f"for it forever; if no build is running, delete it (rm {lock}) and start again")
