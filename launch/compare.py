@@ -8,7 +8,9 @@ data_pipeline/recall.py), after a first stage on short recall samples with one-d
 the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, docs/results.md);
 evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds,
 with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
-resumes an interrupted training run from its last checkpoint.
+resumes an interrupted training run from its last checkpoint. On a CPU machine two runs train at
+once (``--parallel``), each on one rank with its share of the cores and its output in its own
+``compare.log``; one line per run started and finished shows the progress.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -57,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stage1-seq-len", type=int, default=64, help="sample length of the first stage (default: 64)")
     p.add_argument("--stage1-batch-tokens", type=int, default=2048,
                    help="tokens per optimizer step in the first stage (default: 2048, 32 samples of 64)")
-    p.add_argument("--steps", type=int, default=250, help="optimizer steps of the main stage (default: 250)")
+    p.add_argument("--steps", type=int, default=500,
+                   help="optimizer steps of the main stage (default: 500; at 250 the models with memory and Polar "
+                        "stopped short of the lookup at five digits)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (default: 4096)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
@@ -71,8 +76,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trials", type=int, default=8, help="retrieval trials per cell (default: 8)")
     p.add_argument("--variants", default=",".join(variant_name(c, m) for c, m in VARIANTS),
                    help="subset to run, e.g. polar+mem,nope+mem")
+    p.add_argument("--parallel", type=int, default=None,
+                   help="(model, seed) runs trained at once, each on one rank with its share of the cores, its "
+                        "output in RUN_DIR/compare.log (default: 2 on a CPU machine with 2 or more cores, where two "
+                        "one-rank runs finish sooner than one two-rank run after another; else 1)")
+    p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one run for a --parallel parent
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
+
+
+def default_parallel() -> int:
+    """2 on a CPU machine with at least 2 cores, else 1 (a GPU run uses every GPU for one run at a time)."""
+    import torch
+
+    return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
 
 
 def variant_name(core: str, memory: bool) -> str:
@@ -341,19 +358,99 @@ def main(argv=None) -> int:
     shards = os.path.join(out, "shards")
     prepare_shards(args, shards)
     lengths = [int(m) * args.seq_len for m in args.eval_multiples.split(",")]
-    table, per_seed = {}, {}
-    total = len(wanted) * len(seeds)
     # Seed by seed, every model in each: a comparison cut short still compares all models.
-    for j, seed in enumerate(seeds):
-        for i, name in enumerate(wanted):
+    jobs = [(name, seed) for seed in seeds for name in wanted]
+    if args.only is not None:
+        name, _, seed = args.only.rpartition(":")
+        core, memory = known[name]
+        run_one(args, shards, os.path.join(out, name, f"seed{seed}"), core, memory, int(seed), lengths, args.only)
+        return 0
+    table, per_seed = {}, {}
+
+    def finished(name: str, seed: int, results: dict) -> None:
+        per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
+        table[name] = aggregate(per_seed[name])
+        # Rows in the order asked for, whatever order the runs finish in.
+        ordered = {n: table[n] for n in wanted if n in table}
+        write_report(out, ordered, args, lengths, time.time() - start, per_seed)
+
+    parallel = args.parallel or default_parallel()
+    if parallel <= 1:
+        for k, (name, seed) in enumerate(jobs):
             core, memory = known[name]
-            label = f"[{j * len(wanted) + i + 1}/{total}] {name} seed {seed}"
-            results = run_one(args, shards, os.path.join(out, name, f"seed{seed}"), core, memory, seed, lengths, label)
-            per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
-            table[name] = aggregate(per_seed[name])
-            write_report(out, table, args, lengths, time.time() - start, per_seed)
+            label = f"[{k + 1}/{len(jobs)}] {name} seed {seed}"
+            finished(name, seed, run_one(args, shards, os.path.join(out, name, f"seed{seed}"), core, memory, seed,
+                                         lengths, label))
+    else:
+        failed = run_parallel(jobs, parallel, lambda job: _child(argv, out, *job, parallel),
+                              lambda job: finished(*job, _read_results(out, *job)))
+        if failed:
+            logs = ", ".join(_child_log(out, *job) for job in failed)
+            print(f"error: {len(failed)} run(s) failed; see {logs} (rerun the same command to resume them)",
+                  file=sys.stderr)
+            return 1
     print(f"\nWrote {os.path.join(out, 'comparison.md')} and the plots in {out}")
     return 0
+
+
+def _child_log(out: str, name: str, seed: int) -> str:
+    """Where a parallel run's output goes."""
+    return os.path.join(out, name, f"seed{seed}", "compare.log")
+
+
+def _read_results(out: str, name: str, seed: int) -> dict:
+    """The evaluation results of a finished (model, seed)."""
+    with open(os.path.join(out, name, f"seed{seed}", "eval", "results.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _child(argv, out: str, name: str, seed: int, parallel: int) -> subprocess.Popen:
+    """Start one (model, seed) as `python -m launch.compare ... --only NAME:SEED` on one rank and its cores."""
+    log = _child_log(out, name, seed)
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = [sys.executable, "-m", "launch.compare", *argv, "--out", out, "--only", f"{name}:{seed}",
+           "--parallel", "1", "--ranks", "1", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)), PYTHONUNBUFFERED="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    with open(log, "a", encoding="utf-8") as f:
+        return subprocess.Popen(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1.0) -> list:
+    """Run `jobs` with at most `parallel` at once: `start(job)` returns a Popen, `on_success(job)` runs in this
+    process after a job exits with 0; returns the jobs that failed. A line per start and per end."""
+    pending, running, failed = list(jobs), {}, []
+    total, done = len(jobs), 0
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                job = pending.pop(0)
+                running[job] = (start(job), time.time())
+                print(f"[{done + len(running)}/{total}] started {job[0]} seed {job[1]}", flush=True)
+            time.sleep(poll_s)
+            for job, (proc, began) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del running[job]
+                done += 1
+                minutes = (time.time() - began) / 60
+                if code == 0:
+                    on_success(job)
+                    print(f"[{done}/{total}] finished {job[0]} seed {job[1]} in {minutes:.1f} min", flush=True)
+                else:
+                    failed.append(job)
+                    print(f"[{done}/{total}] FAILED {job[0]} seed {job[1]} (exit code {code}) after {minutes:.1f} "
+                          f"min", flush=True)
+    except KeyboardInterrupt:
+        # The runs got the same Ctrl-C: each saves a checkpoint and stops; wait for them.
+        for proc, _ in running.values():
+            proc.wait()
+        print("Stopped by Ctrl-C; rerun the same command to resume every unfinished run", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    return failed
 
 
 if __name__ == "__main__":

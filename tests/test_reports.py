@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -136,3 +138,48 @@ def test_comparison_trains_a_first_stage_then_starts_the_main_run_from_it(tmp_pa
     calls.clear()
     compare.run_one(args, shards, base, "nope", True, 0, [256], "label")
     assert [c[0] for c in calls] == ["pretrain", "export", "evaluate"] and calls[0][3] == shards
+
+
+def test_parallel_runs_keep_at_most_n_at_once_and_report_failures(tmp_path):
+    spans = tmp_path / "spans"
+
+    def start(job):
+        code = 3 if job[0] == "bad" else 0
+        script = (f"import sys, time\nopen({str(spans)!r}, 'a').write(f'{{time.time()}} 1\\n')\ntime.sleep(0.5)\n"
+                  f"open({str(spans)!r}, 'a').write(f'{{time.time()}} -1\\n')\nsys.exit({code})\n")
+        return subprocess.Popen([sys.executable, "-c", script])
+
+    succeeded = []
+    jobs = [("a", 0), ("bad", 0), ("b", 0), ("c", 0), ("d", 0)]
+    failed = compare.run_parallel(jobs, 2, start, succeeded.append, poll_s=0.05)
+    assert failed == [("bad", 0)] and sorted(succeeded) == [("a", 0), ("b", 0), ("c", 0), ("d", 0)]
+    events = sorted((float(t), int(d)) for t, d in (line.split() for line in spans.read_text().splitlines()))
+    running, most = 0, 0
+    for _, delta in events:
+        running += delta
+        most = max(most, running)
+    assert most == 2
+
+
+def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, monkeypatch, capsys):
+    accuracy = {"nope": 0.9, "polar+mem": 0.5}
+
+    def fake_child(argv, out, name, seed, parallel):
+        base = os.path.join(out, name, f"seed{seed}")
+        os.makedirs(os.path.join(base, "eval"), exist_ok=True)
+        with open(os.path.join(base, "eval", "results.json"), "w") as f:
+            json.dump(_results([_cell(256, accuracy[name] - 0.1 * seed)]), f)
+        # polar+mem finishes last: the report keeps the order asked for, not the order of finishing.
+        return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({1.5 if name == 'polar+mem' else 0})"])
+
+    monkeypatch.setattr(compare, "_child", fake_child)
+    monkeypatch.setattr(compare, "prepare_shards", lambda args, shards: None)
+    argv = ["--out", str(tmp_path), "--variants", "polar+mem,nope", "--seeds", "0,1", "--parallel", "2",
+            "--eval-multiples", "1"]
+    assert compare.main(argv) == 0
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(report["table"]) == ["polar+mem", "nope"]
+    assert report["table"]["nope"]["256"]["seeds"] == 2
+    assert report["table"]["nope"]["256"]["token_acc"] == pytest.approx(0.85)
+    out = capsys.readouterr().out
+    assert out.count("started") == 4 and out.count("finished") == 4
