@@ -244,7 +244,8 @@ def _plot(out: str, table: dict, args, lengths: list[int]) -> None:
         ax.axvline(args.seq_len, color="grey", linewidth=0.8)
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(os.path.join(out, fname), dpi=120)
 
