@@ -58,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="steps of a first stage on short recall samples with one-digit values, which teach the "
                         "lookup before the five-digit values of the main stage (0: no first stage; default: 600)")
     p.add_argument("--stage1-seq-len", type=int, default=64, help="sample length of the first stage (default: 64)")
+    p.add_argument("--stage1-copy-loss", type=float, default=1.0,
+                   help="the first stage goes on, half its steps at a time, while its copy loss (mean of the last 20 "
+                        "logged values; ln 10 = 2.30 at chance) is above this: the lookup is not found yet (default: "
+                        "1.0)")
+    p.add_argument("--stage1-max-steps", type=int, default=1800,
+                   help="the first stage stops here whatever its copy loss (default: 1800)")
     p.add_argument("--stage1-batch-tokens", type=int, default=2048,
                    help="tokens per optimizer step in the first stage (default: 2048, 32 samples of 64)")
     p.add_argument("--steps", type=int, default=500,
@@ -295,6 +301,49 @@ def prepare_shards(args, shards: str) -> None:
             recall_episodes=tuple(args.recall_episodes), recall_gap_chars=gaps, recall_digits=1)
 
 
+def recent_copy_loss(run_dir: str, last: int = 20) -> float | None:
+    """Mean of the last `last` logged copy losses of a run (None when it logged none)."""
+    values = []
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "loss/copy" in row:
+                values.append(row["loss/copy"])
+    return sum(values[-last:]) / len(values[-last:]) if values else None
+
+
+def train_stage1(args, shards: str, stage1: str, sets: list[str], label: str) -> int:
+    """Train the first stage until its copy loss shows the lookup (or its step limit); returns its steps.
+
+    Whether a small model finds the lookup in a given number of steps varies with the seed (a
+    plateau at chance, then a drop), so the stage goes on, half its steps at a time, while the copy
+    loss is above --stage1-copy-loss. The target is kept in STAGE1/steps, so an interrupted stage
+    resumes towards the same step.
+    """
+    target_file = os.path.join(stage1, "steps")
+    steps = args.stage1_steps
+    if os.path.isfile(target_file):
+        with open(target_file, encoding="utf-8") as f:
+            steps = int(f.read())
+    # A constant rate after the warmup: a decay over so short a stage slows the onset of retrieval.
+    stage1_sets = sets + ["schedule.kind=constant", f"schedule.warmup_steps={min(50, args.stage1_steps // 5)}"]
+    run_dir = os.path.join(stage1, "run")
+    while True:
+        os.makedirs(stage1, exist_ok=True)
+        with open(target_file, "w", encoding="utf-8") as f:
+            f.write(f"{steps}\n")
+        short = argparse.Namespace(**{**vars(args), "steps": steps, "batch_tokens": args.stage1_batch_tokens})
+        run_pretrain(short, stage1_shards(shards), run_dir, stage1_sets, step=2,
+                     title=f"{label}: stage 1 (one-digit values, {args.stage1_seq_len}-token samples)")
+        loss = recent_copy_loss(run_dir)
+        if loss is None or loss <= args.stage1_copy_loss or steps >= args.stage1_max_steps:
+            return steps
+        more = min(max(args.stage1_steps // 2, 1), args.stage1_max_steps - steps)
+        print(f"{label}: stage 1 copy loss {loss:.2f} after {steps} steps, above {args.stage1_copy_loss} (the lookup "
+              f"is not found yet): {more} steps more", flush=True)
+        steps += more
+
+
 def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, lengths: list[int], label: str) -> dict:
     """Train, export and evaluate one (model, seed), or read its results when a previous run finished it."""
     results_path = os.path.join(base, "eval", "results.json")
@@ -316,15 +365,10 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
     if args.stage1_steps > 0:
         stage1 = os.path.join(base, "stage1")
         if not os.path.isfile(os.path.join(stage1, "done")):
-            short = argparse.Namespace(**{**vars(args), "steps": args.stage1_steps,
-                                          "batch_tokens": args.stage1_batch_tokens})
-            # A constant rate after the warmup: a decay over so short a stage slows the onset of retrieval.
-            stage1_sets = sets + ["schedule.kind=constant", f"schedule.warmup_steps={min(50, args.stage1_steps // 5)}"]
-            run_pretrain(short, stage1_shards(shards), os.path.join(stage1, "run"), stage1_sets, step=2,
-                         title=f"{label}: stage 1 (one-digit values, {args.stage1_seq_len}-token samples)")
+            steps = train_stage1(args, shards, stage1, sets, label)
             export(os.path.join(stage1, "run"), os.path.join(stage1, "exported"))
             with open(os.path.join(stage1, "done"), "w", encoding="utf-8") as f:
-                f.write("trained and exported\n")
+                f.write(f"trained {steps} steps and exported\n")
         sets.append(f"train.init_from={os.path.join(stage1, 'exported')}")
     sets += ["schedule.kind=wsd", f"schedule.warmup_steps={min(10, args.steps // 5)}"]
     run_pretrain(args, shards, os.path.join(base, "run"), sets, step=2, title=f"{label}: pretrain")

@@ -111,6 +111,9 @@ def test_comparison_trains_a_first_stage_then_starts_the_main_run_from_it(tmp_pa
 
     def fake_pretrain(args, shards, run_dir, sets, **_):
         calls.append(("pretrain", args.steps, args.batch_tokens, shards, run_dir, list(sets)))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": args.steps, "loss/copy": 0.4}) + "\n")
 
     def fake_export(run_dir, out):
         calls.append(("export", run_dir))
@@ -183,3 +186,34 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
     assert report["table"]["nope"]["256"]["token_acc"] == pytest.approx(0.85)
     out = capsys.readouterr().out
     assert out.count("started") == 4 and out.count("finished") == 4
+
+
+def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, monkeypatch, capsys):
+    import pretrain.export
+
+    losses, calls = [2.3, 2.2, 0.5], []  # the copy loss each stage-1 call ends with
+
+    def fake_pretrain(args, shards, run_dir, sets, **_):
+        loss = losses[min(len(calls), len(losses) - 1)]
+        calls.append(args.steps)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            for _ in range(20):  # the mean of the last 20 logged values decides
+                f.write(json.dumps({"step": args.steps, "loss/copy": loss}) + "\n")
+
+    monkeypatch.setattr(compare, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(pretrain.export, "export", lambda run_dir, out: os.makedirs(out, exist_ok=True))
+    shards = str(tmp_path / "shards")
+    args = compare.parse_args(["--stage1-steps", "30", "--stage1-max-steps", "100"])
+    assert compare.train_stage1(args, shards, str(tmp_path / "a"), [], "label") == 60
+    assert calls == [30, 45, 60]
+    assert "copy loss 2.30 after 30 steps, above 1.0 (the lookup is not found yet): 15 steps more" in capsys.readouterr().out
+    # The step limit ends it whatever the loss; an interrupted stage resumes towards its last target.
+    losses[:], calls[:] = [2.3], []
+    args = compare.parse_args(["--stage1-steps", "30", "--stage1-max-steps", "50"])
+    assert compare.train_stage1(args, shards, str(tmp_path / "b"), [], "label") == 50
+    assert calls == [30, 45, 50]
+    calls.clear()
+    (tmp_path / "b" / "steps").write_text("45\n")
+    assert compare.train_stage1(args, shards, str(tmp_path / "b"), [], "label") == 50
+    assert calls == [45, 50]
