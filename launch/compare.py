@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import time
 from evaluation.report import CHANCE_MARK, DIGIT_CHANCE, at_chance, percent_limits, relative_change
 
 from .quickstart import banner, run_pretrain
+from .supervise import INTERRUPTED_EXIT_CODE
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
 METRICS = ("ppl", "bpb", "token_acc", "digit_acc", "exact_acc")
@@ -485,16 +487,22 @@ def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1
                 if code == 0:
                     on_success(job)
                     print(f"[{done}/{total}] finished {job[0]} seed {job[1]} in {minutes:.1f} min", flush=True)
+                elif code == INTERRUPTED_EXIT_CODE:
+                    raise KeyboardInterrupt  # a run stopped by Ctrl-C (its checkpoint saved): stop them all
                 else:
                     failed.append(job)
                     print(f"[{done}/{total}] FAILED {job[0]} seed {job[1]} (exit code {code}) after {minutes:.1f} "
                           f"min", flush=True)
     except KeyboardInterrupt:
-        # The runs got the same Ctrl-C: each saves a checkpoint and stops; wait for them.
+        # Each run saves a checkpoint and stops on Ctrl-C (the terminal's reaches them all; pass it on
+        # to any that did not get it), then this waits for them.
+        for proc, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
         for proc, _ in running.values():
             proc.wait()
         print("Stopped by Ctrl-C; rerun the same command to resume every unfinished run", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     return failed
 
 

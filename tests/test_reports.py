@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -217,3 +218,21 @@ def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, 
     (tmp_path / "b" / "steps").write_text("45\n")
     assert compare.train_stage1(args, shards, str(tmp_path / "b"), [], "label") == 50
     assert calls == [45, 50]
+
+
+def test_a_run_stopped_by_ctrl_c_stops_the_parallel_comparison(tmp_path):
+    started = []
+
+    def start(job):
+        started.append(job)
+        # "stopped" exits as an interrupted run does; "long" would run for a minute unless interrupted.
+        script = "raise SystemExit(130)" if job[0] == "stopped" else "import time; time.sleep(60)"
+        return subprocess.Popen([sys.executable, "-c", script])
+
+    jobs = [("stopped", 0), ("long", 0), ("never", 0)]
+    t0 = time.time()
+    with pytest.raises(SystemExit) as stop:
+        compare.run_parallel(jobs, 2, start, lambda job: None, poll_s=0.05)
+    assert stop.value.code == 130
+    assert started == [("stopped", 0), ("long", 0)]  # nothing new once a run was interrupted
+    assert time.time() - t0 < 30  # the other run got the Ctrl-C too
