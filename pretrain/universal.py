@@ -44,7 +44,11 @@ def convert(tag_dir: str) -> str:
         return final
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    proc = subprocess.run(conversion_command(tag_dir, tmp), capture_output=True, text=True)
+    # The output folder is given relative to the tag: DeepSpeed 0.19.8 builds a regular expression
+    # from the output path unescaped, so a run directory such as `runs/polar+mem` would break the merge.
+    tag_dir = os.path.abspath(tag_dir)
+    proc = subprocess.run(conversion_command(tag_dir, os.path.basename(tmp)), capture_output=True, text=True,
+                          cwd=tag_dir)
     # ds_to_universal also writes `latest_universal` beside its output folder; nothing here reads it.
     stray = os.path.join(tag_dir, "latest_universal")
     if os.path.isfile(stray):
