@@ -182,21 +182,32 @@ def _chance_lines(table: dict) -> str:
     return note
 
 
-def write_report(out: str, table: dict, args, lengths: list[int], seconds: float, per_seed: dict | None = None) -> None:
+def write_report(out: str, table: dict, args, lengths: list[int], seconds: float, per_seed: dict | None = None,
+                 stage1_steps: dict | None = None) -> None:
     """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots."""
     seeds = getattr(args, "seeds", "0")
+    done = sorted({int(seed) for runs in (per_seed or {}).values() for seed in runs})
     with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "seeds": seeds,
                    "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight,
                             "copy_context": args.copy_context},
-                   "table": table, "per_seed": per_seed or {}}, f, indent=2)
+                   "stage1_steps": stage1_steps or {}, "table": table, "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
+    seeds_text = f"seeds {seeds}" if not per_seed else f"seeds {', '.join(map(str, done))} of {seeds}"
     lines = [f"# Miniature comparison: train at {args.seq_len}, evaluate to {lengths[-1]}", "",
-             f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data; seeds "
-             f"{seeds} (mean ± standard deviation over seeds); {args.trials} retrieval trials per "
-             f"(task, haystack, depth) cell; {seconds / 60:.0f} min in all. Loss: next-token x "
+             f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data; "
+             f"{seeds_text} (mean ± standard deviation where a model has more than one); {args.trials} retrieval "
+             f"trials per (task, haystack, depth) cell; {seconds / 60:.0f} min in this invocation (runs "
+             f"finished by an earlier one are reused, not counted). Loss: next-token x "
              f"{args.lm_weight} + copy targets x {args.copy_weight} (context {args.copy_context}).", ""]
+    if stage1_steps:
+        lines += ["First-stage steps of each run (the stage goes on while its copy loss is above "
+                  f"{getattr(args, 'stage1_copy_loss', '-')}):", "",
+                  "| model | " + " | ".join(f"seed {seed}" for seed in done) + " |", "|---" * (len(done) + 1) + "|"]
+        for name, by_seed in stage1_steps.items():
+            lines.append(f"| {name} | " + " | ".join(str(by_seed.get(str(seed), "-")) for seed in done) + " |")
+        lines.append("")
     for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.3f}"),
                                ("bpb", "Bits per byte", "{:.3f}"),
                                ("token_acc", "Retrieval token accuracy, % (mean over tasks, haystacks, depths)",
@@ -414,12 +425,19 @@ def main(argv=None) -> int:
         return 0
     table, per_seed = {}, {}
 
+    stage1_steps: dict[str, dict] = {}
+
     def finished(name: str, seed: int, results: dict) -> None:
         per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
         table[name] = aggregate(per_seed[name])
+        steps_file = os.path.join(out, name, f"seed{seed}", "stage1", "steps")
+        if os.path.isfile(steps_file):
+            with open(steps_file, encoding="utf-8") as f:
+                stage1_steps.setdefault(name, {})[str(seed)] = int(f.read())
         # Rows in the order asked for, whatever order the runs finish in.
         ordered = {n: table[n] for n in wanted if n in table}
-        write_report(out, ordered, args, lengths, time.time() - start, per_seed)
+        steps = {n: stage1_steps[n] for n in wanted if n in stage1_steps}
+        write_report(out, ordered, args, lengths, time.time() - start, per_seed, steps)
 
     parallel = args.parallel or default_parallel()
     if parallel <= 1:

@@ -173,6 +173,9 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
         os.makedirs(os.path.join(base, "eval"), exist_ok=True)
         with open(os.path.join(base, "eval", "results.json"), "w") as f:
             json.dump(_results([_cell(256, accuracy[name] - 0.1 * seed)]), f)
+        os.makedirs(os.path.join(base, "stage1"), exist_ok=True)
+        with open(os.path.join(base, "stage1", "steps"), "w") as f:
+            f.write(f"{600 + 300 * seed}\n")
         # polar+mem finishes last: the report keeps the order asked for, not the order of finishing.
         return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({1.5 if name == 'polar+mem' else 0})"])
 
@@ -187,6 +190,9 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
     assert report["table"]["nope"]["256"]["token_acc"] == pytest.approx(0.85)
     out = capsys.readouterr().out
     assert out.count("started") == 4 and out.count("finished") == 4
+    assert report["stage1_steps"] == {"polar+mem": {"0": 600, "1": 900}, "nope": {"0": 600, "1": 900}}
+    text = (tmp_path / "comparison.md").read_text()
+    assert "seeds 0, 1 of 0,1" in text and "| polar+mem | 600 | 900 |" in text
 
 
 def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, monkeypatch, capsys):
