@@ -194,7 +194,10 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
                    "stage1_steps": stage1_steps or {}, "table": table, "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
-    seeds_text = f"seeds {seeds}" if not per_seed else f"seeds {', '.join(map(str, done))} of {seeds}"
+    asked = [int(seed) for seed in str(seeds).split(",") if seed.strip()]
+    seeds_text = f"seeds {', '.join(map(str, done or asked))}"
+    if per_seed and done != sorted(asked):
+        seeds_text += f" (of {', '.join(map(str, asked))} asked for)"
     lines = [f"# Miniature comparison: train at {args.seq_len}, evaluate to {lengths[-1]}", "",
              f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data; "
              f"{seeds_text} (mean ± standard deviation where a model has more than one); {args.trials} retrieval "

@@ -192,7 +192,7 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
     assert out.count("started") == 4 and out.count("finished") == 4
     assert report["stage1_steps"] == {"polar+mem": {"0": 600, "1": 900}, "nope": {"0": 600, "1": 900}}
     text = (tmp_path / "comparison.md").read_text()
-    assert "seeds 0, 1 of 0,1" in text and "| polar+mem | 600 | 900 |" in text
+    assert "seeds 0, 1 (mean" in text and "| polar+mem | 600 | 900 |" in text
 
 
 def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, monkeypatch, capsys):
