@@ -32,6 +32,24 @@ from .supervise import INTERRUPTED_EXIT_CODE
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
 METRICS = ("ppl", "bpb", "token_acc", "digit_acc", "exact_acc")
 DEFAULT_MODEL_SET = ["hidden_size=64"]
+# SPEC §2.11: RoPE's softmax scale 0.12 at head dimension 128.
+PAPER_ROPE_SCALE, PAPER_HEAD_DIM = 0.12, 128
+
+
+def rope_scale_for(args) -> float:
+    """RoPE's softmax scale: --rope-scale, else the paper's logit range (head_dim x scale) at this head dim.
+
+    q and k are RMS-normed per head (norm sqrt(head_dim) each), so the paper's 0.12 at head dimension
+    128 bounds the logits by +-15.4; at the miniature's head dimension 32 the same 0.12 bounds them by
+    +-3.8, too flat for one needle among hundreds of tokens to win the softmax.
+    """
+    if args.rope_scale is not None:
+        return args.rope_scale
+    from model.config import AtmaConfig
+
+    overrides = dict(item.split("=", 1) for item in (args.model_set or DEFAULT_MODEL_SET))
+    head_dim = int(overrides.get("head_dim", AtmaConfig.from_preset(args.preset).head_dim))
+    return PAPER_ROPE_SCALE * PAPER_HEAD_DIM / head_dim
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,6 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimizer steps of the main stage (default: 500; at 250 the models with memory and Polar "
                         "stopped short of the lookup at five digits)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
+    p.add_argument("--rope-scale", type=float, default=None,
+                   help="softmax scale of the RoPE models (default: the paper's logit range kept at this head "
+                        "dimension, %.2f x %d / head_dim; q and k are RMS-normed, so logits lie within "
+                        "+-head_dim x scale)" % (PAPER_ROPE_SCALE, PAPER_HEAD_DIM))
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (default: 4096)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
     p.add_argument("--ranks", type=int, default=None, help="training ranks (default: all GPUs, else 2 CPU ranks)")
@@ -187,10 +209,11 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots."""
     seeds = getattr(args, "seeds", "0")
     done = sorted({int(seed) for runs in (per_seed or {}).values() for seed in runs})
+    rope_scale = rope_scale_for(args) if hasattr(args, "rope_scale") else None
     with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
         json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "seeds": seeds,
                    "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight,
-                            "copy_context": args.copy_context},
+                            "copy_context": args.copy_context}, "rope_scale": rope_scale,
                    "stage1_steps": stage1_steps or {}, "table": table, "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
@@ -203,7 +226,8 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
              f"{seeds_text} (mean ± standard deviation where a model has more than one); {args.trials} retrieval "
              f"trials per (task, haystack, depth) cell; {seconds / 60:.0f} min in this invocation (runs "
              f"finished by an earlier one are reused, not counted). Loss: next-token x "
-             f"{args.lm_weight} + copy targets x {args.copy_weight} (context {args.copy_context}).", ""]
+             f"{args.lm_weight} + copy targets x {args.copy_weight} (context {args.copy_context})."
+             + (f" RoPE softmax scale {rope_scale:g}." if rope_scale is not None else ""), ""]
     if stage1_steps:
         lines += ["First-stage steps of each run (the stage goes on while its copy loss is above "
                   f"{getattr(args, 'stage1_copy_loss', '-')}):", "",
@@ -373,6 +397,8 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
     sets += [f"model.overrides.{assignment}" for assignment in (args.model_set or DEFAULT_MODEL_SET)]
     if args.lr is not None:
         sets.append(f"optim.lr={args.lr}")
+    if core == "rope":
+        sets.append(f"model.overrides.rope_scale={rope_scale_for(args):g}")
     sets += [f"loss.lm_weight={args.lm_weight}", f"loss.copy_weight={args.copy_weight}",
              f"loss.copy_context={args.copy_context}", f"loss.copy_targets={args.copy_targets}"]
     from evaluation.long_context import run_evaluation
@@ -482,8 +508,17 @@ def _child(argv, out: str, name: str, seed: int, parallel: int) -> subprocess.Po
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // parallel)), PYTHONUNBUFFERED="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return spawn(cmd, env, log, cwd=root)
+
+
+def spawn(cmd: list, env: dict, log: str, cwd: str | None = None) -> subprocess.Popen:
+    """Start one run with its output appended to `log`, in a session of its own.
+
+    A terminal's Ctrl-C then reaches the comparison only, which passes it on to each run once: a run
+    that got it twice would take the second as "stop without saving" (launch/supervise.py).
+    """
     with open(log, "a", encoding="utf-8") as f:
-        return subprocess.Popen(cmd, cwd=root, env=env, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1.0) -> list:
@@ -491,6 +526,15 @@ def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1
     process after a job exits with 0; returns the jobs that failed. A line per start and per end."""
     pending, running, failed = list(jobs), {}, []
     total, done = len(jobs), 0
+
+    def hang_up(signum, frame) -> None:
+        # The terminal closed: the runs, each in a session of its own, get what it would have sent them.
+        for proc, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGHUP, hang_up)
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -515,15 +559,23 @@ def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1
                     print(f"[{done}/{total}] FAILED {job[0]} seed {job[1]} (exit code {code}) after {minutes:.1f} "
                           f"min", flush=True)
     except KeyboardInterrupt:
-        # Each run saves a checkpoint and stops on Ctrl-C (the terminal's reaches them all; pass it on
-        # to any that did not get it), then this waits for them.
+        # Each run saves a checkpoint and stops on one Ctrl-C (the runs are in sessions of their own,
+        # so a terminal's Ctrl-C reached this process only), then this waits for them.
         for proc, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
         for proc, _ in running.values():
-            proc.wait()
+            while proc.poll() is None:
+                try:
+                    proc.wait()
+                except KeyboardInterrupt:  # Ctrl-C again: pass it on, the runs stop without saving
+                    for other, _ in running.values():
+                        if other.poll() is None:
+                            other.send_signal(signal.SIGINT)
         print("Stopped by Ctrl-C; rerun the same command to resume every unfinished run", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     return failed
 
 

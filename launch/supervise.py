@@ -5,7 +5,9 @@ with a KeyboardInterrupt traceback, and its per-node launcher would SIGTERM ever
 SIGKILL them 30 s later. So the launcher tree runs in a session of its own, which a terminal's
 Ctrl-C does not reach, and this process hands the first Ctrl-C to the training ranks alone: each
 finishes its step, saves a checkpoint and exits with code 130, which the launchers pass back. A
-second Ctrl-C (or a first one before any rank has started) kills the whole tree at once. SIGTERM
+second Ctrl-C (or a first one before any rank has started) kills the whole tree at once, and then
+removes the op build locks made since the start (a rank killed while it built a DeepSpeed op leaves
+one, and every later load of that op would wait on it forever). SIGTERM
 is handed on the same way (the ranks save and exit with code 0); SIGHUP (the terminal closed) goes
 to the whole tree, as it would without the separate session.
 """
@@ -16,10 +18,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Mapping, Sequence
 
 import psutil
 
+from pretrain.opbuild import remove_build_locks_since
 from pretrain.signals import INTERRUPTED_EXIT_CODE
 
 
@@ -37,11 +41,15 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
     The exit code is 130 when Ctrl-C stopped the run (whether the ranks saved or were killed),
     else the launcher's own (a negative signal number N becomes 128 + N, as in a shell).
     """
+    started = time.time()
     proc = subprocess.Popen(list(command), env=None if env is None else dict(env), cwd=cwd, start_new_session=True)
     interrupts = 0
+    killed = False
 
     def kill_tree(message: str) -> None:
+        nonlocal killed
         print(message, file=sys.stderr, flush=True)
+        killed = True
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -73,6 +81,10 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if killed:
+        # A rank killed while it built a DeepSpeed op leaves the build's lock; the next run would wait on it.
+        for lock in remove_build_locks_since(started, os.environ if env is None else env):
+            print(f"[launch] removed {lock}, left by an op build that was stopped", file=sys.stderr, flush=True)
     if interrupts:
         return INTERRUPTED_EXIT_CODE
     return 128 - code if code < 0 else code

@@ -81,3 +81,33 @@ def check_build_locks(builder_classes: list[str]) -> None:
         raise TrainingError(f"{lock} is {age / 60:.0f} minutes old: an interrupted build of a DeepSpeed op left it, "
                             f"and loading the op would wait for it forever; if no build is running, delete it "
                             f"(rm {lock}) and start again")
+
+
+def extensions_root(env: dict | None = None) -> str:
+    """Where torch builds ops: TORCH_EXTENSIONS_DIR of `env` (default: this process's), else its default."""
+    env = os.environ if env is None else env
+    if env.get("TORCH_EXTENSIONS_DIR"):
+        return env["TORCH_EXTENSIONS_DIR"]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return get_default_build_root()
+
+
+def remove_build_locks_since(started: float, env: dict | None = None) -> list[str]:
+    """Delete the op build locks made at or after `started` (by processes just killed); returns their paths.
+
+    A build killed with SIGKILL leaves its lock, and every later load of that op waits on it forever.
+    """
+    import glob
+
+    root = extensions_root(env)
+    removed = []
+    for lock in glob.glob(os.path.join(glob.escape(root), "*", "lock")) + glob.glob(
+            os.path.join(glob.escape(root), "*", "*", "lock")):
+        try:
+            if os.stat(lock).st_mtime >= started:
+                os.remove(lock)
+                removed.append(lock)
+        except FileNotFoundError:
+            continue
+    return removed

@@ -146,3 +146,34 @@ def test_ctrl_c_through_the_launcher_saves_and_the_rerun_resumes_there(tiny_shar
 
     left = [p for p in psutil.process_iter(["cmdline"]) if str(run) in " ".join(p.info["cmdline"] or [])]
     assert not left, [p.info["cmdline"] for p in left]
+
+
+BUILDS_AN_OP = r"""
+import os, sys, time
+build = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "py311_cpu", "some_op")
+os.makedirs(build, exist_ok=True)
+open(os.path.join(build, "lock"), "w").close()  # what torch does before it builds an op
+print("building", flush=True)
+time.sleep(60)
+"""
+
+SUPERVISES = "import sys; from launch import supervise; sys.exit(supervise.run([sys.executable, '-c', sys.argv[1]]))"
+
+
+def test_a_build_stopped_by_ctrl_c_does_not_leave_its_lock_behind(tmp_path):
+    # Killed mid-build, a rank leaves torch's build lock, on which every later load of the op waits forever.
+    ext = tmp_path / "ext"
+    older = ext / "py311_cpu" / "other_op" / "lock"
+    older.parent.mkdir(parents=True)
+    older.touch()
+    os.utime(older, (time.time() - 3600,) * 2)  # not this run's: kept
+    env = dict(os.environ, PYTHONPATH=ROOT, TORCH_EXTENSIONS_DIR=str(ext))
+    runner = subprocess.Popen([sys.executable, "-c", SUPERVISES, BUILDS_AN_OP], cwd=ROOT, env=env,
+                              start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert runner.stdout.readline().strip() == "building"
+    os.killpg(runner.pid, signal.SIGINT)  # a terminal's Ctrl-C, before any training rank started
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 130, err
+    assert not (ext / "py311_cpu" / "some_op" / "lock").exists()
+    assert older.exists()
+    assert "removed" in err and "some_op" in err

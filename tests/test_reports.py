@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,6 +145,30 @@ def test_comparison_trains_a_first_stage_then_starts_the_main_run_from_it(tmp_pa
     assert [c[0] for c in calls] == ["pretrain", "export", "evaluate"] and calls[0][3] == shards
 
 
+def test_rope_models_keep_the_papers_logit_range_at_the_miniature_head_dim(tmp_path, monkeypatch):
+    import evaluation.long_context
+    import pretrain.export
+
+    # q, k RMS-normed: |logit| <= head_dim x scale, 15.36 in the paper (0.12 at head dim 128).
+    assert compare.rope_scale_for(compare.parse_args([])) == pytest.approx(0.48)  # tiny: head dim 32
+    assert compare.rope_scale_for(compare.parse_args(["--model-set", "head_dim=64"])) == pytest.approx(0.24)
+    assert compare.rope_scale_for(compare.parse_args(["--rope-scale", "0.3"])) == 0.3
+    sets_by_core = {}
+
+    def fake_pretrain(args, shards, run_dir, sets, **_):
+        os.makedirs(run_dir, exist_ok=True)
+        sets_by_core.setdefault(run_dir.split(os.sep)[-3], list(sets))
+
+    monkeypatch.setattr(compare, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(pretrain.export, "export", lambda run_dir, out: None)
+    monkeypatch.setattr(evaluation.long_context, "run_evaluation", lambda *a, **k: {"retrieval": [], "perplexity": []})
+    args = compare.parse_args(["--steps", "40", "--stage1-steps", "0"])
+    for core in ("rope", "polar"):
+        compare.run_one(args, "shards", str(tmp_path / core / "seed0"), core, True, 0, [256], core)
+    assert "model.overrides.rope_scale=0.48" in sets_by_core["rope"]
+    assert not any("rope_scale" in s for s in sets_by_core["polar"])
+
+
 def test_parallel_runs_keep_at_most_n_at_once_and_report_failures(tmp_path):
     spans = tmp_path / "spans"
 
@@ -242,3 +267,43 @@ def test_a_run_stopped_by_ctrl_c_stops_the_parallel_comparison(tmp_path):
     assert stop.value.code == 130
     assert started == [("stopped", 0), ("long", 0)]  # nothing new once a run was interrupted
     assert time.time() - t0 < 30  # the other run got the Ctrl-C too
+
+
+_COUNTS_CTRL_C = """
+import signal, sys, time
+seen = []
+signal.signal(signal.SIGINT, lambda *_: seen.append(time.time()) or print("ctrl-c", flush=True))
+print("ready", flush=True)
+while not seen:
+    time.sleep(0.02)
+time.sleep(1.0)  # long enough for a second Ctrl-C to arrive
+sys.exit(130)
+"""
+
+_RUNS_TWO = """
+import os, sys
+from launch import compare
+out = sys.argv[1]
+child = [sys.executable, "-c", sys.argv[2]]
+start = lambda job: compare.spawn(child, dict(os.environ), os.path.join(out, job[0] + ".log"))
+compare.run_parallel([("a", 0), ("b", 0)], 2, start, lambda job: None, poll_s=0.05)
+"""
+
+
+def test_a_terminals_ctrl_c_reaches_each_parallel_run_exactly_once(tmp_path):
+    # A terminal sends Ctrl-C to its whole foreground process group; a run that got it from there and
+    # again from the comparison would stop without saving its checkpoint.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    runner = subprocess.Popen([sys.executable, "-c", _RUNS_TWO, str(tmp_path), _COUNTS_CTRL_C], cwd=root, env=env,
+                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    deadline = time.time() + 60
+    while not all(log.exists() and "ready" in log.read_text() for log in logs):
+        assert time.time() < deadline and runner.poll() is None, "the runs did not start"
+        time.sleep(0.05)
+    os.killpg(runner.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 130, err
+    assert [log.read_text().count("ctrl-c") for log in logs] == [1, 1]
+    assert "rerun the same command" in err
