@@ -89,6 +89,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=500,
                    help="optimizer steps of the main stage (default: 500; at 250 the models with memory and Polar "
                         "stopped short of the lookup at five digits)")
+    p.add_argument("--copy-loss", type=float, default=1.4,
+                   help="the main stage goes on, half its steps at a time, while its copy loss (mean of the last 20 "
+                        "logged values) is above this (default: 1.4; runs that learned retrieval at 1x ended at "
+                        "1.1 or below, runs that did not at 1.7 or above)")
+    p.add_argument("--max-steps", type=int, default=1000,
+                   help="the main stage stops here whatever its copy loss (default: 1000)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--rope-scale", type=float, default=None,
                    help="softmax scale of the RoPE models (default: the paper's logit range kept at this head "
@@ -205,7 +211,7 @@ def _chance_lines(table: dict) -> str:
 
 
 def write_report(out: str, table: dict, args, lengths: list[int], seconds: float, per_seed: dict | None = None,
-                 stage1_steps: dict | None = None) -> None:
+                 stage1_steps: dict | None = None, main_steps: dict | None = None) -> None:
     """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots."""
     seeds = getattr(args, "seeds", "0")
     done = sorted({int(seed) for runs in (per_seed or {}).values() for seed in runs})
@@ -214,7 +220,8 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
         json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "seeds": seeds,
                    "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight,
                             "copy_context": args.copy_context}, "rope_scale": rope_scale,
-                   "stage1_steps": stage1_steps or {}, "table": table, "per_seed": per_seed or {}}, f, indent=2)
+                   "stage1_steps": stage1_steps or {}, "main_steps": main_steps or {}, "table": table,
+                   "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
     asked = [int(seed) for seed in str(seeds).split(",") if seed.strip()]
@@ -228,12 +235,15 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
              f"finished by an earlier one are reused, not counted). Loss: next-token x "
              f"{args.lm_weight} + copy targets x {args.copy_weight} (context {args.copy_context})."
              + (f" RoPE softmax scale {rope_scale:g}." if rope_scale is not None else ""), ""]
-    if stage1_steps:
-        lines += ["First-stage steps of each run (the stage goes on while its copy loss is above "
-                  f"{getattr(args, 'stage1_copy_loss', '-')}):", "",
+    if stage1_steps or main_steps:
+        stage1_steps, main_steps = stage1_steps or {}, main_steps or {}
+        lines += ["Steps of each run, first stage / main stage (each goes on while its copy loss is above "
+                  f"{getattr(args, 'stage1_copy_loss', '-')} / {getattr(args, 'copy_loss', '-')}):", "",
                   "| model | " + " | ".join(f"seed {seed}" for seed in done) + " |", "|---" * (len(done) + 1) + "|"]
-        for name, by_seed in stage1_steps.items():
-            lines.append(f"| {name} | " + " | ".join(str(by_seed.get(str(seed), "-")) for seed in done) + " |")
+        for name in [n for n in table if n in stage1_steps or n in main_steps]:
+            cells = [f"{stage1_steps.get(name, {}).get(str(seed), '-')} / "
+                     f"{main_steps.get(name, {}).get(str(seed), '-')}" for seed in done]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.3f}"),
                                ("bpb", "Bits per byte", "{:.3f}"),
@@ -343,8 +353,10 @@ def prepare_shards(args, shards: str) -> None:
 
 def recent_copy_loss(run_dir: str, last: int = 20) -> float | None:
     """Mean of the last `last` logged copy losses of a run (None when it logged none)."""
-    values = []
-    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+    values, path = [], os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if "loss/copy" in row:
@@ -352,36 +364,68 @@ def recent_copy_loss(run_dir: str, last: int = 20) -> float | None:
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
+def train_adaptively(run, run_dir: str, target_file: str, first: int, limit: int, goal: float, more: int,
+                     label: str) -> int:
+    """Train to `first` steps, then on, `more` at a time, while the copy loss is above `goal` (up to `limit`).
+
+    `run(steps)` trains (or resumes) the run in `run_dir` up to `steps`; the loss checked is the mean of
+    its last 20 logged copy losses. The target is kept in `target_file`, so an interrupted run resumes
+    towards the same step. Returns the steps trained.
+    """
+    steps = first
+    if os.path.isfile(target_file):
+        with open(target_file, encoding="utf-8") as f:
+            steps = int(f.read())
+    while True:
+        os.makedirs(os.path.dirname(target_file), exist_ok=True)
+        with open(target_file, "w", encoding="utf-8") as f:
+            f.write(f"{steps}\n")
+        run(steps)
+        loss = recent_copy_loss(run_dir)
+        if loss is None or loss <= goal or steps >= limit:
+            return steps
+        extra = min(max(more, 1), limit - steps)
+        print(f"{label}: copy loss {loss:.2f} after {steps} steps, above {goal} (the lookup is not found yet): "
+              f"{extra} steps more", flush=True)
+        steps += extra
+
+
 def train_stage1(args, shards: str, stage1: str, sets: list[str], label: str) -> int:
     """Train the first stage until its copy loss shows the lookup (or its step limit); returns its steps.
 
     Whether a small model finds the lookup in a given number of steps varies with the seed (a
     plateau at chance, then a drop), so the stage goes on, half its steps at a time, while the copy
-    loss is above --stage1-copy-loss. The target is kept in STAGE1/steps, so an interrupted stage
-    resumes towards the same step.
+    loss is above --stage1-copy-loss. The target is kept in STAGE1/steps.
     """
-    target_file = os.path.join(stage1, "steps")
-    steps = args.stage1_steps
-    if os.path.isfile(target_file):
-        with open(target_file, encoding="utf-8") as f:
-            steps = int(f.read())
     # A constant rate after the warmup: a decay over so short a stage slows the onset of retrieval.
     stage1_sets = sets + ["schedule.kind=constant", f"schedule.warmup_steps={min(50, args.stage1_steps // 5)}"]
     run_dir = os.path.join(stage1, "run")
-    while True:
-        os.makedirs(stage1, exist_ok=True)
-        with open(target_file, "w", encoding="utf-8") as f:
-            f.write(f"{steps}\n")
+
+    def run(steps: int) -> None:
         short = argparse.Namespace(**{**vars(args), "steps": steps, "batch_tokens": args.stage1_batch_tokens})
         run_pretrain(short, stage1_shards(shards), run_dir, stage1_sets, step=2,
                      title=f"{label}: stage 1 (one-digit values, {args.stage1_seq_len}-token samples)")
-        loss = recent_copy_loss(run_dir)
-        if loss is None or loss <= args.stage1_copy_loss or steps >= args.stage1_max_steps:
-            return steps
-        more = min(max(args.stage1_steps // 2, 1), args.stage1_max_steps - steps)
-        print(f"{label}: stage 1 copy loss {loss:.2f} after {steps} steps, above {args.stage1_copy_loss} (the lookup "
-              f"is not found yet): {more} steps more", flush=True)
-        steps += more
+
+    return train_adaptively(run, run_dir, os.path.join(stage1, "steps"), args.stage1_steps, args.stage1_max_steps,
+                            args.stage1_copy_loss, args.stage1_steps // 2, f"{label}: stage 1")
+
+
+def train_main(args, shards: str, base: str, sets: list[str], label: str) -> int:
+    """Train the main stage (five-digit values at the training length); returns its steps.
+
+    Like the first stage, it goes on, half its steps at a time, while its copy loss is above
+    --copy-loss (up to --max-steps). Each extension recomputes the warmup-stable-decay schedule
+    over the longer run, so the rate rises back to its peak and decays again at the end.
+    """
+    main_sets = sets + ["schedule.kind=wsd", f"schedule.warmup_steps={min(10, args.steps // 5)}"]
+    run_dir = os.path.join(base, "run")
+
+    def run(steps: int) -> None:
+        longer = argparse.Namespace(**{**vars(args), "steps": steps})
+        run_pretrain(longer, shards, run_dir, main_sets, step=2, title=f"{label}: pretrain")
+
+    return train_adaptively(run, run_dir, os.path.join(base, "main_steps"), args.steps,
+                            max(args.max_steps, args.steps), args.copy_loss, args.steps // 2, label)
 
 
 def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, lengths: list[int], label: str) -> dict:
@@ -412,8 +456,7 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
             with open(os.path.join(stage1, "done"), "w", encoding="utf-8") as f:
                 f.write(f"trained {steps} steps and exported\n")
         sets.append(f"train.init_from={os.path.join(stage1, 'exported')}")
-    sets += ["schedule.kind=wsd", f"schedule.warmup_steps={min(10, args.steps // 5)}"]
-    run_pretrain(args, shards, os.path.join(base, "run"), sets, step=2, title=f"{label}: pretrain")
+    train_main(args, shards, base, sets, label)
 
     export(os.path.join(base, "run"), os.path.join(base, "exported"))
     banner(4, f"{label}: evaluate at {lengths}", ["python", "-m", "evaluation.long_context",
@@ -455,18 +498,21 @@ def main(argv=None) -> int:
     table, per_seed = {}, {}
 
     stage1_steps: dict[str, dict] = {}
+    main_steps: dict[str, dict] = {}
 
     def finished(name: str, seed: int, results: dict) -> None:
         per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
         table[name] = aggregate(per_seed[name])
-        steps_file = os.path.join(out, name, f"seed{seed}", "stage1", "steps")
-        if os.path.isfile(steps_file):
-            with open(steps_file, encoding="utf-8") as f:
-                stage1_steps.setdefault(name, {})[str(seed)] = int(f.read())
+        for kept, path in ((stage1_steps, ("stage1", "steps")), (main_steps, ("main_steps",))):
+            steps_file = os.path.join(out, name, f"seed{seed}", *path)
+            if os.path.isfile(steps_file):
+                with open(steps_file, encoding="utf-8") as f:
+                    kept.setdefault(name, {})[str(seed)] = int(f.read())
         # Rows in the order asked for, whatever order the runs finish in.
         ordered = {n: table[n] for n in wanted if n in table}
-        steps = {n: stage1_steps[n] for n in wanted if n in stage1_steps}
-        write_report(out, ordered, args, lengths, time.time() - start, per_seed, steps)
+        write_report(out, ordered, args, lengths, time.time() - start, per_seed,
+                     {n: stage1_steps[n] for n in wanted if n in stage1_steps},
+                     {n: main_steps[n] for n in wanted if n in main_steps})
 
     parallel = args.parallel or default_parallel()
     if parallel <= 1:

@@ -201,6 +201,8 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
         os.makedirs(os.path.join(base, "stage1"), exist_ok=True)
         with open(os.path.join(base, "stage1", "steps"), "w") as f:
             f.write(f"{600 + 300 * seed}\n")
+        with open(os.path.join(base, "main_steps"), "w") as f:
+            f.write(f"{500 + 250 * seed}\n")
         # polar+mem finishes last: the report keeps the order asked for, not the order of finishing.
         return subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({1.5 if name == 'polar+mem' else 0})"])
 
@@ -217,7 +219,8 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
     assert out.count("started") == 4 and out.count("finished") == 4
     assert report["stage1_steps"] == {"polar+mem": {"0": 600, "1": 900}, "nope": {"0": 600, "1": 900}}
     text = (tmp_path / "comparison.md").read_text()
-    assert "seeds 0, 1 (mean" in text and "| polar+mem | 600 | 900 |" in text
+    assert report["main_steps"]["nope"] == {"0": 500, "1": 750}
+    assert "seeds 0, 1 (mean" in text and "| polar+mem | 600 / 500 | 900 / 750 |" in text
 
 
 def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, monkeypatch, capsys):
@@ -249,6 +252,30 @@ def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, 
     (tmp_path / "b" / "steps").write_text("45\n")
     assert compare.train_stage1(args, shards, str(tmp_path / "b"), [], "label") == 50
     assert calls == [45, 50]
+
+
+def test_the_main_stage_goes_on_while_its_copy_loss_is_high_then_stops_at_its_limit(tmp_path, monkeypatch, capsys):
+    losses, calls = [1.8, 0.9], []  # the copy loss each main-stage call ends with
+
+    def fake_pretrain(args, shards, run_dir, sets, **_):
+        loss = losses[min(len(calls), len(losses) - 1)]
+        calls.append((args.steps, run_dir, "schedule.kind=wsd" in sets))
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            for _ in range(20):
+                f.write(json.dumps({"step": args.steps, "loss/copy": loss}) + "\n")
+
+    monkeypatch.setattr(compare, "run_pretrain", fake_pretrain)
+    args = compare.parse_args(["--steps", "40", "--max-steps", "100"])
+    base = str(tmp_path / "a")
+    assert compare.train_main(args, "shards", base, [], "label") == 60
+    assert calls == [(40, os.path.join(base, "run"), True), (60, os.path.join(base, "run"), True)]
+    assert "copy loss 1.80 after 40 steps, above 1.4 (the lookup is not found yet): 20 steps more" in capsys.readouterr().out
+    assert (tmp_path / "a" / "main_steps").read_text() == "60\n"
+    losses[:], calls[:] = [1.8], []
+    args = compare.parse_args(["--steps", "40", "--max-steps", "50"])
+    assert compare.train_main(args, "shards", str(tmp_path / "b"), [], "label") == 50
+    assert [c[0] for c in calls] == [40, 50]
 
 
 def test_a_run_stopped_by_ctrl_c_stops_the_parallel_comparison(tmp_path):
