@@ -255,7 +255,7 @@ def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, 
 
 
 def test_the_main_stage_goes_on_while_its_copy_loss_is_high_then_stops_at_its_limit(tmp_path, monkeypatch, capsys):
-    losses, calls = [1.8, 0.9], []  # the copy loss each main-stage call ends with
+    losses, calls = [1.8, 0.6], []  # the copy loss each main-stage call ends with
 
     def fake_pretrain(args, shards, run_dir, sets, **_):
         loss = losses[min(len(calls), len(losses) - 1)]
@@ -270,7 +270,7 @@ def test_the_main_stage_goes_on_while_its_copy_loss_is_high_then_stops_at_its_li
     base = str(tmp_path / "a")
     assert compare.train_main(args, "shards", base, [], "label") == 60
     assert calls == [(40, os.path.join(base, "run"), True), (60, os.path.join(base, "run"), True)]
-    assert "copy loss 1.80 after 40 steps, above 1.4 (the lookup is not found yet): 20 steps more" in capsys.readouterr().out
+    assert "copy loss 1.80 after 40 steps, above 1.0 (the lookup is not found yet): 20 steps more" in capsys.readouterr().out
     assert (tmp_path / "a" / "main_steps").read_text() == "60\n"
     losses[:], calls[:] = [1.8], []
     args = compare.parse_args(["--steps", "40", "--max-steps", "50"])
