@@ -116,6 +116,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="(model, seed) runs trained at once, each on one rank with its share of the cores, its "
                         "output in RUN_DIR/compare.log (default: 2 on a CPU machine with 2 or more cores, where two "
                         "one-rank runs finish sooner than one two-rank run after another; else 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the report from the runs finished so far, training nothing")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one run for a --parallel parent
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -486,7 +488,8 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     start = time.time()
     shards = os.path.join(out, "shards")
-    prepare_shards(args, shards)
+    if not args.report_only:
+        prepare_shards(args, shards)
     lengths = [int(m) * args.seq_len for m in args.eval_multiples.split(",")]
     # Seed by seed, every model in each: a comparison cut short still compares all models.
     jobs = [(name, seed) for seed in seeds for name in wanted]
@@ -514,6 +517,21 @@ def main(argv=None) -> int:
                      {n: stage1_steps[n] for n in wanted if n in stage1_steps},
                      {n: main_steps[n] for n in wanted if n in main_steps})
 
+    if args.report_only:
+        missing = []
+        for name, seed in jobs:
+            base = os.path.join(out, name, f"seed{seed}")
+            if os.path.isfile(os.path.join(base, "done")) and os.path.isfile(os.path.join(base, "eval", "results.json")):
+                finished(name, seed, _read_results(out, name, seed))
+            else:
+                missing.append(f"{name} seed {seed}")
+        if not per_seed:
+            print(f"error: no finished run in {out}", file=sys.stderr)
+            return 1
+        if missing:
+            print(f"not finished (left out of the report): {', '.join(missing)}")
+        print(f"Wrote {os.path.join(out, 'comparison.md')} and the plots in {out}")
+        return 0
     parallel = args.parallel or default_parallel()
     if parallel <= 1:
         for k, (name, seed) in enumerate(jobs):

@@ -223,6 +223,35 @@ def test_parallel_comparison_reports_every_model_in_the_order_asked(tmp_path, mo
     assert "seeds 0, 1 (mean" in text and "| polar+mem | 600 / 500 | 900 / 750 |" in text
 
 
+def test_report_only_reports_the_finished_runs_and_trains_nothing(tmp_path, monkeypatch, capsys):
+    def finished_run(name, seed, accuracy):
+        base = tmp_path / name / f"seed{seed}"
+        (base / "eval").mkdir(parents=True)
+        (base / "eval" / "results.json").write_text(json.dumps(_results([_cell(256, accuracy)])))
+        (base / "done").write_text("done\n")
+        (base / "main_steps").write_text("750\n")
+
+    finished_run("polar+mem", 0, 0.9)
+    finished_run("polar+mem", 1, 0.7)
+    (tmp_path / "nope" / "seed0" / "run").mkdir(parents=True)  # started, not finished
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("--report-only trained something")
+
+    monkeypatch.setattr(compare, "_child", must_not_run)
+    monkeypatch.setattr(compare, "run_one", must_not_run)
+    monkeypatch.setattr(compare, "prepare_shards", must_not_run)
+    argv = ["--out", str(tmp_path), "--variants", "polar+mem,nope", "--seeds", "0,1", "--eval-multiples", "1",
+            "--report-only"]
+    assert compare.main(argv) == 0
+    report = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(report["table"]) == ["polar+mem"]
+    assert report["table"]["polar+mem"]["256"]["token_acc"] == pytest.approx(0.8)
+    assert report["main_steps"] == {"polar+mem": {"0": 750, "1": 750}}
+    assert "not finished (left out of the report): nope seed 0, nope seed 1" in capsys.readouterr().out
+    assert compare.main(["--out", str(tmp_path / "empty"), "--report-only"]) == 1
+
+
 def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, monkeypatch, capsys):
     import pretrain.export
 
