@@ -591,14 +591,21 @@ def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1
     pending, running, failed = list(jobs), {}, []
     total, done = len(jobs), 0
 
-    def hang_up(signum, frame) -> None:
-        # The terminal closed: the runs, each in a session of its own, get what it would have sent them.
+    def pass_on(signum: int) -> None:
         for proc, _ in running.values():
             if proc.poll() is None:
                 proc.send_signal(signum)
+
+    def hang_up(signum, frame) -> None:
+        # The terminal closed: the runs, each in a session of its own, get what it would have sent them.
+        pass_on(signum)
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGHUP, hang_up)
+    def terminate(signum, frame) -> None:
+        raise _Terminated()
+
+    previous = {signal.SIGHUP: signal.signal(signal.SIGHUP, hang_up),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, terminate)}
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -622,25 +629,28 @@ def run_parallel(jobs: list, parallel: int, start, on_success, poll_s: float = 1
                     failed.append(job)
                     print(f"[{done}/{total}] FAILED {job[0]} seed {job[1]} (exit code {code}) after {minutes:.1f} "
                           f"min", flush=True)
-    except KeyboardInterrupt:
-        # Each run saves a checkpoint and stops on one Ctrl-C (the runs are in sessions of their own,
-        # so a terminal's Ctrl-C reached this process only), then this waits for them.
-        for proc, _ in running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        # Each run saves a checkpoint and stops on one Ctrl-C or SIGTERM (the runs are in sessions of
+        # their own, so a terminal's Ctrl-C reached this process only), then this waits for them.
+        signum = signal.SIGTERM if isinstance(stop, _Terminated) else signal.SIGINT
+        pass_on(signum)
         for proc, _ in running.values():
             while proc.poll() is None:
                 try:
                     proc.wait()
                 except KeyboardInterrupt:  # Ctrl-C again: pass it on, the runs stop without saving
-                    for other, _ in running.values():
-                        if other.poll() is None:
-                            other.send_signal(signal.SIGINT)
-        print("Stopped by Ctrl-C; rerun the same command to resume every unfinished run", file=sys.stderr, flush=True)
-        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+                    pass_on(signal.SIGINT)
+        how = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+        print(f"Stopped by {how}; rerun the same command to resume every unfinished run", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE if signum == signal.SIGINT else 128 + signum) from None
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return failed
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the comparison."""
 
 
 if __name__ == "__main__":

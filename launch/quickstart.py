@@ -123,7 +123,21 @@ def run_pretrain(args, shards: str, run_dir: str, extra_sets: list[str] = (), *,
     if code != 0:
         raise SystemExit(f"error: pretraining failed (exit code {code}); rerun to resume from the "
                          f"last checkpoint in {run_dir}/checkpoints")
+    reached = last_checkpoint_step(run_dir)
+    if reached < args.steps:
+        # A SIGTERM (a scheduler's stop) makes the ranks save and exit with 0: not a finished run.
+        print(f"Stopped at step {reached} of {args.steps}; rerun the same command to continue from the checkpoint "
+              f"in {run_dir}/checkpoints", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE)
     return shown
+
+
+def last_checkpoint_step(run_dir: str) -> int:
+    """Step of the newest complete checkpoint of a run (0 when it has none)."""
+    from pretrain.checkpoint import TAG_RE, complete_tags
+
+    tags = complete_tags(os.path.join(run_dir, "checkpoints"))
+    return int(TAG_RE.match(tags[-1]).group(1)) if tags else 0
 
 
 def read_curve(run_dir: str) -> dict:

@@ -177,3 +177,29 @@ def test_a_build_stopped_by_ctrl_c_does_not_leave_its_lock_behind(tmp_path):
     assert not (ext / "py311_cpu" / "some_op" / "lock").exists()
     assert older.exists()
     assert "removed" in err and "some_op" in err
+
+
+def test_a_run_stopped_by_sigterm_is_not_taken_for_a_finished_one(tmp_path, monkeypatch, capsys):
+    # SIGTERM makes the ranks save and exit with 0; the next step (export, evaluation) must not run on
+    # a half-trained model.
+    import argparse
+
+    from launch import quickstart
+
+    run_dir = tmp_path / "run"
+    reached = {"step": 4}
+
+    def fake_launch(cmd, cwd=None, env=None):
+        tag = run_dir / "checkpoints" / f"step_{reached['step']:08d}"
+        tag.mkdir(parents=True)
+        (tag / "COMPLETE").touch()
+        return 0
+
+    monkeypatch.setattr(quickstart, "run_supervised", fake_launch)
+    args = argparse.Namespace(ranks=1, steps=6, batch_tokens=64, micro_batch=1, no_progress=True)
+    with pytest.raises(SystemExit) as stop:
+        quickstart.run_pretrain(args, "shards", str(run_dir))
+    assert stop.value.code == 130
+    assert "Stopped at step 4 of 6; rerun the same command" in capsys.readouterr().err
+    reached["step"] = 6
+    quickstart.run_pretrain(args, "shards", str(run_dir))  # finished: returns

@@ -363,3 +363,23 @@ def test_a_terminals_ctrl_c_reaches_each_parallel_run_exactly_once(tmp_path):
     assert runner.returncode == 130, err
     assert [log.read_text().count("ctrl-c") for log in logs] == [1, 1]
     assert "rerun the same command" in err
+
+
+_COUNTS_SIGTERM = _COUNTS_CTRL_C.replace("SIGINT", "SIGTERM").replace("ctrl-c", "sigterm")
+
+
+def test_sigterm_reaches_each_parallel_run_once_and_the_comparison_waits_for_them(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    runner = subprocess.Popen([sys.executable, "-c", _RUNS_TWO, str(tmp_path), _COUNTS_SIGTERM], cwd=root, env=env,
+                              start_new_session=True, stderr=subprocess.PIPE, text=True)
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    deadline = time.time() + 60
+    while not all(log.exists() and "ready" in log.read_text() for log in logs):
+        assert time.time() < deadline and runner.poll() is None, "the runs did not start"
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGTERM)  # a scheduler's stop, to the comparison only
+    _, err = runner.communicate(timeout=60)
+    assert runner.returncode == 143, err
+    assert [log.read_text().count("sigterm") for log in logs] == [1, 1]  # each saved before it exited
+    assert "Stopped by SIGTERM" in err
