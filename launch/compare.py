@@ -5,7 +5,8 @@
 Trains matched tiny models (same data, steps and optimizer; one run per model and seed) at a short
 training length on the built-in corpus mixed with key-value recall episodes (``recall:INPUT``,
 data_pipeline/recall.py), after a first stage on short recall samples with one-digit values, with
-the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, docs/results.md);
+the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, docs/results.md); each
+stage goes on while its copy loss shows that the lookup is not found yet (up to a step limit);
 evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds,
 with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
 resumes an interrupted training run from its last checkpoint. On a CPU machine two runs train at
