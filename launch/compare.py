@@ -232,7 +232,7 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     if per_seed and done != sorted(asked):
         seeds_text += f" (of {', '.join(map(str, asked))} asked for)"
     lines = [f"# Miniature comparison: train at {args.seq_len}, evaluate to {lengths[-1]}", "",
-             f"Preset `{args.preset}`, {args.steps} steps x {args.batch_tokens} tokens, identical data; "
+             f"Preset `{args.preset}`, main stage {_main_steps_text(args)} x {args.batch_tokens} tokens, identical data; "
              f"{seeds_text} (mean ± standard deviation where a model has more than one); {args.trials} retrieval "
              f"trials per (task, haystack, depth) cell; {seconds / 60:.0f} min in this invocation (runs "
              f"finished by an earlier one are reused, not counted). Loss: next-token x "
@@ -263,6 +263,12 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     _plot(out, table, args, lengths)
+
+
+def _main_steps_text(args) -> str:
+    """The main stage's steps as the report states them: fixed, or from --steps up to --max-steps."""
+    limit = getattr(args, "max_steps", args.steps)
+    return f"{args.steps} steps" if limit <= args.steps else f"{args.steps}-{limit} steps"
 
 
 def _plot(out: str, table: dict, args, lengths: list[int]) -> None:
