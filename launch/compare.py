@@ -31,7 +31,7 @@ from .quickstart import banner, run_pretrain
 from .supervise import INTERRUPTED_EXIT_CODE
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
-METRICS = ("ppl", "bpb", "token_acc", "digit_acc", "exact_acc")
+METRICS = ("ppl", "ppl_change", "bpb", "token_acc", "digit_acc", "exact_acc")
 DEFAULT_MODEL_SET = ["hidden_size=64"]
 # SPEC §2.11: RoPE's softmax scale 0.12 at head dimension 128.
 PAPER_ROPE_SCALE, PAPER_HEAD_DIM = 0.12, 128
@@ -164,7 +164,14 @@ def summarise(results: dict) -> dict:
             row[metric] = sum(c[metric] for c in cells) / len(cells)
         row["trials"] = sum(c["trials"] for c in cells)
         row["at_chance"] = at_chance(row)
-    return dict(sorted(rows.items()))
+    rows = dict(sorted(rows.items()))
+    # Perplexity change against this run's shortest length: its spread over seeds is the spread of
+    # the change, not of the level (runs of different lengths differ in level).
+    levels = [row["ppl"] for row in rows.values() if "ppl" in row]
+    for row in rows.values():
+        if "ppl" in row:
+            row["ppl_change"] = relative_change([levels[0], row["ppl"]])[1]
+    return rows
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
@@ -271,6 +278,21 @@ def _main_steps_text(args) -> str:
     return f"{args.steps} steps" if limit <= args.steps else f"{args.steps}-{limit} steps"
 
 
+def plot_series(rows: dict, metric: str, lengths: list[int]) -> tuple[list, list, list, list]:
+    """Lengths, mean and min-max over seeds of one plotted metric, in percent.
+
+    Perplexity is plotted as each run's change against its own 1x, so a bar is the spread of the
+    change over seeds, not of the perplexity level.
+    """
+    key = "ppl_change" if metric == "ppl" else metric
+    xs = [n for n in lengths if key in rows.get(str(n), {})]
+    scale = 1.0 if metric == "ppl" else 100.0
+    mean = [scale * rows[str(n)][key] for n in xs]
+    low = [scale * rows[str(n)].get(f"{key}_min", rows[str(n)][key]) for n in xs]
+    high = [scale * rows[str(n)].get(f"{key}_max", rows[str(n)][key]) for n in xs]
+    return xs, mean, low, high
+
+
 def _plot(out: str, table: dict, args, lengths: list[int]) -> None:
     """Perplexity as % change against 1x and retrieval accuracy from 0 to 100, mean over seeds with min-max bars."""
     import matplotlib
@@ -284,17 +306,9 @@ def _plot(out: str, table: dict, args, lengths: list[int]) -> None:
         ax = fig.add_subplot()
         series = []
         for name, rows in table.items():
-            xs = [n for n in lengths if metric in rows.get(str(n), {})]
+            xs, mean, low, high = plot_series(rows, metric, lengths)
             if not xs:
                 continue
-            mean = [rows[str(n)][metric] for n in xs]
-            low = [rows[str(n)].get(f"{metric}_min", m) for n, m in zip(xs, mean)]
-            high = [rows[str(n)].get(f"{metric}_max", m) for n, m in zip(xs, mean)]
-            if metric == "ppl":
-                base = mean[0]
-                mean, low, high = (relative_change([base] + v)[1:] for v in (mean, low, high))
-            else:
-                mean, low, high = ([100 * y for y in v] for v in (mean, low, high))
             series.append(low + high)
             errors = [[m - lo for m, lo in zip(mean, low)], [hi - m for m, hi in zip(mean, high)]]
             ax.errorbar(xs, mean, yerr=errors, marker="o", capsize=3, label=name,

@@ -88,6 +88,25 @@ def test_comparison_aggregates_seeds_into_mean_and_spread():
     assert low["256"]["at_chance"] and compare._cell(low["256"], "token_acc", "{:.1f}").endswith(CHANCE_MARK)
 
 
+def test_perplexity_plot_spreads_the_change_over_seeds_not_the_level():
+    def run(level, change):
+        return {str(k): v for k, v in compare.summarise({"retrieval": [], "perplexity": [
+            {"length": 256, "ppl": level, "bpb": 1.0},
+            {"length": 1024, "ppl": level * (1 + change / 100), "bpb": 1.0}]}).items()}
+
+    # Seeds with very different levels (one trained longer) and the same +10% change at 4x.
+    table = compare.aggregate({0: run(150.0, 10.0), 1: run(280.0, 10.0)})
+    xs, mean, low, high = compare.plot_series(table, "ppl", [256, 1024])
+    assert xs == [256, 1024]
+    assert mean == pytest.approx([0.0, 10.0]) and low == pytest.approx([0.0, 10.0])
+    assert high == pytest.approx([0.0, 10.0])
+    table = compare.aggregate({0: run(150.0, 5.0), 1: run(280.0, 15.0)})
+    _, _, low, high = compare.plot_series(table, "ppl", [256, 1024])
+    assert low == pytest.approx([0.0, 5.0]) and high == pytest.approx([0.0, 15.0])
+    _, acc, _, _ = compare.plot_series({"256": {"token_acc": 0.5}}, "token_acc", [256])
+    assert acc == [50.0]
+
+
 def test_comparison_seeds_are_checked_and_finished_runs_are_reused(tmp_path, capsys):
     assert compare.parse_seeds("0, 1,2") == [0, 1, 2]
     for bad in ("", "0,0", "a,b"):
