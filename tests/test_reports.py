@@ -365,18 +365,24 @@ compare.run_parallel([("a", 0), ("b", 0)], 2, start, lambda job: None, poll_s=0.
 """
 
 
-def test_a_terminals_ctrl_c_reaches_each_parallel_run_exactly_once(tmp_path):
-    # A terminal sends Ctrl-C to its whole foreground process group; a run that got it from there and
-    # again from the comparison would stop without saving its checkpoint.
+def _two_parallel_runs(tmp_path, child: str):
+    """A comparison (in a session of its own) running two `child` scripts; returns it once both are ready."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
-    runner = subprocess.Popen([sys.executable, "-c", _RUNS_TWO, str(tmp_path), _COUNTS_CTRL_C], cwd=root, env=env,
+    runner = subprocess.Popen([sys.executable, "-c", _RUNS_TWO, str(tmp_path), child], cwd=root, env=env,
                               start_new_session=True, stderr=subprocess.PIPE, text=True)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     deadline = time.time() + 60
     while not all(log.exists() and "ready" in log.read_text() for log in logs):
         assert time.time() < deadline and runner.poll() is None, "the runs did not start"
         time.sleep(0.05)
+    return runner, logs
+
+
+def test_a_terminals_ctrl_c_reaches_each_parallel_run_exactly_once(tmp_path):
+    # A terminal sends Ctrl-C to its whole foreground process group; a run that got it from there and
+    # again from the comparison would stop without saving its checkpoint.
+    runner, logs = _two_parallel_runs(tmp_path, _COUNTS_CTRL_C)
     os.killpg(runner.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
     _, err = runner.communicate(timeout=60)
     assert runner.returncode == 130, err
@@ -388,15 +394,7 @@ _COUNTS_SIGTERM = _COUNTS_CTRL_C.replace("SIGINT", "SIGTERM").replace("ctrl-c", 
 
 
 def test_sigterm_reaches_each_parallel_run_once_and_the_comparison_waits_for_them(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root)
-    runner = subprocess.Popen([sys.executable, "-c", _RUNS_TWO, str(tmp_path), _COUNTS_SIGTERM], cwd=root, env=env,
-                              start_new_session=True, stderr=subprocess.PIPE, text=True)
-    logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    deadline = time.time() + 60
-    while not all(log.exists() and "ready" in log.read_text() for log in logs):
-        assert time.time() < deadline and runner.poll() is None, "the runs did not start"
-        time.sleep(0.05)
+    runner, logs = _two_parallel_runs(tmp_path, _COUNTS_SIGTERM)
     runner.send_signal(signal.SIGTERM)  # a scheduler's stop, to the comparison only
     _, err = runner.communicate(timeout=60)
     assert runner.returncode == 143, err
