@@ -11,6 +11,7 @@ from .attention import GlobalAttention
 from .cache import AtmaCache
 from .config import AtmaConfig
 from .layers import MLP, CausalDepthwiseConv, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
+from .lm_loss import softcap_cross_entropy_sums
 
 CHECKPOINT_POLICIES = ("none", "global", "all")
 
@@ -100,7 +101,7 @@ def lm_loss_chunked(
     chunk_tokens: int = 8192,
     focus: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean cross-entropy of soft-capped logits, chunked over tokens and recomputed in backward.
+    """Mean cross-entropy of soft-capped logits, chunked over tokens and recomputed in backward (`model.lm_loss`).
 
     Returns (mean over all tokens, mean over the tokens where the boolean `focus` (B,T) is set, or
     None without `focus`; 0 when it selects nothing). Never holds fp32 logits for more than
@@ -110,18 +111,7 @@ def lm_loss_chunked(
     y = labels.reshape(-1)
     f = (focus.reshape(-1) if focus is not None else torch.zeros_like(y, dtype=torch.bool)).to(h.dtype)
 
-    def chunk_sums(h_c, y_c, f_c, w, b):
-        logits = softcap(F.linear(h_c, w.to(h_c.dtype), b.to(h_c.dtype)), cap)
-        ce = F.cross_entropy(logits, y_c, reduction="none")
-        return torch.stack([ce.sum(), (ce * f_c).sum()])
-
-    total = h.new_zeros(2, dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
-    # split (not h[start:end]): its backward is one concatenation, not a full-size buffer per chunk.
-    for h_c, y_c, f_c in zip(h.split(chunk_tokens), y.split(chunk_tokens), f.split(chunk_tokens)):
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + torch_checkpoint(chunk_sums, h_c, y_c, f_c, weight, bias, use_reentrant=False)
-        else:
-            total = total + chunk_sums(h_c, y_c, f_c, weight, bias)
+    total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens)
     mean = total[0] / max(y.numel(), 1)
     if focus is None:
         return mean, None

@@ -1,0 +1,117 @@
+"""`python -m model.bench_loss`: forward + backward of the LM head's soft-capped cross-entropy.
+
+Times the fused, chunked path (`model.lm_loss`) against its baseline in the same run: the naive
+autograd path run chunk by chunk under activation checkpointing (logits recomputed in backward,
+each elementwise op of the soft-cap and the cross-entropy its own tensor), which is how the loss
+was computed before the fused path. Both are checked to agree before any timing. Prints ms per
+call (median), the ratio, and writes everything to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .lm_loss import CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
+
+
+def naive_chunked(h, w, b, y, f, *, cap: float, chunk_tokens: int) -> torch.Tensor:
+    """The baseline: the naive sums chunk by chunk, each chunk recomputed in backward."""
+    total = 0
+    for start in range(0, h.shape[0], chunk_tokens):
+        rows = slice(start, start + chunk_tokens)
+        total = total + checkpoint(lambda h_c, w, b, y_c, f_c: softcap_cross_entropy_sums_naive(
+            h_c, w, b, y_c, f_c, cap=cap), h[rows], w, b, y[rows], f[rows], use_reentrant=False)
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, inputs, repeats: int, warmup: int, device: torch.device) -> list[float]:
+    """Milliseconds of each of `repeats` forward + backward calls of `fn` after `warmup` untimed ones."""
+    times = []
+    for i in range(warmup + repeats):
+        for t in inputs[:3]:
+            t.grad = None
+        _sync(device)
+        start = time.perf_counter()
+        fn(*inputs).sum().backward()
+        _sync(device)
+        if i >= warmup:
+            times.append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse the command line (defaults: a micro-batch of the CPU comparison's models)."""
+    gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(prog="python -m model.bench_loss", description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=2048, help="rows of the LM head's input (default: 2048)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden size (default: 64)")
+    p.add_argument("--vocab", type=int, default=2048, help="vocabulary size (default: 2048)")
+    p.add_argument("--chunk-tokens", type=int, default=8192,
+                   help="loss.loss_chunk_tokens of both paths (default: 8192, the run config's); on the CPU the "
+                        f"fused path caps a chunk at {CPU_LOGITS_PER_CHUNK} logits")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per path (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
+    p.add_argument("--device", default="cuda" if gpu else "cpu", help="torch device")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if gpu else "fp32",
+                   help="dtype of the head's input (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    args = p.parse_args(argv)
+    if min(args.tokens, args.hidden, args.vocab, args.chunk_tokens, args.repeats) < 1 or args.warmup < 0:
+        p.error("--tokens, --hidden, --vocab, --chunk-tokens and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    """Check both paths agree, time them, print the table and the ratio."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    g = torch.Generator(device=device).manual_seed(0)
+    h = torch.randn(args.tokens, args.hidden, device=device, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(args.vocab, args.hidden, device=device, generator=g) / args.hidden**0.5).to(dtype)
+    w.requires_grad_()
+    b = torch.zeros(args.vocab, device=device, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
+    f = (torch.rand(args.tokens, device=device, generator=g) < 0.1).to(dtype)
+    paths = {
+        "fused": lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens),
+        "naive chunked (baseline)": lambda *t: naive_chunked(*t, cap=15.0, chunk_tokens=args.chunk_tokens),
+    }
+    inputs = (h, w, b, y, f)
+    sums = {name: fn(*inputs).detach().double() for name, fn in paths.items()}
+    fused, naive = sums.values()
+    if not torch.allclose(fused, naive, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5):
+        print(f"error: the fused and naive sums differ: {fused.tolist()} vs {naive.tolist()}", file=sys.stderr)
+        return 1
+    record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "settings": vars(args), "ms": {}}
+    for name, fn in paths.items():
+        record["ms"][name] = statistics.median(time_calls(fn, inputs, args.repeats, args.warmup, device))
+    ms = record["ms"]
+    record["speedup"] = ms["naive chunked (baseline)"] / ms["fused"]
+    print(f"{args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype} on {record['device']}, "
+          f"chunk {args.chunk_tokens} tokens; forward + backward, median of {args.repeats}")
+    for name, value in ms.items():
+        print(f"  {name:<26} {value:9.2f} ms")
+    print(f"  fused speedup              {record['speedup']:9.2f}x (same run)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(record, out, indent=2)
+            out.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The fused soft-capped cross-entropy against its naive autograd reference (fp64 oracle)."""
+
+import json
+
+import pytest
+import torch
+
+from model.lm_loss import softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
+
+CAP = 15.0
+
+
+def case(n=37, d=8, v=50, dtype=torch.float64, scale=3.0, seed=0):
+    """Rows, head and labels with logits large enough that the soft-cap bends them."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    w = (scale * torch.randn(v, d, generator=g, dtype=dtype)).requires_grad_()
+    b = torch.randn(v, generator=g, dtype=dtype).requires_grad_()
+    y = torch.randint(0, v, (n,), generator=g)
+    y[3] = -100
+    focus = (torch.rand(n, generator=g) < 0.4).to(dtype)
+    return h, w, b, y, focus
+
+
+def sums_and_grads(fn, h, w, b, weights=(0.7, 1.3), **kw):
+    sums = fn(h, w, b, *kw.pop("targets"), cap=CAP, **kw)
+    grads = torch.autograd.grad((sums * torch.tensor(weights, dtype=sums.dtype, device=sums.device)).sum(), (h, w, b))
+    return sums.detach(), grads
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37, 10_000])
+def test_fused_equals_naive_in_fp64(chunk):
+    h, w, b, y, focus = case()
+    assert (CAP * 0.5 < (h @ w.T + b).abs().max()), "logits must reach the soft-cap's bend"
+    fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h, w, b, targets=(y, focus), chunk_tokens=chunk)
+    naive, naive_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h, w, b, targets=(y, focus))
+    torch.testing.assert_close(fused, naive, rtol=1e-12, atol=1e-12)
+    for got, want, name in zip(fused_grads, naive_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_ignored_labels_add_nothing_and_get_no_gradient():
+    h, w, b, y, focus = case()
+    sums, (grad_h, _, _) = sums_and_grads(softcap_cross_entropy_sums, h, w, b, targets=(y, focus), chunk_tokens=4)
+    keep = y != -100
+    kept = softcap_cross_entropy_sums(h[keep], w, b, y[keep], focus[keep], cap=CAP, chunk_tokens=4)
+    torch.testing.assert_close(sums, kept.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(grad_h[3]) == 0 and torch.count_nonzero(grad_h[keep].abs().sum(1)) == keep.sum()
+
+
+def test_gradcheck():
+    h, w, b, y, focus = case(n=9, d=3, v=7)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4), (h, w, b))
+
+
+def check_bf16_against_oracle(device: str, n: int, d: int, v: int, chunk: int):
+    """Fused bf16 sums and gradients no further from the fp64 oracle than the naive path's."""
+    h, w, b, y, focus = (t.to(device) for t in case(n=n, d=d, v=v, dtype=torch.float32, scale=1.0))
+    w, b = (t.detach().requires_grad_() for t in (w, b))
+    h16 = h.detach().bfloat16().requires_grad_()
+    fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h16, w, b, targets=(y, focus), chunk_tokens=chunk)
+    naive, naive_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h16, w, b, targets=(y, focus))
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h16, w, b))
+    exact, exact_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h64, w64, b64, targets=(y, focus.double()))
+    assert fused_grads[0].dtype == torch.bfloat16 and fused_grads[1].dtype == torch.float32
+    for got, ref, want in zip((fused, *fused_grads), (naive, *naive_grads), (exact, *exact_grads)):
+        err, ref_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+def test_bf16_rows_are_as_close_to_the_fp64_oracle_as_the_naive_path():
+    check_bf16_against_oracle("cpu", n=64, d=16, v=96, chunk=20)
+
+
+@pytest.mark.gpu
+def test_bf16_on_the_gpu_at_a_training_shape():
+    check_bf16_against_oracle("cuda", n=4096, d=256, v=8192, chunk=1024)
+
+
+def test_logits_are_recomputed_in_backward_not_saved():
+    n, v = 64, 96
+    h, w, b, y, focus = case(n=n, d=8, v=v)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sums = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=16)
+    sums.sum().backward()
+    assert saved and max(saved) < 16 * v, f"a logits-sized tensor was kept for backward: {sorted(saved)}"
+
+
+def test_bad_chunk_is_refused():
+    h, w, b, y, focus = case()
+    with pytest.raises(ValueError, match="chunk_tokens must be positive"):
+        softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=0)
+
+
+def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
+    from model import bench_loss
+
+    out = tmp_path / "loss.json"
+    assert bench_loss.main(["--tokens", "64", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16",
+                            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["ms"]) == {"fused", "naive chunked (baseline)"} and record["speedup"] > 0
+    assert "fused speedup" in capsys.readouterr().out
