@@ -35,6 +35,8 @@ METRICS = ("ppl", "ppl_change", "bpb", "token_acc", "digit_acc", "exact_acc")
 DEFAULT_MODEL_SET = ["hidden_size=64"]
 # SPEC §2.11: RoPE's softmax scale 0.12 at head dimension 128.
 PAPER_ROPE_SCALE, PAPER_HEAD_DIM = 0.12, 128
+# The main stage's retrieval check draws its trials with the run's seed plus this, never the evaluation's.
+CHECK_SEED_OFFSET = 1000
 
 
 def rope_scale_for(args) -> float:
@@ -94,8 +96,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the main stage goes on, half its steps at a time, while its copy loss (mean of the last 20 "
                         "logged values) is above this (default: 1.0; runs at 90%% or more at 1x ended at 0.5-1.1, "
                         "runs at chance at 1.7 or above, a RoPE run at 77%% at 1.16)")
+    p.add_argument("--retrieval-goal", type=float, default=0.9,
+                   help="once its copy loss is low enough, the main stage goes on, half its steps at a time, while "
+                        "its retrieval token accuracy at the training length is below this, measured on check "
+                        "trials of its own seed, not the evaluation's (0: no check; default: 0.9)")
     p.add_argument("--max-steps", type=int, default=1000,
-                   help="the main stage stops here whatever its copy loss (default: 1000)")
+                   help="the main stage stops here whatever its copy loss and retrieval (default: 1000)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--rope-scale", type=float, default=None,
                    help="softmax scale of the RoPE models (default: the paper's logit range kept at this head "
@@ -387,12 +393,23 @@ def recent_copy_loss(run_dir: str, last: int = 20) -> float | None:
     return sum(values[-last:]) / len(values[-last:]) if values else None
 
 
-def train_adaptively(run, run_dir: str, target_file: str, first: int, limit: int, goal: float, more: int,
-                     label: str) -> int:
-    """Train to `first` steps, then on, `more` at a time, while the copy loss is above `goal` (up to `limit`).
+def copy_loss_reason(run_dir: str, goal: float):
+    """A `more_needed(steps)` check: why to go on while the run's recent copy loss is above `goal`."""
 
-    `run(steps)` trains (or resumes) the run in `run_dir` up to `steps`; the loss checked is the mean of
-    its last 20 logged copy losses. The target is kept in `target_file`, so an interrupted run resumes
+    def more_needed(steps: int) -> str | None:
+        loss = recent_copy_loss(run_dir)
+        if loss is None or loss <= goal:
+            return None
+        return f"copy loss {loss:.2f} after {steps} steps, above {goal} (the lookup is not found yet)"
+
+    return more_needed
+
+
+def train_adaptively(run, target_file: str, first: int, limit: int, more: int, more_needed, label: str) -> int:
+    """Train to `first` steps, then on, `more` at a time, while `more_needed(steps)` gives a reason (up to `limit`).
+
+    `run(steps)` trains (or resumes) the run up to `steps`; `more_needed(steps)` returns why it
+    should go on, or None. The target is kept in `target_file`, so an interrupted run resumes
     towards the same step. Returns the steps trained.
     """
     steps = first
@@ -404,12 +421,13 @@ def train_adaptively(run, run_dir: str, target_file: str, first: int, limit: int
         with open(target_file, "w", encoding="utf-8") as f:
             f.write(f"{steps}\n")
         run(steps)
-        loss = recent_copy_loss(run_dir)
-        if loss is None or loss <= goal or steps >= limit:
+        if steps >= limit:
+            return steps
+        reason = more_needed(steps)
+        if reason is None:
             return steps
         extra = min(max(more, 1), limit - steps)
-        print(f"{label}: copy loss {loss:.2f} after {steps} steps, above {goal} (the lookup is not found yet): "
-              f"{extra} steps more", flush=True)
+        print(f"{label}: {reason}: {extra} steps more", flush=True)
         steps += extra
 
 
@@ -429,15 +447,54 @@ def train_stage1(args, shards: str, stage1: str, sets: list[str], label: str) ->
         run_pretrain(short, stage1_shards(shards), run_dir, stage1_sets, step=2,
                      title=f"{label}: stage 1 (one-digit values, {args.stage1_seq_len}-token samples)")
 
-    return train_adaptively(run, run_dir, os.path.join(stage1, "steps"), args.stage1_steps, args.stage1_max_steps,
-                            args.stage1_copy_loss, args.stage1_steps // 2, f"{label}: stage 1")
+    return train_adaptively(run, os.path.join(stage1, "steps"), args.stage1_steps, args.stage1_max_steps,
+                            args.stage1_steps // 2, copy_loss_reason(run_dir, args.stage1_copy_loss), f"{label}: stage 1")
 
 
-def train_main(args, shards: str, base: str, sets: list[str], label: str) -> int:
+def retrieval_check(args, shards: str, base: str, seed: int) -> float | None:
+    """Retrieval token accuracy of the run's newest checkpoint at the training length, on check trials (None: no cells).
+
+    The check draws its trials with a seed of its own (`CHECK_SEED_OFFSET` past the run's), so the
+    final evaluation's trials never decide how long a model trains.
+    """
+    from evaluation.long_context import run_evaluation
+    from pretrain.export import export
+
+    check = os.path.join(base, "check")
+    export(os.path.join(base, "run"), os.path.join(check, "exported"))
+    results = run_evaluation(os.path.join(check, "exported"), [args.seq_len], os.path.join(check, "eval"),
+                             data=shards, tasks=("passkey", "niah"), trials=args.trials,
+                             seed=seed + CHECK_SEED_OFFSET, progress=False)
+    return summarise(results).get(args.seq_len, {}).get("token_acc")
+
+
+def main_stage_reason(args, shards: str, base: str, seed: int):
+    """Why the main stage should go on: its copy loss above --copy-loss, else its check retrieval below --retrieval-goal."""
+    by_copy_loss = copy_loss_reason(os.path.join(base, "run"), args.copy_loss)
+
+    def more_needed(steps: int) -> str | None:
+        reason = by_copy_loss(steps)
+        if reason is not None or args.retrieval_goal <= 0:
+            return reason
+        accuracy = retrieval_check(args, shards, base, seed)
+        if accuracy is None:
+            print(f"retrieval check after {steps} steps: no retrieval cells, so no extension", flush=True)
+            return None
+        if accuracy >= args.retrieval_goal:
+            print(f"retrieval check after {steps} steps: {100 * accuracy:.1f}% at {args.seq_len} tokens", flush=True)
+            return None
+        return (f"retrieval {100 * accuracy:.1f}% at {args.seq_len} tokens after {steps} steps (check trials), "
+                f"below {100 * args.retrieval_goal:g}%")
+
+    return more_needed
+
+
+def train_main(args, shards: str, base: str, sets: list[str], label: str, seed: int) -> int:
     """Train the main stage (five-digit values at the training length); returns its steps.
 
     Like the first stage, it goes on, half its steps at a time, while its copy loss is above
-    --copy-loss (up to --max-steps). Each extension recomputes the warmup-stable-decay schedule
+    --copy-loss, then while its retrieval at the training length on check trials is below
+    --retrieval-goal (up to --max-steps). Each extension recomputes the warmup-stable-decay schedule
     over the longer run, so the rate rises back to its peak and decays again at the end.
     """
     main_sets = sets + ["schedule.kind=wsd", f"schedule.warmup_steps={min(10, args.steps // 5)}"]
@@ -447,8 +504,8 @@ def train_main(args, shards: str, base: str, sets: list[str], label: str) -> int
         longer = argparse.Namespace(**{**vars(args), "steps": steps})
         run_pretrain(longer, shards, run_dir, main_sets, step=2, title=f"{label}: pretrain")
 
-    return train_adaptively(run, run_dir, os.path.join(base, "main_steps"), args.steps,
-                            max(args.max_steps, args.steps), args.copy_loss, args.steps // 2, label)
+    return train_adaptively(run, os.path.join(base, "main_steps"), args.steps, max(args.max_steps, args.steps),
+                            args.steps // 2, main_stage_reason(args, shards, base, seed), label)
 
 
 def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, lengths: list[int], label: str) -> dict:
@@ -479,7 +536,7 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
             with open(os.path.join(stage1, "done"), "w", encoding="utf-8") as f:
                 f.write(f"trained {steps} steps and exported\n")
         sets.append(f"train.init_from={os.path.join(stage1, 'exported')}")
-    train_main(args, shards, base, sets, label)
+    train_main(args, shards, base, sets, label, seed)
 
     export(os.path.join(base, "run"), os.path.join(base, "exported"))
     banner(4, f"{label}: evaluate at {lengths}", ["python", "-m", "evaluation.long_context",

@@ -161,7 +161,9 @@ def test_comparison_trains_a_first_stage_then_starts_the_main_run_from_it(tmp_pa
     os.remove(os.path.join(base, "done"))
     calls.clear()
     compare.run_one(args, shards, base, "nope", True, 0, [256], "label")
-    assert [c[0] for c in calls] == ["pretrain", "export", "evaluate"] and calls[0][3] == shards
+    # The main stage's retrieval check (an export and evaluation of its own) precedes the final ones.
+    assert [c[0] for c in calls] == ["pretrain", "export", "evaluate", "export", "evaluate"] and calls[0][3] == shards
+    assert calls[2][1] == os.path.join(base, "check", "exported") and calls[4][1] == os.path.join(base, "exported")
 
 
 def test_rope_models_keep_the_papers_logit_range_at_the_miniature_head_dim(tmp_path, monkeypatch):
@@ -314,16 +316,55 @@ def test_the_main_stage_goes_on_while_its_copy_loss_is_high_then_stops_at_its_li
                 f.write(json.dumps({"step": args.steps, "loss/copy": loss}) + "\n")
 
     monkeypatch.setattr(compare, "run_pretrain", fake_pretrain)
-    args = compare.parse_args(["--steps", "40", "--max-steps", "100"])
+    args = compare.parse_args(["--steps", "40", "--max-steps", "100", "--retrieval-goal", "0"])
     base = str(tmp_path / "a")
-    assert compare.train_main(args, "shards", base, [], "label") == 60
+    assert compare.train_main(args, "shards", base, [], "label", 0) == 60
     assert calls == [(40, os.path.join(base, "run"), True), (60, os.path.join(base, "run"), True)]
     assert "copy loss 1.80 after 40 steps, above 1.0 (the lookup is not found yet): 20 steps more" in capsys.readouterr().out
     assert (tmp_path / "a" / "main_steps").read_text() == "60\n"
     losses[:], calls[:] = [1.8], []
-    args = compare.parse_args(["--steps", "40", "--max-steps", "50"])
-    assert compare.train_main(args, "shards", str(tmp_path / "b"), [], "label") == 50
+    args = compare.parse_args(["--steps", "40", "--max-steps", "50", "--retrieval-goal", "0"])
+    assert compare.train_main(args, "shards", str(tmp_path / "b"), [], "label", 0) == 50
     assert [c[0] for c in calls] == [40, 50]
+
+
+def test_the_main_stage_goes_on_until_its_check_retrieval_reaches_the_goal(tmp_path, monkeypatch, capsys):
+    calls, checks = [], [0.5, 0.8, 0.95]  # check accuracy after each main-stage call
+
+    def fake_pretrain(args, shards, run_dir, sets, **_):
+        calls.append(args.steps)
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"step": args.steps, "loss/copy": 0.3}) + "\n")
+
+    monkeypatch.setattr(compare, "run_pretrain", fake_pretrain)
+    monkeypatch.setattr(compare, "retrieval_check", lambda args, shards, base, seed: checks[len(calls) - 1])
+    args = compare.parse_args(["--steps", "40", "--max-steps", "200"])
+    assert compare.train_main(args, "shards", str(tmp_path / "a"), [], "label", 0) == 80
+    assert calls == [40, 60, 80]
+    out = capsys.readouterr().out
+    assert "retrieval 50.0% at 256 tokens after 40 steps (check trials), below 90%: 20 steps more" in out
+    assert "retrieval check after 80 steps: 95.0% at 256 tokens" in out
+
+
+def test_the_retrieval_check_uses_trials_of_its_own_at_the_training_length(tmp_path, monkeypatch):
+    import evaluation.long_context
+    import pretrain.export
+
+    seen = {}
+
+    def fake_evaluation(model_dir, lengths, out_dir, *, seed, tasks, **_):
+        seen.update(model_dir=model_dir, lengths=lengths, seed=seed, tasks=tasks)
+        cells = [{"length": 256, "token_acc": a, "digit_acc": a, "exact_acc": 0.0, "trials": 8} for a in (0.5, 1.0)]
+        return {"retrieval": cells, "perplexity": []}
+
+    monkeypatch.setattr(pretrain.export, "export", lambda run_dir, out_dir: seen.update(run_dir=run_dir))
+    monkeypatch.setattr(evaluation.long_context, "run_evaluation", fake_evaluation)
+    args = compare.parse_args([])
+    assert compare.retrieval_check(args, "shards", str(tmp_path), 2) == 0.75
+    assert seen["run_dir"] == str(tmp_path / "run") and seen["model_dir"].startswith(str(tmp_path / "check"))
+    assert seen["lengths"] == [256] and "perplexity" not in seen["tasks"]
+    assert seen["seed"] != 2, "the check must not draw the final evaluation's trials"
 
 
 def test_a_run_stopped_by_ctrl_c_stops_the_parallel_comparison(tmp_path):
