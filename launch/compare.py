@@ -100,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="once its copy loss is low enough, the main stage goes on, half its steps at a time, while "
                         "its retrieval token accuracy at the training length is below this, measured on check "
                         "trials of its own seed, not the evaluation's (0: no check; default: 0.9)")
+    p.add_argument("--check-trials", type=int, default=16,
+                   help="trials per cell of that check (default: 16, 192 trials over both tasks, haystacks and "
+                        "three depths; two draws of 96 differed by up to 6 points)")
     p.add_argument("--max-steps", type=int, default=1000,
                    help="the main stage stops here whatever its copy loss and retrieval (default: 1000)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
@@ -127,7 +130,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the report from the runs finished so far, training nothing")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one run for a --parallel parent
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.retrieval_goal <= 1:
+        p.error(f"--retrieval-goal must be a fraction in [0, 1], got {args.retrieval_goal}")
+    if args.check_trials < 1:
+        p.error(f"--check-trials must be >= 1, got {args.check_trials}")
+    return args
 
 
 def default_parallel() -> int:
@@ -463,7 +471,7 @@ def retrieval_check(args, shards: str, base: str, seed: int) -> float | None:
     check = os.path.join(base, "check")
     export(os.path.join(base, "run"), os.path.join(check, "exported"))
     results = run_evaluation(os.path.join(check, "exported"), [args.seq_len], os.path.join(check, "eval"),
-                             data=shards, tasks=("passkey", "niah"), trials=args.trials,
+                             data=shards, tasks=("passkey", "niah"), trials=args.check_trials,
                              seed=seed + CHECK_SEED_OFFSET, progress=False)
     return summarise(results).get(args.seq_len, {}).get("token_acc")
 

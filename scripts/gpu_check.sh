@@ -14,10 +14,10 @@
 # bench_training_guarded: Polar as this machine trains it (guard respected, eager). Each writes its
 # JSON after every case, so a time limit keeps what was measured.
 # Time plan (limits in seconds; the whole check fits in about 8 minutes when every step ends at
-# its usual time): tests 240, kernel benchmark 90, training 150, DeepCompile 60, guarded 40,
+# its usual time): tests 240, kernel benchmark 90, loss benchmark 30, training 150, DeepCompile 60, guarded 40,
 # evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache against
 # recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
-# GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_training" then "bench_training_deepcompile
+# GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_loss bench_training" then "bench_training_deepcompile
 # bench_training_guarded eval_64k bench_decode" (a call without gpu_tests says its figures are ungated).
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
@@ -30,12 +30,12 @@ out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 T_BENCH=${T_BENCH:-90} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-60}
-T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60}
+T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_training bench_training_deepcompile bench_training_guarded eval_64k bench_decode} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_training_deepcompile bench_training_guarded eval_64k bench_decode} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -64,7 +64,7 @@ measure() {  # measure NAME SECONDS CMD...: a step that writes figures, run only
 # test_gpu_every_launch_candidate_matches_oracle forces each candidate in turn.
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
     tests/test_triton_polar.py tests/test_triton_conv.py tests/test_fla_bridge.py tests/test_model_gpu.py \
-    tests/test_custom_ops.py \
+    tests/test_custom_ops.py tests/test_lm_loss.py \
     || tests_failed=1
 if [ "$tests_failed" -ne 0 ]; then
     echo "gpu tests failed: the benchmark and evaluation steps are skipped and no figures are written" \
@@ -78,6 +78,10 @@ iters=10
 [ "$quick" = "--quick" ] && seq_lens="2048 8192"
 measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --fla-timing-only --json "$out/bench_kernels.json"
+# The LM head's fused soft-capped cross-entropy against the checkpointed naive path, at atma-378m's
+# head (hidden 1024, vocabulary 50,304) over one micro-batch (8 x 2048 tokens), bf16.
+measure bench_loss "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \
+    --json "$out/bench_loss.json"
 # Every step of the training benchmark: 2 warm-up (the first compiles), 5 timed, 1 phase by phase, 1 profiled.
 train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" --fla-timing-only \

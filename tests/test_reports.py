@@ -353,17 +353,17 @@ def test_the_retrieval_check_uses_trials_of_its_own_at_the_training_length(tmp_p
 
     seen = {}
 
-    def fake_evaluation(model_dir, lengths, out_dir, *, seed, tasks, **_):
-        seen.update(model_dir=model_dir, lengths=lengths, seed=seed, tasks=tasks)
+    def fake_evaluation(model_dir, lengths, out_dir, *, seed, tasks, trials, **_):
+        seen.update(model_dir=model_dir, lengths=lengths, seed=seed, tasks=tasks, trials=trials)
         cells = [{"length": 256, "token_acc": a, "digit_acc": a, "exact_acc": 0.0, "trials": 8} for a in (0.5, 1.0)]
         return {"retrieval": cells, "perplexity": []}
 
     monkeypatch.setattr(pretrain.export, "export", lambda run_dir, out_dir: seen.update(run_dir=run_dir))
     monkeypatch.setattr(evaluation.long_context, "run_evaluation", fake_evaluation)
-    args = compare.parse_args([])
+    args = compare.parse_args(["--check-trials", "12"])
     assert compare.retrieval_check(args, "shards", str(tmp_path), 2) == 0.75
     assert seen["run_dir"] == str(tmp_path / "run") and seen["model_dir"].startswith(str(tmp_path / "check"))
-    assert seen["lengths"] == [256] and "perplexity" not in seen["tasks"]
+    assert seen["lengths"] == [256] and "perplexity" not in seen["tasks"] and seen["trials"] == 12
     assert seen["seed"] != 2, "the check must not draw the final evaluation's trials"
 
 
