@@ -67,8 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "episodes; default: 4.0)")
     p.add_argument("--recall-episodes", nargs=2, type=int, default=[4, 8], metavar=("LO", "HI"),
                    help="episodes per recall document (prepare --recall-episodes; default 4 8)")
-    p.add_argument("--recall-gap-chars", nargs=2, type=int, default=[0, 300], metavar=("LO", "HI"),
-                   help="characters between a fact and its query (prepare --recall-gap-chars; default 0 300)")
+    p.add_argument("--recall-gap-chars", nargs=2, type=int, default=[0, 700], metavar=("LO", "HI"),
+                   help="characters between a fact and its query (prepare --recall-gap-chars; default 0 700: about "
+                        "0-235 tokens of code at 3 characters a token, so training covers the distances of the "
+                        "evaluation at the training length, up to a needle at 10%% depth of 256 tokens)")
     p.add_argument("--copy-weight", type=float, default=1.0,
                    help="weight of the extra loss on in-context copy targets (loss.copy_weight; default: 1.0)")
     p.add_argument("--copy-targets", choices=("all", "numbers"), default="numbers",
@@ -103,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check-trials", type=int, default=16,
                    help="trials per cell of that check (default: 16, 192 trials over both tasks, haystacks and "
                         "three depths; two draws of 96 differed by up to 6 points)")
-    p.add_argument("--max-steps", type=int, default=1000,
-                   help="the main stage stops here whatever its copy loss and retrieval (default: 1000)")
+    p.add_argument("--max-steps", type=int, default=1500,
+                   help="the main stage stops here whatever its copy loss and retrieval (default: 1500)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--rope-scale", type=float, default=None,
                    help="softmax scale of the RoPE models (default: the paper's logit range kept at this head "
