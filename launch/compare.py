@@ -263,8 +263,11 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
              + (f" RoPE softmax scale {rope_scale:g}." if rope_scale is not None else ""), ""]
     if stage1_steps or main_steps:
         stage1_steps, main_steps = stage1_steps or {}, main_steps or {}
+        goal = getattr(args, "retrieval_goal", 0)
+        check = f" then while its retrieval check at 1x is below {100 * goal:g}%" if goal else ""
         lines += ["Steps of each run, first stage / main stage (each goes on while its copy loss is above "
-                  f"{getattr(args, 'stage1_copy_loss', '-')} / {getattr(args, 'copy_loss', '-')}):", "",
+                  f"{getattr(args, 'stage1_copy_loss', '-')} / {getattr(args, 'copy_loss', '-')}; the main stage"
+                  f"{check}):", "",
                   "| model | " + " | ".join(f"seed {seed}" for seed in done) + " |", "|---" * (len(done) + 1) + "|"]
         for name in [n for n in table if n in stage1_steps or n in main_steps]:
             cells = [f"{stage1_steps.get(name, {}).get(str(seed), '-')} / "
