@@ -5,10 +5,11 @@
 Trains matched tiny models (same data, steps and optimizer; one run per model and seed) at a short
 training length on the built-in corpus mixed with key-value recall episodes (``recall:INPUT``,
 data_pipeline/recall.py), after a first stage on short recall samples with one-digit values, with
-the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, docs/results.md); each
-stage goes on while its copy loss shows that the lookup is not found yet (up to a step limit);
-evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds,
-with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
+the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, docs/results.md); the
+first stage goes on while its copy loss shows that the lookup is not found yet, the main stage
+while a retrieval check at the training length is below its goal (each up to a step limit);
+evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and
+writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds, with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
 resumes an interrupted training run from its last checkpoint. On a CPU machine two runs train at
 once (``--parallel``), each on one rank with its share of the cores and its output in its own
 ``compare.log``; one line per run started and finished shows the progress.
@@ -17,6 +18,7 @@ once (``--parallel``), each on one rank with its share of the cores and its outp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -87,6 +89,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the first stage goes on, half its steps at a time, while its copy loss (mean of the last 20 "
                         "logged values; ln 10 = 2.30 at chance) is above this: the lookup is not found yet (default: "
                         "1.0)")
+    p.add_argument("--stage1-lr", type=float, default=1.5e-3,
+                   help="learning rate of the first stage, constant after its warmup (default: 1.5e-3; at the main "
+                        "stage's 3e-3 a polar+mem seed stayed at chance for 1,800 steps, at 1.5e-3 it found the "
+                        "lookup in 400)")
     p.add_argument("--stage1-max-steps", type=int, default=1800,
                    help="the first stage stops here whatever its copy loss (default: 1800)")
     p.add_argument("--stage1-batch-tokens", type=int, default=2048,
@@ -95,18 +101,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="optimizer steps of the main stage (default: 500; at 250 the models with memory and Polar "
                         "stopped short of the lookup at five digits)")
     p.add_argument("--copy-loss", type=float, default=1.0,
-                   help="the main stage goes on, half its steps at a time, while its copy loss (mean of the last 20 "
-                        "logged values) is above this (default: 1.0; runs at 90%% or more at 1x ended at 0.5-1.1, "
-                        "runs at chance at 1.7 or above, a RoPE run at 77%% at 1.16)")
-    p.add_argument("--retrieval-goal", type=float, default=0.9,
-                   help="once its copy loss is low enough, the main stage goes on, half its steps at a time, while "
-                        "its retrieval token accuracy at the training length is below this, measured on check "
-                        "trials of its own seed, not the evaluation's (0: no check; default: 0.9)")
-    p.add_argument("--check-trials", type=int, default=16,
-                   help="trials per cell of that check (default: 16, 192 trials over both tasks, haystacks and "
-                        "three depths; two draws of 96 differed by up to 6 points)")
-    p.add_argument("--max-steps", type=int, default=1500,
-                   help="the main stage stops here whatever its copy loss and retrieval (default: 1500)")
+                   help="with no retrieval check (--retrieval-goal 0), the main stage goes on, half its steps at a "
+                        "time, while its copy loss (mean of the last 20 logged values) is above this (default: 1.0; "
+                        "Polar and NoPE runs at 90%% or more at 1x ended at 0.5-1.1, but RoPE runs retrieved 88%% "
+                        "at 1.3 or more)")
+    p.add_argument("--retrieval-goal", type=float, default=0.92,
+                   help="the main stage goes on, half its steps at a time, while its retrieval token accuracy at "
+                        "the training length is below this, measured on check trials of its own seed, not the "
+                        "evaluation's (0: no check, the copy loss decides; default: 0.92, a margin over 90%% for "
+                        "the evaluation's 96 trials, which differ from the check's by a few points)")
+    p.add_argument("--check-trials", type=int, default=32,
+                   help="trials per cell of that check (default: 32, 384 trials over both tasks, haystacks and "
+                        "three depths, a few seconds; two draws of 96 differed by up to 6 points)")
+    p.add_argument("--max-steps", type=int, default=2000,
+                   help="the main stage stops here whatever its copy loss and retrieval (default: 2000; RoPE "
+                        "models were still at 88%% after 1,250-1,500 steps)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
     p.add_argument("--rope-scale", type=float, default=None,
                    help="softmax scale of the RoPE models (default: the paper's logit range kept at this head "
@@ -135,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.retrieval_goal <= 1:
         p.error(f"--retrieval-goal must be a fraction in [0, 1], got {args.retrieval_goal}")
+    if args.stage1_lr <= 0:
+        p.error(f"--stage1-lr must be positive, got {args.stage1_lr}")
     if args.check_trials < 1:
         p.error(f"--check-trials must be >= 1, got {args.check_trials}")
     return args
@@ -237,7 +248,8 @@ def _chance_lines(table: dict) -> str:
 
 
 def write_report(out: str, table: dict, args, lengths: list[int], seconds: float, per_seed: dict | None = None,
-                 stage1_steps: dict | None = None, main_steps: dict | None = None) -> None:
+                 stage1_steps: dict | None = None, main_steps: dict | None = None,
+                 run_seconds: dict | None = None) -> None:
     """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots."""
     seeds = getattr(args, "seeds", "0")
     done = sorted({int(seed) for runs in (per_seed or {}).values() for seed in runs})
@@ -246,7 +258,8 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
         json.dump({"lengths": lengths, "train_len": args.seq_len, "steps": args.steps, "seeds": seeds,
                    "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight,
                             "copy_context": args.copy_context}, "rope_scale": rope_scale,
-                   "stage1_steps": stage1_steps or {}, "main_steps": main_steps or {}, "table": table,
+                   "stage1_steps": stage1_steps or {}, "main_steps": main_steps or {},
+                   "run_seconds": run_seconds or {}, "table": table,
                    "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
@@ -264,16 +277,26 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     if stage1_steps or main_steps:
         stage1_steps, main_steps = stage1_steps or {}, main_steps or {}
         goal = getattr(args, "retrieval_goal", 0)
-        check = f" then while its retrieval check at 1x is below {100 * goal:g}%" if goal else ""
-        lines += ["Steps of each run, first stage / main stage (each goes on while its copy loss is above "
-                  f"{getattr(args, 'stage1_copy_loss', '-')} / {getattr(args, 'copy_loss', '-')}; the main stage"
-                  f"{check}):", "",
+        main_rule = (f"its retrieval check at 1x is below {100 * goal:g}%" if goal
+                     else f"its copy loss is above {getattr(args, 'copy_loss', '-')}")
+        lines += ["Steps of each run, first stage / main stage (the first goes on while its copy loss is above "
+                  f"{getattr(args, 'stage1_copy_loss', '-')}, the main stage while {main_rule}), and the run's "
+                  "wall time:", "",
                   "| model | " + " | ".join(f"seed {seed}" for seed in done) + " |", "|---" * (len(done) + 1) + "|"]
+        run_seconds = run_seconds or {}
         for name in [n for n in table if n in stage1_steps or n in main_steps]:
             cells = [f"{stage1_steps.get(name, {}).get(str(seed), '-')} / "
-                     f"{main_steps.get(name, {}).get(str(seed), '-')}" for seed in done]
+                     f"{main_steps.get(name, {}).get(str(seed), '-')}"
+                     + _minutes_text(run_seconds.get(name, {}).get(str(seed))) for seed in done]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
+        timed_runs = [t for runs in run_seconds.values() for t in runs.values()]
+        if timed_runs:
+            parallel = getattr(args, "parallel", None) or default_parallel()
+            total = sum(sum(t.values()) for t in timed_runs) / 60
+            lines += [f"Wall time of the {len(timed_runs)} timed runs (first stage + main stage + evaluation, over "
+                      f"every invocation): {total:.0f} min in all; {parallel} at a time, about "
+                      f"{total / parallel / 60:.1f} h.", ""]
     for metric, title, fmt in (("ppl", "Fixed-target perplexity (lower is better)", "{:.3f}"),
                                ("bpb", "Bits per byte", "{:.3f}"),
                                ("token_acc", "Retrieval token accuracy, % (mean over tasks, haystacks, depths)",
@@ -289,6 +312,11 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
     with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     _plot(out, table, args, lengths)
+
+
+def _minutes_text(timing: dict | None) -> str:
+    """A run's wall time as the steps table shows it: ', 14 min' (empty when it was not timed)."""
+    return f", {sum(timing.values()) / 60:.0f} min" if timing else ""
 
 
 def _main_steps_text(args) -> str:
@@ -452,7 +480,9 @@ def train_stage1(args, shards: str, stage1: str, sets: list[str], label: str) ->
     loss is above --stage1-copy-loss. The target is kept in STAGE1/steps.
     """
     # A constant rate after the warmup: a decay over so short a stage slows the onset of retrieval.
-    stage1_sets = sets + ["schedule.kind=constant", f"schedule.warmup_steps={min(50, args.stage1_steps // 5)}"]
+    stage1_sets = [s for s in sets if not s.startswith("optim.lr=")]
+    stage1_sets += [f"optim.lr={args.stage1_lr:g}", "schedule.kind=constant",
+                    f"schedule.warmup_steps={min(50, args.stage1_steps // 5)}"]
     run_dir = os.path.join(stage1, "run")
 
     def run(steps: int) -> None:
@@ -482,13 +512,13 @@ def retrieval_check(args, shards: str, base: str, seed: int) -> float | None:
 
 
 def main_stage_reason(args, shards: str, base: str, seed: int):
-    """Why the main stage should go on: its copy loss above --copy-loss, else its check retrieval below --retrieval-goal."""
-    by_copy_loss = copy_loss_reason(os.path.join(base, "run"), args.copy_loss)
+    """Why the main stage should go on: its check retrieval below --retrieval-goal (with no check: its copy loss)."""
+    if args.retrieval_goal <= 0:
+        return copy_loss_reason(os.path.join(base, "run"), args.copy_loss)
 
     def more_needed(steps: int) -> str | None:
-        reason = by_copy_loss(steps)
-        if reason is not None or args.retrieval_goal <= 0:
-            return reason
+        # The check decides on its own: RoPE models retrieve 88% at copy losses of 1.3 or more,
+        # so a copy-loss gate in front of it kept them training to the step limit unchecked.
         accuracy = retrieval_check(args, shards, base, seed)
         if accuracy is None:
             print(f"retrieval check after {steps} steps: no retrieval cells, so no extension", flush=True)
@@ -505,9 +535,9 @@ def main_stage_reason(args, shards: str, base: str, seed: int):
 def train_main(args, shards: str, base: str, sets: list[str], label: str, seed: int) -> int:
     """Train the main stage (five-digit values at the training length); returns its steps.
 
-    Like the first stage, it goes on, half its steps at a time, while its copy loss is above
-    --copy-loss, then while its retrieval at the training length on check trials is below
-    --retrieval-goal (up to --max-steps). Each extension recomputes the warmup-stable-decay schedule
+    It goes on, half its steps at a time, while its retrieval at the training length on check
+    trials is below --retrieval-goal (with no check: while its copy loss is above --copy-loss), up
+    to --max-steps. Each extension recomputes the warmup-stable-decay schedule
     over the longer run, so the rate rises back to its peak and decays again at the end.
     """
     main_sets = sets + ["schedule.kind=wsd", f"schedule.warmup_steps={min(10, args.steps // 5)}"]
@@ -519,6 +549,33 @@ def train_main(args, shards: str, base: str, sets: list[str], label: str, seed: 
 
     return train_adaptively(run, os.path.join(base, "main_steps"), args.steps, max(args.max_steps, args.steps),
                             args.steps // 2, main_stage_reason(args, shards, base, seed), label)
+
+
+TIMING_FILE = "timing.json"
+
+
+@contextlib.contextmanager
+def timed(base: str, part: str):
+    """Add the wall time of the enclosed work, interrupted or not, to BASE/timing.json under `part`."""
+    start = time.time()
+    try:
+        yield
+    finally:
+        path = os.path.join(base, TIMING_FILE)
+        timing = read_timing(base)
+        timing[part] = timing.get(part, 0.0) + time.time() - start
+        os.makedirs(base, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(timing, f, indent=2)
+
+
+def read_timing(base: str) -> dict:
+    """Seconds a run has spent so far in each part (first stage, main stage, evaluation), over every invocation."""
+    path = os.path.join(base, TIMING_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, lengths: list[int], label: str) -> dict:
@@ -544,18 +601,20 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
     if args.stage1_steps > 0:
         stage1 = os.path.join(base, "stage1")
         if not os.path.isfile(os.path.join(stage1, "done")):
-            steps = train_stage1(args, shards, stage1, sets, label)
-            export(os.path.join(stage1, "run"), os.path.join(stage1, "exported"))
+            with timed(base, "stage1"):
+                steps = train_stage1(args, shards, stage1, sets, label)
+                export(os.path.join(stage1, "run"), os.path.join(stage1, "exported"))
             with open(os.path.join(stage1, "done"), "w", encoding="utf-8") as f:
                 f.write(f"trained {steps} steps and exported\n")
         sets.append(f"train.init_from={os.path.join(stage1, 'exported')}")
-    train_main(args, shards, base, sets, label, seed)
-
-    export(os.path.join(base, "run"), os.path.join(base, "exported"))
+    with timed(base, "main"):
+        train_main(args, shards, base, sets, label, seed)
+        export(os.path.join(base, "run"), os.path.join(base, "exported"))
     banner(4, f"{label}: evaluate at {lengths}", ["python", "-m", "evaluation.long_context",
            os.path.join(base, "exported"), "--lengths", ",".join(map(str, lengths)), "--data", shards])
-    results = run_evaluation(os.path.join(base, "exported"), lengths, os.path.join(base, "eval"), data=shards,
-                             trials=args.trials, seed=seed, progress=not args.no_progress)
+    with timed(base, "eval"):
+        results = run_evaluation(os.path.join(base, "exported"), lengths, os.path.join(base, "eval"), data=shards,
+                                 trials=args.trials, seed=seed, progress=not args.no_progress)
     with open(done_marker, "w", encoding="utf-8") as f:
         f.write("trained, exported and evaluated\n")
     return results
@@ -593,6 +652,7 @@ def main(argv=None) -> int:
 
     stage1_steps: dict[str, dict] = {}
     main_steps: dict[str, dict] = {}
+    run_seconds: dict[str, dict] = {}
 
     def finished(name: str, seed: int, results: dict) -> None:
         per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
@@ -602,11 +662,15 @@ def main(argv=None) -> int:
             if os.path.isfile(steps_file):
                 with open(steps_file, encoding="utf-8") as f:
                     kept.setdefault(name, {})[str(seed)] = int(f.read())
+        timing = read_timing(os.path.join(out, name, f"seed{seed}"))
+        if timing:
+            run_seconds.setdefault(name, {})[str(seed)] = timing
         # Rows in the order asked for, whatever order the runs finish in.
         ordered = {n: table[n] for n in wanted if n in table}
         write_report(out, ordered, args, lengths, time.time() - start, per_seed,
                      {n: stage1_steps[n] for n in wanted if n in stage1_steps},
-                     {n: main_steps[n] for n in wanted if n in main_steps})
+                     {n: main_steps[n] for n in wanted if n in main_steps},
+                     {n: run_seconds[n] for n in wanted if n in run_seconds})
 
     if args.report_only:
         missing = []
