@@ -381,9 +381,19 @@ def stage1_shards(shards: str) -> str:
     return shards.rstrip(os.sep) + "-stage1"
 
 
+def eval_shards(args, shards: str) -> str:
+    """The held-out data of the evaluation and the retrieval check: the corpus without recall episodes.
+
+    The training shards' held-out split holds the recall episodes of its documents too, so a real
+    haystack cut from it carries facts in the training's format (distractors a memory model
+    answers with); the evaluation reads the same held-out documents without them.
+    """
+    return shards.rstrip(os.sep) + "-eval" if args.recall_weight > 0 else shards
+
+
 def prepare_shards(args, shards: str) -> None:
-    """The built-in corpus plus its recall episodes, and the first stage's short one-digit episodes
-    (same tokenizer); each reused when already prepared."""
+    """The built-in corpus plus its recall episodes, the corpus alone for the evaluation, and the first
+    stage's short one-digit episodes (same tokenizer); each reused when already prepared."""
     from data_pipeline.config import BUILTIN_CORPUS
     from data_pipeline.prepare import prepare
     from data_pipeline.recall import RECALL_PREFIX
@@ -404,10 +414,23 @@ def prepare_shards(args, shards: str) -> None:
     else:
         prepare(inputs=inputs, weights=weights, output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size,
                 max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress, **recall)
+    tokenizer = os.path.join(shards, "tokenizer.json")
+    held_out = eval_shards(args, shards)
+    if held_out != shards:
+        # Same documents, seed and fraction: a document's split depends on its key alone, and a
+        # recall episode keeps its document's key, so these are the training shards' held-out documents.
+        command = ["python", "-m", "data_pipeline", "prepare", "--input", BUILTIN_CORPUS, "--output", held_out,
+                   "--seq-len", str(args.seq_len), "--tokenizer", tokenizer, "--max-docs", str(args.max_docs),
+                   "--val-fraction", "0.05"]
+        banner(1, "prepare shards: the corpus alone, whose held-out part the evaluation reads", command)
+        if os.path.isfile(os.path.join(held_out, "manifest.json")):
+            print("      shards already prepared: reusing them", flush=True)
+        else:
+            prepare(inputs=[BUILTIN_CORPUS], weights=[1.0], output=held_out, seq_len=args.seq_len, tokenizer=tokenizer,
+                    max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress)
     if args.stage1_steps <= 0:
         return
     short, gaps = stage1_shards(shards), (args.recall_gap_chars[0], min(args.recall_gap_chars[1], 100))
-    tokenizer = os.path.join(shards, "tokenizer.json")
     command = ["python", "-m", "data_pipeline", "prepare", "--input", RECALL_PREFIX + BUILTIN_CORPUS, "--weights",
                "4", "--output", short, "--seq-len", str(args.stage1_seq_len), "--tokenizer", tokenizer,
                "--max-docs", str(args.max_docs), "--val-fraction", "0.05", "--recall-episodes",
@@ -506,7 +529,7 @@ def retrieval_check(args, shards: str, base: str, seed: int) -> float | None:
     check = os.path.join(base, "check")
     export(os.path.join(base, "run"), os.path.join(check, "exported"))
     results = run_evaluation(os.path.join(check, "exported"), [args.seq_len], os.path.join(check, "eval"),
-                             data=shards, tasks=("passkey", "niah"), trials=args.check_trials,
+                             data=eval_shards(args, shards), tasks=("passkey", "niah"), trials=args.check_trials,
                              seed=seed + CHECK_SEED_OFFSET, progress=False)
     return summarise(results).get(args.seq_len, {}).get("token_acc")
 
@@ -555,15 +578,16 @@ TIMING_FILE = "timing.json"
 
 
 @contextlib.contextmanager
-def timed(base: str, part: str):
-    """Add the wall time of the enclosed work, interrupted or not, to BASE/timing.json under `part`."""
+def timed(base: str, part: str, replace: bool = False):
+    """Add the wall time of the enclosed work, interrupted or not, to BASE/timing.json under `part`
+    (or, with `replace`, put it in place of what that part took before)."""
     start = time.time()
     try:
         yield
     finally:
         path = os.path.join(base, TIMING_FILE)
         timing = read_timing(base)
-        timing[part] = timing.get(part, 0.0) + time.time() - start
+        timing[part] = (0.0 if replace else timing.get(part, 0.0)) + time.time() - start
         os.makedirs(base, exist_ok=True)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(timing, f, indent=2)
@@ -583,9 +607,14 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
     results_path = os.path.join(base, "eval", "results.json")
     done_marker = os.path.join(base, "done")
     if os.path.isfile(done_marker) and os.path.isfile(results_path):
-        print(f"\n{label}: finished earlier, reusing {results_path}", flush=True)
         with open(results_path, encoding="utf-8") as f:
-            return json.load(f)
+            results = json.load(f)
+        read = evaluated_on(results)
+        if read == os.path.abspath(eval_shards(args, shards)):
+            print(f"\n{label}: finished earlier, reusing {results_path}", flush=True)
+            return results
+        print(f"\n{label}: trained earlier but evaluated on {read}; evaluating it again (no training)", flush=True)
+        return evaluate_run(args, shards, base, seed, lengths, label, replace=True)
     sets = [f"model.preset={args.preset}", f"model.overrides.core={core}",
             f"model.overrides.memory={'true' if memory else 'false'}", f"train.seed={seed}", f"data.seed={seed}"]
     sets += [f"model.overrides.{assignment}" for assignment in (args.model_set or DEFAULT_MODEL_SET)]
@@ -595,7 +624,6 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
         sets.append(f"model.overrides.rope_scale={rope_scale_for(args):g}")
     sets += [f"loss.lm_weight={args.lm_weight}", f"loss.copy_weight={args.copy_weight}",
              f"loss.copy_context={args.copy_context}", f"loss.copy_targets={args.copy_targets}"]
-    from evaluation.long_context import run_evaluation
     from pretrain.export import export
 
     if args.stage1_steps > 0:
@@ -610,12 +638,27 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
     with timed(base, "main"):
         train_main(args, shards, base, sets, label, seed)
         export(os.path.join(base, "run"), os.path.join(base, "exported"))
+    return evaluate_run(args, shards, base, seed, lengths, label)
+
+
+def evaluated_on(results: dict) -> str | None:
+    """The held-out data an evaluation's results were measured on (None when it read none)."""
+    path = results.get("metadata", {}).get("data", {}).get("shards", {}).get("path")
+    return os.path.abspath(path) if path else None
+
+
+def evaluate_run(args, shards: str, base: str, seed: int, lengths: list[int], label: str,
+                 replace: bool = False) -> dict:
+    """Evaluate a trained and exported run on the held-out corpus, then mark it done; returns the results."""
+    from evaluation.long_context import run_evaluation
+
+    data = eval_shards(args, shards)
     banner(4, f"{label}: evaluate at {lengths}", ["python", "-m", "evaluation.long_context",
-           os.path.join(base, "exported"), "--lengths", ",".join(map(str, lengths)), "--data", shards])
-    with timed(base, "eval"):
-        results = run_evaluation(os.path.join(base, "exported"), lengths, os.path.join(base, "eval"), data=shards,
+           os.path.join(base, "exported"), "--lengths", ",".join(map(str, lengths)), "--data", data])
+    with timed(base, "eval", replace=replace):
+        results = run_evaluation(os.path.join(base, "exported"), lengths, os.path.join(base, "eval"), data=data,
                                  trials=args.trials, seed=seed, progress=not args.no_progress)
-    with open(done_marker, "w", encoding="utf-8") as f:
+    with open(os.path.join(base, "done"), "w", encoding="utf-8") as f:
         f.write("trained, exported and evaluated\n")
     return results
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -116,12 +117,72 @@ def test_comparison_seeds_are_checked_and_finished_runs_are_reused(tmp_path, cap
     assert "error: --seeds needs at least one seed and no repeats" in capsys.readouterr().err
     base = tmp_path / "polar+mem" / "seed0"
     (base / "eval").mkdir(parents=True)
-    (base / "eval" / "results.json").write_text(json.dumps({"retrieval": [_cell(256, 0.8)], "perplexity": []}))
+    shards = str(tmp_path / "no-shards")
+    results = _results([_cell(256, 0.8)])
+    results["metadata"]["data"] = {"shards": {"path": shards + "-eval"}}
+    (base / "eval" / "results.json").write_text(json.dumps(results))
     (base / "done").write_text("")
     # Finished: read back without training (no shards, no launcher needed).
-    results = compare.run_one(None, str(tmp_path / "no-shards"), str(base), "polar", True, 0, [256], "[1/1]")
+    args = compare.parse_args([])
+    results = compare.run_one(args, shards, str(base), "polar", True, 0, [256], "[1/1]")
     assert results["retrieval"][0]["digit_acc"] == 0.8
     assert "finished earlier" in capsys.readouterr().out
+
+
+def test_a_run_evaluated_on_the_training_mix_is_evaluated_again_without_training(tmp_path, monkeypatch, capsys):
+    import evaluation.long_context
+
+    base, shards = tmp_path / "nope+mem" / "seed1", str(tmp_path / "shards")
+    (base / "eval").mkdir(parents=True)
+    stale = _results([_cell(256, 0.3)])
+    stale["metadata"]["data"] = {"shards": {"path": shards}}  # the training shards' held-out split
+    (base / "eval" / "results.json").write_text(json.dumps(stale))
+    (base / "done").write_text("")
+    (base / compare.TIMING_FILE).write_text(json.dumps({"stage1": 300.0, "main": 600.0, "eval": 500.0}))
+    seen = {}
+
+    def fake_evaluation(model_dir, lengths, out_dir, *, data, seed, **_):
+        seen.update(model_dir=model_dir, data=data, seed=seed)
+        return _results([_cell(256, 0.9)])
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(evaluation.long_context, "run_evaluation", fake_evaluation)
+    monkeypatch.setattr(compare, "run_pretrain", must_not_train)
+    args = compare.parse_args([])
+    results = compare.run_one(args, shards, str(base), "nope", True, 1, [256], "label")
+    assert results["retrieval"][0]["digit_acc"] == 0.9
+    assert seen == {"model_dir": str(base / "exported"), "data": shards + "-eval", "seed": 1}
+    assert "evaluated on " + shards + "; evaluating it again (no training)" in capsys.readouterr().out
+    timing = compare.read_timing(str(base))
+    assert timing["stage1"] == 300.0 and timing["eval"] < 60, "the new evaluation's time replaces the old one's"
+    # Without recall episodes in the training data, its own held-out split is clean.
+    assert compare.eval_shards(compare.parse_args(["--recall-weight", "0"]), shards) == shards
+
+
+def test_the_evaluation_reads_the_held_out_documents_without_recall_episodes(tmp_path):
+    from data_pipeline.recall import CUES
+    from evaluation.heldout import open_source, read_shard_stream
+    from tokenizers import Tokenizer
+
+    args = compare.parse_args(["--max-docs", "40", "--vocab-size", "512", "--stage1-steps", "0", "--no-progress"])
+    shards = str(tmp_path / "shards")
+    compare.prepare_shards(args, shards)
+    tokenizer = Tokenizer.from_file(os.path.join(shards, "tokenizer.json"))
+
+    def held_out_text(path):
+        stream, info = read_shard_stream(open_source(path))
+        assert info["split"] == "val"
+        return tokenizer.decode([int(t) for t in stream])
+
+    mixed, clean = held_out_text(shards), held_out_text(compare.eval_shards(args, shards))
+    # A fact of an episode: one of the cues with a made-up name, then digits.
+    fact = re.compile("|".join(re.escape(cue).replace(re.escape("{key}"), "[A-Z][a-z]+") + r" \d" for cue in CUES))
+    assert fact.search(mixed), "the training mix's held-out split has recall episodes"
+    assert not fact.search(clean), "the evaluation's held-out text must have none"
+    # The same held-out documents: the clean text's opening lines are in the mixed split too.
+    assert clean.splitlines()[0] in mixed and clean.splitlines()[1] in mixed
 
 
 def test_comparison_trains_a_first_stage_then_starts_the_main_run_from_it(tmp_path, monkeypatch):
@@ -386,8 +447,8 @@ def test_the_retrieval_check_uses_trials_of_its_own_at_the_training_length(tmp_p
 
     seen = {}
 
-    def fake_evaluation(model_dir, lengths, out_dir, *, seed, tasks, trials, **_):
-        seen.update(model_dir=model_dir, lengths=lengths, seed=seed, tasks=tasks, trials=trials)
+    def fake_evaluation(model_dir, lengths, out_dir, *, data, seed, tasks, trials, **_):
+        seen.update(model_dir=model_dir, lengths=lengths, data=data, seed=seed, tasks=tasks, trials=trials)
         cells = [{"length": 256, "token_acc": a, "digit_acc": a, "exact_acc": 0.0, "trials": 8} for a in (0.5, 1.0)]
         return {"retrieval": cells, "perplexity": []}
 
@@ -397,6 +458,7 @@ def test_the_retrieval_check_uses_trials_of_its_own_at_the_training_length(tmp_p
     assert compare.retrieval_check(args, "shards", str(tmp_path), 2) == 0.75
     assert seen["run_dir"] == str(tmp_path / "run") and seen["model_dir"].startswith(str(tmp_path / "check"))
     assert seen["lengths"] == [256] and "perplexity" not in seen["tasks"] and seen["trials"] == 12
+    assert seen["data"] == "shards-eval", "the check reads the held-out corpus without recall episodes"
     assert seen["seed"] != 2, "the check must not draw the final evaluation's trials"
 
 
