@@ -643,8 +643,9 @@ def run_one(args, shards: str, base: str, core: str, memory: bool, seed: int, le
 
 def evaluated_on(results: dict) -> str | None:
     """The held-out data an evaluation's results were measured on (None when it read none)."""
-    path = results.get("metadata", {}).get("data", {}).get("shards", {}).get("path")
-    return os.path.abspath(path) if path else None
+    # The metadata names each data source by its directory's name: {"shards-eval": {"path": ...}}.
+    paths = [info.get("path") for info in results.get("metadata", {}).get("data", {}).values()]
+    return os.path.abspath(paths[0]) if len(paths) == 1 and paths[0] else None
 
 
 def evaluate_run(args, shards: str, base: str, seed: int, lengths: list[int], label: str,

@@ -119,7 +119,7 @@ def test_comparison_seeds_are_checked_and_finished_runs_are_reused(tmp_path, cap
     (base / "eval").mkdir(parents=True)
     shards = str(tmp_path / "no-shards")
     results = _results([_cell(256, 0.8)])
-    results["metadata"]["data"] = {"shards": {"path": shards + "-eval"}}
+    results["metadata"]["data"] = {"no-shards-eval": {"path": shards + "-eval", "kind": "shards", "split": "val"}}
     (base / "eval" / "results.json").write_text(json.dumps(results))
     (base / "done").write_text("")
     # Finished: read back without training (no shards, no launcher needed).
@@ -135,7 +135,7 @@ def test_a_run_evaluated_on_the_training_mix_is_evaluated_again_without_training
     base, shards = tmp_path / "nope+mem" / "seed1", str(tmp_path / "shards")
     (base / "eval").mkdir(parents=True)
     stale = _results([_cell(256, 0.3)])
-    stale["metadata"]["data"] = {"shards": {"path": shards}}  # the training shards' held-out split
+    stale["metadata"]["data"] = {"shards": {"path": shards, "kind": "shards"}}  # the training mix's held-out split
     (base / "eval" / "results.json").write_text(json.dumps(stale))
     (base / "done").write_text("")
     (base / compare.TIMING_FILE).write_text(json.dumps({"stage1": 300.0, "main": 600.0, "eval": 500.0}))
@@ -143,7 +143,12 @@ def test_a_run_evaluated_on_the_training_mix_is_evaluated_again_without_training
 
     def fake_evaluation(model_dir, lengths, out_dir, *, data, seed, **_):
         seen.update(model_dir=model_dir, data=data, seed=seed)
-        return _results([_cell(256, 0.9)])
+        results = _results([_cell(256, 0.9)])
+        # As evaluation.long_context writes it: each data source under its directory's name.
+        results["metadata"]["data"] = {os.path.basename(data): {"path": data, "kind": "shards", "split": "val"}}
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+        return results
 
     def must_not_train(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
@@ -157,6 +162,10 @@ def test_a_run_evaluated_on_the_training_mix_is_evaluated_again_without_training
     assert "evaluated on " + shards + "; evaluating it again (no training)" in capsys.readouterr().out
     timing = compare.read_timing(str(base))
     assert timing["stage1"] == 300.0 and timing["eval"] < 60, "the new evaluation's time replaces the old one's"
+    # Evaluated on the held-out corpus now: the next invocation reuses it.
+    seen.clear()
+    assert compare.run_one(args, shards, str(base), "nope", True, 1, [256], "label")["retrieval"][0]["digit_acc"] == 0.9
+    assert seen == {} and "finished earlier" in capsys.readouterr().out
     # Without recall episodes in the training data, its own held-out split is clean.
     assert compare.eval_shards(compare.parse_args(["--recall-weight", "0"]), shards) == shards
 
