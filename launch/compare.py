@@ -9,8 +9,10 @@ the next-token loss plus a loss on the copied numbers (``loss.copy_weight``, doc
 first stage goes on while its copy loss shows that the lookup is not found yet, the main stage
 while a retrieval check at the training length is below its goal (each up to a step limit);
 evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x that length, and
-writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds, with the spread). Every finished (model, seed) is kept: rerunning the same command skips it and
-resumes an interrupted training run from its last checkpoint. On a CPU machine two runs train at
+writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds, with the spread).
+Every finished (model, seed) is kept: rerunning the same command skips it and resumes an
+interrupted training run from its last checkpoint; ``--include`` adds the runs an earlier report
+recorded (seeds run by another invocation or machine) without training them again. On a CPU machine two runs train at
 once (``--parallel``), each on one rank with its share of the cores and its output in its own
 ``compare.log``; one line per run started and finished shows the progress.
 """
@@ -137,6 +139,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="(model, seed) runs trained at once, each on one rank with its share of the cores, its "
                         "output in RUN_DIR/compare.log (default: 2 on a CPU machine with 2 or more cores, where two "
                         "one-rank runs finish sooner than one two-rank run after another; else 1)")
+    p.add_argument("--include", action="append", default=None, metavar="COMPARISON_JSON",
+                   help="take the (model, seed) runs recorded in an earlier report's comparison.json instead of "
+                        "training them, e.g. seeds run by another invocation or on another machine; it must share "
+                        "the training length, evaluation lengths, steps and loss (repeatable)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs finished so far, training nothing")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one run for a --parallel parent
@@ -225,6 +231,57 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     return table
 
 
+def read_included(paths: list[str], args, lengths: list[int], wanted: list[str], seeds: list[int]) -> dict:
+    """The runs earlier reports recorded, for the models and seeds asked for: {(name, seed): run}.
+
+    Each run is {"summary", "stage1_steps", "main_steps", "seconds", "source"}; raises ValueError when
+    a report was made with other settings or two reports record the same run.
+    """
+    mine = {"train_len": args.seq_len, "lengths": lengths, "steps": args.steps,
+            "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight, "copy_context": args.copy_context},
+            "rope_scale": rope_scale_for(args)}
+    runs: dict[tuple[str, int], dict] = {}
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--include {path}: cannot read it as a comparison report ({err})") from None
+        if not isinstance(report, dict) or "per_seed" not in report:
+            raise ValueError(f"--include {path}: not a comparison.json (no per_seed runs)")
+        for key, value in mine.items():
+            if key in report and report[key] != value:
+                raise ValueError(f"--include {path}: made with {key} {report[key]!r}, this comparison has {value!r}")
+        for name, by_seed in report["per_seed"].items():
+            for seed_text, summary in by_seed.items():
+                seed = int(seed_text)
+                if name not in wanted or seed not in seeds:
+                    continue
+                if (name, seed) in runs:
+                    raise ValueError(f"{name} seed {seed} is recorded in both {runs[name, seed]['source']} and {path}")
+                runs[name, seed] = {
+                    "summary": summary, "source": path,
+                    "stage1_steps": report.get("stage1_steps", {}).get(name, {}).get(seed_text),
+                    "main_steps": report.get("main_steps", {}).get(name, {}).get(seed_text),
+                    "seconds": report.get("run_seconds", {}).get(name, {}).get(seed_text)}
+    return runs
+
+
+def _included_lines(included: dict) -> list[str]:
+    """The report's account of the runs taken from earlier reports, per report and model."""
+    if not included:
+        return []
+    lines = ["Runs taken from earlier reports, not trained in this invocation:", ""]
+    for source, runs in included.items():
+        by_model: dict[str, list[str]] = {}
+        for run in runs:
+            name, _, seed = run.rpartition(":")
+            by_model.setdefault(name, []).append(seed)
+        listed = "; ".join(f"{name} seed{'s' if len(s) > 1 else ''} {', '.join(s)}" for name, s in by_model.items())
+        lines.append(f"- `{source}`: {listed}")
+    return lines + [""]
+
+
 def _cell(row: dict, metric: str, fmt: str) -> str:
     """One table cell: mean ± sd over seeds (accuracies in %), marked when the retrieval there is at chance."""
     if metric not in row:
@@ -249,8 +306,11 @@ def _chance_lines(table: dict) -> str:
 
 def write_report(out: str, table: dict, args, lengths: list[int], seconds: float, per_seed: dict | None = None,
                  stage1_steps: dict | None = None, main_steps: dict | None = None,
-                 run_seconds: dict | None = None) -> None:
-    """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots."""
+                 run_seconds: dict | None = None, included: dict | None = None) -> None:
+    """comparison.md (tables of mean ± sd over seeds), comparison.json and the two plots.
+
+    ``included`` maps an earlier report's path to the "name:seed" runs taken from it.
+    """
     seeds = getattr(args, "seeds", "0")
     done = sorted({int(seed) for runs in (per_seed or {}).values() for seed in runs})
     rope_scale = rope_scale_for(args) if hasattr(args, "rope_scale") else None
@@ -259,7 +319,7 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
                    "loss": {"lm_weight": args.lm_weight, "copy_weight": args.copy_weight,
                             "copy_context": args.copy_context}, "rope_scale": rope_scale,
                    "stage1_steps": stage1_steps or {}, "main_steps": main_steps or {},
-                   "run_seconds": run_seconds or {}, "table": table,
+                   "run_seconds": run_seconds or {}, "included": included or {}, "table": table,
                    "per_seed": per_seed or {}}, f, indent=2)
     head = "| model | " + " | ".join(f"{n // args.seq_len}x ({n})" for n in lengths) + " |"
     sep = "|---" * (len(lengths) + 1) + "|"
@@ -274,6 +334,7 @@ def write_report(out: str, table: dict, args, lengths: list[int], seconds: float
              f"finished by an earlier one are reused, not counted). Loss: next-token x "
              f"{args.lm_weight} + copy targets x {args.copy_weight} (context {args.copy_context})."
              + (f" RoPE softmax scale {rope_scale:g}." if rope_scale is not None else ""), ""]
+    lines += _included_lines(included or {})
     if stage1_steps or main_steps:
         stage1_steps, main_steps = stage1_steps or {}, main_steps or {}
         goal = getattr(args, "retrieval_goal", 0)
@@ -692,21 +753,25 @@ def main(argv=None) -> int:
         core, memory = known[name]
         run_one(args, shards, os.path.join(out, name, f"seed{seed}"), core, memory, int(seed), lengths, args.only)
         return 0
+    try:
+        included = read_included(args.include or [], args, lengths, wanted, seeds)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    jobs = [job for job in jobs if job not in included]
     table, per_seed = {}, {}
 
     stage1_steps: dict[str, dict] = {}
     main_steps: dict[str, dict] = {}
     run_seconds: dict[str, dict] = {}
+    sources: dict[str, list[str]] = {}
 
-    def finished(name: str, seed: int, results: dict) -> None:
-        per_seed.setdefault(name, {})[seed] = {str(k): v for k, v in summarise(results).items()}
+    def record(name: str, seed: int, summary: dict, stage1: int | None, main: int | None, timing: dict | None) -> None:
+        per_seed.setdefault(name, {})[seed] = summary
         table[name] = aggregate(per_seed[name])
-        for kept, path in ((stage1_steps, ("stage1", "steps")), (main_steps, ("main_steps",))):
-            steps_file = os.path.join(out, name, f"seed{seed}", *path)
-            if os.path.isfile(steps_file):
-                with open(steps_file, encoding="utf-8") as f:
-                    kept.setdefault(name, {})[str(seed)] = int(f.read())
-        timing = read_timing(os.path.join(out, name, f"seed{seed}"))
+        for kept, steps in ((stage1_steps, stage1), (main_steps, main)):
+            if steps is not None:
+                kept.setdefault(name, {})[str(seed)] = steps
         if timing:
             run_seconds.setdefault(name, {})[str(seed)] = timing
         # Rows in the order asked for, whatever order the runs finish in.
@@ -714,7 +779,19 @@ def main(argv=None) -> int:
         write_report(out, ordered, args, lengths, time.time() - start, per_seed,
                      {n: stage1_steps[n] for n in wanted if n in stage1_steps},
                      {n: main_steps[n] for n in wanted if n in main_steps},
-                     {n: run_seconds[n] for n in wanted if n in run_seconds})
+                     {n: run_seconds[n] for n in wanted if n in run_seconds}, sources)
+
+    def finished(name: str, seed: int, results: dict) -> None:
+        base = os.path.join(out, name, f"seed{seed}")
+        record(name, seed, {str(k): v for k, v in summarise(results).items()},
+               _read_steps(os.path.join(base, "stage1", "steps")), _read_steps(os.path.join(base, "main_steps")),
+               read_timing(base))
+
+    for (name, seed), run in sorted(included.items(), key=lambda item: (item[0][1], wanted.index(item[0][0]))):
+        sources.setdefault(run["source"], []).append(f"{name}:{seed}")
+        record(name, seed, run["summary"], run["stage1_steps"], run["main_steps"], run["seconds"])
+    if included:
+        print(f"{len(included)} run(s) taken from {', '.join(sources)}; {len(jobs)} to run or reuse here", flush=True)
 
     if args.report_only:
         missing = []
@@ -748,6 +825,14 @@ def main(argv=None) -> int:
             return 1
     print(f"\nWrote {os.path.join(out, 'comparison.md')} and the plots in {out}")
     return 0
+
+
+def _read_steps(path: str) -> int | None:
+    """The step count a stage wrote when it finished (None when it has not)."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return int(f.read())
 
 
 def _child_log(out: str, name: str, seed: int) -> str:

@@ -355,6 +355,70 @@ def test_report_only_reports_the_finished_runs_and_trains_nothing(tmp_path, monk
     assert compare.main(["--out", str(tmp_path / "empty"), "--report-only"]) == 1
 
 
+def _finished_run(out, name, seed, accuracy, main_steps=750, seconds=None):
+    base = out / name / f"seed{seed}"
+    (base / "eval").mkdir(parents=True)
+    (base / "eval" / "results.json").write_text(json.dumps(_results([_cell(256, accuracy)])))
+    (base / "done").write_text("done\n")
+    (base / "main_steps").write_text(f"{main_steps}\n")
+    if seconds is not None:
+        (base / compare.TIMING_FILE).write_text(json.dumps(seconds))
+
+
+def test_runs_an_earlier_report_recorded_are_included_without_training(tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "earlier"
+    _finished_run(earlier, "polar+mem", 0, 0.9, 500, {"stage1": 60.0, "main": 540.0, "eval": 60.0})
+    _finished_run(earlier, "polar+mem", 1, 0.7, 1000, {"stage1": 60.0, "main": 1140.0, "eval": 60.0})
+    _finished_run(earlier, "nope", 0, 0.6)
+    common = ["--variants", "polar+mem", "--eval-multiples", "1"]
+    assert compare.main(["--out", str(earlier), "--seeds", "0,1", "--report-only", *common]) == 0
+    included = str(earlier / "comparison.json")
+    here = tmp_path / "here"
+    started = []
+
+    def fake_child(argv, out, name, seed, parallel):
+        started.append((name, seed))
+        _finished_run(here, name, seed, 0.5, 1500, {"stage1": 60.0, "main": 1740.0, "eval": 60.0})
+        return subprocess.Popen([sys.executable, "-c", "pass"])
+
+    monkeypatch.setattr(compare, "_child", fake_child)
+    monkeypatch.setattr(compare, "prepare_shards", lambda args, shards: None)
+    argv = ["--out", str(here), "--seeds", "0,1,2", "--parallel", "2", "--include", included, *common]
+    assert compare.main(argv) == 0
+    assert started == [("polar+mem", 2)]  # seeds 0 and 1 come from the earlier report; nope was not asked for
+    report = json.loads((here / "comparison.json").read_text())
+    assert report["table"]["polar+mem"]["256"]["seeds"] == 3
+    assert report["table"]["polar+mem"]["256"]["token_acc"] == pytest.approx(0.7)
+    assert report["main_steps"] == {"polar+mem": {"0": 500, "1": 1000, "2": 1500}}
+    assert report["included"] == {included: ["polar+mem:0", "polar+mem:1"]}
+    text = (here / "comparison.md").read_text()
+    assert f"- `{included}`: polar+mem seeds 0, 1" in text
+    assert "| polar+mem | - / 500, 11 min | - / 1000, 21 min | - / 1500, 31 min |" in text
+    assert "Wall time of the 3 timed runs" in text and "63 min in all" in text
+    # The same report again, from what is on disk: nothing is trained.
+    monkeypatch.setattr(compare, "_child", None)
+    assert compare.main(["--out", str(here), "--seeds", "0,1,2", "--include", included, "--report-only", *common]) == 0
+    assert json.loads((here / "comparison.json").read_text())["table"] == report["table"]
+    capsys.readouterr()
+
+
+def test_an_earlier_report_with_other_settings_or_the_same_run_twice_is_refused(tmp_path, capsys):
+    earlier = tmp_path / "earlier"
+    _finished_run(earlier, "polar+mem", 0, 0.9)
+    assert compare.main(["--out", str(earlier), "--seeds", "0", "--report-only", "--eval-multiples", "1"]) == 0
+    included = str(earlier / "comparison.json")
+    argv = ["--out", str(tmp_path / "here"), "--seeds", "0", "--report-only", "--include", included]
+    assert compare.main(argv + ["--eval-multiples", "1", "--seq-len", "128"]) == 2
+    assert "made with train_len 256, this comparison has 128" in capsys.readouterr().err
+    assert compare.main(argv + ["--eval-multiples", "1,2"]) == 2
+    assert "made with lengths [256], this comparison has [256, 512]" in capsys.readouterr().err
+    assert compare.main(argv + ["--eval-multiples", "1", "--include", included]) == 2
+    assert f"polar+mem seed 0 is recorded in both {included} and {included}" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("[]")
+    assert compare.main(argv[:-1] + [str(tmp_path / "junk.json"), "--eval-multiples", "1"]) == 2
+    assert "not a comparison.json" in capsys.readouterr().err
+
+
 def test_the_first_stage_goes_on_until_its_copy_loss_shows_the_lookup(tmp_path, monkeypatch, capsys):
     import pretrain.export
 
