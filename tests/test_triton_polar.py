@@ -23,6 +23,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import (
@@ -416,16 +417,22 @@ def test_interpreted_length_terms_match_numerics(polar, window):
     """t and nu as every kernel computes them (`_length_terms`, via a kernel that writes them out)
     equal kernels.common.numerics.polar_length_terms for every count n of T = 300 (rows past the
     window included); the raw scalars cover both sides of softplus's threshold (20)."""
-    from kernels.common import polar_length_terms, polar_visible_counts
+    from kernels.common import polar_length_features, polar_length_terms, polar_visible_counts
 
     raw = torch.tensor([[-3.0, 0.0, 0.7, 25.0, -30.0], [2.0, -1.0, 21.0, 0.5, 0.0], [-1.0, 19.5, -4.0, 0.3, 40.0]])
     null_base, null_slope_raw, len_gain_raw = raw
     T = 300
+    n = polar_visible_counts(T, window)
     t, nu = polar.polar_length_terms_triton(T, window, null_base, null_slope_raw, len_gain_raw)
-    t_ref, nu_ref = polar_length_terms(polar_visible_counts(T, window), null_base, null_slope_raw, len_gain_raw)
+    t_ref, nu_ref = polar_length_terms(n, null_base, null_slope_raw, len_gain_raw)
     # a few fp32 ulps: softplus and log1p are written out in Triton (observed: <= 1 ulp)
     torch.testing.assert_close(t, t_ref, rtol=5e-7, atol=0.0)
-    torch.testing.assert_close(nu, nu_ref, rtol=5e-7, atol=1e-7)
+    # nu = b + s sqrt(ln(n + 1)) cancels where b < 0 (head 0: -3 + about 3.2), so one ulp of the
+    # product or of the logarithm is many ulps of the sum, and how the interpreter rounds them
+    # varies between installs; bound the error by a few ulps of the summands instead.
+    scale = null_base.abs()[:, None] + F.softplus(null_slope_raw)[:, None] * polar_length_features(n)[1][None, :]
+    error = (nu - nu_ref).abs()
+    assert (error <= 4 * torch.finfo(torch.float32).eps * scale).all(), error.max()
 
 
 def _polar_args(B=1, T=21, H=4, G=2, D=16, *, seed=0, requires_grad=True, dtype=torch.float32):
