@@ -12,9 +12,9 @@ evaluates fixed-target perplexity and teacher-forced retrieval from 1x to 16x th
 writes ``comparison.md``, ``comparison.json`` and two plots (mean over seeds, with the spread).
 Every finished (model, seed) is kept: rerunning the same command skips it and resumes an
 interrupted training run from its last checkpoint; ``--include`` adds the runs an earlier report
-recorded (seeds run by another invocation or machine) without training them again. On a CPU machine two runs train at
-once (``--parallel``), each on one rank with its share of the cores and its output in its own
-``compare.log``; one line per run started and finished shows the progress.
+recorded (seeds run by another invocation or machine) without training them again. On a CPU
+machine two runs train at once (``--parallel``), each on one rank with its share of the cores and
+its output in its own ``compare.log``; one line per run started and finished shows the progress.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--include", action="append", default=None, metavar="COMPARISON_JSON",
                    help="take the (model, seed) runs recorded in an earlier report's comparison.json instead of "
                         "training them, e.g. seeds run by another invocation or on another machine; it must share "
-                        "the training length, evaluation lengths, steps and loss (repeatable)")
+                        "the training length, evaluation lengths, steps, loss and RoPE scale (repeatable)")
     p.add_argument("--report-only", action="store_true",
                    help="write the report from the runs finished so far, training nothing")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)  # NAME:SEED, one run for a --parallel parent
