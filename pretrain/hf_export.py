@@ -132,6 +132,9 @@ def main(argv=None) -> int:
         return 2
     print(f"{args.model_dir}: wrote {', '.join(written)}; load it with "
           f"AutoModelForCausalLM.from_pretrained({args.model_dir!r}, trust_remote_code=True)")
+    if not os.path.isfile(os.path.join(args.model_dir, TOKENIZER_NAME)):
+        print(f"note: {args.model_dir} has no {TOKENIZER_NAME}, so AutoTokenizer cannot load from it; copy the "
+              f"shards' {TOKENIZER_NAME} there and rerun this command", file=sys.stderr)
     return 0
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -119,6 +120,10 @@ def test_labels_give_the_project_loss_and_left_padding_is_refused(tmp_path):
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="left padding"):
         hf(ids, attention_mask=mask)
+    right_padded = torch.ones_like(ids)
+    right_padded[0, -3:] = 0
+    with pytest.raises(ValueError, match="prompts of unequal length"):
+        hf.generate(ids, attention_mask=right_padded, max_new_tokens=2, do_sample=False, pad_token_id=0)
     mask = torch.ones_like(ids)
     mask[0, -3:] = 0  # right padding is fine: positions count from the first token
     with torch.no_grad():
@@ -196,3 +201,15 @@ def test_hf_export_command_reports_a_missing_directory_in_one_line(tmp_path):
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "config.json: missing" in proc.stderr
+
+
+def test_hf_export_command_says_when_the_tokenizer_is_missing(tiny_shards, tmp_path, capsys):
+    from pretrain import hf_export
+
+    directory = tmp_path / "model"
+    live_model().save_pretrained(str(directory))
+    assert hf_export.main([str(directory)]) == 0
+    assert "has no tokenizer.json" in capsys.readouterr().err
+    shutil.copyfile(os.path.join(tiny_shards, "tokenizer.json"), directory / "tokenizer.json")
+    assert hf_export.main([str(directory)]) == 0
+    assert "has no tokenizer.json" not in capsys.readouterr().err

@@ -530,7 +530,11 @@ class AtmaForCausalLM(AtmaPreTrainedModel, GenerationMixin):
         if input_ids is None or input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError("AtmaForCausalLM needs input_ids of shape (batch, seq_len) with seq_len >= 1")
         if attention_mask is not None and bool((attention_mask[:, 1:] > attention_mask[:, :-1]).any()):
-            raise ValueError("AtmaForCausalLM does not support left padding: every sequence must start at its first token")
+            raise ValueError(
+                "AtmaForCausalLM takes padding only after a sequence's last token: a token after padding (left "
+                "padding, or generate() on a batch of prompts of unequal length) is refused; generate unequal "
+                "prompts one at a time or in batches of equal length"
+            )
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         state = cache if cache is not None else AtmaCache(self.config)
