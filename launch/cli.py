@@ -116,14 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
         if mode == "single":
             sub.add_argument("--gpus", type=int, default=None, metavar="N",
                              help="ranks to start (default: $NUM_GPUS, else all visible GPUs, else 2 CPU ranks)")
-            sub.add_argument("--master-port", type=int, default=None, metavar="P",
+            sub.add_argument("--master-port", type=tcp_port, default=None, metavar="P",
                              help="rendezvous port (default: a free one, so that runs can share a machine)")
         else:
             sub.add_argument("--hostfile", required=True, metavar="H",
                              help="DeepSpeed hostfile: one `HOST slots=N` line per machine")
             sub.add_argument("--master-addr", default=None, metavar="A",
                              help="address of node_rank 0 (default: $MASTER_ADDR, else the first host of H)")
-            sub.add_argument("--master-port", type=int, default=None, metavar="P",
+            sub.add_argument("--master-port", type=tcp_port, default=None, metavar="P",
                              help=f"rendezvous port (default: $MASTER_PORT, else {DEFAULT_MASTER_PORT})")
         if mode == "pdsh":
             sub.add_argument("--no-env-file", action="store_true",
@@ -141,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("train_args", nargs=argparse.REMAINDER, metavar="TRAIN_ARGS",
                          help="passed to pretrain/train.py: --data DIR --run-dir DIR --max-steps N --set KEY=VALUE ...")
     return parser
+
+
+def tcp_port(text: str) -> int:
+    """An argparse type: a TCP port number, 1-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
@@ -182,6 +193,8 @@ def plan_launch(args: argparse.Namespace, environ: Mapping[str, str]) -> LaunchP
     master_addr = args.master_addr or environ.get("MASTER_ADDR") or hosts[0].name
     master_port = args.master_port if args.master_port is not None else _env_int(environ, "MASTER_PORT")
     master_port = DEFAULT_MASTER_PORT if master_port is None else master_port
+    if not 1 <= master_port <= 65535:
+        raise LaunchError(f"$MASTER_PORT={master_port} is not a TCP port (1-65535)")
     common = dict(hostfile=args.hostfile, master_addr=master_addr, master_port=master_port,
                   deepspeed_args=args.deepspeed_arg)
 

@@ -367,6 +367,8 @@ def test_malformed_hostfile(tmp_path, name):
     (["single", "--gpus", "0", "--dry-run", RUN], "error: --gpus must be at least 1, got 0"),
     (["single", RUN, "--gpus", "2"], "error: launcher option --gpus must come before RUN.yaml"),
     (["single", "--dry-run", RUN, "--config", RUN], "error: give the run config as RUN.yaml, not as --config"),
+    (["single", "--master-port", "99999", "--dry-run", RUN],
+     "python -m launch single: error: argument --master-port: '99999' is not a TCP port (1-65535) (see --help)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message):
     proc = cli(*argv)
@@ -387,6 +389,12 @@ def test_no_ssh_run_needs_a_node_rank(clean_env, hostfile):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [
         "error: no-ssh needs --node-rank N (or $NODE_RANK): this machine's line in the hostfile, from 0"]
+
+
+def test_a_master_port_from_the_environment_is_checked(hostfile):
+    proc = cli("pdsh", "--hostfile", hostfile, "--dry-run", RUN, env=dict(os.environ, MASTER_PORT="70000"))
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["error: $MASTER_PORT=70000 is not a TCP port (1-65535)"]
 
 
 def test_usage_errors_are_one_line_and_exit_2():
