@@ -147,11 +147,12 @@ def run_probe(settings: ProbeSettings, log=None) -> dict:
 def main(argv=None) -> int:
     """Command-line entry point: exit 0 when the target accuracy is reached, 1 otherwise."""
     p = argparse.ArgumentParser(prog="python -m launch.recall_probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("--core", choices=("nope", "polar", "rope"), default="nope")
+    p.add_argument("--core", choices=("nope", "polar", "rope"), default="nope",
+                   help="attention core of the global blocks (default: nope)")
     p.add_argument("--no-memory", action="store_true", help="global blocks without the gated-delta memory")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's init and the training episodes (default: 0)")
     p.add_argument("--steps", type=int, default=600, help="most optimizer steps (default: 600)")
-    p.add_argument("--curriculum-steps", type=int, default=250, help="steps with one-digit values first")
+    p.add_argument("--curriculum-steps", type=int, default=250, help="steps with one-digit values first (default: 250)")
     p.add_argument("--target", type=float, default=0.5, help="stop at this value accuracy (default: 0.5)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1)")
     args = p.parse_args(argv)
