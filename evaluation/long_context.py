@@ -279,6 +279,7 @@ def run_evaluation(
         The results dict written to results.json ("metadata", "retrieval", "perplexity").
     """
     lengths, depths = check_settings(lengths, depths, trials, target_tokens, max_docs)
+    check_out_dir(out_dir)
     paths = [data] if isinstance(data, str) else list(data or [])
     tasks, haystacks, notes = resolve_plan(tasks, haystacks, bool(paths))
     torch_device = resolve_device(device)
@@ -318,7 +319,10 @@ def run_evaluation(
     if notice:
         print(f"notice: {notice}", file=sys.stderr, flush=True)
     plan = _plan(cells, model, prepared, settings, measured)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise EvaluationError(f"{out_dir}: cannot create the output directory ({err.strerror})") from None
     metadata = _metadata(model_dir, model, codec, settings, prepared, notes, export_info)
     results = {"metadata": {**metadata, "plan": plan}, "retrieval": [], "perplexity": []}
     start = time.perf_counter()
@@ -335,6 +339,19 @@ def run_evaluation(
     results["metadata"]["peak_memory_bytes"] = max(peaks) if peaks else None
     _write_outputs(results, out_dir)
     return results
+
+
+def check_out_dir(out_dir: str) -> None:
+    """EvaluationError when `out_dir` is a file or could not be created, checked before any work (nothing is created)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvaluationError(f"{out_dir}: exists and is not a directory; --out names the directory the results go to")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvaluationError(f"{out_dir}: cannot create the output directory ({parent} is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvaluationError(f"{out_dir}: cannot create the output directory ({parent} is not writable)")
 
 
 # ---------------------------------------------------------------------- command line
