@@ -119,7 +119,7 @@ def _documents(config) -> list[str]:
     from data_pipeline.sources import resolve_sources
 
     texts = []
-    sources = resolve_sources(config.inputs, config.weights, config.text_field)
+    sources = resolve_sources(config.inputs, config.weights, config.text_field, config.text_extensions)
     for mixed in iter_mixed(sources, config):
         parsed = parse_record(mixed.record.kind, mixed.record.payload, sources[mixed.source].text_field)
         if parsed.text is not None:

@@ -77,7 +77,8 @@ def _add_prepare(commands) -> None:
                    help="go on, with a warning, when an input yields no documents (by default that "
                         "stops the run before any work, naming the input and why)")
     p.add_argument("--text-extensions", nargs="+", default=[".txt", ".md"], metavar="EXT",
-                   help="file endings read as text documents inside directories (default .txt .md)")
+                   help="file endings read as text documents, in directories and of files named by --input "
+                   "(default .txt .md)")
     p.add_argument("--max-docs", type=int, metavar="N",
                    help="read at most N records from each input (quick runs)")
     p.add_argument("--tokenizer-train-docs", type=int, metavar="N",

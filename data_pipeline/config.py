@@ -62,7 +62,7 @@ class PrepareConfig:
     """Go on (with a warning) when an input yields no documents, instead of stopping."""
 
     text_extensions: tuple[str, ...] = (".txt", ".md")
-    """File name endings read as one-document-per-file text inside input directories."""
+    """File name endings read as one-document-per-file text, inside input directories and of input files."""
 
     max_docs: int | None = None
     """Read at most this many records from each source (useful for quick runs)."""

@@ -19,7 +19,7 @@ log = logging.getLogger("data_pipeline")
 
 def open_output(out: str, settings: dict, overwrite: bool) -> Journal:
     """Refuse to clobber a finished or unrelated run; resume a matching unfinished one."""
-    os.makedirs(out, exist_ok=True)
+    _make_dir(out)
     progress = os.path.join(out, PROGRESS_FILE)
     if os.path.exists(os.path.join(out, MANIFEST_FILE)) and not overwrite:
         raise DataError(f"{out}: already holds a finished dataset ({MANIFEST_FILE}); "
@@ -44,6 +44,16 @@ def open_output(out: str, settings: dict, overwrite: bool) -> Journal:
     journal = Journal(progress, settings)
     journal.save()
     return journal
+
+
+def _make_dir(out: str) -> None:
+    """Create the output directory; DataError when the path is a file or cannot be created."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"{out}: exists and is not a directory; --output names the directory the dataset is written to")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create the output directory ({e.strerror})") from None
 
 
 def _our_files(out: str) -> list[str]:

@@ -75,7 +75,7 @@ def prepare(**settings) -> PrepareResult:
 def run_prepare(config: PrepareConfig) -> PrepareResult:
     """Run (or resume) a prepare; returns the manifest it wrote and its throughput figures."""
     started = time.perf_counter()
-    sources = resolve_sources(config.inputs, config.weights, config.text_field)
+    sources = resolve_sources(config.inputs, config.weights, config.text_field, config.text_extensions)
     _check_inputs(sources, config)
     settings = _settings(config, sources)
     given = load_tokenizer(config.tokenizer, config.eos_token) if config.tokenizer else None

@@ -30,6 +30,9 @@ from data_pipeline.recall import RECALL_PREFIX, RecallSettings
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 PARQUET_SUFFIXES = (".parquet",)
+DEFAULT_TEXT_SUFFIXES = (".txt", ".md")
+# Endings of compressed files: of these, only gzip and only for JSON lines is read.
+COMPRESSION_SUFFIXES = (".gz", ".zst", ".zstd", ".bz2", ".xz", ".lz4", ".lzma", ".zip", ".7z", ".tgz")
 HF_PREFIX = "hf:"
 FIELD_SEPARATOR = ":"
 # Seconds to wait for the Hugging Face hub to answer before calling it unreachable.
@@ -76,13 +79,16 @@ class Source:
         return location + (FIELD_SEPARATOR + self.text_field if self.field_given else "")
 
 
-def resolve_sources(inputs: list[str], weights: list[float] | None, text_field: str = "text") -> list[Source]:
+def resolve_sources(inputs: list[str], weights: list[float] | None, text_field: str = "text",
+                    text_extensions: tuple[str, ...] = DEFAULT_TEXT_SUFFIXES) -> list[Source]:
     """Check every input exists and decide how to read it; raises DataError for a bad one.
 
-    ``text_field`` applies to the inputs that do not name their own (``PATH:FIELD``).
+    ``text_field`` applies to the inputs that do not name their own (``PATH:FIELD``); a file named
+    as an input is read as text when its name ends with one of ``text_extensions``.
     """
     weights = weights or [1.0] * len(inputs)
-    return [_resolve_one(spec, weight, text_field) for spec, weight in zip(inputs, weights, strict=True)]
+    return [_resolve_one(spec, weight, text_field, tuple(text_extensions))
+            for spec, weight in zip(inputs, weights, strict=True)]
 
 
 def split_field(spec: str) -> tuple[str, str | None]:
@@ -111,12 +117,12 @@ def _field_name(spec: str, field: str) -> str:
     return field
 
 
-def _resolve_one(spec: str, weight: float, text_field: str) -> Source:
+def _resolve_one(spec: str, weight: float, text_field: str, text_exts: tuple[str, ...]) -> Source:
     if spec.startswith(RECALL_PREFIX):
         if not spec[len(RECALL_PREFIX):]:
             raise DataError(f"{spec}: name the input whose text carries the recall episodes, e.g. "
                             f"{RECALL_PREFIX}{BUILTIN_CORPUS}")
-        inner = _resolve_one(spec[len(RECALL_PREFIX):], weight, text_field)
+        inner = _resolve_one(spec[len(RECALL_PREFIX):], weight, text_field, text_exts)
         if inner.kind == "recall":
             raise DataError(f"{spec}: {RECALL_PREFIX} applies once")
         return Source(spec, "recall", inner.path, weight, inner.text_field, inner.field_given, inner)
@@ -133,10 +139,26 @@ def _resolve_one(spec: str, weight: float, text_field: str) -> Source:
         if _is_saved_dataset(location):
             return Source(spec, "hf_disk", location, **options)
         return Source(spec, "dir", location, **options)
+    _check_file_ending(location, text_exts)
     if field is not None and not location.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES):
         raise DataError(f"{spec}: a text field applies to JSON lines, parquet and dataset inputs; "
                         f"{location} is read as one text document")
     return Source(spec, "file", location, **options)
+
+
+def _check_file_ending(path: str, text_exts: tuple[str, ...]) -> None:
+    """DataError for a file whose name ends in a form no reader takes (a name without one is text)."""
+    name = os.path.basename(path)
+    ending = os.path.splitext(name)[1]
+    if not ending or name.endswith(JSONL_SUFFIXES + PARQUET_SUFFIXES + text_exts):
+        return
+    supported = (f"{', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)} and text files ({', '.join(text_exts)}, "
+                 "as set by --text-extensions)")
+    if ending.lower() in COMPRESSION_SUFFIXES:
+        raise DataError(f"{path}: unsupported compression {ending}: only JSON lines are read compressed, with gzip "
+                        f"(.jsonl.gz, .ndjson.gz); decompress it first. Files read: {supported}")
+    raise DataError(f"{path}: unsupported file ending {ending}; files read: {supported}; other inputs: "
+                    "a directory, a saved dataset, hf:NAME, builtin:stdlib")
 
 
 def _is_saved_dataset(path: str) -> bool:

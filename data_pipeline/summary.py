@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from tokenizers import Tokenizer
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import DataError, one_line
+from data_pipeline.journal import file_sha256
 from data_pipeline.manifest import Manifest
 from data_pipeline.split_reader import SplitReader
 
@@ -45,7 +48,7 @@ def sample_report(manifest: Manifest, split: str, index: int, max_chars: int) ->
         shard, local = reader.locate(index)
         path = reader.shard_paths[shard]
     tokens = sample.tokens
-    tokenizer = Tokenizer.from_file(manifest.tokenizer_path)
+    tokenizer = _stored_tokenizer(manifest)
     text = tokenizer.decode(tokens.tolist(), skip_special_tokens=False)
     shown = text if len(text) <= max_chars else text[:max_chars] + f"... [{len(text) - max_chars} more chars]"
     return [
@@ -55,6 +58,20 @@ def sample_report(manifest: Manifest, split: str, index: int, max_chars: int) ->
         "text:",
         shown,
     ]
+
+
+def _stored_tokenizer(manifest: Manifest) -> Tokenizer:
+    """The tokenizer.json beside the shards; DataError, as `verify` reports it, when missing, changed or unreadable."""
+    path = manifest.tokenizer_path
+    verify = f"run `python -m data_pipeline verify {manifest.data_dir}`"
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; {verify}")
+    if file_sha256(path) != manifest.tokenizer_sha256:
+        raise DataError(f"{path}: sha256 does not match manifest.json; {verify}")
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers reports a malformed file as plain Exception
+        raise DataError(one_line(f"{path}: unreadable tokenizer ({e}); {verify}")) from None
 
 
 def prepare_summary(manifest: Manifest, seconds: float, num_encoded: int) -> str:

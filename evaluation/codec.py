@@ -48,7 +48,8 @@ def load_codec(model_dir: str) -> TextCodec:
     """Load `model_dir/tokenizer.json`, raising EvaluationError with the path when it is missing or unreadable."""
     path = os.path.join(model_dir, TOKENIZER_NAME)
     if not os.path.isfile(path):
-        raise EvaluationError(f"{path}: missing (an exported model directory holds its tokenizer.json)")
+        raise EvaluationError(f"{path}: missing; the evaluation encodes its text with the model's tokenizer: copy in "
+                              "the tokenizer.json the model was trained with (the one beside its training shards)")
     try:
         tokenizer = Tokenizer.from_file(path)
     except Exception as err:  # the tokenizers library raises a bare Exception for bad files

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
+
+from tokenizers import Tokenizer
 
 from data_pipeline import DataError, Manifest, SplitReader, load_manifest
 
@@ -77,6 +80,43 @@ def _shard_source(path: str, name: str) -> DataSource:
 
 
 # ---------------------------------------------------------------------- shards
+def check_tokenizer(source: DataSource, codec: TextCodec) -> None:
+    """EvaluationError when the source's shards were tokenized with another tokenizer than the model's.
+
+    The manifest's tokenizer sha256 must be that of the model's tokenizer.json; a file that differs
+    only in its formatting (the same tokenizer written again) is accepted.
+    """
+    if source.kind != "shards":
+        return
+    manifest = source.manifest
+    model_sha = _sha256(codec.path)
+    if model_sha == manifest.tokenizer_sha256 or _same_tokenizer(manifest.tokenizer_path, manifest.tokenizer_sha256, codec):
+        return
+    raise EvaluationError(
+        f"{source.path}: tokenized with tokenizer sha256 {manifest.tokenizer_sha256[:12]} ({manifest.tokenizer_path}, "
+        f"per its manifest.json), but the model's {codec.path} has sha256 {model_sha[:12]}; "
+        "evaluate on data prepared with the model's tokenizer (prepare --tokenizer MODEL_DIR)"
+    )
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _same_tokenizer(path: str, sha256: str, codec: TextCodec) -> bool:
+    """Whether `path` is the manifest's tokenizer (by hash) and serializes exactly as the model's."""
+    try:
+        if _sha256(path) != sha256:
+            return False
+        return Tokenizer.from_file(path).to_str() == codec.tokenizer.to_str()
+    except Exception:  # a missing or unreadable file: only the hashes can be compared
+        return False
+
+
 def read_shard_stream(source: DataSource, *, max_tokens: int | None = None) -> tuple[np.ndarray, dict]:
     """The token stream of the source's samples (int64), through data_pipeline's reader; stops once `max_tokens` are read.
 

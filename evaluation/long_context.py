@@ -5,9 +5,10 @@ byte (SPEC §7.3) and teacher-forced passkey / needle-in-a-haystack retrieval (S
 writes results.json, report.md, perplexity.png and retrieval.png. With --free-generation the model
 also writes each value itself with its decoding cache (evaluation/generation.py; generation.png).
 
-Before any cell runs, the weights are checked against export.json's sha256, one forward is
-measured and its logits must be finite, and the plan (cells, tokens, estimated time per length)
-is printed, with a warning when it is long for the device. A cell that runs out of memory (GPU
+Before any cell runs, the weights are checked against export.json's sha256, shard data against
+the model's tokenizer.json (the sha256 in its manifest.json), one forward is measured and its
+logits must be finite, and the plan (cells, tokens, estimated time per length) is printed, with a
+warning when it is long for the device. A cell that runs out of memory (GPU
 or CPU) or meets non-finite logits is recorded as that cell's error and the others still run.
 """
 
@@ -30,7 +31,7 @@ from tqdm import tqdm
 from .codec import TextCodec, load_codec
 from .errors import EvaluationError, NonFiniteLogitsError
 from .haystack import Needle, make_needle
-from .heldout import DataSource, open_source
+from .heldout import DataSource, check_tokenizer, open_source
 from .inputs import build_haystacks, perplexity_documents
 from .loading import check_weights, load_model, read_export_info, resolve_device, resolve_dtype
 from .perplexity import run_perplexity_cell
@@ -278,6 +279,7 @@ def run_evaluation(
         The results dict written to results.json ("metadata", "retrieval", "perplexity").
     """
     lengths, depths = check_settings(lengths, depths, trials, target_tokens, max_docs)
+    check_out_dir(out_dir)
     paths = [data] if isinstance(data, str) else list(data or [])
     tasks, haystacks, notes = resolve_plan(tasks, haystacks, bool(paths))
     torch_device = resolve_device(device)
@@ -289,11 +291,13 @@ def run_evaluation(
     if notice:
         notes = [*notes, notice]
     codec = load_codec(model_dir)
+    sources: list[DataSource] = [open_source(p, text_field=text_field) for p in paths]
+    for source in sources:
+        check_tokenizer(source, codec)
     model, removed_window = load_model(model_dir, torch_device, keep_window=keep_window)
     vocab_size = model.config.vocab_size
     if codec.vocab_size > vocab_size:
         raise EvaluationError(f"{codec.path}: {codec.vocab_size} tokens, more than the model's vocab_size {vocab_size}")
-    sources: list[DataSource] = [open_source(p, text_field=text_field) for p in paths]
     max_length = lengths[-1]
     retrieval_tasks = [t for t in tasks if t != PERPLEXITY]
     needles = {t: [make_needle(codec, t, s, seed) for s in range(trials)] for t in retrieval_tasks}
@@ -315,7 +319,10 @@ def run_evaluation(
     if notice:
         print(f"notice: {notice}", file=sys.stderr, flush=True)
     plan = _plan(cells, model, prepared, settings, measured)
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise EvaluationError(f"{out_dir}: cannot create the output directory ({err.strerror})") from None
     metadata = _metadata(model_dir, model, codec, settings, prepared, notes, export_info)
     results = {"metadata": {**metadata, "plan": plan}, "retrieval": [], "perplexity": []}
     start = time.perf_counter()
@@ -332,6 +339,19 @@ def run_evaluation(
     results["metadata"]["peak_memory_bytes"] = max(peaks) if peaks else None
     _write_outputs(results, out_dir)
     return results
+
+
+def check_out_dir(out_dir: str) -> None:
+    """EvaluationError when `out_dir` is a file or could not be created, checked before any work (nothing is created)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise EvaluationError(f"{out_dir}: exists and is not a directory; --out names the directory the results go to")
+    parent = os.path.abspath(out_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvaluationError(f"{out_dir}: cannot create the output directory ({parent} is not a directory)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvaluationError(f"{out_dir}: cannot create the output directory ({parent} is not writable)")
 
 
 # ---------------------------------------------------------------------- command line

@@ -12,6 +12,7 @@ from data_fixtures import synthetic_docs, write_jsonl
 
 from data_pipeline.bench import add_arguments, run_bench
 from data_pipeline.cli import build_parser
+from data_pipeline.cli import main as cli_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,3 +137,26 @@ def test_bench_loader_only(tmp_path, capsys):
     assert figures["budgets"] == {} and set(figures["loader"]) == {"0", "2"}
     printed = capsys.readouterr().out
     assert "(a)" not in printed and printed.count("without the per-sample checks") == 2
+
+
+def test_inspect_without_the_tokenizer_and_output_on_a_file_are_one_line_errors(prepared, tmp_path, capsys):
+    out, corpus, _, _ = prepared
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    tokenizer = copy / "tokenizer.json"
+    verify = f"run `python -m data_pipeline verify {copy}`"
+    tokenizer.write_text(tokenizer.read_text().replace('"a"', '"b"', 1))
+    assert cli_main(["inspect", str(copy)]) == 2
+    assert capsys.readouterr().err == f"error: {tokenizer}: sha256 does not match manifest.json; {verify}\n"
+    tokenizer.unlink()
+    assert cli_main(["inspect", str(copy)]) == 2
+    assert capsys.readouterr().err == f"error: {tokenizer}: missing; {verify}\n"
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    for output, message in [(target, "exists and is not a directory; --output names the directory the dataset "
+                                     "is written to"),
+                            (target / "sub", "cannot create the output directory (Not a directory)")]:
+        assert cli_main(["prepare", "--input", corpus, "--output", str(output), "--seq-len", "16",
+                         "--vocab-size", "300", "--quiet"]) == 2
+        assert capsys.readouterr().err == f"error: {output}: {message}\n"
+    assert target.read_text() == "keep me"

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from data_fixtures import decoded_documents, synthetic_docs, write_jsonl
 
+from data_pipeline.cli import main as cli_main
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import prepare
@@ -159,3 +160,38 @@ def test_an_unreachable_hub_dataset_fails_at_once_with_its_cause(tmp_path, offli
         f"error: hf:someone/corpus:content: yields no documents: {cause}; pass --allow-empty-inputs to go on "
         "without it"]
     assert seconds < 25, f"took {seconds:.0f} s"
+
+
+def test_a_file_with_an_ending_no_reader_takes_is_refused(tmp_path, capsys):
+    files_read = (".jsonl, .jsonl.gz, .ndjson, .ndjson.gz, .parquet and text files (.txt, .md, as set by "
+                  "--text-extensions)")
+    array = tmp_path / "docs.json"
+    array.write_text(json.dumps([{"text": d} for d in synthetic_docs(4, seed=1)]))
+    table = tmp_path / "docs.csv"
+    table.write_text("text\nhello\n")
+    packed = tmp_path / "docs.jsonl.zst"
+    packed.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(40)))
+    out = tmp_path / "out"
+    for path, message in [
+        (array, f"unsupported file ending .json; files read: {files_read}; other inputs: a directory, a saved "
+                "dataset, hf:NAME, builtin:stdlib"),
+        (table, "unsupported file ending .csv; "),
+        (packed, "unsupported compression .zst: only JSON lines are read compressed, with gzip (.jsonl.gz, "
+                 f".ndjson.gz); decompress it first. Files read: {files_read}"),
+        (f"recall:{table}", "unsupported file ending .csv; "),
+    ]:
+        code = cli_main(["prepare", "--input", str(path), "--output", str(out), "--seq-len", "16",
+                         "--vocab-size", "300", "--quiet"])
+        [line] = capsys.readouterr().err.splitlines()
+        assert code == 2 and line.startswith(f"error: {str(path).removeprefix('recall:')}: {message}")
+        assert not out.exists()
+    # A directory's walk leaves such files out; a file without an ending is one text document;
+    # --text-extensions names more text endings.
+    (tmp_path / "notes").write_text("plain words")
+    assert [s.kind for s in resolve_sources([str(tmp_path), str(tmp_path / "notes")], None)] == ["dir", "file"]
+    (tmp_path / "notes.rst").write_text(" ".join(synthetic_docs(20, seed=2)))
+    assert cli_main(["prepare", "--input", str(tmp_path / "notes.rst"), "--text-extensions", ".rst", "--output",
+                     str(out), "--seq-len", "16", "--vocab-size", "300", "--quiet"]) == 0
+    assert load_manifest(str(out)).corpus["num_documents_used"] == 1
+    with pytest.raises(DataError, match="unsupported file ending .rst; "):
+        resolve_sources([str(tmp_path / "notes.rst")], None)

@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import fractions
+import hashlib
 import inspect
 import json
 import math
@@ -26,7 +27,7 @@ from tokenizers import Tokenizer, models
 from data_pipeline import EOS_CANDIDATES, load_manifest
 from data_pipeline.mixing import split_of
 from data_pipeline.prepare import prepare
-from data_pipeline.tokenizer import describe
+from data_pipeline.tokenizer import describe, train_bpe
 from evaluation import EvaluationError, parse_lengths, run_evaluation, score_tokens, teacher_forced
 from evaluation.codec import load_codec
 from evaluation.haystack import build_context, make_needle, needle_budget, synthetic_haystack
@@ -35,7 +36,7 @@ from evaluation.long_context import main
 from evaluation.perplexity import fixed_target, run_perplexity_cell
 from evaluation.retrieval import run_retrieval_cell
 from evaluation.scoring import RetrievalTally, logits_at
-from evaluation.heldout import iter_documents, long_documents, open_source, read_shard_stream, token_stream
+from evaluation.heldout import check_tokenizer, iter_documents, long_documents, open_source, read_shard_stream, token_stream
 from model import AtmaConfig, AtmaForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -343,6 +344,34 @@ def test_api_with_validation_shards(tmp_path, model_dir, shard_dir):
     assert [e["length"] for e in results["perplexity"]] == [64, 128]
     assert results["metadata"]["data"][os.path.basename(directory)]["mode"] == "stream windows"
     assert os.path.isfile(tmp_path / "retrieval.png") and os.path.isfile(tmp_path / "perplexity.png")
+
+
+def test_shards_of_another_tokenizer_are_refused(tmp_path, capsys, model_dir, shard_dir, corpus):
+    directory, _ = shard_dir
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)
+    (other / "tokenizer.json").write_text(train_bpe(corpus[:2], 300).json_text, encoding="utf-8")
+    model_sha = hashlib.sha256((other / "tokenizer.json").read_bytes()).hexdigest()
+    shards_sha = load_manifest(directory).tokenizer_sha256
+    shard = os.path.join(directory, load_manifest(directory).split("val").shards[0].file)
+    for data in (directory, shard):
+        out = tmp_path / "out"
+        assert main([str(other), "--lengths", "64", "--data", data, "--out", str(out), "--no-progress"]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line == (f"error: {data}: tokenized with tokenizer sha256 {shards_sha[:12]} "
+                        f"({directory}/tokenizer.json, per its manifest.json), but the model's {other}/tokenizer.json "
+                        f"has sha256 {model_sha[:12]}; evaluate on data prepared with the model's tokenizer "
+                        "(prepare --tokenizer MODEL_DIR)")
+        assert not out.exists()
+    # The same tokenizer written again with other formatting is the same tokenizer.
+    (other / "tokenizer.json").write_text(Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json")).to_str(pretty=False))
+    assert hashlib.sha256((other / "tokenizer.json").read_bytes()).hexdigest() != shards_sha
+    check_tokenizer(open_source(directory), load_codec(str(other)))
+    # Without a tokenizer.json nothing says which tokenizer the model was trained with.
+    (other / "tokenizer.json").unlink()
+    assert main([str(other), "--lengths", "64", "--data", directory, "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: {other}/tokenizer.json: missing; ") and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -178,3 +178,17 @@ def test_cpu_out_of_memory_is_told_apart_from_other_errors():
     assert long_context.is_cpu_out_of_memory(RuntimeError(CPU_OOM))
     assert long_context.is_cpu_out_of_memory(MemoryError())
     assert not long_context.is_cpu_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_an_out_path_that_cannot_be_a_directory_fails_before_any_work(exported, tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(long_context, "load_model", never)
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    for out, message in [(target, "exists and is not a directory; --out names the directory the results go to"),
+                         (target / "eval", f"cannot create the output directory ({target} is not a directory)")]:
+        code, printed = _run(capsys, exported, out, "--lengths", "64", *QUICK)
+        assert code == 2 and printed.out == "" and printed.err == f"error: {out}: {message}\n"
+    assert target.read_text() == "keep me"
