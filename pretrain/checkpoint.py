@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds the tags
 TAG_RE = re.compile(r"^step_(\d{8})$")
 RANK_STATE_RE = re.compile(r"^rank_state_(\d{5})\.pt$")
 
@@ -159,13 +160,33 @@ def legacy_record(tag_dir: str) -> dict:
     return {key: states[key] for key in ("step", "tokens_seen", "config", "model_config") if key in states}
 
 
-def move_aside(root: str) -> str | None:
-    """Rename a checkpoints folder that holds complete tags to `<root>-before-<time>`; return the new name."""
-    if not complete_tags(root):
-        return None
-    target = f"{root.rstrip(os.sep)}-before-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(root, target)
-    return target
+def aside_name(name: str, stamp: str) -> str:
+    """`checkpoints` -> `checkpoints-before-STAMP`; a file keeps its extension (`metrics-before-STAMP.jsonl`)."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}-before-{stamp}{ext}"
+
+
+def move_aside(run_dir: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Rename an earlier run's outputs in `run_dir` to `<name>-before-<time>`, one time for all; return (old, new) names.
+
+    Of `names`, the checkpoints folder moves when it holds complete tags, anything else when it exists.
+    The time gets a counter when another start in the same second already used it.
+    """
+    def present(name):
+        path = os.path.join(run_dir, name)
+        return complete_tags(path) if name == CHECKPOINTS else os.path.lexists(path)
+
+    moving = [name for name in names if present(name)]
+    if not moving:
+        return []
+    stamp = base = time.strftime("%Y%m%d-%H%M%S")
+    count = 1
+    while any(os.path.lexists(os.path.join(run_dir, aside_name(name, stamp))) for name in moving):
+        count += 1
+        stamp = f"{base}-{count}"
+    for name in moving:
+        os.replace(os.path.join(run_dir, name), os.path.join(run_dir, aside_name(name, stamp)))
+    return [(name, aside_name(name, stamp)) for name in moving]
 
 
 def remove_incomplete(root: str) -> list[str]:

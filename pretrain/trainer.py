@@ -23,7 +23,7 @@ from .config import ConfigError, RunConfig
 from .cpu_comm import release_shm_segment
 from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
-from .monitor import Monitor
+from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
 from .optim import apply_lr, build_optimizer, lr_multiplier
 from .provenance import code_version, library_versions
@@ -169,6 +169,15 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     return engine, optimizer
 
 
+def start_over(run_dir: str) -> str | None:
+    """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line saying so."""
+    moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS))
+    if not moved:
+        return None
+    renames = ", ".join(f"{old} -> {new}" for old, new in moved)
+    return f"[atma] --resume none: starting over at step 0; the earlier run's files in {run_dir} are moved aside: {renames}"
+
+
 class Trainer:
     """Owns the engine, data, teacher, monitor and the train/validate/checkpoint cadence."""
 
@@ -217,7 +226,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
-        self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.ckpt_root = os.path.join(cfg.run_dir, ckpt.CHECKPOINTS)
         self.run_record = contract.build_record(
             step=0, tokens_seen=0, config=cfg.to_dict(), model_config=self.model_config.to_dict(),
             data=contract.data_identity(self.manifest, self.train_loader.dataset.data_id),
@@ -290,10 +299,9 @@ class Trainer:
             for tag in ckpt.remove_incomplete(self.ckpt_root):
                 print(f"[atma] removed incomplete checkpoint {tag} (interrupted save)", flush=True)
             if self.cfg.checkpoint.resume == "none":
-                moved = ckpt.move_aside(self.ckpt_root)
-                if moved:
-                    print(f"[atma] --resume none: starting over at step 0; the earlier checkpoints are in {moved}",
-                          flush=True)
+                notice = start_over(self.cfg.run_dir)
+                if notice:
+                    print(notice, flush=True)
         dist.barrier()
         contract.check_allowed_keys(self.cfg.checkpoint.allow_changes, self.run_record["config"])
         ways = "resume from another checkpoint with --resume PATH, or pass --resume none to start over"
