@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import socket
@@ -101,6 +102,29 @@ def plan_batch(tokens: int, micro_batch_size: int, seq_len: int, world_size: int
     return BatchPlan(seq_len, micro_batch_size, tokens // per_pass, world_size)
 
 
+def check_zero_section(ds: dict, path: str) -> None:
+    """Check the DeepSpeed JSON's zero_optimization with DeepSpeed's own model; ConfigError names the first bad key."""
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: zero_optimization must be a JSON object, got {zero!r}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(["zero_optimization", *map(str, first["loc"])])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"{path}: {key}: unknown key (not a DeepSpeed ZeRO setting)") from None
+        value = first.get("input")
+        shown = f", got {value!r}" if isinstance(value, (str, int, float, bool, type(None))) else ""
+        if first["type"] == "enum":  # DeepSpeed's stage enum repeats 3 (its alias max_stage)
+            choices = list(dict.fromkeys(re.split(r", | or ", first["ctx"]["expected"])))
+            raise ConfigError(f"{path}: {key} must be {', '.join(choices[:-1])} or {choices[-1]}{shown}") from None
+        raise ConfigError(f"{path}: {key}: {first['msg']}{shown}") from None
+
+
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
     """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
     path = cfg.deepspeed_config
@@ -111,9 +135,12 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
             ds = json.load(f)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's optim/schedule set it")
+    check_zero_section(ds, path)
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.grad_accum
     ds["train_batch_size"] = plan.sequences_per_step

@@ -1,5 +1,6 @@
 """Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
+import json
 import math
 import os
 import time
@@ -198,6 +199,25 @@ def test_ds_config_filled_from_run_config():
     bad = load_run_config(None, ["data.dir=d", "optim.name=muon", "deepspeed_config=ds_configs/zero3_bf16.json"])
     with pytest.raises(ConfigError, match="reduce_scatter"):
         build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")
+
+
+@pytest.mark.parametrize("zero, message", [
+    ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
+    ({"stage": 3, "overlap_comms": True}, "zero_optimization.overlap_comms: unknown key (not a DeepSpeed ZeRO setting)"),
+    ({"stage": 3, "offload_optimizer": {"device": "gpu"}},
+     "zero_optimization.offload_optimizer.device must be 'none', 'cpu' or 'nvme', got 'gpu'"),
+    (3, "zero_optimization must be a JSON object, got 3"),
+])
+def test_ds_config_with_a_bad_zero_value_is_one_line_before_the_engine(tmp_path, zero, message):
+    from pretrain.trainer import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}"])
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cpu")
+    assert str(info.value) == f"{path}: {message}"
 
 
 @pytest.mark.parametrize("value,expected", [
