@@ -196,6 +196,38 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     return engine, optimizer
 
 
+def _first_existing(path: str) -> str:
+    """`path` itself, or its nearest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Refuse what would otherwise fail only after the engine build or at step 1 (ConfigError): a file given
+    as the shard or run directory, an unusable teacher name, an unknown ATMA_KERNELS."""
+    from kernels.dispatch import kernel_choice
+
+    if os.path.isfile(cfg.data.dir):
+        parent = os.path.dirname(os.path.abspath(cfg.data.dir))
+        hint = f" (here perhaps {parent})" if os.path.isfile(os.path.join(parent, "manifest.json")) else ""
+        raise ConfigError(f"{cfg.data.dir}: a file, not a directory; --data (data.dir) takes the shard directory, "
+                          f"the one holding manifest.json{hint}")
+    existing = _first_existing(cfg.run_dir)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{existing}: a file, not a directory; --run-dir (run_dir) must be a directory or a "
+                          "path that does not exist yet")
+    try:
+        kernel_choice()
+        if cfg.loss.distill_weight > 0:
+            from .teacher import check_teacher
+
+            check_teacher(cfg.loss.teacher)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
 def start_over(run_dir: str) -> str | None:
     """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line saying so."""
     moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS))
@@ -217,6 +249,7 @@ class Trainer:
         if fla_timing_only_active():
             raise TrainingError("flash-linear-attention's guard is bypassed for timing in this process; "
                                 "training never runs on known-wrong gradients")
+        check_inputs(cfg)
         self.cfg = cfg
         self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
         if not torch.cuda.is_available():
@@ -274,8 +307,12 @@ class Trainer:
             from .teacher import Teacher
 
             dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
-            self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
-                                   vocab_size=self.model_config.vocab_size)
+            try:
+                self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
+                                       vocab_size=self.model_config.vocab_size)
+            except (OSError, ValueError) as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"loss.teacher {cfg.loss.teacher!r} could not be loaded: {reason}") from None
         number_ids = None
         if cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers":
             from data_pipeline.tokenizer import number_token_ids

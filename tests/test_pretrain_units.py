@@ -329,6 +329,67 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_only(capsys):
     assert capsys.readouterr().err == "error: rank 1: train-000001.tar: sample 7 is corrupt\n"
 
 
+def test_inputs_that_would_fail_after_the_engine_build_are_refused_at_start(tmp_path, monkeypatch):
+    from pretrain.trainer import check_inputs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    (shards / "train-000000.tar").write_bytes(b"")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+
+    def refusal(*sets):
+        cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", [f"data.dir={shards}", f"run_dir={tmp_path / 'run'}",
+                                                                 *sets])
+        with pytest.raises(ConfigError) as info:
+            check_inputs(cfg)
+        return str(info.value)
+
+    assert refusal(f"data.dir={shards / 'train-000000.tar'}") == (
+        f"{shards / 'train-000000.tar'}: a file, not a directory; --data (data.dir) takes the shard directory, the "
+        f"one holding manifest.json (here perhaps {shards})")
+    for run_dir in (a_file, a_file / "run"):
+        assert refusal(f"run_dir={run_dir}") == (
+            f"{a_file}: a file, not a directory; --run-dir (run_dir) must be a directory or a path that does not "
+            "exist yet")
+    assert refusal("loss.distill_weight=1", "loss.teacher=/nonexistent") == (
+        "loss.teacher '/nonexistent': no such directory, and not a Hugging Face model name (NAME or ORG/NAME); give "
+        "an exported model directory (python -m pretrain.export) or a Hugging Face causal LM")
+    assert refusal("loss.distill_weight=1", f"loss.teacher={a_file}") == (
+        f"loss.teacher '{a_file}' is a file; give an exported model directory or a Hugging Face model name")
+    monkeypatch.setenv("ATMA_KERNELS", "foo")
+    assert refusal() == "the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'foo'"
+    monkeypatch.setenv("ATMA_KERNELS", "torch")
+    # What can still be right passes: a run dir to create, a teacher directory, a Hugging Face name.
+    for teacher in (shards, "gpt2", "org/some-model"):
+        check_inputs(load_run_config(None, [f"data.dir={shards}", f"run_dir={tmp_path / 'new' / 'run'}",
+                                            "loss.distill_weight=1", f"loss.teacher={teacher}"]))
+
+
+def test_a_start_up_refusal_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from pretrain import train
+    from pretrain.signals import StopRequests
+
+    monkeypatch.setattr(StopRequests, "watch_startup", lambda self: None)  # keep pytest's own Ctrl-C
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    args = ["--config", "pretrain/configs/tiny-cpu.yaml", "--data", str(tmp_path), "--run-dir", str(a_file)]
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {a_file}: a file, not a directory; --run-dir (run_dir) must be a directory or a path that does not "
+        "exist yet\n")
+
+
+def test_python_m_model_refuses_an_unknown_kernel_choice(monkeypatch, capsys):
+    from model.__main__ import main
+
+    monkeypatch.setenv("ATMA_KERNELS", "fast")
+    assert main(["--seq-len", "8"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'fast'\n")
+
+
 # ---------------------------------------------------------------------- first-run op build
 def test_an_op_not_built_yet_is_announced_before_the_build(tmp_path, monkeypatch, capsys):
     from pretrain.opbuild import announce_builds, pending_builds
