@@ -8,6 +8,7 @@ import random
 import re
 import shutil
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ COMPLETE = "COMPLETE"
 CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds the tags
 TAG_RE = re.compile(r"^step_(\d{8})$")
 RANK_STATE_RE = re.compile(r"^rank_state_(\d{5})\.pt$")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
 
 
 def tag_for(step: int) -> str:
@@ -110,6 +112,20 @@ def find_resume(root: str, resume: str) -> str | None:
     if tags:
         return os.path.join(path, tags[-1])
     raise ValueError(f"{resume}: not a complete checkpoint (no {COMPLETE} marker) nor a directory holding one")
+
+
+def damaged_files(tag_dir: str) -> list[str]:
+    """The tag's torch files that are empty or cut short (a zip archive without its closing record), sorted."""
+    damaged = []
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if not (name.endswith(".pt") and os.path.isfile(path)):
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head or (head == ZIP_MAGIC and not zipfile.is_zipfile(path)):
+            damaged.append(path)
+    return damaged
 
 
 def saved_world_size(tag_dir: str) -> int:

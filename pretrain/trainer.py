@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 import resource
 import shutil
 import socket
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -228,6 +230,24 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+def resume_alternatives(tag_dir: str) -> str:
+    """How to go on when checkpoint `tag_dir` cannot be loaded: the newest earlier intact tag, else starting over."""
+    root, tag = os.path.split(tag_dir.rstrip(os.sep))
+    earlier = [t for t in ckpt.complete_tags(root) if t < tag and not ckpt.damaged_files(os.path.join(root, t))]
+    if earlier:
+        return (f"resume from the previous complete checkpoint with --resume {os.path.join(root, earlier[-1])}, "
+                "or pass --resume none to start over")
+    return "there is no earlier complete checkpoint: pass --resume none to start over"
+
+
+def check_loadable(tag_dir: str) -> None:
+    """Refuse a checkpoint with an empty or cut-short file (ConfigError naming it and what to resume from instead)."""
+    damaged = ckpt.damaged_files(tag_dir)
+    if damaged:
+        raise ConfigError(f"{damaged[0]}: empty or cut short, so checkpoint {tag_dir} cannot be loaded; "
+                          f"{resume_alternatives(tag_dir)}")
+
+
 def start_over(run_dir: str) -> str | None:
     """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line saying so."""
     moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS))
@@ -375,6 +395,7 @@ class Trainer:
             raise ConfigError(f"{err}; {ways}") from None
         if tag_dir is None:
             return None
+        check_loadable(tag_dir)
         saved = contract.read_record(tag_dir)
         if saved is None:
             try:
@@ -421,7 +442,11 @@ class Trainer:
         # The optimizer's hyperparameters come from this run's config (the resume check allowed any
         # change), not from the checkpoint, which would silently restore the old ones.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        client, rank_state = ckpt.load(self.engine, self.resume_from, universal=self.universal)
+        try:
+            client, rank_state = ckpt.load(self.engine, self.resume_from, universal=self.universal)
+        except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"{self.resume_from}: a checkpoint file cannot be read ({type(err).__name__}: {err}); "
+                              f"{resume_alternatives(self.resume_from)}") from None
         for group, settings in zip(self.optimizer.param_groups, groups):
             group.update(settings)
         if self.universal:

@@ -184,6 +184,36 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
     assert not (root / "step_00000012").exists() and (root / "step_00000008").exists()
 
 
+def test_a_damaged_checkpoint_is_refused_with_the_previous_complete_one(tmp_path):
+    from pretrain import checkpoint as ckpt
+    from pretrain.trainer import check_loadable
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        tag = root / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "rank_state_00000.pt"):
+            torch.save({"step": step, "weights": torch.zeros(1000)}, tag / name)
+        (tag / ckpt.COMPLETE).write_text(f"{step}\n")
+    states = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    (root / "step_00000006" / states).write_bytes(b"")
+    data = (root / "step_00000004" / states).read_bytes()
+    (root / "step_00000004" / states).write_bytes(data[: len(data) // 2])
+    assert ckpt.damaged_files(str(root / "step_00000002")) == []
+    assert ckpt.damaged_files(str(root / "step_00000006")) == [str(root / "step_00000006" / states)]
+    with pytest.raises(ConfigError) as info:
+        check_loadable(str(root / "step_00000006"))
+    # The cut-short step 4 is passed over.
+    assert str(info.value) == (
+        f"{root / 'step_00000006' / states}: empty or cut short, so checkpoint {root / 'step_00000006'} cannot be "
+        f"loaded; resume from the previous complete checkpoint with --resume {root / 'step_00000002'}, or pass "
+        "--resume none to start over")
+    (root / "step_00000002" / "rank_state_00000.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"step_00000004/zero_pp_rank_0_mp_rank_00_model_states.pt: empty or cut "
+                                          r"short, .*; there is no earlier complete checkpoint: pass --resume none"):
+        check_loadable(str(root / "step_00000004"))
+
+
 def test_ds_config_filled_from_run_config():
     from pretrain.trainer import build_ds_config
 
