@@ -352,7 +352,7 @@ class Trainer:
             cfg.run_dir, rank=self.rank, name=cfg.name, config=cfg.to_dict(), total_steps=cfg.train.max_steps,
             start_step=self.step, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-            progress=cfg.logging.progress,
+            progress=cfg.logging.progress and self.step < cfg.train.max_steps,
         )
 
     # ------------------------------------------------------------------ setup helpers
@@ -531,8 +531,13 @@ class Trainer:
     def train(self) -> dict:
         """Train until train.max_steps or a stop signal; checkpoint, validate and log on their cadences."""
         cfg = self.cfg
-        self.stop.watch_training()
         self.stopped = False
+        if self.step >= cfg.train.max_steps:
+            self.monitor.close()
+            self.monitor.print(f"[atma] nothing to train: {self.resume_from} is at step {self.step} and "
+                               f"train.max_steps is {cfg.train.max_steps}; pass a larger --max-steps to train further")
+            return {}
+        self.stop.watch_training()
         batches = iter(self.train_loader)
         self.last_saved = self.step
         self.engine.module.train()

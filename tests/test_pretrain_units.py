@@ -214,6 +214,20 @@ def test_a_damaged_checkpoint_is_refused_with_the_previous_complete_one(tmp_path
         check_loadable(str(root / "step_00000004"))
 
 
+def test_a_run_resumed_at_or_past_its_max_steps_says_there_is_nothing_to_train():
+    from types import SimpleNamespace
+
+    from pretrain.trainer import Trainer
+
+    lines = []
+    monitor = SimpleNamespace(print=lines.append, close=lambda: lines.append("closed"))
+    trainer = SimpleNamespace(cfg=load_run_config(None, ["data.dir=d", "train.max_steps=2"]), step=4,
+                              resume_from="runs/x/checkpoints/step_00000004", monitor=monitor)
+    assert Trainer.train(trainer) == {} and trainer.stopped is False
+    assert lines == ["closed", "[atma] nothing to train: runs/x/checkpoints/step_00000004 is at step 4 and "
+                     "train.max_steps is 2; pass a larger --max-steps to train further"]
+
+
 def test_ds_config_filled_from_run_config():
     from pretrain.trainer import build_ds_config
 
