@@ -183,7 +183,8 @@ def aside_name(name: str, stamp: str) -> str:
 
 
 def move_aside(run_dir: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
-    """Rename an earlier run's outputs in `run_dir` to `<name>-before-<time>`, one time for all; return (old, new) names.
+    """Rename an earlier run's outputs in `run_dir` to `<name>-before-<time>`, one time for all; return the
+    (old, new) names.
 
     Of `names`, the checkpoints folder moves when it holds complete tags, anything else when it exists.
     The time gets a counter when another start in the same second already used it.

@@ -249,12 +249,14 @@ def check_loadable(tag_dir: str) -> None:
 
 
 def start_over(run_dir: str) -> str | None:
-    """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line saying so."""
+    """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line
+    saying so."""
     moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS))
     if not moved:
         return None
     renames = ", ".join(f"{old} -> {new}" for old, new in moved)
-    return f"[atma] --resume none: starting over at step 0; the earlier run's files in {run_dir} are moved aside: {renames}"
+    return (f"[atma] --resume none: starting over at step 0; the earlier run's files in {run_dir} are moved aside: "
+            f"{renames}")
 
 
 class Trainer:

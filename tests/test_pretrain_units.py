@@ -254,7 +254,8 @@ def test_ds_config_filled_from_run_config():
 @pytest.mark.parametrize("zero, message", [
     ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
-    ({"stage": 3, "overlap_comms": True}, "zero_optimization.overlap_comms: unknown key (not a DeepSpeed ZeRO setting)"),
+    ({"stage": 3, "overlap_comms": True},
+     "zero_optimization.overlap_comms: unknown key (not a DeepSpeed ZeRO setting)"),
     ({"stage": 3, "offload_optimizer": {"device": "gpu"}},
      "zero_optimization.offload_optimizer.device must be 'none', 'cpu' or 'nvme', got 'gpu'"),
     (3, "zero_optimization must be a JSON object, got 3"),
