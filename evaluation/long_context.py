@@ -28,6 +28,8 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
+from kernels.dispatch import kernel_choice
+
 from .codec import TextCodec, load_codec
 from .errors import EvaluationError, NonFiniteLogitsError
 from .haystack import Needle, make_needle
@@ -428,6 +430,11 @@ def main(argv=None) -> int:
     """Run the command line; returns 0 (cells that ran out of memory are results too), 1 when a cell
     met non-finite logits, 2 for a user error (printed as one line) or 130 when interrupted."""
     args = build_parser().parse_args(argv)
+    try:
+        kernel_choice()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     try:
         results = run_evaluation(
             args.model_dir, args.lengths, args.out, data=args.data, tasks=args.tasks, haystacks=args.haystacks,

@@ -11,13 +11,14 @@ fp64 oracle (`naive.py`); `common/` holds what they share.
 """
 
 from .common import POLAR_EPS, compute_dtype, polar_length_terms, polar_visible_counts
-from .dispatch import causal_conv1d, gated_delta_rule, kernel_backend, polar_attention
+from .dispatch import causal_conv1d, gated_delta_rule, kernel_backend, kernel_choice, polar_attention
 
 __all__ = [
     "polar_attention",
     "gated_delta_rule",
     "causal_conv1d",
     "kernel_backend",
+    "kernel_choice",
     "polar_visible_counts",
     "polar_length_terms",
     "POLAR_EPS",

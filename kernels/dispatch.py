@@ -9,11 +9,17 @@ import torch
 _CHOICES = ("auto", "triton", "torch")
 
 
-def kernel_backend(device: torch.device | None = None) -> str:
-    """Return "triton" or "torch" for tensors on `device`, honouring ATMA_KERNELS."""
+def kernel_choice() -> str:
+    """The ATMA_KERNELS setting (auto when unset); ValueError when it is none of auto, triton, torch."""
     choice = os.environ.get("ATMA_KERNELS", "auto").strip().lower() or "auto"
     if choice not in _CHOICES:
-        raise ValueError(f"ATMA_KERNELS must be one of {', '.join(_CHOICES)}, got {choice!r}")
+        raise ValueError(f"the environment variable ATMA_KERNELS must be one of {', '.join(_CHOICES)}, got {choice!r}")
+    return choice
+
+
+def kernel_backend(device: torch.device | None = None) -> str:
+    """Return "triton" or "torch" for tensors on `device`, honouring ATMA_KERNELS."""
+    choice = kernel_choice()
     if choice != "auto":
         return choice
     return "triton" if device is not None and device.type == "cuda" else "torch"

@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from kernels.dispatch import kernel_choice
+
 from . import PRESETS, AtmaConfig, AtmaForCausalLM
 
 
@@ -38,6 +40,11 @@ def main(argv=None) -> int:
         overrides["memory"] = False
     if args.seq_len < 1 or args.batch < 1:
         print("error: --seq-len and --batch must be positive", file=sys.stderr)
+        return 2
+    try:
+        kernel_choice()
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     config = AtmaConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(args.seed)

@@ -8,14 +8,17 @@ import random
 import re
 import shutil
 import time
+import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 COMPLETE = "COMPLETE"
+CHECKPOINTS = "checkpoints"  # the folder of a run directory that holds the tags
 TAG_RE = re.compile(r"^step_(\d{8})$")
 RANK_STATE_RE = re.compile(r"^rank_state_(\d{5})\.pt$")
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
 
 
 def tag_for(step: int) -> str:
@@ -111,6 +114,20 @@ def find_resume(root: str, resume: str) -> str | None:
     raise ValueError(f"{resume}: not a complete checkpoint (no {COMPLETE} marker) nor a directory holding one")
 
 
+def damaged_files(tag_dir: str) -> list[str]:
+    """The tag's torch files that are empty or cut short (a zip archive without its closing record), sorted."""
+    damaged = []
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if not (name.endswith(".pt") and os.path.isfile(path)):
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not head or (head == ZIP_MAGIC and not zipfile.is_zipfile(path)):
+            damaged.append(path)
+    return damaged
+
+
 def saved_world_size(tag_dir: str) -> int:
     """How many data-parallel ranks wrote the checkpoint (one loader/RNG state file each)."""
     return len([f for f in os.listdir(tag_dir) if RANK_STATE_RE.match(f)])
@@ -159,13 +176,34 @@ def legacy_record(tag_dir: str) -> dict:
     return {key: states[key] for key in ("step", "tokens_seen", "config", "model_config") if key in states}
 
 
-def move_aside(root: str) -> str | None:
-    """Rename a checkpoints folder that holds complete tags to `<root>-before-<time>`; return the new name."""
-    if not complete_tags(root):
-        return None
-    target = f"{root.rstrip(os.sep)}-before-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.replace(root, target)
-    return target
+def aside_name(name: str, stamp: str) -> str:
+    """`checkpoints` -> `checkpoints-before-STAMP`; a file keeps its extension (`metrics-before-STAMP.jsonl`)."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}-before-{stamp}{ext}"
+
+
+def move_aside(run_dir: str, names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Rename an earlier run's outputs in `run_dir` to `<name>-before-<time>`, one time for all; return the
+    (old, new) names.
+
+    Of `names`, the checkpoints folder moves when it holds complete tags, anything else when it exists.
+    The time gets a counter when another start in the same second already used it.
+    """
+    def present(name):
+        path = os.path.join(run_dir, name)
+        return complete_tags(path) if name == CHECKPOINTS else os.path.lexists(path)
+
+    moving = [name for name in names if present(name)]
+    if not moving:
+        return []
+    stamp = base = time.strftime("%Y%m%d-%H%M%S")
+    count = 1
+    while any(os.path.lexists(os.path.join(run_dir, aside_name(name, stamp))) for name in moving):
+        count += 1
+        stamp = f"{base}-{count}"
+    for name in moving:
+        os.replace(os.path.join(run_dir, name), os.path.join(run_dir, aside_name(name, stamp)))
+    return [(name, aside_name(name, stamp)) for name in moving]
 
 
 def remove_incomplete(root: str) -> list[str]:

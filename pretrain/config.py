@@ -297,8 +297,8 @@ class CheckpointSection:
     """Complete checkpoints kept; older ones are deleted."""
 
     resume: str = "auto"
-    """auto (newest complete checkpoint), none (start over: earlier checkpoints are moved aside), or a
-    checkpoint PATH (or --resume)."""
+    """auto (newest complete checkpoint), none (start over: earlier checkpoints, metrics.jsonl, tensorboard/
+    and W&B files are moved aside to NAME-before-TIME), or a checkpoint PATH (or --resume)."""
 
     allow_changes: list[str] = field(default_factory=list)
     """Run-config keys or sections that may differ from the checkpoint's on resume, e.g. [optim.lr]

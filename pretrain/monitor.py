@@ -12,6 +12,9 @@ import uuid
 
 from tqdm.auto import tqdm
 
+# What the dashboards write into a run directory; `--resume none` moves them aside with the checkpoints.
+OUTPUTS = ("metrics.jsonl", "tensorboard", "wandb", "wandb_id.txt")
+
 
 def truncate_metrics(path: str, last_step: int) -> int:
     """Keep only the rows of a metrics.jsonl with step <= last_step (rewritten atomically); return how many went."""

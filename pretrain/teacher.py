@@ -9,6 +9,25 @@ import torch
 from model import AtmaForCausalLM
 
 
+def check_teacher(spec: str) -> None:
+    """Raise ValueError when `spec` is neither a directory nor of the form of a Hugging Face model name."""
+    if os.path.isdir(spec):
+        return
+    if os.path.exists(spec):
+        raise ValueError(f"loss.teacher {spec!r} is a file; give an exported model directory or a Hugging Face "
+                         "model name")
+    try:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        return
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        raise ValueError(f"loss.teacher {spec!r}: no such directory, and not a Hugging Face model name "
+                         "(NAME or ORG/NAME); give an exported model directory (python -m pretrain.export) "
+                         "or a Hugging Face causal LM") from None
+
+
 class Teacher:
     """A frozen model replicated on every rank (inference only, no optimizer state to shard)."""
 

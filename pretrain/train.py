@@ -35,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="shard directory written by `python -m data_pipeline prepare` (data.dir)")
     p.add_argument("--run-dir", help="where checkpoints, logs and dashboards go (run_dir)")
     p.add_argument("--max-steps", type=int, help="optimizer steps to train for (train.max_steps)")
-    p.add_argument("--resume", help="auto (newest complete checkpoint), none (start over), or a checkpoint PATH")
+    p.add_argument("--resume", help="auto (newest complete checkpoint), none (start over; the earlier checkpoints and "
+                                     "dashboards are moved aside), or a checkpoint PATH")
     p.add_argument("--allow-config-change", action="append", default=None, metavar="KEY",
                    help="on resume, accept a new value of this run-config key or section (e.g. optim.lr, "
                         "schedule); repeatable (checkpoint.allow_changes)")

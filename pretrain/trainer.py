@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import resource
 import shutil
 import socket
 import warnings
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +26,7 @@ from .config import ConfigError, RunConfig
 from .cpu_comm import release_shm_segment
 from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
-from .monitor import Monitor
+from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
 from .optim import apply_lr, build_optimizer, lr_multiplier
 from .provenance import code_version, library_versions
@@ -101,6 +104,29 @@ def plan_batch(tokens: int, micro_batch_size: int, seq_len: int, world_size: int
     return BatchPlan(seq_len, micro_batch_size, tokens // per_pass, world_size)
 
 
+def check_zero_section(ds: dict, path: str) -> None:
+    """Check the DeepSpeed JSON's zero_optimization with DeepSpeed's own model; ConfigError names the first bad key."""
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{path}: zero_optimization must be a JSON object, got {zero!r}")
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except pydantic.ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(["zero_optimization", *map(str, first["loc"])])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"{path}: {key}: unknown key (not a DeepSpeed ZeRO setting)") from None
+        value = first.get("input")
+        shown = f", got {value!r}" if isinstance(value, (str, int, float, bool, type(None))) else ""
+        if first["type"] == "enum":  # DeepSpeed's stage enum repeats 3 (its alias max_stage)
+            choices = list(dict.fromkeys(re.split(r", | or ", first["ctx"]["expected"])))
+            raise ConfigError(f"{path}: {key} must be {', '.join(choices[:-1])} or {choices[-1]}{shown}") from None
+        raise ConfigError(f"{path}: {key}: {first['msg']}{shown}") from None
+
+
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
     """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
     path = cfg.deepspeed_config
@@ -111,9 +137,12 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
             ds = json.load(f)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: expected a JSON object at the top level")
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's optim/schedule set it")
+    check_zero_section(ds, path)
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.grad_accum
     ds["train_batch_size"] = plan.sequences_per_step
@@ -169,6 +198,67 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     return engine, optimizer
 
 
+def _first_existing(path: str) -> str:
+    """`path` itself, or its nearest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_inputs(cfg: RunConfig) -> None:
+    """Refuse what would otherwise fail only after the engine build or at step 1 (ConfigError): a file given
+    as the shard or run directory, an unusable teacher name, an unknown ATMA_KERNELS."""
+    from kernels.dispatch import kernel_choice
+
+    if os.path.isfile(cfg.data.dir):
+        parent = os.path.dirname(os.path.abspath(cfg.data.dir))
+        hint = f" (here perhaps {parent})" if os.path.isfile(os.path.join(parent, "manifest.json")) else ""
+        raise ConfigError(f"{cfg.data.dir}: a file, not a directory; --data (data.dir) takes the shard directory, "
+                          f"the one holding manifest.json{hint}")
+    existing = _first_existing(cfg.run_dir)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{existing}: a file, not a directory; --run-dir (run_dir) must be a directory or a "
+                          "path that does not exist yet")
+    try:
+        kernel_choice()
+        if cfg.loss.distill_weight > 0:
+            from .teacher import check_teacher
+
+            check_teacher(cfg.loss.teacher)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def resume_alternatives(tag_dir: str) -> str:
+    """How to go on when checkpoint `tag_dir` cannot be loaded: the newest earlier intact tag, else starting over."""
+    root, tag = os.path.split(tag_dir.rstrip(os.sep))
+    earlier = [t for t in ckpt.complete_tags(root) if t < tag and not ckpt.damaged_files(os.path.join(root, t))]
+    if earlier:
+        return (f"resume from the previous complete checkpoint with --resume {os.path.join(root, earlier[-1])}, "
+                "or pass --resume none to start over")
+    return "there is no earlier complete checkpoint: pass --resume none to start over"
+
+
+def check_loadable(tag_dir: str) -> None:
+    """Refuse a checkpoint with an empty or cut-short file (ConfigError naming it and what to resume from instead)."""
+    damaged = ckpt.damaged_files(tag_dir)
+    if damaged:
+        raise ConfigError(f"{damaged[0]}: empty or cut short, so checkpoint {tag_dir} cannot be loaded; "
+                          f"{resume_alternatives(tag_dir)}")
+
+
+def start_over(run_dir: str) -> str | None:
+    """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line
+    saying so."""
+    moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS))
+    if not moved:
+        return None
+    renames = ", ".join(f"{old} -> {new}" for old, new in moved)
+    return (f"[atma] --resume none: starting over at step 0; the earlier run's files in {run_dir} are moved aside: "
+            f"{renames}")
+
+
 class Trainer:
     """Owns the engine, data, teacher, monitor and the train/validate/checkpoint cadence."""
 
@@ -181,6 +271,7 @@ class Trainer:
         if fla_timing_only_active():
             raise TrainingError("flash-linear-attention's guard is bypassed for timing in this process; "
                                 "training never runs on known-wrong gradients")
+        check_inputs(cfg)
         self.cfg = cfg
         self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
         if not torch.cuda.is_available():
@@ -217,7 +308,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
-        self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.ckpt_root = os.path.join(cfg.run_dir, ckpt.CHECKPOINTS)
         self.run_record = contract.build_record(
             step=0, tokens_seen=0, config=cfg.to_dict(), model_config=self.model_config.to_dict(),
             data=contract.data_identity(self.manifest, self.train_loader.dataset.data_id),
@@ -238,8 +329,12 @@ class Trainer:
             from .teacher import Teacher
 
             dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
-            self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
-                                   vocab_size=self.model_config.vocab_size)
+            try:
+                self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
+                                       vocab_size=self.model_config.vocab_size)
+            except (OSError, ValueError) as err:
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise ConfigError(f"loss.teacher {cfg.loss.teacher!r} could not be loaded: {reason}") from None
         number_ids = None
         if cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers":
             from data_pipeline.tokenizer import number_token_ids
@@ -259,7 +354,7 @@ class Trainer:
             cfg.run_dir, rank=self.rank, name=cfg.name, config=cfg.to_dict(), total_steps=cfg.train.max_steps,
             start_step=self.step, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
             wandb_project=cfg.logging.wandb_project, wandb_mode=cfg.logging.wandb_mode,
-            progress=cfg.logging.progress,
+            progress=cfg.logging.progress and self.step < cfg.train.max_steps,
         )
 
     # ------------------------------------------------------------------ setup helpers
@@ -290,10 +385,9 @@ class Trainer:
             for tag in ckpt.remove_incomplete(self.ckpt_root):
                 print(f"[atma] removed incomplete checkpoint {tag} (interrupted save)", flush=True)
             if self.cfg.checkpoint.resume == "none":
-                moved = ckpt.move_aside(self.ckpt_root)
-                if moved:
-                    print(f"[atma] --resume none: starting over at step 0; the earlier checkpoints are in {moved}",
-                          flush=True)
+                notice = start_over(self.cfg.run_dir)
+                if notice:
+                    print(notice, flush=True)
         dist.barrier()
         contract.check_allowed_keys(self.cfg.checkpoint.allow_changes, self.run_record["config"])
         ways = "resume from another checkpoint with --resume PATH, or pass --resume none to start over"
@@ -303,6 +397,7 @@ class Trainer:
             raise ConfigError(f"{err}; {ways}") from None
         if tag_dir is None:
             return None
+        check_loadable(tag_dir)
         saved = contract.read_record(tag_dir)
         if saved is None:
             try:
@@ -349,7 +444,11 @@ class Trainer:
         # The optimizer's hyperparameters come from this run's config (the resume check allowed any
         # change), not from the checkpoint, which would silently restore the old ones.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        client, rank_state = ckpt.load(self.engine, self.resume_from, universal=self.universal)
+        try:
+            client, rank_state = ckpt.load(self.engine, self.resume_from, universal=self.universal)
+        except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+            raise ConfigError(f"{self.resume_from}: a checkpoint file cannot be read ({type(err).__name__}: {err}); "
+                              f"{resume_alternatives(self.resume_from)}") from None
         for group, settings in zip(self.optimizer.param_groups, groups):
             group.update(settings)
         if self.universal:
@@ -434,8 +533,13 @@ class Trainer:
     def train(self) -> dict:
         """Train until train.max_steps or a stop signal; checkpoint, validate and log on their cadences."""
         cfg = self.cfg
-        self.stop.watch_training()
         self.stopped = False
+        if self.step >= cfg.train.max_steps:
+            self.monitor.close()
+            self.monitor.print(f"[atma] nothing to train: {self.resume_from} is at step {self.step} and "
+                               f"train.max_steps is {cfg.train.max_steps}; pass a larger --max-steps to train further")
+            return {}
+        self.stop.watch_training()
         batches = iter(self.train_loader)
         self.last_saved = self.step
         self.engine.module.train()

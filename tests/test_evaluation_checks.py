@@ -48,6 +48,14 @@ def _damage(path, fill: bytes) -> None:
         f.write(fill * (size - size // 2))
 
 
+def test_an_unknown_kernel_choice_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ATMA_KERNELS", "fast")
+    code, out = _run(capsys, str(tmp_path / "no-model"), tmp_path / "eval", "--lengths", "64", *QUICK)
+    assert code == 2 and out.out == ""
+    assert out.err == "error: the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'fast'\n"
+    assert not (tmp_path / "eval").exists()
+
+
 def test_weights_that_changed_after_export_are_refused(model_copy, tmp_path, capsys):
     weights = os.path.join(model_copy, "model.safetensors")
     _damage(weights, b"\x00")

@@ -154,16 +154,37 @@ def yaml_lr(run):
     return yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"]
 
 
-def test_resume_none_moves_the_earlier_checkpoints_aside(tmp_path):
-    from pretrain.checkpoint import move_aside
+def test_resume_none_moves_the_earlier_checkpoints_and_dashboards_aside(tmp_path, monkeypatch):
+    from pretrain import checkpoint
+    from pretrain.trainer import start_over
 
-    root = tmp_path / "checkpoints"
-    (root / "step_00000003").mkdir(parents=True)
-    (root / "step_00000003" / "COMPLETE").write_text("3\n")
-    moved = move_aside(str(root))
-    assert not root.exists() and os.path.basename(moved).startswith("checkpoints-before-")
-    assert os.path.isfile(os.path.join(moved, "step_00000003", "COMPLETE"))
-    assert move_aside(str(root)) is None
+    monkeypatch.setattr(checkpoint.time, "strftime", lambda fmt: "20261202-141500")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000003" / "COMPLETE").write_text("3\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+    (run / "wandb").mkdir()
+    (run / "wandb_id.txt").write_text("abc\n")
+    (run / "config.yaml").write_text("name: x\n")
+    assert start_over(str(run)) == (
+        f"[atma] --resume none: starting over at step 0; the earlier run's files in {run} are moved aside: "
+        "checkpoints -> checkpoints-before-20261202-141500, metrics.jsonl -> metrics-before-20261202-141500.jsonl, "
+        "tensorboard -> tensorboard-before-20261202-141500, wandb -> wandb-before-20261202-141500, "
+        "wandb_id.txt -> wandb_id-before-20261202-141500.txt")
+    assert sorted(os.listdir(run)) == [
+        "checkpoints-before-20261202-141500", "config.yaml", "metrics-before-20261202-141500.jsonl",
+        "tensorboard-before-20261202-141500", "wandb-before-20261202-141500", "wandb_id-before-20261202-141500.txt"]
+    assert (run / "checkpoints-before-20261202-141500" / "step_00000003" / "COMPLETE").is_file()
+    assert (run / "metrics-before-20261202-141500.jsonl").read_text() == '{"step": 1}\n'
+    assert start_over(str(run)) is None
+    # A second start over in the same second: no earlier file is overwritten.
+    (run / "metrics.jsonl").write_text('{"step": 2}\n')
+    (run / "checkpoints").mkdir()  # without complete tags it stays
+    assert start_over(str(run)).endswith("moved aside: metrics.jsonl -> metrics-before-20261202-141500-2.jsonl")
+    assert (run / "metrics-before-20261202-141500.jsonl").read_text() == '{"step": 1}\n'
+    assert (run / "checkpoints").is_dir()
 
 
 def test_universal_load_gets_one_step_counter_per_group():

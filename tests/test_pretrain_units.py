@@ -1,8 +1,10 @@
 """Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
+import json
 import math
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -183,6 +185,50 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path):
     assert not (root / "step_00000012").exists() and (root / "step_00000008").exists()
 
 
+def test_a_damaged_checkpoint_is_refused_with_the_previous_complete_one(tmp_path):
+    from pretrain import checkpoint as ckpt
+    from pretrain.trainer import check_loadable
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        tag = root / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "rank_state_00000.pt"):
+            torch.save({"step": step, "weights": torch.zeros(1000)}, tag / name)
+        (tag / ckpt.COMPLETE).write_text(f"{step}\n")
+    states = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    (root / "step_00000006" / states).write_bytes(b"")
+    data = (root / "step_00000004" / states).read_bytes()
+    (root / "step_00000004" / states).write_bytes(data[: len(data) // 2])
+    assert ckpt.damaged_files(str(root / "step_00000002")) == []
+    assert ckpt.damaged_files(str(root / "step_00000006")) == [str(root / "step_00000006" / states)]
+    with pytest.raises(ConfigError) as info:
+        check_loadable(str(root / "step_00000006"))
+    # The cut-short step 4 is passed over.
+    assert str(info.value) == (
+        f"{root / 'step_00000006' / states}: empty or cut short, so checkpoint {root / 'step_00000006'} cannot be "
+        f"loaded; resume from the previous complete checkpoint with --resume {root / 'step_00000002'}, or pass "
+        "--resume none to start over")
+    (root / "step_00000002" / "rank_state_00000.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"step_00000004/zero_pp_rank_0_mp_rank_00_model_states.pt: empty or cut "
+                                          r"short, .*; there is no earlier complete checkpoint: pass --resume none"):
+        check_loadable(str(root / "step_00000004"))
+
+
+def test_a_run_resumed_at_or_past_its_max_steps_says_there_is_nothing_to_train():
+    from types import SimpleNamespace
+
+    from pretrain.trainer import Trainer
+
+    lines = []
+    monitor = SimpleNamespace(print=lines.append, close=lambda: lines.append("closed"))
+    trainer = SimpleNamespace(cfg=load_run_config(None, ["data.dir=d", "train.max_steps=2"]), step=4,
+                              resume_from="runs/x/checkpoints/step_00000004", monitor=monitor)
+    assert Trainer.train(trainer) == {} and trainer.stopped is False
+    assert lines == ["closed", "[atma] nothing to train: runs/x/checkpoints/step_00000004 is at step 4 and "
+                     "train.max_steps is 2; pass a larger --max-steps to train further"]
+
+
 def test_ds_config_filled_from_run_config():
     from pretrain.trainer import build_ds_config
 
@@ -192,12 +238,37 @@ def test_ds_config_filled_from_run_config():
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}  # fp32 on the CPU
     assert build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda")["bf16"] == {"enabled": True}
     muon = load_run_config("pretrain/configs/atma-378m.yaml", ["data.dir=d"])
-    with pytest.warns(UserWarning, match="Muon"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the shipped Muon config asks for no clip, so nothing to warn about
         ds = build_ds_config(muon, plan_batch(524288, 16, 2048, 2), device_type="cuda")
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["reduce_scatter"] is False
+    clipped = load_run_config("pretrain/configs/atma-378m.yaml", ["data.dir=d", "optim.grad_clip=1.0"])
+    with pytest.warns(UserWarning, match="Muon"):
+        ds = build_ds_config(clipped, plan_batch(524288, 16, 2048, 2), device_type="cuda")
+    assert ds["gradient_clipping"] == 0.0
     bad = load_run_config(None, ["data.dir=d", "optim.name=muon", "deepspeed_config=ds_configs/zero3_bf16.json"])
     with pytest.raises(ConfigError, match="reduce_scatter"):
         build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")
+
+
+@pytest.mark.parametrize("zero, message", [
+    ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
+    ({"stage": 3, "overlap_comms": True},
+     "zero_optimization.overlap_comms: unknown key (not a DeepSpeed ZeRO setting)"),
+    ({"stage": 3, "offload_optimizer": {"device": "gpu"}},
+     "zero_optimization.offload_optimizer.device must be 'none', 'cpu' or 'nvme', got 'gpu'"),
+    (3, "zero_optimization must be a JSON object, got 3"),
+])
+def test_ds_config_with_a_bad_zero_value_is_one_line_before_the_engine(tmp_path, zero, message):
+    from pretrain.trainer import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": zero}))
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}"])
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cpu")
+    assert str(info.value) == f"{path}: {message}"
 
 
 @pytest.mark.parametrize("value,expected", [
@@ -307,6 +378,67 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_only(capsys):
     # An error of one rank's own (a shard it read) is printed by that rank, which it names.
     report_error("train-000001.tar: sample 7 is corrupt", rank=1, world=2, every_rank=False)
     assert capsys.readouterr().err == "error: rank 1: train-000001.tar: sample 7 is corrupt\n"
+
+
+def test_inputs_that_would_fail_after_the_engine_build_are_refused_at_start(tmp_path, monkeypatch):
+    from pretrain.trainer import check_inputs
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    (shards / "train-000000.tar").write_bytes(b"")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+
+    def refusal(*sets):
+        cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", [f"data.dir={shards}", f"run_dir={tmp_path / 'run'}",
+                                                                 *sets])
+        with pytest.raises(ConfigError) as info:
+            check_inputs(cfg)
+        return str(info.value)
+
+    assert refusal(f"data.dir={shards / 'train-000000.tar'}") == (
+        f"{shards / 'train-000000.tar'}: a file, not a directory; --data (data.dir) takes the shard directory, the "
+        f"one holding manifest.json (here perhaps {shards})")
+    for run_dir in (a_file, a_file / "run"):
+        assert refusal(f"run_dir={run_dir}") == (
+            f"{a_file}: a file, not a directory; --run-dir (run_dir) must be a directory or a path that does not "
+            "exist yet")
+    assert refusal("loss.distill_weight=1", "loss.teacher=/nonexistent") == (
+        "loss.teacher '/nonexistent': no such directory, and not a Hugging Face model name (NAME or ORG/NAME); give "
+        "an exported model directory (python -m pretrain.export) or a Hugging Face causal LM")
+    assert refusal("loss.distill_weight=1", f"loss.teacher={a_file}") == (
+        f"loss.teacher '{a_file}' is a file; give an exported model directory or a Hugging Face model name")
+    monkeypatch.setenv("ATMA_KERNELS", "foo")
+    assert refusal() == "the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'foo'"
+    monkeypatch.setenv("ATMA_KERNELS", "torch")
+    # What can still be right passes: a run dir to create, a teacher directory, a Hugging Face name.
+    for teacher in (shards, "gpt2", "org/some-model"):
+        check_inputs(load_run_config(None, [f"data.dir={shards}", f"run_dir={tmp_path / 'new' / 'run'}",
+                                            "loss.distill_weight=1", f"loss.teacher={teacher}"]))
+
+
+def test_a_start_up_refusal_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    from pretrain import train
+    from pretrain.signals import StopRequests
+
+    monkeypatch.setattr(StopRequests, "watch_startup", lambda self: None)  # keep pytest's own Ctrl-C
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    args = ["--config", "pretrain/configs/tiny-cpu.yaml", "--data", str(tmp_path), "--run-dir", str(a_file)]
+    assert train.main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: {a_file}: a file, not a directory; --run-dir (run_dir) must be a directory or a path that does not "
+        "exist yet\n")
+
+
+def test_python_m_model_refuses_an_unknown_kernel_choice(monkeypatch, capsys):
+    from model.__main__ import main
+
+    monkeypatch.setenv("ATMA_KERNELS", "fast")
+    assert main(["--seq-len", "8"]) == 2
+    assert capsys.readouterr().err == (
+        "error: the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'fast'\n")
 
 
 # ---------------------------------------------------------------------- first-run op build

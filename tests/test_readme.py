@@ -30,3 +30,14 @@ def test_wandb_mode_is_documented_with_the_config_default():
 
     default = {f.name: f.default for f in dataclasses.fields(LoggingSection)}["wandb_mode"]
     assert f"`logging.wandb_mode` is `{default}` by default" in read("README.md")
+
+
+def test_the_run_config_section_names_every_deepspeed_config_and_sig_mode():
+    from pretrain.config import SIG_MODES
+
+    readme = read("README.md")
+    for name in sorted(os.listdir(os.path.join(ROOT, "ds_configs"))):
+        if name.endswith(".json"):
+            assert f"`{name}`" in readme.split("DeepSpeed configs:", 1)[1].split("\n\n", 1)[0]
+    loss_bullet = readme.split("\n- `loss`:", 1)[1].split("\n- ", 1)[0]
+    assert all(f"`{mode}`" in loss_bullet for mode in SIG_MODES)
