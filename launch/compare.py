@@ -29,11 +29,12 @@ import subprocess
 import sys
 import time
 
+from data_pipeline.errors import DataError
 from data_pipeline.manifest import load_manifest
 from evaluation.report import CHANCE_MARK, DIGIT_CHANCE, at_chance, percent_limits, relative_change
 
-from .quickstart import (DataError, banner, batch_problem, default_ranks, finished_shards, int_at_least, multiples,
-                         positive_int, run_pretrain, vocab_size)
+from .quickstart import (banner, batch_problem, default_ranks, finished_shards, int_at_least, multiples, positive_int,
+                         run_pretrain, vocab_size)
 from .supervise import INTERRUPTED_EXIT_CODE
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
