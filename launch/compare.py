@@ -29,9 +29,12 @@ import subprocess
 import sys
 import time
 
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import load_manifest
 from evaluation.report import CHANCE_MARK, DIGIT_CHANCE, at_chance, percent_limits, relative_change
 
-from .quickstart import banner, run_pretrain
+from .quickstart import (banner, batch_problem, default_ranks, finished_shards, int_at_least, multiples, positive_int,
+                         run_pretrain, vocab_size)
 from .supervise import INTERRUPTED_EXIT_CODE
 
 VARIANTS = [(core, memory) for core in ("polar", "nope", "rope") for memory in (True, False)]
@@ -63,9 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m launch.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="comparison", help="output directory (default: ./comparison)")
-    p.add_argument("--seq-len", type=int, default=256, help="training length (default: 256)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
-    p.add_argument("--max-docs", type=int, default=400, help="corpus files to read (default: 400)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="training length (default: 256)")
+    p.add_argument("--vocab-size", type=vocab_size, default=2048,
+                   help="BPE vocabulary trained on the corpus (default: 2048)")
+    p.add_argument("--max-docs", type=positive_int, default=400, help="corpus files to read (default: 400)")
     p.add_argument("--recall-weight", type=float, default=4.0,
                    help="weight of the recall:builtin:stdlib input beside the plain corpus (0: no recall "
                         "episodes; default: 4.0)")
@@ -79,14 +83,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weight of the extra loss on in-context copy targets (loss.copy_weight; default: 1.0)")
     p.add_argument("--copy-targets", choices=("all", "numbers"), default="numbers",
                    help="copy targets the copy loss counts (loss.copy_targets; default: numbers, the recalled values)")
-    p.add_argument("--copy-context", type=int, default=3,
-                   help="tokens before a target that must repeat for it to be a copy target (loss.copy_context)")
+    p.add_argument("--copy-context", type=positive_int, default=3,
+                   help="tokens before a target that must repeat for it to be a copy target (loss.copy_context; "
+                        "default: 3)")
     p.add_argument("--lm-weight", type=float, default=0.1,
                    help="weight of the plain next-token loss (loss.lm_weight; default: 0.1)")
-    p.add_argument("--stage1-steps", type=int, default=600,
+    p.add_argument("--stage1-steps", type=int_at_least(0), default=600,
                    help="steps of a first stage on short recall samples with one-digit values, which teach the "
                         "lookup before the five-digit values of the main stage (0: no first stage; default: 600)")
-    p.add_argument("--stage1-seq-len", type=int, default=64, help="sample length of the first stage (default: 64)")
+    p.add_argument("--stage1-seq-len", type=positive_int, default=64,
+                   help="sample length of the first stage (default: 64)")
     p.add_argument("--stage1-copy-loss", type=float, default=1.0,
                    help="the first stage goes on, half its steps at a time, while its copy loss (mean of the last 20 "
                         "logged values; ln 10 = 2.30 at chance) is above this: the lookup is not found yet (default: "
@@ -95,11 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning rate of the first stage, constant after its warmup (default: 1.5e-3; at the main "
                         "stage's 3e-3 a polar+mem seed stayed at chance for 1,800 steps, at 1.5e-3 it found the "
                         "lookup in 400)")
-    p.add_argument("--stage1-max-steps", type=int, default=1800,
+    p.add_argument("--stage1-max-steps", type=positive_int, default=1800,
                    help="the first stage stops here whatever its copy loss (default: 1800)")
-    p.add_argument("--stage1-batch-tokens", type=int, default=2048,
+    p.add_argument("--stage1-batch-tokens", type=positive_int, default=2048,
                    help="tokens per optimizer step in the first stage (default: 2048, 32 samples of 64)")
-    p.add_argument("--steps", type=int, default=500,
+    p.add_argument("--steps", type=positive_int, default=500,
                    help="optimizer steps of the main stage (default: 500; at 250 the models with memory and Polar "
                         "stopped short of the lookup at five digits)")
     p.add_argument("--copy-loss", type=float, default=1.0,
@@ -112,10 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the training length is below this, measured on check trials of its own seed, not the "
                         "evaluation's (0: no check, the copy loss decides; default: 0.92, a margin over 90%% for "
                         "the evaluation's 96 trials, which differ from the check's by a few points)")
-    p.add_argument("--check-trials", type=int, default=32,
+    p.add_argument("--check-trials", type=positive_int, default=32,
                    help="trials per cell of that check (default: 32, 384 trials over both tasks, haystacks and "
                         "three depths, a few seconds; two draws of 96 differed by up to 6 points)")
-    p.add_argument("--max-steps", type=int, default=2000,
+    p.add_argument("--max-steps", type=positive_int, default=2000,
                    help="the main stage stops here whatever its copy loss and retrieval (default: 2000; RoPE "
                         "models were still at 88%% after 1,250-1,500 steps)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the run config's)")
@@ -123,19 +129,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="softmax scale of the RoPE models (default: the paper's logit range kept at this head "
                         "dimension, %.2f x %d / head_dim; q and k are RMS-normed, so logits lie within "
                         "+-head_dim x scale)" % (PAPER_ROPE_SCALE, PAPER_HEAD_DIM))
-    p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step (default: 4096)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
-    p.add_argument("--ranks", type=int, default=None, help="training ranks (default: all GPUs, else 2 CPU ranks)")
+    p.add_argument("--batch-tokens", type=positive_int, default=4096, help="tokens per optimizer step (default: 4096)")
+    p.add_argument("--micro-batch", type=positive_int, default=8,
+                   help="sequences per micro-batch per rank (default: 8)")
+    p.add_argument("--ranks", type=positive_int, default=None, help="training ranks (default: all GPUs, else 2 CPU ranks)")
     p.add_argument("--preset", default="tiny", help="model preset for every variant (default: tiny)")
     p.add_argument("--model-set", action="append", default=None, metavar="KEY=VALUE",
                    help="override one model config field for every variant (repeatable; default: hidden_size=64, "
                         "the width at which the tiny models learn retrieval at lr 3e-3), e.g. head_dim=64")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, one run each per model (default: 0,1,2)")
-    p.add_argument("--eval-multiples", default="1,2,4,8,16", help="evaluation lengths / training length")
-    p.add_argument("--trials", type=int, default=8, help="retrieval trials per cell (default: 8)")
+    p.add_argument("--eval-multiples", type=multiples, default="1,2,4,8,16",
+                   help="evaluation lengths / training length (default: 1,2,4,8,16)")
+    p.add_argument("--trials", type=positive_int, default=8, help="retrieval trials per cell (default: 8)")
     p.add_argument("--variants", default=",".join(variant_name(c, m) for c, m in VARIANTS),
-                   help="subset to run, e.g. polar+mem,nope+mem")
-    p.add_argument("--parallel", type=int, default=None,
+                   help="subset to run, e.g. polar+mem,nope+mem (default: all six)")
+    p.add_argument("--parallel", type=positive_int, default=None,
                    help="(model, seed) runs trained at once, each on one rank with its share of the cores, its "
                         "output in RUN_DIR/compare.log (default: 2 on a CPU machine with 2 or more cores, where two "
                         "one-rank runs finish sooner than one two-rank run after another; else 1)")
@@ -152,8 +160,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--retrieval-goal must be a fraction in [0, 1], got {args.retrieval_goal}")
     if args.stage1_lr <= 0:
         p.error(f"--stage1-lr must be positive, got {args.stage1_lr}")
-    if args.check_trials < 1:
-        p.error(f"--check-trials must be >= 1, got {args.check_trials}")
+    for flag, value in (("--recall-weight", args.recall_weight), ("--copy-weight", args.copy_weight),
+                        ("--lm-weight", args.lm_weight)):
+        if value < 0:
+            p.error(f"{flag} must be >= 0, got {value}")
+    for flag, (lo, hi), low in (("--recall-episodes", args.recall_episodes, 1),
+                                ("--recall-gap-chars", args.recall_gap_chars, 0)):
+        if not low <= lo <= hi:
+            p.error(f"{flag} takes LO HI with {low} <= LO <= HI, got {lo} {hi}")
+    for flag, value in (("--lr", args.lr), ("--rope-scale", args.rope_scale)):
+        if value is not None and value <= 0:
+            p.error(f"{flag} must be positive, got {value}")
     return args
 
 
@@ -162,6 +179,19 @@ def default_parallel() -> int:
     import torch
 
     return 2 if not torch.cuda.is_available() and (os.cpu_count() or 1) >= 2 else 1
+
+
+def batch_problems(args) -> str | None:
+    """Why the token batch of a stage cannot be split into micro-batches on the ranks each run trains on."""
+    ranks = 1 if (args.parallel or default_parallel()) > 1 else args.ranks or default_ranks()
+    stages = [(args.batch_tokens, args.seq_len, "")]
+    if args.stage1_steps > 0:
+        stages.append((args.stage1_batch_tokens, args.stage1_seq_len, "stage1-"))
+    for tokens, seq_len, stage in stages:
+        problem = batch_problem(tokens, args.micro_batch, seq_len, ranks, stage)
+        if problem:
+            return problem
+    return None
 
 
 def variant_name(core: str, memory: bool) -> str:
@@ -470,7 +500,10 @@ def prepare_shards(args, shards: str) -> None:
                "--output", shards, "--seq-len", str(args.seq_len), "--vocab-size", str(args.vocab_size),
                "--max-docs", str(args.max_docs), "--val-fraction", "0.05", *recall_flags]
     banner(1, "prepare shards: the built-in corpus and its recall episodes", command)
-    if os.path.isfile(os.path.join(shards, "manifest.json")):
+    common = {"--max-docs": ("max_docs", args.max_docs), "--recall-episodes": ("recall_episodes", args.recall_episodes)}
+    if finished_shards(shards, {"--seq-len": ("seq_len", args.seq_len), "--vocab-size": ("vocab_size", args.vocab_size),
+                                "--recall-weight": ("weights", weights, _recall_weight), **common,
+                                "--recall-gap-chars": ("recall_gap_chars", args.recall_gap_chars)}):
         print("      shards already prepared: reusing them", flush=True)
     else:
         prepare(inputs=inputs, weights=weights, output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size,
@@ -484,7 +517,8 @@ def prepare_shards(args, shards: str) -> None:
                    "--seq-len", str(args.seq_len), "--tokenizer", tokenizer, "--max-docs", str(args.max_docs),
                    "--val-fraction", "0.05"]
         banner(1, "prepare shards: the corpus alone, whose held-out part the evaluation reads", command)
-        if os.path.isfile(os.path.join(held_out, "manifest.json")):
+        if finished_shards(held_out, {"--seq-len": ("seq_len", args.seq_len), **common}):
+            check_tokenizer(held_out, shards)
             print("      shards already prepared: reusing them", flush=True)
         else:
             prepare(inputs=[BUILTIN_CORPUS], weights=[1.0], output=held_out, seq_len=args.seq_len, tokenizer=tokenizer,
@@ -497,12 +531,26 @@ def prepare_shards(args, shards: str) -> None:
                "--max-docs", str(args.max_docs), "--val-fraction", "0.05", "--recall-episodes",
                *map(str, args.recall_episodes), "--recall-gap-chars", *map(str, gaps), "--recall-digits", "1"]
     banner(1, "prepare shards: first-stage recall episodes with one-digit values", command)
-    if os.path.isfile(os.path.join(short, "manifest.json")):
+    if finished_shards(short, {"--stage1-seq-len": ("seq_len", args.stage1_seq_len), **common,
+                               "--recall-gap-chars": ("recall_gap_chars", gaps)}):
+        check_tokenizer(short, shards)
         print("      shards already prepared: reusing them", flush=True)
         return
     prepare(inputs=[RECALL_PREFIX + BUILTIN_CORPUS], weights=[4.0], output=short, seq_len=args.stage1_seq_len,
             tokenizer=tokenizer, max_docs=args.max_docs, val_fraction=0.05, progress=not args.no_progress,
             recall_episodes=tuple(args.recall_episodes), recall_gap_chars=gaps, recall_digits=1)
+
+
+def _recall_weight(weights: list | None) -> float:
+    """--recall-weight as a prepare's weights record it (0: the corpus alone)."""
+    return weights[1] if weights and len(weights) > 1 else 0
+
+
+def check_tokenizer(derived: str, shards: str) -> None:
+    """Raise DataError when shards made with the main shards' tokenizer were made with another one."""
+    if load_manifest(derived).tokenizer_sha256 != load_manifest(shards).tokenizer_sha256:
+        raise DataError(f"{derived} was prepared with another tokenizer than {shards}; use another --out or "
+                        f"remove {derived}")
 
 
 def recent_copy_loss(run_dir: str, last: int = 20) -> float | None:
@@ -740,11 +788,19 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    problem = None if args.report_only else batch_problems(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     os.makedirs(out, exist_ok=True)
     start = time.time()
     shards = os.path.join(out, "shards")
     if not args.report_only:
-        prepare_shards(args, shards)
+        try:
+            prepare_shards(args, shards)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     lengths = [int(m) * args.seq_len for m in args.eval_multiples.split(",")]
     # Seed by seed, every model in each: a comparison cut short still compares all models.
     jobs = [(name, seed) for seed in seeds for name in wanted]

@@ -17,6 +17,9 @@ import shlex
 import sys
 import time
 
+from data_pipeline.config import MIN_VOCAB_SIZE
+from data_pipeline.errors import DataError
+from data_pipeline.manifest import MANIFEST_FILE, load_manifest
 from launch.commands import free_port
 from launch.supervise import INTERRUPTED_EXIT_CODE, run as run_supervised
 
@@ -37,6 +40,36 @@ Dashboards: `tensorboard --logdir run/tensorboard`.
 """
 
 
+def int_at_least(low: int):
+    """An argparse type: an integer of at least `low`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+vocab_size = int_at_least(MIN_VOCAB_SIZE)
+
+
+def multiples(text: str) -> str:
+    """argparse type: comma-separated positive integers, e.g. 1,2,4 (returned as given)."""
+    try:
+        values = [int(m) for m in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,2,4, got {text!r}")
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(
@@ -45,19 +78,31 @@ def parse_args(argv=None) -> argparse.Namespace:
         "with DeepSpeed ZeRO-3, export it, and run the long-context evaluation.",
     )
     p.add_argument("--out", default="quickstart", help="output directory (default: ./quickstart)")
-    p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default: 256)")
-    p.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary trained on the corpus")
-    p.add_argument("--max-docs", type=int, default=400, help="corpus files to read (default: 400)")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per micro-batch per rank")
-    p.add_argument("--ranks", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=256, help="training sequence length (default: 256)")
+    p.add_argument("--vocab-size", type=vocab_size, default=2048,
+                   help="BPE vocabulary trained on the corpus (default: 2048)")
+    p.add_argument("--max-docs", type=positive_int, default=400, help="corpus files to read (default: 400)")
+    p.add_argument("--steps", type=positive_int, default=150, help="optimizer steps (default: 150)")
+    p.add_argument("--batch-tokens", type=positive_int, default=8192, help="tokens per optimizer step (default: 8192)")
+    p.add_argument("--micro-batch", type=positive_int, default=8,
+                   help="sequences per micro-batch per rank (default: 8)")
+    p.add_argument("--ranks", type=positive_int, default=None,
                    help="data-parallel ranks (default: all GPUs, or 2 CPU ranks without a GPU)")
-    p.add_argument("--eval-multiples", default="1,2,4,8",
+    p.add_argument("--eval-multiples", type=multiples, default="1,2,4,8",
                    help="evaluation lengths as multiples of --seq-len (default: 1,2,4,8)")
-    p.add_argument("--trials", type=int, default=4, help="retrieval trials per cell (default: 4)")
+    p.add_argument("--trials", type=positive_int, default=4, help="retrieval trials per cell (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p.parse_args(argv)
+
+
+def batch_problem(tokens: int, micro_batch: int, seq_len: int, ranks: int, stage: str = "") -> str | None:
+    """Why a token batch cannot be split into micro-batches on `ranks` ranks (None when it can);
+    `stage` prefixes the names of the batch and length flags (e.g. "stage1-")."""
+    per_pass = micro_batch * seq_len * ranks
+    if tokens % per_pass:
+        return (f"--{stage}batch-tokens {tokens} is not a multiple of --micro-batch ({micro_batch}) x "
+                f"--{stage}seq-len ({seq_len}) x ranks ({ranks}) = {per_pass}")
+    return None
 
 
 def banner(step: int, title: str, command: list[str]) -> None:
@@ -74,13 +119,13 @@ def default_ranks() -> int:
 
 def run_prepare(args, shards: str) -> dict:
     """Step 1: tokenize and pack the built-in corpus (reused when already finished)."""
-    from data_pipeline.manifest import load_manifest
     from data_pipeline.prepare import prepare
 
     banner(1, "prepare shards from the built-in corpus (the Python standard library)",
            ["python", "-m", "data_pipeline", "prepare", "--output", shards, "--seq-len", str(args.seq_len),
             "--vocab-size", str(args.vocab_size), "--max-docs", str(args.max_docs), "--val-fraction", "0.05"])
-    if os.path.isfile(os.path.join(shards, "manifest.json")):
+    if finished_shards(shards, {"--seq-len": ("seq_len", args.seq_len), "--vocab-size": ("vocab_size", args.vocab_size),
+                                "--max-docs": ("max_docs", args.max_docs)}):
         print("      shards already prepared: reusing them", flush=True)
     else:
         prepare(output=shards, seq_len=args.seq_len, vocab_size=args.vocab_size, max_docs=args.max_docs,
@@ -91,6 +136,38 @@ def run_prepare(args, shards: str) -> dict:
     print(f"      {info['train_tokens']:,} training tokens, {info['val_tokens']:,} validation tokens, "
           f"vocab {info['vocab_size']}", flush=True)
     return info
+
+
+def finished_shards(shards: str, wanted: dict) -> bool:
+    """Whether `shards` holds a finished dataset made with the settings asked for.
+
+    `wanted` maps a flag to (manifest setting, value asked), or (setting, value, view) where view
+    turns a recorded value into the flag's; raises DataError naming every flag whose value differs.
+    """
+    if not os.path.isfile(os.path.join(shards, MANIFEST_FILE)):
+        return False
+    manifest = load_manifest(shards)
+    recorded = {"seq_len": manifest.seq_len, **manifest.settings}
+    made, asked = [], []
+    for flag, (key, value, *how) in wanted.items():
+        view = how[0] if how else _setting
+        if key in recorded and view(recorded[key]) != view(value):
+            made.append(f"{flag} {_shown(view(recorded[key]))}")
+            asked.append(f"{flag} {_shown(view(value))}")
+    if made:
+        raise DataError(f"{shards} was prepared with {', '.join(made)}, not {', '.join(asked)}; use another --out "
+                        f"or remove {shards}")
+    return True
+
+
+def _setting(value):
+    """A setting in the form manifest.json keeps it (tuples as lists)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _shown(value) -> str:
+    """A setting as its flag takes it (lists space-separated)."""
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def run_pretrain(args, shards: str, run_dir: str, extra_sets: list[str] = (), *, step: int = 2,
@@ -157,6 +234,10 @@ def read_curve(run_dir: str) -> dict:
 def main(argv=None) -> int:
     """Run the four steps and print where everything is."""
     args = parse_args(argv)
+    problem = batch_problem(args.batch_tokens, args.micro_batch, args.seq_len, args.ranks or default_ranks())
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     out = os.path.abspath(args.out)
     shards, run_dir = os.path.join(out, "shards"), os.path.join(out, "run")
     exported, eval_dir = os.path.join(out, "exported"), os.path.join(out, "eval")
@@ -167,7 +248,11 @@ def main(argv=None) -> int:
     timings = {}
 
     t = time.time()
-    data_info = run_prepare(args, shards)
+    try:
+        data_info = run_prepare(args, shards)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     timings["prepare_s"] = time.time() - t
 
     t = time.time()

@@ -11,6 +11,7 @@ import torch
 from kernels.dispatch import kernel_choice
 
 from . import PRESETS, AtmaConfig, AtmaForCausalLM
+from .device import default_device, usable_device
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -25,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="disable the gated-delta memory branch")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: 256)")
     p.add_argument("--batch", type=int, default=2, help="sequences per batch (default: 2)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     return p.parse_args(argv)
 
@@ -43,15 +44,16 @@ def main(argv=None) -> int:
         return 2
     try:
         kernel_choice()
+        device = usable_device(args.device)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     config = AtmaConfig.from_preset(args.preset, **overrides)
     torch.manual_seed(args.seed)
-    model = AtmaForCausalLM(config).to(args.device)
+    model = AtmaForCausalLM(config).to(device)
     print(f"preset {args.preset}: core={config.core} memory={config.memory} layout {config.layout}")
     print(f"parameters: {model.num_parameters():,}")
-    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=args.device)
+    ids = torch.randint(0, config.vocab_size, (args.batch, args.seq_len), device=device)
     start = time.perf_counter()
     loss = model(ids, labels=ids).loss
     loss.backward()

@@ -28,6 +28,7 @@ import time
 import torch
 
 from . import PRESETS, AtmaConfig, AtmaForCausalLM
+from .device import default_device, usable_device
 
 
 def _sync(device: torch.device) -> None:
@@ -243,7 +244,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed decode steps before them (default: 2)")
     p.add_argument("--recompute-steps", type=int, default=3,
                    help="new tokens timed without the cache (full forward each; 0 to skip; default: 3)")
-    p.add_argument("--device", default="cuda" if gpu else "cpu", help="torch device")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if gpu else "fp32",
                    help="weights and activations (default: bf16 on a GPU, fp32 on the CPU); logits are fp32")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -260,6 +261,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Run the benchmark and print the table."""
     args = parse_args(argv)
+    try:
+        usable_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"preset {args.preset}, {args.dtype} on {args.device}, batch 1, {args.decode_tokens} decode tokens "
           f"(median), {args.recompute_steps} recomputed; ratios: {args.core} / {args.baseline_core}")
     try:

@@ -18,6 +18,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .device import default_device, usable_device
 from .lm_loss import CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
 
 
@@ -63,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"fused path caps a chunk at {CPU_LOGITS_PER_CHUNK} logits")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per path (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls first (default: 2)")
-    p.add_argument("--device", default="cuda" if gpu else "cpu", help="torch device")
+    p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if gpu else "fp32",
                    help="dtype of the head's input (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON")
@@ -76,7 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Check both paths agree, time them, print the table and the ratio."""
     args = parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = usable_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     g = torch.Generator(device=device).manual_seed(0)
     h = torch.randn(args.tokens, args.hidden, device=device, generator=g).to(dtype).requires_grad_()

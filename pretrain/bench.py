@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model import PRESETS, AtmaConfig, AtmaForCausalLM
+from model.device import default_device, usable_device
 
 from .flops import peak_flops_for, train_flops_per_token
 
@@ -105,8 +106,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interleave", action="store_true",
                    help="build every case first and alternate their timed steps (steadier ratios on a shared "
                         "machine; no per-case peak memory)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cuda (default when present) or cpu")
+    p.add_argument("--device", default=default_device(), help="cuda or cuda:N (default when present) or cpu")
     p.add_argument("--json", help="also write every figure to this JSON file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0 or args.profile_steps < 0:
@@ -392,9 +392,10 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
 def main(argv=None) -> int:
     """Run every case and print the table, the ratios, the breakdowns and the top ops."""
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+    try:
+        device = usable_device(args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     try:
         args.model_overrides = model_overrides(args.model_set)

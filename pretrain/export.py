@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -32,6 +33,8 @@ from .hf_export import write_transformers_files
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TOKENIZER_NAME = "tokenizer.json"
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+# The rank-0 model states file of a tag, in the order checkpoint.read_client_state looks for it.
+MODEL_STATES_NAMES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 class ExportError(ValueError):
@@ -100,12 +103,48 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
     """
     if not os.path.isdir(run_dir):
         raise ExportError(f"{run_dir}: run directory not found")
+    checkpoints = os.path.realpath(os.path.join(run_dir, "checkpoints"))
+    if os.path.commonpath([checkpoints, os.path.realpath(out_dir)]) == checkpoints:
+        raise ExportError(f"{out_dir}: is or lies inside the run's checkpoints directory {checkpoints}; export to a "
+                          f"directory outside it")
     tag = resolve_tag(run_dir, tag)
     tag_dir = os.path.join(run_dir, "checkpoints", tag)
+    created = make_out_dir(out_dir)
     try:
-        states = ckpt.read_client_state(tag_dir)
+        return _export(run_dir, tag, tag_dir, out_dir, dtype, max_shard_bytes)
+    except BaseException:
+        if created and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # made by this export, left empty: not left behind
+        raise
+
+
+def make_out_dir(out_dir: str) -> bool:
+    """Create `out_dir` (before any heavy work) and check that it is writable; True when it was created."""
+    created = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"{out_dir}: cannot create the output directory ({err.strerror or err})") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ExportError(f"{out_dir}: the output directory is not writable")
+    return created
+
+
+def read_states(tag_dir: str) -> dict:
+    """The tag's rank-0 model states; ExportError naming the file when it is missing or unreadable."""
+    try:
+        return ckpt.read_client_state(tag_dir)
     except FileNotFoundError as err:
         raise ExportError(str(err)) from None
+    except (EOFError, RuntimeError, OSError, pickle.UnpicklingError):
+        path = next(p for p in (os.path.join(tag_dir, n) for n in MODEL_STATES_NAMES) if os.path.isfile(p))
+        raise ExportError(f"{path}: cannot be read (empty, truncated or damaged); export another checkpoint "
+                          f"with --tag STEP") from None
+
+
+def _export(run_dir: str, tag: str, tag_dir: str, out_dir: str, dtype: str, max_shard_bytes: int | None) -> dict:
+    """The export of one resolved tag into an existing `out_dir`."""
+    states = read_states(tag_dir)
     record = read_record(tag_dir)
     config = tag_model_config(tag_dir, record, states)
     lazy = consolidate(run_dir, tag, states)
@@ -121,7 +160,6 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
         t = t.contiguous() if hasattr(t, "contiguous") else t
         tensors[name] = t.to(target) if t.is_floating_point() else t
     check_state_dict(expected, tensors, tag_dir)
-    os.makedirs(out_dir, exist_ok=True)
     remove_weights(out_dir)
     weight_files = save_state_dict(tensors, out_dir, max_shard_bytes=max_shard_bytes)
     config.save(os.path.join(out_dir, CONFIG_NAME))
@@ -150,15 +188,29 @@ def export(run_dir: str, out_dir: str, *, tag: str = "latest", dtype: str = "fp3
 
 
 def parse_size(text: str) -> int | None:
-    """Parse "5GB", "500MB", "0" (no sharding) into bytes."""
+    """Parse "5GB", "500MB", "1.5GB", a number of bytes, or "0" (no sharding) into bytes; ValueError otherwise."""
     units = {"KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "B": 1}
     text = text.strip().upper()
     if text in ("0", "NONE"):
         return None
-    for unit, factor in units.items():
+    number, factor = text, 1
+    for unit, size in units.items():
         if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+            number, factor = text[: -len(unit)], size
+            break
+    value = int(float(number) * factor) if factor > 1 else int(number)
+    if value <= 0:
+        raise ValueError(f"size must be positive, got {text!r}")
+    return value
+
+
+def shard_size(text: str) -> int | None:
+    """argparse type of --max-shard-size."""
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size such as 5GB, 500MB or a number of bytes (0: no "
+                                         f"sharding), got {text!r}") from None
 
 
 def main(argv=None) -> int:
@@ -172,11 +224,13 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", help="where to write the exported model")
     p.add_argument("--tag", default="latest", help="'latest' or a step number (default: latest)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="weights dtype (default: fp32)")
-    p.add_argument("--max-shard-size", default="5GB", help="shard model.safetensors above this size (0: never)")
+    p.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                   help="shard model.safetensors above this size: 5GB, 500MB, 1.5GB or bytes (0: never; "
+                        "default: 5GB)")
     args = p.parse_args(argv)
     try:
         record = export(args.run_dir, args.out_dir, tag=args.tag, dtype=args.dtype,
-                        max_shard_bytes=parse_size(args.max_shard_size))
+                        max_shard_bytes=args.max_shard_size)
     except (ExportError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

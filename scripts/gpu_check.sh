@@ -21,14 +21,30 @@
 # bench_training_guarded eval_64k bench_decode" (a call without gpu_tests says its figures are ungated).
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
+# The steps run with $PYTHON (default: python3); when it sees no CUDA device the check stops at
+# once with exit status 1, before it writes anything.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
-out=${1:?usage: bash scripts/gpu_check.sh OUT_DIR [--quick]}
+usage="usage: bash scripts/gpu_check.sh OUT_DIR [--quick]"
+case "${1:-}" in
+    -h|--help) sed -n '2,/^# Usage:/s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    "") echo "$usage" >&2; exit 2 ;;
+    -*) echo "error: unknown option $1 ($usage)" >&2; exit 2 ;;
+esac
+out=$1
 quick=${2:-}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+# Stop before anything is written when the python the steps run with sees no GPU.
+if ! cuda=$("$PY" -c "import torch; print(torch.cuda.is_available())" 2>/dev/null); then
+    echo "error: $PY cannot import torch (set PYTHON to the python of the environment to check)" >&2
+    exit 1
+elif [ "$cuda" != "True" ]; then
+    echo "error: no usable CUDA device: torch.cuda.is_available() is False for $PY; this check needs a GPU" >&2
+    exit 1
+fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(command -v python3 || command -v python)}
 T_BENCH=${T_BENCH:-90} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

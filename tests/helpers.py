@@ -250,3 +250,20 @@ def project_sources() -> list[str]:
             paths += [os.path.join(folder, name) for name in sorted(files) if name.endswith(".py")]
     return paths
 
+
+
+def write_finished_manifest(directory: str, seq_len: int, tokenizer_sha256: str = "0" * 64, **settings) -> str:
+    """Write the manifest.json of a finished (empty) dataset made with `settings`, as prepare records them."""
+    import numpy as np
+
+    from data_pipeline.manifest import MANIFEST_FILE, Manifest, SplitInfo, write_json_atomic
+    from data_pipeline.shard_format import SampleLayout
+
+    layout = SampleLayout(seq_len, np.dtype("uint16"), checksums=True)
+    manifest = Manifest(seq_len=seq_len, dtype="uint16", vocab_size=settings.get("vocab_size") or 512, eos_id=0,
+                        eos_token="<|endoftext|>", tokenizer_file="tokenizer.json", tokenizer_sha256=tokenizer_sha256,
+                        tokenizer_origin="test", samples_per_shard=1, record_bytes=layout.record_bytes,
+                        splits={"train": SplitInfo(0, 0, 0, 0, 0)}, settings={"seq_len": seq_len, **settings})
+    os.makedirs(directory, exist_ok=True)
+    write_json_atomic(os.path.join(directory, MANIFEST_FILE), manifest.to_dict())
+    return directory

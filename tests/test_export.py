@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
+from pretrain import export as export_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 
 ENGINE_LOGITS = r"""
 import sys, torch
@@ -37,6 +38,7 @@ def run(cmd, **kw):
     return proc
 
 
+@pytest.mark.slow
 def test_export_matches_zero_to_fp32_and_training_logits(tiny_shards, tmp_path):
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     run([sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny-cpu.yaml", "--data", tiny_shards, "--run-dir", str(run_dir),
@@ -80,3 +82,58 @@ def test_export_matches_zero_to_fp32_and_training_logits(tiny_shards, tmp_path):
     with torch.no_grad():
         logits = model(ids).logits
     torch.testing.assert_close(logits, engine_logits, rtol=0, atol=1e-6)
+
+
+def fake_run(tmp_path, states: bytes = b""):
+    """A run directory with one complete checkpoint whose model states file holds `states`."""
+    tag = tmp_path / "run" / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / "COMPLETE").touch()
+    (tag / "mp_rank_00_model_states.pt").write_bytes(states)
+    return tmp_path / "run"
+
+
+def test_max_shard_size_takes_sizes_and_names_the_forms_it_accepts(tmp_path, capsys):
+    assert [export_module.parse_size(t) for t in ("5GB", "500mb", "1.5GB", "4096", "0")] == [
+        5 * 2**30, 500 * 2**20, 3 * 2**29, 4096, None]
+    for bad in ("abc", "-1GB", "GB"):
+        with pytest.raises(SystemExit) as stop:
+            export_module.main([str(fake_run(tmp_path / bad)), str(tmp_path / "out"), f"--max-shard-size={bad}"])
+        assert stop.value.code == 2
+        assert (f"argument --max-shard-size: expected a size such as 5GB, 500MB or a number of bytes (0: no "
+                f"sharding), got '{bad}'") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        export_module.main(["--help"])
+    assert "(0: never; default: 5GB)" in " ".join(capsys.readouterr().out.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_inside_the_runs_checkpoints_is_refused(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    for out in (run / "checkpoints", run / "checkpoints" / "exported", run / "checkpoints" / "step_00000002"):
+        assert export_module.main([str(run), str(out)]) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {out}: is or lies inside the run's checkpoints directory {run / 'checkpoints'}; export to a "
+            f"directory outside it")
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_00000002"]
+
+
+def test_an_out_dir_that_cannot_be_made_is_reported_before_the_checkpoint_is_read(tmp_path, capsys):
+    run = fake_run(tmp_path)  # its model states file is empty: reading it would fail first
+    (tmp_path / "file").write_text("not a directory")
+    assert export_module.main([str(run), str(tmp_path / "file" / "out")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {tmp_path / 'file' / 'out'}: cannot create the output directory (Not a directory)")
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_an_unreadable_model_states_file_is_named_in_one_line(tmp_path, capsys, damage):
+    whole = tmp_path / "whole.pt"
+    torch.save({"step": 2, "module": {"w": torch.zeros(256)}}, whole)
+    run = fake_run(tmp_path, b"" if damage == "empty" else whole.read_bytes()[:600])
+    out = tmp_path / "out"
+    assert export_module.main([str(run), str(out)]) == 2
+    path = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}: cannot be read (empty, truncated or damaged); export another checkpoint with --tag STEP")
+    assert not out.exists()  # made for this export and left empty: removed

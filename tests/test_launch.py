@@ -409,6 +409,34 @@ def test_hostfile_example_parses():
         Host("gpu-node-0", 8), Host("gpu-node-1", 8)]
 
 
+# ---------------------------------------------------------------------- scripts/gpu_check.sh
+GPU_CHECK = os.path.join(ROOT, "scripts", "gpu_check.sh")
+
+
+def test_gpu_check_help_prints_its_usage_and_runs_nothing(tmp_path):
+    proc = subprocess.run(["bash", GPU_CHECK, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("One GPU check of the whole stack")
+    assert proc.stdout.rstrip().endswith("Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]")
+    assert "#" not in proc.stdout and os.listdir(tmp_path) == []
+    proc = subprocess.run(["bash", GPU_CHECK, "--quick"], cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "error: unknown option --quick" in proc.stderr
+
+
+def test_gpu_check_without_cuda_stops_before_any_step(tmp_path):
+    # Every command a step would start records that it ran.
+    ran = tmp_path / "ran"
+    record = f'echo "$0 $*" >> {ran}\n'
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHON=sys.executable,
+               PATH=fake_bin(tmp_path, **{"nvidia-smi": record, "timeout": record}) + os.pathsep + os.environ["PATH"])
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"error: no usable CUDA device: torch.cuda.is_available() is False for "
+                                   f"{sys.executable}; this check needs a GPU")
+    assert proc.stdout == "" and not out.exists() and not ran.exists()
+
+
 # ---------------------------------------------------------------------- two nodes on one machine
 def free_port():
     with socket.socket() as s:

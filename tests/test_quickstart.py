@@ -2,17 +2,21 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from helpers import write_finished_manifest
+from launch import quickstart
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytestmark = pytest.mark.slow
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_quickstart_produces_every_artifact(tmp_path):
     out = tmp_path / "qs"
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=ROOT)
@@ -61,3 +65,64 @@ def test_quickstart_produces_every_artifact(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["training"]["steps"] == 4 and summary["timings"]["total_s"] > 0
     assert (out / "README.md").exists()
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("a bad flag reached the pipeline")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seq-len", "0"], "argument --seq-len: must be at least 1, got 0"),
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--max-docs", "-3"], "argument --max-docs: must be at least 1, got -3"),
+    (["--batch-tokens", "x"], "argument --batch-tokens: expected an integer, got 'x'"),
+    (["--micro-batch", "0"], "argument --micro-batch: must be at least 1, got 0"),
+    (["--ranks", "0"], "argument --ranks: must be at least 1, got 0"),
+    (["--trials", "0"], "argument --trials: must be at least 1, got 0"),
+    (["--vocab-size", "100"], "argument --vocab-size: must be at least 260, got 100"),
+    (["--eval-multiples", "1,0"], "argument --eval-multiples: expected comma-separated positive integers"),
+])
+def test_bad_flags_stop_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(quickstart, "run_prepare", _must_not_run)
+    with pytest.raises(SystemExit) as stop:
+        quickstart.main(["--out", str(tmp_path / "qs"), *argv])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()
+
+
+def test_a_batch_that_does_not_split_stops_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(quickstart, "run_prepare", _must_not_run)
+    argv = ["--out", str(tmp_path / "qs"), "--batch-tokens", "1000", "--ranks", "2"]
+    assert quickstart.main(argv) == 2
+    assert capsys.readouterr().err.strip() == ("error: --batch-tokens 1000 is not a multiple of --micro-batch (8) x "
+                                               "--seq-len (256) x ranks (2) = 4096")
+    assert not (tmp_path / "qs").exists()
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as stop:
+        quickstart.parse_args(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--vocab-size", 2048), ("--batch-tokens", 8192), ("--micro-batch", 8),
+                          ("--eval-multiples", "1,2,4,8"), ("--seq-len", 256)):
+        assert re.search(rf"{flag} [A-Z_]+ ((?! --[a-z0-9-]+ [A-Z_]+ ).)*\(default: {default}\)", text), flag
+
+
+def test_shards_prepared_with_other_settings_are_refused_not_reused(tmp_path, capsys):
+    shards = tmp_path / "qs" / "shards"
+    write_finished_manifest(str(shards), 64, vocab_size=512, max_docs=200)
+    manifest = (shards / "manifest.json").read_text()
+    argv = ["--out", str(tmp_path / "qs"), "--ranks", "1", "--batch-tokens", "1024", "--micro-batch", "4"]
+    assert quickstart.main(argv + ["--seq-len", "128", "--vocab-size", "512", "--max-docs", "200"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {shards} was prepared with --seq-len 64, not --seq-len 128; use another --out or "
+                   f"remove {shards}")
+    assert quickstart.main(argv + ["--seq-len", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prepared with --vocab-size 512, --max-docs 200, not --vocab-size 2048, --max-docs 400;" in err
+    assert os.listdir(shards) == ["manifest.json"] and (shards / "manifest.json").read_text() == manifest
+    wanted = {"--seq-len": ("seq_len", 64), "--vocab-size": ("vocab_size", 512), "--max-docs": ("max_docs", 200)}
+    assert quickstart.finished_shards(str(shards), wanted)
+    assert not quickstart.finished_shards(str(tmp_path / "none"), wanted)

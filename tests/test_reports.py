@@ -609,3 +609,76 @@ def test_sigterm_reaches_each_parallel_run_once_and_the_comparison_waits_for_the
     assert runner.returncode == 143, err
     assert [log.read_text().count("sigterm") for log in logs] == [1, 1]  # each saved before it exited
     assert "Stopped by SIGTERM" in err
+
+
+def _must_not_prepare(*args, **kwargs):
+    raise AssertionError("prepared shards")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    (["--seq-len", "-1"], "argument --seq-len: must be at least 1, got -1"),
+    (["--stage1-steps", "-1"], "argument --stage1-steps: must be at least 0, got -1"),
+    (["--copy-context", "0"], "argument --copy-context: must be at least 1, got 0"),
+    (["--parallel", "0"], "argument --parallel: must be at least 1, got 0"),
+    (["--eval-multiples", "1,,2"], "argument --eval-multiples: expected comma-separated positive integers"),
+    (["--recall-episodes", "5", "2"], "--recall-episodes takes LO HI with 1 <= LO <= HI, got 5 2"),
+    (["--lm-weight", "-1"], "--lm-weight must be >= 0, got -1.0"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+])
+def test_comparison_flags_are_checked_before_any_work(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(compare, "prepare_shards", _must_not_prepare)
+    with pytest.raises(SystemExit) as stop:
+        compare.main(["--out", str(tmp_path / "c"), *argv])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert compare.parse_args(["--stage1-steps", "0"]).stage1_steps == 0
+
+
+def test_a_comparison_batch_that_does_not_split_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(compare, "prepare_shards", _must_not_prepare)
+    argv = ["--out", str(tmp_path / "c"), "--parallel", "1", "--ranks", "2"]
+    assert compare.main(argv + ["--batch-tokens", "1024"]) == 2
+    assert "error: --batch-tokens 1024 is not a multiple of --micro-batch (8) x --seq-len (256) x ranks (2)" in \
+        capsys.readouterr().err
+    assert compare.main(argv + ["--stage1-batch-tokens", "1000"]) == 2
+    assert "error: --stage1-batch-tokens 1000 is not a multiple of --micro-batch (8) x --stage1-seq-len (64)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_comparison_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("--vocab-size", 2048), ("--copy-context", 3), ("--micro-batch", 8),
+                          ("--eval-multiples", "1,2,4,8,16"), ("--batch-tokens", 4096)):
+        assert re.search(rf"{flag} [A-Z_]+ ((?! --[a-z0-9-]+ [A-Z_]+ ).)*default: {default}\)", text), flag
+
+
+def test_comparison_shards_prepared_with_other_settings_are_refused(tmp_path, monkeypatch, capsys):
+    from helpers import write_finished_manifest
+
+    monkeypatch.setattr("data_pipeline.prepare.prepare", _must_not_prepare)
+    out = tmp_path / "c"
+    recall = dict(recall_episodes=[4, 8], recall_gap_chars=[0, 700])
+    write_finished_manifest(str(out / "shards"), 256, vocab_size=512, max_docs=400, weights=[1.0, 2.0], **recall)
+    argv = ["--out", str(out), "--parallel", "1", "--ranks", "1"]
+    assert compare.main(argv) == 2
+    shards = out / "shards"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {shards} was prepared with --vocab-size 512, --recall-weight 2.0, not --vocab-size 2048, "
+        f"--recall-weight 4.0; use another --out or remove {shards}")
+    argv += ["--vocab-size", "512", "--recall-weight", "2"]
+    write_finished_manifest(str(out / "shards-eval"), 256, max_docs=400, tokenizer_sha256="1" * 64)
+    assert compare.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {out}/shards-eval was prepared with another tokenizer than {shards}; use another --out or "
+        f"remove {out}/shards-eval")
+    write_finished_manifest(str(out / "shards-eval"), 256, max_docs=400)
+    write_finished_manifest(str(out / "shards-stage1"), 64, max_docs=400, recall_episodes=[4, 8],
+                            recall_gap_chars=[0, 100])
+    assert compare.main(argv + ["--stage1-seq-len", "32"]) == 2
+    assert "shards-stage1 was prepared with --stage1-seq-len 64, not --stage1-seq-len 32;" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["shards", "shards-eval", "shards-stage1"]
