@@ -7,7 +7,8 @@ record with the run being started and sorts every difference into one of three k
 
 - free: the field does not change what is computed from here on (paths, logging, checkpoint
   cadence, run length, micro-batch size, loader workers, activation recomputation, the non-finite
-  loss policy, the init seed: a resumed run keeps its saved random state); listed in one notice;
+  loss policy, the init seed: a resumed run keeps its saved random state; the gradient clip while
+  both runs use Muon, which never clips); listed in one notice;
 - intended: the continued run computes something else (learning rate, schedule, loss weights,
   batch size, precision); refused unless `--allow-config-change KEY` names the key or its section;
 - fixed: the checkpoint cannot continue at all (model shape, sequence length, data, optimizer
@@ -33,6 +34,8 @@ FREE_KEYS = ("name", "run_dir", "deepspeed_config", "data.dir", "data.num_worker
 INVOCATION_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
 # Run-config keys a checkpoint cannot continue with once changed.
 FIXED_KEYS = ("optim.name", "data.seed", "data.shuffle")
+# Free only while both runs use Muon, which never clips (`pretrain.trainer.build_ds_config`).
+FREE_UNDER_MUON = ("optim.grad_clip",)
 # Compared through the resolved model config instead (the preset and overrides resolve into it).
 MODEL_SECTION = "model"
 FIXED_WAYS = "set it back, train in a new --run-dir, or pass --resume none to start over in this one"
@@ -181,7 +184,8 @@ def check_resume(saved: dict, current: dict, *, tag_dir: str, allowed: list[str]
         more = f" (also changed: {', '.join(c[0] for c in fixed[1:])})" if len(fixed) > 1 else ""
         raise ConfigError(f"{key} was {_shown(old)} in {where} and is {_shown(new)} now; a run cannot continue "
                           f"with another {key}{more}: {FIXED_WAYS}")
-    intended = [c for c in config_changes if not _under(c[0], FREE_KEYS + FIXED_KEYS)]
+    free_keys = FREE_KEYS + _free_for_optimizer(saved, current)
+    intended = [c for c in config_changes if not _under(c[0], free_keys + FIXED_KEYS)]
     refused = [c for c in intended if not _under(c[0], allowed)]
     if refused:
         key, old, new = refused[0]
@@ -191,12 +195,18 @@ def check_resume(saved: dict, current: dict, *, tag_dir: str, allowed: list[str]
                           f"the new value pass {names}, else set it back, or pass --resume none to start over")
     notices = [f"[atma] {key}: {_shown(old)} -> {_shown(new)} (allowed by --allow-config-change)"
                for key, old, new in intended]
-    free = [c for c in config_changes if _under(c[0], FREE_KEYS)]
+    free = [c for c in config_changes if _under(c[0], free_keys)]
     if free:
         notices.append("[atma] changed since the checkpoint (safe for resume): "
                        + ", ".join(f"{k} {_shown(a)} -> {_shown(b)}" for k, a, b in free))
     notices += _environment_notices(saved, current)
     return notices
+
+
+def _free_for_optimizer(saved: dict, current: dict) -> tuple[str, ...]:
+    """Keys that change nothing under the optimizer both records use (the clip under Muon)."""
+    names = {(record.get("config") or {}).get("optim", {}).get("name") for record in (saved, current)}
+    return FREE_UNDER_MUON if names == {"muon"} else ()
 
 
 def _environment_notices(saved: dict, current: dict) -> list[str]:

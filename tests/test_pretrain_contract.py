@@ -67,6 +67,14 @@ def test_fixed_fields_are_refused_even_when_allowed(change, field):
     assert message.startswith('optim.name was "adamw"') and "cannot continue with another optim.name" in message
 
 
+def test_the_clip_is_free_only_while_both_runs_use_muon():
+    saved, current = record("optim.name=muon", "optim.grad_clip=1.0"), record("optim.name=muon", "optim.grad_clip=0.0")
+    assert check_resume(saved, current, tag_dir=TAG, allowed=[]) == [
+        "[atma] changed since the checkpoint (safe for resume): optim.grad_clip 1.0 -> 0.0"]
+    message = refusal(record("optim.grad_clip=1.0"), record("optim.grad_clip=0.0"))
+    assert message.startswith("optim.grad_clip was 1.0") and "--allow-config-change optim.grad_clip" in message
+
+
 def test_free_changes_and_other_code_are_notices():
     current = record("train.max_steps=500", "logging.every=5", "data.num_workers=2", "checkpoint.resume=none",
                      code_version={"commit": "d" * 40, "dirty": True}, versions={"torch": "2.14.0"})
