@@ -56,6 +56,24 @@ def tiny_shards(tmp_path_factory):
     return prepare_shards(str(tmp_path_factory.mktemp("shards") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def golden_run(tiny_shards, tmp_path_factory):
+    """The golden-loss run (tests/golden_loss.py: 20 steps on one rank), trained once: its directory."""
+    from golden_loss import run_losses
+
+    run_dir = tmp_path_factory.mktemp("golden") / "run"
+    run_losses(tiny_shards, str(run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def golden_run_losses(golden_run):
+    """The 20 logged losses of the golden-loss run."""
+    from golden_loss import read_losses
+
+    return read_losses(str(golden_run))
+
+
 def _nan_filled(factory):
     """Wrap a torch allocator so that the floating-point tensors it returns are filled with NaN."""
 

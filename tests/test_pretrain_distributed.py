@@ -54,12 +54,11 @@ def final_weights(run_dir):
     return {k: v.contiguous() for k, v in consolidate(str(run_dir), tag, states).items()}
 
 
-def test_tiny_model_learns(tiny_shards, tmp_path):
-    run = tmp_path / "learn"
-    train(tiny_shards, run, "--max-steps", "30", "--set", "optim.lr=0.003")
-    curve = losses(run)
-    assert len(curve) == 30
-    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (28, 29, 30)) / 3
+def test_tiny_model_learns(golden_run_losses):
+    # The golden-loss run: 20 steps of this file's BASE settings at the config's learning rate (0.003).
+    curve = dict(enumerate(golden_run_losses, start=1))
+    assert len(curve) == 20
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (18, 19, 20)) / 3
     assert last < first - 0.5, curve
 
 
@@ -182,13 +181,13 @@ def kl_to_teacher(teacher_dir, student, batch) -> float:
         return student(batch, kl_targets=teacher.target_rows(batch)).kl_loss.item()
 
 
-def test_distillation_alone_moves_the_student_to_the_teacher(tiny_shards, tmp_path):
+def test_distillation_alone_moves_the_student_to_the_teacher(tiny_shards, tmp_path, golden_run):
     from data_pipeline.loader import build_loader
     from model import AtmaForCausalLM
 
-    train(tiny_shards, tmp_path / "teacher", "--max-steps", "10")
+    # The teacher: the golden-loss run, 20 steps of this file's BASE settings.
     export = [sys.executable, "-m", "pretrain.export"]
-    subprocess.run([*export, str(tmp_path / "teacher"), str(tmp_path / "t-out")], cwd=ROOT, env=env(), check=True,
+    subprocess.run([*export, str(golden_run), str(tmp_path / "t-out")], cwd=ROOT, env=env(), check=True,
                    capture_output=True)
     batch = next(iter(build_loader(tiny_shards, split="val", batch_size=4, shuffle=False)))["input_ids"]
     teacher = AtmaForCausalLM.from_pretrained(str(tmp_path / "t-out"))
