@@ -74,6 +74,27 @@ def golden_run_losses(golden_run):
     return read_losses(str(golden_run))
 
 
+def _shared_run(tiny_shards, tmp_path_factory, name, ranks):
+    """A 3-step fp32 run of the tiny-cpu config (ZeRO-3, fixed sample order) on `ranks` CPU ranks."""
+    from test_pretrain_distributed import train
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    train(tiny_shards, run, "--max-steps", "3", "--set", "checkpoint.every=100", ranks=ranks)
+    return run
+
+
+@pytest.fixture(scope="session")
+def one_rank_run(tiny_shards, tmp_path_factory):
+    """A 3-step run on one rank. Tests read it or copy it, never write into it."""
+    return _shared_run(tiny_shards, tmp_path_factory, "one-rank", ranks=1)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_shards, tmp_path_factory):
+    """The same run on two ranks (eager, no activation checkpointing); read or copied like `one_rank_run`."""
+    return _shared_run(tiny_shards, tmp_path_factory, "two-rank", ranks=2)
+
+
 def _nan_filled(factory):
     """Wrap a torch allocator so that the floating-point tensors it returns are filled with NaN."""
 
