@@ -56,6 +56,45 @@ def tiny_shards(tmp_path_factory):
     return prepare_shards(str(tmp_path_factory.mktemp("shards") / "tiny"))
 
 
+@pytest.fixture(scope="session")
+def golden_run(tiny_shards, tmp_path_factory):
+    """The golden-loss run (tests/golden_loss.py: 20 steps on one rank), trained once: its directory."""
+    from golden_loss import run_losses
+
+    run_dir = tmp_path_factory.mktemp("golden") / "run"
+    run_losses(tiny_shards, str(run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def golden_run_losses(golden_run):
+    """The 20 logged losses of the golden-loss run."""
+    from golden_loss import read_losses
+
+    return read_losses(str(golden_run))
+
+
+def _shared_run(tiny_shards, tmp_path_factory, name, ranks):
+    """A 3-step fp32 run of the tiny-cpu config (ZeRO-3, fixed sample order) on `ranks` CPU ranks."""
+    from test_pretrain_distributed import train
+
+    run = tmp_path_factory.mktemp(name) / "run"
+    train(tiny_shards, run, "--max-steps", "3", "--set", "checkpoint.every=100", ranks=ranks)
+    return run
+
+
+@pytest.fixture(scope="session")
+def one_rank_run(tiny_shards, tmp_path_factory):
+    """A 3-step run on one rank. Tests read it or copy it, never write into it."""
+    return _shared_run(tiny_shards, tmp_path_factory, "one-rank", ranks=1)
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_shards, tmp_path_factory):
+    """The same run on two ranks (eager, no activation checkpointing); read or copied like `one_rank_run`."""
+    return _shared_run(tiny_shards, tmp_path_factory, "two-rank", ranks=2)
+
+
 def _nan_filled(factory):
     """Wrap a torch allocator so that the floating-point tensors it returns are filled with NaN."""
 

@@ -55,6 +55,11 @@ def run_losses(shards: str, run_dir: str) -> list[float]:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"golden run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return read_losses(run_dir)
+
+
+def read_losses(run_dir: str) -> list[float]:
+    """The logged total losses of steps 1 to NUM_STEPS of a finished run in `run_dir`."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     by_step = {r["step"]: r["loss/total"] for r in rows if "loss/total" in r}

@@ -2,16 +2,16 @@
 
 import pytest
 
-from golden_loss import GOLDEN_FILE, data_id, mismatches, read_golden, run_losses
+from golden_loss import GOLDEN_FILE, data_id, mismatches, read_golden
 
 pytestmark = pytest.mark.slow
 
 
-def test_first_20_losses_match_the_golden_file(tiny_shards, tmp_path):
+def test_first_20_losses_match_the_golden_file(tiny_shards, golden_run_losses):
     header, expected = read_golden(GOLDEN_FILE)
     assert header["data_id"] == data_id(tiny_shards), (
         "the built-in shards differ from the golden run's (another Python standard library?)")
-    got = run_losses(tiny_shards, str(tmp_path / "run"))
+    got = golden_run_losses
     assert not mismatches(expected, got), "\n".join(mismatches(expected, got))
 
 

@@ -4,6 +4,7 @@ resume, crash recovery, activation checkpointing under ZeRO-3, dashboards, bad-s
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,22 +55,24 @@ def final_weights(run_dir):
     return {k: v.contiguous() for k, v in consolidate(str(run_dir), tag, states).items()}
 
 
-def test_tiny_model_learns(tiny_shards, tmp_path):
-    run = tmp_path / "learn"
-    train(tiny_shards, run, "--max-steps", "30", "--set", "optim.lr=0.003")
-    curve = losses(run)
-    assert len(curve) == 30
-    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (28, 29, 30)) / 3
+def test_tiny_model_learns(golden_run_losses):
+    # The golden-loss run: 20 steps of this file's BASE settings at the config's learning rate (0.003).
+    curve = dict(enumerate(golden_run_losses, start=1))
+    assert len(curve) == 20
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (18, 19, 20)) / 3
     assert last < first - 0.5, curve
 
 
-def test_two_ranks_match_one_rank_and_zero_stages_agree(tiny_shards, tmp_path):
-    steps = ["--max-steps", "5", "--set", "checkpoint.every=100"]
-    train(tiny_shards, tmp_path / "r1", *steps)
-    reference = losses(tmp_path / "r1")
-    for stage in ("zero3", "zero2", "zero1"):
-        run = tmp_path / f"r2-{stage}"
-        train(tiny_shards, run, *steps, "--set", f"deepspeed_config=ds_configs/{stage}_bf16.json", ranks=2)
+def test_two_ranks_match_one_rank_and_zero_stages_agree(tiny_shards, tmp_path, one_rank_run, two_rank_run):
+    # The shared runs: 3 steps on one rank and on two (the config's ZeRO-3).
+    reference = losses(one_rank_run)
+    assert sorted(reference) == [1, 2, 3]
+    runs = {"zero3": two_rank_run}
+    for stage in ("zero2", "zero1"):
+        runs[stage] = tmp_path / f"r2-{stage}"
+        train(tiny_shards, runs[stage], "--max-steps", "3", "--set", "checkpoint.every=100",
+              "--set", f"deepspeed_config=ds_configs/{stage}_bf16.json", ranks=2)
+    for stage, run in runs.items():
         got = losses(run)
         assert sorted(got) == sorted(reference)
         for step, value in reference.items():
@@ -97,10 +100,11 @@ def test_a_build_lock_left_by_a_killed_build_stops_training_in_one_line(tiny_sha
     assert line.startswith(f"error: {lock} is 30 minutes old: an interrupted build of a DeepSpeed op left it")
 
 
-def test_resume_is_exact(tiny_shards, tmp_path):
+def test_resume_is_exact(tiny_shards, tmp_path, two_rank_run):
     common = ["--set", "checkpoint.every=3"]
     train(tiny_shards, tmp_path / "straight", "--max-steps", "6", *common, ranks=2)
-    train(tiny_shards, tmp_path / "split", "--max-steps", "3", *common, ranks=2)
+    # The first 3 steps: a copy of the shared two-rank run, which ended with a checkpoint of step 3.
+    shutil.copytree(two_rank_run, tmp_path / "split")
     proc = train(tiny_shards, tmp_path / "split", "--max-steps", "6", *common, ranks=2)
     assert "resumed from" in proc.stdout + proc.stderr
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bitwise on CPU
@@ -111,7 +115,7 @@ def test_resume_is_exact(tiny_shards, tmp_path):
 
 def test_kill_9_then_auto_resume(tiny_shards, tmp_path):
     run = tmp_path / "killed"
-    args = [*BASE, "--data", tiny_shards, "--run-dir", str(run), "--max-steps", "40",
+    args = [*BASE, "--data", tiny_shards, "--run-dir", str(run), "--max-steps", "20",
             "--set", "checkpoint.every=2", "--set", "checkpoint.keep_last=2"]
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -125,21 +129,22 @@ def test_kill_9_then_auto_resume(tiny_shards, tmp_path):
     proc.wait()
     before = max(int(t.split("_")[1]) for t in os.listdir(run / "checkpoints")
                  if (run / "checkpoints" / t / "COMPLETE").exists())
-    assert before < 40
-    out = train(tiny_shards, run, "--max-steps", "40", "--set", "checkpoint.every=2")
+    assert before < 20
+    out = train(tiny_shards, run, "--max-steps", "20", "--set", "checkpoint.every=2")
     text = out.stdout + out.stderr
     assert f"resumed from {run}/checkpoints/step_{before:08d}" in text
-    assert max(losses(run)) == 40
+    assert max(losses(run)) == 20
     # Steps logged after the last checkpoint and redone after the kill appear once.
-    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == list(range(1, 41))
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == list(range(1, 21))
 
 
-def test_activation_checkpointing_same_gradients_under_zero3(tiny_shards, tmp_path):
-    for policy in ("none", "all", "global"):
+def test_activation_checkpointing_same_gradients_under_zero3(tiny_shards, tmp_path, two_rank_run):
+    for policy in ("all", "global"):
         train(tiny_shards, tmp_path / policy, "--max-steps", "3", "--set", f"train.activation_checkpointing={policy}",
               ranks=2)
-    base_norm = losses(tmp_path / "none", "grad_norm")
-    base_w = final_weights(tmp_path / "none")
+    # The shared two-rank run has the config's policy, none.
+    base_norm = losses(two_rank_run, "grad_norm")
+    base_w = final_weights(two_rank_run)
     for policy in ("all", "global"):
         norms = losses(tmp_path / policy, "grad_norm")
         for step, value in base_norm.items():
@@ -182,13 +187,13 @@ def kl_to_teacher(teacher_dir, student, batch) -> float:
         return student(batch, kl_targets=teacher.target_rows(batch)).kl_loss.item()
 
 
-def test_distillation_alone_moves_the_student_to_the_teacher(tiny_shards, tmp_path):
+def test_distillation_alone_moves_the_student_to_the_teacher(tiny_shards, tmp_path, golden_run):
     from data_pipeline.loader import build_loader
     from model import AtmaForCausalLM
 
-    train(tiny_shards, tmp_path / "teacher", "--max-steps", "10")
+    # The teacher: the golden-loss run, 20 steps of this file's BASE settings.
     export = [sys.executable, "-m", "pretrain.export"]
-    subprocess.run([*export, str(tmp_path / "teacher"), str(tmp_path / "t-out")], cwd=ROOT, env=env(), check=True,
+    subprocess.run([*export, str(golden_run), str(tmp_path / "t-out")], cwd=ROOT, env=env(), check=True,
                    capture_output=True)
     batch = next(iter(build_loader(tiny_shards, split="val", batch_size=4, shuffle=False)))["input_ids"]
     teacher = AtmaForCausalLM.from_pretrained(str(tmp_path / "t-out"))
@@ -241,11 +246,10 @@ def test_muon_under_zero3_trains(tiny_shards, tmp_path):
     assert sorted(curve) == list(range(1, 9)) and curve[8] < curve[1] - 0.3, curve
 
 
-def test_a_run_starts_from_exported_weights(tiny_shards, tmp_path):
+def test_a_run_starts_from_exported_weights(tiny_shards, tmp_path, one_rank_run):
     from pretrain.export import export
 
-    first = tmp_path / "first"
-    train(tiny_shards, first, "--max-steps", "3", "--set", "optim.lr=0.003")
+    first = one_rank_run  # 3 steps at the config's learning rate, 0.003
     export(str(first), str(tmp_path / "exported"))
     # A second run on 2 ranks (ZeRO-3) starts from those weights; a tiny learning rate keeps them.
     second = tmp_path / "second"

@@ -80,18 +80,18 @@ def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
         assert all(counts["deepspeed"][s].get("read", 0) <= 1 for s in map(str, range(2, 7))), counts["deepspeed"]
 
 
-def test_compiled_training_matches_eager_under_zero3(tiny_shards, tmp_path):
-    steps = ["--max-steps", "3", "--set", "checkpoint.every=100"]
-    train(tiny_shards, tmp_path / "eager", *steps, ranks=2)
-    train(tiny_shards, tmp_path / "compiled", *steps, "--set", "train.compile=true", ranks=2)
+def test_compiled_training_matches_eager_under_zero3(tiny_shards, tmp_path, two_rank_run):
+    eager_run = two_rank_run  # the shared 3-step two-rank run: eager, ZeRO-3
+    train(tiny_shards, tmp_path / "compiled", "--max-steps", "3", "--set", "checkpoint.every=100",
+          "--set", "train.compile=true", ranks=2)
     for key in ("loss/total", "grad_norm"):
-        eager, compiled = losses(tmp_path / "eager", key), losses(tmp_path / "compiled", key)
+        eager, compiled = losses(eager_run, key), losses(tmp_path / "compiled", key)
         assert sorted(compiled) == [1, 2, 3]
         for step, value in eager.items():
             assert compiled[step] == pytest.approx(value, rel=1e-5), (key, step)
     # Three AdamW steps normalise each gradient element, so fp32 rounding differences of the compiled
     # graph show in the weights at about 1e-5 of their scale; a real difference moves them by ~lr (3e-3).
-    a, b = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    a, b = final_weights(eager_run), final_weights(tmp_path / "compiled")
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-4 * a[name].abs().max() + 1e-6, name
     metrics = [json.loads(line) for line in open(tmp_path / "compiled" / "metrics.jsonl")]

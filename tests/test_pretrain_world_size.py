@@ -55,10 +55,11 @@ def moments(tag_dir):
     return found
 
 
-def test_two_ranks_to_one_and_back_continue_the_same_run(tiny_shards, tmp_path):
+def test_two_ranks_to_one_and_back_continue_the_same_run(tiny_shards, tmp_path, two_rank_run):
     # A "+" in the run directory (as in launch.compare's polar+mem) must not reach a regular expression.
     same, moved = tmp_path / "same-size", tmp_path / "resized+mem"
-    train(tiny_shards, same, 3, ranks=2)
+    # 3 steps on 2 ranks: a copy of the shared two-rank run, which ended with a checkpoint of step 3.
+    shutil.copytree(two_rank_run, same)
     shutil.copytree(same, moved)
 
     out = train(tiny_shards, moved, 6, ranks=1)  # written by 2 ranks, continued by 1
