@@ -28,7 +28,7 @@ import tokenizers
 import torch
 from tqdm import tqdm
 
-from kernels.dispatch import kernel_choice
+from kernels import kernel_choice
 
 from .codec import TextCodec, load_codec
 from .errors import EvaluationError, NonFiniteLogitsError

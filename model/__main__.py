@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from kernels.dispatch import kernel_choice
+from kernels import kernel_choice
 
 from . import PRESETS, AtmaConfig, AtmaForCausalLM
 from .device import default_device, usable_device

@@ -209,7 +209,7 @@ def _first_existing(path: str) -> str:
 def check_inputs(cfg: RunConfig) -> None:
     """Refuse what would otherwise fail only after the engine build or at step 1 (ConfigError): a file given
     as the shard or run directory, an unusable teacher name, an unknown ATMA_KERNELS."""
-    from kernels.dispatch import kernel_choice
+    from kernels import kernel_choice
 
     if os.path.isfile(cfg.data.dir):
         parent = os.path.dirname(os.path.abspath(cfg.data.dir))
