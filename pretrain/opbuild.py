@@ -1,7 +1,7 @@
 """DeepSpeed ops compiled on first use: name them before the build starts, so a first run is not silent.
 
-DeepSpeed compiles some C++/CUDA ops the first time a process needs them (on the CPU: the
-shared-memory collectives op, about a minute) and caches the result under
+DeepSpeed compiles some C++/CUDA ops the first time a process needs them (fused Adam on the GPU,
+CPU Adam under optimizer offload: a minute or more) and caches the result under
 $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions); an op is pending when it is neither
 installed prebuilt nor in that cache.
 """
@@ -18,7 +18,6 @@ STALE_LOCK_SECONDS = 900
 
 # Builder class -> what the op does, for the announcement.
 PURPOSES = {
-    "ShareMemCommBuilder": "CPU communication",
     "FusedAdamBuilder": "fused Adam",
     "CPUAdamBuilder": "CPU Adam (optimizer offload)",
 }

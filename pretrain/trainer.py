@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import contract
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
-from .cpu_comm import release_shm_segment
+from .cpu_comm import without_shm_comm_op
 from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
@@ -58,9 +58,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
                           MASTER_PORT=str(_free_port()))
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
-        if not use_cuda:
-            release_shm_segment()
+        if use_cuda:
+            deepspeed.init_distributed(dist_backend="nccl")
+        else:
+            with without_shm_comm_op():
+                deepspeed.init_distributed(dist_backend="gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -274,9 +276,6 @@ class Trainer:
         check_inputs(cfg)
         self.cfg = cfg
         self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
-        if not torch.cuda.is_available():
-            check_build_locks(["ShareMemCommBuilder"])
-            announce_builds(["ShareMemCommBuilder"])
         self.rank, self.world, self.device = init_distributed()
         self.manifest = load_manifest(cfg.data.dir)
         self.plan = plan_batch(cfg.batch.tokens, cfg.batch.micro_batch_size, self.manifest.seq_len, self.world)

@@ -11,7 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-# DeepSpeed's JIT-built ops (the CPU communication op) go to a cache of this checkout's own, so a
+# DeepSpeed's JIT-built ops (CPU Adam under optimizer offload) go to a cache of this checkout's own, so a
 # lock or a half-built op left in ~/.cache/torch_extensions by another process cannot stall the tests.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(ROOT, ".cache", "torch_extensions"))
 

@@ -86,18 +86,22 @@ def test_a_build_lock_left_by_a_killed_build_stops_training_in_one_line(tiny_sha
     from pretrain.opbuild import STALE_LOCK_SECONDS
 
     extensions = tmp_path / "extensions"
-    lock = extensions / "deepspeed_shm_comm" / "lock"
+    lock = extensions / "cpu_adam" / "lock"  # optimizer offload builds DeepSpeed's CPU Adam
     lock.parent.mkdir(parents=True)
     lock.write_bytes(b"")
     old = time.time() - 2 * STALE_LOCK_SECONDS
     os.utime(lock, (old, old))
-    args = [*BASE, "--data", tiny_shards, "--run-dir", str(tmp_path / "run"), "--max-steps", "1"]
+    args = [*BASE, "--data", tiny_shards, "--run-dir", str(tmp_path / "run"), "--max-steps", "1",
+            "--set", "deepspeed_config=ds_configs/zero3_offload_bf16.json"]
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", *args], cwd=ROOT, capture_output=True, text=True,
                           env=dict(env(), TORCH_EXTENSIONS_DIR=str(extensions)), timeout=120)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     [line] = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert line.startswith(f"error: {lock} is 30 minutes old: an interrupted build of a DeepSpeed op left it")
+    # The communication backend started (before the optimizer) without compiling DeepSpeed's
+    # shared-memory op, which serves only inference.
+    assert sorted(p.name for p in extensions.iterdir()) == ["cpu_adam"]
 
 
 def test_resume_is_exact(tiny_shards, tmp_path, two_rank_run):

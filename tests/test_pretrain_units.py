@@ -447,16 +447,16 @@ def test_an_op_not_built_yet_is_announced_before_the_build(tmp_path, monkeypatch
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert pending_builds(["ShareMemCommBuilder"]) == ["ShareMemCommBuilder"]
+    assert pending_builds(["CPUAdamBuilder"]) == ["CPUAdamBuilder"]
     capsys.readouterr()
-    announce_builds(["ShareMemCommBuilder"])
+    announce_builds(["CPUAdamBuilder"])
     assert capsys.readouterr().out == (
-        "[atma] building DeepSpeed's CPU communication op for this machine (one time, about a minute; cached "
-        "under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)\n")
+        "[atma] building DeepSpeed's CPU Adam (optimizer offload) op for this machine (one time, about a minute; "
+        "cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)\n")
     # Built once: the cached library is found and nothing is said.
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
-    assert pending_builds(["ShareMemCommBuilder"]) == []
-    announce_builds(["ShareMemCommBuilder"])
+    (tmp_path / "cpu_adam" / "cpu_adam.so").write_bytes(b"")
+    assert pending_builds(["CPUAdamBuilder"]) == []
+    announce_builds(["CPUAdamBuilder"])
     assert capsys.readouterr().out == ""
 
 
@@ -465,15 +465,15 @@ def test_a_build_lock_left_by_a_killed_build_is_refused_in_one_line(tmp_path, mo
     from pretrain.step import TrainingError
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock = tmp_path / "cpu_adam" / "lock"
     lock.parent.mkdir()
-    check_build_locks(["ShareMemCommBuilder"])  # no lock
+    check_build_locks(["CPUAdamBuilder"])  # no lock
     lock.write_bytes(b"")
-    check_build_locks(["ShareMemCommBuilder"])  # a build running now: torch waits for it
+    check_build_locks(["CPUAdamBuilder"])  # a build running now: torch waits for it
     old = time.time() - STALE_LOCK_SECONDS - 60
     os.utime(lock, (old, old))
     with pytest.raises(TrainingError) as err:
-        check_build_locks(["ShareMemCommBuilder"])
+        check_build_locks(["CPUAdamBuilder"])
     assert str(err.value) == (
         f"{lock} is 16 minutes old: an interrupted build of a DeepSpeed op left it, and loading the op would wait "
         f"for it forever; if no build is running, delete it (rm {lock}) and start again")
