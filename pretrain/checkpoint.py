@@ -128,6 +128,38 @@ def damaged_files(tag_dir: str) -> list[str]:
     return damaged
 
 
+def _checksum_mismatch(path: str) -> bool:
+    """Whether a torch archive's data disagrees with the CRC-32 checksums stored when it was written."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.CRC == 0:  # written without checksums (torch's compute_crc32 off): nothing to compare
+                    continue
+                with archive.open(info) as member:  # raises BadZipFile at the end on a mismatch
+                    while member.read(1 << 24):
+                        pass
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return True
+    return False
+
+
+def corrupt_files(tag_dir: str, part: tuple[int, int] = (0, 1)) -> list[str]:
+    """The tag's torch archives, among share `part` = (index, count) of them, whose data fails its stored checksums.
+
+    torch.save stores a CRC-32 for every record but torch.load does not check it: a changed byte loads
+    as a changed number. Reading every byte costs about a second per 2 GB, so ranks split the files.
+    """
+    index, count = part
+    archives = []
+    for name in sorted(os.listdir(tag_dir)):
+        path = os.path.join(tag_dir, name)
+        if name.endswith(".pt") and os.path.isfile(path):
+            with open(path, "rb") as f:
+                if f.read(4) == ZIP_MAGIC:
+                    archives.append(path)
+    return [path for path in archives[index::count] if _checksum_mismatch(path)]
+
+
 def saved_world_size(tag_dir: str) -> int:
     """How many data-parallel ranks wrote the checkpoint (one loader/RNG state file each)."""
     return len([f for f in os.listdir(tag_dir) if RANK_STATE_RE.match(f)])

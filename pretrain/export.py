@@ -145,6 +145,10 @@ def read_states(tag_dir: str) -> dict:
 def _export(run_dir: str, tag: str, tag_dir: str, out_dir: str, dtype: str, max_shard_bytes: int | None) -> dict:
     """The export of one resolved tag into an existing `out_dir`."""
     states = read_states(tag_dir)
+    corrupt = ckpt.corrupt_files(tag_dir)
+    if corrupt:
+        raise ExportError(f"{corrupt[0]}: its data does not match the checksums stored when it was saved (the file "
+                          f"was changed or damaged since); export another checkpoint with --tag STEP")
     record = read_record(tag_dir)
     config = tag_model_config(tag_dir, record, states)
     lazy = consolidate(run_dir, tag, states)

@@ -243,10 +243,22 @@ def resume_alternatives(tag_dir: str) -> str:
 
 
 def check_loadable(tag_dir: str) -> None:
-    """Refuse a checkpoint with an empty or cut-short file (ConfigError naming it and what to resume from instead)."""
+    """Refuse a checkpoint with an empty, cut-short or corrupted file (ConfigError naming it and what to resume
+    from instead); under torch.distributed each rank reads a share of the files and all give the same answer."""
     damaged = ckpt.damaged_files(tag_dir)
     if damaged:
         raise ConfigError(f"{damaged[0]}: empty or cut short, so checkpoint {tag_dir} cannot be loaded; "
+                          f"{resume_alternatives(tag_dir)}")
+    distributed = dist.is_available() and dist.is_initialized()
+    part = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    corrupt = ckpt.corrupt_files(tag_dir, part)
+    if distributed:
+        shares = [None] * part[1]
+        dist.all_gather_object(shares, corrupt)
+        corrupt = sorted(path for share in shares for path in share)
+    if corrupt:
+        raise ConfigError(f"{corrupt[0]}: its data does not match the checksums stored when it was saved (the "
+                          f"file was changed or damaged since), so checkpoint {tag_dir} cannot be loaded; "
                           f"{resume_alternatives(tag_dir)}")
 
 

@@ -137,3 +137,19 @@ def test_an_unreadable_model_states_file_is_named_in_one_line(tmp_path, capsys, 
     assert capsys.readouterr().err.strip() == (
         f"error: {path}: cannot be read (empty, truncated or damaged); export another checkpoint with --tag STEP")
     assert not out.exists()  # made for this export and left empty: removed
+
+
+def test_a_model_states_file_changed_after_saving_is_named_in_one_line(tmp_path, capsys):
+    whole = tmp_path / "whole.pt"
+    weights = torch.full((256,), 1.5)
+    torch.save({"step": 2, "module": {"w": weights}}, whole)
+    data = bytearray(whole.read_bytes())
+    data[data.find(weights.numpy().tobytes()) + 501] ^= 0x10  # one bit of one weight: torch.load takes it
+    run = fake_run(tmp_path, bytes(data))
+    out = tmp_path / "out"
+    assert export_module.main([str(run), str(out)]) == 2
+    path = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {path}: its data does not match the checksums stored when it was saved (the file was changed or "
+        f"damaged since); export another checkpoint with --tag STEP")
+    assert not out.exists()

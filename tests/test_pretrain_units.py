@@ -215,6 +215,45 @@ def test_a_damaged_checkpoint_is_refused_with_the_previous_complete_one(tmp_path
         check_loadable(str(root / "step_00000004"))
 
 
+def test_a_checkpoint_file_changed_after_saving_is_refused(tmp_path, monkeypatch):
+    import torch.utils.serialization
+
+    from pretrain import checkpoint as ckpt
+    from pretrain.trainer import check_loadable
+
+    root = tmp_path / "checkpoints"
+    states = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    weights = torch.full((1000,), 1.5)
+    for step in (2, 4):
+        tag = root / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        for name in ("rank_state_00000.pt", states):
+            torch.save({"step": step, "weights": weights}, tag / name)
+        (tag / ckpt.COMPLETE).write_text(f"{step}\n")
+    path = root / "step_00000004" / states
+    data = bytearray(path.read_bytes())
+    data[data.find(weights.numpy().tobytes()) + 2001] ^= 0x10  # one bit of one weight
+    path.write_bytes(bytes(data))
+    # torch.load takes it without a word: the weight has changed.
+    assert not torch.equal(torch.load(path)["weights"], weights)
+    assert ckpt.damaged_files(str(path.parent)) == []
+    assert ckpt.corrupt_files(str(path.parent)) == [str(path)]
+    assert ckpt.corrupt_files(str(root / "step_00000002")) == []
+    # Ranks split the (sorted) files: the model states are the second of two.
+    assert ckpt.corrupt_files(str(path.parent), (0, 2)) == []
+    assert ckpt.corrupt_files(str(path.parent), (1, 2)) == [str(path)]
+    with pytest.raises(ConfigError) as info:
+        check_loadable(str(path.parent))
+    assert str(info.value) == (
+        f"{path}: its data does not match the checksums stored when it was saved (the file was changed or damaged "
+        f"since), so checkpoint {path.parent} cannot be loaded; resume from the previous complete checkpoint with "
+        f"--resume {root / 'step_00000002'}, or pass --resume none to start over")
+    # A file written without checksums (torch's compute_crc32 off) has nothing to compare against.
+    monkeypatch.setattr(torch.utils.serialization.config.save, "compute_crc32", False)
+    torch.save({"weights": weights}, root / "step_00000002" / states)
+    assert ckpt.corrupt_files(str(root / "step_00000002")) == []
+
+
 def test_a_run_resumed_at_or_past_its_max_steps_says_there_is_nothing_to_train():
     from types import SimpleNamespace
 
