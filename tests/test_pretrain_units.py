@@ -1,5 +1,6 @@
 """Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
+import glob
 import json
 import math
 import os
@@ -269,6 +270,36 @@ def test_ds_config_with_a_bad_zero_value_is_one_line_before_the_engine(tmp_path,
     with pytest.raises(ConfigError) as info:
         build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cpu")
     assert str(info.value) == f"{path}: {message}"
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("ds_configs/*.json")))
+def test_shipped_ds_configs_and_the_keys_the_trainer_adds_are_deepspeed_settings(path):
+    from pretrain.trainer import build_ds_config, check_top_level_keys
+
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}",
+                                                             "train.compile=true", "train.compile_method=deepcompile"])
+    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda")
+    assert {"train_batch_size", "gradient_clipping", "compile", "bf16", "steps_per_print"} <= set(ds)
+    check_top_level_keys(ds, path)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("gradient_clippping", "gradient_clippping: unknown key (not a DeepSpeed setting; did you mean "
+                           "'gradient_clipping'?)"),
+    ("zero_optimisation", "zero_optimisation: unknown key (not a DeepSpeed setting; did you mean "
+                          "'zero_optimization'?)"),
+    ("my_own_setting", "my_own_setting: unknown key (not a DeepSpeed setting)"),
+    ("amp", "amp: NVIDIA Apex AMP integration has been removed."),
+])
+def test_ds_config_with_an_unknown_top_level_key_is_one_line_before_the_engine(tmp_path, key, message):
+    from pretrain.trainer import build_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, key: 1.0}))
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}"])
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cpu")
+    assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("value,expected", [
