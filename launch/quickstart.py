@@ -17,6 +17,7 @@ import shlex
 import sys
 import time
 
+from data_pipeline.argtypes import int_at_least
 from data_pipeline.config import MIN_VOCAB_SIZE
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import MANIFEST_FILE, load_manifest
@@ -38,21 +39,6 @@ LAYOUT = """\
 
 Dashboards: `tensorboard --logdir run/tensorboard`.
 """
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer of at least `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 positive_int = int_at_least(1)

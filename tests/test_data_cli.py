@@ -183,3 +183,24 @@ def test_prepare_that_yields_no_training_sample_is_an_error_and_leaves_no_datase
     assert cli_main([*args, "--seq-len", "4", "--vocab-size", "300", "--val-fraction", "0.999"]) == 2
     assert capsys.readouterr().err == "error: no usable training documents in the inputs\n"
     assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    (["--workers", "2", "two"], "argument --workers: expected an integer, got 'two'"),
+    (["--loader-workers", "-1"], "argument --loader-workers: must be at least 0, got -1"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--seq-len", "-4"], "argument --seq-len: must be at least 1, got -4"),
+    (["--max-docs", "0"], "argument --max-docs: must be at least 1, got 0"),
+    (["--vocab-size", "100"], "argument --vocab-size: must be at least 260, got 100"),
+    (["--loader-rounds", "0"], "argument --loader-rounds: must be at least 1, got 0"),
+    (["--loader-seconds", "0"], "argument --loader-seconds: must be a number above 0, got 0"),
+    (["--loader-seconds", "inf"], "argument --loader-seconds: must be a number above 0, got inf"),
+])
+def test_bench_refuses_bad_numbers_while_parsing(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr("data_pipeline.bench.run_bench", lambda args: pytest.fail("bench ran"))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m data_pipeline bench: error: {message}"
