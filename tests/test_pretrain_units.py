@@ -443,10 +443,40 @@ def test_inputs_that_would_fail_after_the_engine_build_are_refused_at_start(tmp_
     monkeypatch.setenv("ATMA_KERNELS", "foo")
     assert refusal() == "the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'foo'"
     monkeypatch.setenv("ATMA_KERNELS", "torch")
-    # What can still be right passes: a run dir to create, a teacher directory, a Hugging Face name.
+    # What can still be right passes: a run dir to create, a teacher directory, a Hugging Face name while the hub
+    # answers.
+    monkeypatch.setattr("data_pipeline.sources.hub_unreachable", lambda **kwargs: None)
     for teacher in (shards, "gpt2", "org/some-model"):
         check_inputs(load_run_config(None, [f"data.dir={shards}", f"run_dir={tmp_path / 'new' / 'run'}",
                                             "loss.distill_weight=1", f"loss.teacher={teacher}"]))
+
+
+def test_a_hugging_face_teacher_neither_cached_nor_reachable_is_refused_at_start(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pretrain.teacher import check_teacher
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--org--cached" / "refs").mkdir()
+    (cache / "models--org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError) as info:
+        check_teacher("org/missing")
+    assert str(info.value) == (f"loss.teacher 'org/missing': no such directory, and not in the Hugging Face cache "
+                               f"({cache}) while HF_HUB_OFFLINE is set; give an exported model directory (python -m "
+                               "pretrain.export), or download the model once with the network on")
+    check_teacher("org/cached")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    with pytest.raises(ValueError, match=r"^loss.teacher 'org/missing': no such directory, and not in the Hugging "
+                                         r"Face cache, and the Hugging Face hub at http://127.0.0.1:9 is unreachable "
+                                         r"\(.*\); to work offline, give an exported model directory"):
+        check_teacher("org/missing")
+    check_teacher("org/cached")
 
 
 def test_a_start_up_refusal_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):
