@@ -204,9 +204,8 @@ def check_zero_section(ds: dict, path: str) -> None:
         raise ConfigError(f"{path}: {key}: {first['msg']}{shown}") from None
 
 
-def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
-    """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
-    path = cfg.deepspeed_config
+def read_ds_file(path: str) -> dict:
+    """Read and check the DeepSpeed JSON the run config names (ConfigError names the file and the first bad key)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: DeepSpeed config not found (deepspeed_config in the run config)")
     try:
@@ -221,6 +220,13 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's optim/schedule set it")
     check_top_level_keys(ds, path)
     check_zero_section(ds, path)
+    return ds
+
+
+def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
+    """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
+    path = cfg.deepspeed_config
+    ds = read_ds_file(path)
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.grad_accum
     ds["train_batch_size"] = plan.sequences_per_step
@@ -286,7 +292,7 @@ def _first_existing(path: str) -> str:
 
 def check_inputs(cfg: RunConfig) -> None:
     """Refuse what would otherwise fail only after the engine build or at step 1 (ConfigError): a file given
-    as the shard or run directory, an unusable teacher name, an unknown ATMA_KERNELS."""
+    as the shard or run directory, a bad DeepSpeed JSON, an unusable teacher name, an unknown ATMA_KERNELS."""
     from kernels import kernel_choice
 
     if os.path.isfile(cfg.data.dir):
@@ -298,6 +304,7 @@ def check_inputs(cfg: RunConfig) -> None:
     if not os.path.isdir(existing):
         raise ConfigError(f"{existing}: a file, not a directory; --run-dir (run_dir) must be a directory or a "
                           "path that does not exist yet")
+    read_ds_file(cfg.deepspeed_config)
     try:
         kernel_choice()
         if cfg.loss.distill_weight > 0:

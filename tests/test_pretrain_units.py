@@ -292,7 +292,7 @@ def test_shipped_ds_configs_and_the_keys_the_trainer_adds_are_deepspeed_settings
     ("amp", "amp: NVIDIA Apex AMP integration has been removed."),
 ])
 def test_ds_config_with_an_unknown_top_level_key_is_one_line_before_the_engine(tmp_path, key, message):
-    from pretrain.trainer import build_ds_config
+    from pretrain.trainer import build_ds_config, check_inputs
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 1}, key: 1.0}))
@@ -300,6 +300,9 @@ def test_ds_config_with_an_unknown_top_level_key_is_one_line_before_the_engine(t
     with pytest.raises(ConfigError) as info:
         build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cpu")
     assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as early:  # at start, before torch.distributed and the data
+        check_inputs(cfg)
+    assert str(early.value) == str(info.value)
 
 
 @pytest.mark.parametrize("value,expected", [
