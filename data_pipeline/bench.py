@@ -23,9 +23,11 @@ import statistics
 import tempfile
 import time
 
-from data_pipeline.config import BUILTIN_CORPUS, DEFAULT_VOCAB_SIZE
+from data_pipeline.argtypes import int_at_least, positive_float
+from data_pipeline.config import BUILTIN_CORPUS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
 
 _WARMUP_BATCHES = 10
+_positive_int = int_at_least(1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,24 +36,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"corpus, as for prepare (default {BUILTIN_CORPUS})")
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokenizer", metavar="FILE", help="tokenizer to use (default: train one)")
-    tok.add_argument("--vocab-size", type=int, default=None, metavar="N",
+    tok.add_argument("--vocab-size", type=int_at_least(MIN_VOCAB_SIZE), default=None, metavar="N",
                      help=f"vocabulary of the BPE trained for the run (default {DEFAULT_VOCAB_SIZE})")
-    p.add_argument("--max-docs", type=int, metavar="N", help="read at most N records per input")
+    p.add_argument("--max-docs", type=_positive_int, metavar="N", help="read at most N records per input")
     p.add_argument("--text-field", default="text", help="text field of JSON/parquet inputs")
-    p.add_argument("--seq-len", type=int, default=1024, metavar="N", help="sample length (default 1024)")
-    p.add_argument("--workers", nargs="+", type=int, default=[1, 2], metavar="N",
+    p.add_argument("--seq-len", type=_positive_int, default=1024, metavar="N", help="sample length (default 1024)")
+    p.add_argument("--workers", nargs="+", type=_positive_int, default=[1, 2], metavar="N",
                    help="core budgets to compare: N tokenizer threads vs N prepare workers "
                         "(default 1 2)")
-    p.add_argument("--repeats", type=int, default=3, metavar="R",
+    p.add_argument("--repeats", type=_positive_int, default=3, metavar="R",
                    help="rounds of (baseline, prepare) per core budget (default 3)")
-    p.add_argument("--batch-size", type=int, default=16, metavar="B",
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="B",
                    help="loader sequences per batch (default 16)")
-    p.add_argument("--loader-workers", nargs="+", type=int, default=[0, 2], metavar="K",
+    p.add_argument("--loader-workers", nargs="+", type=int_at_least(0), default=[0, 2], metavar="K",
                    help="DataLoader worker counts to measure (default 0 2)")
-    p.add_argument("--loader-seconds", type=float, default=3.0, metavar="S",
+    p.add_argument("--loader-seconds", type=positive_float, default=3.0, metavar="S",
                    help="seconds to time each loader (with and without its per-sample checks) for, "
                         "after warm-up (default 3)")
-    p.add_argument("--loader-rounds", type=int, default=10, metavar="R",
+    p.add_argument("--loader-rounds", type=_positive_int, default=10, metavar="R",
                    help="slices the loader timing is cut into, checked and unchecked taking turns "
                         "(default 10)")
     p.add_argument("--loader-only", action="store_true",

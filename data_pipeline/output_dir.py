@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -54,6 +55,13 @@ def _make_dir(out: str) -> None:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create the output directory ({e.strerror})") from None
+
+
+def discard_output(out: str) -> None:
+    """Remove what prepare wrote into `out`, and `out` itself when that leaves it empty."""
+    _clear(out)
+    with contextlib.suppress(OSError):
+        os.rmdir(out)
 
 
 def _our_files(out: str) -> list[str]:

@@ -24,7 +24,7 @@ from data_pipeline.executor import ordered_map
 from data_pipeline.journal import Journal
 from data_pipeline.manifest import MANIFEST_FILE, Manifest, SplitInfo, write_json_atomic
 from data_pipeline.mixing import SPLITS, TRAIN, iter_mixed, split_of
-from data_pipeline.output_dir import open_output
+from data_pipeline.output_dir import discard_output, open_output
 from data_pipeline.pack import Packer
 from data_pipeline.probe import EMPTY_INPUT_HINT, empty_inputs, no_documents, rereadable
 from data_pipeline.records import parse_record
@@ -84,6 +84,10 @@ def run_prepare(config: PrepareConfig) -> PrepareResult:
     _save_tokenizer(config.output, tokenizer, journal)
     run = _Run(config, sources, tokenizer, journal)
     run.execute()
+    empty = run.no_training_samples()
+    if empty:
+        discard_output(config.output)
+        raise DataError(f"{config.output}: {empty}; nothing was written")
     manifest = run.manifest(settings)
     write_json_atomic(os.path.join(config.output, MANIFEST_FILE), manifest.to_dict())
     os.remove(journal.path)
@@ -127,6 +131,8 @@ def _trained_tokenizer(config: PrepareConfig, sources: list[Source], journal: Jo
     texts = _training_texts(config, sources)
     first = next(texts, None)
     if first is None:
+        if not any(journal.entries.values()):  # a fresh run: leave no unfinished run behind
+            discard_output(config.output)
         raise DataError("no usable training documents in the inputs")
     started = time.perf_counter()
     info = train_bpe(_prepend(first, texts), config.vocab_size, config.eos_token or DEFAULT_EOS)
@@ -215,9 +221,20 @@ class _Run:
         finally:
             bar.close()
         self._check_contributions()
+
+    def no_training_samples(self) -> str | None:
+        """Why the train split got no sample (a dataset no run can train on), or None when it has some."""
+        if self.packers[TRAIN].num_samples > 0:
+            return None
         if self.stats.num_used == 0:
-            raise DataError("no usable documents in the inputs "
-                            f"(skipped: {dict(self.stats.skipped_total)})")
+            return f"no usable documents in the inputs (skipped: {dict(self.stats.skipped_total)})"
+        documents = self.num_documents[TRAIN]
+        if documents == 0:
+            return (f"no training samples: none of the {self.stats.num_used:,} usable documents fell into the "
+                    f"train split (--val-fraction {self.config.val_fraction}); add documents or lower --val-fraction")
+        return (f"no training samples: the train split's {documents:,} documents hold "
+                f"{self.packers[TRAIN].stream_tokens:,} tokens, fewer than the {self.config.seq_len + 1:,} "
+                f"of one sample (--seq-len {self.config.seq_len} + 1); add text or lower --seq-len")
 
     def _check_contributions(self) -> None:
         """Every input gave documents; catches the pipes ``_check_inputs`` could not read ahead."""

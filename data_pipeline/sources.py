@@ -299,8 +299,9 @@ def _read_hub_dataset(source: Source, config: PrepareConfig) -> Iterator[Record]
     yield from _read_rows(source, rows, source.path, source.text_field)
 
 
-def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
-    """Why the Hugging Face hub cannot be reached (one line), or None when it answers.
+def hub_unreachable(timeout: float = HUB_TIMEOUT_S, offline_hint: str = "save the dataset with `datasets` "
+                    "(save_to_disk) and give its directory") -> str | None:
+    """Why the Hugging Face hub cannot be reached (one line, ending in how to work offline), or None when it answers.
 
     Asked once, with a short timeout, before a hub dataset is opened: the hub client would
     otherwise retry for about half a minute before giving up. In offline mode
@@ -318,7 +319,7 @@ def hub_unreachable(timeout: float = HUB_TIMEOUT_S) -> str | None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         return one_line(f"the Hugging Face hub at {endpoint} is unreachable ({reason}); to work offline, "
-                        "save the dataset with `datasets` (save_to_disk) and give its directory")
+                        f"{offline_hint}")
     return None
 
 

@@ -5,7 +5,8 @@
 No download and no GPU needed: the corpus is this Python interpreter's standard library, the
 model is the `tiny` preset, and pretraining runs DeepSpeed ZeRO-3 on 2 CPU ranks (all GPUs when
 there are some). Every step can be rerun: finished steps are reused, training resumes from its
-last checkpoint. Each step prints the equivalent stand-alone command.
+last checkpoint (only with the flags it was started with). Each step prints the equivalent
+stand-alone command.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import shlex
 import sys
 import time
 
+from data_pipeline.argtypes import int_at_least
 from data_pipeline.config import MIN_VOCAB_SIZE
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import MANIFEST_FILE, load_manifest
@@ -31,28 +33,13 @@ LAYOUT = """\
 | path | what | made by |
 |---|---|---|
 | `shards/` | WebDataset shards (`train-*.tar`, `val-*.tar`), `manifest.json`, `tokenizer.json` | `python -m data_pipeline prepare` |
-| `run/` | the training run: `checkpoints/` (DeepSpeed ZeRO), `tensorboard/`, `metrics.jsonl`, `config.yaml` | `deepspeed pretrain/train.py` |
+| `run/` | the training run: `checkpoints/` (DeepSpeed ZeRO), `tensorboard/`, `metrics.jsonl`, `config.yaml`, and `quickstart.json`: the quickstart flags the run was started with | `deepspeed pretrain/train.py` |
 | `exported/` | the standalone model: `model.safetensors`, `config.json`, `tokenizer.json`, `export.json` | `python -m pretrain.export` |
 | `eval/` | long-context evaluation: `results.json`, `report.md`, `perplexity.png`, `retrieval.png` | `python -m evaluation.long_context` |
 | `summary.json` | the figures of this run and the commands that made each step | this quickstart |
 
 Dashboards: `tensorboard --logdir run/tensorboard`.
 """
-
-
-def int_at_least(low: int):
-    """An argparse type: an integer of at least `low`."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
 
 
 positive_int = int_at_least(1)
@@ -160,6 +147,41 @@ def finished_shards(shards: str, wanted: dict) -> bool:
     return True
 
 
+RUN_SETTINGS_FILE = "quickstart.json"
+
+
+def run_settings(args) -> dict:
+    """The flags that shape the trained model, by flag (not --micro-batch or --ranks: same steps, same math)."""
+    return {"--seq-len": args.seq_len, "--vocab-size": args.vocab_size, "--max-docs": args.max_docs,
+            "--steps": args.steps, "--batch-tokens": args.batch_tokens}
+
+
+def check_run_settings(run_dir: str, wanted: dict) -> None:
+    """Raise DataError naming every flag whose value differs from the one `run_dir`'s run was started with."""
+    path = os.path.join(run_dir, RUN_SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    differ = [flag for flag, value in wanted.items() if flag in recorded and recorded[flag] != value]
+    if differ:
+        made = ", ".join(f"{flag} {recorded[flag]}" for flag in differ)
+        asked = ", ".join(f"{flag} {wanted[flag]}" for flag in differ)
+        raise DataError(f"{run_dir} was trained with {made}, not {asked}; rerun with {made} to continue it, or use "
+                        f"another --out or remove {run_dir} to start fresh")
+
+
+def record_run_settings(run_dir: str, settings: dict) -> None:
+    """Write the settings a new run starts with into its run directory (kept as they are on a resume)."""
+    path = os.path.join(run_dir, RUN_SETTINGS_FILE)
+    if os.path.isfile(path):
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def _setting(value):
     """A setting in the form manifest.json keeps it (tuples as lists)."""
     return list(value) if isinstance(value, tuple) else value
@@ -241,6 +263,11 @@ def main(argv=None) -> int:
     out = os.path.abspath(args.out)
     shards, run_dir = os.path.join(out, "shards"), os.path.join(out, "run")
     exported, eval_dir = os.path.join(out, "exported"), os.path.join(out, "eval")
+    try:
+        check_run_settings(run_dir, run_settings(args))
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "README.md"), "w", encoding="utf-8") as f:
         f.write(LAYOUT)
@@ -256,6 +283,7 @@ def main(argv=None) -> int:
     timings["prepare_s"] = time.time() - t
 
     t = time.time()
+    record_run_settings(run_dir, run_settings(args))
     train_cmd = run_pretrain(args, shards, run_dir)
     timings["pretrain_s"] = time.time() - t
 

@@ -10,7 +10,8 @@ from model import AtmaForCausalLM
 
 
 def check_teacher(spec: str) -> None:
-    """Raise ValueError when `spec` is neither a directory nor of the form of a Hugging Face model name."""
+    """Raise ValueError when `spec` is neither a directory nor a Hugging Face model name that is cached or
+    can be downloaded (the hub answers)."""
     if os.path.isdir(spec):
         return
     if os.path.exists(spec):
@@ -26,6 +27,26 @@ def check_teacher(spec: str) -> None:
         raise ValueError(f"loss.teacher {spec!r}: no such directory, and not a Hugging Face model name "
                          "(NAME or ORG/NAME); give an exported model directory (python -m pretrain.export) "
                          "or a Hugging Face causal LM") from None
+    why = _hub_model_unavailable(spec)
+    if why:
+        raise ValueError(f"loss.teacher {spec!r}: no such directory, and {why}")
+
+
+def _hub_model_unavailable(name: str) -> str | None:
+    """Why the Hugging Face model `name` cannot be loaded here (neither cached nor downloadable), or None."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return None  # cached: loads without the network
+    if constants.is_offline_mode():
+        return (f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; give an "
+                "exported model directory (python -m pretrain.export), or download the model once with the "
+                "network on")
+    from data_pipeline.sources import hub_unreachable
+
+    unreachable = hub_unreachable(offline_hint="give an exported model directory (python -m pretrain.export), "
+                                               "or download the model once with the network on")
+    return f"not in the Hugging Face cache, and {unreachable}" if unreachable else None
 
 
 class Teacher:

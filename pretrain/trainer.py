@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
 import math
 import os
@@ -106,6 +108,81 @@ def plan_batch(tokens: int, micro_batch_size: int, seq_len: int, world_size: int
     return BatchPlan(seq_len, micro_batch_size, tokens // per_pass, world_size)
 
 
+# Top-level keys read by deepspeed.initialize itself (to build a device mesh), not by DeepSpeedConfig.
+_DS_KEYS_OUTSIDE_CONFIG = frozenset({"data_parallel_size", "sequence_parallel_size"})
+
+
+class _KeyRecorder(dict):
+    """A config dict that records every top-level key DeepSpeed looks up in it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: set[str] = set()
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def __copy__(self):  # DeepSpeedConfig parses a copy.copy of the dict it is given
+        return self
+
+    def keys(self):
+        return _RecordedKeys(self)
+
+
+class _RecordedKeys:
+    """`config.keys()` whose membership tests (`KEY in config.keys()`) are recorded too."""
+
+    def __init__(self, config: _KeyRecorder):
+        self.config = config
+
+    def __contains__(self, key):
+        return key in self.config
+
+    def __iter__(self):
+        return iter(dict.keys(self.config))
+
+    def __len__(self):
+        return len(self.config)
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """The top-level keys DeepSpeed's own config parser reads, recorded while it parses a minimal config."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = _KeyRecorder(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    DeepSpeedConfig(config)
+    return frozenset(config.seen - set(_removed_top_level_keys())) | _DS_KEYS_OUTSIDE_CONFIG
+
+
+def _removed_top_level_keys() -> dict[str, str]:
+    """DeepSpeed's removed top-level keys and its message for each (which it raises only at engine build)."""
+    from deepspeed.runtime import config
+
+    return getattr(config, "_REMOVED_TOP_LEVEL_CONFIG_KEYS", {})
+
+
+def check_top_level_keys(ds: dict, path: str) -> None:
+    """Refuse a top-level key DeepSpeed does not read (it would silently ignore it); ConfigError names the key."""
+    known, removed = deepspeed_top_level_keys(), _removed_top_level_keys()
+    for key in ds:
+        if key in removed:
+            raise ConfigError(f"{path}: {key}: {removed[key]}")
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{path}: {key}: unknown key (not a DeepSpeed setting{hint})")
+
+
 def check_zero_section(ds: dict, path: str) -> None:
     """Check the DeepSpeed JSON's zero_optimization with DeepSpeed's own model; ConfigError names the first bad key."""
     import pydantic
@@ -129,9 +206,8 @@ def check_zero_section(ds: dict, path: str) -> None:
         raise ConfigError(f"{path}: {key}: {first['msg']}{shown}") from None
 
 
-def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
-    """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
-    path = cfg.deepspeed_config
+def read_ds_file(path: str) -> dict:
+    """Read and check the DeepSpeed JSON the run config names (ConfigError names the file and the first bad key)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: DeepSpeed config not found (deepspeed_config in the run config)")
     try:
@@ -144,7 +220,15 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dic
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's optim/schedule set it")
+    check_top_level_keys(ds, path)
     check_zero_section(ds, path)
+    return ds
+
+
+def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
+    """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
+    path = cfg.deepspeed_config
+    ds = read_ds_file(path)
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.grad_accum
     ds["train_batch_size"] = plan.sequences_per_step
@@ -210,7 +294,7 @@ def _first_existing(path: str) -> str:
 
 def check_inputs(cfg: RunConfig) -> None:
     """Refuse what would otherwise fail only after the engine build or at step 1 (ConfigError): a file given
-    as the shard or run directory, an unusable teacher name, an unknown ATMA_KERNELS."""
+    as the shard or run directory, a bad DeepSpeed JSON, an unusable teacher name, an unknown ATMA_KERNELS."""
     from kernels import kernel_choice
 
     if os.path.isfile(cfg.data.dir):
@@ -222,6 +306,7 @@ def check_inputs(cfg: RunConfig) -> None:
     if not os.path.isdir(existing):
         raise ConfigError(f"{existing}: a file, not a directory; --run-dir (run_dir) must be a directory or a "
                           "path that does not exist yet")
+    read_ds_file(cfg.deepspeed_config)
     try:
         kernel_choice()
         if cfg.loss.distill_weight > 0:

@@ -160,3 +160,47 @@ def test_inspect_without_the_tokenizer_and_output_on_a_file_are_one_line_errors(
                          "--vocab-size", "300", "--quiet"]) == 2
         assert capsys.readouterr().err == f"error: {output}: {message}\n"
     assert target.read_text() == "keep me"
+
+
+def test_prepare_that_yields_no_training_sample_is_an_error_and_leaves_no_dataset(prepared, tmp_path, capsys):
+    tokenizer = os.path.join(prepared[0], "tokenizer.json")
+    corpus = write_jsonl(str(tmp_path / "short.jsonl"), ["hello world", "tiny doc"])
+    out = tmp_path / "out"
+    args = ["prepare", "--input", corpus, "--output", str(out), "--quiet"]
+    assert cli_main([*args, "--seq-len", "512", "--tokenizer", tokenizer, "--val-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: no training samples: the train split's 2 documents hold ")
+    assert err.endswith("fewer than the 513 of one sample (--seq-len 512 + 1); add text or lower --seq-len; "
+                        "nothing was written\n") and err.count("\n") == 1
+    assert not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert cli_main([*args, "--seq-len", "4", "--tokenizer", tokenizer, "--val-fraction", "0.999"]) == 2
+    assert capsys.readouterr().err == (f"error: {out}: no training samples: none of the 2 usable documents fell "
+                                       "into the train split (--val-fraction 0.999); add documents or lower "
+                                       "--val-fraction; nothing was written\n")
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert cli_main([*args, "--seq-len", "4", "--vocab-size", "300", "--val-fraction", "0.999"]) == 2
+    assert capsys.readouterr().err == "error: no usable training documents in the inputs\n"
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--workers", "0"], "argument --workers: must be at least 1, got 0"),
+    (["--workers", "2", "two"], "argument --workers: expected an integer, got 'two'"),
+    (["--loader-workers", "-1"], "argument --loader-workers: must be at least 0, got -1"),
+    (["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["--seq-len", "-4"], "argument --seq-len: must be at least 1, got -4"),
+    (["--max-docs", "0"], "argument --max-docs: must be at least 1, got 0"),
+    (["--vocab-size", "100"], "argument --vocab-size: must be at least 260, got 100"),
+    (["--loader-rounds", "0"], "argument --loader-rounds: must be at least 1, got 0"),
+    (["--loader-seconds", "0"], "argument --loader-seconds: must be a number above 0, got 0"),
+    (["--loader-seconds", "inf"], "argument --loader-seconds: must be a number above 0, got inf"),
+])
+def test_bench_refuses_bad_numbers_while_parsing(flags, message, capsys, monkeypatch):
+    monkeypatch.setattr("data_pipeline.bench.run_bench", lambda args: pytest.fail("bench ran"))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["bench", *flags])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"python -m data_pipeline bench: error: {message}"

@@ -48,7 +48,7 @@ def test_saved_hugging_face_dataset_and_split(tmp_path):
     path = str(tmp_path / "saved")
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"content": docs}),
-        "validation": datasets.Dataset.from_dict({"content": ["other"] * 3}),
+        "validation": datasets.Dataset.from_dict({"content": ["other words in a longer line"] * 3}),
     }).save_to_disk(path)
     out = str(tmp_path / "out")
     prepare(inputs=[path], output=out, text_field="content", **SMALL)

@@ -1,5 +1,6 @@
 """Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
+import glob
 import json
 import math
 import os
@@ -310,6 +311,39 @@ def test_ds_config_with_a_bad_zero_value_is_one_line_before_the_engine(tmp_path,
     assert str(info.value) == f"{path}: {message}"
 
 
+@pytest.mark.parametrize("path", sorted(glob.glob("ds_configs/*.json")))
+def test_shipped_ds_configs_and_the_keys_the_trainer_adds_are_deepspeed_settings(path):
+    from pretrain.trainer import build_ds_config, check_top_level_keys
+
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}",
+                                                             "train.compile=true", "train.compile_method=deepcompile"])
+    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda")
+    assert {"train_batch_size", "gradient_clipping", "compile", "bf16", "steps_per_print"} <= set(ds)
+    check_top_level_keys(ds, path)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("gradient_clippping", "gradient_clippping: unknown key (not a DeepSpeed setting; did you mean "
+                           "'gradient_clipping'?)"),
+    ("zero_optimisation", "zero_optimisation: unknown key (not a DeepSpeed setting; did you mean "
+                          "'zero_optimization'?)"),
+    ("my_own_setting", "my_own_setting: unknown key (not a DeepSpeed setting)"),
+    ("amp", "amp: NVIDIA Apex AMP integration has been removed."),
+])
+def test_ds_config_with_an_unknown_top_level_key_is_one_line_before_the_engine(tmp_path, key, message):
+    from pretrain.trainer import build_ds_config, check_inputs
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1}, key: 1.0}))
+    cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}"])
+    with pytest.raises(ConfigError) as info:
+        build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cpu")
+    assert str(info.value).startswith(f"{path}: {message}") and "\n" not in str(info.value)
+    with pytest.raises(ConfigError) as early:  # at start, before torch.distributed and the data
+        check_inputs(cfg)
+    assert str(early.value) == str(info.value)
+
+
 @pytest.mark.parametrize("value,expected", [
     ("9.0a", "9.0"), ("8.0;9.0a+PTX", "8.0;9.0+PTX"), ("9.0a 10.0a", "9.0 10.0"), ("8.6", "8.6"), (None, None),
 ])
@@ -451,10 +485,40 @@ def test_inputs_that_would_fail_after_the_engine_build_are_refused_at_start(tmp_
     monkeypatch.setenv("ATMA_KERNELS", "foo")
     assert refusal() == "the environment variable ATMA_KERNELS must be one of auto, triton, torch, got 'foo'"
     monkeypatch.setenv("ATMA_KERNELS", "torch")
-    # What can still be right passes: a run dir to create, a teacher directory, a Hugging Face name.
+    # What can still be right passes: a run dir to create, a teacher directory, a Hugging Face name while the hub
+    # answers.
+    monkeypatch.setattr("data_pipeline.sources.hub_unreachable", lambda **kwargs: None)
     for teacher in (shards, "gpt2", "org/some-model"):
         check_inputs(load_run_config(None, [f"data.dir={shards}", f"run_dir={tmp_path / 'new' / 'run'}",
                                             "loss.distill_weight=1", f"loss.teacher={teacher}"]))
+
+
+def test_a_hugging_face_teacher_neither_cached_nor_reachable_is_refused_at_start(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pretrain.teacher import check_teacher
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--org--cached" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--org--cached" / "refs").mkdir()
+    (cache / "models--org--cached" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ValueError) as info:
+        check_teacher("org/missing")
+    assert str(info.value) == (f"loss.teacher 'org/missing': no such directory, and not in the Hugging Face cache "
+                               f"({cache}) while HF_HUB_OFFLINE is set; give an exported model directory (python -m "
+                               "pretrain.export), or download the model once with the network on")
+    check_teacher("org/cached")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing answers
+    with pytest.raises(ValueError, match=r"^loss.teacher 'org/missing': no such directory, and not in the Hugging "
+                                         r"Face cache, and the Hugging Face hub at http://127.0.0.1:9 is unreachable "
+                                         r"\(.*\); to work offline, give an exported model directory"):
+        check_teacher("org/missing")
+    check_teacher("org/cached")
 
 
 def test_a_start_up_refusal_is_one_error_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -126,3 +126,31 @@ def test_shards_prepared_with_other_settings_are_refused_not_reused(tmp_path, ca
     wanted = {"--seq-len": ("seq_len", 64), "--vocab-size": ("vocab_size", 512), "--max-docs": ("max_docs", 200)}
     assert quickstart.finished_shards(str(shards), wanted)
     assert not quickstart.finished_shards(str(tmp_path / "none"), wanted)
+
+
+def test_a_run_started_with_other_flags_is_refused_not_resumed(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "qs"
+    argv = ["--out", str(out), "--ranks", "1", "--batch-tokens", "1024", "--micro-batch", "4", "--steps", "6"]
+    started = []
+    monkeypatch.setattr(quickstart, "run_prepare", lambda args, shards: {})
+
+    def stop_at_training(args, shards, run_dir, *rest, **kwargs):
+        started.append(json.loads((out / "run" / quickstart.RUN_SETTINGS_FILE).read_text()))
+        raise SystemExit(130)
+
+    monkeypatch.setattr(quickstart, "run_pretrain", stop_at_training)
+    with pytest.raises(SystemExit):
+        quickstart.main(argv)
+    assert started == [{"--seq-len": 256, "--vocab-size": 2048, "--max-docs": 400, "--steps": 6,
+                        "--batch-tokens": 1024}]
+    with pytest.raises(SystemExit):  # the same flags, or another --micro-batch / --ranks: resumed
+        quickstart.main(argv + ["--micro-batch", "2", "--ranks", "2"])
+    assert len(started) == 2 and started[1] == started[0]
+    monkeypatch.setattr(quickstart, "run_prepare", _must_not_run)
+    assert quickstart.main(argv + ["--steps", "9", "--batch-tokens", "2048"]) == 2
+    run = out / "run"
+    assert capsys.readouterr().err == (f"error: {run} was trained with --steps 6, --batch-tokens 1024, not --steps 9, "
+                                       f"--batch-tokens 2048; rerun with --steps 6, --batch-tokens 1024 to continue "
+                                       f"it, or use another --out or remove {run} to start fresh\n")
+    quickstart.check_run_settings(str(run), started[0])
+    quickstart.check_run_settings(str(tmp_path / "none"), {"--steps": 1})
