@@ -216,7 +216,7 @@ def test_a_damaged_checkpoint_is_refused_with_the_previous_complete_one(tmp_path
         check_loadable(str(root / "step_00000004"))
 
 
-def test_a_checkpoint_file_changed_after_saving_is_refused(tmp_path, monkeypatch):
+def test_a_checkpoint_file_changed_after_saving_is_refused(tmp_path):
     import torch.utils.serialization
 
     from pretrain import checkpoint as ckpt
@@ -250,8 +250,12 @@ def test_a_checkpoint_file_changed_after_saving_is_refused(tmp_path, monkeypatch
         f"since), so checkpoint {path.parent} cannot be loaded; resume from the previous complete checkpoint with "
         f"--resume {root / 'step_00000002'}, or pass --resume none to start over")
     # A file written without checksums (torch's compute_crc32 off) has nothing to compare against.
-    monkeypatch.setattr(torch.utils.serialization.config.save, "compute_crc32", False)
-    torch.save({"weights": weights}, root / "step_00000002" / states)
+    before = torch.utils.serialization.config.save.compute_crc32
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({"weights": weights}, root / "step_00000002" / states)
+    finally:
+        torch.serialization.set_crc32_options(before)
     assert ckpt.corrupt_files(str(root / "step_00000002")) == []
 
 
