@@ -203,6 +203,62 @@ def conv_case(B, T, C, K, *, dtype=F64, device="cpu", seed=0, channel_stride=1):
     return x, w, dy
 
 
+class _KeptLangPatch:
+    """Stands in for the interpreter's patch scope when the running kernel's patches are reused."""
+
+    def restore(self) -> None:
+        """Leave the kernel's patches for the kernel's own scope to undo."""
+
+
+def reuse_interpreter_patches() -> None:
+    """Under TRITON_INTERPRET=1, let a @triton.jit helper called from a running kernel reuse the
+    kernel's patched `triton.language` instead of re-patching it on every call (idempotent).
+
+    The interpreter patches the language modules before each launch and undoes it after; it also
+    re-patches them, with the same values, on every device-function call inside the kernel (and
+    never undoes that), which is most of the time the Polar kernels take on the CPU. A helper that
+    sees a language module not yet patched during this launch still gets its own patch. Does
+    nothing on a Triton without these internals.
+    """
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    original_patch = getattr(interpreter, "_patch_lang", None)
+    executor = getattr(interpreter, "GridExecutor", None)
+    if original_patch is None or executor is None or getattr(original_patch, "_reuses_kernel_patch", False):
+        return
+    original_call = executor.__call__
+    state = {"depth": 0, "langs": None}  # kernels being run; language modules their patch covers
+
+    def langs_of(fn) -> set:
+        return {id(value) for value in fn.__globals__.values() if value is tl or value is tl.core}
+
+    def patch_lang(fn):
+        langs = langs_of(fn)
+        if state["langs"] is not None and langs <= state["langs"]:
+            return _KeptLangPatch()
+        scope = original_patch(fn)
+        if state["depth"]:  # the launch's own patch, or a helper's that stays until the launch ends
+            state["langs"] = langs | (state["langs"] or set())
+        return scope
+
+    def call(self, *args, **kwargs):
+        outer = state["langs"]
+        state["depth"] += 1
+        state["langs"] = None
+        try:
+            return original_call(self, *args, **kwargs)
+        finally:
+            state["depth"] -= 1
+            state["langs"] = outer
+
+    patch_lang._reuses_kernel_patch = True
+    interpreter._patch_lang = patch_lang
+    executor.__call__ = call
+
+
 def with_live_weights(model, std: float = 0.05):
     """Give every all-zero tensor of `model` (the zero-initialised projections and head) N(0, std) weights."""
     with torch.no_grad():

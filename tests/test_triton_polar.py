@@ -38,7 +38,9 @@ from helpers import (
     polar_golden_upstream,
     rel_max_err,
     rel_rmse,
+    reuse_interpreter_patches,
 )
+from kernels.common import interpreting
 from kernels.polar.naive import polar_attention_naive
 
 pytestmark = pytest.mark.nan_poison
@@ -48,6 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Interpreter-only tests run in the child process of `test_interpreter_suite` (tests/conftest.py
 # deselects each group in the process where it does not belong).
 interpreted = pytest.mark.interpreter
+if interpreting():
+    reuse_interpreter_patches()
 
 
 @pytest.mark.interpreter_driver
@@ -618,19 +622,29 @@ def test_gpu_matches_oracle(polar, T, window, dtype):
 KIND_VARIANTS = {"fwd": ("two_pass",), "dq": VARIANTS, "dkdv": ("two_pass",), "onepass": ("one_pass",)}
 
 
-def candidate_failures(polar, monkeypatch, kind, dtype, device, shape, windows, oracle) -> list:
+def candidate_failures(polar, monkeypatch, kind, dtype, device, shape, windows, oracle, checked=None) -> list:
     """Force each launch candidate of `kind` on `device` in turn (the other kernels at their class
     default) and compare forward and every gradient of the backward variants that launch it with
-    the oracle; return the failures."""
+    the oracle; return the failures.
+
+    `checked`, a set shared between calls, skips the (configurations, window, variant) runs that an
+    earlier call made already: each kind's first candidate is the class default of every kernel.
+    """
     B, T, H, G, D = shape
     defaults = {k: polar.launch_candidates(k, device, dtype, D)[0] for k in polar.KERNELS}
+    checked = set() if checked is None else checked
     failures = []
     for cand in polar.launch_candidates(kind, device, dtype, D):
-        monkeypatch.setenv(polar.FORCE_ENV, config_string({**defaults, kind: cand}))
+        configs = config_string({**defaults, kind: cand})
+        monkeypatch.setenv(polar.FORCE_ENV, configs)
         for window in windows:
+            variants = tuple(v for v in KIND_VARIANTS[kind] if (configs, window, v) not in checked)
+            if not variants:
+                continue
+            checked.update((configs, window, v) for v in variants)
             inputs, g_dir, g_mag, ref = oracle(dtype, window)
             outs = kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=dtype, window=window,
-                                    variants=KIND_VARIANTS[kind])
+                                    variants=variants)
             for variant, out in outs.items():
                 bad = gpu_bound_violations(out, ref, dtype)
                 if bad:
@@ -683,9 +697,10 @@ def test_interpreted_candidate_loop_of_the_small_class(polar, monkeypatch, oracl
     def oracle(dtype, window):
         return oracle_cache(device, shape, dtype, window)
 
-    failures = []
+    failures, checked = [], set()
     for kind in polar.KERNELS:
-        failures += candidate_failures(polar, monkeypatch, kind, torch.bfloat16, device, shape, (24,), oracle)
+        failures += candidate_failures(polar, monkeypatch, kind, torch.bfloat16, device, shape, (24,), oracle,
+                                       checked)
     assert not failures, "\n".join(failures)
 
 
