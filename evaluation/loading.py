@@ -11,6 +11,7 @@ import torch
 
 from data_pipeline.journal import file_sha256
 from model import AtmaForCausalLM, CheckpointError
+from model.device import default_device, usable_device
 
 from .errors import EvaluationError
 
@@ -20,16 +21,11 @@ WEIGHTS_CHECKSUMS = "weights_sha256"
 
 
 def resolve_device(name: str | None) -> torch.device:
-    """`name` as a torch.device, defaulting to cuda when available, else cpu."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """`name` as a torch.device this machine has, defaulting to cuda when available, else cpu."""
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise EvaluationError(f"bad --device {name!r}: use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvaluationError(f"--device {name}: CUDA is not available on this machine")
-    return device
+        return usable_device(name if name is not None else default_device())
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> tuple[str, torch.dtype | None]:

@@ -37,3 +37,16 @@ def test_usable_device(monkeypatch):
     assert usable_device("cuda:1") == torch.device("cuda:1")
     with pytest.raises(ValueError, match=r"^--device cuda:2: this machine has 2 CUDA device\(s\), cuda:0 to cuda:1$"):
         usable_device("cuda:2")
+
+
+def test_the_evaluation_takes_the_same_devices(no_cuda):
+    from evaluation.errors import EvaluationError
+    from evaluation.loading import resolve_device
+
+    assert resolve_device(None) == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for name, message in [("cuda:1", "--device cuda:1: CUDA is not available on this machine"),
+                          ("meta", "--device 'meta': unknown device; use cpu, cuda or cuda:N")]:
+        with pytest.raises(EvaluationError) as err:
+            resolve_device(name)
+        assert str(err.value) == message
