@@ -32,6 +32,10 @@ def check_teacher(spec: str) -> None:
         raise ValueError(f"loss.teacher {spec!r}: no such directory, and {why}")
 
 
+OFFLINE_HINT = ("give an exported model directory (python -m pretrain.export), or download the model once "
+                "with the network on")
+
+
 def _hub_model_unavailable(name: str) -> str | None:
     """Why the Hugging Face model `name` cannot be loaded here (neither cached nor downloadable), or None."""
     from huggingface_hub import constants, try_to_load_from_cache
@@ -39,13 +43,10 @@ def _hub_model_unavailable(name: str) -> str | None:
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return None  # cached: loads without the network
     if constants.is_offline_mode():
-        return (f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; give an "
-                "exported model directory (python -m pretrain.export), or download the model once with the "
-                "network on")
+        return f"not in the Hugging Face cache ({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set; {OFFLINE_HINT}"
     from data_pipeline.sources import hub_unreachable
 
-    unreachable = hub_unreachable(offline_hint="give an exported model directory (python -m pretrain.export), "
-                                               "or download the model once with the network on")
+    unreachable = hub_unreachable(offline_hint=OFFLINE_HINT)
     return f"not in the Hugging Face cache, and {unreachable}" if unreachable else None
 
 
