@@ -7,11 +7,16 @@ timed per case, with a breakdown and the top profiler ops.
     python -m pretrain.bench --device cpu --cores polar --model-set hidden_size=64 --model-set head_dim=16 \\
         --model-set vocab_size=256 --seq-len 64 --micro-batch 1 --steps 20 --zero-stages 0,3 --interleave
 
-A case is one combination of --cores, --zero-stages, --activation-checkpointing and --compile;
-each is built exactly as training builds it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, precision
-auto: bf16 on CUDA, fp32 on the CPU) and timed on random tokens (or --data shards). Ratios compare
-cases that differ in one setting, all measured in this run: core vs the last core of --cores,
-ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs eager, activation checkpointing vs none.
+A case is one combination of --cores, --zero-stages, --activation-checkpointing and --compile
+(and of the shipped DeepSpeed JSON and each --ds-variant); each is built exactly as training builds
+it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, precision auto: bf16 on CUDA, fp32 on the CPU) and
+timed on random tokens (or --data shards). Ratios compare cases that differ in one setting, all
+measured in this run: core vs the last core of --cores, ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs
+eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped JSON.
+
+    # a DeepSpeed setting against the shipped ZeRO-3 JSON, with the ZeRO-0 baseline, in one run:
+    python -m pretrain.bench --cases polar:0:none:auto,polar:3:none:auto,polar:3:none:auto:v1 \\
+        --ds-variant zero_optimization.stage3_prefetch_bucket_size=0 --interleave
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from model import PRESETS, AtmaConfig, AtmaForCausalLM
 from model.device import default_device, usable_device
 
+from .config import ConfigError
 from .flops import peak_flops_for, train_flops_per_token
 
 CPU_MAX_PARAMETERS = 50_000_000
@@ -57,17 +63,38 @@ def _list(kind, choices=None):
 
 
 def _cases(text: str) -> list[tuple]:
-    """An argparse type: CORE:ZERO:AC:COMPILE cases, comma-separated."""
+    """An argparse type: CORE:ZERO:AC:COMPILE[:VARIANT] cases, comma-separated."""
     out = []
     for item in filter(None, (x.strip() for x in text.split(","))):
         parts = item.split(":")
-        if len(parts) != 4 or parts[0] not in ("polar", "nope", "rope") or parts[1] not in ("0", "1", "2", "3") \
-                or parts[2] not in CHECKPOINT_POLICIES or parts[3] not in COMPILE_CHOICES:
+        if len(parts) not in (4, 5) or parts[0] not in ("polar", "nope", "rope") \
+                or parts[1] not in ("0", "1", "2", "3") or parts[2] not in CHECKPOINT_POLICIES \
+                or parts[3] not in COMPILE_CHOICES or (len(parts) == 5 and not parts[4]):
             raise argparse.ArgumentTypeError(
-                f"a case is CORE:ZERO:AC:COMPILE, e.g. polar:3:none:blocks; got {item!r}")
-        out.append((parts[0], int(parts[1]), parts[2], parts[3]))
+                f"a case is CORE:ZERO:AC:COMPILE[:VARIANT], e.g. polar:3:none:blocks or polar:3:none:blocks:v1; "
+                f"got {item!r}")
+        out.append((parts[0], int(parts[1]), parts[2], parts[3], *parts[4:]))
     if not out:
         raise argparse.ArgumentTypeError("--cases needs at least one case")
+    return out
+
+
+def _ds_variant(text: str) -> dict:
+    """An argparse type: KEY=VALUE[,KEY=VALUE...] settings over the DeepSpeed JSON (dotted keys, JSON values)."""
+    out = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not all(part.isidentifier() for part in key.split(".")):
+            raise argparse.ArgumentTypeError(
+                f"expected KEY=VALUE with a dotted DeepSpeed key, e.g. zero_optimization.overlap_comm=false; "
+                f"got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw.strip()
+    if not out:
+        raise argparse.ArgumentTypeError("--ds-variant needs at least one KEY=VALUE")
     return out
 
 
@@ -92,9 +119,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", type=_list(str, COMPILE_CHOICES), default=["auto"],
                    help="comma-separated: off, blocks, deepcompile, or auto (the training default: blocks on "
                         "CUDA, off on the CPU)")
-    p.add_argument("--cases", type=_cases, metavar="CORE:ZERO:AC:COMPILE,...",
+    p.add_argument("--cases", type=_cases, metavar="CORE:ZERO:AC:COMPILE[:VARIANT],...",
                    help="explicit cases instead of every combination of the four lists above, e.g. "
-                        "polar:3:none:blocks,nope:3:none:blocks,polar:2:none:blocks")
+                        "polar:3:none:blocks,nope:3:none:blocks,polar:2:none:blocks; VARIANT names a --ds-variant "
+                        "(v1, v2, ...; default: the shipped DeepSpeed JSON)")
+    p.add_argument("--ds-variant", type=_ds_variant, action="append", default=[],
+                   metavar="KEY=VALUE[,KEY=VALUE...]",
+                   help="DeepSpeed settings set over each case's JSON, e.g. "
+                        "zero_optimization.contiguous_gradients=false (repeatable: variants v1, v2, ...; values "
+                        "are read as JSON); every case is also run with each variant unless --cases names them")
     p.add_argument("--fla-timing-only", action="store_true",
                    help="use flash-linear-attention's backward even where its gradients are known to be wrong "
                         "(timing only; training never does)")
@@ -148,16 +181,19 @@ class Case:
     zero_stage: int
     checkpointing: str
     compile: str
+    variant: str = ""  # a --ds-variant name; "" is the shipped DeepSpeed JSON
     step_times: list[float] = field(default_factory=list)
     result: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return f"{self.core} z{self.zero_stage} ac={self.checkpointing} compile={self.compile}"
+        name = f"{self.core} z{self.zero_stage} ac={self.checkpointing} compile={self.compile}"
+        return f"{name} ds={self.variant}" if self.variant else name
 
     def key_without(self, setting: str) -> tuple:
         """The case's settings other than `setting` (cases that differ only there share it)."""
-        fields = {"core": self.core, "zero": self.zero_stage, "ac": self.checkpointing, "compile": self.compile}
+        fields = {"core": self.core, "zero": self.zero_stage, "ac": self.checkpointing, "compile": self.compile,
+                  "ds": self.variant}
         return tuple(v for k, v in fields.items() if k != setting)
 
 
@@ -180,7 +216,10 @@ class CaseRunner:
         self.plan = BatchPlan(args.seq_len, args.micro_batch, 1, 1)
         self.config = AtmaConfig.from_preset(args.preset, **args.model_overrides, core=case.core,
                                              memory=not args.no_memory)
-        ds_config = build_ds_config(self.cfg, self.plan, device_type=device.type)
+        ds_config = build_ds_config(self.cfg, self.plan, device_type=device.type,
+                                    overrides=args.ds_variants.get(case.variant),
+                                    overrides_source=f"--ds-variant {case.variant}")
+        self.ds_config = ds_config
         self.engine, optimizer = build_engine(self.cfg, self.config, ds_config, device=device)
         apply_lr(optimizer, 1.0)
         self.timer = PhaseTimer(device, synchronize=True)
@@ -200,6 +239,24 @@ class CaseRunner:
         self.run()
         synchronize(self.device)
         return time.perf_counter() - start
+
+
+def settings_text(settings: dict) -> str:
+    """A variant's settings as the command line gives them, values in JSON."""
+    return ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+
+
+def check_variants(cases: list[Case], variants: dict[str, dict]) -> None:
+    """Refuse (ConfigError) a case naming an undefined variant or a variant DeepSpeed would not accept."""
+    from .trainer import apply_ds_overrides, read_ds_file
+
+    for case in cases:
+        if case.variant and case.variant not in variants:
+            defined = ", ".join(variants) or "none"
+            raise ConfigError(f"--cases: {case.name}: no --ds-variant {case.variant} (defined: {defined})")
+        if case.variant:
+            apply_ds_overrides(read_ds_file(ZERO_CONFIGS[case.zero_stage]), variants[case.variant],
+                               f"--ds-variant {case.variant} ({settings_text(variants[case.variant])})")
 
 
 def batch_stream(args, vocab_size: int):
@@ -263,6 +320,8 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "activation_checkpointing": case.checkpointing, "compile": case.compile,
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
         "memory": not args.no_memory, "memory_kernel": memory_kernel(runner.device, args),
+        "ds_variant": case.variant, "ds_overrides": args.ds_variants.get(case.variant, {}),
+        "ds_config": runner.ds_config,
         "step_s_median": step, "step_s_all": case.step_times,
         "step_s_stdev": statistics.stdev(case.step_times) if len(case.step_times) > 1 else 0.0,
         "tokens_per_s": tokens_per_s, "flops_per_token": flops, "tflops": flops * tokens_per_s / 1e12,
@@ -346,16 +405,22 @@ def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
         ("compile", "compile", [("blocks", "off"), ("deepcompile", "off"), ("deepcompile", "blocks")],
          "compile {}/{} step"),
         ("ac", "checkpointing", [("global", "none"), ("all", "none")], "checkpointing {}/{} step"),
+        ("ds", "variant", [(v, "") for v in sorted({c.variant for c in done} - {""})], "ds {}/shipped step"),
     ]
     out = []
     for setting, attribute, pairs, label in comparisons:
         groups: dict[tuple, dict] = {}
         for c in done:
             groups.setdefault(c.key_without(setting), {})[getattr(c, attribute)] = c
-        for members in groups.values():
+        for key, members in groups.items():
             for num, den in pairs:
-                if num in members and den in members:
-                    a, b = members[num], members[den]
+                b = members.get(den)
+                if b is None and setting == "zero" and num in members and members[num].variant:
+                    # a variant's ZeRO-N case against the shipped JSON's ZeRO-M case when the run has no
+                    # ZeRO-M case of that variant (e.g. a ZeRO-3 setting against the plain ZeRO-0 baseline)
+                    b = groups.get(key[:-1] + ("",), {}).get(den)
+                if num in members and b is not None:
+                    a = members[num]
                     out.append({"ratio": label.format(num, den), "case": a.name, "baseline": b.name,
                                 "value": a.result["step_s_median"] / b.result["step_s_median"]})
     return out
@@ -408,6 +473,18 @@ def main(argv=None) -> int:
               "to benchmark on the CPU; use --preset tiny for a smoke run, shrink it with --model-set, or run "
               "on a GPU", file=sys.stderr)
         return 2
+    args.ds_variants = {f"v{i}": settings for i, settings in enumerate(args.ds_variant, start=1)}
+    if args.cases:
+        cases = [Case(*spec) for spec in args.cases]
+        args.cores = list(dict.fromkeys(c.core for c in cases))
+    else:
+        cases = [Case(core, zero, ac, comp, variant) for variant, zero, ac, comp, core in itertools.product(
+            ["", *args.ds_variants], args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
+    try:
+        check_variants(cases, args.ds_variants)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     from kernels.gated_delta import fla_bridge
 
     from .trainer import init_distributed
@@ -421,12 +498,8 @@ def main(argv=None) -> int:
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")
-    if args.cases:
-        cases = [Case(*spec) for spec in args.cases]
-        args.cores = list(dict.fromkeys(c.core for c in cases))
-    else:
-        cases = [Case(core, zero, ac, comp) for zero, ac, comp, core in itertools.product(
-            args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
+    for label, settings in args.ds_variants.items():
+        print(f"ds variant {label}: {settings_text(settings)}")
 
     def write_json():
         if args.json:

@@ -225,10 +225,38 @@ def read_ds_file(path: str) -> dict:
     return ds
 
 
-def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str) -> dict:
-    """Read the DeepSpeed JSON named by the run config and fill in batch, precision and clipping."""
+# DeepSpeed keys that build_ds_config fills in from the run config (an override would be overwritten).
+_DS_KEYS_FROM_RUN_CONFIG = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                            "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler", "compile")
+
+
+def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
+    """Set each dotted DeepSpeed key of `overrides` in `ds` (in place) and check the result as a file is checked."""
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        if (parents or [leaf])[0] in _DS_KEYS_FROM_RUN_CONFIG:
+            raise ConfigError(f"{source}: {dotted}: set from the run config (batch, precision, optimizer, "
+                              "clipping, compile), not in the DeepSpeed JSON")
+        node = ds
+        for i, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parents[:i + 1])
+                raise ConfigError(f"{source}: {where} is not a JSON object, so {dotted} cannot be set")
+        node[leaf] = value
+    check_top_level_keys(ds, source)
+    check_zero_section(ds, source)
+    return ds
+
+
+def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overrides: dict | None = None,
+                    overrides_source: str = "overrides") -> dict:
+    """Read the DeepSpeed JSON named by the run config (dotted `overrides` set over it) and fill in batch,
+    precision and clipping."""
     path = cfg.deepspeed_config
     ds = read_ds_file(path)
+    if overrides:
+        apply_ds_overrides(ds, overrides, overrides_source)
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     ds["gradient_accumulation_steps"] = plan.grad_accum
     ds["train_batch_size"] = plan.sequences_per_step

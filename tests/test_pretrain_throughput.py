@@ -127,6 +127,29 @@ def test_a_zero3_engine_leaves_torch_linear_alone(tmp_path):
     assert "linear unchanged: True" in proc.stdout
 
 
+def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "32",
+                           "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                           "--breakdown-steps", "0", "--profile-steps", "0", "--cases",
+                           "nope:3:none:off,nope:3:none:off:v1", "--ds-variant",
+                           "zero_optimization.stage3_param_persistence_threshold=0", "--json", str(out)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "CPU"
+    shipped, variant = report["results"]
+    assert (shipped["ds_variant"], variant["ds_variant"]) == ("", "v1")
+    # what each engine was built from: the shipped JSON, and the same JSON with the one setting changed
+    assert shipped["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000
+    assert variant["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert {k: v for k, v in variant["ds_config"]["zero_optimization"].items()
+            if k != "stage3_param_persistence_threshold"} == {
+        k: v for k, v in shipped["ds_config"]["zero_optimization"].items() if k != "stage3_param_persistence_threshold"}
+    assert [r["ratio"] for r in report["ratios"]] == ["ds v1/shipped step"]
+    assert "ds variant v1: zero_optimization.stage3_param_persistence_threshold=0" in proc.stdout
+
+
 def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "64",

@@ -295,6 +295,31 @@ def test_ds_config_filled_from_run_config():
         build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")
 
 
+def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
+    from pretrain.trainer import build_ds_config
+
+    cfg = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero3_bf16.json"])
+    plan = plan_batch(4096, 4, 256, 1)
+    ds = build_ds_config(cfg, plan, device_type="cpu", overrides={
+        "zero_optimization.overlap_comm": False, "zero_optimization.offload_optimizer.device": "cpu"})
+    zero = ds["zero_optimization"]
+    assert zero["overlap_comm"] is False and zero["offload_optimizer"] == {"device": "cpu"}
+    assert zero["reduce_bucket_size"] == 50_000_000 and zero["stage"] == 3  # the rest of the file is kept
+    for overrides, message in (
+            ({"zero_optimization.overlap_comms": False}, "zero_optimization.overlap_comms: unknown key"),
+            ({"steps_per_prin": 5}, "steps_per_prin: unknown key .*did you mean 'steps_per_print'"),
+            ({"gradient_clipping": 1.0}, "gradient_clipping: set from the run config"),
+            ({"bf16.enabled": False}, "bf16.enabled: set from the run config"),
+            ({"zero_optimization.stage.x": 1}, "zero_optimization.stage is not a JSON object"),
+            ({"zero_optimization.reduce_bucket_size": -1}, "zero_optimization.reduce_bucket_size: .*got -1")):
+        with pytest.raises(ConfigError, match="^--ds-variant v1: " + message):
+            build_ds_config(cfg, plan, device_type="cpu", overrides=overrides, overrides_source="--ds-variant v1")
+    # Overrides come before the run config's own rules, which still apply to them.
+    muon = load_run_config("pretrain/configs/atma-378m.yaml", ["data.dir=d"])
+    with pytest.raises(ConfigError, match="Muon under ZeRO-3 needs zero_optimization.reduce_scatter = false"):
+        build_ds_config(muon, plan, device_type="cuda", overrides={"zero_optimization.reduce_scatter": True})
+
+
 @pytest.mark.parametrize("zero, message", [
     ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
@@ -443,6 +468,49 @@ def test_bench_ratios_compare_cases_that_differ_in_one_setting():
                      ("polar/nope step", "polar z3 ac=none compile=off"): pytest.approx(2.0),
                      ("ZeRO-3/ZeRO-0 step", "polar z3 ac=none compile=off"): pytest.approx(1.2),
                      ("ZeRO-3/ZeRO-0 step", "nope z3 ac=none compile=off"): pytest.approx(1.2)}
+
+
+def test_bench_ratios_compare_each_ds_variant_with_the_shipped_json():
+    from pretrain.bench import Case, ratios
+
+    cases = []
+    for zero, variant, seconds in ((0, "", 1.0), (3, "", 1.5), (3, "v1", 1.2)):
+        case = Case("nope", zero, "none", "off", variant)
+        case.result = {"step_s_median": seconds}
+        cases.append(case)
+    found = {(r["ratio"], r["case"], r["baseline"]): r["value"] for r in ratios(cases, "nope")}
+    z0 = "nope z0 ac=none compile=off"
+    assert found == {("ZeRO-3/ZeRO-0 step", "nope z3 ac=none compile=off", z0): pytest.approx(1.5),
+                     # a variant without its own ZeRO-0 case is compared with the shipped one
+                     ("ZeRO-3/ZeRO-0 step", "nope z3 ac=none compile=off ds=v1", z0): pytest.approx(1.2),
+                     ("ds v1/shipped step", "nope z3 ac=none compile=off ds=v1", "nope z3 ac=none compile=off"):
+                         pytest.approx(0.8)}
+
+
+def test_training_bench_ds_variants_are_parsed_and_checked_before_any_engine(capsys):
+    import argparse
+
+    from pretrain import bench
+
+    assert bench._ds_variant("zero_optimization.overlap_comm=false, zero_optimization.reduce_bucket_size=5e8") == {
+        "zero_optimization.overlap_comm": False, "zero_optimization.reduce_bucket_size": 5e8}
+    assert bench._ds_variant("zero_optimization.offload_optimizer.device=cpu") == {
+        "zero_optimization.offload_optimizer.device": "cpu"}
+    for bad in ("overlap_comm", "=1", "zero_optimization..x=1", " , "):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._ds_variant(bad)
+    assert bench._cases("polar:3:none:off:v1,nope:0:none:off") == [("polar", 3, "none", "off", "v1"),
+                                                                    ("nope", 0, "none", "off")]
+    with pytest.raises(argparse.ArgumentTypeError, match="CORE:ZERO:AC:COMPILE"):
+        bench._cases("polar:3:none:off:")
+    base = ["--device", "cpu", "--preset", "tiny", "--ds-variant", "zero_optimization.overlap_comm=false"]
+    assert bench.main([*base, "--cases", "nope:3:none:off:v2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --cases: nope z3 ac=none compile=off ds=v2: no --ds-variant v2 (defined: v1)"]
+    assert bench.main([*base, "--ds-variant", "zero_optimization.overlap_comms=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ds-variant v2 (zero_optimization.overlap_comms=false)" in err[0]
+    assert "unknown key" in err[0]
 
 
 # ---------------------------------------------------------------------- error lines
