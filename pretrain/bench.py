@@ -259,6 +259,20 @@ def check_variants(cases: list[Case], variants: dict[str, dict]) -> None:
                                f"--ds-variant {case.variant} ({settings_text(variants[case.variant])})")
 
 
+def plan_cases(args) -> list[Case]:
+    """The cases the parsed command line asks for, their DeepSpeed variants checked (ConfigError); sets
+    args.ds_variants (name -> settings) and, with --cases, args.cores."""
+    args.ds_variants = {f"v{i}": settings for i, settings in enumerate(args.ds_variant, start=1)}
+    if args.cases:
+        cases = [Case(*spec) for spec in args.cases]
+        args.cores = list(dict.fromkeys(c.core for c in cases))
+    else:
+        cases = [Case(core, zero, ac, comp, variant) for variant, zero, ac, comp, core in itertools.product(
+            ["", *args.ds_variants], args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
+    check_variants(cases, args.ds_variants)
+    return cases
+
+
 def batch_stream(args, vocab_size: int):
     """Micro-batches of random tokens, or of --data shards through the training loader."""
     if args.data:
@@ -473,15 +487,8 @@ def main(argv=None) -> int:
               "to benchmark on the CPU; use --preset tiny for a smoke run, shrink it with --model-set, or run "
               "on a GPU", file=sys.stderr)
         return 2
-    args.ds_variants = {f"v{i}": settings for i, settings in enumerate(args.ds_variant, start=1)}
-    if args.cases:
-        cases = [Case(*spec) for spec in args.cases]
-        args.cores = list(dict.fromkeys(c.core for c in cases))
-    else:
-        cases = [Case(core, zero, ac, comp, variant) for variant, zero, ac, comp, core in itertools.product(
-            ["", *args.ds_variants], args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
     try:
-        check_variants(cases, args.ds_variants)
+        cases = plan_cases(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -437,6 +437,47 @@ def test_gpu_check_without_cuda_stops_before_any_step(tmp_path):
     assert proc.stdout == "" and not out.exists() and not ran.exists()
 
 
+# Stands in for the GPU machine's python in a dry run of the check: it says CUDA is there, and checks
+# each step's command line without running the step (pytest collects, each benchmark parses its
+# arguments, the evaluation script compiles). Every call is appended to $DRY_LOG.
+DRY_PYTHON = """#!{python}
+import importlib, os, py_compile, subprocess, sys
+argv = sys.argv[1:]
+with open(os.environ["DRY_LOG"], "a") as log:
+    log.write(" ".join(argv) + "\\n")
+if argv[0] == "-c":
+    print("True" if "cuda.is_available" in argv[1] else "torch (dry run)")
+elif argv[:2] == ["-m", "pytest"]:
+    sys.exit(subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *argv[2:]]).returncode)
+elif argv[:2] == ["-m", "pretrain.bench"]:
+    from pretrain import bench
+    bench.plan_cases(bench.parse_args(argv[2:]))  # the cases and their DeepSpeed variants, checked
+elif argv[0] == "-m":
+    importlib.import_module(argv[1]).parse_args(argv[2:])
+else:
+    py_compile.compile(argv[0], doraise=True)
+"""
+
+
+def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(DRY_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    log = tmp_path / "calls"
+    env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log),
+               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
+               + os.environ["PATH"])
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
+    assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_training_deepcompile",
+                     "bench_training_guarded", "bench_zero3_settings", "eval_64k", "bench_decode"]
+    calls = log.read_text().splitlines()
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 4
+    assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=10000000" in c for c in calls)
+
+
 # ---------------------------------------------------------------------- two nodes on one machine
 def free_port():
     with socket.socket() as s:
