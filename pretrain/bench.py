@@ -14,6 +14,8 @@ timed on random tokens (or --data shards). Ratios compare cases that differ in o
 measured in this run: core vs the last core of --cores, ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs
 eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped JSON.
 
+    # every GPU of a node (one rank each, real collectives; tokens/s over all ranks, MFU per GPU):
+    deepspeed --num_gpus 8 --module pretrain.bench --cases polar:3:none:auto,polar:2:none:auto
     # a DeepSpeed setting against the shipped ZeRO-3 JSON, with the ZeRO-0 baseline, in one run:
     python -m pretrain.bench --cases polar:0:none:auto,polar:3:none:auto,polar:3:none:auto:v1 \\
         --ds-variant zero_optimization.stage3_prefetch_bucket_size=0 --interleave
@@ -26,6 +28,7 @@ import contextlib
 import gc
 import itertools
 import json
+import os
 import statistics
 import sys
 import time
@@ -141,9 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "machine; no per-case peak memory)")
     p.add_argument("--device", default=default_device(), help="cuda or cuda:N (default when present) or cpu")
     p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0 or args.profile_steps < 0:
         p.error("--steps must be >= 1; --warmup, --breakdown-steps and --profile-steps >= 0")
+    args.world_size = 1  # the ranks the deepspeed launcher started, set once torch.distributed is up
     return args
 
 
@@ -213,7 +218,7 @@ class CaseRunner:
             "data.dir=random-tokens", f"deepspeed_config={ZERO_CONFIGS[case.zero_stage]}",
             f"train.activation_checkpointing={case.checkpointing}", *compile_setting,
         ])
-        self.plan = BatchPlan(args.seq_len, args.micro_batch, 1, 1)
+        self.plan = BatchPlan(args.seq_len, args.micro_batch, 1, args.world_size)
         self.config = AtmaConfig.from_preset(args.preset, **args.model_overrides, core=case.core,
                                              memory=not args.no_memory)
         ds_config = build_ds_config(self.cfg, self.plan, device_type=device.type,
@@ -324,13 +329,14 @@ def top_ops(runner: CaseRunner, steps: int, limit: int) -> list[dict]:
 
 
 def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_memory: float | None) -> dict:
-    """The case's figures from its step times (median) and model."""
+    """The case's figures from its step times (median) and model; tokens/s over all ranks, MFU per device."""
     step = statistics.median(case.step_times)
-    tokens_per_s = args.micro_batch * args.seq_len / step
+    tokens_per_s = args.micro_batch * args.seq_len * args.world_size / step
+    peak = peak * args.world_size if peak else None
     flops = train_flops_per_token(runner.config, args.seq_len)
     paper_flops = paper_flops_per_token(runner.config, args.seq_len, count_parameters(runner.config))
     return {
-        "case": case.name, "core": case.core, "zero_stage": case.zero_stage,
+        "case": case.name, "core": case.core, "zero_stage": case.zero_stage, "ranks": args.world_size,
         "activation_checkpointing": case.checkpointing, "compile": case.compile,
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
         "memory": not args.no_memory, "memory_kernel": memory_kernel(runner.device, args),
@@ -496,12 +502,19 @@ def main(argv=None) -> int:
 
     from .trainer import init_distributed
 
-    init_distributed()
+    rank, args.world_size, rank_device = init_distributed()
+    if device.type == "cuda" and args.world_size > 1:
+        device = rank_device  # under the deepspeed launcher each rank times the step on its own GPU
+    if rank != 0:  # one report for the whole run: rank 0 prints it and writes the JSON
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+        args.json = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = peak_flops_for(name) if device.type == "cuda" else None
     changed = "".join(f", {k}={v}" for k, v in args.model_overrides.items())
-    print(f"device: {name}; preset {args.preset}{changed}, T={args.seq_len}, micro-batch {args.micro_batch}, "
-          f"memory={'off' if args.no_memory else 'on'}, {args.steps} timed steps after {args.warmup} warm-up")
+    ranks = f" x {args.world_size} ranks (tokens/s over all ranks, MFU per device)" if args.world_size > 1 else ""
+    print(f"device: {name}{ranks}; preset {args.preset}{changed}, T={args.seq_len}, micro-batch {args.micro_batch}"
+          f" per rank, memory={'off' if args.no_memory else 'on'}, {args.steps} timed steps after {args.warmup} "
+          "warm-up")
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")

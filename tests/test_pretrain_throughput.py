@@ -150,6 +150,21 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     assert "ds variant v1: zero_optimization.stage3_param_persistence_threshold=0" in proc.stdout
 
 
+def test_training_bench_under_the_deepspeed_launcher_reports_once_for_all_ranks(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(29500 + os.getpid() % 200), "--module", "pretrain.bench", "--device", "cpu", "--preset", "tiny",
+           "--seq-len", "32", "--micro-batch", "1", "--steps", "2", "--warmup", "0", "--breakdown-steps", "0",
+           "--profile-steps", "0", "--cases", "nope:3:none:off", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("device: CPU x 2 ranks") == 1 and proc.stdout.count("ratios (same run)") == 0
+    assert proc.stdout.count("nope z3 ac=none compile=off") == 2  # rank 0's progress line and table row only
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["ranks"] == 2
+    assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s_median"])  # both ranks' tokens
+
+
 def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "64",
