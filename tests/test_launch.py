@@ -475,7 +475,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
                      "bench_training_guarded", "bench_zero3_settings", "eval_64k", "bench_decode"]
     calls = log.read_text().splitlines()
     assert sum(c.startswith("-m pretrain.bench") for c in calls) == 4
-    assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=10000000" in c for c in calls)
+    assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 
 
 # ---------------------------------------------------------------------- two nodes on one machine
