@@ -2,6 +2,7 @@
 `nan_poison` see NaN-filled `torch.empty` buffers."""
 
 import functools
+import json
 import os
 import sys
 
@@ -74,12 +75,12 @@ def golden_run_losses(golden_run):
     return read_losses(str(golden_run))
 
 
-def _shared_run(tiny_shards, tmp_path_factory, name, ranks):
+def _shared_run(tiny_shards, tmp_path_factory, name, ranks, *extra):
     """A 3-step fp32 run of the tiny-cpu config (ZeRO-3, fixed sample order) on `ranks` CPU ranks."""
     from test_pretrain_distributed import train
 
     run = tmp_path_factory.mktemp(name) / "run"
-    train(tiny_shards, run, "--max-steps", "3", "--set", "checkpoint.every=100", ranks=ranks)
+    train(tiny_shards, run, "--max-steps", "3", "--set", "checkpoint.every=100", *extra, ranks=ranks)
     return run
 
 
@@ -93,6 +94,18 @@ def one_rank_run(tiny_shards, tmp_path_factory):
 def two_rank_run(tiny_shards, tmp_path_factory):
     """The same run on two ranks (eager, no activation checkpointing); read or copied like `one_rank_run`."""
     return _shared_run(tiny_shards, tmp_path_factory, "two-rank", ranks=2)
+
+
+@pytest.fixture(scope="session")
+def two_rank_sharded_run(tiny_shards, tmp_path_factory):
+    """The two-rank run with ZeRO-3 sharding every tensor (persistence threshold 0); the shipped JSON's
+    threshold, sized for atma-378m, keeps every tensor of the tiny model whole."""
+    config = json.load(open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "ds_configs",
+                                         "zero3_bf16.json")))
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path_factory.mktemp("sharded-config") / "zero3_sharded.json"
+    path.write_text(json.dumps(config))
+    return _shared_run(tiny_shards, tmp_path_factory, "two-rank-sharded", 2, "--set", f"deepspeed_config={path}")
 
 
 def _nan_filled(factory):

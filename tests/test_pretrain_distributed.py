@@ -63,22 +63,17 @@ def test_tiny_model_learns(golden_run_losses):
     assert last < first - 0.5, curve
 
 
-def test_two_ranks_match_one_rank_and_zero_stages_agree(tiny_shards, tmp_path, one_rank_run, two_rank_run):
-    # The shared runs: 3 steps on one rank and on two (the config's ZeRO-3).
+def test_two_ranks_match_one_rank_and_zero_stages_agree(tiny_shards, tmp_path, one_rank_run, two_rank_run,
+                                                        two_rank_sharded_run):
+    # The shared runs: 3 steps on one rank and on two (the config's ZeRO-3, and ZeRO-3 sharding every
+    # tensor, which the shipped JSON does not do for a model this small).
     reference = losses(one_rank_run)
     assert sorted(reference) == [1, 2, 3]
-    runs = {"zero3": two_rank_run}
-    # The shipped ZeRO-3 JSON keeps every tensor of the tiny model whole (its persistence threshold is
-    # sized for atma-378m), so ZeRO-3 with every tensor sharded and gathered runs here too.
-    sharded = json.load(open(os.path.join(ROOT, "ds_configs", "zero3_bf16.json")))
-    sharded["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    (tmp_path / "zero3_sharded.json").write_text(json.dumps(sharded))
-    configs = {"zero3-sharded": tmp_path / "zero3_sharded.json", "zero2": "ds_configs/zero2_bf16.json",
-               "zero1": "ds_configs/zero1_bf16.json"}
-    for stage, config in configs.items():
+    runs = {"zero3": two_rank_run, "zero3-sharded": two_rank_sharded_run}
+    for stage in ("zero2", "zero1"):
         runs[stage] = tmp_path / f"r2-{stage}"
         train(tiny_shards, runs[stage], "--max-steps", "3", "--set", "checkpoint.every=100",
-              "--set", f"deepspeed_config={config}", ranks=2)
+              "--set", f"deepspeed_config=ds_configs/{stage}_bf16.json", ranks=2)
     for stage, run in runs.items():
         got = losses(run)
         assert sorted(got) == sorted(reference)
@@ -111,17 +106,20 @@ def test_a_build_lock_left_by_a_killed_build_stops_training_in_one_line(tiny_sha
     assert sorted(p.name for p in extensions.iterdir()) == ["cpu_adam"]
 
 
-def test_resume_is_exact(tiny_shards, tmp_path, two_rank_run):
+def test_resume_is_exact(tiny_shards, tmp_path, two_rank_run, two_rank_sharded_run):
     common = ["--set", "checkpoint.every=3"]
     train(tiny_shards, tmp_path / "straight", "--max-steps", "6", *common, ranks=2)
-    # The first 3 steps: a copy of the shared two-rank run, which ended with a checkpoint of step 3.
-    shutil.copytree(two_rank_run, tmp_path / "split")
-    proc = train(tiny_shards, tmp_path / "split", "--max-steps", "6", *common, ranks=2)
-    assert "resumed from" in proc.stdout + proc.stderr
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")  # bitwise on CPU
-    a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / "split")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The first 3 steps: a copy of a shared two-rank run, which ended with a checkpoint of step 3. The
+    # run whose ZeRO-3 sharded every tensor resumes with the shipped JSON, which keeps them whole (as a
+    # run started before the persistence threshold changed resumes after it).
+    for name, first_steps in (("split", two_rank_run), ("split-sharded", two_rank_sharded_run)):
+        shutil.copytree(first_steps, tmp_path / name)
+        proc = train(tiny_shards, tmp_path / name, "--max-steps", "6", *common, ranks=2)
+        assert "resumed from" in proc.stdout + proc.stderr
+        assert losses(tmp_path / name) == losses(tmp_path / "straight"), name  # bitwise on CPU
+        a, b = final_weights(tmp_path / "straight"), final_weights(tmp_path / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_kill_9_then_auto_resume(tiny_shards, tmp_path):
