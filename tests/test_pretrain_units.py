@@ -492,8 +492,8 @@ def test_training_bench_ds_variants_are_parsed_and_checked_before_any_engine(cap
 
     from pretrain import bench
 
-    assert bench._ds_variant("zero_optimization.overlap_comm=false, zero_optimization.reduce_bucket_size=5e8") == {
-        "zero_optimization.overlap_comm": False, "zero_optimization.reduce_bucket_size": 5e8}
+    parsed = bench._ds_variant("zero_optimization.overlap_comm=false, zero_optimization.reduce_bucket_size=5e8")
+    assert parsed == {"zero_optimization.overlap_comm": False, "zero_optimization.reduce_bucket_size": 5e8}
     assert bench._ds_variant("zero_optimization.offload_optimizer.device=cpu") == {
         "zero_optimization.offload_optimizer.device": "cpu"}
     for bad in ("overlap_comm", "=1", "zero_optimization..x=1", " , "):
