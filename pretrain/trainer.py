@@ -71,6 +71,11 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    if dist.get_world_size() > 1:
+        # Every rank has finished joining before any goes on: rank 0 holds the rendezvous store, and a
+        # start-up error that makes it exit at once would otherwise cut off a rank still connecting
+        # (gloo: "Connection reset by peer", a traceback and exit code 1 instead of the one error line).
+        dist.barrier()
     return dist.get_rank(), dist.get_world_size(), device
 
 
