@@ -15,8 +15,8 @@
 # bench_zero3_settings: the shipped ZeRO-3 JSON against four of its settings changed, one after
 # another in one run: stage3_module_granularity_threshold (which also switches on DeepSpeed's fast
 # leaf-module path), persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and
-# 1.1e6 (the MLP's input matrices sharded) instead of the shipped 1e7 (only the embedding and the LM
-# head sharded), and a 4x prefetch bucket. Each writes its JSON after every case, so a time limit
+# 1.1e6 (only the 1024 x 1024 and smaller matrices whole) instead of the shipped 1e7 (only the
+# embedding and the LM head sharded), and a 4x prefetch bucket. Each writes its JSON after every case, so a time limit
 # keeps what was measured.
 # Time plan (limits in seconds; the whole check fits in about 10 minutes when every step ends at
 # its usual time): tests 240, kernel benchmark 90, loss benchmark 30, training 150, DeepCompile 60, guarded 40,
