@@ -12,7 +12,10 @@ A case is one combination of --cores, --zero-stages, --activation-checkpointing 
 it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, precision auto: bf16 on CUDA, fp32 on the CPU) and
 timed on random tokens (or --data shards). Ratios compare cases that differ in one setting, all
 measured in this run: core vs the last core of --cores, ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs
-eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped JSON.
+eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped JSON. A case that
+fails is reported and the others still run, except with --interleave or under the deepspeed
+launcher: there a failure ends the run with exit status 1 (the other cases, or the other ranks
+waiting in that case's collectives, cannot go on without it), and the JSON keeps what was done.
 
     # every GPU of a node (one rank each, real collectives; tokens/s over all ranks, MFU per GPU):
     deepspeed --num_gpus 8 --module pretrain.bench --cases polar:3:none:auto,polar:2:none:auto
@@ -68,7 +71,7 @@ def _list(kind, choices=None):
 def _cases(text: str) -> list[tuple]:
     """An argparse type: CORE:ZERO:AC:COMPILE[:VARIANT] cases, comma-separated."""
     out = []
-    for item in filter(None, (x.strip() for x in text.split(","))):
+    for item in filter(None, (x.strip() for x in _split_settings(text))):
         parts = item.split(":")
         if len(parts) not in (4, 5) or parts[0] not in ("polar", "nope", "rope") \
                 or parts[1] not in ("0", "1", "2", "3") or parts[2] not in CHECKPOINT_POLICIES \
@@ -82,10 +85,29 @@ def _cases(text: str) -> list[tuple]:
     return out
 
 
+def _split_settings(text: str) -> list[str]:
+    """Split KEY=VALUE,KEY=VALUE at the commas outside JSON brackets and strings."""
+    items, depth, quoted, escaped, start = [], 0, False, False, 0
+    for i, ch in enumerate(text):
+        if quoted:
+            quoted = escaped or ch != '"'
+            escaped = not escaped and ch == "\\"
+        elif ch == '"':
+            quoted = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return [*items, text[start:]]
+
+
 def _ds_variant(text: str) -> dict:
     """An argparse type: KEY=VALUE[,KEY=VALUE...] settings over the DeepSpeed JSON (dotted keys, JSON values)."""
     out = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
+    for item in filter(None, (x.strip() for x in _split_settings(text))):
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key or not all(part.isidentifier() for part in key.split(".")):
@@ -130,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    metavar="KEY=VALUE[,KEY=VALUE...]",
                    help="DeepSpeed settings set over each case's JSON, e.g. "
                         "zero_optimization.contiguous_gradients=false (repeatable: variants v1, v2, ...; values "
-                        "are read as JSON); every case is also run with each variant unless --cases names them")
+                        "are read as JSON, so a list or an object keeps its commas); every case is also run with "
+                        "each variant unless --cases names them")
     p.add_argument("--fla-timing-only", action="store_true",
                    help="use flash-linear-attention's backward even where its gradients are known to be wrong "
                         "(timing only; training never does)")
@@ -377,6 +400,12 @@ def memory_kernel(device: torch.device, args) -> str:
     return "fla (timing only: guard bypassed)" if args.fla_timing_only else "torch"
 
 
+def error_text(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def run_case(case: Case, args, device, peak) -> None:
     """Build, warm up, time, break down and profile one case; fills case.result (or its error)."""
     runner = None
@@ -392,7 +421,7 @@ def run_case(case: Case, args, device, peak) -> None:
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
         case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops)
     except Exception as exc:  # one failing case (e.g. DeepCompile without its CUDA build) must not end the run
-        case.result = {"case": case.name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        case.result = {"case": case.name, "error": error_text(exc)}
     finally:
         runner = None
         gc.collect()
@@ -400,19 +429,38 @@ def run_case(case: Case, args, device, peak) -> None:
             torch.cuda.empty_cache()
 
 
+class CaseFailed(RuntimeError):
+    """A case of an interleaved run failed; the others cannot be timed without it."""
+
+
 def run_interleaved(cases: list[Case], args, device, peak) -> None:
-    """Build every case, warm each up, then time one step of each case per round."""
-    runners = [CaseRunner(case, args, device) for case in cases]
-    for runner in runners:
-        for _ in range(args.warmup):
-            runner.run()
+    """Build every case, warm each up, then time one step of each case per round (CaseFailed on an error)."""
+    runners = []
+    for case in cases:
+        with _naming(case):
+            runners.append(CaseRunner(case, args, device))
+    for case, runner in zip(cases, runners):
+        with _naming(case):
+            for _ in range(args.warmup):
+                runner.run()
     for _ in range(args.steps):
         for case, runner in zip(cases, runners):
-            case.step_times.append(runner.timed_step())
+            with _naming(case):
+                case.step_times.append(runner.timed_step())
     for case, runner in zip(cases, runners):
         case.result = summarise(case, runner, args, peak, None)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
         case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops)
+
+
+@contextlib.contextmanager
+def _naming(case: Case):
+    """Re-raise an error inside the block as CaseFailed naming the case."""
+    try:
+        yield
+    except Exception as exc:
+        case.result = {"case": case.name, "error": error_text(exc)}
+        raise CaseFailed(f"{case.name}: {case.result['error']}") from exc
 
 
 def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
@@ -474,6 +522,11 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
 
 
+def rank_prefix(rank: int, args) -> str:
+    """'rank R: ' under the deepspeed launcher, '' in one process."""
+    return f"rank {rank}: " if args.world_size > 1 else ""
+
+
 def main(argv=None) -> int:
     """Run every case and print the table, the ratios, the breakdowns and the top ops."""
     args = parse_args(argv)
@@ -530,13 +583,24 @@ def main(argv=None) -> int:
 
     with fla_bridge.fla_timing_only() if args.fla_timing_only else contextlib.nullcontext():
         if args.interleave:
-            run_interleaved(cases, args, device, peak)
+            try:
+                run_interleaved(cases, args, device, peak)
+            except CaseFailed as err:
+                print(f"error: {rank_prefix(rank, args)}--interleave: {err}", file=sys.stderr)
+                write_json()
+                return 1
         else:
             for case in cases:
                 run_case(case, args, device, peak)
                 print(f"[bench] {case.name}: " + (case.result.get("error") or
                       f"{1000 * case.result['step_s_median']:.1f} ms/step"), flush=True)
                 write_json()  # what is done survives a time limit
+                if args.world_size > 1 and "error" in case.result:
+                    # the other ranks are still in this case's collectives and would wait for this rank
+                    # until the process group times out; exiting makes the launcher stop them all now
+                    print(f"error: {rank_prefix(rank, args)}{case.name}: {case.result['error']}; the run ends here "
+                          "(the other ranks cannot go on without this one)", file=sys.stderr, flush=True)
+                    return 1
     print_report(cases, ratios(cases, args.cores[-1]))
     write_json()
     return 0 if all("error" not in c.result for c in cases) else 1

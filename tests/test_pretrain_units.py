@@ -496,7 +496,10 @@ def test_training_bench_ds_variants_are_parsed_and_checked_before_any_engine(cap
     assert parsed == {"zero_optimization.overlap_comm": False, "zero_optimization.reduce_bucket_size": 5e8}
     assert bench._ds_variant("zero_optimization.offload_optimizer.device=cpu") == {
         "zero_optimization.offload_optimizer.device": "cpu"}
-    for bad in ("overlap_comm", "=1", "zero_optimization..x=1", " , "):
+    # a JSON list, object or string keeps its commas; a comma outside them starts the next setting
+    assert bench._ds_variant('a.b=[1, 2],c={"x": 1, "y": [3, 4]},d="p,q=r",e="say \\"x,y\\"",f=cpu') == {
+        "a.b": [1, 2], "c": {"x": 1, "y": [3, 4]}, "d": "p,q=r", "e": 'say "x,y"', "f": "cpu"}
+    for bad in ("overlap_comm", "=1", "zero_optimization..x=1", " , ", "a=[1],2"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench._ds_variant(bad)
     assert bench._cases("polar:3:none:off:v1,nope:0:none:off") == [("polar", 3, "none", "off", "v1"),
