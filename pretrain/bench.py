@@ -133,7 +133,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cores", type=_list(str, ("polar", "nope", "rope")), default=["polar", "nope"],
                    help="comma-separated cores; the last is the baseline of the core ratio (default: polar,nope)")
     p.add_argument("--no-memory", action="store_true", help="benchmark without the gated-delta memory")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    p.add_argument("--seq-len", type=int,
+                   help="tokens per sequence (default: 2048, or the sequence length of the --data shards)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (default: 8)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning, allocator)")
@@ -171,8 +172,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0 or args.profile_steps < 0:
         p.error("--steps must be >= 1; --warmup, --breakdown-steps and --profile-steps >= 0")
-    args.world_size = 1  # the ranks the deepspeed launcher started, set once torch.distributed is up
+    if (args.seq_len is not None and args.seq_len < 1) or args.micro_batch < 1:
+        p.error("--seq-len and --micro-batch must be >= 1")
+    args.rank, args.world_size = 0, 1  # this rank and the launcher's ranks, set once torch.distributed is up
     return args
+
+
+def check_outputs_and_data(args, config: AtmaConfig) -> None:
+    """Refuse (ConfigError) a --json that cannot be written and --data the model cannot train on; sets
+    args.seq_len (the shards' sequence length with --data, else 2048 unless given)."""
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"--json {args.json}: folder {folder} does not exist")
+        if os.path.isdir(args.json) or not os.access(folder, os.W_OK):
+            raise ConfigError(f"--json {args.json}: not a file that can be written")
+    if not args.data:
+        args.seq_len = args.seq_len or 2048
+        return
+    from data_pipeline.errors import DataError
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.tokenizer import data_vocab_size
+
+    try:
+        manifest = load_manifest(args.data)
+        data_vocab = data_vocab_size(manifest)
+    except DataError as err:
+        raise ConfigError(f"--data: {err}") from None
+    if args.seq_len not in (None, manifest.seq_len):
+        raise ConfigError(f"--seq-len {args.seq_len}: the shards in {args.data} hold sequences of {manifest.seq_len} "
+                          "tokens; drop --seq-len or give that length")
+    if config.vocab_size < data_vocab:
+        raise ConfigError(f"--data {args.data}: its {data_vocab} token ids do not fit the model's vocab_size "
+                          f"{config.vocab_size}; set --model-set vocab_size={data_vocab} or more")
+    args.seq_len = manifest.seq_len
 
 
 def model_overrides(assignments: list[str]) -> dict:
@@ -306,7 +339,9 @@ def batch_stream(args, vocab_size: int):
     if args.data:
         from data_pipeline.loader import build_loader
 
-        yield from build_loader(args.data, split="train", batch_size=args.micro_batch, num_epochs=None)
+        # under the launcher each rank reads its own part of every global batch, as in training
+        yield from build_loader(args.data, split="train", batch_size=args.micro_batch, rank=args.rank,
+                                world_size=args.world_size, num_epochs=None)
         return
     gen = torch.Generator().manual_seed(0)
     while True:
@@ -547,6 +582,7 @@ def main(argv=None) -> int:
               "on a GPU", file=sys.stderr)
         return 2
     try:
+        check_outputs_and_data(args, config)
         cases = plan_cases(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -556,6 +592,7 @@ def main(argv=None) -> int:
     from .trainer import init_distributed
 
     rank, args.world_size, rank_device = init_distributed()
+    args.rank = rank
     if device.type == "cuda" and args.world_size > 1:
         device = rank_device  # under the deepspeed launcher each rank times the step on its own GPU
     if rank != 0:  # one report for the whole run: rank 0 prints it and writes the JSON

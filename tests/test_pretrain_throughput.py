@@ -199,6 +199,18 @@ def test_a_case_failing_on_one_rank_ends_the_run_on_every_rank(tmp_path):
     assert "nope z2" not in proc.stdout + proc.stderr  # no rank went on to the next case
 
 
+def test_training_bench_on_shards_times_their_sequence_length(tiny_shards, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--data", tiny_shards,
+                           "--micro-batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu",
+                           "--breakdown-steps", "0", "--profile-steps", "0", "--cases", "nope:0:none:off",
+                           "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "T=64, micro-batch 2 per rank" in proc.stdout  # the shards' length, not the 2048 default
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s_median"])
+
+
 INTERLEAVED_FAILURE = r"""
 import sys
 from pretrain import bench

@@ -516,6 +516,30 @@ def test_training_bench_ds_variants_are_parsed_and_checked_before_any_engine(cap
     assert "unknown key" in err[0]
 
 
+def test_training_bench_refuses_data_and_outputs_it_cannot_use_before_any_engine(tiny_shards, tmp_path, capsys):
+    from pretrain import bench
+
+    base = ["--device", "cpu", "--preset", "tiny", "--cases", "nope:0:none:off"]
+    refusals = {
+        ("--data", str(tmp_path)): f"error: --data: {tmp_path}/manifest.json: not found (not a prepared dataset, "
+                                   "or prepare did not finish)",
+        ("--data", tiny_shards, "--seq-len", "32"): f"error: --seq-len 32: the shards in {tiny_shards} hold "
+                                                    "sequences of 64 tokens; drop --seq-len or give that length",
+        ("--data", tiny_shards, "--model-set", "vocab_size=256"): f"error: --data {tiny_shards}: its 512 token ids "
+                                                                  "do not fit the model's vocab_size 256; set "
+                                                                  "--model-set vocab_size=512 or more",
+        ("--json", str(tmp_path / "missing" / "b.json")): f"error: --json {tmp_path}/missing/b.json: folder "
+                                                          f"{tmp_path}/missing does not exist",
+        ("--json", str(tmp_path)): f"error: --json {tmp_path}: not a file that can be written",
+    }
+    for extra, message in refusals.items():
+        assert bench.main([*base, *extra]) == 2, extra
+        assert capsys.readouterr().err.strip().splitlines() == [message]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--micro-batch", "0"])
+    assert "--seq-len and --micro-batch must be >= 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- error lines
 def test_an_error_every_rank_meets_is_printed_by_rank_0_only(capsys):
     from pretrain.train import report_error
