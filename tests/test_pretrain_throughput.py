@@ -165,33 +165,44 @@ def test_training_bench_under_the_deepspeed_launcher_reports_once_for_all_ranks(
     assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s_median"])  # both ranks' tokens
 
 
-# pretrain.bench with rank 1's timed step failing (say, out of memory on one GPU) in the first case.
-FAILING_RANK = r"""
+# pretrain.bench with its timed step failing (say, out of memory) wherever CONDITION holds.
+FAILING_STEP = r"""
 import os, sys
 from pretrain import bench
 
-if os.environ["RANK"] == "1":
-    def out_of_memory(self):
-        raise RuntimeError("out of memory on this rank")
-    bench.CaseRunner.timed_step = out_of_memory
+timed_step = bench.CaseRunner.timed_step
+
+
+def failing(self):
+    if CONDITION:
+        raise RuntimeError("out of memory\nsecond line")
+    return timed_step(self)
+
+
+bench.CaseRunner.timed_step = failing
 sys.exit(bench.main(sys.argv[1:]))
 """
 
 
-def test_a_case_failing_on_one_rank_ends_the_run_on_every_rank(tmp_path):
-    script = tmp_path / "failing_rank.py"
-    script.write_text(FAILING_RANK)
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(29700 + os.getpid() % 200), str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
-           "--micro-batch", "1", "--steps", "3", "--warmup", "1", "--breakdown-steps", "0", "--profile-steps", "0",
-           "--cases", "nope:3:none:off,nope:2:none:off", "--json", str(out)]
-    # without the early end, rank 0 would wait in the first case's collectives until gloo's timeout
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+def bench_failing_where(tmp_path, condition, *args, launcher=()):
+    """Run pretrain.bench (under `launcher` when given) with its timed step failing where `condition` holds."""
+    script = tmp_path / "failing_step.py"
+    script.write_text(FAILING_STEP.replace("CONDITION", condition))
+    cmd = [sys.executable, *launcher, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+           "--micro-batch", "1", "--breakdown-steps", "0", "--profile-steps", "0", "--json", str(tmp_path / "b.json"),
+           *args]
+    # without the early end, a rank left waiting in a collective would hang until gloo's timeout
+    return subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=240)
+
+
+def test_a_case_failing_on_one_rank_ends_the_run_on_every_rank(tmp_path):
+    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(29700 + os.getpid() % 200)]
+    proc = bench_failing_where(tmp_path, 'os.environ["RANK"] == "1"', "--steps", "3", "--warmup", "1", "--cases",
+                               "nope:3:none:off,nope:2:none:off", launcher=launcher)
     assert proc.returncode != 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    expected = ("error: rank 1: nope z3 ac=none compile=off: RuntimeError: out of memory on this rank; the run ends "
-                "here (the other ranks cannot go on without this one)")
+    expected = ("error: rank 1: nope z3 ac=none compile=off: RuntimeError: out of memory; the run ends here (the other "
+                "ranks cannot go on without this one)")
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert expected in lines, proc.stderr[-3000:]
     # rank 0 is either stopped by the launcher or sees its peer gone first and ends the same way
@@ -211,40 +222,15 @@ def test_training_bench_on_shards_times_their_sequence_length(tiny_shards, tmp_p
     assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s_median"])
 
 
-INTERLEAVED_FAILURE = r"""
-import sys
-from pretrain import bench
-
-timed_step = bench.CaseRunner.timed_step
-
-
-def fails_under_zero2(self):
-    if self.ds_config["zero_optimization"]["stage"] == 2:
-        raise RuntimeError("out of memory\nsecond line")
-    return timed_step(self)
-
-
-bench.CaseRunner.timed_step = fails_under_zero2
-sys.exit(bench.main(sys.argv[1:]))
-"""
-
-
 def test_a_failing_case_ends_an_interleaved_run_with_one_error_line(tmp_path):
-    script = tmp_path / "interleaved_failure.py"
-    script.write_text(INTERLEAVED_FAILURE)
-    out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
-                           "--micro-batch", "1", "--steps", "2", "--warmup", "0", "--breakdown-steps", "0",
-                           "--profile-steps", "0", "--interleave", "--cases", "nope:3:none:off,nope:2:none:off",
-                           "--json", str(out)],
-                          cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=300)
+    proc = bench_failing_where(tmp_path, 'self.ds_config["zero_optimization"]["stage"] == 2', "--steps", "2",
+                               "--warmup", "0", "--interleave", "--cases", "nope:3:none:off,nope:2:none:off")
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [
         "error: --interleave: nope z2 ac=none compile=off: RuntimeError: out of memory"]
-    assert json.loads(out.read_text())["results"] == [{"case": "nope z2 ac=none compile=off",
-                                                        "error": "RuntimeError: out of memory"}]
+    results = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert results == [{"case": "nope z2 ac=none compile=off", "error": "RuntimeError: out of memory"}]
 
 
 def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
