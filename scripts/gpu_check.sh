@@ -27,8 +27,8 @@
 # figures are ungated).
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
-# The steps run with $PYTHON (default: python3); when it sees no CUDA device the check stops at
-# once with exit status 1, before it writes anything.
+# The steps run with $PYTHON (default: python3); when it sees no CUDA device, or cannot import a
+# module a step needs, the check stops at once with exit status 1, before it writes anything.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
 set -uo pipefail
 usage="usage: bash scripts/gpu_check.sh OUT_DIR [--quick]"
@@ -48,9 +48,19 @@ elif [ "$cuda" != "True" ]; then
     echo "error: no usable CUDA device: torch.cuda.is_available() is False for $PY; this check needs a GPU" >&2
     exit 1
 fi
+# Every module the steps import, before any step runs: a package missing from that environment
+# (an offline GPU machine with only part of requirements.txt) is named here, not minutes later.
+root=$(cd "$(dirname "$0")/.." && pwd)
+if ! err=$(cd "$root" && PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c \
+        "import pretrain.bench, model.bench_loss, model.bench_decode, kernels.bench, evaluation.long_context" 2>&1); then
+    reason=$(echo "$err" | grep -E '^[A-Za-z_.]*(Error|Exception)\b' | tail -1)
+    echo "error: the steps cannot import what they need with $PY (${reason:-$(echo "$err" | tail -1)});" \
+        "install requirements.txt into that environment" >&2
+    exit 1
+fi
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
-cd "$(dirname "$0")/.."
+cd "$root"
 T_BENCH=${T_BENCH:-90} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
 T_ZERO3=${T_ZERO3:-150}

@@ -445,8 +445,10 @@ import importlib, os, py_compile, subprocess, sys
 argv = sys.argv[1:]
 with open(os.environ["DRY_LOG"], "a") as log:
     log.write(" ".join(argv) + "\\n")
-if argv[0] == "-c":
-    print("True" if "cuda.is_available" in argv[1] else "torch (dry run)")
+if argv[0] == "-c" and "cuda.is_available" in argv[1]:
+    print("True")
+elif argv[0] == "-c":  # the version line and the check that every step's modules import: run for real
+    sys.exit(subprocess.run([sys.executable, *argv]).returncode)
 elif argv[:2] == ["-m", "pytest"]:
     sys.exit(subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *argv[2:]]).returncode)
 elif argv[:2] == ["-m", "pretrain.bench"]:
@@ -476,6 +478,31 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     calls = log.read_text().splitlines()
     assert sum(c.startswith("-m pretrain.bench") for c in calls) == 4
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
+
+
+def test_the_gpu_check_names_a_missing_package_before_writing_anything(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(DRY_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    blocker = tmp_path / "site"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class Missing(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'omegaconf':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Missing())\n")
+    env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(tmp_path / "calls"), PYTHONPATH=str(blocker),
+               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
+               + os.environ["PATH"])
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the steps cannot import what they need with {python} (ModuleNotFoundError: No module named "
+        "'omegaconf'); install requirements.txt into that environment")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------- two nodes on one machine
