@@ -9,7 +9,8 @@ timed per case, with a breakdown and the top profiler ops.
 
 A case is one combination of --cores, --zero-stages, --activation-checkpointing and --compile
 (and of the shipped DeepSpeed JSON and each --ds-variant); each is built exactly as training builds
-it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, precision auto: bf16 on CUDA, fp32 on the CPU) and
+it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, or the --config's own for its stage; precision
+auto: bf16 on CUDA, fp32 on the CPU) and
 timed on random tokens (or --data shards). Ratios compare cases that differ in one setting, all
 measured in this run: core vs the last core of --cores, ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs
 eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped JSON. A case that
@@ -19,6 +20,8 @@ waiting in that case's collectives, cannot go on without it), and the JSON keeps
 
     # every GPU of a node (one rank each, real collectives; tokens/s over all ranks, MFU per GPU):
     deepspeed --num_gpus 8 --module pretrain.bench --cases polar:3:none:auto,polar:2:none:auto
+    # the paper recipe (Muon, micro-batch 16, gradient accumulation from batch.tokens), ZeRO-3 vs ZeRO-2:
+    python -m pretrain.bench --config pretrain/configs/atma-378m.yaml --zero-stages 3,2
     # a DeepSpeed setting against the shipped ZeRO-3 JSON, with the ZeRO-0 baseline, in one run:
     python -m pretrain.bench --cases polar:0:none:auto,polar:3:none:auto,polar:3:none:auto:v1 \\
         --ds-variant zero_optimization.stage3_prefetch_bucket_size=0 --interleave
@@ -127,7 +130,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse the command line."""
     p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="atma-378m", choices=sorted(PRESETS), help="model preset (default: atma-378m)")
+    p.add_argument("--config", metavar="RUN.yaml",
+                   help="time this run config's recipe: its optimizer, loss terms, precision, DeepSpeed JSON (for "
+                        "its ZeRO stage), model preset and overrides, micro-batch size and gradient accumulation "
+                        "(from batch.tokens); the flags below still choose the cases and override those values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one run-config key, as pretrain.train --set does (repeatable; without "
+                        "--config, over the default run config, whose recipe the cases then take)")
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="model preset (default: atma-378m, or the --config's model.preset)")
     p.add_argument("--model-set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one model config field of the preset (repeatable), e.g. hidden_size=256")
     p.add_argument("--cores", type=_list(str, ("polar", "nope", "rope")), default=["polar", "nope"],
@@ -135,16 +146,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="benchmark without the gated-delta memory")
     p.add_argument("--seq-len", type=int,
                    help="tokens per sequence (default: 2048, or the sequence length of the --data shards)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--micro-batch", type=int,
+                   help="sequences per micro-batch and rank (default: 8, or the --config's batch.micro_batch_size)")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per optimizer step (default: 1, or what the --config's batch.tokens makes "
+                        "of the micro-batch, the sequence length and the ranks)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning, allocator)")
-    p.add_argument("--zero-stages", "--zero-stage", type=_list(int, (0, 1, 2, 3)), default=[2, 3],
-                   help="comma-separated DeepSpeed ZeRO stages (default: 2,3)")
-    p.add_argument("--activation-checkpointing", type=_list(str, CHECKPOINT_POLICIES), default=["none"],
-                   help="comma-separated policies: none, global, all (default: none)")
+    p.add_argument("--zero-stages", "--zero-stage", type=_list(int, (0, 1, 2, 3)),
+                   help="comma-separated DeepSpeed ZeRO stages (default: 2,3, or the stage of the --config's "
+                        "DeepSpeed JSON, which that stage's cases use; the others use ds_configs/zero{N}_bf16.json)")
+    p.add_argument("--activation-checkpointing", type=_list(str, CHECKPOINT_POLICIES),
+                   help="comma-separated policies: none, global, all (default: none, or the --config's)")
     p.add_argument("--compile", type=_list(str, COMPILE_CHOICES), default=["auto"],
-                   help="comma-separated: off, blocks, deepcompile, or auto (the training default: blocks on "
-                        "CUDA, off on the CPU)")
+                   help="comma-separated: off, blocks, deepcompile, or auto (what training does: the --config's "
+                        "train.compile, by default blocks on CUDA and off on the CPU)")
     p.add_argument("--cases", type=_cases, metavar="CORE:ZERO:AC:COMPILE[:VARIANT],...",
                    help="explicit cases instead of every combination of the four lists above, e.g. "
                         "polar:3:none:blocks,nope:3:none:blocks,polar:2:none:blocks; VARIANT names a --ds-variant "
@@ -172,10 +188,61 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0 or args.profile_steps < 0:
         p.error("--steps must be >= 1; --warmup, --breakdown-steps and --profile-steps >= 0")
-    if (args.seq_len is not None and args.seq_len < 1) or args.micro_batch < 1:
-        p.error("--seq-len and --micro-batch must be >= 1")
+    if any(v is not None and v < 1 for v in (args.seq_len, args.micro_batch, args.grad_accum)):
+        p.error("--seq-len, --micro-batch and --grad-accum must be >= 1")
     args.rank, args.world_size = 0, 1  # this rank and the launcher's ranks, set once torch.distributed is up
+    args.recipe_loaded = False  # load_recipe reads --config once
     return args
+
+
+def ds_json_stage(path: str) -> int:
+    """The ZeRO stage a DeepSpeed JSON file sets (0 when it has none)."""
+    from .trainer import read_ds_file
+
+    return read_ds_file(path).get("zero_optimization", {}).get("stage", 0)
+
+
+def load_recipe(args) -> None:
+    """Read --config / --set into args.run_config (ConfigError) and fill the defaults it decides."""
+    from .config import load_run_config
+
+    if args.recipe_loaded:
+        return
+    args.recipe_loaded, args.run_config = True, None
+    if args.config or args.set:
+        cfg = load_run_config(args.config, ["data.dir=random-tokens", *args.set])
+        if cfg.loss.teacher:
+            raise ConfigError(f"loss.teacher={cfg.loss.teacher}: the benchmark does not load a distillation "
+                              "teacher; time the recipe without it (--set loss.distill_weight=0 --set loss.teacher=)")
+        args.run_config = cfg
+    cfg = args.run_config
+    args.preset = args.preset or (cfg.model.preset if cfg else "atma-378m")
+    args.micro_batch = args.micro_batch or (cfg.batch.micro_batch_size if cfg else 8)
+    args.activation_checkpointing = args.activation_checkpointing or (
+        [cfg.train.activation_checkpointing] if cfg else ["none"])
+    args.zero_stages = args.zero_stages or ([ds_json_stage(cfg.deepspeed_config)] if cfg else [2, 3])
+
+
+def recipe_model_overrides(args) -> dict:
+    """The model overrides of the --config (with its loss's random keys) under those of --model-set."""
+    cfg = args.run_config
+    if cfg is None:
+        return dict(args.model_overrides)
+    out = dict(cfg.model.overrides)
+    out.pop("core", None)  # each case sets its core
+    if cfg.loss.num_random_keys:
+        out["num_random_keys"] = cfg.loss.num_random_keys
+    return {**out, **args.model_overrides}
+
+
+def plan_accumulation(args) -> None:
+    """Set args.grad_accum: as given, from the --config's batch.tokens (ConfigError when it does not divide), or 1."""
+    from .trainer import plan_batch
+
+    if args.grad_accum is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's ranks, before torch.distributed is up
+        cfg = args.run_config
+        args.grad_accum = plan_batch(cfg.batch.tokens, args.micro_batch, args.seq_len, world).grad_accum if cfg else 1
 
 
 def check_outputs_and_data(args, config: AtmaConfig) -> None:
@@ -270,13 +337,12 @@ class CaseRunner:
         compile_setting = {"off": ["train.compile=false"], "auto": [],
                            "blocks": ["train.compile=true", "train.compile_method=blocks"],
                            "deepcompile": ["train.compile=true", "train.compile_method=deepcompile"]}[case.compile]
-        self.cfg = load_run_config(None, [
-            "data.dir=random-tokens", f"deepspeed_config={ZERO_CONFIGS[case.zero_stage]}",
+        self.cfg = load_run_config(args.config, [
+            "data.dir=random-tokens", *args.set, f"deepspeed_config={case_ds_json(case, args)}",
             f"train.activation_checkpointing={case.checkpointing}", *compile_setting,
         ])
-        self.plan = BatchPlan(args.seq_len, args.micro_batch, 1, args.world_size)
-        self.config = AtmaConfig.from_preset(args.preset, **args.model_overrides, core=case.core,
-                                             memory=not args.no_memory)
+        self.plan = BatchPlan(args.seq_len, args.micro_batch, args.grad_accum, args.world_size)
+        self.config = case_model_config(case, args)
         ds_config = build_ds_config(self.cfg, self.plan, device_type=device.type,
                                     overrides=args.ds_variants.get(case.variant),
                                     overrides_source=f"--ds-variant {case.variant}")
@@ -284,8 +350,8 @@ class CaseRunner:
         self.engine, optimizer = build_engine(self.cfg, self.config, ds_config, device=device)
         apply_lr(optimizer, 1.0)
         self.timer = PhaseTimer(device, synchronize=True)
-        self.step = TrainStep(self.engine, grad_accum=1, loss=self.cfg.loss, nan_policy="stop", device=device,
-                              timer=self.timer)
+        self.step = TrainStep(self.engine, grad_accum=args.grad_accum, loss=self.cfg.loss,
+                              nan_policy=self.cfg.train.nan_policy, device=device, timer=self.timer)
         self.batches = batch_stream(args, self.config.vocab_size)
         self.device = device
 
@@ -302,27 +368,44 @@ class CaseRunner:
         return time.perf_counter() - start
 
 
+def case_ds_json(case: Case, args) -> str:
+    """The DeepSpeed JSON of a case: the --config's own for its ZeRO stage, else the shipped one of the stage."""
+    cfg = args.run_config
+    if cfg is not None and ds_json_stage(cfg.deepspeed_config) == case.zero_stage:
+        return cfg.deepspeed_config
+    return ZERO_CONFIGS[case.zero_stage]
+
+
+def case_model_config(case: Case, args) -> AtmaConfig:
+    """The model a case trains: the preset with the recipe's and --model-set's overrides, the case's core."""
+    overrides = recipe_model_overrides(args)
+    memory = overrides.pop("memory", True) and not args.no_memory
+    return AtmaConfig.from_preset(args.preset, **overrides, core=case.core, memory=memory)
+
+
 def settings_text(settings: dict) -> str:
     """A variant's settings as the command line gives them, values in JSON."""
     return ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
 
 
-def check_variants(cases: list[Case], variants: dict[str, dict]) -> None:
+def check_variants(cases: list[Case], args) -> None:
     """Refuse (ConfigError) a case naming an undefined variant or a variant DeepSpeed would not accept."""
     from .trainer import apply_ds_overrides, read_ds_file
 
+    variants = args.ds_variants
     for case in cases:
         if case.variant and case.variant not in variants:
             defined = ", ".join(variants) or "none"
             raise ConfigError(f"--cases: {case.name}: no --ds-variant {case.variant} (defined: {defined})")
         if case.variant:
-            apply_ds_overrides(read_ds_file(ZERO_CONFIGS[case.zero_stage]), variants[case.variant],
+            apply_ds_overrides(read_ds_file(case_ds_json(case, args)), variants[case.variant],
                                f"--ds-variant {case.variant} ({settings_text(variants[case.variant])})")
 
 
 def plan_cases(args) -> list[Case]:
-    """The cases the parsed command line asks for, their DeepSpeed variants checked (ConfigError); sets
-    args.ds_variants (name -> settings) and, with --cases, args.cores."""
+    """The cases the parsed command line asks for, their DeepSpeed variants checked (ConfigError); reads the
+    --config (load_recipe), sets args.ds_variants (name -> settings) and, with --cases, args.cores."""
+    load_recipe(args)
     args.ds_variants = {f"v{i}": settings for i, settings in enumerate(args.ds_variant, start=1)}
     if args.cases:
         cases = [Case(*spec) for spec in args.cases]
@@ -330,7 +413,7 @@ def plan_cases(args) -> list[Case]:
     else:
         cases = [Case(core, zero, ac, comp, variant) for variant, zero, ac, comp, core in itertools.product(
             ["", *args.ds_variants], args.zero_stages, args.activation_checkpointing, args.compile, args.cores)]
-    check_variants(cases, args.ds_variants)
+    check_variants(cases, args)
     return cases
 
 
@@ -389,7 +472,7 @@ def top_ops(runner: CaseRunner, steps: int, limit: int) -> list[dict]:
 def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_memory: float | None) -> dict:
     """The case's figures from its step times (median) and model; tokens/s over all ranks, MFU per device."""
     step = statistics.median(case.step_times)
-    tokens_per_s = args.micro_batch * args.seq_len * args.world_size / step
+    tokens_per_s = args.micro_batch * args.grad_accum * args.seq_len * args.world_size / step
     peak = peak * args.world_size if peak else None
     flops = train_flops_per_token(runner.config, args.seq_len)
     paper_flops = paper_flops_per_token(runner.config, args.seq_len, count_parameters(runner.config))
@@ -397,7 +480,9 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "case": case.name, "core": case.core, "zero_stage": case.zero_stage, "ranks": args.world_size,
         "activation_checkpointing": case.checkpointing, "compile": case.compile,
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
-        "memory": not args.no_memory, "memory_kernel": memory_kernel(runner.device, args),
+        "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, args),
+        "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "optimizer": runner.cfg.optim.name,
+        "run_config": args.config, "run_config_set": args.set,
         "ds_variant": case.variant, "ds_overrides": args.ds_variants.get(case.variant, {}),
         "ds_config": runner.ds_config,
         "step_s_median": step, "step_s_all": case.step_times,
@@ -573,9 +658,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
+        load_recipe(args)
         args.model_overrides = model_overrides(args.model_set)
-        config = AtmaConfig.from_preset(args.preset, **args.model_overrides)
-    except (ValueError, TypeError) as exc:
+        config = AtmaConfig.from_preset(args.preset, **recipe_model_overrides(args))
+    except (ConfigError, ValueError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if device.type == "cpu" and count_parameters(config) > CPU_MAX_PARAMETERS:
@@ -585,6 +671,7 @@ def main(argv=None) -> int:
         return 2
     try:
         check_outputs_and_data(args, config)
+        plan_accumulation(args)
         cases = plan_cases(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -604,9 +691,16 @@ def main(argv=None) -> int:
     peak = peak_flops_for(name) if device.type == "cuda" else None
     changed = "".join(f", {k}={v}" for k, v in args.model_overrides.items())
     ranks = f" x {args.world_size} ranks (tokens/s over all ranks, MFU per device)" if args.world_size > 1 else ""
+    accumulated = f" x {args.grad_accum} accumulated" if args.grad_accum > 1 else ""
+    memory = recipe_model_overrides(args).get("memory", True) and not args.no_memory
     print(f"device: {name}{ranks}; preset {args.preset}{changed}, T={args.seq_len}, micro-batch {args.micro_batch}"
-          f" per rank, memory={'off' if args.no_memory else 'on'}, {args.steps} timed steps after {args.warmup} "
-          "warm-up")
+          f"{accumulated} per rank, memory={'on' if memory else 'off'}, {args.steps} timed steps after "
+          f"{args.warmup} warm-up")
+    if args.run_config is not None:
+        cfg = args.run_config
+        sets = "".join(f" --set {item}" for item in args.set)
+        print(f"run config: {args.config or 'defaults'}{sets}: optimizer {cfg.optim.name}, DeepSpeed JSON "
+              f"{cfg.deepspeed_config} for its ZeRO-{ds_json_stage(cfg.deepspeed_config)} cases")
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")
@@ -615,8 +709,11 @@ def main(argv=None) -> int:
 
     def write_json():
         if args.json:
+            shown = {k: v for k, v in vars(args).items() if k != "run_config"}
+            if args.run_config is not None:
+                shown["run_config_resolved"] = args.run_config.to_dict()
             with open(args.json, "w", encoding="utf-8") as f:
-                json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": vars(args),
+                json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": shown,
                            "results": [c.result for c in cases if c.result],
                            "ratios": ratios(cases, args.cores[-1])}, f, indent=2)
 

@@ -7,10 +7,13 @@
 # atma-378m. When the tests fail, no figures are written: the measurement steps are skipped,
 # gpu.txt says so, and the exit status is 1.
 # The training benchmark (atma-378m, T=2048, micro-batch 8, bf16) runs the trainer's own step in
-# four processes: bench_training (flash-linear-attention's backward timed even on a triton this
+# five processes: bench_training (flash-linear-attention's backward timed even on a triton this
 # guard refuses, labelled "timing only"; the figure a fresh install trains at): Polar vs NoPE under
 # ZeRO-3 with per-block compile, then Polar under ZeRO-2 and ZeRO-0, eager, and with activation
-# checkpointing; bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
+# checkpointing; bench_recipe: the shipped paper recipe (pretrain/configs/atma-378m.yaml: Muon under
+# its own ZeRO-3 JSON, micro-batch 16) under ZeRO-3 and ZeRO-2, 2 micro-batches per optimizer step
+# instead of the recipe's 16 (so the optimizer's share is 8x what a run sees);
+# bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_training_guarded: Polar as this machine trains it (guard respected, eager);
 # bench_zero3_settings: the shipped ZeRO-3 JSON against four of its settings changed, one after
 # another in one run: stage3_module_granularity_threshold (which also switches on DeepSpeed's fast
@@ -18,13 +21,13 @@
 # 1.1e6 (only the 1024 x 1024 and smaller matrices whole) instead of the shipped 1e7 (only the
 # embedding and the LM head sharded), and a 4x prefetch bucket. Each writes its JSON after every case, so a time limit
 # keeps what was measured.
-# Time plan (limits in seconds; the whole check fits in about 10 minutes when every step ends at
-# its usual time): tests 240, kernel benchmark 90, loss benchmark 30, training 150, DeepCompile 60, guarded 40,
-# ZeRO-3 settings 150, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache
-# against recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
-# GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_loss bench_training" then "bench_training_deepcompile
-# bench_training_guarded bench_zero3_settings eval_64k bench_decode" (a call without gpu_tests says its
-# figures are ungated).
+# Time plan (limits in seconds; the whole check fits in about 11 minutes when every step ends at
+# its usual time): tests 240, kernel benchmark 90, loss benchmark 30, training 150, recipe 150, DeepCompile 60,
+# guarded 40, ZeRO-3 settings 150, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with
+# the cache against recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
+# GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_loss bench_training" then "bench_recipe
+# bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode" (a call
+# without gpu_tests says its figures are ungated).
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # The steps run with $PYTHON (default: python3); when it sees no CUDA device, or cannot import a
@@ -63,12 +66,12 @@ out=$(cd "$out" && pwd)
 cd "$root"
 T_BENCH=${T_BENCH:-90} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
-T_ZERO3=${T_ZERO3:-150}
+T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_recipe bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -120,6 +123,9 @@ train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" --fla-timing-only \
     --cases polar:3:none:blocks,nope:3:none:blocks,polar:2:none:blocks,polar:0:none:blocks,polar:3:none:off,polar:3:all:blocks \
     --json "$out/bench_training.json"
+measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/configs/atma-378m.yaml --grad-accum 2 \
+    --steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 --fla-timing-only \
+    --cases polar:3:none:auto,polar:2:none:auto --json "$out/bench_recipe.json"
 measure bench_training_deepcompile "$T_DEEPCOMPILE" "$PY" -m pretrain.bench "${train_steps[@]}" --fla-timing-only \
     --cases polar:3:none:deepcompile --json "$out/bench_training_deepcompile.json"
 measure bench_training_guarded "$T_GUARDED" "$PY" -m pretrain.bench "${train_steps[@]}" --profile-steps 0 \

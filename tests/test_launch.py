@@ -473,10 +473,11 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
-    assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_training_deepcompile",
-                     "bench_training_guarded", "bench_zero3_settings", "eval_64k", "bench_decode"]
+    assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_recipe",
+                     "bench_training_deepcompile", "bench_training_guarded", "bench_zero3_settings", "eval_64k",
+                     "bench_decode"]
     calls = log.read_text().splitlines()
-    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 4
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 5
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 
 

@@ -165,6 +165,32 @@ def test_training_bench_under_the_deepspeed_launcher_reports_once_for_all_ranks(
     assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s_median"])  # both ranks' tokens
 
 
+def test_training_bench_times_a_run_configs_recipe(tmp_path):
+    def bench(*argv):
+        out = tmp_path / "bench.json"
+        proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--device", "cpu", "--seq-len", "32",
+                               "--steps", "2", "--warmup", "0", "--breakdown-steps", "0", "--profile-steps", "0",
+                               *argv, "--json", str(out)],
+                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        (result,) = json.loads(out.read_text())["results"]
+        return proc.stdout, result
+
+    # the CPU config: its AdamW, its ZeRO-3 JSON; 512 tokens per step of 2 x 32-token micro-batches
+    stdout, result = bench("--config", "pretrain/configs/tiny-cpu.yaml", "--set", "batch.tokens=512",
+                           "--micro-batch", "2", "--cases", "nope:3:none:off")
+    assert "micro-batch 2 x 8 accumulated per rank" in stdout
+    assert (result["optimizer"], result["micro_batch"], result["grad_accum"]) == ("adamw", 2, 8)
+    assert result["ds_config"]["gradient_accumulation_steps"] == 8
+    assert result["tokens_per_s"] == pytest.approx(512 / result["step_s_median"])  # every accumulated token
+    # the paper recipe on the tiny preset: Muon under its own ZeRO-3 JSON
+    stdout, result = bench("--config", "pretrain/configs/atma-378m.yaml", "--preset", "tiny", "--micro-batch", "1",
+                           "--grad-accum", "2", "--cases", "polar:3:none:off")
+    assert "optimizer muon, DeepSpeed JSON ds_configs/zero3_muon_bf16.json for its ZeRO-3 cases" in stdout
+    assert result["optimizer"] == "muon" and result["grad_accum"] == 2
+    assert result["ds_config"]["zero_optimization"]["reduce_scatter"] is False
+
+
 # pretrain.bench with its timed step failing (say, out of memory) wherever CONDITION holds.
 FAILING_STEP = r"""
 import os, sys

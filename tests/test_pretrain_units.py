@@ -516,6 +516,51 @@ def test_training_bench_ds_variants_are_parsed_and_checked_before_any_engine(cap
     assert "unknown key" in err[0]
 
 
+def test_training_bench_takes_its_recipe_from_a_run_config():
+    from pretrain import bench
+
+    def planned(*argv):
+        args = bench.parse_args(["--device", "cpu", *argv])
+        args.model_overrides = bench.model_overrides(args.model_set)
+        args.seq_len = 64
+        cases = bench.plan_cases(args)
+        bench.plan_accumulation(args)
+        return args, cases
+
+    args, cases = planned()  # no run config: the benchmark's own defaults
+    assert (args.preset, args.micro_batch, args.grad_accum, args.zero_stages) == ("atma-378m", 8, 1, [2, 3])
+    assert {bench.case_ds_json(c, args) for c in cases} == {"ds_configs/zero2_bf16.json", "ds_configs/zero3_bf16.json"}
+
+    args, cases = planned("--config", "pretrain/configs/tiny-cpu.yaml")
+    assert (args.preset, args.micro_batch, args.zero_stages, args.activation_checkpointing) == ("tiny", 4, [3], ["none"])
+    assert args.grad_accum == 4096 // (4 * 64)  # batch.tokens over micro-batch x sequence length x one rank
+    args, _ = planned("--config", "pretrain/configs/tiny-cpu.yaml", "--micro-batch", "2", "--grad-accum", "3",
+                      "--set", "train.activation_checkpointing=all")
+    assert (args.micro_batch, args.grad_accum, args.activation_checkpointing) == (2, 3, ["all"])
+
+    # the paper recipe: its Muon JSON for its ZeRO-3 cases, the shipped JSON of any other stage
+    args, cases = planned("--config", "pretrain/configs/atma-378m.yaml", "--zero-stages", "2,3",
+                          "--model-set", "window=128")
+    assert args.micro_batch == 16 and args.grad_accum == 524288 // (16 * 64)
+    assert {c.zero_stage: bench.case_ds_json(c, args) for c in cases} == {
+        3: "ds_configs/zero3_muon_bf16.json", 2: "ds_configs/zero2_bf16.json"}
+    model = bench.case_model_config(next(c for c in cases if c.core == "nope"), args)
+    assert (model.core, model.memory, model.window) == ("nope", True, 128)  # case core; recipe memory; --model-set
+    args.no_memory = True
+    assert not bench.case_model_config(cases[0], args).memory
+
+    for argv, message in [
+        # --set alone takes the default run config's recipe (micro-batch 4)
+        (["--set", "batch.tokens=1000"], "batch.tokens=1000 is not a multiple of micro_batch_size (4) x seq_len (64)"),
+        (["--set", "loss.teacher=some/model", "--set", "loss.distill_weight=0.5"],
+         "loss.teacher=some/model: the benchmark does not load a distillation teacher"),
+        (["--set", "optim.nme=muon"], "unknown key(s) in optim: nme"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            planned(*argv)
+        assert message in str(info.value)
+
+
 def test_training_bench_refuses_data_and_outputs_it_cannot_use_before_any_engine(tiny_shards, tmp_path, capsys):
     from pretrain import bench
 
@@ -535,9 +580,10 @@ def test_training_bench_refuses_data_and_outputs_it_cannot_use_before_any_engine
     for extra, message in refusals.items():
         assert bench.main([*base, *extra]) == 2, extra
         assert capsys.readouterr().err.strip().splitlines() == [message]
-    with pytest.raises(SystemExit):
-        bench.parse_args(["--micro-batch", "0"])
-    assert "--seq-len and --micro-batch must be >= 1" in capsys.readouterr().err
+    for flag in ("--micro-batch", "--seq-len", "--grad-accum"):
+        with pytest.raises(SystemExit):
+            bench.parse_args([flag, "0"])
+        assert "--seq-len, --micro-batch and --grad-accum must be >= 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- error lines
