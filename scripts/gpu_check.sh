@@ -21,7 +21,7 @@
 # 1.1e6 (only the 1024 x 1024 and smaller matrices whole) instead of the shipped 1e7 (only the
 # embedding and the LM head sharded), and a 4x prefetch bucket. Each writes its JSON after every case, so a time limit
 # keeps what was measured.
-# Time plan (limits in seconds; the whole check fits in about 11 minutes when every step ends at
+# Time plan (limits in seconds; the whole check fits in about 12 minutes when every step ends at
 # its usual time): tests 240, kernel benchmark 90, loss benchmark 30, training 150, recipe 150, DeepCompile 60,
 # guarded 40, ZeRO-3 settings 150, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with
 # the cache against recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
