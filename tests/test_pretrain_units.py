@@ -532,7 +532,8 @@ def test_training_bench_takes_its_recipe_from_a_run_config():
     assert {bench.case_ds_json(c, args) for c in cases} == {"ds_configs/zero2_bf16.json", "ds_configs/zero3_bf16.json"}
 
     args, cases = planned("--config", "pretrain/configs/tiny-cpu.yaml")
-    assert (args.preset, args.micro_batch, args.zero_stages, args.activation_checkpointing) == ("tiny", 4, [3], ["none"])
+    assert (args.preset, args.micro_batch, args.zero_stages) == ("tiny", 4, [3])
+    assert args.activation_checkpointing == ["none"]
     assert args.grad_accum == 4096 // (4 * 64)  # batch.tokens over micro-batch x sequence length x one rank
     args, _ = planned("--config", "pretrain/configs/tiny-cpu.yaml", "--micro-batch", "2", "--grad-accum", "3",
                       "--set", "train.activation_checkpointing=all")
