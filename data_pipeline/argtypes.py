@@ -1,8 +1,10 @@
-"""Argparse types that refuse an out-of-range number while the command line is parsed."""
+"""Argparse types that refuse an out-of-range number or an unwritable output file while the command line
+is parsed."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def int_at_least(low: int):
@@ -29,3 +31,13 @@ def positive_float(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number above 0, got {text}")
     return value
+
+
+def writable_file(text: str) -> str:
+    """An argparse type: a file path that can be created or replaced (its folder exists and is writable)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: folder {folder} does not exist")
+    if os.path.isdir(text) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not a file that can be written")
+    return text

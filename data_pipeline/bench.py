@@ -23,7 +23,7 @@ import statistics
 import tempfile
 import time
 
-from data_pipeline.argtypes import int_at_least, positive_float
+from data_pipeline.argtypes import int_at_least, positive_float, writable_file
 from data_pipeline.config import BUILTIN_CORPUS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
 
 _WARMUP_BATCHES = 10
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shards prepared once with the largest --workers")
     p.add_argument("--work-dir", metavar="DIR",
                    help="keep the tokenizer and shards here (default: a temporary directory)")
-    p.add_argument("--json", metavar="FILE", help="also write all figures to FILE as JSON")
+    p.add_argument("--json", metavar="FILE", type=writable_file, help="also write all figures to FILE as JSON")
 
 
 def run_bench(args: argparse.Namespace) -> dict:

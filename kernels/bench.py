@@ -22,6 +22,8 @@ from unittest import mock
 
 import torch
 
+from data_pipeline.argtypes import writable_file
+
 DEFAULT_SEQ_LENS = (2048, 8192, 32768)
 TOKENS_PER_BATCH = 16384  # B = 8, 2, 1 at T = 2K, 8K, 32K
 
@@ -47,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fla-timing-only", action="store_true",
                    help="time flash-linear-attention even where its gradients are known to be wrong "
                         "(timing only; training never uses it there)")
-    p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
+    p.add_argument("--json", metavar="OUT", type=writable_file, default=None,
+                   help="also write the results to this JSON file")
     return p
 
 

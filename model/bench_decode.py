@@ -28,7 +28,7 @@ import time
 import torch
 
 from . import PRESETS, AtmaConfig, AtmaForCausalLM
-from .device import default_device, usable_device
+from .device import default_device, usable_device, writable_file
 
 
 def _sync(device: torch.device) -> None:
@@ -247,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if gpu else "fp32",
                    help="weights and activations (default: bf16 on a GPU, fp32 on the CPU); logits are fp32")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--json", metavar="PATH", type=writable_file, help="write the results as JSON")
     args = p.parse_args(argv)
     if args.lengths is None:
         args.lengths = [2048 * 2**i for i in range(6)] if gpu else [512, 1024, 2048, 4096]

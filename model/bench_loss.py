@@ -18,7 +18,7 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .device import default_device, usable_device
+from .device import default_device, usable_device, writable_file
 from .lm_loss import CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
 
 
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if gpu else "fp32",
                    help="dtype of the head's input (default: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--json", metavar="PATH", type=writable_file, help="write the results as JSON")
     args = p.parse_args(argv)
     if min(args.tokens, args.hidden, args.vocab, args.chunk_tokens, args.repeats) < 1 or args.warmup < 0:
         p.error("--tokens, --hidden, --vocab, --chunk-tokens and --repeats must be >= 1, --warmup >= 0")

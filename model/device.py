@@ -1,6 +1,10 @@
-"""The --device option of the command-line tools: a device this machine has, or a one-line reason."""
+"""Options of the model's command-line tools: --device (a device this machine has, or a one-line reason) and
+an output file checked before any work."""
 
 from __future__ import annotations
+
+import argparse
+import os
 
 import torch
 
@@ -25,3 +29,13 @@ def usable_device(name: str) -> torch.device:
         if device.index is not None and device.index >= count:
             raise ValueError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
     return device
+
+
+def writable_file(text: str) -> str:
+    """An argparse type: a file path that can be created or replaced, so a long run cannot end unable to save."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: folder {folder} does not exist")
+    if os.path.isdir(text) or not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: not a file that can be written")
+    return text

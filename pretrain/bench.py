@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from data_pipeline.argtypes import writable_file
 from model import PRESETS, AtmaConfig, AtmaForCausalLM
 from model.device import default_device, usable_device
 
@@ -249,11 +250,10 @@ def check_outputs_and_data(args, config: AtmaConfig) -> None:
     """Refuse (ConfigError) a --json that cannot be written and --data the model cannot train on; sets
     args.seq_len (the shards' sequence length with --data, else 2048 unless given)."""
     if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            raise ConfigError(f"--json {args.json}: folder {folder} does not exist")
-        if os.path.isdir(args.json) or not os.access(folder, os.W_OK):
-            raise ConfigError(f"--json {args.json}: not a file that can be written")
+        try:
+            writable_file(args.json)
+        except argparse.ArgumentTypeError as err:
+            raise ConfigError(f"--json {err}") from None
     if not args.data:
         args.seq_len = args.seq_len or 2048
         return
