@@ -18,7 +18,8 @@ TOOLS = [
 def test_an_unwritable_json_path_is_refused_before_any_work(module, argv, tmp_path, capsys):
     main = importlib.import_module(module).main
     refusals = {
-        str(tmp_path / "missing" / "out.json"): f"{tmp_path}/missing/out.json: folder {tmp_path}/missing does not exist",
+        str(tmp_path / "missing" / "out.json"): f"{tmp_path}/missing/out.json: folder {tmp_path}/missing "
+                                                "does not exist",
         str(tmp_path): f"{tmp_path}: not a file that can be written",
     }
     for path, reason in refusals.items():
