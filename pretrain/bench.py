@@ -132,9 +132,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pretrain.bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="RUN.yaml",
-                   help="time this run config's recipe: its optimizer, loss terms, precision, DeepSpeed JSON (for "
-                        "its ZeRO stage), model preset and overrides, micro-batch size and gradient accumulation "
-                        "(from batch.tokens); the flags below still choose the cases and override those values")
+                   help="time this run config's recipe: its optimizer, loss terms (with its distillation "
+                        "teacher, loaded once), precision, DeepSpeed JSON (for its ZeRO stage), model preset and "
+                        "overrides, micro-batch size and gradient accumulation (from batch.tokens); the flags below "
+                        "still choose the cases and override those values")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one run-config key, as pretrain.train --set does (repeatable; without "
                         "--config, over the default run config, whose recipe the cases then take)")
@@ -193,6 +194,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--seq-len, --micro-batch and --grad-accum must be >= 1")
     args.rank, args.world_size = 0, 1  # this rank and the launcher's ranks, set once torch.distributed is up
     args.recipe_loaded = False  # load_recipe reads --config once
+    args.teachers = {}  # distillation teachers the cases share (case_teacher)
     return args
 
 
@@ -212,9 +214,13 @@ def load_recipe(args) -> None:
     args.recipe_loaded, args.run_config = True, None
     if args.config or args.set:
         cfg = load_run_config(args.config, ["data.dir=random-tokens", *args.set])
-        if cfg.loss.teacher:
-            raise ConfigError(f"loss.teacher={cfg.loss.teacher}: the benchmark does not load a distillation "
-                              "teacher; time the recipe without it (--set loss.distill_weight=0 --set loss.teacher=)")
+        if cfg.loss.distill_weight > 0:
+            from .teacher import check_teacher
+
+            try:
+                check_teacher(cfg.loss.teacher)
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
         args.run_config = cfg
     cfg = args.run_config
     args.preset = args.preset or (cfg.model.preset if cfg else "atma-378m")
@@ -351,13 +357,17 @@ class CaseRunner:
         apply_lr(optimizer, 1.0)
         self.timer = PhaseTimer(device, synchronize=True)
         self.step = TrainStep(self.engine, grad_accum=args.grad_accum, loss=self.cfg.loss,
-                              nan_policy=self.cfg.train.nan_policy, device=device, timer=self.timer)
+                              nan_policy=self.cfg.train.nan_policy, device=device, timer=self.timer,
+                              teacher=case_teacher(self.cfg, self.config, ds_config, device, args.teachers))
         self.batches = batch_stream(args, self.config.vocab_size)
         self.device = device
+        self.loss_terms: list[str] = []
 
     def run(self):
-        """One optimizer step; returns its StepOutcome."""
-        return self.step.run(self.batches)
+        """One optimizer step; returns its StepOutcome (its loss terms' names kept in `loss_terms`)."""
+        outcome = self.step.run(self.batches)
+        self.loss_terms = sorted(outcome.terms)
+        return outcome
 
     def timed_step(self) -> float:
         """Wall seconds of one optimizer step, device synchronised before and after."""
@@ -366,6 +376,19 @@ class CaseRunner:
         self.run()
         synchronize(self.device)
         return time.perf_counter() - start
+
+
+def case_teacher(cfg, config: AtmaConfig, ds_config: dict, device: torch.device, loaded: dict):
+    """The recipe's distillation teacher (None without distillation), loaded once per precision and vocabulary
+    into `loaded` and shared by the cases, as each training run holds one."""
+    if cfg.loss.distill_weight <= 0:
+        return None
+    from .teacher import load_teacher
+
+    key = (ds_config["bf16"]["enabled"], config.vocab_size)
+    if key not in loaded:
+        loaded[key] = load_teacher(cfg.loss.teacher, device=device, bf16=key[0], vocab_size=key[1])
+    return loaded[key]
 
 
 def case_ds_json(case: Case, args) -> str:
@@ -482,6 +505,7 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
         "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, args),
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "optimizer": runner.cfg.optim.name,
+        "loss_terms": runner.loss_terms, "teacher": runner.cfg.loss.teacher if runner.step.teacher else None,
         "run_config": args.config, "run_config_set": args.set,
         "ds_variant": case.variant, "ds_overrides": args.ds_variants.get(case.variant, {}),
         "ds_config": runner.ds_config,
@@ -701,6 +725,9 @@ def main(argv=None) -> int:
         sets = "".join(f" --set {item}" for item in args.set)
         print(f"run config: {args.config or 'defaults'}{sets}: optimizer {cfg.optim.name}, DeepSpeed JSON "
               f"{cfg.deepspeed_config} for its ZeRO-{ds_json_stage(cfg.deepspeed_config)} cases")
+        if cfg.loss.distill_weight > 0:
+            print(f"distillation teacher: {cfg.loss.teacher} (loaded once; its forward runs in every micro-batch "
+                  "and counts in the step time, not in MFU)")
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")
@@ -709,7 +736,7 @@ def main(argv=None) -> int:
 
     def write_json():
         if args.json:
-            shown = {k: v for k, v in vars(args).items() if k != "run_config"}
+            shown = {k: v for k, v in vars(args).items() if k not in ("run_config", "teachers")}
             if args.run_config is not None:
                 shown["run_config_resolved"] = args.run_config.to_dict()
             with open(args.json, "w", encoding="utf-8") as f:

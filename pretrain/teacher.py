@@ -50,6 +50,17 @@ def _hub_model_unavailable(name: str) -> str | None:
     return f"not in the Hugging Face cache, and {unreachable}" if unreachable else None
 
 
+def load_teacher(spec: str, *, device: torch.device, bf16: bool, vocab_size: int) -> "Teacher":
+    """The frozen teacher `spec` in the run's precision; ConfigError with a one-line reason when it cannot load."""
+    from .config import ConfigError
+
+    try:
+        return Teacher(spec, device=device, dtype=torch.bfloat16 if bf16 else torch.float32, vocab_size=vocab_size)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"loss.teacher {spec!r} could not be loaded: {reason}") from None
+
+
 class Teacher:
     """A frozen model replicated on every rank (inference only, no optimizer state to shard)."""
 

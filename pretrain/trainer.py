@@ -455,15 +455,10 @@ class Trainer:
             print(f"[atma] weights from {init_from}; optimizer and schedule start at step 0", flush=True)
         self.teacher = None
         if cfg.loss.distill_weight > 0:
-            from .teacher import Teacher
+            from .teacher import load_teacher
 
-            dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
-            try:
-                self.teacher = Teacher(cfg.loss.teacher, device=self.device, dtype=dtype,
-                                       vocab_size=self.model_config.vocab_size)
-            except (OSError, ValueError) as err:
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise ConfigError(f"loss.teacher {cfg.loss.teacher!r} could not be loaded: {reason}") from None
+            self.teacher = load_teacher(cfg.loss.teacher, device=self.device, bf16=self.ds_config["bf16"]["enabled"],
+                                        vocab_size=self.model_config.vocab_size)
         number_ids = None
         if cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers":
             from data_pipeline.tokenizer import number_token_ids

@@ -189,6 +189,16 @@ def test_training_bench_times_a_run_configs_recipe(tmp_path):
     assert "optimizer muon, DeepSpeed JSON ds_configs/zero3_muon_bf16.json for its ZeRO-3 cases" in stdout
     assert result["optimizer"] == "muon" and result["grad_accum"] == 2
     assert result["ds_config"]["zero_optimization"]["reduce_scatter"] is False
+    assert result["loss_terms"] == ["loss/lm", "loss/total"] and result["teacher"] is None
+    # a distillation recipe: the teacher's forward is in every timed micro-batch
+    from model import AtmaConfig, AtmaForCausalLM
+
+    AtmaForCausalLM(AtmaConfig.from_preset("tiny")).save_pretrained(str(tmp_path / "teacher"))
+    stdout, result = bench("--config", "pretrain/configs/tiny-cpu.yaml", "--set", "loss.lm_weight=0", "--set",
+                           "loss.distill_weight=1", "--set", f"loss.teacher={tmp_path / 'teacher'}",
+                           "--micro-batch", "1", "--grad-accum", "1", "--cases", "nope:3:none:off")
+    assert f"distillation teacher: {tmp_path / 'teacher'} (loaded once" in stdout
+    assert result["loss_terms"] == ["loss/distill", "loss/total"] and result["teacher"] == str(tmp_path / "teacher")
 
 
 # pretrain.bench with its timed step failing (say, out of memory) wherever CONDITION holds.

@@ -553,8 +553,8 @@ def test_training_bench_takes_its_recipe_from_a_run_config():
     for argv, message in [
         # --set alone takes the default run config's recipe (micro-batch 4)
         (["--set", "batch.tokens=1000"], "batch.tokens=1000 is not a multiple of micro_batch_size (4) x seq_len (64)"),
-        (["--set", "loss.teacher=some/model", "--set", "loss.distill_weight=0.5"],
-         "loss.teacher=some/model: the benchmark does not load a distillation teacher"),
+        (["--set", "loss.teacher=/nonexistent", "--set", "loss.distill_weight=0.5"],
+         "loss.teacher '/nonexistent': no such directory, and not a Hugging Face model name"),
         (["--set", "optim.nme=muon"], "unknown key(s) in optim: nme"),
     ]:
         with pytest.raises(ConfigError) as info:
@@ -597,6 +597,21 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_only(capsys):
     # An error of one rank's own (a shard it read) is printed by that rank, which it names.
     report_error("train-000001.tar: sample 7 is corrupt", rank=1, world=2, every_rank=False)
     assert capsys.readouterr().err == "error: rank 1: train-000001.tar: sample 7 is corrupt\n"
+
+
+def test_training_bench_cases_share_one_teacher_per_precision(monkeypatch):
+    from pretrain import bench
+
+    loads = []
+    monkeypatch.setattr("pretrain.teacher.load_teacher", lambda spec, **kw: loads.append((spec, kw)) or len(loads))
+    cfg = load_run_config(None, ["data.dir=d", "loss.distill_weight=1", "loss.teacher=t-dir"])
+    model = AtmaConfig.from_preset("tiny")
+    loaded, cpu = {}, torch.device("cpu")
+    bf16, fp32 = {"bf16": {"enabled": True}}, {"bf16": {"enabled": False}}
+    assert [bench.case_teacher(cfg, model, ds, cpu, loaded) for ds in (bf16, bf16, fp32, bf16)] == [1, 1, 2, 1]
+    assert loads == [("t-dir", dict(device=cpu, bf16=True, vocab_size=model.vocab_size)),
+                     ("t-dir", dict(device=cpu, bf16=False, vocab_size=model.vocab_size))]
+    assert bench.case_teacher(load_run_config(None, ["data.dir=d"]), model, bf16, cpu, loaded) is None  # no KD
 
 
 def test_inputs_that_would_fail_after_the_engine_build_are_refused_at_start(tmp_path, monkeypatch):
