@@ -254,13 +254,20 @@ def plan_accumulation(args) -> None:
 
 def check_outputs_and_data(args, config: AtmaConfig) -> None:
     """Refuse (ConfigError) a --json that cannot be written and --data the model cannot train on; sets
-    args.seq_len (the shards' sequence length with --data, else 2048 unless given)."""
+    args.seq_len (the shards' sequence length with --data, else 2048 unless given) and args.number_ids (the
+    copy loss's number tokens, from the shards' tokenizer, when the recipe counts only those)."""
     if args.json:
         try:
             writable_file(args.json)
         except argparse.ArgumentTypeError as err:
             raise ConfigError(f"--json {err}") from None
+    cfg = args.run_config
+    copy_numbers = cfg is not None and cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers"
+    args.number_ids = None
     if not args.data:
+        if copy_numbers:
+            raise ConfigError("loss.copy_targets=numbers: the number tokens come from the shards' tokenizer; give "
+                              "--data SHARDS, or time the copy loss over all targets (--set loss.copy_targets=all)")
         args.seq_len = args.seq_len or 2048
         return
     from data_pipeline.errors import DataError
@@ -279,6 +286,12 @@ def check_outputs_and_data(args, config: AtmaConfig) -> None:
         raise ConfigError(f"--data {args.data}: its {data_vocab} token ids do not fit the model's vocab_size "
                           f"{config.vocab_size}; set --model-set vocab_size={data_vocab} or more")
     args.seq_len = manifest.seq_len
+    if copy_numbers:
+        from data_pipeline.tokenizer import number_token_ids
+
+        args.number_ids = number_token_ids(manifest.tokenizer_path)
+        if not args.number_ids:
+            raise ConfigError(f"loss.copy_targets=numbers, but the tokenizer of {args.data} has no number tokens")
 
 
 def model_overrides(assignments: list[str]) -> dict:
@@ -358,7 +371,8 @@ class CaseRunner:
         self.timer = PhaseTimer(device, synchronize=True)
         self.step = TrainStep(self.engine, grad_accum=args.grad_accum, loss=self.cfg.loss,
                               nan_policy=self.cfg.train.nan_policy, device=device, timer=self.timer,
-                              teacher=case_teacher(self.cfg, self.config, ds_config, device, args.teachers))
+                              teacher=case_teacher(self.cfg, self.config, ds_config, device, args.teachers),
+                              number_ids=args.number_ids)
         self.batches = batch_stream(args, self.config.vocab_size)
         self.device = device
         self.loss_terms: list[str] = []

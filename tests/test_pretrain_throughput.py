@@ -251,11 +251,14 @@ def test_training_bench_on_shards_times_their_sequence_length(tiny_shards, tmp_p
     proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--data", tiny_shards,
                            "--micro-batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu",
                            "--breakdown-steps", "0", "--profile-steps", "0", "--cases", "nope:0:none:off",
+                           # the copy loss over the shards' number tokens, which their tokenizer names
+                           "--set", "loss.copy_weight=0.5", "--set", "loss.copy_targets=numbers", "--grad-accum", "1",
                            "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "T=64, micro-batch 2 per rank" in proc.stdout  # the shards' length, not the 2048 default
     (result,) = json.loads(out.read_text())["results"]
     assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s_median"])
+    assert result["loss_terms"] == ["loss/copy", "loss/lm", "loss/total"]
 
 
 def test_a_failing_case_ends_an_interleaved_run_with_one_error_line(tmp_path):

@@ -577,6 +577,9 @@ def test_training_bench_refuses_data_and_outputs_it_cannot_use_before_any_engine
         ("--json", str(tmp_path / "missing" / "b.json")): f"error: --json {tmp_path}/missing/b.json: folder "
                                                           f"{tmp_path}/missing does not exist",
         ("--json", str(tmp_path)): f"error: --json {tmp_path}: not a file that can be written",
+        ("--set", "loss.copy_weight=0.5", "--set", "loss.copy_targets=numbers"): (
+            "error: loss.copy_targets=numbers: the number tokens come from the shards' tokenizer; give --data SHARDS, "
+            "or time the copy loss over all targets (--set loss.copy_targets=all)"),
     }
     for extra, message in refusals.items():
         assert bench.main([*base, *extra]) == 2, extra
