@@ -339,6 +339,7 @@ def main(argv=None) -> int:
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(f"iters={args.iters} warmup={args.warmup} H={args.heads} G={args.kv_heads} d={args.head_dim} bf16, causal")
     results = []
+    record = {"environment": env, "args": vars(args), "results": results, "complete": False}
     for T in args.seq_lens:
         print(f"T={T} B={batch_for(T)}")
         recs = []
@@ -352,11 +353,19 @@ def main(argv=None) -> int:
             print(_fmt(rec), flush=True)
         results += recs
         torch.cuda.empty_cache()
+        save_record(record, args.json)  # the lengths done survive a time limit on the longer ones
+    record["complete"] = True
+    save_record(record, args.json)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "args": vars(args), "results": results}, f, indent=2)
         print(f"wrote {args.json}")
     return 0
+
+
+def save_record(record: dict, path: str | None) -> None:
+    """Write `record` to `path` as JSON (no-op without a path)."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -147,8 +147,8 @@ def check_cache(config: AtmaConfig, device: torch.device, *, prompt_len: int = 1
     return diff
 
 
-def run(args) -> dict:
-    """Measure every length; return the JSON record."""
+def run(args, save=lambda record: None) -> dict:
+    """Measure every length; return the JSON record, passed to `save` after each length (complete: false)."""
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     config = AtmaConfig.from_preset(args.preset, core=args.core, memory=not args.no_memory)
@@ -161,6 +161,15 @@ def run(args) -> dict:
     print(header(args), flush=True)
     gen = torch.Generator().manual_seed(1)
     rows = []
+    record = {
+        "preset": args.preset, "core": args.core, "baseline_core": args.baseline_core, "memory": not args.no_memory,
+        "dtype": args.dtype, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
+        "warmup": args.warmup, "recompute_steps": args.recompute_steps, "cache_check_max_logit_diff": checks,
+        "rows": rows, "complete": False,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+    }
     with torch.inference_mode():
         # One short untimed pass per model: lazy imports and kernel compilation stay out of the figures.
         for model in models.values():
@@ -182,17 +191,11 @@ def run(args) -> dict:
                 row["prefill_ratio_vs_baseline"] = main["prefill_s"] / base["prefill_s"]
             rows.append(row)
             print(format_row(row, args), flush=True)
+            save(record)  # the lengths done survive a time limit or an out-of-memory on the longer ones
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return {
-        "preset": args.preset, "core": args.core, "baseline_core": args.baseline_core, "memory": not args.no_memory,
-        "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "decode_tokens": args.decode_tokens,
-        "warmup": args.warmup, "recompute_steps": args.recompute_steps, "cache_check_max_logit_diff": checks,
-        "rows": rows,
-        "date": time.strftime("%Y-%m-%d", time.gmtime()),
-    }
+    record["complete"] = True
+    return record
 
 
 def _mib(value) -> str:
@@ -268,15 +271,18 @@ def main(argv=None) -> int:
         return 2
     print(f"preset {args.preset}, {args.dtype} on {args.device}, batch 1, {args.decode_tokens} decode tokens "
           f"(median), {args.recompute_steps} recomputed; ratios: {args.core} / {args.baseline_core}")
+    def save(record):
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(record, f, indent=2)
+                f.write("\n")
+
     try:
-        record = run(args)
+        record = run(args, save)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
+    save(record)
     return 0
 
 

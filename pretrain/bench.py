@@ -748,7 +748,7 @@ def main(argv=None) -> int:
     for label, settings in args.ds_variants.items():
         print(f"ds variant {label}: {settings_text(settings)}")
 
-    def write_json():
+    def write_json(complete=False):
         if args.json:
             shown = {k: v for k, v in vars(args).items() if k not in ("run_config", "teachers")}
             if args.run_config is not None:
@@ -756,7 +756,7 @@ def main(argv=None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": shown,
                            "results": [c.result for c in cases if c.result],
-                           "ratios": ratios(cases, args.cores[-1])}, f, indent=2)
+                           "ratios": ratios(cases, args.cores[-1]), "complete": complete}, f, indent=2)
 
     with fla_bridge.fla_timing_only() if args.fla_timing_only else contextlib.nullcontext():
         if args.interleave:
@@ -779,7 +779,7 @@ def main(argv=None) -> int:
                           "(the other ranks cannot go on without this one)", file=sys.stderr, flush=True)
                     return 1
     print_report(cases, ratios(cases, args.cores[-1]))
-    write_json()
+    write_json(complete=True)
     return 0 if all("error" not in c.result for c in cases) else 1
 
 

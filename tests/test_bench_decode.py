@@ -29,6 +29,25 @@ def test_benchmark_reports_every_length_with_ratios(tmp_path, capsys):
     assert record["rows"][1]["polar"]["cache_bytes"] > record["rows"][0]["polar"]["cache_bytes"]
     out = capsys.readouterr().out
     assert "cache check" in out and out.count("\n48 | ") == 1 and out.count("\n96 | ") == 1
+    assert record["complete"] is True
+
+
+def test_the_lengths_done_are_written_when_a_longer_one_fails(tmp_path, monkeypatch, capsys):
+    import model.bench_decode as bench_decode
+
+    timed = bench_decode.time_cached
+
+    def out_of_memory_at_96(model, prompt, *rest):
+        if prompt.shape[1] == 96:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return timed(model, prompt, *rest)
+
+    monkeypatch.setattr(bench_decode, "time_cached", out_of_memory_at_96)
+    path = tmp_path / "decode.json"
+    assert main(["--lengths", "48,96", "--decode-tokens", "2", "--recompute-steps", "0", "--json", str(path)]) == 1
+    record = json.loads(path.read_text())
+    assert [row["length"] for row in record["rows"]] == [48] and record["complete"] is False
+    assert capsys.readouterr().err.strip() == "error: CUDA out of memory"
 
 
 def test_no_timing_is_reported_when_the_cache_is_wrong(monkeypatch, capsys):

@@ -1,7 +1,8 @@
-"""`python -m kernels.bench`: argument parsing, the FLOP convention, and the no-GPU exit."""
+"""`python -m kernels.bench`: argument parsing, the FLOP convention, the no-GPU exit and the JSON it keeps."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,28 @@ def test_one_pass_record_and_speed_ratios(monkeypatch):
     assert "fwd_speed_vs_sdpa_flash" not in one_pass
     line = bench._fmt(one_pass)
     assert "(as above)" in line and "fwd+bwd    4.000 ms" in line and "fwd_bwd vs polar_triton=1.25x" in line
+
+
+def test_the_lengths_done_are_written_before_a_longer_one_is_cut_short(monkeypatch, tmp_path):
+    """A run stopped at its third length (a time limit, Ctrl-C) keeps the JSON of the first two."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "environment", lambda: {"gpu": "test"})
+    monkeypatch.setattr(bench, "_fmt", str)
+
+    def attention(args, T):
+        if T == 4096:
+            raise KeyboardInterrupt
+        return [{"name": "polar_triton", "T": T, "fwd_ms": 1.0}]
+
+    monkeypatch.setattr(bench, "bench_attention", attention)
+    out = tmp_path / "k.json"
+    argv = ["--seq-lens", "1024", "2048", "4096", "--skip-conv", "--skip-memory", "--json", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    record = json.loads(out.read_text())
+    assert [r["T"] for r in record["results"]] == [1024, 2048] and record["complete"] is False
+    monkeypatch.setattr(bench, "bench_attention", lambda args, T: [{"name": "polar_triton", "T": T}])
+    assert bench.main(argv) == 0
+    record = json.loads(out.read_text())
+    assert [r["T"] for r in record["results"]] == [1024, 2048, 4096] and record["complete"] is True

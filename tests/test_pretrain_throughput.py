@@ -259,6 +259,7 @@ def test_training_bench_on_shards_times_their_sequence_length(tiny_shards, tmp_p
     (result,) = json.loads(out.read_text())["results"]
     assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s_median"])
     assert result["loss_terms"] == ["loss/copy", "loss/lm", "loss/total"]
+    assert json.loads(out.read_text())["complete"] is True
 
 
 def test_a_failing_case_ends_an_interleaved_run_with_one_error_line(tmp_path):
@@ -268,8 +269,9 @@ def test_a_failing_case_ends_an_interleaved_run_with_one_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
     assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [
         "error: --interleave: nope z2 ac=none compile=off: RuntimeError: out of memory"]
-    results = json.loads((tmp_path / "b.json").read_text())["results"]
-    assert results == [{"case": "nope z2 ac=none compile=off", "error": "RuntimeError: out of memory"}]
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["results"] == [{"case": "nope z2 ac=none compile=off", "error": "RuntimeError: out of memory"}]
+    assert report["complete"] is False
 
 
 def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
