@@ -46,7 +46,9 @@ __all__ = [
 if interpreting():
     patch_interpreter_index()
 LOG2E = 1.4426950408889634
-# The same constants as compile-time values of the JIT functions.
+# The same constants as compile-time values of the JIT functions. In products they stand right of a
+# tensor (`b_z * _EPS_C`): with the constant first, triton 3.8's interpreter wraps the product in a
+# constexpr that tl.maximum then refuses. Compiled kernels are the same either way.
 _EPS_C = tl.constexpr(POLAR_EPS)
 _LOG2E_C = tl.constexpr(LOG2E)
 
@@ -253,9 +255,9 @@ def polar_fwd_kernel(
     b_vn = tl.load(v_null + i_h * D + tl.arange(0, D)).to(tl.float32)  # [D]
     b_s = b_acc + b_pn[:, None] * b_vn[None, :]  # [BM, D]
     b_norm = tl.sqrt(tl.sum(b_s * b_s, 1))
-    b_c = b_s / tl.maximum(b_norm, _EPS_C * b_z)[:, None]
-    b_lc = tl.maximum(b_l, _EPS_C * b_z)
-    b_neff = b_lc * b_lc / tl.maximum(b_q2, _EPS_C * b_lc * b_lc)
+    b_c = b_s / tl.maximum(b_norm, b_z * _EPS_C)[:, None]
+    b_lc = tl.maximum(b_l, b_z * _EPS_C)
+    b_neff = b_lc * b_lc / tl.maximum(b_q2, b_lc * _EPS_C * b_lc)
     b_meff = b_neff * (b_l / b_z)
     b_mu = _tanh_pos(beta * _log1p_pos(b_meff))
 
@@ -279,18 +281,18 @@ def _row_grads(b_s, b_mr, b_l, b_q2, b_an, b_vn, beta, b_gc, b_gmag):
     # direction: c = s / max(|s|, eps Z). |s| >= eps Z: g_s = (g_c - (g_c.c) c) / |s|;
     # else c = s / (eps Z): g_s = g_c / (eps Z) and dc/dZ = -c / Z.
     b_ns = tl.sqrt(tl.sum(b_s * b_s, 1))
-    use_s = b_ns >= _EPS_C * b_z
-    b_inv = 1.0 / tl.maximum(b_ns, _EPS_C * b_z)
+    use_s = b_ns >= b_z * _EPS_C
+    b_inv = 1.0 / tl.maximum(b_ns, b_z * _EPS_C)
     b_proj = tl.sum(b_gc * b_s, 1) * b_inv  # g_c . c
     b_coef = tl.where(use_s, b_proj * b_inv * b_inv, 0.0)
     b_gs = b_gc * b_inv[:, None] - b_s * b_coef[:, None]
     b_gz = tl.where(use_s, 0.0, -b_proj / b_z)
     # magnitude: m_eff = n_eff L / Z with n_eff = Lc^2 / max(Q2, eps Lc^2), Lc = max(L, eps Z);
     # d log m = [Q2 unclamped] (2 d log Lc - d log Q2) + d log L - d log Z
-    b_lc = tl.maximum(b_l, _EPS_C * b_z)
-    use_l = b_l >= _EPS_C * b_z
-    b_den_q = tl.maximum(b_q2, _EPS_C * b_lc * b_lc)
-    use_q2 = b_q2 >= _EPS_C * b_lc * b_lc
+    b_lc = tl.maximum(b_l, b_z * _EPS_C)
+    use_l = b_l >= b_z * _EPS_C
+    b_den_q = tl.maximum(b_q2, b_lc * _EPS_C * b_lc)
+    use_q2 = b_q2 >= b_lc * _EPS_C * b_lc
     b_neff = b_lc * b_lc / b_den_q
     b_meff = b_neff * b_l / b_z
     b_log1p_m = _log1p_pos(b_meff)
@@ -301,7 +303,7 @@ def _row_grads(b_s, b_mr, b_l, b_q2, b_an, b_vn, beta, b_gc, b_gmag):
     b_gl = b_r - b_glogm / b_z + tl.where(use_q2, 2.0 * tl.where(use_l, b_r, b_glogm / b_z), 0.0) + b_gz
     b_gq2 = tl.where(use_q2, -b_glogm / b_den_q, 0.0)
     # null entry (step 3): dL/da_N = p_N (g_s . v_null + dL/dp_N through Z and the clamps)
-    b_gpn = -b_glogm / b_z + tl.where(use_q2 & (b_l < _EPS_C * b_z), 2.0 * b_glogm / b_z, 0.0) + b_gz
+    b_gpn = -b_glogm / b_z + tl.where(use_q2 & (b_l < b_z * _EPS_C), 2.0 * b_glogm / b_z, 0.0) + b_gz
     b_gan = b_pn * (b_gpn + tl.sum(b_gs * b_vn[None, :], 1))
     b_gbeta = b_gmag * (1.0 - b_mu * b_mu) * b_log1p_m
     return b_gs, b_gl, b_gq2, b_gan, b_pn, b_gbeta
