@@ -27,9 +27,13 @@
 # the cache against recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
 # GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_loss bench_training" then "bench_recipe
 # bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode" (a call
-# without gpu_tests says its figures are ungated).
+# without gpu_tests says its figures are ungated), each with GPU_CHECK_BUDGET a little under that limit.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
+# GPU_CHECK_BUDGET=SECONDS bounds the whole check (e.g. a device call's time limit less a minute for
+# copying the results): each step's limit is cut to what is left, and a step with less than 20 s left
+# is not started (gpu.txt names it; the exit status is then 1). The kernel, training and decode
+# benchmarks write their JSON after every length or case, so a step cut short keeps what it measured.
 # The steps run with $PYTHON (default: python3); when it sees no CUDA device, or cannot import a
 # module a step needs, the check stops at once with exit status 1, before it writes anything.
 # Usage: bash scripts/gpu_check.sh OUT_DIR [--quick]
@@ -42,6 +46,12 @@ case "${1:-}" in
 esac
 out=$1
 quick=${2:-}
+budget=${GPU_CHECK_BUDGET:-}
+if [ -n "$budget" ] && ! [[ "$budget" =~ ^[0-9]+$ ]]; then
+    echo "error: GPU_CHECK_BUDGET must be a whole number of seconds, got '$budget'" >&2
+    exit 2
+fi
+deadline=${budget:-0}  # seconds since this script started ($SECONDS)
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 # Stop before anything is written when the python the steps run with sees no GPU.
 if ! cuda=$("$PY" -c "import torch; print(torch.cuda.is_available())" 2>/dev/null); then
@@ -80,6 +90,15 @@ tests_failed=0
 step() {  # step NAME SECONDS CMD...: run CMD under a time limit, log to OUT/NAME.log
     local name=$1 limit=$2; shift 2
     [[ "$steps" == *" $name "* ]] || return 0
+    if [ -n "$budget" ]; then
+        local left=$((deadline - SECONDS))
+        if [ "$left" -lt 20 ]; then
+            echo "step $name: not run (GPU_CHECK_BUDGET=$budget s spent, $left s left)" | tee -a "$out/gpu.txt"
+            status=1
+            return 0
+        fi
+        [ "$left" -lt "$limit" ] && limit=$left
+    fi
     local t0=$SECONDS rc
     timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
     rc=${PIPESTATUS[0]}

@@ -481,6 +481,36 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 
 
+def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_longer_fits(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(DRY_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    limits = tmp_path / "limits"
+    # `timeout` records the limit it was given (after its options), then runs the command as usual.
+    fake_timeout = f'while [[ "$1" == -* ]]; do shift; done\necho "$1" >> {limits}\nshift\nexec "$@"\n'
+    path = fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n", "timeout": fake_timeout})
+
+    def check(budget, steps):
+        env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(tmp_path / "calls"), GPU_CHECK_BUDGET=budget,
+                   GPU_CHECK_STEPS=steps, PATH=path + os.pathsep + os.environ["PATH"])
+        out = tmp_path / f"out-{budget}"
+        proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+        return proc, out
+
+    proc, out = check("100", "bench_loss bench_training")  # each limit (30 s, 150 s) cut to the <= 100 s left
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first, second = map(int, limits.read_text().split())
+    assert first == 30 and 80 <= second <= 100
+    proc, out = check("10", "bench_loss bench_training")  # under 20 s left: nothing starts
+    assert proc.returncode == 1
+    assert re.findall(r"^step (\w+): not run \(GPU_CHECK_BUDGET=10 s spent", (out / "gpu.txt").read_text(),
+                      flags=re.M) == ["bench_loss", "bench_training"]
+    assert len(limits.read_text().split()) == 2  # no further step was started
+    proc, out = check("ten", "bench_loss")
+    assert proc.returncode == 2 and not out.exists()
+    assert proc.stderr.strip() == "error: GPU_CHECK_BUDGET must be a whole number of seconds, got 'ten'"
+
+
 def test_the_gpu_check_names_a_missing_package_before_writing_anything(tmp_path):
     python = tmp_path / "python"
     python.write_text(DRY_PYTHON.format(python=sys.executable))
