@@ -271,6 +271,7 @@ def main(argv=None) -> int:
         return 2
     print(f"preset {args.preset}, {args.dtype} on {args.device}, batch 1, {args.decode_tokens} decode tokens "
           f"(median), {args.recompute_steps} recomputed; ratios: {args.core} / {args.baseline_core}")
+
     def save(record):
         if args.json:
             with open(args.json, "w", encoding="utf-8") as f:

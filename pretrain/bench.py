@@ -195,6 +195,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rank, args.world_size = 0, 1  # this rank and the launcher's ranks, set once torch.distributed is up
     args.recipe_loaded = False  # load_recipe reads --config once
     args.teachers = {}  # distillation teachers the cases share (case_teacher)
+    args.number_ids = None  # the copy loss's number tokens, when the recipe counts only those (--data)
     return args
 
 
