@@ -1,4 +1,5 @@
-"""Cross-entropy of the soft-capped LM head (SPEC §2.1): a fused, chunked path and its naive reference.
+"""Cross-entropy of the soft-capped LM head (SPEC §2.1), optionally with the distillation KL to soft targets
+from the same pass of the head: a fused, chunked path and its naive reference.
 
 The fused path never holds fp32 logits for more than `chunk_tokens` tokens, recomputes them in
 backward instead of saving them, and writes the gradient through the soft-cap analytically into
@@ -36,13 +37,17 @@ def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 class _SoftcapCrossEntropySums(torch.autograd.Function):
-    """(sum of CE over tokens, sum of CE over focused tokens) of soft-capped logits, chunked."""
+    """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
+    logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens):
+    def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0):
         acc = _accumulation_dtype(h.dtype)
-        sums = h.new_zeros(2, dtype=acc)
+        with_kl = targets_rows is not None
+        sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
         lse = h.new_empty(h.shape[0], dtype=acc)
+        lse_t = h.new_empty(h.shape[0] if with_kl else 0, dtype=acc)
+        log_q = []  # the targets' log-probabilities per chunk, kept for backward (as the targets were before)
         for start in range(0, h.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, h.shape[0])
             z, r = _logits_and_inverse_radius(h[start:end], weight, bias, cap, acc)
@@ -53,30 +58,43 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             sums[0] += ce.sum()
             sums[1] += (ce * focus[start:end]).sum()
             lse[start:end] = lse_c
-        ctx.save_for_backward(h, weight, bias, labels, focus, lse)
-        ctx.cap, ctx.chunk_tokens = cap, chunk_tokens
+            if with_kl:
+                # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
+                log_q_c = _target_log_probs(targets_rows, start, end, temperature, acc)
+                s_t = s.div_(temperature)
+                lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
+                sums[2] += (log_q_c.exp() * (log_q_c - s_t)).sum() + lse_t[start:end].sum()
+                log_q.append(log_q_c)
+        ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
+        ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.log_q = cap, chunk_tokens, temperature, log_q
         return sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
-        h, weight, bias, labels, focus, lse = ctx.saved_tensors
-        cap, chunk_tokens = ctx.cap, ctx.chunk_tokens
+        h, weight, bias, labels, focus, lse, lse_t = ctx.saved_tensors
+        cap, chunk_tokens, tau, log_q = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.log_q
         acc = lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         w = weight.to(h.dtype)
-        for start in range(0, h.shape[0], chunk_tokens):
+        for index, start in enumerate(range(0, h.shape[0], chunk_tokens)):
             end = min(start + chunk_tokens, h.shape[0])
             h_c, y = h[start:end], labels[start:end]
             z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
+            s = z.mul_(r).mul_(cap)
+            # dKL/ds = (softmax(s / tau) - q) / tau, before s is overwritten by the CE gradient below.
+            d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(log_q[index].exp())
+                    .mul_(grad_sums[2] / tau)) if log_q else None
             # dCE/ds = softmax(s) - onehot(y), scaled per token by its weight in the two sums.
-            d = z.mul_(r).mul_(cap).sub_(lse[start:end].unsqueeze(1)).exp_()
+            d = s.sub_(lse[start:end].unsqueeze(1)).exp_()
             valid = (y != IGNORE_INDEX).to(acc)
             d.scatter_add_(1, y.clamp_min(0).unsqueeze(1), -valid.unsqueeze(1))
             d.mul_(((grad_sums[0] + grad_sums[1] * focus[start:end].to(acc)) * valid).unsqueeze(1))
+            if d_kl is not None:
+                d.add_(d_kl)
             # d softcap(z) / dz = cap * r - cap * z^2 * r^3 = cap^3 * r^3, as 1 - z^2 r^2 = cap^2 r^2.
             d.mul_(r.pow_(3).mul_(cap**3))
             d_h = d.to(h.dtype)
@@ -87,16 +105,28 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             if need_b:
                 grad_b.add_(d.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
 
 
-def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, chunk_tokens: int) -> torch.Tensor:
-    """Fused (2,) sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,); -100 labels count 0."""
+def _target_log_probs(targets_rows, start: int, end: int, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """log softmax(targets / tau) of rows start:end of `targets_rows(start, end)`, without autograd."""
+    with torch.no_grad():
+        t = targets_rows(start, end)
+    if t.shape[0] != end - start:
+        raise ValueError(f"target logits have {t.shape[0]} rows for tokens {start}:{end}")
+    return torch.log_softmax(t.to(acc) / temperature, dim=-1)
+
+
+def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, chunk_tokens: int,
+                               targets_rows=None, temperature: float = 1.0) -> torch.Tensor:
+    """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,), -100 labels counting
+    0; with `targets_rows(start, end)` -> target logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau))."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
-    return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens)
+    return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
+                                          temperature)
 
 
 def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus, *, cap: float) -> torch.Tensor:

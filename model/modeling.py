@@ -107,15 +107,34 @@ def lm_loss_chunked(
     None without `focus`; 0 when it selects nothing). Never holds fp32 logits for more than
     `chunk_tokens` tokens at once (forward or backward).
     """
+    mean, focus_mean, _ = lm_and_kl_loss_chunked(hidden, weight, bias, labels, None, cap=cap,
+                                                 chunk_tokens=chunk_tokens, focus=focus)
+    return mean, focus_mean
+
+
+def lm_and_kl_loss_chunked(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    target_logits_rows,
+    *,
+    cap: float,
+    temperature: float = 1.0,
+    chunk_tokens: int = 8192,
+    focus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`lm_loss_chunked` and, with `target_logits_rows`, `soft_target_kl_chunked` (else None) from one pass of
+    the head per chunk (forward and recomputation): the logits and their gradient products serve both terms."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     f = (focus.reshape(-1) if focus is not None else torch.zeros_like(y, dtype=torch.bool)).to(h.dtype)
-
-    total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens)
-    mean = total[0] / max(y.numel(), 1)
-    if focus is None:
-        return mean, None
-    return mean, total[1] / f.sum().clamp_min(1)
+    total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens,
+                                       targets_rows=target_logits_rows, temperature=temperature)
+    n = max(y.numel(), 1)
+    focus_mean = None if focus is None else total[1] / f.sum().clamp_min(1)
+    kl = None if target_logits_rows is None else total[2] * temperature**2 / n
+    return total[0] / n, focus_mean, kl
 
 
 def soft_target_kl_chunked(
@@ -137,7 +156,7 @@ def soft_target_kl_chunked(
 
     def chunk_kl(h_c, t_c, w, b):
         log_p = F.log_softmax(softcap(F.linear(h_c, w.to(h_c.dtype), b.to(h_c.dtype)), cap) / temperature, dim=-1)
-        log_q = F.log_softmax(t_c.float() / temperature, dim=-1)
+        log_q = F.log_softmax(t_c.to(log_p.dtype) / temperature, dim=-1)  # fp32, or fp64 for an fp64 model
         return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
 
     total = h.new_zeros((), dtype=torch.float32)
@@ -170,16 +189,22 @@ class SoftcapLMHead(ZeroInitLinear):
             z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
             return {"logits": softcap(z, self.cap)}
         out = {}
-        if labels is not None:
+        if labels is not None and kl_targets is not None:  # one pass of the head per chunk for both terms
+            out["lm"], focus_loss, out["kl"] = lm_and_kl_loss_chunked(
+                hidden, self.weight, self.bias, labels, kl_targets, cap=self.cap, temperature=kl_temperature,
+                chunk_tokens=chunk_tokens, focus=focus,
+            )
+        elif labels is not None:
             out["lm"], focus_loss = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap,
                                                     chunk_tokens=chunk_tokens, focus=focus)
-            if focus_loss is not None:
-                out["focus"] = focus_loss
-        if kl_targets is not None:
+        else:
+            focus_loss = None
             out["kl"] = soft_target_kl_chunked(
                 hidden, self.weight, self.bias, kl_targets, cap=self.cap, temperature=kl_temperature,
                 chunk_tokens=chunk_tokens,
             )
+        if focus_loss is not None:
+            out["focus"] = focus_loss
         return out
 
 

@@ -1,10 +1,12 @@
-"""The fused soft-capped cross-entropy against its naive autograd reference (fp64 oracle)."""
+"""The fused soft-capped cross-entropy (and distillation KL) against naive autograd references (fp64 oracle)."""
 
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from model.layers import softcap
 from model.lm_loss import softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
 
 CAP = 15.0
@@ -91,6 +93,89 @@ def test_logits_are_recomputed_in_backward_not_saved():
         sums = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=16)
     sums.sum().backward()
     assert saved and max(saved) < 16 * v, f"a logits-sized tensor was kept for backward: {sorted(saved)}"
+
+
+def naive_sums_with_kl(h, w, b, labels, focus, *, cap, targets, temperature):
+    """Oracle for the fused CE + KL sums: whole logits, autograd through every op."""
+    ce = softcap_cross_entropy_sums_naive(h, w, b, labels, focus, cap=cap)
+    log_p = torch.log_softmax(softcap(F.linear(h, w.to(h.dtype), b.to(h.dtype)), cap) / temperature, dim=-1)
+    log_q = torch.log_softmax(targets.to(log_p.dtype) / temperature, dim=-1)
+    return torch.cat([ce, F.kl_div(log_p, log_q, log_target=True, reduction="sum").reshape(1)])
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 37])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_fused_ce_and_kl_equal_naive_in_fp64(chunk, temperature):
+    h, w, b, y, focus = case()
+    targets = 4.0 * torch.randn(h.shape[0], w.shape[0], generator=torch.Generator().manual_seed(7), dtype=h.dtype)
+    rows = []
+
+    def target_rows(start, end):
+        rows.append((start, end))
+        return targets[start:end]
+
+    weights = (0.7, 1.3, 0.9)
+    fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h, w, b, weights, targets=(y, focus),
+                                        chunk_tokens=chunk, targets_rows=target_rows, temperature=temperature)
+    naive = naive_sums_with_kl(h, w, b, y, focus, cap=CAP, targets=targets, temperature=temperature)
+    naive_grads = torch.autograd.grad((naive * torch.tensor(weights, dtype=naive.dtype)).sum(), (h, w, b))
+    torch.testing.assert_close(fused, naive.detach(), rtol=1e-12, atol=1e-11)
+    for got, want, name in zip(fused_grads, naive_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    # the teacher is asked once per chunk, in the forward only
+    assert rows == [(s, min(s + chunk, h.shape[0])) for s in range(0, h.shape[0], chunk)]
+
+
+@pytest.mark.gpu
+def test_bf16_ce_and_kl_on_the_gpu_are_as_close_to_the_fp64_oracle_as_the_naive_path():
+    h, w, b, y, focus = (t.to("cuda") for t in case(n=4096, d=256, v=8192, dtype=torch.float32, scale=1.0))
+    w, b = (t.detach().requires_grad_() for t in (w, b))
+    h16 = h.detach().bfloat16().requires_grad_()
+    targets = 4.0 * torch.randn(4096, 8192, device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    weights = (0.7, 1.3, 0.9)
+
+    def grads_of(sums, inputs):
+        return torch.autograd.grad((sums * torch.tensor(weights, device="cuda", dtype=sums.dtype)).sum(), inputs)
+
+    fused = softcap_cross_entropy_sums(h16, w, b, y, focus, cap=CAP, chunk_tokens=1024,
+                                       targets_rows=lambda s, e: targets[s:e], temperature=2.0)
+    naive = naive_sums_with_kl(h16, w, b, y, focus, cap=CAP, targets=targets, temperature=2.0)
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h16, w, b))
+    exact = naive_sums_with_kl(h64, w64, b64, y, focus.double(), cap=CAP, targets=targets.double(), temperature=2.0)
+    got_all = (fused.detach(), *grads_of(fused, (h16, w, b)))
+    ref_all = (naive.detach(), *grads_of(naive, (h16, w, b)))
+    want_all = (exact.detach(), *grads_of(exact, (h64, w64, b64)))
+    for got, ref, want in zip(got_all, ref_all, want_all):
+        err, ref_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+def test_the_model_gives_the_same_lm_and_kl_terms_fused_as_one_at_a_time():
+    from model import AtmaConfig, AtmaForCausalLM
+
+    torch.manual_seed(0)
+    model = AtmaForCausalLM(AtmaConfig.from_preset("tiny", vocab_size=64)).double()
+    with torch.no_grad():
+        model.proj.weight.normal_(0, 0.5)  # the head starts at zero; give it logits to differ in
+    ids = torch.randint(0, 64, (2, 24))
+    targets = 3.0 * torch.randn(2 * 24, 64, dtype=torch.float64)
+
+    def rows(start, end):
+        return targets[start:end]
+
+    def terms_and_grads(**kw):
+        out = model(ids, kw.get("labels"), kl_targets=kw.get("kl"), kl_temperature=2.0, loss_chunk_tokens=10)
+        terms = [t for t in (out.loss, out.kl_loss) if t is not None]
+        grads = torch.autograd.grad(sum(terms), (model.proj.weight, model.embed.weight))
+        return [t.detach() for t in terms], grads
+
+    (lm, kl), fused_grads = terms_and_grads(labels=ids, kl=rows)
+    (lm_alone,), lm_grads = terms_and_grads(labels=ids)
+    (kl_alone,), kl_grads = terms_and_grads(kl=rows)
+    torch.testing.assert_close(lm, lm_alone, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(kl, kl_alone, rtol=1e-12, atol=1e-12)
+    for got, a, b in zip(fused_grads, lm_grads, kl_grads):
+        torch.testing.assert_close(got, a + b, rtol=1e-10, atol=1e-12)
 
 
 def test_bad_chunk_is_refused():
