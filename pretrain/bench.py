@@ -414,11 +414,16 @@ def case_ds_json(case: Case, args) -> str:
     return ZERO_CONFIGS[case.zero_stage]
 
 
+def recipe_memory(args) -> bool:
+    """Whether the cases' models have the gated-delta memory: the recipe's model.overrides, off with --no-memory."""
+    return recipe_model_overrides(args).get("memory", True) and not args.no_memory
+
+
 def case_model_config(case: Case, args) -> AtmaConfig:
     """The model a case trains: the preset with the recipe's and --model-set's overrides, the case's core."""
     overrides = recipe_model_overrides(args)
-    memory = overrides.pop("memory", True) and not args.no_memory
-    return AtmaConfig.from_preset(args.preset, **overrides, core=case.core, memory=memory)
+    overrides.pop("memory", None)
+    return AtmaConfig.from_preset(args.preset, **overrides, core=case.core, memory=recipe_memory(args))
 
 
 def settings_text(settings: dict) -> str:
@@ -518,7 +523,7 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "case": case.name, "core": case.core, "zero_stage": case.zero_stage, "ranks": args.world_size,
         "activation_checkpointing": case.checkpointing, "compile": case.compile,
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
-        "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, args),
+        "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, runner.config.memory, args),
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "optimizer": runner.cfg.optim.name,
         "loss_terms": runner.loss_terms, "teacher": runner.cfg.loss.teacher if runner.step.teacher else None,
         "run_config": args.config, "run_config_set": args.set,
@@ -540,9 +545,9 @@ def runner_compiles(runner: CaseRunner) -> bool:
     return compile_method(runner.cfg.train, runner.device.type) is not None
 
 
-def memory_kernel(device: torch.device, args) -> str:
-    """Which gated-delta path training takes here: "fla", "fla (timing only)" or "torch"."""
-    if args.no_memory:
+def memory_kernel(device: torch.device, memory: bool, args) -> str:
+    """Which gated-delta path training takes here: "none" (no memory), "fla", "fla (timing only)" or "torch"."""
+    if not memory:
         return "none"
     if device.type != "cuda":
         return "torch"
@@ -731,7 +736,7 @@ def main(argv=None) -> int:
     changed = "".join(f", {k}={v}" for k, v in args.model_overrides.items())
     ranks = f" x {args.world_size} ranks (tokens/s over all ranks, MFU per device)" if args.world_size > 1 else ""
     accumulated = f" x {args.grad_accum} accumulated" if args.grad_accum > 1 else ""
-    memory = recipe_model_overrides(args).get("memory", True) and not args.no_memory
+    memory = recipe_memory(args)
     print(f"device: {name}{ranks}; preset {args.preset}{changed}, T={args.seq_len}, micro-batch {args.micro_batch}"
           f"{accumulated} per rank, memory={'on' if memory else 'off'}, {args.steps} timed steps after "
           f"{args.warmup} warm-up")

@@ -549,6 +549,11 @@ def test_training_bench_takes_its_recipe_from_a_run_config():
     assert (model.core, model.memory, model.window) == ("nope", True, 128)  # case core; recipe memory; --model-set
     args.no_memory = True
     assert not bench.case_model_config(cases[0], args).memory
+    # a recipe without the memory: its models have none, and the report names no memory kernel
+    args, cases = planned("--set", "model.overrides.memory=false", "--cases", "polar:3:none:off")
+    assert not bench.recipe_memory(args) and not bench.case_model_config(cases[0], args).memory
+    cpu = torch.device("cpu")
+    assert (bench.memory_kernel(cpu, False, args), bench.memory_kernel(cpu, True, args)) == ("none", "torch")
 
     for argv, message in [
         # --set alone takes the default run config's recipe (micro-batch 4)
