@@ -394,15 +394,17 @@ class CaseRunner:
 
 
 def case_teacher(cfg, config: AtmaConfig, ds_config: dict, device: torch.device, loaded: dict):
-    """The recipe's distillation teacher (None without distillation), loaded once per precision and vocabulary
-    into `loaded` and shared by the cases, as each training run holds one."""
+    """The recipe's distillation teacher (None without distillation), loaded once per precision, vocabulary and
+    whether the case compiles into `loaded` and shared by the cases, as each training run holds one."""
     if cfg.loss.distill_weight <= 0:
         return None
+    from .compilation import compile_method
     from .teacher import load_teacher
 
-    key = (ds_config["bf16"]["enabled"], config.vocab_size)
+    key = (ds_config["bf16"]["enabled"], config.vocab_size, compile_method(cfg.train, device.type) is not None)
     if key not in loaded:
-        loaded[key] = load_teacher(cfg.loss.teacher, device=device, bf16=key[0], vocab_size=key[1])
+        loaded[key] = load_teacher(cfg.loss.teacher, device=device, bf16=key[0], vocab_size=key[1],
+                                   compile_blocks=key[2])
     return loaded[key]
 
 

@@ -50,21 +50,28 @@ def _hub_model_unavailable(name: str) -> str | None:
     return f"not in the Hugging Face cache, and {unreachable}" if unreachable else None
 
 
-def load_teacher(spec: str, *, device: torch.device, bf16: bool, vocab_size: int) -> "Teacher":
+def load_teacher(spec: str, *, device: torch.device, bf16: bool, vocab_size: int,
+                 compile_blocks: bool = False) -> "Teacher":
     """The frozen teacher `spec` in the run's precision; ConfigError with a one-line reason when it cannot load."""
     from .config import ConfigError
 
     try:
-        return Teacher(spec, device=device, dtype=torch.bfloat16 if bf16 else torch.float32, vocab_size=vocab_size)
+        return Teacher(spec, device=device, dtype=torch.bfloat16 if bf16 else torch.float32, vocab_size=vocab_size,
+                       compile_blocks=compile_blocks)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"loss.teacher {spec!r} could not be loaded: {reason}") from None
 
 
 class Teacher:
-    """A frozen model replicated on every rank (inference only, no optimizer state to shard)."""
+    """A frozen model replicated on every rank (inference only, no optimizer state to shard).
 
-    def __init__(self, spec: str, *, device: torch.device, dtype: torch.dtype, vocab_size: int):
+    With `compile_blocks`, an ATMA teacher's blocks are compiled as the student's are under
+    `train.compile_method=blocks`; a Hugging Face teacher stays eager.
+    """
+
+    def __init__(self, spec: str, *, device: torch.device, dtype: torch.dtype, vocab_size: int,
+                 compile_blocks: bool = False):
         self.spec = spec
         self.vocab_size = vocab_size
         self.is_atma = os.path.isfile(os.path.join(spec, "config.json")) and (
@@ -85,6 +92,9 @@ class Teacher:
         self.model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.compiled = compile_blocks and self.is_atma
+        if self.compiled:
+            self.model.compile_blocks()
 
     @torch.no_grad()
     def target_rows(self, input_ids: torch.Tensor):

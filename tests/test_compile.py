@@ -58,3 +58,24 @@ def test_one_graph_per_block_kind_and_same_step_as_eager(checkpointing):
     # fp32: the traced graph may order a reduction differently, so a few ulps apart at most.
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_a_compiled_teacher_gives_the_eager_teachers_targets(tmp_path):
+    from pretrain.compilation import dynamo_summary
+    from pretrain.teacher import Teacher
+
+    tiny_model("polar", True).save_pretrained(str(tmp_path / "teacher"))
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    targets = {}
+    torch._dynamo.reset()
+    before = dynamo_summary()
+    for compiled in (False, True):
+        teacher = Teacher(str(tmp_path / "teacher"), device=torch.device("cpu"), dtype=torch.float32,
+                          vocab_size=256, compile_blocks=compiled)
+        assert teacher.compiled == compiled
+        targets[compiled] = teacher.target_rows(ids)(0, ids.numel())
+    # the teacher's two block kinds ran compiled (inductor), under no_grad
+    after = dynamo_summary()
+    assert (after["graphs"] - before["graphs"], after["graph_breaks"] - before["graph_breaks"]) == (2, 0)
+    assert targets[True].shape == (ids.numel(), 256)
+    torch.testing.assert_close(targets[True], targets[False], rtol=1e-5, atol=1e-5)
