@@ -38,10 +38,12 @@ def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 class _SoftcapCrossEntropySums(torch.autograd.Function):
     """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
-    logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms."""
+    logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms. The targets'
+    log-probabilities are kept from forward to backward, or with `recompute_targets` asked for again."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0):
+    def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0,
+                recompute_targets=False):
         acc = _accumulation_dtype(h.dtype)
         with_kl = targets_rows is not None
         sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
@@ -64,9 +66,12 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 s_t = s.div_(temperature)
                 lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
                 sums[2] += (log_q_c.exp() * (log_q_c - s_t)).sum() + lse_t[start:end].sum()
-                log_q.append(log_q_c)
+                if not recompute_targets:
+                    log_q.append(log_q_c)
         ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
         ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.log_q = cap, chunk_tokens, temperature, log_q
+        ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
+        ctx.with_kl = with_kl
         return sums
 
     @staticmethod
@@ -86,8 +91,12 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
             s = z.mul_(r).mul_(cap)
             # dKL/ds = (softmax(s / tau) - q) / tau, before s is overwritten by the CE gradient below.
-            d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(log_q[index].exp())
-                    .mul_(grad_sums[2] / tau)) if log_q else None
+            d_kl = None
+            if ctx.with_kl:
+                log_q_c = (log_q[index] if ctx.targets_rows is None
+                           else _target_log_probs(ctx.targets_rows, start, end, tau, acc))
+                d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(log_q_c.exp())
+                        .mul_(grad_sums[2] / tau))
             # dCE/ds = softmax(s) - onehot(y), scaled per token by its weight in the two sums.
             d = s.sub_(lse[start:end].unsqueeze(1)).exp_()
             valid = (y != IGNORE_INDEX).to(acc)
@@ -105,7 +114,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             if need_b:
                 grad_b.add_(d.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
 
 
 def _target_log_probs(targets_rows, start: int, end: int, temperature: float, acc: torch.dtype) -> torch.Tensor:
@@ -118,15 +127,19 @@ def _target_log_probs(targets_rows, start: int, end: int, temperature: float, ac
 
 
 def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, chunk_tokens: int,
-                               targets_rows=None, temperature: float = 1.0) -> torch.Tensor:
+                               targets_rows=None, temperature: float = 1.0,
+                               recompute_targets: bool = False) -> torch.Tensor:
     """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,), -100 labels counting
-    0; with `targets_rows(start, end)` -> target logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau))."""
+    0; with `targets_rows(start, end)` -> target logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau)).
+
+    `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
+    fp32 log-probabilities (N x V) from forward to backward."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
     return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
-                                          temperature)
+                                          temperature, recompute_targets)
 
 
 def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus, *, cap: float) -> torch.Tensor:

@@ -123,6 +123,7 @@ def lm_and_kl_loss_chunked(
     temperature: float = 1.0,
     chunk_tokens: int = 8192,
     focus: torch.Tensor | None = None,
+    recompute_targets: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`lm_loss_chunked` and, with `target_logits_rows`, `soft_target_kl_chunked` (else None) from one pass of
     the head per chunk (forward and recomputation): the logits and their gradient products serve both terms."""
@@ -130,7 +131,8 @@ def lm_and_kl_loss_chunked(
     y = labels.reshape(-1)
     f = (focus.reshape(-1) if focus is not None else torch.zeros_like(y, dtype=torch.bool)).to(h.dtype)
     total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens,
-                                       targets_rows=target_logits_rows, temperature=temperature)
+                                       targets_rows=target_logits_rows, temperature=temperature,
+                                       recompute_targets=recompute_targets)
     n = max(y.numel(), 1)
     focus_mean = None if focus is None else total[1] / f.sum().clamp_min(1)
     kl = None if target_logits_rows is None else total[2] * temperature**2 / n
@@ -146,11 +148,13 @@ def soft_target_kl_chunked(
     cap: float,
     temperature: float = 1.0,
     chunk_tokens: int = 4096,
+    recompute_targets: bool = False,
 ) -> torch.Tensor:
     """Mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)), chunked.
 
     `target_logits_rows(start, end)` returns target logits (end - start, V) for flattened rows;
-    this model's logits are computed chunk by chunk and recomputed in backward.
+    this model's logits are computed chunk by chunk and recomputed in backward, and with
+    `recompute_targets` so are the target logits, instead of being kept from forward to backward.
     """
     h = hidden.reshape(-1, hidden.shape[-1])
 
@@ -159,16 +163,25 @@ def soft_target_kl_chunked(
         log_q = F.log_softmax(t_c.to(log_p.dtype) / temperature, dim=-1)  # fp32, or fp64 for an fp64 model
         return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
 
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_c, (start, end) in zip(h.split(chunk_tokens), _chunk_rows(h.shape[0], chunk_tokens)):
+    def targets(start, end):
         with torch.no_grad():
             t_c = target_logits_rows(start, end)
         if t_c.shape[0] != end - start:
             raise ValueError(f"target logits have {t_c.shape[0]} rows for tokens {start}:{end}")
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + torch_checkpoint(chunk_kl, h_c, t_c, weight, bias, use_reentrant=False)
+        return t_c
+
+    def chunk_kl_asking_targets(h_c, w, b, start, end):
+        return chunk_kl(h_c, targets(start, end), w, b)
+
+    total = h.new_zeros((), dtype=torch.float32)
+    for h_c, (start, end) in zip(h.split(chunk_tokens), _chunk_rows(h.shape[0], chunk_tokens)):
+        if not (torch.is_grad_enabled() and h.requires_grad):
+            total = total + chunk_kl(h_c, targets(start, end), weight, bias)
+        elif recompute_targets:
+            total = total + torch_checkpoint(chunk_kl_asking_targets, h_c, weight, bias, start, end,
+                                             use_reentrant=False)
         else:
-            total = total + chunk_kl(h_c, t_c, weight, bias)
+            total = total + torch_checkpoint(chunk_kl, h_c, targets(start, end), weight, bias, use_reentrant=False)
     return total * temperature**2 / max(h.shape[0], 1)
 
 
@@ -183,7 +196,8 @@ class SoftcapLMHead(ZeroInitLinear):
         super().__init__(hidden, vocab)
         self.cap = cap
 
-    def forward(self, hidden, labels=None, *, chunk_tokens=8192, kl_targets=None, kl_temperature=1.0, focus=None):
+    def forward(self, hidden, labels=None, *, chunk_tokens=8192, kl_targets=None, kl_temperature=1.0, focus=None,
+                kl_recompute_targets=False):
         """Return {"logits"} without targets, else {"lm"} (and {"focus"} with a `focus` mask) and/or {"kl"}."""
         if labels is None and kl_targets is None:
             z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
@@ -192,7 +206,7 @@ class SoftcapLMHead(ZeroInitLinear):
         if labels is not None and kl_targets is not None:  # one pass of the head per chunk for both terms
             out["lm"], focus_loss, out["kl"] = lm_and_kl_loss_chunked(
                 hidden, self.weight, self.bias, labels, kl_targets, cap=self.cap, temperature=kl_temperature,
-                chunk_tokens=chunk_tokens, focus=focus,
+                chunk_tokens=chunk_tokens, focus=focus, recompute_targets=kl_recompute_targets,
             )
         elif labels is not None:
             out["lm"], focus_loss = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap,
@@ -201,7 +215,7 @@ class SoftcapLMHead(ZeroInitLinear):
             focus_loss = None
             out["kl"] = soft_target_kl_chunked(
                 hidden, self.weight, self.bias, kl_targets, cap=self.cap, temperature=kl_temperature,
-                chunk_tokens=chunk_tokens,
+                chunk_tokens=chunk_tokens, recompute_targets=kl_recompute_targets,
             )
         if focus_loss is not None:
             out["focus"] = focus_loss
@@ -321,13 +335,15 @@ class AtmaForCausalLM(nn.Module):
         kl_targets=None,
         kl_temperature: float = 1.0,
         focus: torch.Tensor | None = None,
+        kl_recompute_targets: bool = False,
     ) -> AtmaOutput:
         """Compute logits and, with `labels` (B,T), the mean next-token cross-entropy.
 
         With labels the loss is computed chunk by chunk and logits are not returned unless
         `return_logits=True`. With a boolean `focus` (B,T) beside `labels`, `focus_loss` is the mean
         cross-entropy over the focused tokens. `kl_targets(start, end)` -> target logits for flattened token rows
-        adds `kl_loss` (distillation). `hidden_states` holds every block's residual output when asked.
+        adds `kl_loss` (distillation); `kl_recompute_targets` asks it again in backward instead of keeping
+        the targets from forward to backward. `hidden_states` holds every block's residual output when asked.
         """
         hidden, hidden_states, align_loss = self.trunk(input_ids, output_hidden_states=output_hidden_states)
         if return_logits is None:
@@ -340,7 +356,7 @@ class AtmaForCausalLM(nn.Module):
         if labels is not None or kl_targets is not None:
             losses = self.proj(
                 hidden, labels, chunk_tokens=loss_chunk_tokens, kl_targets=kl_targets, kl_temperature=kl_temperature,
-                focus=focus,
+                focus=focus, kl_recompute_targets=kl_recompute_targets,
             )
             out.loss, out.focus_loss, out.kl_loss = losses.get("lm"), losses.get("focus"), losses.get("kl")
         if return_logits:

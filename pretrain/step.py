@@ -146,6 +146,7 @@ class TrainStep:
             input_ids, labels if self.weights.lm > 0 or want_copy else None, output_hidden_states=want_sig,
             loss_chunk_tokens=self.loss_cfg.loss_chunk_tokens, kl_targets=kl_targets,
             kl_temperature=self.loss_cfg.distill_temperature, focus=focus,
+            kl_recompute_targets=self.loss_cfg.distill_recompute,
         )
         terms = {}
         if out.loss is not None:

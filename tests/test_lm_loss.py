@@ -103,9 +103,10 @@ def naive_sums_with_kl(h, w, b, labels, focus, *, cap, targets, temperature):
     return torch.cat([ce, F.kl_div(log_p, log_q, log_target=True, reduction="sum").reshape(1)])
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
 @pytest.mark.parametrize("chunk", [1, 5, 37])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
-def test_fused_ce_and_kl_equal_naive_in_fp64(chunk, temperature):
+def test_fused_ce_and_kl_equal_naive_in_fp64(chunk, temperature, recompute):
     h, w, b, y, focus = case()
     targets = 4.0 * torch.randn(h.shape[0], w.shape[0], generator=torch.Generator().manual_seed(7), dtype=h.dtype)
     rows = []
@@ -116,14 +117,29 @@ def test_fused_ce_and_kl_equal_naive_in_fp64(chunk, temperature):
 
     weights = (0.7, 1.3, 0.9)
     fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h, w, b, weights, targets=(y, focus),
-                                        chunk_tokens=chunk, targets_rows=target_rows, temperature=temperature)
+                                        chunk_tokens=chunk, targets_rows=target_rows, temperature=temperature,
+                                        recompute_targets=recompute)
     naive = naive_sums_with_kl(h, w, b, y, focus, cap=CAP, targets=targets, temperature=temperature)
     naive_grads = torch.autograd.grad((naive * torch.tensor(weights, dtype=naive.dtype)).sum(), (h, w, b))
     torch.testing.assert_close(fused, naive.detach(), rtol=1e-12, atol=1e-11)
     for got, want, name in zip(fused_grads, naive_grads, ("hidden", "weight", "bias")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
-    # the teacher is asked once per chunk, in the forward only
-    assert rows == [(s, min(s + chunk, h.shape[0])) for s in range(0, h.shape[0], chunk)]
+    # the teacher is asked once per chunk in the forward, and again in the backward when recomputing
+    chunks = [(s, min(s + chunk, h.shape[0])) for s in range(0, h.shape[0], chunk)]
+    assert rows == chunks + (chunks if recompute else [])
+
+
+def test_recomputed_targets_are_not_kept_for_backward():
+    n, v = 64, 96
+    h, w, b, y, focus = case(n=n, d=8, v=v)
+    targets = torch.randn(n, v, dtype=h.dtype)
+    kept = {}
+    for recompute in (False, True):
+        sums = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=16,
+                                          targets_rows=lambda s, e: targets[s:e], recompute_targets=recompute)
+        kept[recompute] = sum(t.numel() for t in sums.grad_fn.log_q)
+        sums.sum().backward()
+    assert kept == {False: n * v, True: 0}
 
 
 @pytest.mark.gpu
@@ -164,7 +180,8 @@ def test_the_model_gives_the_same_lm_and_kl_terms_fused_as_one_at_a_time():
         return targets[start:end]
 
     def terms_and_grads(**kw):
-        out = model(ids, kw.get("labels"), kl_targets=kw.get("kl"), kl_temperature=2.0, loss_chunk_tokens=10)
+        out = model(ids, kw.get("labels"), kl_targets=kw.get("kl"), kl_temperature=2.0, loss_chunk_tokens=10,
+                    kl_recompute_targets=kw.get("recompute", False))
         terms = [t for t in (out.loss, out.kl_loss) if t is not None]
         grads = torch.autograd.grad(sum(terms), (model.proj.weight, model.embed.weight))
         return [t.detach() for t in terms], grads
@@ -176,6 +193,14 @@ def test_the_model_gives_the_same_lm_and_kl_terms_fused_as_one_at_a_time():
     torch.testing.assert_close(kl, kl_alone, rtol=1e-12, atol=1e-12)
     for got, a, b in zip(fused_grads, lm_grads, kl_grads):
         torch.testing.assert_close(got, a + b, rtol=1e-10, atol=1e-12)
+    # targets asked again in backward: the same terms and gradients, fused and KL alone
+    asked = []
+    (lm_r, kl_r), fused_r = terms_and_grads(labels=ids, kl=lambda s, e: asked.append("fused") or rows(s, e),
+                                            recompute=True)
+    (kl_alone_r,), kl_r_grads = terms_and_grads(kl=lambda s, e: asked.append("alone") or rows(s, e), recompute=True)
+    assert asked == ["fused"] * 10 + ["alone"] * 10  # 48 tokens in chunks of 10: forward and backward
+    for got, want in zip((lm_r, kl_r, kl_alone_r, *fused_r, *kl_r_grads), (lm, kl, kl_alone, *fused_grads, *kl_grads)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_bad_chunk_is_refused():

@@ -146,6 +146,28 @@ def test_distillation_from_identical_teacher_is_zero_and_weight_scales():
     torch.testing.assert_close(combine_losses(terms, LossWeights(lm=1.0, distill=0.0)), out.loss)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_the_training_step_asks_the_teacher_again_in_backward_only_with_distill_recompute(recompute):
+    from pretrain.config import LossSection
+    from pretrain.step import TrainStep
+
+    model = tiny_model()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    asked = []
+
+    class Teacher:
+        def target_rows(self, input_ids):
+            logits = torch.randn(input_ids.numel(), 256, generator=torch.Generator().manual_seed(4))
+            return lambda s, e: asked.append((s, e)) or logits[s:e]
+
+    loss = LossSection(distill_weight=1.0, teacher="t", distill_recompute=recompute, loss_chunk_tokens=16)
+    step = TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"), teacher=Teacher())
+    terms = step.compute_terms(ids, ids)
+    assert len(asked) == 3  # 40 tokens in chunks of 16
+    sum(terms.values()).backward()
+    assert len(asked) == (6 if recompute else 3)
+
+
 def test_all_zero_weights_rejected():
     with pytest.raises(ValueError, match="zero"):
         combine_losses({"lm": torch.tensor(1.0)}, LossWeights(lm=0.0))
