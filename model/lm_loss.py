@@ -39,7 +39,7 @@ def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _SoftcapCrossEntropySums(torch.autograd.Function):
     """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
     logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms. The targets'
-    log-probabilities are kept from forward to backward, or with `recompute_targets` asked for again."""
+    probabilities are kept from forward to backward, or with `recompute_targets` asked for again."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0,
@@ -49,7 +49,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
         sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
         lse = h.new_empty(h.shape[0], dtype=acc)
         lse_t = h.new_empty(h.shape[0] if with_kl else 0, dtype=acc)
-        log_q = []  # the targets' log-probabilities per chunk, kept for backward (as the targets were before)
+        probs = []  # the targets' probabilities per chunk, kept for backward unless recomputed there
         for start in range(0, h.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, h.shape[0])
             z, r = _logits_and_inverse_radius(h[start:end], weight, bias, cap, acc)
@@ -63,13 +63,14 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             if with_kl:
                 # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
                 log_q_c = _target_log_probs(targets_rows, start, end, temperature, acc)
+                q_c = log_q_c.exp()
                 s_t = s.div_(temperature)
                 lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
-                sums[2] += (log_q_c.exp() * (log_q_c - s_t)).sum() + lse_t[start:end].sum()
+                sums[2] += log_q_c.sub_(s_t).mul_(q_c).sum() + lse_t[start:end].sum()
                 if not recompute_targets:
-                    log_q.append(log_q_c)
+                    probs.append(q_c)
         ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
-        ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.log_q = cap, chunk_tokens, temperature, log_q
+        ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs = cap, chunk_tokens, temperature, probs
         ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
         ctx.with_kl = with_kl
         return sums
@@ -78,7 +79,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         h, weight, bias, labels, focus, lse, lse_t = ctx.saved_tensors
-        cap, chunk_tokens, tau, log_q = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.log_q
+        cap, chunk_tokens, tau, probs = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs
         acc = lse.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
@@ -93,9 +94,9 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             # dKL/ds = (softmax(s / tau) - q) / tau, before s is overwritten by the CE gradient below.
             d_kl = None
             if ctx.with_kl:
-                log_q_c = (log_q[index] if ctx.targets_rows is None
-                           else _target_log_probs(ctx.targets_rows, start, end, tau, acc))
-                d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(log_q_c.exp())
+                q_c = (probs[index] if ctx.targets_rows is None
+                       else _target_log_probs(ctx.targets_rows, start, end, tau, acc).exp_())
+                d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(q_c)
                         .mul_(grad_sums[2] / tau))
             # dCE/ds = softmax(s) - onehot(y), scaled per token by its weight in the two sums.
             d = s.sub_(lse[start:end].unsqueeze(1)).exp_()
@@ -133,7 +134,7 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, ch
     0; with `targets_rows(start, end)` -> target logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau)).
 
     `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
-    fp32 log-probabilities (N x V) from forward to backward."""
+    fp32 probabilities (N x V) from forward to backward."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if h.device.type == "cpu":

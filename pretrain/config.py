@@ -207,7 +207,7 @@ class LossSection:
 
     distill_recompute: bool = False
     """Ask the teacher's head again for each chunk's targets in backward instead of keeping their fp32
-    log-probabilities from forward to backward: saves tokens x vocab x 4 bytes per micro-batch (6.6 GB at
+    probabilities from forward to backward: saves tokens x vocab x 4 bytes per micro-batch (6.6 GB at
     atma-378m, micro-batch 8) for one more pass of the teacher's head (an estimated 3-5% of its step)."""
 
     copy_weight: float = 0.0
