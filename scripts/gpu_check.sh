@@ -21,13 +21,15 @@
 # 1.1e6 (only the 1024 x 1024 and smaller matrices whole) instead of the shipped 1e7 (only the
 # embedding and the LM head sharded), and a 4x prefetch bucket. Each writes its JSON after every case, so a time limit
 # keeps what was measured.
-# Time plan (limits in seconds; the whole check fits in about 12 minutes when every step ends at
+# Time plan (limits in seconds; the whole check fits in about 16 minutes when every step ends at
 # its usual time): tests 240, kernel benchmark 90, loss benchmark 30, training 150, recipe 150, DeepCompile 60,
 # guarded 40, ZeRO-3 settings 150, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with
-# the cache against recomputation and NoPE). Under a 10-minute limit per call, run it as two calls with
-# GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_loss bench_training" then "bench_recipe
-# bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode" (a call
-# without gpu_tests says its figures are ungated), each with GPU_CHECK_BUDGET a little under that limit.
+# the cache against recomputation and NoPE), then distillation 120 + 120 (bench_distill: a same-size teacher,
+# compiled and eager; bench_distill_recompute: with loss.distill_recompute). Under a 10-minute limit per call,
+# run it as calls with GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_loss bench_training" then
+# "bench_recipe bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode"
+# then "bench_distill bench_distill_recompute" (a call without gpu_tests says its figures are ungated), each
+# with GPU_CHECK_BUDGET a little under that limit.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # GPU_CHECK_BUDGET=SECONDS bounds the whole check (e.g. a device call's time limit less a minute for
@@ -76,12 +78,12 @@ out=$(cd "$out" && pwd)
 cd "$root"
 T_BENCH=${T_BENCH:-90} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-150} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_GUARDED=${T_GUARDED:-40} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
-T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150}
+T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_recipe bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_recipe bench_training_deepcompile bench_training_guarded bench_zero3_settings eval_64k bench_decode bench_distill bench_distill_recompute} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -195,5 +197,25 @@ decode_lens="2k,8k,32k,64k"
 [ "$quick" = "--quick" ] && decode_lens="2k,8k"
 ATMA_POLAR_AUTOTUNE=0 measure bench_decode "$T_DECODE" "$PY" -m model.bench_decode --lengths "$decode_lens" \
     --decode-tokens 32 --recompute-steps 2 --json "$out/bench_decode.json"
+# Distillation from a same-size teacher (a randomly initialised atma-378m, exported here first): the
+# step with the student's and the teacher's blocks compiled against both eager, then with
+# loss.distill_recompute (the teacher's head asked again in backward instead of keeping its probabilities).
+if [[ "$steps" == *" bench_distill"* ]] && [ "$tests_failed" -eq 0 ] \
+        && { [ -z "$budget" ] || [ $((deadline - SECONDS)) -ge 20 ]; }; then
+    cat > "$out/export_teacher.py" <<'PY'
+import sys
+from model import AtmaConfig, AtmaForCausalLM
+AtmaForCausalLM(AtmaConfig.from_preset("atma-378m")).save_pretrained(sys.argv[1])
+PY
+    timeout 120 "$PY" "$out/export_teacher.py" "$out/teacher-378m" > "$out/export_teacher.log" 2>&1 \
+        || echo "the teacher's export failed (export_teacher.log)" | tee -a "$out/gpu.txt"
+fi
+distill=(--steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 --fla-timing-only
+         --set loss.distill_weight=0.5 --set "loss.teacher=$out/teacher-378m")
+measure bench_distill "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" --cases polar:3:none:blocks,polar:3:none:off \
+    --json "$out/bench_distill.json"
+measure bench_distill_recompute "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
+    --set loss.distill_recompute=true --cases polar:3:none:blocks --json "$out/bench_distill_recompute.json"
+rm -rf "$out/teacher-378m"
 echo "gpu check finished with status $status" | tee -a "$out/gpu.txt"
 exit $status

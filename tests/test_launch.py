@@ -470,14 +470,18 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
                PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
                + os.environ["PATH"])
     out = tmp_path / "out"
+    (out / "teacher-378m").mkdir(parents=True)  # the export script is only compiled here; its directory stands in
     proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
     assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_recipe",
                      "bench_training_deepcompile", "bench_training_guarded", "bench_zero3_settings", "eval_64k",
-                     "bench_decode"]
+                     "bench_decode", "bench_distill", "bench_distill_recompute"]
     calls = log.read_text().splitlines()
-    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 5
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 7
+    assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
+    assert any("--set loss.distill_recompute=true" in c for c in calls)
+    assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 
 
