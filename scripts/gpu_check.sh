@@ -212,8 +212,8 @@ PY
 fi
 distill=(--steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 --fla-timing-only
          --set loss.distill_weight=0.5 --set "loss.teacher=$out/teacher-378m")
-measure bench_distill "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" --cases polar:3:none:blocks,polar:3:none:off \
-    --json "$out/bench_distill.json"
+measure bench_distill "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
+    --cases polar:3:none:blocks,polar:3:none:off --json "$out/bench_distill.json"
 measure bench_distill_recompute "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
     --set loss.distill_recompute=true --cases polar:3:none:blocks --json "$out/bench_distill_recompute.json"
 rm -rf "$out/teacher-378m"

@@ -635,7 +635,8 @@ def test_training_bench_cases_share_one_teacher_per_precision_and_compile(monkey
     loads = []
     monkeypatch.setattr("pretrain.teacher.load_teacher", lambda spec, **kw: loads.append((spec, kw)) or len(loads))
     cfg = load_run_config(None, ["data.dir=d", "loss.distill_weight=1", "loss.teacher=t-dir"])
-    compiled = load_run_config(None, ["data.dir=d", "loss.distill_weight=1", "loss.teacher=t-dir", "train.compile=true"])
+    compiled = load_run_config(None, ["data.dir=d", "loss.distill_weight=1", "loss.teacher=t-dir",
+                                      "train.compile=true"])
     model = AtmaConfig.from_preset("tiny")
     loaded, cpu = {}, torch.device("cpu")
     bf16, fp32 = {"bf16": {"enabled": True}}, {"bf16": {"enabled": False}}
