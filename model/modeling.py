@@ -11,7 +11,7 @@ from .attention import GlobalAttention
 from .cache import AtmaCache
 from .config import AtmaConfig
 from .layers import MLP, CausalDepthwiseConv, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
-from .lm_loss import softcap_cross_entropy_sums
+from .lm_loss import IGNORE_INDEX, softcap_cross_entropy_sums
 
 CHECKPOINT_POLICIES = ("none", "global", "all")
 
@@ -150,7 +150,8 @@ def soft_target_kl_chunked(
     chunk_tokens: int = 4096,
     recompute_targets: bool = False,
 ) -> torch.Tensor:
-    """Mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)), chunked.
+    """Mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)), chunked: the unfused reference
+    of the head's distillation term (autograd through each op, every chunk checkpointed).
 
     `target_logits_rows(start, end)` returns target logits (end - start, V) for flattened rows;
     this model's logits are computed chunk by chunk and recomputed in backward, and with
@@ -211,10 +212,10 @@ class SoftcapLMHead(ZeroInitLinear):
         elif labels is not None:
             out["lm"], focus_loss = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap,
                                                     chunk_tokens=chunk_tokens, focus=focus)
-        else:
-            focus_loss = None
-            out["kl"] = soft_target_kl_chunked(
-                hidden, self.weight, self.bias, kl_targets, cap=self.cap, temperature=kl_temperature,
+        else:  # the fused pass with every label ignored: its cross-entropy sums are zero, and so is their gradient
+            ignored = torch.full(hidden.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=hidden.device)
+            _, focus_loss, out["kl"] = lm_and_kl_loss_chunked(
+                hidden, self.weight, self.bias, ignored, kl_targets, cap=self.cap, temperature=kl_temperature,
                 chunk_tokens=chunk_tokens, recompute_targets=kl_recompute_targets,
             )
         if focus_loss is not None:
