@@ -86,11 +86,6 @@ class AtmaOutput(dict):
         self[name] = value
 
 
-def _chunk_rows(n: int, chunk: int):
-    for start in range(0, n, chunk):
-        yield start, min(start + chunk, n)
-
-
 def lm_loss_chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -125,7 +120,8 @@ def lm_and_kl_loss_chunked(
     focus: torch.Tensor | None = None,
     recompute_targets: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """`lm_loss_chunked` and, with `target_logits_rows`, `soft_target_kl_chunked` (else None) from one pass of
+    """`lm_loss_chunked` and, with `target_logits_rows(start, end)` -> target logits for flattened token rows,
+    the mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)) (else None), from one pass of
     the head per chunk (forward and recomputation): the logits and their gradient products serve both terms."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
@@ -137,53 +133,6 @@ def lm_and_kl_loss_chunked(
     focus_mean = None if focus is None else total[1] / f.sum().clamp_min(1)
     kl = None if target_logits_rows is None else total[2] * temperature**2 / n
     return total[0] / n, focus_mean, kl
-
-
-def soft_target_kl_chunked(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    target_logits_rows,
-    *,
-    cap: float,
-    temperature: float = 1.0,
-    chunk_tokens: int = 4096,
-    recompute_targets: bool = False,
-) -> torch.Tensor:
-    """Mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)), chunked: the unfused reference
-    of the head's distillation term (autograd through each op, every chunk checkpointed).
-
-    `target_logits_rows(start, end)` returns target logits (end - start, V) for flattened rows;
-    this model's logits are computed chunk by chunk and recomputed in backward, and with
-    `recompute_targets` so are the target logits, instead of being kept from forward to backward.
-    """
-    h = hidden.reshape(-1, hidden.shape[-1])
-
-    def chunk_kl(h_c, t_c, w, b):
-        log_p = F.log_softmax(softcap(F.linear(h_c, w.to(h_c.dtype), b.to(h_c.dtype)), cap) / temperature, dim=-1)
-        log_q = F.log_softmax(t_c.to(log_p.dtype) / temperature, dim=-1)  # fp32, or fp64 for an fp64 model
-        return F.kl_div(log_p, log_q, log_target=True, reduction="sum")
-
-    def targets(start, end):
-        with torch.no_grad():
-            t_c = target_logits_rows(start, end)
-        if t_c.shape[0] != end - start:
-            raise ValueError(f"target logits have {t_c.shape[0]} rows for tokens {start}:{end}")
-        return t_c
-
-    def chunk_kl_asking_targets(h_c, w, b, start, end):
-        return chunk_kl(h_c, targets(start, end), w, b)
-
-    total = h.new_zeros((), dtype=torch.float32)
-    for h_c, (start, end) in zip(h.split(chunk_tokens), _chunk_rows(h.shape[0], chunk_tokens)):
-        if not (torch.is_grad_enabled() and h.requires_grad):
-            total = total + chunk_kl(h_c, targets(start, end), weight, bias)
-        elif recompute_targets:
-            total = total + torch_checkpoint(chunk_kl_asking_targets, h_c, weight, bias, start, end,
-                                             use_reentrant=False)
-        else:
-            total = total + torch_checkpoint(chunk_kl, h_c, targets(start, end), weight, bias, use_reentrant=False)
-    return total * temperature**2 / max(h.shape[0], 1)
 
 
 class SoftcapLMHead(ZeroInitLinear):
@@ -203,21 +152,16 @@ class SoftcapLMHead(ZeroInitLinear):
         if labels is None and kl_targets is None:
             z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
             return {"logits": softcap(z, self.cap)}
-        out = {}
-        if labels is not None and kl_targets is not None:  # one pass of the head per chunk for both terms
-            out["lm"], focus_loss, out["kl"] = lm_and_kl_loss_chunked(
-                hidden, self.weight, self.bias, labels, kl_targets, cap=self.cap, temperature=kl_temperature,
-                chunk_tokens=chunk_tokens, focus=focus, recompute_targets=kl_recompute_targets,
-            )
-        elif labels is not None:
-            out["lm"], focus_loss = lm_loss_chunked(hidden, self.weight, self.bias, labels, cap=self.cap,
-                                                    chunk_tokens=chunk_tokens, focus=focus)
-        else:  # the fused pass with every label ignored: its cross-entropy sums are zero, and so is their gradient
-            ignored = torch.full(hidden.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=hidden.device)
-            _, focus_loss, out["kl"] = lm_and_kl_loss_chunked(
-                hidden, self.weight, self.bias, ignored, kl_targets, cap=self.cap, temperature=kl_temperature,
-                chunk_tokens=chunk_tokens, recompute_targets=kl_recompute_targets,
-            )
+        # One pass of the head per chunk for every term; without labels every label is ignored, so the
+        # cross-entropy sums are zero and get no gradient.
+        y = labels if labels is not None else torch.full(hidden.shape[:-1], IGNORE_INDEX, device=hidden.device)
+        lm, focus_loss, kl = lm_and_kl_loss_chunked(
+            hidden, self.weight, self.bias, y, kl_targets, cap=self.cap, temperature=kl_temperature,
+            chunk_tokens=chunk_tokens, focus=focus, recompute_targets=kl_recompute_targets,
+        )
+        out = {"lm": lm} if labels is not None else {}
+        if kl is not None:
+            out["kl"] = kl
         if focus_loss is not None:
             out["focus"] = focus_loss
         return out
