@@ -11,7 +11,6 @@ alternating within each round, so the cost of the checks is a ratio from one run
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing
 import os
@@ -25,6 +24,7 @@ import time
 
 from data_pipeline.argtypes import int_at_least, positive_float, writable_file
 from data_pipeline.config import BUILTIN_CORPUS, DEFAULT_VOCAB_SIZE, MIN_VOCAB_SIZE
+from data_pipeline.manifest import write_json_atomic
 
 _WARMUP_BATCHES = 10
 _positive_int = int_at_least(1)
@@ -61,27 +61,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "shards prepared once with the largest --workers")
     p.add_argument("--work-dir", metavar="DIR",
                    help="keep the tokenizer and shards here (default: a temporary directory)")
-    p.add_argument("--json", metavar="FILE", type=writable_file, help="also write all figures to FILE as JSON")
+    p.add_argument("--json", metavar="FILE", type=writable_file,
+                   help="also write all figures to FILE as JSON, after each core budget and loader")
 
 
 def run_bench(args: argparse.Namespace) -> dict:
     """Run every measurement, print the report and return the figures."""
     work = args.work_dir or tempfile.mkdtemp(prefix="data_pipeline_bench_")
     os.makedirs(work, exist_ok=True)
+    figures: dict = {}
     try:
-        figures = _measure(args, work)
+        _measure(args, work, figures)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     for line in report(figures):
         print(line)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(figures, f, indent=2)
     return figures
 
 
-def _measure(args, work: str) -> dict:
+def _measure(args, work: str, figures: dict) -> None:
+    """Fill `figures`, writing them to --json after each core budget and loader (an interrupted run keeps
+    what it measured)."""
     from data_pipeline.config import PrepareConfig
     from data_pipeline.tokenizer import load_tokenizer
 
@@ -89,10 +90,14 @@ def _measure(args, work: str) -> dict:
                            max_docs=args.max_docs, text_field=args.text_field)
     texts = _documents(config)
     tokenizer_path = os.path.join(work, "bench-tokenizer.json")
-    figures = {"machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-               "python": platform.python_version(), "inputs": config.inputs,
-               "num_documents": len(texts), "num_chars": sum(map(len, texts)),
-               "seq_len": args.seq_len}
+    figures.update({"machine": f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                    "python": platform.python_version(), "inputs": config.inputs,
+                    "num_documents": len(texts), "num_chars": sum(map(len, texts)),
+                    "seq_len": args.seq_len})
+
+    def save() -> None:
+        if args.json:
+            write_json_atomic(args.json, figures)
     if args.tokenizer:
         info = load_tokenizer(args.tokenizer)
     else:
@@ -110,8 +115,11 @@ def _measure(args, work: str) -> dict:
             pickle.dump(texts, f, protocol=pickle.HIGHEST_PROTOCOL)
         for n in args.workers:
             figures["budgets"][str(n)] = _budget(args, n, texts_path, tokenizer_path, work)
-    figures["loader"] = {str(k): _loader_checks(prepared, args, k) for k in args.loader_workers}
-    return figures
+            save()
+    figures["loader"] = {}
+    for k in args.loader_workers:
+        figures["loader"][str(k)] = _loader_checks(prepared, args, k)
+        save()
 
 
 def _documents(config) -> list[str]:

@@ -126,6 +126,30 @@ def test_bench_runs_on_a_tiny_corpus(tmp_path, capsys):
         assert json.load(f)["num_documents"] == 80
 
 
+def test_an_interrupted_bench_keeps_the_figures_it_measured(tmp_path, monkeypatch):
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), synthetic_docs(40, seed=12))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--input", corpus, "--vocab-size", "300", "--seq-len", "16", "--workers", "1",
+                              "--repeats", "1", "--loader-workers", "0", "2", "--json", str(out)])
+    loaders = []
+
+    def loader_checks(data_dir, args, num_workers):
+        if loaders:
+            raise KeyboardInterrupt  # Ctrl-C while the second loader is timed
+        loaders.append(num_workers)
+        return {"tokens_per_s": 1.0}
+
+    monkeypatch.setattr("data_pipeline.bench._loader_checks", loader_checks)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(args)
+    with open(out) as f:
+        figures = json.load(f)
+    assert set(figures["budgets"]) == {"1"} and figures["budgets"]["1"]["prepare"]["median"] > 0
+    assert figures["loader"] == {"0": {"tokens_per_s": 1.0}}
+
+
 def test_bench_loader_only(tmp_path, capsys):
     corpus = write_jsonl(str(tmp_path / "c.jsonl"), synthetic_docs(80, seed=12))
     parser = argparse.ArgumentParser()

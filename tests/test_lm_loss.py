@@ -226,3 +226,23 @@ def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
     record = json.loads(out.read_text())
     assert set(record["ms"]) == {"fused", "naive chunked (baseline)"} and record["speedup"] > 0
     assert "fused speedup" in capsys.readouterr().out
+
+
+def test_the_loss_benchmark_keeps_the_first_paths_figure_when_the_second_is_cut_short(tmp_path, monkeypatch):
+    from model import bench_loss
+
+    timed = []
+
+    def time_calls(fn, inputs, repeats, warmup, device):
+        if timed:
+            raise KeyboardInterrupt  # the time limit's SIGINT, during the second path
+        timed.append(fn)
+        return [3.0]
+
+    monkeypatch.setattr(bench_loss, "time_calls", time_calls)
+    out = tmp_path / "loss.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench_loss.main(["--tokens", "64", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16",
+                         "--device", "cpu", "--json", str(out)])
+    record = json.loads(out.read_text())
+    assert record["ms"] == {"fused": 3.0} and "speedup" not in record
