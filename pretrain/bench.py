@@ -501,17 +501,14 @@ def top_ops(runner: CaseRunner, steps: int, limit: int) -> list[dict]:
         return []
     from torch.profiler import ProfilerActivity, profile
 
+    from .profiling import top_ops as profiled_top_ops
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             runner.run()
         synchronize(runner.device)
-    on_device = runner.device.type == "cuda"
-    rows = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total), e.count)
-            for e in prof.key_averages()]
-    rows.sort(key=lambda r: r[1], reverse=True)
-    return [{"op": name, "self_ms_per_step": us / 1000 / steps, "calls_per_step": count / steps}
-            for name, us, count in rows[:limit]]
+    return profiled_top_ops(prof, steps=steps, limit=limit, on_device=runner.device.type == "cuda")
 
 
 def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_memory: float | None) -> dict:

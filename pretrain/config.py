@@ -302,8 +302,8 @@ class CheckpointSection:
     """Complete checkpoints kept; older ones are deleted."""
 
     resume: str = "auto"
-    """auto (newest complete checkpoint), none (start over: earlier checkpoints, metrics.jsonl, tensorboard/
-    and W&B files are moved aside to NAME-before-TIME), or a checkpoint PATH (or --resume)."""
+    """auto (newest complete checkpoint), none (start over: earlier checkpoints, metrics.jsonl, tensorboard/,
+    W&B files and profile/ are moved aside to NAME-before-TIME), or a checkpoint PATH (or --resume)."""
 
     allow_changes: list[str] = field(default_factory=list)
     """Run-config keys or sections that may differ from the checkpoint's on resume, e.g. [optim.lr]
@@ -360,6 +360,35 @@ class LoggingSection:
 
 
 @dataclass(kw_only=True, slots=True)
+class ProfileSection:
+    """torch.profiler traces of a window of training steps, written to run_dir/profile (pretrain/profiling.py)."""
+
+    steps: int = 0
+    """Optimizer steps to trace; 0 traces nothing."""
+
+    start_step: int = 10
+    """First traced optimizer step, numbered as in the logs (over the whole run, resumes included)."""
+
+    ranks: list[int] = field(default_factory=lambda: [0])
+    """Ranks that trace; [] traces every rank."""
+
+    record_shapes: bool = False
+    """Record each op's input shapes (larger traces)."""
+
+    with_stack: bool = False
+    """Record the Python stack of each op (larger traces, more overhead)."""
+
+    profile_memory: bool = False
+    """Record tensor allocations and frees."""
+
+    def __post_init__(self):
+        _require(self.steps >= 0, f"profile.steps must be >= 0 (0 traces nothing), got {self.steps}")
+        _require(self.start_step >= 1, f"profile.start_step must be >= 1, got {self.start_step}")
+        self.ranks = list(self.ranks)
+        _require(all(r >= 0 for r in self.ranks), f"profile.ranks must be ranks >= 0, got {self.ranks}")
+
+
+@dataclass(kw_only=True, slots=True)
 class RunConfig:
     """A whole pretraining run."""
 
@@ -398,6 +427,9 @@ class RunConfig:
 
     logging: LoggingSection = field(default_factory=LoggingSection)
     """Logging and validation."""
+
+    profile: ProfileSection = field(default_factory=ProfileSection)
+    """torch.profiler traces of a window of steps (off by default)."""
 
     def __post_init__(self):
         _require(bool(self.run_dir), "run_dir must not be empty")
@@ -560,8 +592,8 @@ def _expected(hint) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):
         return " or ".join(_expected(a) for a in args if a is not type(None)) + " or null"
-    if origin is tuple:
-        return "a list of numbers" if args[0] is float else "a list"
+    if origin in (tuple, list):
+        return {float: "a list of numbers", int: "a list of integers"}.get(args[0], "a list")
     if origin is dict or hint is dict:
         return "a mapping"
     if dataclasses.is_dataclass(hint):

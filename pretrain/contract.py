@@ -5,10 +5,10 @@ the model config, the sequence length, the identity of the training data (shards
 the ZeRO stage and world size, the code version and the library versions. Resume compares the
 record with the run being started and sorts every difference into one of three kinds:
 
-- free: the field does not change what is computed from here on (paths, logging, checkpoint
-  cadence, run length, micro-batch size, loader workers, activation recomputation, the non-finite
-  loss policy, the init seed: a resumed run keeps its saved random state; the gradient clip while
-  both runs use Muon, which never clips); listed in one notice;
+- free: the field does not change what is computed from here on (paths, logging, profiling,
+  checkpoint cadence, run length, micro-batch size, loader workers, activation recomputation, the
+  non-finite loss policy, the init seed: a resumed run keeps its saved random state; the gradient
+  clip while both runs use Muon, which never clips); listed in one notice;
 - intended: the continued run computes something else (learning rate, schedule, loss weights,
   batch size, precision); refused unless `--allow-config-change KEY` names the key or its section;
 - fixed: the checkpoint cannot continue at all (model shape, sequence length, data, optimizer
@@ -29,7 +29,7 @@ RECORD_FORMAT = 1
 # Run-config keys (or whole sections) whose change leaves the computation as it was.
 FREE_KEYS = ("name", "run_dir", "deepspeed_config", "data.dir", "data.num_workers", "batch.micro_batch_size",
              "train.max_steps", "train.nan_policy", "train.max_skipped_steps", "train.activation_checkpointing",
-             "train.seed", "train.init_from", "checkpoint", "logging")
+             "train.seed", "train.init_from", "checkpoint", "logging", "profile")
 # Keys of this invocation, never reported as changes.
 INVOCATION_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
 # Run-config keys a checkpoint cannot continue with once changed.

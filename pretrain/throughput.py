@@ -1,4 +1,4 @@
-"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up steps left out."""
+"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up and traced steps left out."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ class ThroughputMeter:
 
     The first `warmup_steps` steps (compilation, autotuning, allocator growth) are left out: the
     clock starts when they are done. The device is synchronised only where a window starts or is
-    read (the logging cadence), so the step itself keeps the host ahead of the device.
+    read (the logging cadence), so the step itself keeps the host ahead of the device. Steps
+    between `pause()` and `resume()` (traced by the profiler) are left out with their time.
     """
 
     def __init__(self, *, warmup_steps: int, device: torch.device):
@@ -25,6 +26,7 @@ class ThroughputMeter:
         self._window_steps = 0
         self._window_tokens = 0
         self._window_data_wait = 0.0
+        self._paused_at = None
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -46,16 +48,32 @@ class ThroughputMeter:
         self.num_steps += 1
         if self.num_steps == self.warmup_steps:
             self._window_start = self._now()
-        elif self.num_steps > self.warmup_steps:
+        elif self.num_steps > self.warmup_steps and self._paused_at is None:
             self._window_steps += 1
             self._window_tokens += tokens
             self._window_data_wait += data_wait_s
+
+    def pause(self) -> None:
+        """Leave the steps recorded from here until `resume()` out of the figures, and their time with them."""
+        if self._paused_at is None:
+            self._paused_at = self._now()
+
+    def resume(self) -> None:
+        """Count steps again; the window's clock skips the paused time."""
+        if self._paused_at is None:
+            return
+        now = self._now()
+        if self._window_start is not None:
+            paused = now - self._paused_at
+            # a window that started while paused (the warm-up ended then) starts now
+            self._window_start = now if self._window_start > self._paused_at else self._window_start + paused
+        self._paused_at = None
 
     def read(self) -> dict[str, float]:
         """Tokens/s, seconds per step and the data-wait fraction since the last read; {} during warm-up."""
         if self._window_steps == 0:
             return {}
-        now = self._now()
+        now = self._now() if self._paused_at is None else self._paused_at  # paused: the window ended there
         elapsed = max(now - self._window_start, 1e-9)
         out = {"perf/tokens_per_s": self._window_tokens / elapsed,
                "perf/step_time_s": elapsed / self._window_steps,

@@ -31,6 +31,7 @@ from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
 from .optim import apply_lr, build_optimizer, lr_multiplier
+from .profiling import PROFILE_DIR, StepProfiler, check_ranks
 from .provenance import code_version, library_versions
 from .signals import StopRequests
 from .step import NonFiniteStep, TrainingError, TrainStep, check_skip_supported
@@ -381,9 +382,9 @@ def check_loadable(tag_dir: str) -> None:
 
 
 def start_over(run_dir: str) -> str | None:
-    """Move an earlier run's checkpoints and dashboards in `run_dir` aside (--resume none); return the line
-    saying so."""
-    moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS))
+    """Move an earlier run's checkpoints, dashboards and profiles in `run_dir` aside (--resume none); return the
+    line saying so."""
+    moved = ckpt.move_aside(run_dir, (ckpt.CHECKPOINTS, *OUTPUTS, PROFILE_DIR))
     if not moved:
         return None
     renames = ", ".join(f"{old} -> {new}" for old, new in moved)
@@ -407,6 +408,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
         self.rank, self.world, self.device = init_distributed()
+        check_ranks(cfg.profile, self.world)
         self.manifest = load_manifest(cfg.data.dir)
         self.plan = plan_batch(cfg.batch.tokens, cfg.batch.micro_batch_size, self.manifest.seq_len, self.world)
         self.ds_config = build_ds_config(cfg, self.plan, device_type=self.device.type)
@@ -669,28 +671,50 @@ class Trainer:
         self.last_saved = self.step
         self.engine.module.train()
         meter = ThroughputMeter(warmup_steps=cfg.logging.throughput_warmup_steps, device=self.device)
+        profiler = StepProfiler(cfg.profile, run_dir=cfg.run_dir, rank=self.rank, device=self.device)
         meter.start()
         last = {}
-        while self.step < cfg.train.max_steps:
-            outcome = self.train_step(batches)
-            meter.record(self.plan.tokens_per_step, outcome.data_wait_s)
-            if outcome.applied:
-                last = self._log(outcome, meter)
-                self._validate_on_cadence()
-                self.monitor.advance()
-            if outcome.stop:
-                tag = self.save(announce=False) if self.last_saved != self.step else ckpt.tag_for(self.step)
-                self.stopped = True
-                why = "Ctrl-C" if self.stop.interrupted else self.stop.signal_name or "a signal on another rank"
-                self.monitor.print(f"[atma] stopped by {why} after step {self.step}: checkpoint {tag} saved; "
-                                   "run the same command again to continue from it")
-                break
-            if outcome.applied and self._save_due() and self.last_saved != self.step:
-                self.save()
+        try:
+            while self.step < cfg.train.max_steps:
+                profiler.before_step(self.step + 1)
+                if profiler.in_window(self.step + 1):  # on every rank: one traced rank slows every rank's step
+                    meter.pause()
+                outcome = self.train_step(batches)
+                meter.record(self.plan.tokens_per_step, outcome.data_wait_s)
+                profiler.after_step()
+                if not profiler.in_window(self.step + 1):
+                    meter.resume()
+                if outcome.applied:
+                    last = self._log(outcome, meter)
+                    self._validate_on_cadence()
+                    self.monitor.advance()
+                self._report_trace(profiler)
+                if outcome.stop:
+                    tag = self.save(announce=False) if self.last_saved != self.step else ckpt.tag_for(self.step)
+                    self.stopped = True
+                    why = "Ctrl-C" if self.stop.interrupted else self.stop.signal_name or "a signal on another rank"
+                    self.monitor.print(f"[atma] stopped by {why} after step {self.step}: checkpoint {tag} saved; "
+                                       "run the same command again to continue from it")
+                    break
+                if outcome.applied and self._save_due() and self.last_saved != self.step:
+                    self.save()
+        finally:
+            profiler.close()  # a run that ends inside the window keeps the steps traced so far
+            self._report_trace(profiler)
         if self.last_saved != self.step:
             self.save()
         self.monitor.close()
         return last
+
+    def _report_trace(self, profiler: StepProfiler) -> None:
+        """Say where this rank's trace went, once it is written."""
+        message = profiler.take_report()
+        if message is None:
+            return
+        if self.rank == 0:
+            self.monitor.print(message)
+        else:
+            print(message, flush=True)
 
     def _save_due(self) -> bool:
         return self.step % self.cfg.checkpoint.every == 0 or self.step == self.cfg.train.max_steps

@@ -18,7 +18,7 @@ from model import AtmaConfig
 from pretrain import train
 from pretrain.config import (
     BatchSection, CheckpointSection, ConfigError, DataSection, LoggingSection, LossSection, ModelSection,
-    OptimSection, RunConfig, ScheduleSection, TrainSection, load_run_config,
+    OptimSection, ProfileSection, RunConfig, ScheduleSection, TrainSection, load_run_config,
 )
 
 ATMA_FIELDS = ("vocab_size, hidden_size, num_hidden_layers, head_dim, num_attention_heads, num_key_value_heads, "
@@ -27,7 +27,8 @@ ATMA_FIELDS = ("vocab_size, hidden_size, num_hidden_layers, head_dim, num_attent
                "init_scheme")
 OPTIM_FIELDS = ("name, lr, betas, eps, weight_decay, grad_clip, muon_lr, muon_momentum, muon_weight_decay, "
                 "embed_lr, head_lr, scalar_lr")
-TOP_FIELDS = "name, run_dir, deepspeed_config, model, data, batch, optim, schedule, loss, train, checkpoint, logging"
+TOP_FIELDS = ("name, run_dir, deepspeed_config, model, data, batch, optim, schedule, loss, train, checkpoint, logging, "
+              "profile")
 
 
 def write(tmp_path, text):
@@ -301,7 +302,8 @@ def test_prepare_config_checks_at_construction(kwargs, message):
 
 # ---------------------------------------------------------------------- one style
 CONFIG_CLASSES = [AtmaConfig, data_pipeline.config.PrepareConfig, RunConfig, ModelSection, DataSection, BatchSection,
-                  OptimSection, ScheduleSection, LossSection, TrainSection, CheckpointSection, LoggingSection]
+                  OptimSection, ScheduleSection, LossSection, TrainSection, CheckpointSection, LoggingSection,
+                  ProfileSection]
 
 
 def field_docstrings(cls) -> dict[str, str]:

@@ -175,15 +175,18 @@ def test_resume_none_moves_the_earlier_checkpoints_and_dashboards_aside(tmp_path
     (run / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
     (run / "wandb").mkdir()
     (run / "wandb_id.txt").write_text("abc\n")
+    (run / "profile").mkdir()
+    (run / "profile" / "steps10-12-rank0-ops.txt").write_text("ops\n")
     (run / "config.yaml").write_text("name: x\n")
     assert start_over(str(run)) == (
         f"[atma] --resume none: starting over at step 0; the earlier run's files in {run} are moved aside: "
         "checkpoints -> checkpoints-before-20261202-141500, metrics.jsonl -> metrics-before-20261202-141500.jsonl, "
         "tensorboard -> tensorboard-before-20261202-141500, wandb -> wandb-before-20261202-141500, "
-        "wandb_id.txt -> wandb_id-before-20261202-141500.txt")
+        "wandb_id.txt -> wandb_id-before-20261202-141500.txt, profile -> profile-before-20261202-141500")
     assert sorted(os.listdir(run)) == [
         "checkpoints-before-20261202-141500", "config.yaml", "metrics-before-20261202-141500.jsonl",
-        "tensorboard-before-20261202-141500", "wandb-before-20261202-141500", "wandb_id-before-20261202-141500.txt"]
+        "profile-before-20261202-141500", "tensorboard-before-20261202-141500", "wandb-before-20261202-141500",
+        "wandb_id-before-20261202-141500.txt"]
     assert (run / "checkpoints-before-20261202-141500" / "step_00000003" / "COMPLETE").is_file()
     assert (run / "metrics-before-20261202-141500.jsonl").read_text() == '{"step": 1}\n'
     assert start_over(str(run)) is None

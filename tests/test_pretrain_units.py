@@ -477,6 +477,56 @@ def test_throughput_leaves_out_warmup_steps(monkeypatch):
     assert meter.read()["perf/step_time_s"] == pytest.approx(4.0)
 
 
+def test_throughput_leaves_out_paused_steps_and_their_time(monkeypatch):
+    from pretrain import throughput
+
+    now = [0.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+    meter = throughput.ThroughputMeter(warmup_steps=0, device=torch.device("cpu"))
+    meter.start()  # t = 0
+    now[0] = 1.0
+    meter.record(1000, data_wait_s=0.0)  # a counted step: 1 s
+    meter.pause()
+    now[0] = 11.0
+    meter.record(1000, data_wait_s=5.0)  # a traced step: 10 s, not counted
+    meter.resume()
+    now[0] = 13.0
+    meter.record(1000, data_wait_s=0.5)  # a counted step: 2 s
+    figures = meter.read()  # two steps in 3 s
+    assert figures["perf/tokens_per_s"] == pytest.approx(2000 / 3)
+    assert figures["perf/data_wait_fraction"] == pytest.approx(0.5 / 3)
+    # A read while paused ends the window where the pause began.
+    now[0] = 14.0
+    meter.record(1000, data_wait_s=0.0)
+    meter.pause()
+    now[0] = 20.0
+    meter.record(1000, data_wait_s=0.0)
+    assert meter.read()["perf/step_time_s"] == pytest.approx(1.0)
+    now[0] = 30.0
+    meter.resume()
+    now[0] = 32.0
+    meter.record(1000, data_wait_s=0.0)
+    assert meter.read()["perf/step_time_s"] == pytest.approx(2.0)
+
+
+def test_throughput_window_starts_after_a_pause_that_ends_the_warmup(monkeypatch):
+    from pretrain import throughput
+
+    now = [0.0]
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+    meter = throughput.ThroughputMeter(warmup_steps=1, device=torch.device("cpu"))
+    meter.start()
+    meter.pause()
+    now[0] = 5.0
+    meter.record(1000, data_wait_s=0.0)  # the warm-up step ends while paused
+    now[0] = 9.0
+    meter.record(1000, data_wait_s=0.0)  # traced: not counted
+    meter.resume()
+    now[0] = 12.0
+    meter.record(1000, data_wait_s=0.0)
+    assert meter.read()["perf/step_time_s"] == pytest.approx(3.0)
+
+
 def test_bench_ratios_compare_cases_that_differ_in_one_setting():
     from pretrain.bench import Case, ratios
 

@@ -1,0 +1,162 @@
+"""`torch.profiler` traces of a window of training steps (the run config's `profile` section).
+
+The benchmark (`python -m pretrain.bench`) times the step on random tokens; this traces the run
+itself, with its data, its ranks and its interconnect. On each chosen rank, optimizer steps
+`start_step` .. `start_step + steps - 1` (numbered as in the logs) are recorded, the step before
+them as the profiler's warm-up when this process runs it, and written to `RUN_DIR/profile/`:
+
+- `steps{A}-{B}-rank{R}.pt.trace.json.gz`: the timeline (https://ui.perfetto.dev or chrome://tracing);
+- `steps{A}-{B}-rank{R}-ops.txt`: the ops with the most self time (device time on a GPU).
+
+A step skipped for a non-finite loss keeps its number and takes one of the window's places. A run
+that stops or fails inside the window writes the steps recorded so far. The window's steps are
+left out of tokens/s and MFU on every rank (the profiler slows them down).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import ConfigError, ProfileSection
+
+__all__ = ["PROFILE_DIR", "StepProfiler", "top_ops"]
+
+PROFILE_DIR = "profile"
+STEP_RANGES = ("ProfilerStep#", "optimizer_step#")  # torch's own step marks, and ours
+
+
+def top_ops(prof, *, steps: int, limit: int, on_device: bool) -> list[dict]:
+    """The `limit` ops of a finished profile with the most self time per step (device time when `on_device`);
+    the ranges that mark whole steps are left out."""
+    rows = [(e.key, (e.self_device_time_total if on_device else e.self_cpu_time_total), e.count)
+            for e in prof.key_averages() if not e.key.startswith(STEP_RANGES)]
+    rows.sort(key=lambda r: r[1], reverse=True)
+    return [{"op": name, "self_ms_per_step": us / 1000 / steps, "calls_per_step": count / steps}
+            for name, us, count in rows[:limit]]
+
+
+def check_ranks(cfg: ProfileSection, world: int) -> None:
+    """Raise ConfigError when `profile.ranks` names a rank this run does not have."""
+    missing = [r for r in cfg.ranks if r >= world]
+    if cfg.steps and missing:
+        raise ConfigError(f"profile.ranks names rank {missing[0]}, but the run has {world} rank(s) (0-{world - 1})")
+
+
+class StepProfiler:
+    """Records the configured window of optimizer steps on this rank; every method is a no-op elsewhere."""
+
+    def __init__(self, cfg: ProfileSection, *, run_dir: str, rank: int, device: torch.device):
+        self.first = cfg.start_step
+        self.last = cfg.start_step + cfg.steps - 1
+        self.enabled = cfg.steps > 0 and (not cfg.ranks or rank in cfg.ranks)
+        self.cfg = cfg
+        self.rank = rank
+        self.device = device
+        self.out_dir = os.path.join(run_dir, PROFILE_DIR)
+        self.prof = None
+        self.done = False
+        self.recorded = 0  # window steps recorded so far
+        self.window_start = self.first
+        self.warmup = 0  # 1 when the step before the window is recorded as the profiler's warm-up
+        self.calls = 0  # optimizer steps since the profiler started
+        self.step_range = None  # the open record_function range of the step being traced
+        self.cut_short = False  # the run ended during the last traced step
+        self.paths: list[str] = []
+        self.report: str | None = None
+
+    def in_window(self, step: int) -> bool:
+        """True when optimizer step `step` is traced on some rank, or is the profiler's warm-up there."""
+        return self.cfg.steps > 0 and self.first - 1 <= step <= self.last
+
+    def take_report(self) -> str | None:
+        """Once the trace is written: the line that says where (None before, and after it was taken)."""
+        report, self.report = self.report, None
+        return report
+
+    def before_step(self, step: int) -> None:
+        """Start the profiler when optimizer step `step` (the one about to run) is its warm-up or in its window."""
+        if self.prof is not None:
+            self._open_step_range(step)
+            return
+        if not self.enabled or self.done:
+            return
+        warmup = step == self.first - 1
+        if not (warmup or self.first <= step <= self.last):
+            return
+        self.window_start = max(step, self.first)
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.warmup = int(warmup)
+        self.calls = 0
+        schedule = torch.profiler.schedule(wait=0, warmup=self.warmup, active=self.last - self.window_start + 1,
+                                           repeat=1)
+        self.prof = torch.profiler.profile(
+            activities=activities, schedule=schedule, on_trace_ready=self._write,
+            record_shapes=self.cfg.record_shapes, with_stack=self.cfg.with_stack,
+            profile_memory=self.cfg.profile_memory)
+        self.prof.start()
+        self._open_step_range(step)
+
+    def _open_step_range(self, step: int) -> None:
+        """Name the step in the timeline with its number in the logs (the profiler counts from 1 itself)."""
+        self.step_range = torch.profiler.record_function(f"optimizer_step#{step}")
+        self.step_range.__enter__()
+
+    def after_step(self) -> None:
+        """Advance the profiler by one optimizer step; the trace is written after the window's last step."""
+        if self.prof is None:
+            return
+        self.step_range.__exit__(None, None, None)
+        self.step_range = None
+        self.calls += 1
+        if self.calls > self.warmup:
+            self.recorded += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the window's device work belongs in its trace
+        self.prof.step()
+        if self.done:
+            self.prof.stop()
+            self.prof = None
+
+    def close(self) -> None:
+        """Stop a profiler still running (the run ended inside the window) and write what it recorded."""
+        if self.prof is not None:
+            if self.step_range is not None:  # the step that failed or was interrupted: traced in part
+                self.step_range.__exit__(None, None, None)
+                if self.calls >= self.warmup:
+                    self.recorded += 1
+                    self.cut_short = True
+            self.prof.stop()  # writes the trace when the window's recording had begun
+            self.prof = None
+            self.done = True
+
+    def _write(self, prof) -> None:
+        self.done = True
+        if self.recorded == 0:
+            return
+        os.makedirs(self.out_dir, exist_ok=True)
+        last = self.window_start + self.recorded - 1
+        stem = os.path.join(self.out_dir, f"steps{self.window_start}-{last}-rank{self.rank}")
+        trace, table = stem + ".pt.trace.json.gz", stem + "-ops.txt"
+        on_device = self.device.type == "cuda"
+        rows = top_ops(prof, steps=self.recorded, limit=30, on_device=on_device)
+        what = "device" if on_device else "CPU"
+        cut = ", the last one cut short by the end of the run" if self.cut_short else ""
+        lines = [f"self {what} time per optimizer step, mean over {self.recorded} traced step(s) on rank {self.rank}"
+                 f"{cut}",
+                 f"{'ms/step':>10}  {'calls/step':>10}  op"]
+        lines += [f"{r['self_ms_per_step']:10.3f}  {r['calls_per_step']:10.1f}  {r['op']}" for r in rows]
+        try:
+            prof.export_chrome_trace(trace)
+            with open(table, "w", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+        except OSError as err:  # a trace that cannot be written must not end the run
+            self.report = f"[atma] rank {self.rank}: warning: the profile of steps {self.window_start}-{last} " \
+                          f"was not written ({err})"
+            return
+        self.paths = [trace, table]
+        self.report = (f"[atma] rank {self.rank}: profiled steps {self.window_start}-{last}: {trace} (open it in "
+                       f"https://ui.perfetto.dev); top ops: {table}")

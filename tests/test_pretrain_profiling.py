@@ -1,0 +1,99 @@
+"""torch.profiler traces of a window of training steps (the run config's `profile` section)."""
+
+import gzip
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, ProfileSection, load_run_config
+from pretrain.profiling import StepProfiler, check_ranks
+from test_pretrain_distributed import train
+
+
+def step_marks(trace_path) -> list[int]:
+    """The optimizer steps the trace marks, in order."""
+    with gzip.open(trace_path, "rt", encoding="utf-8") as f:
+        events = json.load(f)["traceEvents"]
+    return [int(m.group(1)) for e in events if (m := re.fullmatch(r"optimizer_step#(\d+)", e.get("name", "")))]
+
+
+def test_a_run_traces_its_window_and_leaves_it_out_of_tokens_per_s(tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    proc = train(tiny_shards, run, "--max-steps", "5", "--set", "profile.steps=2", "--set", "profile.start_step=2",
+                 "--set", "logging.every=1", "--set", "logging.throughput_warmup_steps=0",
+                 "--set", "checkpoint.every=100")
+    trace, table = run / "profile" / "steps2-3-rank0.pt.trace.json.gz", run / "profile" / "steps2-3-rank0-ops.txt"
+    assert f"[atma] rank 0: profiled steps 2-3: {trace} (open it in https://ui.perfetto.dev); top ops: {table}" \
+        in proc.stdout.splitlines()
+    assert sorted(os.listdir(run / "profile")) == [table.name, trace.name]
+    assert step_marks(trace) == [2, 3]  # step 1 ran as the profiler's warm-up and is not in the trace
+    lines = table.read_text().splitlines()
+    assert lines[0] == "self CPU time per optimizer step, mean over 2 traced step(s) on rank 0"
+    ops = [line.split(maxsplit=2)[2] for line in lines[2:]]
+    assert len(ops) == 30 and "aten::mm" in ops
+    assert not any(op.startswith(("optimizer_step#", "ProfilerStep#")) for op in ops)  # whole steps, not ops
+    rows = {r["step"]: r for r in map(json.loads, open(run / "metrics.jsonl")) if "loss/total" in r}
+    # The warm-up step and the window are left out of tokens/s; the steps after them are counted.
+    assert [s for s in sorted(rows) if "perf/tokens_per_s" in rows[s]] == [4, 5]
+
+
+def _work():
+    x = torch.randn(64, 64, requires_grad=True)
+    (x @ x).sum().backward()
+
+
+def test_a_run_that_ends_inside_the_window_keeps_the_steps_it_traced(tmp_path):
+    profiler = StepProfiler(ProfileSection(steps=3, start_step=2), run_dir=str(tmp_path), rank=0,
+                            device=torch.device("cpu"))
+    for step in (1, 2):  # the warm-up step, then the window's first step
+        profiler.before_step(step)
+        _work()
+        profiler.after_step()
+    assert profiler.take_report() is None and not (tmp_path / "profile").exists()
+    profiler.before_step(3)
+    _work()  # the run stops (or fails) during step 3
+    profiler.close()
+    trace = tmp_path / "profile" / "steps2-3-rank0.pt.trace.json.gz"
+    assert step_marks(trace) == [2, 3]
+    assert profiler.take_report().startswith(f"[atma] rank 0: profiled steps 2-3: {trace} ")
+    assert (tmp_path / "profile" / "steps2-3-rank0-ops.txt").read_text().splitlines()[0] == (
+        "self CPU time per optimizer step, mean over 2 traced step(s) on rank 0, the last one cut short by the end "
+        "of the run")
+    assert profiler.take_report() is None  # said once
+
+
+def test_only_the_chosen_ranks_trace_and_only_inside_the_window(tmp_path):
+    cpu = torch.device("cpu")
+    other_rank = StepProfiler(ProfileSection(steps=1, start_step=1, ranks=[1]), run_dir=str(tmp_path), rank=0,
+                              device=cpu)
+    resumed = StepProfiler(ProfileSection(steps=2, start_step=3), run_dir=str(tmp_path), rank=0, device=cpu)
+    for step in (1, 2):
+        other_rank.before_step(step)
+        resumed.before_step(step + 5)  # a run resumed after the window
+        _work()
+        other_rank.after_step()
+        resumed.after_step()
+    other_rank.close()
+    resumed.close()
+    assert not (tmp_path / "profile").exists()
+    # Every rank leaves the window out of its throughput, traced there or not.
+    assert other_rank.in_window(1) and not other_rank.in_window(2)
+    assert [s for s in range(1, 7) if resumed.in_window(s)] == [2, 3, 4]  # warm-up step 2, window 3-4
+    assert not StepProfiler(ProfileSection(), run_dir=str(tmp_path), rank=0, device=cpu).in_window(10)
+
+
+def test_profile_settings_are_checked():
+    with pytest.raises(ConfigError, match=r"profile.ranks names rank 2, but the run has 2 rank\(s\) \(0-1\)"):
+        check_ranks(ProfileSection(steps=1, ranks=[0, 2]), world=2)
+    check_ranks(ProfileSection(steps=0, ranks=[5]), world=1)  # tracing nothing: the ranks do not matter
+    refusals = {"profile.steps=-1": "profile.steps must be >= 0 (0 traces nothing), got -1",
+                "profile.start_step=0": "profile.start_step must be >= 1, got 0",
+                "profile.ranks=[-1]": "profile.ranks must be ranks >= 0, got [-1]",
+                "profile.ranks=1": "profile.ranks must be a list of integers, got 1"}
+    for setting, message in refusals.items():
+        with pytest.raises(ConfigError) as info:
+            load_run_config(None, ["data.dir=d", setting])
+        assert str(info.value) == message
