@@ -137,8 +137,8 @@ class StepProfiler:
         self.done = True
         if self.recorded == 0:
             return
-        os.makedirs(self.out_dir, exist_ok=True)
         last = self.window_start + self.recorded - 1
+        span = f"steps {self.window_start}-{last}" if last > self.window_start else f"step {last}"
         stem = os.path.join(self.out_dir, f"steps{self.window_start}-{last}-rank{self.rank}")
         trace, table = stem + ".pt.trace.json.gz", stem + "-ops.txt"
         on_device = self.device.type == "cuda"
@@ -150,13 +150,13 @@ class StepProfiler:
                  f"{'ms/step':>10}  {'calls/step':>10}  op"]
         lines += [f"{r['self_ms_per_step']:10.3f}  {r['calls_per_step']:10.1f}  {r['op']}" for r in rows]
         try:
+            os.makedirs(self.out_dir, exist_ok=True)
             prof.export_chrome_trace(trace)
             with open(table, "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
         except OSError as err:  # a trace that cannot be written must not end the run
-            self.report = f"[atma] rank {self.rank}: warning: the profile of steps {self.window_start}-{last} " \
-                          f"was not written ({err})"
+            self.report = f"[atma] rank {self.rank}: warning: the profile of {span} was not written ({err})"
             return
         self.paths = [trace, table]
-        self.report = (f"[atma] rank {self.rank}: profiled steps {self.window_start}-{last}: {trace} (open it in "
+        self.report = (f"[atma] rank {self.rank}: profiled {span}: {trace} (open it in "
                        f"https://ui.perfetto.dev); top ops: {table}")

@@ -65,6 +65,17 @@ def test_a_run_that_ends_inside_the_window_keeps_the_steps_it_traced(tmp_path):
     assert profiler.take_report() is None  # said once
 
 
+def test_a_trace_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(tmp_path):
+    (tmp_path / "profile").write_text("a file where the folder would go\n")
+    profiler = StepProfiler(ProfileSection(steps=1, start_step=1, ranks=[3]), run_dir=str(tmp_path), rank=3,
+                            device=torch.device("cpu"))
+    profiler.before_step(1)
+    _work()
+    profiler.after_step()
+    assert profiler.take_report().startswith("[atma] rank 3: warning: the profile of step 1 was not written (")
+    assert profiler.paths == [] and profiler.prof is None  # stopped: the next steps run untraced
+
+
 def test_only_the_chosen_ranks_trace_and_only_inside_the_window(tmp_path):
     cpu = torch.device("cpu")
     other_rank = StepProfiler(ProfileSection(steps=1, start_step=1, ranks=[1]), run_dir=str(tmp_path), rank=0,
