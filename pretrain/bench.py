@@ -48,8 +48,10 @@ from model.device import default_device, usable_device
 
 from .config import ConfigError
 from .flops import peak_flops_for, train_flops_per_token
+from .provenance import benchmark_provenance, describe_code
 
 CPU_MAX_PARAMETERS = 50_000_000
+SHOWN_LIBRARIES = ("torch", "triton", "deepspeed", "fla-core")  # in the report's header; the JSON has them all
 ZERO_CONFIGS = {0: "ds_configs/zero0_bf16.json", 1: "ds_configs/zero1_bf16.json", 2: "ds_configs/zero2_bf16.json",
                 3: "ds_configs/zero3_bf16.json"}
 COMPILE_CHOICES = ("auto", "off", "blocks", "deepcompile")
@@ -747,6 +749,9 @@ def main(argv=None) -> int:
         if cfg.loss.distill_weight > 0:
             print(f"distillation teacher: {cfg.loss.teacher} (loaded once; its forward runs in every micro-batch "
                   "and counts in the step time, not in MFU)")
+    provenance = benchmark_provenance()
+    libraries = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items() if k in SHOWN_LIBRARIES and v)
+    print(f"code {describe_code(provenance['code_version'])}; {libraries}")
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")
@@ -759,7 +764,7 @@ def main(argv=None) -> int:
             if args.run_config is not None:
                 shown["run_config_resolved"] = args.run_config.to_dict()
             with open(args.json, "w", encoding="utf-8") as f:
-                json.dump({"device": name, "fla_timing_only": args.fla_timing_only, "args": shown,
+                json.dump({"device": name, "fla_timing_only": args.fla_timing_only, **provenance, "args": shown,
                            "results": [c.result for c in cases if c.result],
                            "ratios": ratios(cases, args.cores[-1]), "complete": complete}, f, indent=2)
 

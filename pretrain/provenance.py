@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import subprocess
@@ -41,6 +42,17 @@ def library_versions() -> dict:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def benchmark_provenance() -> dict:
+    """What a benchmark's figures were measured with: UTC time, code version, library versions (fla-core too)."""
+    versions = library_versions()
+    try:
+        versions["fla-core"] = metadata.version("fla-core")
+    except metadata.PackageNotFoundError:
+        versions["fla-core"] = None
+    return {"measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "code_version": code_version(), "versions": versions}
 
 
 def describe_code(version: dict) -> str:
