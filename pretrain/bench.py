@@ -35,6 +35,7 @@ import gc
 import itertools
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -183,6 +184,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="extra steps timed phase by phase (device synchronised between phases; default: 3)")
     p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
     p.add_argument("--top-ops", type=int, default=8, help="profiler ops listed per case (default: 8)")
+    p.add_argument("--trace-dir", metavar="DIR",
+                   help="also write each case's profiled steps as a timeline, DIR/CASE.pt.trace.json.gz (open it in "
+                        "https://ui.perfetto.dev: where the device waits for the host); needs --profile-steps > 0")
     p.add_argument("--interleave", action="store_true",
                    help="build every case first and alternate their timed steps (steadier ratios on a shared "
                         "machine; no per-case peak memory)")
@@ -194,6 +198,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= 1; --warmup, --breakdown-steps and --profile-steps >= 0")
     if any(v is not None and v < 1 for v in (args.seq_len, args.micro_batch, args.grad_accum)):
         p.error("--seq-len, --micro-batch and --grad-accum must be >= 1")
+    if args.trace_dir and args.profile_steps == 0:
+        p.error("--trace-dir writes the profiled steps: give --profile-steps > 0")
     args.rank, args.world_size = 0, 1  # this rank and the launcher's ranks, set once torch.distributed is up
     args.recipe_loaded = False  # load_recipe reads --config once
     args.teachers = {}  # distillation teachers the cases share (case_teacher)
@@ -264,6 +270,13 @@ def check_outputs_and_data(args, config: AtmaConfig) -> None:
             writable_file(args.json)
         except argparse.ArgumentTypeError as err:
             raise ConfigError(f"--json {err}") from None
+    if args.trace_dir:
+        try:
+            os.makedirs(args.trace_dir, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(f"--trace-dir {args.trace_dir}: cannot create it ({err.strerror or err})") from None
+        if not os.access(args.trace_dir, os.W_OK):
+            raise ConfigError(f"--trace-dir {args.trace_dir}: not writable")
     cfg = args.run_config
     copy_numbers = cfg is not None and cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers"
     args.number_ids = None
@@ -497,9 +510,10 @@ def breakdown(runner: CaseRunner, steps: int) -> dict[str, float]:
     return {name: 1000 * seconds / steps for name, seconds in runner.timer.seconds.items()}
 
 
-def top_ops(runner: CaseRunner, steps: int, limit: int) -> list[dict]:
-    """The `limit` ops with the most self time (device time on CUDA) over `steps` profiled steps."""
-    if steps == 0 or limit == 0:
+def top_ops(runner: CaseRunner, steps: int, limit: int, trace: str | None = None) -> list[dict]:
+    """The `limit` ops with the most self time (device time on CUDA) over `steps` profiled steps; with `trace`,
+    the steps' timeline is written there too."""
+    if steps == 0 or (limit == 0 and trace is None):
         return []
     from torch.profiler import ProfilerActivity, profile
 
@@ -510,7 +524,16 @@ def top_ops(runner: CaseRunner, steps: int, limit: int) -> list[dict]:
         for _ in range(steps):
             runner.run()
         synchronize(runner.device)
+    if trace:
+        prof.export_chrome_trace(trace)
     return profiled_top_ops(prof, steps=steps, limit=limit, on_device=runner.device.type == "cuda")
+
+
+def trace_path(case: Case, args) -> str | None:
+    """Where --trace-dir puts the case's timeline (None without it): the case's name in safe characters."""
+    if not args.trace_dir:
+        return None
+    return os.path.join(args.trace_dir, re.sub(r"[^A-Za-z0-9._-]+", "_", case.name) + ".pt.trace.json.gz")
 
 
 def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_memory: float | None) -> dict:
@@ -585,7 +608,8 @@ def run_case(case: Case, args, device, peak) -> None:
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         case.result = summarise(case, runner, args, peak, memory)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
-        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops)
+        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops, trace_path(case, args))
+        case.result["trace"] = trace_path(case, args)
     except Exception as exc:  # one failing case (e.g. DeepCompile without its CUDA build) must not end the run
         case.result = {"case": case.name, "error": error_text(exc)}
     finally:
@@ -617,7 +641,8 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
     for case, runner in zip(cases, runners):
         case.result = summarise(case, runner, args, peak, None)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
-        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops)
+        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops, trace_path(case, args))
+        case.result["trace"] = trace_path(case, args)
 
 
 @contextlib.contextmanager
@@ -680,13 +705,15 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
             print(f"  {r['ratio']:28} {r['value']:6.3f}x   {r['case']}  vs  {r['baseline']}")
     for c in cases:
         r = c.result
-        if "error" in r or not (r.get("breakdown_ms") or r.get("top_ops")):
+        if "error" in r or not (r.get("breakdown_ms") or r.get("top_ops") or r.get("trace")):
             continue
         parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
         print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
               f"{r['memory_kernel']}")
         for op in r["top_ops"]:
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
+        if r.get("trace"):
+            print(f"    timeline: {r['trace']}")
 
 
 def rank_prefix(rank: int, args) -> str:
@@ -729,9 +756,9 @@ def main(argv=None) -> int:
     args.rank = rank
     if device.type == "cuda" and args.world_size > 1:
         device = rank_device  # under the deepspeed launcher each rank times the step on its own GPU
-    if rank != 0:  # one report for the whole run: rank 0 prints it and writes the JSON
+    if rank != 0:  # one report for the whole run: rank 0 prints it and writes the JSON (and the timelines)
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
-        args.json = None
+        args.json = args.trace_dir = None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = peak_flops_for(name) if device.type == "cuda" else None
     changed = "".join(f", {k}={v}" for k, v in args.model_overrides.items())

@@ -139,11 +139,12 @@ measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --i
 # head (hidden 1024, vocabulary 50,304) over one micro-batch (8 x 2048 tokens), bf16.
 measure bench_loss "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \
     --json "$out/bench_loss.json"
-# Every step of the training benchmark: 2 warm-up (the first compiles), 5 timed, 1 phase by phase, 1 profiled.
+# Every step of the training benchmark: 2 warm-up (the first compiles), 5 timed, 1 phase by phase, 1 profiled
+# (its timeline per case in OUT/traces: where the GPU waits for the host).
 train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" --fla-timing-only \
     --cases polar:3:none:blocks,nope:3:none:blocks,polar:2:none:blocks,polar:0:none:blocks,polar:3:none:off,polar:3:all:blocks \
-    --json "$out/bench_training.json"
+    --trace-dir "$out/traces" --json "$out/bench_training.json"
 measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/configs/atma-378m.yaml --grad-accum 2 \
     --steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 --fla-timing-only \
     --cases polar:3:none:auto,polar:2:none:auto --json "$out/bench_recipe.json"

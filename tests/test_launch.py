@@ -481,6 +481,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert sum(c.startswith("-m pretrain.bench") for c in calls) == 7
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
     assert any("--set loss.distill_recompute=true" in c for c in calls)
+    assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 

@@ -158,6 +158,30 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     assert "ds variant v1: zero_optimization.stage3_param_persistence_threshold=0" in proc.stdout
 
 
+def test_training_bench_writes_each_cases_timeline(tmp_path):
+    import gzip
+
+    traces = tmp_path / "traces"
+    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "32",
+                           "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                           "--breakdown-steps", "0", "--profile-steps", "1", "--top-ops", "0",
+                           "--cases", "nope:0:none:off,nope:3:none:off", "--trace-dir", str(traces)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    names = ["nope_z0_ac_none_compile_off.pt.trace.json.gz", "nope_z3_ac_none_compile_off.pt.trace.json.gz"]
+    assert sorted(os.listdir(traces)) == names
+    for name in names:
+        assert f"    timeline: {traces / name}" in proc.stdout.splitlines()
+        with gzip.open(traces / name, "rt", encoding="utf-8") as f:
+            ops = {e.get("name") for e in json.load(f)["traceEvents"]}
+        assert "aten::mm" in ops  # the profiled step's ops, though no top ops were asked for
+    refused = subprocess.run([sys.executable, "-m", "pretrain.bench", "--profile-steps", "0", "--trace-dir",
+                              str(traces)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "python -m pretrain.bench: error: --trace-dir writes the profiled steps: give --profile-steps > 0")
+
+
 def test_training_bench_under_the_deepspeed_launcher_reports_once_for_all_ranks(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
