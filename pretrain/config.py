@@ -381,6 +381,10 @@ class ProfileSection:
     profile_memory: bool = False
     """Record tensor allocations and frees."""
 
+    memory_snapshot: bool = False
+    """CUDA only: also record the caching allocator's history over the window and write it as a snapshot
+    (steps{A}-{B}-rank{R}-memory.pickle, for https://pytorch.org/memory_viz): what holds the memory at peak."""
+
     def __post_init__(self):
         _require(self.steps >= 0, f"profile.steps must be >= 0 (0 traces nothing), got {self.steps}")
         _require(self.start_step >= 1, f"profile.start_step must be >= 1, got {self.start_step}")

@@ -6,7 +6,9 @@ itself, with its data, its ranks and its interconnect. On each chosen rank, opti
 them as the profiler's warm-up when this process runs it, and written to `RUN_DIR/profile/`:
 
 - `steps{A}-{B}-rank{R}.pt.trace.json.gz`: the timeline (https://ui.perfetto.dev or chrome://tracing);
-- `steps{A}-{B}-rank{R}-ops.txt`: the ops with the most self time (device time on a GPU).
+- `steps{A}-{B}-rank{R}-ops.txt`: the ops with the most self time (device time on a GPU);
+- with `memory_snapshot` (CUDA), `steps{A}-{B}-rank{R}-memory.pickle`: the caching allocator's
+  history over the window (https://pytorch.org/memory_viz).
 
 A step skipped for a non-finite loss keeps its number and takes one of the window's places. A run
 that stops or fails inside the window writes the steps recorded so far. The window's steps are
@@ -21,10 +23,11 @@ import torch
 
 from .config import ConfigError, ProfileSection
 
-__all__ = ["PROFILE_DIR", "StepProfiler", "top_ops"]
+__all__ = ["PROFILE_DIR", "StepProfiler", "check_profile", "top_ops"]
 
 PROFILE_DIR = "profile"
 STEP_RANGES = ("ProfilerStep#", "optimizer_step#")  # torch's own step marks, and ours
+MEMORY_HISTORY_ENTRIES = 200_000  # allocator events kept for a memory snapshot (the newest ones)
 
 
 def top_ops(prof, *, steps: int, limit: int, on_device: bool) -> list[dict]:
@@ -37,11 +40,15 @@ def top_ops(prof, *, steps: int, limit: int, on_device: bool) -> list[dict]:
             for name, us, count in rows[:limit]]
 
 
-def check_ranks(cfg: ProfileSection, world: int) -> None:
-    """Raise ConfigError when `profile.ranks` names a rank this run does not have."""
+def check_profile(cfg: ProfileSection, world: int, device: torch.device) -> None:
+    """Raise ConfigError when `profile` names a rank this run does not have, or asks for a memory snapshot
+    without CUDA."""
     missing = [r for r in cfg.ranks if r >= world]
     if cfg.steps and missing:
         raise ConfigError(f"profile.ranks names rank {missing[0]}, but the run has {world} rank(s) (0-{world - 1})")
+    if cfg.steps and cfg.memory_snapshot and device.type != "cuda":
+        raise ConfigError(f"profile.memory_snapshot records CUDA's caching allocator; this run is on {device.type}: "
+                          "set it to false")
 
 
 class StepProfiler:
@@ -98,6 +105,8 @@ class StepProfiler:
             record_shapes=self.cfg.record_shapes, with_stack=self.cfg.with_stack,
             profile_memory=self.cfg.profile_memory)
         self.prof.start()
+        if self.cfg.memory_snapshot:
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
         self._open_step_range(step)
 
     def _open_step_range(self, step: int) -> None:
@@ -132,6 +141,11 @@ class StepProfiler:
             self.prof.stop()  # writes the trace when the window's recording had begun
             self.prof = None
             self.done = True
+            self._stop_memory_history()
+
+    def _stop_memory_history(self) -> None:
+        if self.cfg.memory_snapshot and self.device.type == "cuda":
+            torch.cuda.memory._record_memory_history(enabled=None)
 
     def _write(self, prof) -> None:
         self.done = True
@@ -140,7 +154,7 @@ class StepProfiler:
         last = self.window_start + self.recorded - 1
         span = f"steps {self.window_start}-{last}" if last > self.window_start else f"step {last}"
         stem = os.path.join(self.out_dir, f"steps{self.window_start}-{last}-rank{self.rank}")
-        trace, table = stem + ".pt.trace.json.gz", stem + "-ops.txt"
+        trace, table, memory = stem + ".pt.trace.json.gz", stem + "-ops.txt", stem + "-memory.pickle"
         on_device = self.device.type == "cuda"
         rows = top_ops(prof, steps=self.recorded, limit=30, on_device=on_device)
         what = "device" if on_device else "CPU"
@@ -154,9 +168,15 @@ class StepProfiler:
             prof.export_chrome_trace(trace)
             with open(table, "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
+            if self.cfg.memory_snapshot:
+                torch.cuda.memory._dump_snapshot(memory)
         except OSError as err:  # a trace that cannot be written must not end the run
             self.report = f"[atma] rank {self.rank}: warning: the profile of {span} was not written ({err})"
             return
-        self.paths = [trace, table]
+        finally:
+            self._stop_memory_history()
+        self.paths = [trace, table] + ([memory] if self.cfg.memory_snapshot else [])
         self.report = (f"[atma] rank {self.rank}: profiled {span}: {trace} (open it in "
                        f"https://ui.perfetto.dev); top ops: {table}")
+        if self.cfg.memory_snapshot:
+            self.report += f"; memory snapshot: {memory} (open it in https://pytorch.org/memory_viz)"

@@ -31,7 +31,7 @@ from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
 from .optim import apply_lr, build_optimizer, lr_multiplier
-from .profiling import PROFILE_DIR, StepProfiler, check_ranks
+from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
 from .signals import StopRequests
 from .step import NonFiniteStep, TrainingError, TrainStep, check_skip_supported
@@ -408,7 +408,7 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop or StopRequests(rank=int(os.environ.get("RANK", "0")))
         self.rank, self.world, self.device = init_distributed()
-        check_ranks(cfg.profile, self.world)
+        check_profile(cfg.profile, self.world, self.device)
         self.manifest = load_manifest(cfg.data.dir)
         self.plan = plan_batch(cfg.batch.tokens, cfg.batch.micro_batch_size, self.manifest.seq_len, self.world)
         self.ds_config = build_ds_config(cfg, self.plan, device_type=self.device.type)

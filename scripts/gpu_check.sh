@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU check of the whole stack, writing every result under OUT_DIR. The gpu-marked tests run
 # first (kernels vs fp64 oracles at realistic shapes, every autotuning candidate of the Polar
-# kernels forced one at a time, model with vs without kernels, the custom ops' registrations);
+# kernels forced one at a time, model with vs without kernels, the custom ops' registrations, the
+# training profiler's CUDA memory snapshot);
 # the measurements follow only when they pass: the kernel benchmark (Polar vs SDPA flash/cuDNN,
 # same run), the training benchmark and a 64K-token evaluation of a randomly initialised
 # atma-378m. When the tests fail, no figures are written: the measurement steps are skipped,
@@ -121,7 +122,7 @@ measure() {  # measure NAME SECONDS CMD...: a step that writes figures, run only
 # test_gpu_every_launch_candidate_matches_oracle forces each candidate in turn.
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
     tests/test_triton_polar.py tests/test_triton_conv.py tests/test_fla_bridge.py tests/test_model_gpu.py \
-    tests/test_custom_ops.py tests/test_lm_loss.py \
+    tests/test_custom_ops.py tests/test_lm_loss.py tests/test_pretrain_profiling.py \
     || tests_failed=1
 if [ "$tests_failed" -ne 0 ]; then
     echo "gpu tests failed: the benchmark and evaluation steps are skipped and no figures are written" \

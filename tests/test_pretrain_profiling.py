@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.config import ConfigError, ProfileSection, load_run_config
-from pretrain.profiling import StepProfiler, check_ranks
+from pretrain.profiling import StepProfiler, check_profile
 from test_pretrain_distributed import train
 
 
@@ -97,9 +97,15 @@ def test_only_the_chosen_ranks_trace_and_only_inside_the_window(tmp_path):
 
 
 def test_profile_settings_are_checked():
+    cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"profile.ranks names rank 2, but the run has 2 rank\(s\) \(0-1\)"):
-        check_ranks(ProfileSection(steps=1, ranks=[0, 2]), world=2)
-    check_ranks(ProfileSection(steps=0, ranks=[5]), world=1)  # tracing nothing: the ranks do not matter
+        check_profile(ProfileSection(steps=1, ranks=[0, 2]), world=2, device=cpu)
+    with pytest.raises(ConfigError) as info:
+        check_profile(ProfileSection(steps=1, memory_snapshot=True), world=1, device=cpu)
+    assert str(info.value) == ("profile.memory_snapshot records CUDA's caching allocator; this run is on cpu: "
+                               "set it to false")
+    # tracing nothing: the other settings do not matter
+    check_profile(ProfileSection(steps=0, ranks=[5], memory_snapshot=True), world=1, device=cpu)
     refusals = {"profile.steps=-1": "profile.steps must be >= 0 (0 traces nothing), got -1",
                 "profile.start_step=0": "profile.start_step must be >= 1, got 0",
                 "profile.ranks=[-1]": "profile.ranks must be ranks >= 0, got [-1]",
@@ -108,3 +114,22 @@ def test_profile_settings_are_checked():
         with pytest.raises(ConfigError) as info:
             load_run_config(None, ["data.dir=d", setting])
         assert str(info.value) == message
+
+
+@pytest.mark.gpu
+def test_gpu_a_memory_snapshot_of_the_window(tmp_path):
+    import pickle
+
+    device = torch.device("cuda")
+    profiler = StepProfiler(ProfileSection(steps=1, start_step=2, memory_snapshot=True), run_dir=str(tmp_path),
+                            rank=0, device=device)
+    for step in (1, 2):
+        profiler.before_step(step)
+        x = torch.randn(1024, 1024, device=device, requires_grad=True)
+        (x @ x).sum().backward()
+        profiler.after_step()
+    memory = tmp_path / "profile" / "steps2-2-rank0-memory.pickle"
+    assert profiler.take_report().endswith(f"; memory snapshot: {memory} (open it in https://pytorch.org/memory_viz)")
+    with open(memory, "rb") as f:
+        snapshot = pickle.load(f)
+    assert snapshot["segments"]  # the allocator's state at the end of the window, with the history before it
