@@ -510,23 +510,33 @@ def breakdown(runner: CaseRunner, steps: int) -> dict[str, float]:
     return {name: 1000 * seconds / steps for name, seconds in runner.timer.seconds.items()}
 
 
-def top_ops(runner: CaseRunner, steps: int, limit: int, trace: str | None = None) -> list[dict]:
-    """The `limit` ops with the most self time (device time on CUDA) over `steps` profiled steps; with `trace`,
-    the steps' timeline is written there too."""
-    if steps == 0 or (limit == 0 and trace is None):
-        return []
+def profile_case(runner: CaseRunner, steps: int, limit: int, trace: str | None = None) -> dict:
+    """Profile `steps` more steps: the `limit` ops with the most self time (device time on CUDA) and, on CUDA,
+    the device's kernel time per step; with `trace`, the steps' timeline is written there too."""
+    if steps == 0:
+        return {"top_ops": []}
     from torch.profiler import ProfilerActivity, profile
 
-    from .profiling import top_ops as profiled_top_ops
+    from .profiling import device_ms_per_step, top_ops
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    on_device = runner.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             runner.run()
         synchronize(runner.device)
     if trace:
         prof.export_chrome_trace(trace)
-    return profiled_top_ops(prof, steps=steps, limit=limit, on_device=runner.device.type == "cuda")
+    found = {"top_ops": top_ops(prof, steps=steps, limit=limit, on_device=on_device)}
+    if on_device:
+        found["device_ms_per_step"] = device_ms_per_step(prof, steps=steps)
+    return found
+
+
+def device_busy(result: dict) -> float | None:
+    """The share of the timed step (median) the device spent in kernels, from the profiled steps (None on the CPU)."""
+    busy = result.get("device_ms_per_step")
+    return None if busy is None else busy / (1000 * result["step_s_median"])
 
 
 def trace_path(case: Case, args) -> str | None:
@@ -608,7 +618,8 @@ def run_case(case: Case, args, device, peak) -> None:
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         case.result = summarise(case, runner, args, peak, memory)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
-        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops, trace_path(case, args))
+        case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
+        case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
     except Exception as exc:  # one failing case (e.g. DeepCompile without its CUDA build) must not end the run
         case.result = {"case": case.name, "error": error_text(exc)}
@@ -641,7 +652,8 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
     for case, runner in zip(cases, runners):
         case.result = summarise(case, runner, args, peak, None)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
-        case.result["top_ops"] = top_ops(runner, args.profile_steps, args.top_ops, trace_path(case, args))
+        case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
+        case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
 
 
@@ -710,6 +722,9 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
         parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
         print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
               f"{r['memory_kernel']}")
+        if r.get("device_busy") is not None:
+            print(f"    device kernels {r['device_ms_per_step']:.1f} ms per step: {100 * r['device_busy']:.0f}% of the "
+                  "timed step (the rest the device waits for the host)")
         for op in r["top_ops"]:
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
         if r.get("trace"):

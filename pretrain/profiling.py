@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 
 import torch
+from torch.autograd import DeviceType
 
 from .config import ConfigError, ProfileSection
 
-__all__ = ["PROFILE_DIR", "StepProfiler", "check_profile", "top_ops"]
+__all__ = ["PROFILE_DIR", "StepProfiler", "check_profile", "device_ms_per_step", "top_ops"]
 
 PROFILE_DIR = "profile"
 STEP_RANGES = ("ProfilerStep#", "optimizer_step#")  # torch's own step marks, and ours
@@ -38,6 +39,14 @@ def top_ops(prof, *, steps: int, limit: int, on_device: bool) -> list[dict]:
     rows.sort(key=lambda r: r[1], reverse=True)
     return [{"op": name, "self_ms_per_step": us / 1000 / steps, "calls_per_step": count / steps}
             for name, us, count in rows[:limit]]
+
+
+def device_ms_per_step(prof, *, steps: int) -> float:
+    """Milliseconds per step the device spent in kernels and copies of a finished profile, over `steps`.
+
+    Only the device's own events count: a CPU op's self device time is that of the kernels it launched,
+    which appear again as events of their own. Kernels of overlapping streams count each."""
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type != DeviceType.CPU) / 1000 / steps
 
 
 def check_profile(cfg: ProfileSection, world: int, device: torch.device) -> None:

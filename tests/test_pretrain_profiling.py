@@ -96,6 +96,23 @@ def test_only_the_chosen_ranks_trace_and_only_inside_the_window(tmp_path):
     assert not StepProfiler(ProfileSection(), run_dir=str(tmp_path), rank=0, device=cpu).in_window(10)
 
 
+def test_device_time_counts_each_kernel_once_and_the_bench_gives_its_share_of_the_step():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from pretrain.bench import device_busy
+    from pretrain.profiling import device_ms_per_step
+
+    events = [SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=6000.0),
+              SimpleNamespace(key="gemm_kernel", device_type=DeviceType.CUDA, self_device_time_total=6000.0),
+              SimpleNamespace(key="triton_poi_fused", device_type=DeviceType.CUDA, self_device_time_total=2000.0)]
+    prof = SimpleNamespace(key_averages=lambda: events)
+    assert device_ms_per_step(prof, steps=2) == pytest.approx(4.0)  # (6 + 2) ms over 2 steps; aten::mm not again
+    assert device_busy({"device_ms_per_step": 4.0, "step_s_median": 0.008}) == pytest.approx(0.5)
+    assert device_busy({"step_s_median": 0.008}) is None  # the CPU: no device time
+
+
 def test_profile_settings_are_checked():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"profile.ranks names rank 2, but the run has 2 rank\(s\) \(0-1\)"):
@@ -133,3 +150,22 @@ def test_gpu_a_memory_snapshot_of_the_window(tmp_path):
     with open(memory, "rb") as f:
         snapshot = pickle.load(f)
     assert snapshot["segments"]  # the allocator's state at the end of the window, with the history before it
+
+
+@pytest.mark.gpu
+def test_gpu_device_time_of_a_profile_is_its_kernels(tmp_path):
+    import time
+
+    from pretrain.profiling import device_ms_per_step
+
+    x = torch.randn(4096, 4096, device="cuda")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(4):
+            x = (x @ x) / 64
+        torch.cuda.synchronize()
+        wall_ms = 1000 * (time.perf_counter() - start)
+    busy = device_ms_per_step(prof, steps=1)
+    assert 0 < busy <= wall_ms  # each kernel once: never more than the wall time of one stream's work
