@@ -477,11 +477,20 @@ def test_throughput_leaves_out_warmup_steps(monkeypatch):
     assert meter.read()["perf/step_time_s"] == pytest.approx(4.0)
 
 
-def test_throughput_leaves_out_paused_steps_and_their_time(monkeypatch):
+@pytest.fixture
+def clock(monkeypatch):
+    """The meter's clock, set by the test: clock[0] is the time in seconds."""
     from pretrain import throughput
 
     now = [0.0]
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+    return now
+
+
+def test_throughput_leaves_out_paused_steps_and_their_time(clock):
+    from pretrain import throughput
+
+    now = clock
     meter = throughput.ThroughputMeter(warmup_steps=0, device=torch.device("cpu"))
     meter.start()  # t = 0
     now[0] = 1.0
@@ -509,11 +518,10 @@ def test_throughput_leaves_out_paused_steps_and_their_time(monkeypatch):
     assert meter.read()["perf/step_time_s"] == pytest.approx(2.0)
 
 
-def test_throughput_window_starts_after_a_pause_that_ends_the_warmup(monkeypatch):
+def test_throughput_window_starts_after_a_pause_that_ends_the_warmup(clock):
     from pretrain import throughput
 
-    now = [0.0]
-    monkeypatch.setattr(throughput.time, "perf_counter", lambda: now[0])
+    now = clock
     meter = throughput.ThroughputMeter(warmup_steps=1, device=torch.device("cpu"))
     meter.start()
     meter.pause()
