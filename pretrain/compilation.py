@@ -9,8 +9,8 @@ Two methods (`train.compile_method`):
 - `deepcompile`: DeepSpeed's `engine.compile()` with DeepCompile (`"compile": {"deepcompile": true}`,
   set here), which compiles the whole model and schedules ZeRO's gathers inside the graph. CUDA only.
 
-With either method an ATMA distillation teacher (`pretrain.teacher`, outside the engine) has its blocks
-compiled as `blocks` does.
+With either method a distillation teacher (`pretrain.teacher`, outside the engine) has its blocks (a
+Hugging Face teacher's decoder layers) compiled as `blocks` does.
 """
 
 from __future__ import annotations

@@ -200,7 +200,8 @@ class LossSection:
     """Weight of knowledge distillation from teacher (SPEC §5.5); > 0 needs a teacher."""
 
     teacher: str | None = None
-    """Frozen teacher: an exported ATMA model directory or a Hugging Face causal LM name."""
+    """Frozen teacher: an exported ATMA model directory, or a Hugging Face causal LM (hub name or saved
+    directory)."""
 
     distill_temperature: float = 1.0
     """Softmax temperature of the distillation targets."""

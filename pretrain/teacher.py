@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
 from model import AtmaForCausalLM
+from model.hf import MODEL_TYPE
 
 
 def check_teacher(spec: str) -> None:
@@ -63,21 +65,90 @@ def load_teacher(spec: str, *, device: torch.device, bf16: bool, vocab_size: int
         raise ConfigError(f"loss.teacher {spec!r} could not be loaded: {reason}") from None
 
 
+def is_atma_dir(path: str) -> bool:
+    """Whether `path` is an exported ATMA model: safetensors weights and a config.json that names no model type
+    or "atma" (a Hugging Face model saved to a directory names its own)."""
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config) or not (os.path.isfile(os.path.join(path, "model.safetensors"))
+                                          or os.path.isfile(os.path.join(path, "model.safetensors.index.json"))):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type", MODEL_TYPE)
+    except (OSError, ValueError, AttributeError):
+        return True  # not readable as a Hugging Face config either: the ATMA loader names the problem
+    return model_type == MODEL_TYPE
+
+
+def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """A Hugging Face causal LM's (decoder, LM head) when its logits are exactly the head applied to the
+    decoder's last hidden state, so the head can run chunk by chunk; None when they are not.
+
+    Checked on an 8-token probe: the head's output is replaced by known values, which must come back as the
+    logits unchanged (a model that caps, scales or shifts its logits after the head fails this), and the
+    decoder run alone must give the head's input.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    head = model.get_output_embeddings()
+    decoder = get_decoder() if callable(get_decoder) else None
+    if not isinstance(head, torch.nn.Module) or not isinstance(decoder, torch.nn.Module):
+        return None
+    vocab = model.get_input_embeddings().num_embeddings
+    device = next(model.parameters()).device
+    probe = (torch.arange(8, device=device) * 7 % vocab).unsqueeze(0)
+    seen = {}
+
+    def keep_input(module, args):
+        seen["hidden"] = args[0]
+
+    def replace_output(module, args, out):
+        # Values from -20 to 20, where any cap, scale or shift of the logits shows.
+        seen["marker"] = torch.linspace(-20, 20, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
+        return seen["marker"]
+
+    hooks = [head.register_forward_pre_hook(keep_input), head.register_forward_hook(replace_output)]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=probe, use_cache=False).logits
+    finally:
+        for hook in hooks:
+            hook.remove()
+    try:
+        with torch.no_grad():
+            hidden = decoder(input_ids=probe, use_cache=False).last_hidden_state
+    except (AttributeError, TypeError):  # a decoder that is not called like the model, or returns a tuple
+        return None
+    if "marker" not in seen or logits.shape != seen["marker"].shape:
+        return None
+    if not torch.equal(logits.to(seen["marker"].dtype), seen["marker"]):
+        return None
+    if hidden.shape != seen["hidden"].shape or not torch.allclose(hidden.float(), seen["hidden"].float(),
+                                                                   rtol=1e-2, atol=1e-2):
+        return None
+    return decoder, head
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """A Hugging Face causal LM's decoder layers (the blocks to compile), or None where it has no such list."""
+    get_decoder = getattr(model, "get_decoder", None)
+    layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
+    return layers if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+
+
 class Teacher:
     """A frozen model replicated on every rank (inference only, no optimizer state to shard).
 
-    With `compile_blocks`, an ATMA teacher's blocks are compiled as the student's are under
-    `train.compile_method=blocks`; a Hugging Face teacher stays eager.
+    With `compile_blocks`, the teacher's blocks (an ATMA teacher's, or a Hugging Face teacher's decoder
+    layers) are compiled as the student's are under `train.compile_method=blocks`. The head runs one
+    chunk of rows at a time (`target_rows`), so the teacher's whole logits never exist at once, except for
+    a Hugging Face model whose logits are not its head's output (`split_head`).
     """
 
     def __init__(self, spec: str, *, device: torch.device, dtype: torch.dtype, vocab_size: int,
                  compile_blocks: bool = False):
         self.spec = spec
         self.vocab_size = vocab_size
-        self.is_atma = os.path.isfile(os.path.join(spec, "config.json")) and (
-            os.path.isfile(os.path.join(spec, "model.safetensors"))
-            or os.path.isfile(os.path.join(spec, "model.safetensors.index.json"))
-        )
+        self.is_atma = is_atma_dir(spec)
         if self.is_atma:
             self.model = AtmaForCausalLM.from_pretrained(spec)
         else:
@@ -88,13 +159,26 @@ class Teacher:
                     f"teacher {spec!r} is not an exported ATMA model directory, and loading a Hugging Face "
                     "model needs the `transformers` package (pip install transformers)"
                 ) from None
-            self.model = AutoModelForCausalLM.from_pretrained(spec, torch_dtype=dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
         self.model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.compiled = compile_blocks and self.is_atma
-        if self.compiled:
+        self.split = None if self.is_atma else split_head(self.model)
+        layers = None if self.is_atma else decoder_layers(self.model)
+        self.compiled = compile_blocks and (self.is_atma or layers is not None)
+        if self.compiled and self.is_atma:
             self.model.compile_blocks()
+        elif self.compiled:
+            for layer in layers:
+                layer.compile()
+
+    @property
+    def whole_logits_note(self) -> str | None:
+        """One line for the log when this teacher's whole logits are kept per micro-batch, else None."""
+        if self.is_atma or self.split is not None:
+            return None
+        return (f"teacher {self.spec}: its logits are not its LM head's output alone (capped or scaled after the "
+                "head), so its whole logits (tokens x vocabulary) are kept per micro-batch")
 
     @torch.no_grad()
     def target_rows(self, input_ids: torch.Tensor):
@@ -105,8 +189,15 @@ class Teacher:
 
             def rows(start, end):
                 return self._fit(self.model.logits(flat[start:end]))
+        elif self.split is not None:
+            decoder, head = self.split
+            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+            flat = hidden.reshape(-1, hidden.shape[-1])
+
+            def rows(start, end):
+                return self._fit(head(flat[start:end]).float())
         else:
-            logits = self.model(input_ids=input_ids).logits
+            logits = self.model(input_ids=input_ids, use_cache=False).logits
             flat = logits.reshape(-1, logits.shape[-1])
 
             def rows(start, end):

@@ -462,6 +462,8 @@ class Trainer:
             self.teacher = load_teacher(cfg.loss.teacher, device=self.device, bf16=self.ds_config["bf16"]["enabled"],
                                         vocab_size=self.model_config.vocab_size,
                                         compile_blocks=compile_method(cfg.train, self.device.type) is not None)
+            if self.rank == 0 and self.teacher.whole_logits_note:
+                print(f"[atma] {self.teacher.whole_logits_note}", flush=True)
         number_ids = None
         if cfg.loss.copy_weight > 0 and cfg.loss.copy_targets == "numbers":
             from data_pipeline.tokenizer import number_token_ids
