@@ -1,8 +1,10 @@
 """Launchers: the exact deepspeed command of every mode (dry runs), .deepspeed_env, the SLURM
 script under a fake SLURM, bad input, and two emulated nodes matching a single-node run."""
 
+import importlib
 import json
 import os
+import py_compile
 import random
 import re
 import signal
@@ -437,28 +439,47 @@ def test_gpu_check_without_cuda_stops_before_any_step(tmp_path):
     assert proc.stdout == "" and not out.exists() and not ran.exists()
 
 
-# Stands in for the GPU machine's python in a dry run of the check: it says CUDA is there, and checks
-# each step's command line without running the step (pytest collects, each benchmark parses its
-# arguments, the evaluation script compiles). Every call is appended to $DRY_LOG.
+# Stands in for the GPU machine's python in a dry run of the check: it says CUDA is there, runs the
+# check's import and version lines for real, and only records every other call (one JSON argv per line
+# of $DRY_LOG) for `check_dry_calls`, which checks them in the test's process (no torch import per call).
 DRY_PYTHON = """#!{python}
-import importlib, os, py_compile, subprocess, sys
+import json, os, subprocess, sys
 argv = sys.argv[1:]
 with open(os.environ["DRY_LOG"], "a") as log:
-    log.write(" ".join(argv) + "\\n")
+    log.write(json.dumps(argv) + "\\n")
 if argv[0] == "-c" and "cuda.is_available" in argv[1]:
     print("True")
-elif argv[0] == "-c":  # the version line and the check that every step's modules import: run for real
+elif argv[0] == "-c":  # the version line and the check that every step's modules import
     sys.exit(subprocess.run([sys.executable, *argv]).returncode)
-elif argv[:2] == ["-m", "pytest"]:
-    sys.exit(subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *argv[2:]]).returncode)
-elif argv[:2] == ["-m", "pretrain.bench"]:
-    from pretrain import bench
-    bench.plan_cases(bench.parse_args(argv[2:]))  # the cases and their DeepSpeed variants, checked
-elif argv[0] == "-m":
-    importlib.import_module(argv[1]).parse_args(argv[2:])
-else:
-    py_compile.compile(argv[0], doraise=True)
 """
+
+
+def dry_calls(log) -> list[list[str]]:
+    """The argv of every call the dry run's python recorded, in order."""
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def check_dry_calls(calls: list[list[str]]) -> None:
+    """Check each recorded step command as the step would read it: pytest collects its tests, each benchmark
+    parses its arguments (pretrain.bench also plans its cases and DeepSpeed variants), each script compiles."""
+    from pretrain import bench
+
+    for argv in calls:
+        if argv[0] == "-c":
+            continue
+        try:
+            if argv[:2] == ["-m", "pytest"]:
+                proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", *argv[2:]], cwd=ROOT,
+                                      capture_output=True, text=True, timeout=300)
+                assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            elif argv[:2] == ["-m", "pretrain.bench"]:
+                bench.plan_cases(bench.parse_args(argv[2:]))
+            elif argv[0] == "-m":
+                importlib.import_module(argv[1]).parse_args(argv[2:])
+            else:
+                py_compile.compile(argv[0], doraise=True)
+        except SystemExit as stop:
+            pytest.fail(f"{' '.join(argv)}: its argument parser exited with {stop.code}")
 
 
 def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
@@ -477,12 +498,14 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_recipe",
                      "bench_training_deepcompile", "bench_training_guarded", "bench_zero3_settings", "eval_64k",
                      "bench_decode", "bench_distill", "bench_distill_recompute"]
-    calls = log.read_text().splitlines()
+    assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
+    (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
+    check_dry_calls(dry_calls(log))
+    calls = [" ".join(argv) for argv in dry_calls(log)]
     assert sum(c.startswith("-m pretrain.bench") for c in calls) == 7
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
     assert any("--set loss.distill_recompute=true" in c for c in calls)
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
-    assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 
 
