@@ -157,9 +157,13 @@ class Teacher:
             except ImportError:
                 raise ValueError(
                     f"teacher {spec!r} is not an exported ATMA model directory, and loading a Hugging Face "
-                    "model needs the `transformers` package (pip install transformers)"
+                    "model needs the `transformers` package (pip install -r requirements-eval.txt)"
                 ) from None
-            self.model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            try:
+                self.model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+            except ImportError as err:  # e.g. a transformers release that imports a package shadowed here
+                raise ValueError(f"transformers cannot load it here ({err}); requirements-eval.txt names the "
+                                 "transformers versions this project works with") from None
         self.model.to(device=device, dtype=dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

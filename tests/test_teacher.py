@@ -97,3 +97,21 @@ def test_compiled_decoder_layers_give_the_eager_targets_in_one_graph(tmp_path):
     # both layers share one graph (inductor), with no break
     assert (after["graphs"] - before["graphs"], after["graph_breaks"] - before["graph_breaks"]) == (1, 0)
     torch.testing.assert_close(targets[True], targets[False], rtol=1e-5, atol=1e-5)
+
+
+def test_a_transformers_that_cannot_import_its_model_code_is_one_config_error(tmp_path, monkeypatch):
+    from pretrain.config import ConfigError
+    from pretrain.teacher import load_teacher
+
+    path = save_llama(tmp_path / "llama")
+
+    def shadowed(*args, **kwargs):
+        raise ImportError("cannot import name 'CUDAProperties' from 'kernels'")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", shadowed)
+    with pytest.raises(ConfigError) as err:
+        load_teacher(path, device=torch.device("cpu"), bf16=False, vocab_size=STUDENT_VOCAB)
+    assert str(err.value) == (
+        f"loss.teacher {path!r} could not be loaded: transformers cannot load it here (cannot import name "
+        "'CUDAProperties' from 'kernels'); requirements-eval.txt names the transformers versions this project "
+        "works with")
