@@ -38,6 +38,11 @@ def pytest_collection_modifyitems(config, items):
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if unwanted in item.keywords])
         items[:] = kept
+    shard = os.environ.get("ATMA_TEST_SHARD")  # "i/n": one of n interpreter children (helpers.run_interpreter_tests)
+    if interpreting and shard:
+        index, count = map(int, shard.split("/"))
+        config.hook.pytest_deselected(items=[item for k, item in enumerate(items) if k % count != index])
+        items[:] = [item for k, item in enumerate(items) if k % count == index]
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")

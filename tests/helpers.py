@@ -7,6 +7,9 @@ the golden vectors from here, so each value of SPEC §10 is written once.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -323,3 +326,31 @@ def write_finished_manifest(directory: str, seq_len: int, tokenizer_sha256: str 
     os.makedirs(directory, exist_ok=True)
     write_json_atomic(os.path.join(directory, MANIFEST_FILE), manifest.to_dict())
     return directory
+
+
+# ------------------------------------------------------------------------------ interpreter children
+def run_interpreter_tests(test_file: str, *, shards: int = 2, timeout: int = 900) -> None:
+    """Run `test_file`'s interpreter tests in `shards` child pytest processes with TRITON_INTERPRET=1, side by
+    side (tests/conftest.py gives child i every shards-th test from the i-th); assert every child passes.
+
+    Interpreted kernels are single-threaded Python, so two children keep two cores busy.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    children = []
+    for i in range(shards):
+        env = dict(os.environ, TRITON_INTERPRET="1", ATMA_TEST_SHARD=f"{i}/{shards}")
+        log = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, "-m", "pytest", os.path.abspath(test_file), "-q", "-m", "not gpu", "-p",
+               "no:cacheprovider"]
+        children.append((subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for i, (proc, log) in enumerate(children):
+            proc.wait(timeout=timeout)
+            log.seek(0)
+            assert proc.returncode == 0, f"child {i}/{shards}:\n" + log.read()[-10000:]
+    finally:
+        for proc, log in children:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()

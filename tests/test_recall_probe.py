@@ -24,12 +24,17 @@ def test_every_query_repeats_its_fact_and_only_query_digits_are_scored():
 
 
 def test_nope_with_memory_learns_retrieval_above_chance():
-    torch.set_num_threads(1)
     # The probe's recipe with one-digit values for 125 steps instead of 250, checked every 10 steps.
     # Chance is 10% per digit; 50% after 355, 250 and 410 steps at seeds 0, 1 and 2 (seeds 0 and 1
-    # took 385 and 285 with the full curriculum), about 100 CPU seconds at seed 0.
+    # took 385 and 285 with the full curriculum), about 100 CPU seconds at seed 0. One thread, as the
+    # figures were measured; the suite's later tests get their threads back.
     settings = ProbeSettings(core="nope", memory=True, seed=0, steps=600, curriculum_steps=125, eval_every=10,
                              target=0.5)
-    result = run_probe(settings)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = run_probe(settings)
+    finally:
+        torch.set_num_threads(threads)
     assert result["passed"], result["history"]
     assert result["accuracy"] >= 0.5

@@ -1,37 +1,31 @@
 """Triton causal depthwise conv against the fp64 oracle, forward, dx and dweight.
 
-On the CPU the kernels run under the Triton interpreter in a child pytest started with
+On the CPU the kernels run under the Triton interpreter in two child pytests started with
 TRITON_INTERPRET=1 (`test_interpreter_suite`), or directly when this process was started with it.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
-from helpers import conv_case, rel_max_err
+from helpers import conv_case, rel_max_err, run_interpreter_tests
 from kernels.causal_conv.naive import causal_conv1d_naive
 
 pytestmark = pytest.mark.nan_poison
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Interpreter-only tests run in the child process of `test_interpreter_suite` (tests/conftest.py
+# Interpreter-only tests run in the child processes of `test_interpreter_suite` (tests/conftest.py
 # deselects each group in the process where it does not belong).
 interpreted = pytest.mark.interpreter
 
 
 @pytest.mark.interpreter_driver
 def test_interpreter_suite():
-    """Run this file's interpreter tests in a child pytest with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    """Run this file's interpreter tests in two child pytests with TRITON_INTERPRET=1, side by side.
+
+    Triton fixes interpreter mode when `triton.language` is first imported, so the CPU checks
+    need a process that starts with the variable set; this keeps the parent suite unaffected.
+    """
+    run_interpreter_tests(__file__)
 
 
 def run_conv(B, T, C, K, x_dtype, *, device="cpu", seed=0, strided=False):

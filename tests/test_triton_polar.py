@@ -1,7 +1,7 @@
 """Triton Polar attention against the fp64 oracle, forward and every gradient, for both backward
 variants (two-pass and one-pass).
 
-On the CPU the kernels run under the Triton interpreter, in a child pytest process started with
+On the CPU the kernels run under the Triton interpreter, in two child pytest processes started with
 TRITON_INTERPRET=1 (`test_interpreter_suite`), or directly when this process was started with
 it. Shapes stay small there (d <= 64, T <= 260); every candidate tile shape of every launch class
 is forced once (ATMA_POLAR_CONFIG). The interpreter tests also check the in-kernel length terms
@@ -17,8 +17,6 @@ import collections
 import contextlib
 import math
 import os
-import subprocess
-import sys
 from unittest import mock
 
 import pytest
@@ -39,15 +37,15 @@ from helpers import (
     rel_max_err,
     rel_rmse,
     reuse_interpreter_patches,
+    run_interpreter_tests,
 )
 from kernels.common import interpreting
 from kernels.polar.naive import polar_attention_naive
 
 pytestmark = pytest.mark.nan_poison
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# Interpreter-only tests run in the child process of `test_interpreter_suite` (tests/conftest.py
+# Interpreter-only tests run in the child processes of `test_interpreter_suite` (tests/conftest.py
 # deselects each group in the process where it does not belong).
 interpreted = pytest.mark.interpreter
 if interpreting():
@@ -56,17 +54,12 @@ if interpreting():
 
 @pytest.mark.interpreter_driver
 def test_interpreter_suite():
-    """Run this file's interpreter tests in a child pytest with TRITON_INTERPRET=1.
+    """Run this file's interpreter tests in two child pytests with TRITON_INTERPRET=1, side by side.
 
     Triton fixes interpreter mode when `triton.language` is first imported, so the CPU checks
     need a process that starts with the variable set; this keeps the parent suite unaffected.
     """
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-m", "not gpu", "-p", "no:cacheprovider"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
+    run_interpreter_tests(__file__)
 
 
 @pytest.fixture(scope="module")
