@@ -420,6 +420,8 @@ def case_teacher(cfg, config: AtmaConfig, ds_config: dict, device: torch.device,
     if key not in loaded:
         loaded[key] = load_teacher(cfg.loss.teacher, device=device, bf16=key[0], vocab_size=key[1],
                                    compile_blocks=key[2])
+        if loaded[key].whole_logits_note:
+            print(f"[bench] {loaded[key].whole_logits_note}", flush=True)
     return loaded[key]
 
 

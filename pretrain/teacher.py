@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -80,13 +81,49 @@ def is_atma_dir(path: str) -> bool:
     return model_type == MODEL_TYPE
 
 
-def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
-    """A Hugging Face causal LM's (decoder, LM head) when its logits are exactly the head applied to the
-    decoder's last hidden state, so the head can run chunk by chunk; None when they are not.
+def _config_value(model: torch.nn.Module, name: str) -> float | None:
+    """A positive number `name` in the model's config or its text config, else None."""
+    config = getattr(model, "config", None)
+    get_text = getattr(config, "get_text_config", None)
+    for source in (config, get_text() if callable(get_text) else None):
+        value = getattr(source, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+    return None
+
+
+def logit_transforms(model: torch.nn.Module) -> list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
+    """The transforms of the LM head's output that a Hugging Face causal LM's config names: a soft cap
+    (`final_logit_softcapping`: Gemma 2-4), a scale (`logit_scale`: Cohere; `logits_scaling`, which Granite
+    divides by and others multiply by). Which one, if any, the model applies is told by `split_head`'s probe."""
+    found = []
+    cap = _config_value(model, "final_logit_softcapping")
+    if cap is not None:
+        found.append((f"soft cap {cap:g}", lambda x: torch.tanh(x / cap) * cap))
+    for name in ("logit_scale", "logits_scaling"):
+        value = _config_value(model, name)
+        if value is not None:
+            found.append((f"x {name} {value:g}", lambda x, v=value: x * v))
+            found.append((f"/ {name} {value:g}", lambda x, v=value: x / v))
+    return found
+
+
+class HeadSplit(NamedTuple):
+    """A Hugging Face causal LM taken apart: logits = transform(head(decoder(ids).last_hidden_state))."""
+
+    decoder: torch.nn.Module
+    head: torch.nn.Module
+    transform: Callable[[torch.Tensor], torch.Tensor] | None  # applied to the head's output in its dtype
+    transform_name: str = "none"
+
+
+def split_head(model: torch.nn.Module) -> HeadSplit | None:
+    """A Hugging Face causal LM's decoder, LM head and the transform of the head's output that gives its logits,
+    so the head can run chunk by chunk; None when the logits are none of these.
 
     Checked on an 8-token probe: the head's output is replaced by known values, which must come back as the
-    logits unchanged (a model that caps, scales or shifts its logits after the head fails this), and the
-    decoder run alone must give the head's input.
+    logits either unchanged or changed by exactly one of `logit_transforms` (up to the model's rounding), and
+    the decoder run alone must give the head's input.
     """
     get_decoder = getattr(model, "get_decoder", None)
     head = model.get_output_embeddings()
@@ -120,12 +157,18 @@ def split_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module
         return None
     if "marker" not in seen or logits.shape != seen["marker"].shape:
         return None
-    if not torch.equal(logits.to(seen["marker"].dtype), seen["marker"]):
-        return None
     if hidden.shape != seen["hidden"].shape or not torch.allclose(hidden.float(), seen["hidden"].float(),
                                                                    rtol=1e-2, atol=1e-2):
         return None
-    return decoder, head
+    marker = seen["marker"]
+    if torch.equal(logits.to(marker.dtype), marker):
+        return HeadSplit(decoder, head, None)
+    # The model may round its transform in its own precision: allow two of its units in the last place.
+    tol = 2 * torch.finfo(marker.dtype).eps
+    for name, transform in logit_transforms(model):
+        if torch.allclose(logits.float(), transform(marker).float(), rtol=tol, atol=tol):
+            return HeadSplit(decoder, head, transform, name)
+    return None
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
@@ -141,7 +184,8 @@ class Teacher:
     With `compile_blocks`, the teacher's blocks (an ATMA teacher's, or a Hugging Face teacher's decoder
     layers) are compiled as the student's are under `train.compile_method=blocks`. The head runs one
     chunk of rows at a time (`target_rows`), so the teacher's whole logits never exist at once, except for
-    a Hugging Face model whose logits are not its head's output (`split_head`).
+    a Hugging Face model whose logits are neither its head's output nor a transform of it that its config
+    names (`split_head`).
     """
 
     def __init__(self, spec: str, *, device: torch.device, dtype: torch.dtype, vocab_size: int,
@@ -181,8 +225,8 @@ class Teacher:
         """One line for the log when this teacher's whole logits are kept per micro-batch, else None."""
         if self.is_atma or self.split is not None:
             return None
-        return (f"teacher {self.spec}: its logits are not its LM head's output alone (capped or scaled after the "
-                "head), so its whole logits (tokens x vocabulary) are kept per micro-batch")
+        return (f"teacher {self.spec}: its logits are neither its LM head's output nor a soft cap or scale of it "
+                "named by its config, so its whole logits (tokens x vocabulary) are kept per micro-batch")
 
     @torch.no_grad()
     def target_rows(self, input_ids: torch.Tensor):
@@ -194,12 +238,13 @@ class Teacher:
             def rows(start, end):
                 return self._fit(self.model.logits(flat[start:end]))
         elif self.split is not None:
-            decoder, head = self.split
+            decoder, head, transform = self.split.decoder, self.split.head, self.split.transform
             hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
 
             def rows(start, end):
-                return self._fit(head(flat[start:end]).float())
+                logits = head(flat[start:end])
+                return self._fit((logits if transform is None else transform(logits)).float())
         else:
             logits = self.model(input_ids=input_ids, use_cache=False).logits
             flat = logits.reshape(-1, logits.shape[-1])

@@ -1,6 +1,7 @@
 """Distillation teachers from Hugging Face `transformers`: a local model directory loads as one, the LM head
-runs on one chunk of rows at a time, a model that changes its logits after the head keeps its whole logits,
-and the decoder layers compile without graph breaks. (An ATMA teacher: test_compile.py,
+runs on one chunk of rows at a time (with the soft cap or scale its config names), a model that changes its
+logits after the head in another way keeps its whole logits, and the decoder layers compile without graph
+breaks. (An ATMA teacher: test_compile.py,
 test_pretrain_distributed.py.)"""
 
 import json
@@ -55,7 +56,8 @@ def test_a_local_hugging_face_directory_is_not_taken_for_an_atma_export(tmp_path
 def test_the_head_runs_on_each_chunk_of_rows_only_and_gives_the_models_logits(tmp_path):
     teacher = load(save_llama(tmp_path / "llama"))
     assert teacher.split is not None and teacher.whole_logits_note is None
-    decoder, head = teacher.split
+    decoder, head = teacher.split.decoder, teacher.split.head
+    assert teacher.split.transform is None
     head_rows, caches = [], []
     head.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape[0]))
     decoder.register_forward_hook(lambda module, args, out: caches.append(out.past_key_values))
@@ -68,17 +70,67 @@ def test_the_head_runs_on_each_chunk_of_rows_only_and_gives_the_models_logits(tm
     torch.testing.assert_close(got, whole_logits(teacher, batch), rtol=1e-5, atol=1e-6)
 
 
-def test_a_teacher_that_caps_its_logits_after_the_head_keeps_its_whole_logits(tmp_path):
+TRANSFORMED = {  # a model that changes its head's output by a transform its config names
+    "gemma2 soft cap": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=0.5)),
+    "cohere logit scale": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**SMALL, logit_scale=0.25)),
+    "granite logits scaling": lambda: transformers.GraniteForCausalLM(
+        transformers.GraniteConfig(**SMALL, logits_scaling=4.0)),
+}
+
+
+@pytest.mark.parametrize("kind,dtype", [(kind, torch.float32) for kind in TRANSFORMED]
+                         + [("gemma2 soft cap", torch.bfloat16)], ids=str)
+def test_a_cap_or_scale_named_by_the_config_runs_on_each_chunk(tmp_path, kind, dtype):
     torch.manual_seed(0)
-    config = transformers.Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=0.5)
-    transformers.Gemma2ForCausalLM(config).save_pretrained(str(tmp_path / "gemma"))
-    teacher = load(str(tmp_path / "gemma"))
+    TRANSFORMED[kind]().save_pretrained(str(tmp_path / "model"))
+    teacher = Teacher(str(tmp_path / "model"), device=torch.device("cpu"), dtype=dtype, vocab_size=STUDENT_VOCAB)
+    assert teacher.split is not None and teacher.split.transform is not None and teacher.whole_logits_note is None
+    expected_transform = {"gemma2 soft cap": "soft cap 0.5", "cohere logit scale": "x logit_scale 0.25",
+                          "granite logits scaling": "/ logits_scaling 4"}[kind]
+    assert teacher.split.transform_name == expected_transform
+    head_rows = []
+    teacher.split.head.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape[0]))
+    batch = ids()
+    rows = teacher.target_rows(batch)
+    got = torch.cat([rows(0, 16), rows(16, 48)])
+    assert head_rows == [16, 32]
+    expected = whole_logits(teacher, batch)
+    raw = teacher.split.head(teacher.split.decoder(input_ids=batch).last_hidden_state).reshape(-1, VOCAB)
+    assert (raw[:, :STUDENT_VOCAB].float() - expected.float()).abs().max() > 0.1  # the head's output is not them
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_teacher_that_changes_its_logits_in_another_way_keeps_its_whole_logits(tmp_path, monkeypatch, capsys):
+    path = save_llama(tmp_path / "llama")
+    load_model = transformers.AutoModelForCausalLM.from_pretrained
+
+    def shifted(*args, **kwargs):  # logits + 1 after the head: no config names it
+        model = load_model(*args, **kwargs)
+        model.register_forward_hook(lambda module, inputs, out: out.__setitem__("logits", out.logits + 1.0))
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", shifted)
+    teacher = load(path)
     assert teacher.split is None
     assert "whole logits (tokens x vocabulary) are kept" in teacher.whole_logits_note
     batch = ids()
     expected = whole_logits(teacher, batch)
-    assert expected.abs().max() <= 0.5  # capped: the head's own output is not the logits
+    head = teacher.model.get_output_embeddings()
+    raw = head(teacher.model.get_decoder()(input_ids=batch).last_hidden_state).reshape(-1, VOCAB)
+    torch.testing.assert_close(expected, raw[:, :STUDENT_VOCAB] + 1.0)  # the shift is in the targets
     torch.testing.assert_close(teacher.target_rows(batch)(0, 48), expected, rtol=1e-6, atol=1e-7)
+
+    # The benchmark says so too, once for the teacher its cases share.
+    from pretrain.bench import case_teacher
+    from pretrain.config import load_run_config
+
+    cfg = load_run_config(None, [f"data.dir={tmp_path}", f"loss.teacher={path}", "loss.distill_weight=0.5"])
+    loaded = {}
+    for _ in range(2):
+        case_teacher(cfg, AtmaConfig.from_preset("tiny", vocab_size=STUDENT_VOCAB), {"bf16": {"enabled": False}},
+                     torch.device("cpu"), loaded)
+    assert capsys.readouterr().out.count("whole logits (tokens x vocabulary) are kept") == 1
 
 
 def test_compiled_decoder_layers_give_the_eager_targets_in_one_graph(tmp_path):
