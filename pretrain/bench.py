@@ -52,7 +52,7 @@ from .flops import peak_flops_for, train_flops_per_token
 from .provenance import benchmark_provenance, describe_code
 
 CPU_MAX_PARAMETERS = 50_000_000
-SHOWN_LIBRARIES = ("torch", "triton", "deepspeed", "fla-core")  # in the report's header; the JSON has them all
+SHOWN_LIBRARIES = ("torch", "cuda", "triton", "deepspeed", "fla-core")  # the header's; the JSON has them all
 ZERO_CONFIGS = {0: "ds_configs/zero0_bf16.json", 1: "ds_configs/zero1_bf16.json", 2: "ds_configs/zero2_bf16.json",
                 3: "ds_configs/zero3_bf16.json"}
 COMPILE_CHOICES = ("auto", "off", "blocks", "deepcompile")

@@ -45,12 +45,16 @@ def library_versions() -> dict:
 
 
 def benchmark_provenance() -> dict:
-    """What a benchmark's figures were measured with: UTC time, code version, library versions (fla-core too)."""
+    """What a benchmark's figures were measured with: UTC time, code version, library versions (fla-core and
+    torch's CUDA build too)."""
     versions = library_versions()
     try:
         versions["fla-core"] = metadata.version("fla-core")
     except metadata.PackageNotFoundError:
         versions["fla-core"] = None
+    import torch
+
+    versions["cuda"] = torch.version.cuda  # the CUDA torch was built for (None for a CPU build)
     return {"measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "code_version": code_version(), "versions": versions}
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib import metadata
 
 import pytest
 import torch
@@ -143,10 +144,12 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     from pretrain.provenance import code_version, describe_code
 
     assert report["code_version"] == code_version() and report["measured_at"].endswith("Z")
-    assert report["versions"]["torch"] == torch.__version__ and "deepspeed" in report["versions"]
-    assert "fla-core" in report["versions"]
+    # the installed distribution's version ("2.15.0" for a build whose torch.__version__ is "2.15.0+cu132")
+    assert report["versions"]["torch"] == metadata.version("torch") and "deepspeed" in report["versions"]
+    assert "fla-core" in report["versions"] and report["versions"]["cuda"] == torch.version.cuda
     # a commit in a git checkout, "unknown" in an unpacked source tree
-    assert f"code {describe_code(code_version())}" in proc.stdout and f"torch {torch.__version__}" in proc.stdout
+    assert f"code {describe_code(code_version())}" in proc.stdout
+    assert f"torch {metadata.version('torch')}" in proc.stdout
     shipped, variant = report["results"]
     assert (shipped["ds_variant"], variant["ds_variant"]) == ("", "v1")
     # what each engine was built from: the shipped JSON, and the same JSON with the one setting changed

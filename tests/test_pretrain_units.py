@@ -688,19 +688,26 @@ def test_an_error_every_rank_meets_is_printed_by_rank_0_only(capsys):
 
 
 def test_training_bench_cases_share_one_teacher_per_precision_and_compile(monkeypatch):
+    from types import SimpleNamespace
+
     from pretrain import bench
 
     loads = []
-    monkeypatch.setattr("pretrain.teacher.load_teacher", lambda spec, **kw: loads.append((spec, kw)) or len(loads))
+
+    def load_teacher(spec, **kw):  # a stand-in numbered by its load
+        loads.append((spec, kw))
+        return SimpleNamespace(number=len(loads), whole_logits_note=None)
+
+    monkeypatch.setattr("pretrain.teacher.load_teacher", load_teacher)
     cfg = load_run_config(None, ["data.dir=d", "loss.distill_weight=1", "loss.teacher=t-dir"])
     compiled = load_run_config(None, ["data.dir=d", "loss.distill_weight=1", "loss.teacher=t-dir",
                                       "train.compile=true"])
     model = AtmaConfig.from_preset("tiny")
     loaded, cpu = {}, torch.device("cpu")
     bf16, fp32 = {"bf16": {"enabled": True}}, {"bf16": {"enabled": False}}
-    assert [bench.case_teacher(cfg, model, ds, cpu, loaded) for ds in (bf16, bf16, fp32, bf16)] == [1, 1, 2, 1]
+    assert [bench.case_teacher(cfg, model, ds, cpu, loaded).number for ds in (bf16, bf16, fp32, bf16)] == [1, 1, 2, 1]
     # a case that compiles its student gets a teacher with compiled blocks, loaded once for such cases
-    assert [bench.case_teacher(compiled, model, bf16, cpu, loaded) for _ in range(2)] == [3, 3]
+    assert [bench.case_teacher(compiled, model, bf16, cpu, loaded).number for _ in range(2)] == [3, 3]
     assert loads == [("t-dir", dict(device=cpu, bf16=True, vocab_size=model.vocab_size, compile_blocks=False)),
                      ("t-dir", dict(device=cpu, bf16=False, vocab_size=model.vocab_size, compile_blocks=False)),
                      ("t-dir", dict(device=cpu, bf16=True, vocab_size=model.vocab_size, compile_blocks=True))]
