@@ -1,8 +1,7 @@
 """Distillation teachers from Hugging Face `transformers`: a local model directory loads as one, the LM head
 runs on one chunk of rows at a time (with the soft cap or scale its config names), a model that changes its
 logits after the head in another way keeps its whole logits, and the decoder layers compile without graph
-breaks. (An ATMA teacher: test_compile.py,
-test_pretrain_distributed.py.)"""
+breaks. (An ATMA teacher: test_compile.py, test_pretrain_distributed.py.)"""
 
 import json
 
@@ -70,12 +69,13 @@ def test_the_head_runs_on_each_chunk_of_rows_only_and_gives_the_models_logits(tm
     torch.testing.assert_close(got, whole_logits(teacher, batch), rtol=1e-5, atol=1e-6)
 
 
-TRANSFORMED = {  # a model that changes its head's output by a transform its config names
-    "gemma2 soft cap": lambda: transformers.Gemma2ForCausalLM(
-        transformers.Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=0.5)),
-    "cohere logit scale": lambda: transformers.CohereForCausalLM(transformers.CohereConfig(**SMALL, logit_scale=0.25)),
-    "granite logits scaling": lambda: transformers.GraniteForCausalLM(
-        transformers.GraniteConfig(**SMALL, logits_scaling=4.0)),
+TRANSFORMED = {  # a model that changes its head's output by a transform its config names, and that transform
+    "gemma2 soft cap": (lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**SMALL, head_dim=16, final_logit_softcapping=0.5)), "soft cap 0.5"),
+    "cohere logit scale": (lambda: transformers.CohereForCausalLM(
+        transformers.CohereConfig(**SMALL, logit_scale=0.25)), "x logit_scale 0.25"),
+    "granite logits scaling": (lambda: transformers.GraniteForCausalLM(
+        transformers.GraniteConfig(**SMALL, logits_scaling=4.0)), "/ logits_scaling 4"),
 }
 
 
@@ -83,12 +83,11 @@ TRANSFORMED = {  # a model that changes its head's output by a transform its con
                          + [("gemma2 soft cap", torch.bfloat16)], ids=str)
 def test_a_cap_or_scale_named_by_the_config_runs_on_each_chunk(tmp_path, kind, dtype):
     torch.manual_seed(0)
-    TRANSFORMED[kind]().save_pretrained(str(tmp_path / "model"))
+    build, transform_name = TRANSFORMED[kind]
+    build().save_pretrained(str(tmp_path / "model"))
     teacher = Teacher(str(tmp_path / "model"), device=torch.device("cpu"), dtype=dtype, vocab_size=STUDENT_VOCAB)
     assert teacher.split is not None and teacher.split.transform is not None and teacher.whole_logits_note is None
-    expected_transform = {"gemma2 soft cap": "soft cap 0.5", "cohere logit scale": "x logit_scale 0.25",
-                          "granite logits scaling": "/ logits_scaling 4"}[kind]
-    assert teacher.split.transform_name == expected_transform
+    assert teacher.split.transform_name == transform_name
     head_rows = []
     teacher.split.head.register_forward_pre_hook(lambda module, args: head_rows.append(args[0].shape[0]))
     batch = ids()
