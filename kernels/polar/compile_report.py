@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
+
+from ..common.cubin import resource_usage
 
 __all__ = ["compile_kernel", "resource_usage", "report", "main"]
 
@@ -86,22 +85,6 @@ def compile_kernel(kernel, constexprs: dict, options: dict, *, io: str, dq_io: b
     src = ASTSource(fn=kernel, signature=_signature(kernel, io, dq_io), constexprs=constexprs)
     # FP fusion (FMA contraction) on, as the launches on a GPU compile by default.
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"enable_fp_fusion": True, **options})
-
-
-def resource_usage(compiled) -> dict:
-    """Registers, stack, local (spill) and static shared bytes of a compiled kernel, read by cuobjdump."""
-    import triton.backends.nvidia.compiler as nvidia
-
-    tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        text = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    usage = {key.lower(): int(value) for key, value in fields.items()}
-    usage["dynamic_shared"] = int(compiled.metadata.shared)
-    return usage
 
 
 def report(arch: int, dtype: torch.dtype, d: int) -> list[dict]:
