@@ -41,3 +41,19 @@ def test_the_run_config_section_names_every_deepspeed_config_and_sig_mode():
             assert f"`{name}`" in readme.split("DeepSpeed configs:", 1)[1].split("\n\n", 1)[0]
     loss_bullet = readme.split("\n- `loss`:", 1)[1].split("\n- ", 1)[0]
     assert all(f"`{mode}`" in loss_bullet for mode in SIG_MODES)
+
+
+def test_every_module_the_docs_run_exists():
+    import importlib.util
+
+    docs = ["README.md"] + [os.path.join("docs", n) for n in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                            if n.endswith(".md")]
+    ours = {"data_pipeline", "evaluation", "kernels", "launch", "model", "pretrain"}
+    named = {m for doc in docs for m in re.findall(r"python -m ([A-Za-z_][\w.]*\w)", read(doc))}
+    checked = sorted(m for m in named if m.split(".")[0] in ours)
+    assert "pretrain.compile_check" in checked and "data_pipeline" in checked
+    for module in checked:
+        spec = importlib.util.find_spec(module)
+        assert spec is not None, f"the docs run `python -m {module}`, which does not exist"
+        if spec.submodule_search_locations is not None:
+            assert importlib.util.find_spec(module + ".__main__") is not None, f"`{module}` has no __main__"
