@@ -1,15 +1,19 @@
 """Compile every Triton kernel of a training step for an NVIDIA GPU, on a machine without one.
 
-    python -m pretrain.compile_check [--arch 90] [--preset atma-378m] [--first-candidate] [--json PATH]
+    python -m pretrain.compile_check [--arch 90] [--preset atma-378m] [--first-candidate] [--fla-timing-only]
+                                     [--json PATH]
 
 One forward and backward of a two-block slice of the model (a conv block and a global block with
 its memory) runs on the CPU in bf16, with the kernels' Triton paths and a stand-in for the GPU
 driver. Every launch the step makes, and every autotuning candidate of each launch, is compiled
 by the installed triton for the chosen architecture down to a cubin (triton's bundled ptxas), and
 is checked against that GPU's shared-memory limit as triton checks it before a launch; nothing is
-executed, so the kernels' outputs are garbage and only the launches matter. The memory runs
-flash-linear-attention's chunk kernels, as training does on a GPU whose triton its guard accepts.
-The Polar backward runs twice, as the two-pass default and the one-pass option.
+executed, so the kernels' outputs are garbage and only the launches matter. The memory takes the
+path training takes on that GPU with the installed versions: flash-linear-attention's chunk
+kernels where its guard accepts them, else the PyTorch chunked path, which launches no Triton
+kernel (Hopper with triton < 3.7.1; `--fla-timing-only` compiles FLA's kernels there, as the
+benchmarks' switch of that name launches them). The Polar backward runs twice, as the two-pass
+default and the one-pass option.
 
 The exit status is 1 when a launch has no candidate that compiles and fits (the step would fail
 there on that GPU), 0 otherwise. Candidates that fail or do not fit are listed; the autotuner
@@ -20,6 +24,7 @@ come from the cubin (`cuobjdump`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,8 +36,9 @@ import torch
 from tqdm import tqdm
 
 from kernels.common.stand_in_gpu import TARGETS, CompileRecord, stand_in_gpu, summarize, triton_paths
+from kernels.gated_delta.fla_bridge import fla_guard_reason, fla_timing_only
 
-__all__ = ["run_training_step", "main"]
+__all__ = ["memory_path", "run_training_step", "main"]
 
 
 def _slice_config(preset: str, memory: bool):
@@ -49,10 +55,24 @@ def _slice_config(preset: str, memory: bool):
                                   hidden_size=hidden, memory=memory)
 
 
-def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bool = True) -> None:
+def memory_path(arch: int, fla_version: str | None, triton_version: str, timing_only: bool) -> tuple[str, str]:
+    """The memory's path on `arch` ("fla", "fla_timing_only" or "torch"), and why, in words."""
+    reason = fla_guard_reason(fla_version, triton_version, (arch // 10, arch % 10), backward=True)
+    if reason is None:
+        return "fla", "flash-linear-attention's chunk kernels, as training runs them there"
+    if timing_only and fla_version is not None:
+        return "fla_timing_only", (f"flash-linear-attention's chunk kernels, TIMING ONLY (training refuses them "
+                                   f"there: {reason})")
+    return "torch", (f"the PyTorch chunked path, which launches no Triton kernel, as training takes it there: "
+                     f"{reason} (--fla-timing-only compiles FLA's kernels)")
+
+
+def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bool = True,
+                      memory_fla: bool = True) -> None:
     """One bf16 forward and backward of `preset`'s two-block slice per Polar backward variant.
 
-    Meant to run under `stand_in_gpu`; raises what a launch raises.
+    `memory_fla` sends the memory to FLA's kernels, else to the PyTorch path. Meant to run under
+    `stand_in_gpu`; raises what a launch raises.
     """
     from model.modeling import AtmaForCausalLM
 
@@ -60,7 +80,7 @@ def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bo
     torch.manual_seed(0)
     model = AtmaForCausalLM(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
-    with triton_paths():
+    with triton_paths(memory_fla=memory_fla):
         for variant in ("two_pass", "one_pass"):
             os.environ["ATMA_POLAR_BWD"] = variant
             model.zero_grad(set_to_none=True)
@@ -96,6 +116,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="leave out the gated-delta memory (and FLA)")
     parser.add_argument("--first-candidate", action="store_true",
                         help="compile only each kernel's first autotuning candidate (faster)")
+    parser.add_argument("--fla-timing-only", action="store_true",
+                        help="compile FLA's kernels for the memory even where training refuses them "
+                             "(Hopper with triton < 3.7.1), as the benchmarks' switch of that name launches them")
     parser.add_argument("--max-shared", type=int, metavar="BYTES",
                         help="shared memory per block to check against instead of the architecture's")
     parser.add_argument("--json", metavar="PATH", help="also write every compile record and the summary as JSON")
@@ -119,6 +142,10 @@ def main(argv=None) -> int:
         if args.max_shared < 1:
             parser.error("--max-shared must be a positive number of bytes")
         target = dataclasses.replace(target, max_shared=args.max_shared)
+    if args.no_memory and args.fla_timing_only:
+        parser.error("--fla-timing-only concerns the memory, which --no-memory leaves out")
+    memory, memory_text = ("none", "left out") if args.no_memory else memory_path(
+        target.arch, fla, triton.__version__, args.fla_timing_only)
     records: list[CompileRecord] = []
     failure = None
     start = time.time()
@@ -126,13 +153,17 @@ def main(argv=None) -> int:
               disable=None) as progress, stand_in_gpu(target, records, first_candidate=args.first_candidate,
                                                       on_compile=lambda record: progress.update()):
         try:
-            run_training_step(args.preset, args.seq_len, args.micro_batch, memory=not args.no_memory)
+            # FLA is imported inside the stand-in: it reads the device at import.
+            with fla_timing_only() if memory == "fla_timing_only" else contextlib.nullcontext():
+                run_training_step(args.preset, args.seq_len, args.micro_batch, memory=not args.no_memory,
+                                  memory_fla=memory.startswith("fla"))
         except Exception as exc:  # reported below in one line, exit status 1
             failure = _failure_text(exc, records, target.arch)
     rows = summarize(records)
     _print_report(rows, f"triton {triton.__version__}, torch {torch.__version__}, fla-core {fla}; "
                   f"sm_{target.arch} ({target.name}, {target.max_shared} bytes of shared memory per block); "
-                  f"{args.preset}, bf16, {len(records)} compiles in {time.time() - start:.0f} s")
+                  f"{args.preset}, bf16, {len(records)} compiles in {time.time() - start:.0f} s\n"
+                  f"memory: {memory_text}")
     if failure:
         print(f"error: {failure}", file=sys.stderr)
     else:
@@ -141,6 +172,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"arch": target.arch, "target": asdict(target), "triton": triton.__version__,
                        "torch": torch.__version__, "fla": fla, "preset": args.preset, "failure": failure,
+                       "memory": {"path": memory, "text": memory_text},
                        "kernels": rows, "records": [asdict(r) for r in records]}, f, indent=1)
     return 1 if failure else 0
 

@@ -25,10 +25,13 @@ def compile_check(*argv, env_extra=None):
 
 def test_every_launch_of_a_training_step_compiles_and_fits_on_hopper(tmp_path):
     out = tmp_path / "check.json"
-    proc = compile_check("--first-candidate", "--json", str(out), env_extra={"TRITON_CACHE_DIR": str(tmp_path)})
+    # FLA's kernels whatever the installed triton (timing only where training refuses them).
+    proc = compile_check("--first-candidate", "--fla-timing-only", "--json", str(out),
+                         env_extra={"TRITON_CACHE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["failure"] is None and report["target"]["arch"] == 90
+    assert report["memory"]["path"] in ("fla", "fla_timing_only")
     kernels = {row["kernel"]: row for row in report["kernels"]}
     assert OUR_KERNELS <= set(kernels)
     # The memory ran flash-linear-attention's chunk kernels, forward and backward.
@@ -58,6 +61,7 @@ def test_a_launch_that_fits_nowhere_fails_the_check_and_is_named():
     (["--max-shared", "0"], {}, "--max-shared must be"),
     (["--preset", "nope"], {}, "unknown preset"),
     ([], {"TRITON_INTERPRET": "1"}, "unset TRITON_INTERPRET"),
+    (["--no-memory", "--fla-timing-only"], {}, "which --no-memory leaves out"),
 ])
 def test_bad_arguments_and_the_interpreter_are_refused_with_one_line(argv, env, expected, monkeypatch, capsys):
     from pretrain import compile_check as cli
@@ -97,3 +101,48 @@ def test_the_stand_in_compiles_every_candidate_keeps_no_timings_and_restores_the
     assert torch.equal(x, torch.ones(64))  # compiled, never run
     assert not list(tmp_path.rglob("*.autotune.json"))
     assert torch.cuda.get_device_name is name_before and triton.runtime.driver._active is driver_before
+
+
+@pytest.mark.parametrize("arch, triton_version, timing_only, path", [
+    (90, "3.6.0", False, "torch"),  # the known-bad Hopper triton: training takes the PyTorch path
+    (90, "3.6.0", True, "fla_timing_only"),
+    (90, "3.9.0", False, "fla"),
+    (80, "3.6.0", False, "fla"),  # the refusal is for Hopper only
+])
+def test_the_memory_takes_the_path_training_takes_on_the_target(arch, triton_version, timing_only, path,
+                                                                 monkeypatch, capsys, tmp_path):
+    """With FLA's kernels refused for training, the check compiles none unless asked for timing only."""
+    import triton
+
+    from kernels.gated_delta import fla_bridge
+    from pretrain import compile_check as cli
+
+    calls = []
+
+    def step_stand_in(preset, seq_len, micro_batch, *, memory=True, memory_fla=True):
+        calls.append((memory_fla, fla_bridge.fla_timing_only_active()))
+
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(cli, "_fla_version", lambda: "0.6.0")
+    monkeypatch.setattr(cli, "run_training_step", step_stand_in)
+    out = tmp_path / "check.json"
+    argv = ["--arch", str(arch), "--json", str(out)] + (["--fla-timing-only"] if timing_only else [])
+    assert cli.main(argv) == 0
+    assert calls == [(path != "torch", path == "fla_timing_only")]
+    report = json.loads(out.read_text())
+    assert report["memory"]["path"] == path and report["triton"] == triton_version
+    printed = capsys.readouterr().out
+    assert f"memory: {report['memory']['text']}" in printed
+    assert ("#640" in printed) == (path != "fla")
+
+
+def test_triton_paths_send_the_memory_to_fla_only_when_asked():
+    import kernels
+    from kernels.common.stand_in_gpu import triton_paths
+
+    dispatch = kernels.gated_delta_rule
+    with triton_paths(memory_fla=False):
+        assert kernels.gated_delta_rule is dispatch and os.environ["ATMA_KERNELS"] == "triton"
+    with triton_paths():
+        assert kernels.gated_delta_rule is not dispatch
+    assert kernels.gated_delta_rule is dispatch

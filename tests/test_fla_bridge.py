@@ -85,10 +85,35 @@ def test_timing_only_switch_is_scoped_and_the_trainer_refuses_it(fake_env):
         assert not bridge.fla_timing_only_active() and bridge.fla_is_usable("cuda:0") is False
 
 
-def test_only_the_benchmark_enables_the_timing_only_switch():
+def test_only_the_benchmarks_and_the_compile_check_enable_the_timing_only_switch():
     users = sorted(os.path.relpath(path, ROOT) for path in project_sources()
                    if "fla_timing_only()" in open(path, encoding="utf-8").read())
-    assert users == ["kernels/gated_delta/fla_bridge.py", "pretrain/bench.py"]
+    assert users == ["kernels/bench.py", "kernels/gated_delta/fla_bridge.py", "pretrain/bench.py",
+                     "pretrain/compile_check.py"]
+
+
+def test_timing_only_lifts_flas_own_refusal_of_its_hopper_backward_for_the_block(monkeypatch):
+    """FLA 0.6 raises in its gated backward on Hopper with triton < 3.7.1; timing only gets past it."""
+    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
+    # What FLA's module flags read on an H100/H200 with triton 3.6.
+    monkeypatch.setattr(chunk_o, "IS_NVIDIA_HOPPER", True)
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_4_0", True)
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
+    q, k, v, do = (torch.randn(1, 64, 1, 16) for _ in range(4))
+    h, dh, g = torch.randn(1, 1, 1, 16, 16), torch.randn(1, 1, 1, 16, 16), torch.randn(1, 64, 1)
+
+    def refusal():
+        """FLA's refusal text, or None when the call got past it (it then fails on CPU tensors)."""
+        try:
+            chunk_o.chunk_bwd_dqkwg(q, k, v, do, h, dh, g=g)
+        except Exception as exc:  # past the refusal, the launch itself fails on CPU tensors
+            return str(exc) if "#640" in str(exc) else None
+        return None
+
+    assert "3.7.1" in refusal()
+    with bridge.fla_timing_only():
+        assert refusal() is None
+    assert chunk_o.TRITON_ABOVE_3_7_1 is False and "3.7.1" in refusal()
 
 
 def test_is_usable_refuses_hopper_with_old_triton_and_warns_once(fake_env):

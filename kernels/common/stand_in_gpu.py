@@ -5,7 +5,8 @@ kernel on CPU tensors is compiled by the installed triton for `target` down to a
 bundled ptxas) and checked against the target's shared memory as triton checks it before a launch,
 then launched nowhere: outputs stay garbage, only the launches matter. Autotuning compiles every
 candidate (each one "runs" once and all tie). `triton_paths()` sends the three cores to their
-Triton paths on CPU tensors, the memory to flash-linear-attention's chunk kernels.
+Triton paths on CPU tensors, the memory to flash-linear-attention's chunk kernels (or its PyTorch
+path).
 `pretrain.compile_check` drives a training step through both.
 """
 
@@ -230,8 +231,9 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
 
 
 @contextlib.contextmanager
-def triton_paths():
-    """Send the model's cores to their Triton paths on CPU tensors (the memory to FLA's kernels)."""
+def triton_paths(*, memory_fla: bool = True):
+    """Send the model's cores to their Triton paths on CPU tensors, the memory to FLA's kernels
+    (`memory_fla=False`: to its PyTorch path, which launches no Triton kernel)."""
     import kernels
 
     from ..gated_delta.fla_bridge import fla_gated_delta_rule
@@ -243,7 +245,8 @@ def triton_paths():
     saved_env = {name: os.environ.get(name) for name in ("ATMA_KERNELS", "ATMA_POLAR_BWD")}
     saved_rule = kernels.gated_delta_rule
     os.environ["ATMA_KERNELS"] = "triton"
-    kernels.gated_delta_rule = memory_via_fla
+    if memory_fla:
+        kernels.gated_delta_rule = memory_via_fla
     try:
         yield
     finally:

@@ -8,13 +8,14 @@ miscompilation, flash-linear-attention#640); `fla_is_usable` refuses that combin
 call that will be differentiated, so that training never runs on known-wrong gradients, and the
 caller falls back to the PyTorch path. Forward-only calls (evaluation) keep FLA there: the bug
 is in the backward. `ATMA_FLA=0` turns the bridge off. `fla_timing_only()` lets a benchmark time
-FLA's backward on such a machine anyway (the figure a fresh install gets); the trainer refuses to
-start while it is active.
+FLA's backward on such a machine anyway (the figure a fresh install gets), lifting FLA 0.6's own
+run-time refusal there for the block; the trainer refuses to start while it is active.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
 import warnings
@@ -114,9 +115,34 @@ def fla_timing_only():
     global _TIMING_ONLY
     previous, _TIMING_ONLY = _TIMING_ONLY, True
     try:
-        yield
+        with _fla_refusal_lifted():
+            yield
     finally:
         _TIMING_ONLY = previous
+
+
+# FLA 0.6 refuses the gated backward itself on Hopper with triton < 3.7.1: `chunk_bwd_dqkwg` raises
+# when this flag of its module (imported from fla.utils at import time) is False.
+_FLA_REFUSAL = ("fla.ops.common.chunk_o", "TRITON_ABOVE_3_7_1")
+
+
+@contextlib.contextmanager
+def _fla_refusal_lifted():
+    """Lift FLA's own run-time refusal of its Hopper backward for the block (timing only)."""
+    module_name, flag = _FLA_REFUSAL
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # FLA absent or broken: nothing to lift, and the guard keeps FLA off anyway
+        module = None
+    if module is None or not hasattr(module, flag):
+        yield
+        return
+    saved = getattr(module, flag)
+    setattr(module, flag, True)
+    try:
+        yield
+    finally:
+        setattr(module, flag, saved)
 
 
 def fla_timing_only_active() -> bool:
