@@ -49,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory", action="store_true", help="skip the gated-delta memory")
     p.add_argument("--fla-timing-only", action="store_true",
                    help="time flash-linear-attention even where its gradients are known to be wrong "
-                        "(timing only; training never uses it there)")
+                        "(timing only; training never uses it there). On an H200 with triton 3.6 its backward "
+                        "ended in an illegal memory access, which ends the run: time it alone (--skip-attention "
+                        "--skip-conv)")
     p.add_argument("--json", metavar="OUT", type=writable_file, default=None,
                    help="also write the results to this JSON file")
     return p

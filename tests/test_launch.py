@@ -496,17 +496,49 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
     assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_recipe",
-                     "bench_training_deepcompile", "bench_training_guarded", "bench_zero3_settings", "eval_64k",
-                     "bench_decode", "bench_distill", "bench_distill_recompute"]
+                     "bench_training_deepcompile", "bench_zero3_settings", "bench_kernels_fla_timing_only",
+                     "bench_training_fla_timing_only", "eval_64k", "bench_decode", "bench_distill",
+                     "bench_distill_recompute"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
     calls = [" ".join(argv) for argv in dry_calls(log)]
     assert sum(c.startswith("-m pretrain.bench") for c in calls) == 7
+    # FLA's refused backward (it can leave the GPU unusable) runs only in the two steps of its own, alone.
+    timing_only = [c for c in calls if "--fla-timing-only" in c]
+    assert timing_only == [c for c in calls if c.endswith(("bench_kernels_fla_timing_only.json",
+                                                          "bench_training_fla_timing_only.json"))]
+    assert len(timing_only) == 2 and "--skip-attention --skip-conv" in timing_only[0]
+    assert "--cases polar:3:none:blocks " in timing_only[1]
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
     assert any("--set loss.distill_recompute=true" in c for c in calls)
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
+
+
+def test_the_gpu_tests_run_side_by_side_where_pytest_xdist_is_installed(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(DRY_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "xdist.py").write_text("")  # stands in for pytest-xdist: only its import is checked
+    path = fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep + os.environ["PATH"]
+
+    def pytest_argv(name, **extra):
+        log = tmp_path / f"calls-{name}"
+        env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log), GPU_CHECK_STEPS="gpu_tests", PATH=path, **extra)
+        proc = subprocess.run(["bash", GPU_CHECK, str(tmp_path / name)], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        (argv,) = [a for a in dry_calls(log) if a[:2] == ["-m", "pytest"]]
+        return argv
+
+    with_xdist = str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    assert pytest_argv("xdist", PYTHONPATH=with_xdist)[-9:-7] == ["-n", "8"]
+    assert "-n" not in pytest_argv("plain")
+    assert "-n" not in pytest_argv("chosen", PYTHONPATH=with_xdist, GPU_TESTS_ARGS="")
+    assert pytest_argv("own", GPU_TESTS_ARGS="-x --maxfail 1")[-10:-7] == ["-x", "--maxfail", "1"]
 
 
 def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_longer_fits(tmp_path):
