@@ -454,6 +454,14 @@ elif argv[0] == "-c":  # the version line and the check that every step's module
 """
 
 
+def dry_python(tmp_path):
+    """Write the dry run's python (DRY_PYTHON) into `tmp_path` and return its path."""
+    python = tmp_path / "python"
+    python.write_text(DRY_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    return python
+
+
 def dry_calls(log) -> list[list[str]]:
     """The argv of every call the dry run's python recorded, in order."""
     return [json.loads(line) for line in log.read_text().splitlines()]
@@ -483,9 +491,7 @@ def check_dry_calls(calls: list[list[str]]) -> None:
 
 
 def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
-    python = tmp_path / "python"
-    python.write_text(DRY_PYTHON.format(python=sys.executable))
-    python.chmod(0o755)
+    python = dry_python(tmp_path)
     log = tmp_path / "calls"
     env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log),
                PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
@@ -517,9 +523,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
 
 
 def test_the_gpu_tests_run_side_by_side_where_pytest_xdist_is_installed(tmp_path):
-    python = tmp_path / "python"
-    python.write_text(DRY_PYTHON.format(python=sys.executable))
-    python.chmod(0o755)
+    python = dry_python(tmp_path)
     site = tmp_path / "site"
     site.mkdir()
     (site / "xdist.py").write_text("")  # stands in for pytest-xdist: only its import is checked
@@ -542,9 +546,7 @@ def test_the_gpu_tests_run_side_by_side_where_pytest_xdist_is_installed(tmp_path
 
 
 def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_longer_fits(tmp_path):
-    python = tmp_path / "python"
-    python.write_text(DRY_PYTHON.format(python=sys.executable))
-    python.chmod(0o755)
+    python = dry_python(tmp_path)
     limits = tmp_path / "limits"
     # `timeout` records the limit it was given (after its options), then runs the command as usual.
     fake_timeout = f'while [[ "$1" == -* ]]; do shift; done\necho "$1" >> {limits}\nshift\nexec "$@"\n'
@@ -572,9 +574,7 @@ def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_lon
 
 
 def test_the_gpu_check_names_a_missing_package_before_writing_anything(tmp_path):
-    python = tmp_path / "python"
-    python.write_text(DRY_PYTHON.format(python=sys.executable))
-    python.chmod(0o755)
+    python = dry_python(tmp_path)
     blocker = tmp_path / "site"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(
