@@ -29,11 +29,12 @@
 # kernels alone) and bench_training_fla_timing_only (the headline case). Where the guard allows
 # FLA they measure what the steps above measured.
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
-# the six training cases about 170 s): tests 240, kernel benchmark 180, loss benchmark 30, training
-# 240, recipe 150, DeepCompile 60, ZeRO-3 settings 150, FLA timing only 60 + 90, evaluation 60,
-# decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache against recomputation and
-# NoPE), then distillation 120 + 120 (bench_distill: a same-size teacher, compiled and eager;
-# bench_distill_recompute: with loss.distill_recompute); about 24 minutes in all. Under a 10-minute
+# the six training cases about 170 s without the profiled step): tests 240, kernel benchmark 180,
+# loss benchmark 30, training 240, recipe 150, DeepCompile 60, ZeRO-3 settings 150, FLA timing only
+# 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache
+# against recomputation and NoPE), then distillation 120 + 120 (bench_distill: a same-size teacher,
+# compiled and eager; bench_distill_recompute: with loss.distill_recompute); at most 26 minutes in
+# all. Under a 10-minute
 # limit per call, run it as calls with GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_training"
 # then "bench_loss bench_recipe bench_training_deepcompile bench_zero3_settings" then
 # "bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill
