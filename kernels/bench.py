@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -239,7 +240,8 @@ def bench_conv(args, T: int) -> list[dict]:
 
 
 def bench_memory(args, T: int) -> list[dict]:
-    """Gated delta rule fwd+bwd: flash-linear-attention (when usable) vs the PyTorch chunked path."""
+    """Gated delta rule fwd+bwd: flash-linear-attention (when usable) vs the chunked path, its state
+    carried by the Triton kernels and by the PyTorch loop."""
     import torch.nn.functional as F
 
     from .gated_delta import fla_bridge
@@ -260,12 +262,12 @@ def bench_memory(args, T: int) -> list[dict]:
         paths.append(("memory_fla" if reason is None else "memory_fla_timing_only", fla_bridge.fla_gated_delta_rule))
     else:
         out.append({"name": "memory_fla", "T": T, "B": B, "skipped": reason})
-    try:
-        from .gated_delta.torch_impl import chunk_gated_delta_rule_torch
+    from .gated_delta.torch_impl import chunk_gated_delta_rule_torch
 
-        paths.append(("memory_torch", chunk_gated_delta_rule_torch))
-    except ImportError as exc:
-        out.append({"name": "memory_torch", "T": T, "B": B, "skipped": f"not importable: {exc}"})
+    # The chunked path with its state carried by the Triton kernels (what training runs where FLA
+    # is refused) and by the PyTorch loop (the baseline of that carry).
+    paths.append(("memory_triton_carry", functools.partial(chunk_gated_delta_rule_torch, carry="triton")))
+    paths.append(("memory_torch", chunk_gated_delta_rule_torch))
     for name, fn in paths:
         def fwd(fn=fn):
             with torch.no_grad():

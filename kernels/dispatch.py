@@ -39,7 +39,8 @@ def gated_delta_rule(
 ):
     """Gated delta rule (SPEC §4.4) in FLA layout; flash-linear-attention on CUDA when safe.
 
-    `chunk_size` only affects the PyTorch chunked path (FLA chunks internally). `differentiable`
+    Elsewhere the chunked path runs, its state carried by Triton kernels on the Triton backend and
+    by a PyTorch loop otherwise. `chunk_size` only affects the chunked path (FLA chunks internally). `differentiable`
     says whether a backward may follow; None infers it from autograd (grad mode and requires_grad).
     Pass True in training so a no-grad first pass (reentrant checkpointing) takes the same path as
     its recomputation.
@@ -57,7 +58,8 @@ def gated_delta_rule(
     from .gated_delta.torch_impl import chunk_gated_delta_rule_torch
 
     return chunk_gated_delta_rule_torch(
-        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
+        q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size,
+        carry=kernel_backend(q.device),
     )
 
 

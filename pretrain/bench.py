@@ -560,7 +560,7 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "case": case.name, "core": case.core, "zero_stage": case.zero_stage, "ranks": args.world_size,
         "activation_checkpointing": case.checkpointing, "compile": case.compile,
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
-        "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, runner.config.memory, args),
+        "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, runner.config, args),
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "optimizer": runner.cfg.optim.name,
         "loss_terms": runner.loss_terms, "teacher": runner.cfg.loss.teacher if runner.step.teacher else None,
         "run_config": args.config, "run_config_set": args.set,
@@ -582,23 +582,26 @@ def runner_compiles(runner: CaseRunner) -> bool:
     return compile_method(runner.cfg.train, runner.device.type) is not None
 
 
-def memory_kernel(device: torch.device, memory: bool, args) -> str:
-    """Which gated-delta path training takes here: "none" (no memory), "fla", "fla (timing only)" or "torch"."""
-    if not memory:
+def memory_kernel(device: torch.device, config, args) -> str:
+    """Which gated-delta path training takes here for `config`'s model: "none" (no memory), "fla",
+    "fla (timing only: ...)", "chunked, triton carry" or "torch" (the chunked path's PyTorch loop)."""
+    if not config.memory:
         return "none"
-    if device.type != "cuda":
-        return "torch"
-    from kernels.gated_delta import fla_bridge
-
     from kernels import kernel_backend
+    from kernels.gated_delta import fla_bridge
+    from kernels.gated_delta.triton_impl import triton_carry_fits
 
-    reason = fla_bridge.fla_guard_reason(fla_bridge._installed_fla_version(), fla_bridge._triton_version(),
-                                         tuple(torch.cuda.get_device_capability(device)))
-    if kernel_backend(device) != "triton" or fla_bridge._installed_fla_version() is None:
+    if kernel_backend(device) != "triton":
         return "torch"
-    if reason is None:
-        return "fla"
-    return "fla (timing only: guard bypassed)" if args.fla_timing_only else "torch"
+    if device.type == "cuda" and fla_bridge._installed_fla_version() is not None:
+        reason = fla_bridge.fla_guard_reason(fla_bridge._installed_fla_version(), fla_bridge._triton_version(),
+                                             tuple(torch.cuda.get_device_capability(device)))
+        if reason is None:
+            return "fla"
+        if args.fla_timing_only:
+            return "fla (timing only: guard bypassed)"
+    fits = triton_carry_fits(config.head_dim, config.head_dim, config.mem_chunk, device)
+    return "chunked, triton carry" if fits else "torch"
 
 
 def error_text(exc: BaseException) -> str:

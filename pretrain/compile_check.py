@@ -1,6 +1,7 @@
 """Compile every Triton kernel of a training step for an NVIDIA GPU, on a machine without one.
 
-    python -m pretrain.compile_check [--arch 90] [--preset atma-378m] [--first-candidate] [--fla-timing-only]
+    python -m pretrain.compile_check [--arch 90] [--preset atma-378m] [--first-candidate]
+                                     [--fla-timing-only | --chunked-memory]
                                      [--json PATH]
 
 One forward and backward of a two-block slice of the model (a conv block and a global block with
@@ -10,8 +11,8 @@ by the installed triton for the chosen architecture down to a cubin (triton's bu
 is checked against that GPU's shared-memory limit as triton checks it before a launch; nothing is
 executed, so the kernels' outputs are garbage and only the launches matter. The memory takes the
 path training takes on that GPU with the installed versions: flash-linear-attention's chunk
-kernels where its guard accepts them, else the PyTorch chunked path, which launches no Triton
-kernel (Hopper with triton < 3.7.1; `--fla-timing-only` compiles FLA's kernels there, as the
+kernels where its guard accepts them, else the chunked path with its Triton state carry
+(Hopper with triton < 3.7.1; `--fla-timing-only` compiles FLA's kernels there, as the
 benchmarks' switch of that name launches them). The Polar backward runs twice, as the two-pass
 default and the one-pass option.
 
@@ -55,15 +56,18 @@ def _slice_config(preset: str, memory: bool):
                                   hidden_size=hidden, memory=memory)
 
 
-def memory_path(arch: int, fla_version: str | None, triton_version: str, timing_only: bool) -> tuple[str, str]:
-    """The memory's path on `arch` ("fla", "fla_timing_only" or "torch"), and why, in words."""
+def memory_path(arch: int, fla_version: str | None, triton_version: str, timing_only: bool,
+                chunked: bool = False) -> tuple[str, str]:
+    """The memory's path on `arch` ("fla", "fla_timing_only" or "chunked"), and why, in words."""
+    if chunked:
+        return "chunked", "the chunked path with its Triton state carry (--chunked-memory)"
     reason = fla_guard_reason(fla_version, triton_version, (arch // 10, arch % 10), backward=True)
     if reason is None:
         return "fla", "flash-linear-attention's chunk kernels, as training runs them there"
     if timing_only and fla_version is not None:
         return "fla_timing_only", (f"flash-linear-attention's chunk kernels, TIMING ONLY (training refuses them "
                                    f"there: {reason})")
-    return "torch", (f"the PyTorch chunked path, which launches no Triton kernel, as training takes it there: "
+    return "chunked", (f"the chunked path with its Triton state carry, as training takes it there: "
                      f"{reason} (--fla-timing-only compiles FLA's kernels)")
 
 
@@ -71,8 +75,8 @@ def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bo
                       memory_fla: bool = True) -> None:
     """One bf16 forward and backward of `preset`'s two-block slice per Polar backward variant.
 
-    `memory_fla` sends the memory to FLA's kernels, else to the PyTorch path. Meant to run under
-    `stand_in_gpu`; raises what a launch raises.
+    `memory_fla` sends the memory to FLA's kernels, else to the chunked path (its Triton state carry).
+    Meant to run under `stand_in_gpu`; raises what a launch raises.
     """
     from model.modeling import AtmaForCausalLM
 
@@ -119,6 +123,9 @@ def main(argv=None) -> int:
     parser.add_argument("--fla-timing-only", action="store_true",
                         help="compile FLA's kernels for the memory even where training refuses them "
                              "(Hopper with triton < 3.7.1), as the benchmarks' switch of that name launches them")
+    parser.add_argument("--chunked-memory", action="store_true",
+                        help="compile the memory's chunked path (its Triton state carry) instead of FLA's kernels, "
+                             "as training runs it where FLA's guard refuses FLA")
     parser.add_argument("--max-shared", type=int, metavar="BYTES",
                         help="shared memory per block to check against instead of the architecture's")
     parser.add_argument("--json", metavar="PATH", help="also write every compile record and the summary as JSON")
@@ -132,7 +139,7 @@ def main(argv=None) -> int:
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose one of {', '.join(PRESETS)}")
     fla = _fla_version()
-    if fla is None and not args.no_memory:
+    if fla is None and not args.no_memory and not args.chunked_memory:
         parser.error("the memory's kernels come from fla-core, which is not installed "
                      "(pip install -r requirements.txt), or pass --no-memory")
     import triton
@@ -142,10 +149,12 @@ def main(argv=None) -> int:
         if args.max_shared < 1:
             parser.error("--max-shared must be a positive number of bytes")
         target = dataclasses.replace(target, max_shared=args.max_shared)
-    if args.no_memory and args.fla_timing_only:
-        parser.error("--fla-timing-only concerns the memory, which --no-memory leaves out")
+    if args.no_memory and (args.fla_timing_only or args.chunked_memory):
+        parser.error("--fla-timing-only and --chunked-memory concern the memory, which --no-memory leaves out")
+    if args.fla_timing_only and args.chunked_memory:
+        parser.error("--fla-timing-only compiles FLA's kernels, --chunked-memory the chunked path: pick one")
     memory, memory_text = ("none", "left out") if args.no_memory else memory_path(
-        target.arch, fla, triton.__version__, args.fla_timing_only)
+        target.arch, fla, triton.__version__, args.fla_timing_only, args.chunked_memory)
     records: list[CompileRecord] = []
     failure = None
     start = time.time()

@@ -9,9 +9,12 @@
 # gpu.txt says so, and the exit status is 1.
 # The training benchmark (atma-378m, T=2048, micro-batch 8, bf16) runs the trainer's own step with
 # the memory path this machine trains with (flash-linear-attention where its guard allows it, the
-# PyTorch chunked path elsewhere; each case's breakdown names it): bench_training: Polar vs NoPE
-# under ZeRO-3 with per-block compile, then Polar eager, with activation checkpointing, and under
-# ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the goals' figures first); bench_recipe:
+# chunked path with its Triton state carry elsewhere; each case's breakdown names it):
+# bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar eager, with
+# activation checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the
+# goals' figures first); bench_training_loop_carry: the headline case with the chunked path's state
+# carried by its PyTorch loop (ATMA_DELTA_TRITON_PROFILE=small), the baseline of the Triton carry
+# where FLA is refused; bench_recipe:
 # the shipped paper recipe (pretrain/configs/atma-378m.yaml: Muon under its own ZeRO-3 JSON,
 # micro-batch 16) under ZeRO-3 and ZeRO-2, 2 micro-batches per optimizer step instead of the
 # recipe's 16 (so the optimizer's share is 8x what a run sees);
@@ -30,13 +33,13 @@
 # FLA they measure what the steps above measured.
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
 # the six training cases about 170 s without the profiled step): tests 240, kernel benchmark 180,
-# loss benchmark 30, training 240, recipe 150, DeepCompile 60, ZeRO-3 settings 150, FLA timing only
+# loss benchmark 30, training 240, loop carry 90, recipe 150, DeepCompile 60, ZeRO-3 settings 150, FLA timing only
 # 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache
 # against recomputation and NoPE), then distillation 120 + 120 (bench_distill: a same-size teacher,
-# compiled and eager; bench_distill_recompute: with loss.distill_recompute); at most 26 minutes in
+# compiled and eager; bench_distill_recompute: with loss.distill_recompute); at most 28 minutes in
 # all. Under a 10-minute
 # limit per call, run it as calls with GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_training"
-# then "bench_loss bench_recipe bench_training_deepcompile bench_zero3_settings" then
+# then "bench_training_loop_carry bench_loss bench_recipe bench_training_deepcompile bench_zero3_settings" then
 # "bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill
 # bench_distill_recompute" (a call without gpu_tests says its figures are ungated), each with
 # GPU_CHECK_BUDGET a little under that limit.
@@ -88,13 +91,13 @@ out=$(cd "$out" && pwd)
 cd "$root"
 T_BENCH=${T_BENCH:-180} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-240} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
-T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-90}
+T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-90} T_LOOP=${T_LOOP:-90}
 T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_kernels bench_loss bench_training bench_training_loop_carry bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -139,7 +142,7 @@ if [ -z "${GPU_TESTS_ARGS+set}" ] && [[ "$steps" == *" gpu_tests "* ]]; then
 fi
 # shellcheck disable=SC2086
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
-    ${GPU_TESTS_ARGS:-} tests/test_triton_polar.py tests/test_triton_conv.py tests/test_fla_bridge.py \
+    ${GPU_TESTS_ARGS:-} tests/test_triton_polar.py tests/test_triton_conv.py tests/test_triton_gated_delta.py tests/test_fla_bridge.py \
     tests/test_model_gpu.py tests/test_custom_ops.py tests/test_lm_loss.py tests/test_pretrain_profiling.py \
     || tests_failed=1
 if [ "$tests_failed" -ne 0 ]; then
@@ -164,6 +167,11 @@ train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --cases polar:3:none:blocks,nope:3:none:blocks,polar:3:none:off,polar:3:all:blocks,polar:2:none:blocks,polar:0:none:blocks \
     --trace-dir "$out/traces" --json "$out/bench_training.json"
+# The same headline case with the memory's state carried by the PyTorch loop (the "small" launch
+# class keeps it), for the Triton carry's effect on tokens/s where FLA is refused.
+ATMA_DELTA_TRITON_PROFILE=small measure bench_training_loop_carry "$T_LOOP" "$PY" -m pretrain.bench \
+    --steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 0 --cases polar:3:none:blocks \
+    --json "$out/bench_training_loop_carry.json"
 measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/configs/atma-378m.yaml --grad-accum 2 \
     --steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 \
     --cases polar:3:none:auto,polar:2:none:auto --json "$out/bench_recipe.json"

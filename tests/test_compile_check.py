@@ -104,7 +104,7 @@ def test_the_stand_in_compiles_every_candidate_keeps_no_timings_and_restores_the
 
 
 @pytest.mark.parametrize("arch, triton_version, timing_only, path", [
-    (90, "3.6.0", False, "torch"),  # the known-bad Hopper triton: training takes the PyTorch path
+    (90, "3.6.0", False, "chunked"),  # the known-bad Hopper triton: training takes the chunked path
     (90, "3.6.0", True, "fla_timing_only"),
     (90, "3.9.0", False, "fla"),
     (80, "3.6.0", False, "fla"),  # the refusal is for Hopper only
@@ -128,12 +128,32 @@ def test_the_memory_takes_the_path_training_takes_on_the_target(arch, triton_ver
     out = tmp_path / "check.json"
     argv = ["--arch", str(arch), "--json", str(out)] + (["--fla-timing-only"] if timing_only else [])
     assert cli.main(argv) == 0
-    assert calls == [(path != "torch", path == "fla_timing_only")]
+    assert calls == [(path != "chunked", path == "fla_timing_only")]
     report = json.loads(out.read_text())
     assert report["memory"]["path"] == path and report["triton"] == triton_version
     printed = capsys.readouterr().out
     assert f"memory: {report['memory']['text']}" in printed
     assert ("#640" in printed) == (path != "fla")
+
+
+def test_chunked_memory_switch_compiles_the_chunked_path_wherever_fla_would_run(monkeypatch, capsys, tmp_path):
+    """--chunked-memory sends the memory to the chunked path (its Triton state carry) even where FLA is allowed."""
+    import triton
+
+    from pretrain import compile_check as cli
+
+    calls = []
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    monkeypatch.setattr(cli, "_fla_version", lambda: None)  # not needed for the chunked path
+    monkeypatch.setattr(cli, "run_training_step", lambda *a, memory=True, memory_fla=True: calls.append(memory_fla))
+    out = tmp_path / "check.json"
+    assert cli.main(["--arch", "90", "--chunked-memory", "--json", str(out)]) == 0
+    assert calls == [False]
+    assert json.loads(out.read_text())["memory"]["path"] == "chunked"
+    assert "--chunked-memory" in capsys.readouterr().out
+    for bad in (["--chunked-memory", "--no-memory"], ["--chunked-memory", "--fla-timing-only"]):
+        with pytest.raises(SystemExit):
+            cli.main(bad)
 
 
 def test_triton_paths_send_the_memory_to_fla_only_when_asked():

@@ -38,7 +38,7 @@ def test_polar_torch_op_registration(window):
 @pytest.mark.parametrize("with_state", [False, True])
 def test_gated_delta_torch_op_registration(with_state):
     leaves, state = gated_delta_case(with_state=with_state)
-    torch.library.opcheck(_gated_delta_fwd, (*leaves, state, 16))
+    torch.library.opcheck(_gated_delta_fwd, (*leaves, state, 16, "torch"))
 
 
 def _grads(outputs, inputs, seed=3):

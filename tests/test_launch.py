@@ -440,13 +440,15 @@ def test_gpu_check_without_cuda_stops_before_any_step(tmp_path):
 
 
 # Stands in for the GPU machine's python in a dry run of the check: it says CUDA is there, runs the
-# check's import and version lines for real, and only records every other call (one JSON argv per line
-# of $DRY_LOG) for `check_dry_calls`, which checks them in the test's process (no torch import per call).
+# check's import and version lines for real, and only records every other call (one JSON line per call
+# in $DRY_LOG: its argv and the ATMA_* variables it saw) for `check_dry_calls`, which checks them in the
+# test's process (no torch import per call).
 DRY_PYTHON = """#!{python}
 import json, os, subprocess, sys
 argv = sys.argv[1:]
+env = {{k: v for k, v in os.environ.items() if k.startswith("ATMA_")}}
 with open(os.environ["DRY_LOG"], "a") as log:
-    log.write(json.dumps(argv) + "\\n")
+    log.write(json.dumps({{"argv": argv, "env": env}}) + "\\n")
 if argv[0] == "-c" and "cuda.is_available" in argv[1]:
     print("True")
 elif argv[0] == "-c":  # the version line and the check that every step's modules import
@@ -464,7 +466,12 @@ def dry_python(tmp_path):
 
 def dry_calls(log) -> list[list[str]]:
     """The argv of every call the dry run's python recorded, in order."""
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    return [json.loads(line)["argv"] for line in log.read_text().splitlines()]
+
+
+def dry_envs(log) -> list[dict[str, str]]:
+    """The ATMA_* environment of every call the dry run's python recorded, in order."""
+    return [json.loads(line)["env"] for line in log.read_text().splitlines()]
 
 
 def check_dry_calls(calls: list[list[str]]) -> None:
@@ -501,7 +508,8 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
-    assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_recipe",
+    assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_training_loop_carry",
+                     "bench_recipe",
                      "bench_training_deepcompile", "bench_zero3_settings", "bench_kernels_fla_timing_only",
                      "bench_training_fla_timing_only", "eval_64k", "bench_decode", "bench_distill",
                      "bench_distill_recompute"]
@@ -509,7 +517,14 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
     calls = [" ".join(argv) for argv in dry_calls(log)]
-    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 7
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 8
+    # Only the loop-carry step keeps the memory's PyTorch loop (the "small" launch class of its carry).
+    profiles = [(" ".join(argv), env.get("ATMA_DELTA_TRITON_PROFILE")) for argv, env in zip(dry_calls(log),
+                                                                                             dry_envs(log))]
+    assert [c for c, profile in profiles if profile is not None] == [
+        c for c in calls if c.endswith("bench_training_loop_carry.json")]
+    assert all(profile in (None, "small") for _, profile in profiles)
+    assert any("tests/test_triton_gated_delta.py" in c for c in calls if c.startswith("-m pytest"))
     # FLA's refused backward (it can leave the GPU unusable) runs only in the two steps of its own, alone.
     timing_only = [c for c in calls if "--fla-timing-only" in c]
     assert timing_only == [c for c in calls if c.endswith(("bench_kernels_fla_timing_only.json",
@@ -536,13 +551,13 @@ def test_the_gpu_tests_run_side_by_side_where_pytest_xdist_is_installed(tmp_path
                               timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         (argv,) = [a for a in dry_calls(log) if a[:2] == ["-m", "pytest"]]
-        return argv
+        return argv[:argv.index("tests/test_triton_polar.py")]  # the options before the test files
 
     with_xdist = str(site) + os.pathsep + os.environ.get("PYTHONPATH", "")
-    assert pytest_argv("xdist", PYTHONPATH=with_xdist)[-9:-7] == ["-n", "8"]
+    assert pytest_argv("xdist", PYTHONPATH=with_xdist)[-2:] == ["-n", "8"]
     assert "-n" not in pytest_argv("plain")
     assert "-n" not in pytest_argv("chosen", PYTHONPATH=with_xdist, GPU_TESTS_ARGS="")
-    assert pytest_argv("own", GPU_TESTS_ARGS="-x --maxfail 1")[-10:-7] == ["-x", "--maxfail", "1"]
+    assert pytest_argv("own", GPU_TESTS_ARGS="-x --maxfail 1")[-3:] == ["-x", "--maxfail", "1"]
 
 
 def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_longer_fits(tmp_path):

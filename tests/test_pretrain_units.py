@@ -1,5 +1,7 @@
 """Single-process pieces of pretraining: batch plan, schedules, parameter groups, loss terms, FLOPs."""
 
+import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -568,8 +570,6 @@ def test_bench_ratios_compare_each_ds_variant_with_the_shipped_json():
 
 
 def test_training_bench_ds_variants_are_parsed_and_checked_before_any_engine(capsys):
-    import argparse
-
     from pretrain import bench
 
     parsed = bench._ds_variant("zero_optimization.overlap_comm=false, zero_optimization.reduce_bucket_size=5e8")
@@ -633,7 +633,9 @@ def test_training_bench_takes_its_recipe_from_a_run_config():
     args, cases = planned("--set", "model.overrides.memory=false", "--cases", "polar:3:none:off")
     assert not bench.recipe_memory(args) and not bench.case_model_config(cases[0], args).memory
     cpu = torch.device("cpu")
-    assert (bench.memory_kernel(cpu, False, args), bench.memory_kernel(cpu, True, args)) == ("none", "torch")
+    with_memory = dataclasses.replace(bench.case_model_config(cases[0], args), memory=True)
+    assert bench.memory_kernel(cpu, bench.case_model_config(cases[0], args), args) == "none"
+    assert bench.memory_kernel(cpu, with_memory, args) == "torch"
 
     for argv, message in [
         # --set alone takes the default run config's recipe (micro-batch 4)
@@ -645,6 +647,30 @@ def test_training_bench_takes_its_recipe_from_a_run_config():
         with pytest.raises(ConfigError) as info:
             planned(*argv)
         assert message in str(info.value)
+
+
+def test_training_bench_names_the_memory_path_training_takes(monkeypatch):
+    """FLA where its guard allows it; else the chunked path with the Triton carry where it fits, else the loop."""
+    from kernels.gated_delta import fla_bridge, triton_impl
+    from pretrain import bench
+
+    gpu = torch.device("cuda", 0)
+    config = AtmaConfig.from_preset("atma-378m")
+    args = argparse.Namespace(fla_timing_only=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(triton_impl, "device_class", lambda device, env_var: "large")
+    monkeypatch.setattr(fla_bridge, "_installed_fla_version", lambda: "0.6.0")
+    monkeypatch.setattr(fla_bridge, "_triton_version", lambda: "3.7.1")
+    assert bench.memory_kernel(gpu, config, args) == "fla"
+    monkeypatch.setattr(fla_bridge, "_triton_version", lambda: "3.6.0")  # refused on Hopper
+    assert bench.memory_kernel(gpu, config, args) == "chunked, triton carry"
+    args.fla_timing_only = True
+    assert bench.memory_kernel(gpu, config, args).startswith("fla (timing only")
+    monkeypatch.setattr(fla_bridge, "_installed_fla_version", lambda: None)
+    assert bench.memory_kernel(gpu, config, args) == "chunked, triton carry"
+    assert bench.memory_kernel(gpu, dataclasses.replace(config, head_dim=256), args) == "torch"
+    monkeypatch.setenv("ATMA_KERNELS", "torch")
+    assert bench.memory_kernel(gpu, config, args) == "torch"
 
 
 def test_training_bench_refuses_data_and_outputs_it_cannot_use_before_any_engine(tiny_shards, tmp_path, capsys):

@@ -180,6 +180,7 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     from triton.runtime.autotuner import Autotuner
 
     from ..causal_conv import triton_impl as conv_impl
+    from ..gated_delta import triton_impl as delta_impl
     from ..polar import triton_impl as polar_impl
     from . import triton_host
 
@@ -197,7 +198,7 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     saved_cuda = {name: getattr(torch.cuda, name) for name in cuda_patches}
     saved_compile, saved_prune = triton.compiler.compile, Autotuner.prune_configs
     saved_disk_cache = Autotuner.check_disk_cache
-    saved_checks = (polar_impl.check_launch_device, conv_impl.check_launch_device)
+    saved_checks = (polar_impl.check_launch_device, conv_impl.check_launch_device, delta_impl.check_launch_device)
     saved_driver = triton.runtime.driver._active  # None until a driver is asked for: nothing to rebuild
 
     def first_only(self, *args, **kwargs):
@@ -213,7 +214,10 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     triton.compiler.compile = _recording_compile(saved_compile, records, target.max_shared, on_compile)
     for name, value in cuda_patches.items():
         setattr(torch.cuda, name, value)
-    polar_impl.check_launch_device = conv_impl.check_launch_device = lambda *a, **k: None
+    def accept(*args, **kwargs):
+        return None
+
+    polar_impl.check_launch_device = conv_impl.check_launch_device = delta_impl.check_launch_device = accept
     triton_host._device_class_cached.cache_clear()
     Autotuner.check_disk_cache = tune_without_disk_cache
     if first_candidate:
@@ -222,7 +226,7 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
         yield
     finally:
         Autotuner.prune_configs, Autotuner.check_disk_cache = saved_prune, saved_disk_cache
-        polar_impl.check_launch_device, conv_impl.check_launch_device = saved_checks
+        polar_impl.check_launch_device, conv_impl.check_launch_device, delta_impl.check_launch_device = saved_checks
         for name, value in saved_cuda.items():
             setattr(torch.cuda, name, value)
         triton.compiler.compile = saved_compile
@@ -233,7 +237,7 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
 @contextlib.contextmanager
 def triton_paths(*, memory_fla: bool = True):
     """Send the model's cores to their Triton paths on CPU tensors, the memory to FLA's kernels
-    (`memory_fla=False`: to its PyTorch path, which launches no Triton kernel)."""
+    (`memory_fla=False`: to the chunked path with its Triton state carry)."""
     import kernels
 
     from ..gated_delta.fla_bridge import fla_gated_delta_rule

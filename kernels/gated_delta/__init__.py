@@ -1,4 +1,5 @@
-"""Gated delta rule (SPEC §4.4-§4.7): the chunked PyTorch path and the flash-linear-attention bridge.
+"""Gated delta rule (SPEC §4.4-§4.7): the chunked path (its state carried by a PyTorch loop or, from
+`triton_impl`, by Triton kernels) and the flash-linear-attention bridge.
 
 The fp64 oracle is `naive.gated_delta_rule_naive`, imported from its module by the tests.
 """

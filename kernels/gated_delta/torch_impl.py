@@ -3,10 +3,12 @@
 FLA layout: q, k (B, T, H, dk) already L2-normalised, v (B, T, H, dv), g log-decay (B, T, H),
 beta (B, T, H); the state S (B, H, dk, dv) is M^T of SPEC §4.4. Every chunk's intra-chunk
 algebra (the triangular solve of SPEC §4.6) runs for all chunks at once; only the state carry
-is sequential across chunks.
+is sequential across chunks. `carry="torch"` carries it in a PyTorch loop over chunks,
+`carry="triton"` in the two Triton kernels of `triton_impl` (one launch per pass).
 
-Eager calls run the chunked code under autograd. Inside torch.compile the same code runs as the
-custom op `atma::gated_delta_torch_fwd`, whose backward `atma::gated_delta_torch_bwd`
+Eager calls run the chunked code under autograd. Inside torch.compile, with the Triton carry the
+chunked code is traced like any other (the carry is a custom op); with the PyTorch loop it runs as
+the custom op `atma::gated_delta_torch_fwd`, whose backward `atma::gated_delta_torch_bwd`
 recomputes the forward under autograd (one extra forward, the same gradients), so a compiled
 block holds one opaque call instead of the unrolled loop over chunks.
 
@@ -23,6 +25,11 @@ import torch.nn.functional as F
 from ..common import compute_dtype
 
 __all__ = ["chunk_gated_delta_rule_torch"]
+
+# How the state is carried from chunk to chunk: a PyTorch loop, or the Triton kernels of
+# `triton_impl` (fp32 compute only, and for the sizes their launches were checked for:
+# `triton_impl.triton_carry_fits`; otherwise the loop).
+_CARRIES = ("torch", "triton")
 
 
 def _solve_unit_lower(a: torch.Tensor, b: torch.Tensor, *, upper: bool = False) -> torch.Tensor:
@@ -90,17 +97,29 @@ def chunk_gated_delta_rule_torch(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
+    carry: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked gated delta rule (SPEC §4.4, §4.6) in FLA layout: returns o (B,T,H,dv) and the final state or None."""
+    """Chunked gated delta rule (SPEC §4.4, §4.6) in FLA layout: returns o (B,T,H,dv) and the final state or None.
+
+    `carry` says how the state passes between chunks: "torch" (a loop) or "triton" (kernels; fp32
+    compute, so fp64 inputs keep the loop).
+    """
     _check_inputs(q, k, v, g, beta, initial_state, chunk_size)
+    if carry not in _CARRIES:
+        raise ValueError(f"carry must be one of {', '.join(_CARRIES)}, got {carry!r}")
     if torch.compiler.is_compiling() and q.shape[1] > 0:
+        if carry == "triton" and compute_dtype(q.dtype) == torch.float32 and _triton_carry_fits(
+                q.shape[-1], v.shape[-1], int(chunk_size), q.device):
+            # With the Triton carry there is no loop to unroll: the chunked path is traced, so the
+            # compiler fuses its elementwise work and its backward needs no second forward.
+            return _chunked(q, k, v, g, beta, initial_state, output_final_state, int(chunk_size), carry)
         # One opaque op in a compiled graph: tracing would unroll the loop over chunks (SPEC §4.6).
-        o, state = _gated_delta_fwd(q, k, v, g, beta, initial_state, int(chunk_size))
+        o, state = _gated_delta_fwd(q, k, v, g, beta, initial_state, int(chunk_size), carry)
         return o, (state if output_final_state else None)
-    return _chunked(q, k, v, g, beta, initial_state, output_final_state, int(chunk_size))
+    return _chunked(q, k, v, g, beta, initial_state, output_final_state, int(chunk_size), carry)
 
 
-def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size):
+def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size, carry="torch"):
     """The chunked forward, differentiable by autograd (eager training keeps its saved intermediates)."""
     B, T, H, dk = q.shape
     dv = v.shape[-1]
@@ -112,6 +131,7 @@ def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size):
         state = torch.zeros((B, H, dk, dv), device=q.device, dtype=cdt)
     else:
         state = initial_state.to(cdt)
+    initial_state_c = None if initial_state is None else state
     if T == 0:
         return v.new_zeros((B, 0, H, dv)), (state if output_final_state else None)
 
@@ -143,7 +163,10 @@ def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size):
     eye = torch.eye(C, device=q.device, dtype=cdt)
     system = eye + b_c[..., None] * kk * decay_strict
     rhs = torch.cat([b_c[..., None] * v_c, (b_c * torch.exp(lam))[..., None] * k_c], dim=-1)
-    sol = _UnitLowerSolve.apply(system, rhs)
+    if torch.compiler.is_compiling():
+        sol = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    else:
+        sol = _UnitLowerSolve.apply(system, rhs)
     u_v, w = sol[..., :dv], sol[..., dv:]
 
     attn = torch.matmul(q_c, k_c.transpose(-1, -2)) * decay_incl  # A[p, s], s <= p
@@ -151,20 +174,39 @@ def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size):
     lam_last = lam[..., -1]  # (B,H,N)
     k_to_end = torch.exp(lam_last[..., None] - lam)[..., None] * k_c
 
+    decay = torch.exp(lam_last)
+    if carry == "triton" and cdt == torch.float32 and _triton_carry_fits(dk, dv, C, q.device):
+        from .triton_impl import state_recurrence_triton
+
+        o_chunks, state = state_recurrence_triton(u_v, w, q_decayed, attn, k_to_end, decay, initial_state_c)
+    else:
+        o_chunks, state = _state_recurrence_torch(u_v, w, q_decayed, attn, k_to_end, decay, state)
+    o = o_chunks.reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, (state if output_final_state else None)
+
+
+@torch.compiler.assume_constant_result
+def _triton_carry_fits(dk: int, dv: int, chunk: int, device: torch.device) -> bool:
+    """`triton_impl.triton_carry_fits`, a constant to the compiler (it reads the device's launch class)."""
+    from .triton_impl import triton_carry_fits
+
+    return triton_carry_fits(dk, dv, chunk, device)
+
+
+def _state_recurrence_torch(u_v, w, q_decayed, attn, k_to_end, decay, state):
+    """Carry the state over the chunks one chunk at a time: o (B,H,N,C,V) and the final state (B,H,K,V)."""
     # Split per chunk with unbind: its backward is one stack, where indexing [:, :, n] inside the
     # loop would give every chunk's gradient a zero-filled full-size buffer (O(N^2) memory traffic).
     chunks = zip(
         u_v.unbind(2), w.unbind(2), q_decayed.unbind(2), attn.unbind(2),
-        k_to_end.transpose(-1, -2).unbind(2), torch.exp(lam_last)[..., None, None].unbind(2),
+        k_to_end.transpose(-1, -2).unbind(2), decay[..., None, None].unbind(2),
     )
     outs = []
     for u_v_n, w_n, q_n, attn_n, k_end_t_n, decay_n in chunks:
         u = u_v_n - torch.matmul(w_n, state)  # (B,H,C,V)
         outs.append(torch.matmul(q_n, state) + torch.matmul(attn_n, u))
         state = decay_n * state + torch.matmul(k_end_t_n, u)
-
-    o = torch.stack(outs, dim=2).reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
-    return o, (state if output_final_state else None)
+    return torch.stack(outs, dim=2), state
 
 
 @contextlib.contextmanager
@@ -179,23 +221,23 @@ def _autograd_inside_op():
 @torch.library.custom_op("atma::gated_delta_torch_fwd", mutates_args=())
 def _gated_delta_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    initial_state: torch.Tensor | None, chunk_size: int,
+    initial_state: torch.Tensor | None, chunk_size: int, carry: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The chunked forward as one op: o (B,T,H,dv) and the final state (B,H,dk,dv), without autograd."""
-    o, state = _chunked(q, k, v, g, beta, initial_state, True, chunk_size)
+    o, state = _chunked(q, k, v, g, beta, initial_state, True, chunk_size, carry)
     return o.contiguous(), state
 
 
 @torch.library.custom_op("atma::gated_delta_torch_bwd", mutates_args=())
 def _gated_delta_bwd(
     grad_o: torch.Tensor, grad_state: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    g: torch.Tensor, beta: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int,
+    g: torch.Tensor, beta: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int, carry: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q, k, v, g, beta and the initial state (empty when None), by recomputing the forward."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v, g, beta)]
     state0 = None if initial_state is None else initial_state.detach().requires_grad_()
     with _autograd_inside_op():
-        o, state = _chunked(*leaves, state0, True, chunk_size)
+        o, state = _chunked(*leaves, state0, True, chunk_size, carry)
         outputs, upstream = [o], [grad_o]
         if grad_state is not None:
             outputs.append(state)
@@ -208,29 +250,30 @@ def _gated_delta_bwd(
 
 
 @_gated_delta_fwd.register_fake
-def _gated_delta_fwd_fake(q, k, v, g, beta, initial_state, chunk_size):
+def _gated_delta_fwd_fake(q, k, v, g, beta, initial_state, chunk_size, carry):
     B, T, H, dk = q.shape
     return v.new_empty((B, T, H, v.shape[-1])), q.new_empty((B, H, dk, v.shape[-1]), dtype=compute_dtype(q.dtype))
 
 
 @_gated_delta_bwd.register_fake
-def _gated_delta_bwd_fake(grad_o, grad_state, q, k, v, g, beta, initial_state, chunk_size):
+def _gated_delta_bwd_fake(grad_o, grad_state, q, k, v, g, beta, initial_state, chunk_size, carry):
     d_state0 = q.new_empty(0) if initial_state is None else initial_state.new_empty(initial_state.shape)
     return (*(x.new_empty(x.shape) for x in (q, k, v, g, beta)), d_state0)
 
 
 def _gated_delta_setup_context(ctx, inputs, output):
-    q, k, v, g, beta, initial_state, chunk_size = inputs
+    q, k, v, g, beta, initial_state, chunk_size, carry = inputs
     ctx.save_for_backward(q, k, v, g, beta, initial_state)
     ctx.chunk_size = chunk_size
+    ctx.carry = carry
 
 
 def _gated_delta_backward(ctx, grad_o, grad_state):
     q, k, v, g, beta, initial_state = ctx.saved_tensors
     if grad_o is None:
         grad_o = torch.zeros((*q.shape[:3], v.shape[-1]), device=q.device, dtype=v.dtype)
-    *grads, d_state0 = _gated_delta_bwd(grad_o, grad_state, q, k, v, g, beta, initial_state, ctx.chunk_size)
-    return (*grads, d_state0 if initial_state is not None else None, None)
+    *grads, d_state0 = _gated_delta_bwd(grad_o, grad_state, q, k, v, g, beta, initial_state, ctx.chunk_size, ctx.carry)
+    return (*grads, d_state0 if initial_state is not None else None, None, None)
 
 
 _gated_delta_fwd.register_autograd(_gated_delta_backward, setup_context=_gated_delta_setup_context)

@@ -1,0 +1,179 @@
+"""The chunked gated delta rule with its Triton state carry against the fp64 oracle: outputs, final
+state and every gradient (q, k, v, g, beta, initial state).
+
+On the CPU the kernels run under the Triton interpreter in two child pytests started with
+TRITON_INTERPRET=1 (`test_interpreter_suite`), or directly when this process was started with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import F64, gated_delta_case, rel_max_err, run_interpreter_tests
+from kernels.gated_delta.naive import gated_delta_rule_naive
+from kernels.gated_delta.torch_impl import chunk_gated_delta_rule_torch
+
+pytestmark = pytest.mark.nan_poison
+interpreted = pytest.mark.interpreter
+
+
+@pytest.mark.interpreter_driver
+def test_interpreter_suite():
+    """Run this file's interpreter tests in two child pytests with TRITON_INTERPRET=1, side by side."""
+    run_interpreter_tests(__file__)
+
+
+def outputs_and_grads(fn, case, cast, *, device="cpu", seed=0, **kw):
+    """o, the final state and the gradients of all inputs of `fn` on `case` cast to `cast`, against fixed
+    fp64 upstream gradients; the state is left out when the case has none."""
+    q, k, v, g, beta, h0 = case
+    B, T, H, dv = v.shape
+    gen = torch.Generator().manual_seed(seed)
+    grad_o = torch.randn(B, T, H, dv, generator=gen, dtype=F64).to(device)
+    grad_s = torch.randn(B, H, q.shape[-1], dv, generator=gen, dtype=F64).to(device)
+    inputs = (q, k, v, g, beta) + ((h0,) if h0 is not None else ())
+    # q, k, v in `cast`; the gates (and the state) in fp32 at least, as the model hands them over.
+    leaves = [x.to(device=device, dtype=cast if i < 3 else torch.promote_types(cast, torch.float32)).requires_grad_()
+              for i, x in enumerate(inputs)]
+    o, s = fn(*leaves[:5], initial_state=leaves[5] if h0 is not None else None, output_final_state=True, **kw)
+    grads = torch.autograd.grad((o.double() * grad_o).sum() + (s.double() * grad_s).sum(), leaves)
+    return [o, s, *grads]
+
+
+NAMES = ["o", "state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+# (B, T, H, dk, dv, chunk): one chunk, T shorter than a chunk, T not a multiple of the chunk, dv
+# over two V tiles of the backward, dims below tl.dot's smallest tile, chunk not a power of two.
+CASES = [(1, 16, 1, 16, 16, 16), (2, 37, 3, 5, 4, 16), (1, 70, 2, 16, 32, 64), (2, 130, 2, 64, 64, 64),
+         (1, 9, 1, 8, 40, 4), (1, 50, 2, 8, 8, 12)]
+
+
+@interpreted
+@pytest.mark.parametrize("with_state", [True, False])
+@pytest.mark.parametrize("B,T,H,dk,dv,chunk", CASES, ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}-C{c}" for b, t, h, k, v, c in CASES])
+def test_interpreted_fp32_matches_oracle(B, T, H, dk, dv, chunk, with_state):
+    case = gated_delta_case(B, T, H, dk, dv, seed=T + dk, with_state=with_state)
+    ref = outputs_and_grads(gated_delta_rule_naive, case, F64)
+    got = outputs_and_grads(chunk_gated_delta_rule_torch, case, torch.float32, chunk_size=chunk, carry="triton")
+    for name, a, b in zip(NAMES, got, ref):
+        assert a.dtype == torch.float32, name
+        assert rel_max_err(a, b) < 2e-6, name
+
+
+@interpreted
+def test_interpreted_bf16_inputs_match_oracle():
+    """bf16 q, k, v (the training dtype): o comes back in bf16, the state in fp32; fp32 inside."""
+    case = gated_delta_case(2, 100, 2, 32, 32, seed=5)
+    rounded = [x.to(torch.bfloat16).to(F64) if i < 3 else x for i, x in enumerate(case)]
+    ref = outputs_and_grads(gated_delta_rule_naive, rounded, F64)
+    got = outputs_and_grads(chunk_gated_delta_rule_torch, rounded, torch.bfloat16, chunk_size=32, carry="triton")
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_max_err(a, b) < 1e-2, name
+
+
+@interpreted
+def test_interpreted_matches_the_torch_carry_eagerly_and_compiled():
+    """Same values as the PyTorch loop; compiled (inductor), the chunked path is traced around the carry's op."""
+    case = gated_delta_case(2, 90, 2, 16, 24, seed=7)
+    loop = outputs_and_grads(chunk_gated_delta_rule_torch, case, torch.float32, chunk_size=32, carry="torch")
+    eager = outputs_and_grads(chunk_gated_delta_rule_torch, case, torch.float32, chunk_size=32, carry="triton")
+    torch._dynamo.reset()
+    compiled_fn = torch.compile(chunk_gated_delta_rule_torch, fullgraph=True)
+    compiled = outputs_and_grads(compiled_fn, case, torch.float32, chunk_size=32, carry="triton")
+    for name, a, b, c in zip(NAMES, eager, loop, compiled):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=name)
+        torch.testing.assert_close(c, a, atol=2e-5, rtol=1e-5, msg=name)
+    # The graph calls the carry's op, not the opaque op (with its recomputing backward) of the loop.
+    leaves = [x.float() for x in case]
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(chunk_gated_delta_rule_torch)(
+        *leaves[:5], initial_state=leaves[5], chunk_size=32, carry="triton")
+    ops = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
+    assert explanation.graph_break_count == 0
+    assert "atma.gated_delta_state_fwd.default" in ops and "atma.gated_delta_torch_fwd.default" not in ops
+
+
+@interpreted
+def test_interpreted_dispatch_takes_the_triton_carry_on_the_triton_backend(monkeypatch):
+    import kernels
+    from kernels.gated_delta import triton_impl
+
+    calls = []
+    original = triton_impl.state_recurrence_triton
+    monkeypatch.setattr(triton_impl, "state_recurrence_triton", lambda *a: calls.append(1) or original(*a))
+    q, k, v, g, beta, h0 = (x.float() for x in gated_delta_case(1, 20, 2, 8, 8, seed=2))
+    monkeypatch.setenv("ATMA_KERNELS", "torch")
+    o_loop, _ = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=h0, chunk_size=8)
+    assert calls == []
+    monkeypatch.setenv("ATMA_KERNELS", "triton")
+    o_triton, _ = kernels.gated_delta_rule(q, k, v, g, beta, initial_state=h0, chunk_size=8)
+    assert calls == [1]
+    torch.testing.assert_close(o_triton, o_loop, atol=1e-5, rtol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("with_state", [True, False])
+def test_interpreted_op_registration(with_state):
+    """atma::gated_delta_state_fwd/_bwd: schema, fake implementation and autograd (torch.library.opcheck)."""
+    from kernels.gated_delta.triton_impl import _state_fwd
+
+    gen = torch.Generator().manual_seed(4)
+    BH, N, C, K, V = 3, 2, 16, 16, 16
+
+    def rnd(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=gen) * scale).requires_grad_()
+
+    args = (rnd(BH, N, C, V), rnd(BH, N, C, K), rnd(BH, N, C, K), rnd(BH, N, C, C), rnd(BH, N, C, K),
+            torch.rand(BH, N, generator=gen).requires_grad_(), rnd(BH, K, V) if with_state else None)
+    torch.library.opcheck(_state_fwd, args)
+
+
+def test_fp64_keeps_the_loop_and_bad_carry_is_refused():
+    """The kernels compute in fp32: fp64 inputs stay on the loop (exact to the oracle) on any backend."""
+    q, k, v, g, beta, h0 = gated_delta_case(1, 10, 1, 4, 4, seed=1)
+    o, _ = chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=h0, chunk_size=4, carry="triton")
+    o_ref, _ = gated_delta_rule_naive(q, k, v, g, beta, initial_state=h0)
+    torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="carry must be one of torch, triton"):
+        chunk_gated_delta_rule_torch(q, k, v, g, beta, carry="cuda")
+
+
+def test_sizes_beyond_the_checked_launches_keep_the_loop(monkeypatch):
+    """Heads over 128 wide, chunks over 64 and "small" GPUs keep the loop; the launch follows the class."""
+    from kernels.gated_delta import triton_impl
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert triton_impl.triton_carry_fits(128, 128, 64, cpu)
+    assert not triton_impl.triton_carry_fits(256, 128, 64, cpu) and not triton_impl.triton_carry_fits(64, 256, 64, cpu)
+    assert not triton_impl.triton_carry_fits(64, 64, 128, cpu)
+    for cls, fits in (("large", True), ("mid", True), ("small", False)):
+        monkeypatch.setattr(triton_impl, "device_class", lambda device, env_var, cls=cls: cls)
+        assert triton_impl.triton_carry_fits(128, 128, 64, gpu) == (fits or triton_impl._INTERPRET), cls
+    monkeypatch.setattr(triton_impl, "device_class", lambda device, env_var: "large")
+    if not triton_impl._INTERPRET:
+        assert triton_impl._launch(gpu) == (32, 8, 1)
+    assert triton_impl._launch(cpu) == (16, 4, 1)
+    # A 256-wide head takes the loop even when asked for the kernels (which would refuse CPU tensors
+    # outside the interpreter).
+    q, k, v, g, beta, h0 = (x.float() for x in gated_delta_case(1, 12, 1, 256, 8, seed=3))
+    o, _ = chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=h0, chunk_size=4, carry="triton")
+    o_ref, _ = gated_delta_rule_naive(q.double(), k.double(), v.double(), g.double(), beta.double(),
+                                      initial_state=h0.double())
+    assert rel_max_err(o, o_ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_matches_fp64_chunked_at_a_training_shape(dtype):
+    """atma-378m's memory shape (16 heads of 64, T=2048, chunk 64) against the fp64 chunked path on the GPU."""
+    case = gated_delta_case(2, 2048, 16, 64, 64, seed=11)
+    rounded = [x.to(dtype).to(F64) if i < 3 else x for i, x in enumerate(case)]
+    ref = outputs_and_grads(chunk_gated_delta_rule_torch, rounded, F64, device="cuda", chunk_size=64)
+    got = outputs_and_grads(chunk_gated_delta_rule_torch, rounded, dtype, device="cuda", chunk_size=64,
+                            carry="triton")
+    # TF32 products on the GPU (10-bit mantissa); bf16 inputs and outputs on top of that
+    tol = 5e-3 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(NAMES, got, ref):
+        assert rel_max_err(a, b) < tol, name
