@@ -178,7 +178,10 @@ def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size, ca
     if carry == "triton" and cdt == torch.float32 and _triton_carry_fits(dk, dv, C, q.device):
         from .triton_impl import state_recurrence_triton
 
-        o_chunks, state = state_recurrence_triton(u_v, w, q_decayed, attn, k_to_end, decay, initial_state_c)
+        # fp32 callers get about fp32's products, half-precision ones TF32 (triton_impl.PRECISIONS).
+        precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
+        o_chunks, state = state_recurrence_triton(u_v, w, q_decayed, attn, k_to_end, decay, initial_state_c,
+                                                  precision=precision)
     else:
         o_chunks, state = _state_recurrence_torch(u_v, w, q_decayed, attn, k_to_end, decay, state)
     o = o_chunks.reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)

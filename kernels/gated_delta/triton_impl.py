@@ -18,7 +18,7 @@ The backward walks the chunks in reverse with G_n = dL/dS_n in registers:
     G_n  = d_n G_{n+1} + qd_n^T do_n - w_n^T du_n
 
 Terms summed over V are written per V tile and added up in PyTorch (no atomics). Operands and
-sums are fp32; the products run in TF32 on the GPU (`_PRECISION`). Both passes
+sums are fp32; the products run in TF32 or 3xTF32 on the GPU (`PRECISIONS`). Both passes
 are the custom ops `atma::gated_delta_state_fwd` / `_bwd` (fake implementations and autograd
 registered). Shape legend: BH batch*heads, N chunks, C chunk length, K = dk, V = dv.
 """
@@ -40,15 +40,16 @@ if _INTERPRET:
 # at atma-378m's head size (K = V = 128, C = 64): one stage, because software pipelining of the
 # chunk loop would buffer every operand tile several times over in shared memory (over 230 KB).
 # "large" (sm_90): 8 warps and 32-wide V tiles keep the spill to a few hundred bytes per thread
-# (74 / 106 KB of shared memory, forward / backward); "mid" parts (about 99 KB on sm_89) take
-# 16-wide tiles (61 / 82 KB). "small" parts keep the PyTorch loop.
+# (72 / 104 KB of shared memory, forward / backward, with TF32 products); "mid" parts (99 KB on
+# sm_89) take 16-wide tiles (52 / 64 KB). "small" parts keep the PyTorch loop.
 _LAUNCH = {"large": (32, 8, 1), "mid": (16, 4, 1)}
 # The largest head and chunk sizes those launches were checked for.
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 64
-# Products in TF32 on tensor cores (10-bit mantissa, finer than the bf16 products of FLA's
-# kernels), sums in fp32. The CPU interpreter multiplies in full fp32.
-_PRECISION = "tf32"
+# Products on tensor cores: TF32 for half-precision callers (10-bit mantissa, finer than the bf16
+# products of FLA's kernels), three TF32 products per product ("tf32x3", about fp32's accuracy) for
+# fp32 callers. Sums are fp32. The CPU interpreter multiplies in full fp32 either way.
+PRECISIONS = ("tf32", "tf32x3")
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -170,7 +171,7 @@ def _tile(n: int) -> int:
 @torch.library.custom_op("atma::gated_delta_state_fwd", mutates_args=())
 def _state_fwd(
     u_v: torch.Tensor, w: torch.Tensor, qd: torch.Tensor, attn: torch.Tensor, ke: torch.Tensor,
-    decay: torch.Tensor, s0: torch.Tensor | None,
+    decay: torch.Tensor, s0: torch.Tensor | None, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """o (BH,N,C,V), the state before each chunk (BH,N,K,V), u (BH,N,C,V) and the final state (BH,K,V)."""
     BH, N, C, V = u_v.shape
@@ -183,7 +184,7 @@ def _state_fwd(
     s_final = u_v.new_empty((BH, K, V))
     gated_delta_state_fwd_kernel[(triton.cdiv(V, BV), BH)](
         u_v, w, qd, attn, ke, decay, s0 if s0 is not None else s_final, o, s_all, u, s_final,
-        N, C, K, V, BC=_tile(C), BK=_tile(K), BV=BV, HAS_S0=s0 is not None, PREC=_PRECISION, num_warps=warps, num_stages=stages,
+        N, C, K, V, BC=_tile(C), BK=_tile(K), BV=BV, HAS_S0=s0 is not None, PREC=precision, num_warps=warps, num_stages=stages,
     )
     return o, s_all, u, s_final
 
@@ -191,7 +192,7 @@ def _state_fwd(
 @torch.library.custom_op("atma::gated_delta_state_bwd", mutates_args=())
 def _state_bwd(
     grad_o: torch.Tensor, grad_s_final: torch.Tensor | None, w: torch.Tensor, qd: torch.Tensor, attn: torch.Tensor,
-    ke: torch.Tensor, decay: torch.Tensor, s_all: torch.Tensor, u: torch.Tensor,
+    ke: torch.Tensor, decay: torch.Tensor, s_all: torch.Tensor, u: torch.Tensor, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of u_v, w, qd, attn, ke, decay and the initial state."""
     BH, N, C, V = u.shape
@@ -210,7 +211,7 @@ def _state_bwd(
         w, qd, attn, ke, decay, s_all, u, grad_o.contiguous(),
         grad_s_final.contiguous() if grad_s_final is not None else ds0,
         du_v, dw, dqd, dattn, dke, ddecay, ds0,
-        N, C, K, V, BH * N, BC=_tile(C), BK=_tile(K), BV=BV, HAS_DS=grad_s_final is not None, PREC=_PRECISION,
+        N, C, K, V, BH * N, BC=_tile(C), BK=_tile(K), BV=BV, HAS_DS=grad_s_final is not None, PREC=precision,
         num_warps=warps,
         num_stages=stages,
     )
@@ -218,14 +219,14 @@ def _state_bwd(
 
 
 @_state_fwd.register_fake
-def _state_fwd_fake(u_v, w, qd, attn, ke, decay, s0):
+def _state_fwd_fake(u_v, w, qd, attn, ke, decay, s0, precision):
     BH, N, C, V = u_v.shape
     K = w.shape[-1]
     return u_v.new_empty(u_v.shape), u_v.new_empty((BH, N, K, V)), u_v.new_empty(u_v.shape), u_v.new_empty((BH, K, V))
 
 
 @_state_bwd.register_fake
-def _state_bwd_fake(grad_o, grad_s_final, w, qd, attn, ke, decay, s_all, u):
+def _state_bwd_fake(grad_o, grad_s_final, w, qd, attn, ke, decay, s_all, u, precision):
     BH, N, C, V = u.shape
     K = w.shape[-1]
     return (u.new_empty(u.shape), w.new_empty(w.shape), qd.new_empty(qd.shape), attn.new_empty(attn.shape),
@@ -233,10 +234,11 @@ def _state_bwd_fake(grad_o, grad_s_final, w, qd, attn, ke, decay, s_all, u):
 
 
 def _state_setup_context(ctx, inputs, output):
-    u_v, w, qd, attn, ke, decay, s0 = inputs
+    u_v, w, qd, attn, ke, decay, s0, precision = inputs
     _, s_all, u, _ = output
     ctx.save_for_backward(w, qd, attn, ke, decay, s_all, u)
     ctx.has_s0 = s0 is not None
+    ctx.precision = precision
     ctx.mark_non_differentiable(s_all, u)
 
 
@@ -244,19 +246,23 @@ def _state_backward(ctx, grad_o, grad_s_all, grad_u, grad_s_final):
     w, qd, attn, ke, decay, s_all, u = ctx.saved_tensors
     if grad_o is None:
         grad_o = torch.zeros_like(u)
-    du_v, dw, dqd, dattn, dke, ddecay, ds0 = _state_bwd(grad_o, grad_s_final, w, qd, attn, ke, decay, s_all, u)
-    return du_v, dw, dqd, dattn, dke, ddecay, ds0 if ctx.has_s0 else None
+    du_v, dw, dqd, dattn, dke, ddecay, ds0 = _state_bwd(grad_o, grad_s_final, w, qd, attn, ke, decay, s_all, u,
+                                                         ctx.precision)
+    return du_v, dw, dqd, dattn, dke, ddecay, ds0 if ctx.has_s0 else None, None
 
 
 _state_fwd.register_autograd(_state_backward, setup_context=_state_setup_context)
 
 
-def state_recurrence_triton(u_v, w, qd, attn, ke, decay, state):
+def state_recurrence_triton(u_v, w, qd, attn, ke, decay, state, *, precision="tf32x3"):
     """Carry the state over the chunks (SPEC §4.6): o (B,H,N,C,V) and the final state (B,H,K,V).
 
     Inputs are fp32 in the chunked path's layout: u_v (B,H,N,C,V), w, qd, ke (B,H,N,C,K),
-    attn (B,H,N,C,C), decay (B,H,N), state (B,H,K,V) or None for zeros.
+    attn (B,H,N,C,C), decay (B,H,N), state (B,H,K,V) or None for zeros. `precision` is that of
+    the products on a GPU: "tf32x3" (about fp32) or "tf32".
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     B, H, N, C, V = u_v.shape
     K = w.shape[-1]
     for name, x in (("u_v", u_v), ("w", w), ("qd", qd), ("attn", attn), ("ke", ke), ("decay", decay)):
@@ -269,5 +275,5 @@ def state_recurrence_triton(u_v, w, qd, attn, ke, decay, state):
 
     s0 = None if state is None else rows(state.float(), K, V)
     o, _, _, s_final = _state_fwd(rows(u_v, N, C, V), rows(w, N, C, K), rows(qd, N, C, K), rows(attn, N, C, C),
-                                  rows(ke, N, C, K), rows(decay, N), s0)
+                                  rows(ke, N, C, K), rows(decay, N), s0, precision)
     return o.reshape(B, H, N, C, V), s_final.reshape(B, H, K, V)
