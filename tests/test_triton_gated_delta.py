@@ -51,7 +51,8 @@ CASES = [(1, 16, 1, 16, 16, 16), (2, 37, 3, 5, 4, 16), (1, 70, 2, 16, 32, 64), (
 
 @interpreted
 @pytest.mark.parametrize("with_state", [True, False])
-@pytest.mark.parametrize("B,T,H,dk,dv,chunk", CASES, ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}-C{c}" for b, t, h, k, v, c in CASES])
+@pytest.mark.parametrize("B,T,H,dk,dv,chunk", CASES,
+                         ids=[f"B{b}-T{t}-H{h}-K{k}-V{v}-C{c}" for b, t, h, k, v, c in CASES])
 def test_interpreted_fp32_matches_oracle(B, T, H, dk, dv, chunk, with_state):
     case = gated_delta_case(B, T, H, dk, dv, seed=T + dk, with_state=with_state)
     ref = outputs_and_grads(gated_delta_rule_naive, case, F64)
@@ -140,6 +141,35 @@ def test_interpreted_op_registration(with_state):
     args = (rnd(BH, N, C, V), rnd(BH, N, C, K), rnd(BH, N, C, K), rnd(BH, N, C, C), rnd(BH, N, C, K),
             torch.rand(BH, N, generator=gen).requires_grad_(), rnd(BH, K, V) if with_state else None, "tf32")
     torch.library.opcheck(_state_fwd, args)
+
+
+@interpreted
+def test_interpreted_op_takes_any_strides():
+    """The op's results do not depend on its inputs' memory layout (a compiled caller chooses it)."""
+    from kernels.gated_delta.triton_impl import _state_bwd, _state_fwd
+
+    gen = torch.Generator().manual_seed(6)
+    BH, N, C, K, V = 2, 3, 16, 16, 32
+
+    def pair(*shape):
+        """The same values twice: dense, and as a view with its last two axes' strides swapped."""
+        x = torch.randn(*shape, generator=gen) * 0.3
+        return x, x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    inputs = [pair(BH, N, C, V), pair(BH, N, C, K), pair(BH, N, C, K), pair(BH, N, C, C), pair(BH, N, C, K),
+              (torch.rand(BH, N, generator=gen),) * 2, pair(BH, K, V)]
+    dense, strided = ([x[i] for x in inputs] for i in (0, 1))
+    assert not strided[0].is_contiguous()
+    for a, b in zip(_state_fwd(*dense, "tf32"), _state_fwd(*strided, "tf32")):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    o, s_all, u, _ = _state_fwd(*dense, "tf32")
+    grad_o = pair(BH, N, C, V)
+    saved = [dense[1], dense[2], dense[3], dense[4], dense[5]]
+    strided_saved = [strided[1], strided[2], strided[3], strided[4], strided[5]]
+    s_all_t = s_all.transpose(-1, -2).contiguous().transpose(-1, -2)
+    for a, b in zip(_state_bwd(grad_o[0], None, *saved, s_all, u, "tf32"),
+                    _state_bwd(grad_o[1], None, *strided_saved, s_all_t, u, "tf32")):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 def test_fp64_keeps_the_loop_and_bad_carry_is_refused():

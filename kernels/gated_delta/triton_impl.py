@@ -174,17 +174,19 @@ def _state_fwd(
     decay: torch.Tensor, s0: torch.Tensor | None, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """o (BH,N,C,V), the state before each chunk (BH,N,K,V), u (BH,N,C,V) and the final state (BH,K,V)."""
+    # The kernels index dense row-major tensors (a compiled caller may hand over other strides).
+    u_v, w, qd, attn, ke, decay = (x.contiguous() for x in (u_v, w, qd, attn, ke, decay))
     BH, N, C, V = u_v.shape
     K = w.shape[-1]
     BV, warps, stages = _launch(u_v.device)
     BV = min(BV, _tile(V))
-    o = torch.empty_like(u_v)
-    u = torch.empty_like(u_v)
+    o, u = (u_v.new_empty((BH, N, C, V)) for _ in range(2))
     s_all = u_v.new_empty((BH, N, K, V))
     s_final = u_v.new_empty((BH, K, V))
     gated_delta_state_fwd_kernel[(triton.cdiv(V, BV), BH)](
-        u_v, w, qd, attn, ke, decay, s0 if s0 is not None else s_final, o, s_all, u, s_final,
-        N, C, K, V, BC=_tile(C), BK=_tile(K), BV=BV, HAS_S0=s0 is not None, PREC=precision, num_warps=warps, num_stages=stages,
+        u_v, w, qd, attn, ke, decay, s0.contiguous() if s0 is not None else s_final, o, s_all, u, s_final,
+        N, C, K, V, BC=_tile(C), BK=_tile(K), BV=BV, HAS_S0=s0 is not None, PREC=precision,
+        num_warps=warps, num_stages=stages,
     )
     return o, s_all, u, s_final
 
@@ -195,12 +197,13 @@ def _state_bwd(
     ke: torch.Tensor, decay: torch.Tensor, s_all: torch.Tensor, u: torch.Tensor, precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of u_v, w, qd, attn, ke, decay and the initial state."""
+    w, qd, attn, ke, decay, s_all, u = (x.contiguous() for x in (w, qd, attn, ke, decay, s_all, u))
     BH, N, C, V = u.shape
     K = w.shape[-1]
     BV, warps, stages = _launch(u.device)
     BV = min(BV, _tile(V))
     NV = triton.cdiv(V, BV)
-    du_v = torch.empty_like(u)
+    du_v = u.new_empty((BH, N, C, V))
     dw = u.new_empty((NV, BH, N, C, K))
     dqd = u.new_empty((NV, BH, N, C, K))
     dattn = u.new_empty((NV, BH, N, C, C))
