@@ -53,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(timing only; training never uses it there). On an H200 with triton 3.6 its backward "
                         "ended in an illegal memory access, which ends the run: time it alone (--skip-attention "
                         "--skip-conv)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="instead of timing, count what one forward+backward of the gated-delta chunked path "
+                        "dispatches per --seq-lens (batch 1, H and d as given), its state carried by the PyTorch "
+                        "loop and by the Triton kernels: computing ATen ops and our custom ops (one kernel launch "
+                        "each). Runs on a GPU or on the CPU (there the Triton carry needs TRITON_INTERPRET=1)")
     p.add_argument("--json", metavar="OUT", type=writable_file, default=None,
                    help="also write the results to this JSON file")
     return p
@@ -339,6 +344,8 @@ def environment() -> dict:
 def main(argv=None) -> int:
     """Run the benchmarks; returns the process exit code (2 without a CUDA GPU)."""
     args = parse_args(argv)
+    if args.count_ops:
+        return count_main(args)
     if not torch.cuda.is_available():
         print("kernels.bench: no CUDA GPU available; the benchmarks need one (nothing was run)", file=sys.stderr)
         return 2
@@ -365,6 +372,84 @@ def main(argv=None) -> int:
     save_record(record, args.json)
     if args.json:
         print(f"wrote {args.json}")
+    return 0
+
+
+# ATen ops that only describe or allocate memory: no kernel of their own.
+_NON_COMPUTING = frozenset({
+    "view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "permute", "expand", "unsqueeze",
+    "squeeze", "select", "slice", "unbind", "split", "split_with_sizes", "alias", "as_strided", "detach",
+    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "diagonal", "unfold",
+})
+
+
+def count_dispatch(fn) -> dict:
+    """Run fn() and count what it dispatches: computing ATen ops, our custom ops, and all ATen ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"aten_computing": 0, "aten_all": 0, "custom_ops": 0}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            namespace = func.namespace
+            if namespace == "aten":
+                counts["aten_all"] += 1
+                counts["aten_computing"] += func._opname not in _NON_COMPUTING
+            elif namespace == "atma":
+                counts["custom_ops"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return counts
+
+
+def count_memory_ops(args, T: int, device: torch.device) -> list[dict]:
+    """Dispatch counts of one forward+backward of the chunked path at (1, T, H, d), per state carry."""
+    import torch.nn.functional as F
+
+    from .common import interpreting
+    from .gated_delta.torch_impl import chunk_gated_delta_rule_torch
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    H, d = args.heads, args.head_dim
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    q, k = (F.normalize(rnd(1, T, H, d), dim=-1).bfloat16().requires_grad_() for _ in range(2))
+    v = rnd(1, T, H, d).bfloat16().requires_grad_()
+    g = F.logsigmoid(rnd(1, T, H) + 3.9).requires_grad_()
+    beta = torch.sigmoid(rnd(1, T, H)).requires_grad_()
+    out = []
+    for name, carry in (("memory_torch", "torch"), ("memory_triton_carry", "triton")):
+        if carry == "triton" and device.type != "cuda" and not interpreting():
+            out.append({"name": name, "T": T, "skipped": "the Triton carry needs a GPU or TRITON_INTERPRET=1"})
+            continue
+
+        def step(carry=carry):
+            o, _ = chunk_gated_delta_rule_torch(q, k, v, g, beta, carry=carry)
+            torch.autograd.grad(o, (q, k, v, g, beta), torch.ones_like(o))
+
+        out.append({"name": name, "T": T, "B": 1, "H": H, "d": d, **count_dispatch(step)})
+    return out
+
+
+def count_main(args) -> int:
+    """`--count-ops`: print (and write) the dispatch counts of the gated-delta paths; returns 0."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"dispatch counts of one forward+backward, B=1 H={args.heads} d={args.head_dim} bf16 on {device}")
+    results = []
+    for T in args.seq_lens:
+        for rec in count_memory_ops(args, T, device):
+            results.append(rec)
+            if "skipped" in rec:
+                print(f"  T={T} {rec['name']:<22s} skipped: {rec['skipped']}")
+            else:
+                print(f"  T={T} {rec['name']:<22s} computing ATen ops {rec['aten_computing']:6d}  "
+                      f"custom ops {rec['custom_ops']:3d}  all ATen ops {rec['aten_all']:6d}", flush=True)
+    save_record({"environment": {"device": str(device), "torch": torch.__version__}, "args": vars(args),
+                 "results": results, "complete": True}, args.json)
     return 0
 
 

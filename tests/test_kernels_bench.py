@@ -111,3 +111,27 @@ def test_the_lengths_done_are_written_before_a_longer_one_is_cut_short(monkeypat
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     assert [r["T"] for r in record["results"]] == [1024, 2048, 4096] and record["complete"] is True
+
+
+def test_count_dispatch_counts_computing_ops_apart_from_views():
+    x = torch.ones(4, 4)
+    counts = bench.count_dispatch(lambda: (x.t() + 1).sum())
+    assert counts == {"aten_computing": 2, "aten_all": 3, "custom_ops": 0}  # t is a view; add and sum compute
+
+
+def test_count_ops_runs_on_the_cpu_and_says_what_it_could_not_count(tmp_path, capsys):
+    """--count-ops needs no GPU; without the interpreter the Triton carry is named as skipped, not dropped."""
+    from kernels.common import interpreting
+
+    out = tmp_path / "counts.json"
+    assert bench.main(["--count-ops", "--seq-lens", "128", "--heads", "2", "--head-dim", "16",
+                       "--json", str(out)]) == 0
+    loop, carry = json.loads(out.read_text())["results"]
+    assert loop["name"] == "memory_torch" and loop["custom_ops"] == 0
+    # 2 chunks: the loop runs its per-chunk body twice in each direction
+    assert loop["aten_computing"] > 40
+    if interpreting():
+        assert carry["custom_ops"] == 2 and carry["aten_computing"] < loop["aten_computing"]
+    else:
+        assert carry["skipped"] == "the Triton carry needs a GPU or TRITON_INTERPRET=1"
+    assert "memory_triton_carry" in capsys.readouterr().out

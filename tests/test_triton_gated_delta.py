@@ -237,3 +237,17 @@ def test_interpreted_global_block_compiles_whole_with_every_triton_path(monkeypa
     ops = {str(node.target) for graph in explanation.graphs for node in graph.graph.nodes}
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
     assert "atma.gated_delta_state_fwd.default" in ops and "atma.gated_delta_torch_fwd.default" not in ops
+
+
+@interpreted
+def test_interpreted_dispatch_count_of_the_carry_does_not_grow_with_the_chunks():
+    """The loop dispatches ops per chunk; the Triton carry's count is the same for 2 and 8 chunks."""
+    import argparse
+
+    from kernels import bench
+
+    args = argparse.Namespace(heads=2, head_dim=16)
+    short, long = ({r["name"]: r for r in bench.count_memory_ops(args, T, torch.device("cpu"))} for T in (128, 512))
+    assert long["memory_torch"]["aten_computing"] > short["memory_torch"]["aten_computing"] + 30
+    assert long["memory_triton_carry"]["aten_computing"] == short["memory_triton_carry"]["aten_computing"]
+    assert long["memory_triton_carry"]["custom_ops"] == short["memory_triton_carry"]["custom_ops"] == 2
