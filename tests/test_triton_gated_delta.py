@@ -251,3 +251,19 @@ def test_interpreted_dispatch_count_of_the_carry_does_not_grow_with_the_chunks()
     assert long["memory_torch"]["aten_computing"] > short["memory_torch"]["aten_computing"] + 30
     assert long["memory_triton_carry"]["aten_computing"] == short["memory_triton_carry"]["aten_computing"]
     assert long["memory_triton_carry"]["custom_ops"] == short["memory_triton_carry"]["custom_ops"] == 2
+
+
+@interpreted
+def test_interpreted_fp32_calls_to_the_fla_bridge_take_the_triton_carry(monkeypatch):
+    """FLA takes half precision only: its bridge sends fp32 calls to the chunked path with the Triton carry."""
+    from kernels.gated_delta import fla_bridge, triton_impl
+
+    calls = []
+    original = triton_impl.state_recurrence_triton
+    monkeypatch.setattr(triton_impl, "state_recurrence_triton",
+                        lambda *a, precision: calls.append(precision) or original(*a, precision=precision))
+    monkeypatch.setenv("ATMA_KERNELS", "triton")
+    q, k, v, g, beta, h0 = (x.float() for x in gated_delta_case(1, 20, 2, 8, 8, seed=4))
+    o, _ = fla_bridge.fla_gated_delta_rule(q, k, v, g, beta, initial_state=h0)
+    o_ref, _ = gated_delta_rule_naive(*(x.double() for x in (q, k, v, g, beta)), initial_state=h0.double())
+    assert calls == ["tf32x3"] and rel_max_err(o, o_ref) < 2e-6

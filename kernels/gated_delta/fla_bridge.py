@@ -187,11 +187,14 @@ def fla_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated delta rule via FLA's chunk kernel: q, k [B,T,H,dk] (unit norm), v [B,T,H,dv] -> (o, state [B,H,dk,dv])."""
     if q.dtype == torch.float32:
-        # FLA's chunk kernels take bf16/fp16 only; fp32 callers get the fp32 PyTorch path.
+        # FLA's chunk kernels take bf16/fp16 only; fp32 callers get the fp32 chunked path (its
+        # state carried by the Triton kernels where the Triton backend applies).
+        from ..dispatch import kernel_backend
         from .torch_impl import chunk_gated_delta_rule_torch
 
         return chunk_gated_delta_rule_torch(
-            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state
+            q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state,
+            carry=kernel_backend(q.device),
         )
     o, final_state, _, _ = _fla_fwd(q, k, v, g.float(), beta, initial_state, output_final_state)
     return o, (final_state if output_final_state else None)
