@@ -38,7 +38,7 @@ if _INTERPRET:
     patch_interpreter_index()
 # (BV, num_warps, num_stages) of both passes per launch class (`device_class`), chosen by compiling
 # at atma-378m's head size (K = V = 128, C = 64): one stage, because software pipelining of the
-# chunk loop would buffer every operand tile several times over in shared memory (over 230 KB).
+# chunk loop would buffer every operand tile several times over in shared memory (294,912 B at sm_90).
 # "large" (sm_90): 8 warps and 32-wide V tiles keep the spill to a few hundred bytes per thread
 # (72 / 104 KB of shared memory, forward / backward, with TF32 products); "mid" parts (99 KB on
 # sm_89) take 16-wide tiles (52 / 64 KB). "small" parts keep the PyTorch loop.
