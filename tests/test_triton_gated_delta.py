@@ -1,9 +1,6 @@
-"""The chunked gated delta rule with its Triton state carry against the fp64 oracle: outputs, final
-state and every gradient (q, k, v, g, beta, initial state).
-
-On the CPU the kernels run under the Triton interpreter in two child pytests started with
-TRITON_INTERPRET=1 (`test_interpreter_suite`), or directly when this process was started with it.
-"""
+"""The chunked gated delta rule with its Triton state carry against the fp64 oracle (outputs, final
+state, every gradient), the PyTorch loop and the compiled path; the model on every Triton path.
+Interpreted tests run in TRITON_INTERPRET=1 children of `test_interpreter_suite` on the CPU."""
 
 from __future__ import annotations
 
@@ -20,7 +17,7 @@ interpreted = pytest.mark.interpreter
 
 @pytest.mark.interpreter_driver
 def test_interpreter_suite():
-    """Run this file's interpreter tests in two child pytests with TRITON_INTERPRET=1, side by side."""
+    """This file's interpreted tests, in two TRITON_INTERPRET=1 child pytests."""
     run_interpreter_tests(__file__)
 
 

@@ -52,14 +52,9 @@ MAX_CHUNK = 64
 PRECISIONS = ("tf32", "tf32x3")
 
 
-@triton.jit(do_not_specialize=["N"])
-def gated_delta_state_fwd_kernel(
-    u_v, w, qd, attn, ke, decay, s0, o, s_all, u, s_final,
-    N, C, K, V,
-    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
-):
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
-    i_bh64 = i_bh.to(tl.int64)
+@triton.jit
+def _tile_layout(i_v, C, K, V, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Offsets along C, K and this program's V tile, and the masks of the tiles the kernels load."""
     o_c = tl.arange(0, BC)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -68,6 +63,18 @@ def gated_delta_state_fwd_kernel(
     m_cv = m_c[:, None] & m_v[None, :]
     m_kv = m_k[:, None] & m_v[None, :]
     m_cc = m_c[:, None] & m_c[None, :]
+    return o_c, o_k, o_v, m_c, m_k, m_ck, m_cv, m_kv, m_cc
+
+
+@triton.jit(do_not_specialize=["N"])
+def gated_delta_state_fwd_kernel(
+    u_v, w, qd, attn, ke, decay, s0, o, s_all, u, s_final,
+    N, C, K, V,
+    BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PREC: tl.constexpr,
+):
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_bh64 = i_bh.to(tl.int64)
+    o_c, o_k, o_v, m_c, m_k, m_ck, m_cv, m_kv, m_cc = _tile_layout(i_v, C, K, V, BC, BK, BV)
     off_kv = o_k[:, None] * V + o_v[None, :]
     if HAS_S0:
         b_s = tl.load(s0 + i_bh64 * K * V + off_kv, mask=m_kv, other=0.0)
@@ -101,14 +108,7 @@ def gated_delta_state_bwd_kernel(
 ):
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_bh64 = i_bh.to(tl.int64)
-    o_c = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_c, m_k, m_v = o_c < C, o_k < K, o_v < V
-    m_ck = m_c[:, None] & m_k[None, :]
-    m_cv = m_c[:, None] & m_v[None, :]
-    m_kv = m_k[:, None] & m_v[None, :]
-    m_cc = m_c[:, None] & m_c[None, :]
+    o_c, o_k, o_v, m_c, m_k, m_ck, m_cv, m_kv, m_cc = _tile_layout(i_v, C, K, V, BC, BK, BV)
     off_kv = o_k[:, None] * V + o_v[None, :]
     off_ck = o_c[:, None] * K + o_k[None, :]
     off_cv = o_c[:, None] * V + o_v[None, :]
