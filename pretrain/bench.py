@@ -800,6 +800,8 @@ def main(argv=None) -> int:
     provenance = benchmark_provenance()
     libraries = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items() if k in SHOWN_LIBRARIES and v)
     print(f"code {describe_code(provenance['code_version'])}; {libraries}")
+    if memory:
+        print(f"memory path: {memory_kernel(device, case_model_config(cases[0], args), args)}")
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")

@@ -150,6 +150,7 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     # a commit in a git checkout, "unknown" in an unpacked source tree
     assert f"code {describe_code(code_version())}" in proc.stdout
     assert f"torch {metadata.version('torch')}" in proc.stdout
+    assert "\nmemory path: torch\n" in proc.stdout  # the chunked path's PyTorch loop on the CPU
     shipped, variant = report["results"]
     assert (shipped["ds_variant"], variant["ds_variant"]) == ("", "v1")
     # what each engine was built from: the shipped JSON, and the same JSON with the one setting changed
