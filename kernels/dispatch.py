@@ -40,10 +40,10 @@ def gated_delta_rule(
     """Gated delta rule (SPEC §4.4) in FLA layout; flash-linear-attention on CUDA when safe.
 
     Elsewhere the chunked path runs, its state carried by Triton kernels on the Triton backend and
-    by a PyTorch loop otherwise. `chunk_size` only affects the chunked path (FLA chunks internally). `differentiable`
-    says whether a backward may follow; None infers it from autograd (grad mode and requires_grad).
-    Pass True in training so a no-grad first pass (reentrant checkpointing) takes the same path as
-    its recomputation.
+    by a PyTorch loop otherwise. `chunk_size` only affects the chunked path (FLA chunks
+    internally). `differentiable` says whether a backward may follow; None infers it from autograd
+    (grad mode and requires_grad). Pass True in training so a no-grad first pass (reentrant
+    checkpointing) takes the same path as its recomputation.
     """
     if q.device.type == "cuda" and kernel_backend(q.device) == "triton":
         from .gated_delta.fla_bridge import fla_gated_delta_rule, fla_is_usable
