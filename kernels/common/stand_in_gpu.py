@@ -214,6 +214,7 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     triton.compiler.compile = _recording_compile(saved_compile, records, target.max_shared, on_compile)
     for name, value in cuda_patches.items():
         setattr(torch.cuda, name, value)
+
     def accept(*args, **kwargs):
         return None
 

@@ -108,8 +108,7 @@ def chunk_gated_delta_rule_torch(
     if carry not in _CARRIES:
         raise ValueError(f"carry must be one of {', '.join(_CARRIES)}, got {carry!r}")
     if torch.compiler.is_compiling() and q.shape[1] > 0:
-        if carry == "triton" and compute_dtype(q.dtype) == torch.float32 and _triton_carry_fits(
-                q.shape[-1], v.shape[-1], int(chunk_size), q.device):
+        if _uses_triton_carry(carry, q, v.shape[-1], int(chunk_size)):
             # With the Triton carry there is no loop to unroll: the chunked path is traced, so the
             # compiler fuses its elementwise work and its backward needs no second forward.
             return _chunked(q, k, v, g, beta, initial_state, output_final_state, int(chunk_size), carry)
@@ -131,7 +130,6 @@ def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size, ca
         state = torch.zeros((B, H, dk, dv), device=q.device, dtype=cdt)
     else:
         state = initial_state.to(cdt)
-    initial_state_c = None if initial_state is None else state
     if T == 0:
         return v.new_zeros((B, 0, H, dv)), (state if output_final_state else None)
 
@@ -175,17 +173,23 @@ def _chunked(q, k, v, g, beta, initial_state, output_final_state, chunk_size, ca
     k_to_end = torch.exp(lam_last[..., None] - lam)[..., None] * k_c
 
     decay = torch.exp(lam_last)
-    if carry == "triton" and cdt == torch.float32 and _triton_carry_fits(dk, dv, C, q.device):
+    if _uses_triton_carry(carry, q, dv, C):
         from .triton_impl import state_recurrence_triton
 
         # fp32 callers get about fp32's products, half-precision ones TF32 (triton_impl.PRECISIONS).
         precision = "tf32x3" if q.dtype == torch.float32 else "tf32"
-        o_chunks, state = state_recurrence_triton(u_v, w, q_decayed, attn, k_to_end, decay, initial_state_c,
-                                                  precision=precision)
+        o_chunks, state = state_recurrence_triton(u_v, w, q_decayed, attn, k_to_end, decay,
+                                                  None if initial_state is None else state, precision=precision)
     else:
         o_chunks, state = _state_recurrence_torch(u_v, w, q_decayed, attn, k_to_end, decay, state)
     o = o_chunks.reshape(B, H, N * C, dv)[:, :, :T].transpose(1, 2).to(out_dtype)
     return o, (state if output_final_state else None)
+
+
+def _uses_triton_carry(carry: str, q: torch.Tensor, dv: int, chunk: int) -> bool:
+    """Whether the Triton kernels carry the state: asked for, fp32 compute, and sizes they were checked for."""
+    return (carry == "triton" and compute_dtype(q.dtype) == torch.float32
+            and _triton_carry_fits(q.shape[-1], dv, chunk, q.device))
 
 
 @torch.compiler.assume_constant_result

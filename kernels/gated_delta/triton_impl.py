@@ -215,8 +215,7 @@ def _state_bwd(
         grad_s_final.contiguous() if grad_s_final is not None else ds0,
         du_v, dw, dqd, dattn, dke, ddecay, ds0,
         N, C, K, V, BH * N, BC=_tile(C), BK=_tile(K), BV=BV, HAS_DS=grad_s_final is not None, PREC=precision,
-        num_warps=warps,
-        num_stages=stages,
+        num_warps=warps, num_stages=stages,
     )
     return du_v, dw.sum(0), dqd.sum(0), dattn.sum(0), dke.sum(0), ddecay.sum(0), ds0
 
