@@ -593,8 +593,9 @@ def memory_kernel(device: torch.device, config, args) -> str:
 
     if kernel_backend(device) != "triton":
         return "torch"
-    if device.type == "cuda" and fla_bridge._installed_fla_version() is not None:
-        reason = fla_bridge.fla_guard_reason(fla_bridge._installed_fla_version(), fla_bridge._triton_version(),
+    fla_version = fla_bridge._installed_fla_version()
+    if device.type == "cuda" and fla_version is not None:
+        reason = fla_bridge.fla_guard_reason(fla_version, fla_bridge._triton_version(),
                                              tuple(torch.cuda.get_device_capability(device)))
         if reason is None:
             return "fla"

@@ -68,7 +68,7 @@ def memory_path(arch: int, fla_version: str | None, triton_version: str, timing_
         return "fla_timing_only", (f"flash-linear-attention's chunk kernels, TIMING ONLY (training refuses them "
                                    f"there: {reason})")
     return "chunked", (f"the chunked path with its Triton state carry, as training takes it there: "
-                     f"{reason} (--fla-timing-only compiles FLA's kernels)")
+                       f"{reason} (--fla-timing-only compiles FLA's kernels)")
 
 
 def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bool = True,

@@ -14,10 +14,9 @@
 # activation checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the
 # goals' figures first); bench_training_loop_carry: the headline case with the chunked path's state
 # carried by its PyTorch loop (ATMA_DELTA_TRITON_PROFILE=small), the baseline of the Triton carry
-# where FLA is refused; bench_recipe:
-# the shipped paper recipe (pretrain/configs/atma-378m.yaml: Muon under its own ZeRO-3 JSON,
-# micro-batch 16) under ZeRO-3 and ZeRO-2, 2 micro-batches per optimizer step instead of the
-# recipe's 16 (so the optimizer's share is 8x what a run sees);
+# where FLA is refused; bench_recipe: the shipped paper recipe (pretrain/configs/atma-378m.yaml:
+# Muon under its own ZeRO-3 JSON, micro-batch 16) under ZeRO-3 and ZeRO-2, 2 micro-batches per
+# optimizer step instead of the recipe's 16 (so the optimizer's share is 8x what a run sees);
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON against four of its settings changed, one after
 # another in one run: stage3_module_granularity_threshold (which also switches on DeepSpeed's fast
@@ -33,16 +32,16 @@
 # FLA they measure what the steps above measured.
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
 # the six training cases about 170 s without the profiled step): tests 240, kernel benchmark 180,
-# loss benchmark 30, training 240, loop carry 90, recipe 150, DeepCompile 60, ZeRO-3 settings 150, FLA timing only
-# 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m with the cache
-# against recomputation and NoPE), then distillation 120 + 120 (bench_distill: a same-size teacher,
-# compiled and eager; bench_distill_recompute: with loss.distill_recompute); at most 28 minutes in
-# all. Under a 10-minute
-# limit per call, run it as calls with GPU_CHECK_STEPS, e.g. "gpu_tests bench_kernels bench_training"
-# then "bench_training_loop_carry bench_loss bench_recipe bench_training_deepcompile bench_zero3_settings" then
-# "bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill
-# bench_distill_recompute" (a call without gpu_tests says its figures are ungated), each with
-# GPU_CHECK_BUDGET a little under that limit.
+# loss benchmark 30, training 240, loop carry 90, recipe 150, DeepCompile 60, ZeRO-3 settings 150,
+# FLA timing only 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1 decoding of atma-378m
+# with the cache against recomputation and NoPE), then distillation 120 + 120 (bench_distill: a
+# same-size teacher, compiled and eager; bench_distill_recompute: with loss.distill_recompute); at
+# most 28 minutes in all. Under a 10-minute limit per call, run it as calls with GPU_CHECK_STEPS,
+# e.g. "gpu_tests bench_kernels bench_training" then "bench_training_loop_carry bench_loss
+# bench_recipe bench_training_deepcompile bench_zero3_settings" then "bench_kernels_fla_timing_only
+# bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute" (a
+# call without gpu_tests says its figures are ungated), each with GPU_CHECK_BUDGET a little under
+# that limit.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # GPU_CHECK_BUDGET=SECONDS bounds the whole check (e.g. a device call's time limit less a minute for
@@ -142,8 +141,9 @@ if [ -z "${GPU_TESTS_ARGS+set}" ] && [[ "$steps" == *" gpu_tests "* ]]; then
 fi
 # shellcheck disable=SC2086
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
-    ${GPU_TESTS_ARGS:-} tests/test_triton_polar.py tests/test_triton_conv.py tests/test_triton_gated_delta.py tests/test_fla_bridge.py \
-    tests/test_model_gpu.py tests/test_custom_ops.py tests/test_lm_loss.py tests/test_pretrain_profiling.py \
+    ${GPU_TESTS_ARGS:-} tests/test_triton_polar.py tests/test_triton_conv.py tests/test_triton_gated_delta.py \
+    tests/test_fla_bridge.py tests/test_model_gpu.py tests/test_custom_ops.py tests/test_lm_loss.py \
+    tests/test_pretrain_profiling.py \
     || tests_failed=1
 if [ "$tests_failed" -ne 0 ]; then
     echo "gpu tests failed: the benchmark and evaluation steps are skipped and no figures are written" \
