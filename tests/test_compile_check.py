@@ -152,8 +152,9 @@ def test_chunked_memory_switch_compiles_the_chunked_path_wherever_fla_would_run(
     assert json.loads(out.read_text())["memory"]["path"] == "chunked"
     assert "--chunked-memory" in capsys.readouterr().out
     for bad in (["--chunked-memory", "--no-memory"], ["--chunked-memory", "--fla-timing-only"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as stop:
             cli.main(bad)
+        assert stop.value.code == 2
 
 
 def test_triton_paths_send_the_memory_to_fla_only_when_asked():

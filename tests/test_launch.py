@@ -509,10 +509,9 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
     assert steps == ["gpu_tests", "bench_kernels", "bench_loss", "bench_training", "bench_training_loop_carry",
-                     "bench_recipe",
-                     "bench_training_deepcompile", "bench_zero3_settings", "bench_kernels_fla_timing_only",
-                     "bench_training_fla_timing_only", "eval_64k", "bench_decode", "bench_distill",
-                     "bench_distill_recompute"]
+                     "bench_recipe", "bench_training_deepcompile", "bench_zero3_settings",
+                     "bench_kernels_fla_timing_only", "bench_training_fla_timing_only", "eval_64k", "bench_decode",
+                     "bench_distill", "bench_distill_recompute"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
