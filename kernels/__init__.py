@@ -6,11 +6,12 @@ backend is chosen per call from the tensors' device and `ATMA_KERNELS=triton|tor
 every Polar path uses, for callers that need the same t and nu (the distractor loss);
 `POLAR_EPS` and `compute_dtype` are the Polar clamp and dtype rules, for the one-token decoding
 step that evaluates the same reduction outside the kernels.
-One folder per operation (`polar/`, `gated_delta/`, `causal_conv/`) holds its paths and its
-fp64 oracle (`naive.py`); `common/` holds what they share.
+`softcap_ce/` holds the LM head loss's row kernels, which `model.lm_loss` calls per chunk.
+One folder per operation (`polar/`, `gated_delta/`, `causal_conv/`, `softcap_ce/`) holds its
+paths and its fp64 oracle (`naive.py`); `common/` holds what they share.
 """
 
-from .common import POLAR_EPS, compute_dtype, polar_length_terms, polar_visible_counts
+from .common import POLAR_EPS, TRITON_DTYPES, compute_dtype, polar_length_terms, polar_visible_counts
 from .dispatch import causal_conv1d, gated_delta_rule, kernel_backend, kernel_choice, polar_attention
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "polar_length_terms",
     "POLAR_EPS",
     "compute_dtype",
+    "TRITON_DTYPES",
 ]

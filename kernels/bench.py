@@ -376,7 +376,7 @@ def main(argv=None) -> int:
 
 
 # ATen ops that only describe or allocate memory: no kernel of their own.
-_NON_COMPUTING = frozenset({
+NON_COMPUTING_OPS = frozenset({
     "view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "permute", "expand", "unsqueeze",
     "squeeze", "select", "slice", "unbind", "split", "split_with_sizes", "alias", "as_strided", "detach",
     "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "diagonal", "unfold",
@@ -394,7 +394,7 @@ def count_dispatch(fn) -> dict:
             namespace = func.namespace
             if namespace == "aten":
                 counts["aten_all"] += 1
-                counts["aten_computing"] += func._opname not in _NON_COMPUTING
+                counts["aten_computing"] += func._opname not in NON_COMPUTING_OPS
             elif namespace == "atma":
                 counts["custom_ops"] += 1
             return func(*args, **(kwargs or {}))

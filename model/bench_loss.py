@@ -3,9 +3,10 @@
 Times the fused, chunked path (`model.lm_loss`) against its baseline in the same run: the naive
 autograd path run chunk by chunk under activation checkpointing (logits recomputed in backward,
 each elementwise op of the soft-cap and the cross-entropy its own tensor), which is how the loss
-was computed before the fused path. Both are checked to agree before any timing. Prints ms per
-call (median), the ratio, and writes everything to `--json` (after each path, so a time limit on
-the second keeps the first's figure).
+was computed before the fused path. Where the fused path runs its rows in the Triton kernels of
+`kernels.softcap_ce` (a GPU), the same path with its rows in PyTorch is timed too. All are checked
+to agree before any timing. Prints ms per call (median), the ratios, and writes everything to
+`--json` (after each path, so a time limit on a later one keeps the earlier figures).
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .device import default_device, usable_device, writable_file
-from .lm_loss import CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
+from .lm_loss import (CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive,
+                      uses_row_kernels)
+
+BASELINE = "naive chunked (baseline)"
+TORCH_ROWS = "fused, PyTorch rows"
 
 
 def naive_chunked(h, w, b, y, f, *, cap: float, chunk_tokens: int) -> torch.Tensor:
@@ -54,6 +59,33 @@ def time_calls(fn, inputs, repeats: int, warmup: int, device: torch.device) -> l
     return times
 
 
+def logits_traffic(fn, inputs, min_numel: int) -> dict:
+    """Bytes that one forward + backward of `fn` reads and writes in tensors of >= `min_numel` elements
+    (the logits-sized ones), summed over the computing ops and custom ops it dispatches, and those ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    from kernels.bench import NON_COMPUTING_OPS
+
+    found = {"bytes": 0, "ops": 0}
+
+    class Traffic(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.namespace == "atma" or (func.namespace == "aten" and func._opname not in NON_COMPUTING_OPS):
+                big = [t.numel() * t.element_size() for t in tree_leaves((args, kwargs, out))
+                       if isinstance(t, torch.Tensor) and t.numel() >= min_numel]
+                found["bytes"] += sum(big)
+                found["ops"] += bool(big)
+            return out
+
+    for t in inputs[:3]:
+        t.grad = None
+    with Traffic():
+        fn(*inputs).sum().backward()
+    return found
+
+
 def save_record(record: dict, path: str | None) -> None:
     """Write `record` to `path` as JSON, whole or not at all (no-op without a path)."""
     if path:
@@ -79,11 +111,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if gpu else "fp32",
                    help="dtype of the head's input (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--count-bytes", action="store_true",
+                   help="instead of timing, count the bytes each path's ops read and write in logits-sized "
+                        "tensors (at least 3 rows, larger than the head's weight: keep --hidden small) in one "
+                        "forward + backward, per logit; no GPU needed (the Triton rows run on the CPU with "
+                        "TRITON_INTERPRET=1 ATMA_KERNELS=triton)")
     p.add_argument("--json", metavar="PATH", type=writable_file, help="write the results as JSON")
     args = p.parse_args(argv)
     if min(args.tokens, args.hidden, args.vocab, args.chunk_tokens, args.repeats) < 1 or args.warmup < 0:
         p.error("--tokens, --hidden, --vocab, --chunk-tokens and --repeats must be >= 1, --warmup >= 0")
     return args
+
+
+def count_bytes(paths: dict, inputs, args, record: dict) -> int:
+    """`--count-bytes`: print (and write) each path's logits-sized traffic per logit; returns 0."""
+    logits = args.tokens * args.vocab
+    # logits-sized: at least 3 rows of logits and more elements than the head's weight (V x hidden)
+    min_numel = max(3 * args.vocab, args.vocab * args.hidden + 1)
+    record["traffic"] = {name: logits_traffic(fn, inputs, min_numel) for name, fn in paths.items()}
+    save_record(record, args.json)
+    print(f"{args.tokens} tokens x vocab {args.vocab}, {args.dtype}, chunk {args.chunk_tokens} tokens: bytes read and "
+          "written in logits-sized tensors, one forward + backward")
+    for name, found in record["traffic"].items():
+        print(f"  {name:<32} {found['bytes'] / logits:7.1f} bytes per logit in {found['ops']:4d} ops")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -102,29 +153,38 @@ def main(argv=None) -> int:
     b = torch.zeros(args.vocab, device=device, dtype=dtype, requires_grad=True)
     y = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
     f = (torch.rand(args.tokens, device=device, generator=g) < 0.1).to(dtype)
-    paths = {
-        "fused": lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens),
-        "naive chunked (baseline)": lambda *t: naive_chunked(*t, cap=15.0, chunk_tokens=args.chunk_tokens),
-    }
+    paths = {"fused": lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens)}
+    if uses_row_kernels(h, False, "auto"):  # the fused path with its rows in PyTorch, as before the kernels
+        paths[TORCH_ROWS] = lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens,
+                                                                  elementwise="torch")
+    paths[BASELINE] = lambda *t: naive_chunked(*t, cap=15.0, chunk_tokens=args.chunk_tokens)
     inputs = (h, w, b, y, f)
     sums = {name: fn(*inputs).detach().double() for name, fn in paths.items()}
-    fused, naive = sums.values()
-    if not torch.allclose(fused, naive, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5):
-        print(f"error: the fused and naive sums differ: {fused.tolist()} vs {naive.tolist()}", file=sys.stderr)
-        return 1
+    for name, value in sums.items():
+        if not torch.allclose(value, sums[BASELINE], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5):
+            print(f"error: the {name} and naive sums differ: {value.tolist()} vs {sums[BASELINE].tolist()}",
+                  file=sys.stderr)
+            return 1
     record = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "threads": torch.get_num_threads(), "settings": vars(args), "ms": {}}
+              "threads": torch.get_num_threads(), "settings": vars(args)}
+    if args.count_bytes:
+        return count_bytes(paths, inputs, args, record)
+    record["ms"] = {}
     for name, fn in paths.items():
         record["ms"][name] = statistics.median(time_calls(fn, inputs, args.repeats, args.warmup, device))
         save_record(record, args.json)
     ms = record["ms"]
-    record["speedup"] = ms["naive chunked (baseline)"] / ms["fused"]
+    record["speedup"] = ms[BASELINE] / ms["fused"]
+    if TORCH_ROWS in ms:
+        record["row_kernels_speedup"] = ms[TORCH_ROWS] / ms["fused"]
     save_record(record, args.json)
     print(f"{args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype} on {record['device']}, "
           f"chunk {args.chunk_tokens} tokens; forward + backward, median of {args.repeats}")
     for name, value in ms.items():
-        print(f"  {name:<26} {value:9.2f} ms")
-    print(f"  fused speedup              {record['speedup']:9.2f}x (same run)")
+        print(f"  {name:<32} {value:9.2f} ms")
+    print(f"  fused speedup                    {record['speedup']:9.2f}x (same run)")
+    if TORCH_ROWS in ms:
+        print(f"  Triton rows over PyTorch rows    {record['row_kernels_speedup']:9.2f}x (same run)")
     return 0
 
 

@@ -80,7 +80,7 @@ class AtmaConfig:
     """Epsilon of every RMSNorm."""
 
     logit_softcap: float = 15.0
-    """Logits are soft-capped to (-cap, cap) by cap * tanh(z / cap); positive."""
+    """Logits are soft-capped to (-cap, cap) by cap * z / sqrt(z^2 + cap^2) (SPEC §2.1; not tanh); positive."""
 
     rope_scale: float = 0.12
     """Softmax scale of the rope core (SPEC §2.11)."""

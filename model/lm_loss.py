@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels import TRITON_DTYPES, kernel_backend
+
 from .layers import softcap
 
 IGNORE_INDEX = -100
@@ -25,11 +27,25 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _logits(h_c, weight, bias) -> torch.Tensor:
+    """Pre-cap logits z (rows, V) in the dtype of the head's input."""
+    return F.linear(h_c, weight.to(h_c.dtype), bias.to(h_c.dtype))
+
+
 def _logits_and_inverse_radius(h_c, weight, bias, cap: float, acc: torch.dtype):
     """Pre-cap logits z (rows, V) in `acc` and r = 1 / sqrt(z^2 + cap^2), so that softcap(z) = cap * z * r."""
-    z = F.linear(h_c, weight.to(h_c.dtype), bias.to(h_c.dtype)).to(acc)
+    z = _logits(h_c, weight, bias).to(acc)
     r = torch.mul(z, z).add_(cap * cap).rsqrt_()
     return z, r
+
+
+def _grad_logits_triton(h_c, weight, bias, labels, lse_c, focus_c, grad_sums, cap: float):
+    """dL/dz of a chunk in the head's dtype and its fp32 sum over rows, from the logits recomputed once."""
+    from kernels.softcap_ce.triton_impl import softcap_ce_grad_triton
+
+    # each token's weight in the two sums; 0 for ignored tokens
+    coef = (grad_sums[0] + grad_sums[1] * focus_c.to(lse_c.dtype)) * (labels != IGNORE_INDEX)
+    return softcap_ce_grad_triton(_logits(h_c, weight, bias), labels, lse_c, coef.contiguous(), cap)
 
 
 def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,7 +59,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0,
-                recompute_targets=False):
+                recompute_targets=False, row_kernels=False):
         acc = _accumulation_dtype(h.dtype)
         with_kl = targets_rows is not None
         sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
@@ -52,10 +68,19 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
         probs = []  # the targets' probabilities per chunk, kept for backward unless recomputed there
         for start in range(0, h.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, h.shape[0])
+            y = labels[start:end]
+            if row_kernels:  # one read of the head-dtype logits (kernels.softcap_ce)
+                from kernels.softcap_ce.triton_impl import softcap_ce_rows_triton
+
+                lse_c, picked = softcap_ce_rows_triton(_logits(h[start:end], weight, bias), y, cap)
+                ce = (lse_c - picked) * (y != IGNORE_INDEX)
+                sums[0] += ce.sum()
+                sums[1] += (ce * focus[start:end]).sum()
+                lse[start:end] = lse_c
+                continue
             z, r = _logits_and_inverse_radius(h[start:end], weight, bias, cap, acc)
             s = z.mul_(r).mul_(cap)
             lse_c = torch.logsumexp(s, dim=-1)
-            y = labels[start:end]
             ce = (lse_c - _picked(s, y)) * (y != IGNORE_INDEX)
             sums[0] += ce.sum()
             sums[1] += (ce * focus[start:end]).sum()
@@ -72,7 +97,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
         ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs = cap, chunk_tokens, temperature, probs
         ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
-        ctx.with_kl = with_kl
+        ctx.with_kl, ctx.row_kernels = with_kl, row_kernels
         return sums
 
     @staticmethod
@@ -89,6 +114,16 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
         for index, start in enumerate(range(0, h.shape[0], chunk_tokens)):
             end = min(start + chunk_tokens, h.shape[0])
             h_c, y = h[start:end], labels[start:end]
+            if ctx.row_kernels:
+                d_h, d_b = _grad_logits_triton(h_c, weight, bias, y, lse[start:end], focus[start:end], grad_sums,
+                                               cap)
+                if need_h:
+                    torch.mm(d_h, w, out=grad_h[start:end])
+                if need_w:
+                    grad_w.add_(torch.mm(d_h.t(), h_c).to(acc))
+                if need_b:
+                    grad_b.add_(d_b)
+                continue
             z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
             s = z.mul_(r).mul_(cap)
             # dKL/ds = (softmax(s / tau) - q) / tau, before s is overwritten by the CE gradient below.
@@ -115,7 +150,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             if need_b:
                 grad_b.add_(d.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
 
 
 def _target_log_probs(targets_rows, start: int, end: int, temperature: float, acc: torch.dtype) -> torch.Tensor:
@@ -129,18 +164,36 @@ def _target_log_probs(targets_rows, start: int, end: int, temperature: float, ac
 
 def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, chunk_tokens: int,
                                targets_rows=None, temperature: float = 1.0,
-                               recompute_targets: bool = False) -> torch.Tensor:
+                               recompute_targets: bool = False, elementwise: str = "auto") -> torch.Tensor:
     """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,), -100 labels counting
     0; with `targets_rows(start, end)` -> target logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau)).
 
     `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
-    fp32 probabilities (N x V) from forward to backward."""
+    fp32 probabilities (N x V) from forward to backward. `elementwise` says what runs the soft-cap and
+    the cross-entropy on each chunk's logits: "triton" (the kernels of `kernels.softcap_ce`, CE only),
+    "torch", or "auto" (Triton where the kernel backend is, for CE without KL, else PyTorch)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    row_kernels = uses_row_kernels(h, targets_rows is not None, elementwise)
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
     return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
-                                          temperature, recompute_targets)
+                                          temperature, recompute_targets, row_kernels)
+
+
+def uses_row_kernels(h: torch.Tensor, with_kl: bool, elementwise: str) -> bool:
+    """Whether the Triton row kernels run the chunks (see `softcap_cross_entropy_sums`)."""
+    if elementwise not in ("auto", "triton", "torch"):
+        raise ValueError(f"elementwise must be auto, triton or torch, got {elementwise!r}")
+    if elementwise == "torch":
+        return False
+    fits = h.dtype in TRITON_DTYPES and not with_kl
+    if elementwise == "triton":
+        if not fits:
+            raise ValueError(f"elementwise='triton' takes the CE without KL on {TRITON_DTYPES} inputs, "
+                             f"got {h.dtype}{' with KL' if with_kl else ''}")
+        return True
+    return fits and kernel_backend(h.device) == "triton"
 
 
 def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus, *, cap: float) -> torch.Tensor:

@@ -32,16 +32,16 @@
 # FLA they measure what the steps above measured.
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
 # the six training cases about 170 s without the profiled step): tests 240, training 240, loop
-# carry 90, kernel benchmark 180, loss benchmark 30, recipe 150, DeepCompile 60, ZeRO-3 settings
+# carry 90, loss benchmark 45, kernel benchmark 180, recipe 150, DeepCompile 60, ZeRO-3 settings
 # 150, FLA timing only 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
 # atma-378m with the cache against recomputation and NoPE), then distillation 120 + 120
 # (bench_distill: a same-size teacher, compiled and eager; bench_distill_recompute: with
 # loss.distill_recompute); at most 28 minutes in all. The steps run in that order, the goals'
 # figures first. Under a 10-minute limit per call, run it as calls with GPU_CHECK_STEPS, each with
 # GPU_CHECK_BUDGET a little under that limit (a call without gpu_tests says its figures are
-# ungated): first "gpu_tests bench_training bench_training_loop_carry bench_kernels" (where GPU
-# time is short, GPU_CHECK_BUDGET=480 keeps it to 8 minutes and still yields the goals' figures; the
-# kernel benchmark gets what is left, its 2K row first), then "bench_loss bench_recipe
+# ungated): first "gpu_tests bench_training bench_training_loop_carry bench_loss bench_kernels"
+# (where GPU time is short, GPU_CHECK_BUDGET=480 keeps it to 8 minutes and still yields the goals'
+# figures; the kernel benchmark gets what is left, its 2K row first), then "bench_recipe
 # bench_training_deepcompile bench_zero3_settings", then "bench_kernels_fla_timing_only
 # bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute".
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
@@ -91,14 +91,14 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$root"
 T_BENCH=${T_BENCH:-180} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-240} T_EVAL=${T_EVAL:-60}
-T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-30}
+T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-45}
 T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-90} T_LOOP=${T_LOOP:-90}
 T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_loop_carry bench_kernels bench_loss bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_loop_carry bench_loss bench_kernels bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -145,7 +145,7 @@ fi
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=15 \
     ${GPU_TESTS_ARGS:-} tests/test_triton_polar.py tests/test_triton_conv.py tests/test_triton_gated_delta.py \
     tests/test_fla_bridge.py tests/test_model_gpu.py tests/test_custom_ops.py tests/test_lm_loss.py \
-    tests/test_pretrain_profiling.py \
+    tests/test_triton_softcap_ce.py tests/test_pretrain_profiling.py \
     || tests_failed=1
 if [ "$tests_failed" -ne 0 ]; then
     echo "gpu tests failed: the benchmark and evaluation steps are skipped and no figures are written" \
@@ -165,16 +165,17 @@ measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" \
 ATMA_DELTA_TRITON_PROFILE=small measure bench_training_loop_carry "$T_LOOP" "$PY" -m pretrain.bench \
     --steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 0 --cases polar:3:none:blocks \
     --json "$out/bench_training_loop_carry.json"
+# The LM head's fused soft-capped cross-entropy (its rows in the Triton kernels, and in PyTorch)
+# against the checkpointed naive path, at atma-378m's head (hidden 1024, vocabulary 50,304) over one
+# micro-batch (8 x 2048 tokens), bf16.
+measure bench_loss "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \
+    --json "$out/bench_loss.json"
 # The kernels per length (2K first; JSON after each): Polar vs SDPA flash/cuDNN, the conv, the memory.
 seq_lens="2048 8192 32768"
 iters=10
 [ "$quick" = "--quick" ] && seq_lens="2048 8192"
 measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --json "$out/bench_kernels.json"
-# The LM head's fused soft-capped cross-entropy against the checkpointed naive path, at atma-378m's
-# head (hidden 1024, vocabulary 50,304) over one micro-batch (8 x 2048 tokens), bf16.
-measure bench_loss "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \
-    --json "$out/bench_loss.json"
 measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/configs/atma-378m.yaml --grad-accum 2 \
     --steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 \
     --cases polar:3:none:auto,polar:2:none:auto --json "$out/bench_recipe.json"

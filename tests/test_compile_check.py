@@ -12,7 +12,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUR_KERNELS = {"causal_conv1d_fwd_kernel", "causal_conv1d_bwd_kernel", "polar_fwd_kernel", "polar_bwd_kernel_dq",
-               "polar_bwd_kernel_dkdv", "polar_bwd_kernel_heads"}
+               "polar_bwd_kernel_dkdv", "polar_bwd_kernel_heads", "softcap_ce_fwd_kernel", "softcap_ce_bwd_kernel"}
 
 
 def compile_check(*argv, env_extra=None):

@@ -508,7 +508,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
-    assert steps == ["gpu_tests", "bench_training", "bench_training_loop_carry", "bench_kernels", "bench_loss",
+    assert steps == ["gpu_tests", "bench_training", "bench_training_loop_carry", "bench_loss", "bench_kernels",
                      "bench_recipe", "bench_training_deepcompile", "bench_zero3_settings",
                      "bench_kernels_fla_timing_only", "bench_training_fla_timing_only", "eval_64k", "bench_decode",
                      "bench_distill", "bench_distill_recompute"]
@@ -523,7 +523,8 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert [c for c, profile in profiles if profile is not None] == [
         c for c in calls if c.endswith("bench_training_loop_carry.json")]
     assert all(profile in (None, "small") for _, profile in profiles)
-    assert any("tests/test_triton_gated_delta.py" in c for c in calls if c.startswith("-m pytest"))
+    assert any("tests/test_triton_gated_delta.py tests/test_fla_bridge.py" in c and "tests/test_triton_softcap_ce.py" in c
+               for c in calls if c.startswith("-m pytest"))
     # FLA's refused backward (it can leave the GPU unusable) runs only in the two steps of its own, alone.
     timing_only = [c for c in calls if "--fla-timing-only" in c]
     assert timing_only == [c for c in calls if c.endswith(("bench_kernels_fla_timing_only.json",
@@ -573,10 +574,10 @@ def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_lon
         proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
         return proc, out
 
-    proc, out = check("100", "bench_loss bench_training")  # each limit (240 s, 30 s) cut to the <= 100 s left
+    proc, out = check("100", "bench_loss bench_training")  # each limit (240 s, 45 s) cut to the <= 100 s left
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first, second = map(int, limits.read_text().split())
-    assert 80 <= first <= 100 and second == 30
+    assert 80 <= first <= 100 and second == 45
     proc, out = check("10", "bench_loss bench_training")  # under 20 s left: nothing starts
     assert proc.returncode == 1
     assert re.findall(r"^step (\w+): not run \(GPU_CHECK_BUDGET=10 s spent", (out / "gpu.txt").read_text(),

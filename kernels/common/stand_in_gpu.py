@@ -182,7 +182,10 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     from ..causal_conv import triton_impl as conv_impl
     from ..gated_delta import triton_impl as delta_impl
     from ..polar import triton_impl as polar_impl
+    from ..softcap_ce import triton_impl as ce_impl
     from . import triton_host
+
+    impls = (polar_impl, conv_impl, delta_impl, ce_impl)
 
     props = types.SimpleNamespace(name=target.name, major=target.arch // 10, minor=target.arch % 10,
                                   multi_processor_count=target.sms, shared_memory_per_block=49152,
@@ -198,7 +201,7 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     saved_cuda = {name: getattr(torch.cuda, name) for name in cuda_patches}
     saved_compile, saved_prune = triton.compiler.compile, Autotuner.prune_configs
     saved_disk_cache = Autotuner.check_disk_cache
-    saved_checks = (polar_impl.check_launch_device, conv_impl.check_launch_device, delta_impl.check_launch_device)
+    saved_checks = [impl.check_launch_device for impl in impls]
     saved_driver = triton.runtime.driver._active  # None until a driver is asked for: nothing to rebuild
 
     def first_only(self, *args, **kwargs):
@@ -218,7 +221,8 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
     def accept(*args, **kwargs):
         return None
 
-    polar_impl.check_launch_device = conv_impl.check_launch_device = delta_impl.check_launch_device = accept
+    for impl in impls:
+        impl.check_launch_device = accept
     triton_host._device_class_cached.cache_clear()
     Autotuner.check_disk_cache = tune_without_disk_cache
     if first_candidate:
@@ -227,7 +231,8 @@ def stand_in_gpu(target: Target, records: list, *, first_candidate: bool = False
         yield
     finally:
         Autotuner.prune_configs, Autotuner.check_disk_cache = saved_prune, saved_disk_cache
-        polar_impl.check_launch_device, conv_impl.check_launch_device, delta_impl.check_launch_device = saved_checks
+        for impl, check in zip(impls, saved_checks):
+            impl.check_launch_device = check
         for name, value in saved_cuda.items():
             setattr(torch.cuda, name, value)
         triton.compiler.compile = saved_compile
