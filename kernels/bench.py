@@ -26,6 +26,8 @@ import torch
 
 from data_pipeline.argtypes import writable_file
 
+from .common.ops import NON_COMPUTING_OPS
+
 DEFAULT_SEQ_LENS = (2048, 8192, 32768)
 TOKENS_PER_BATCH = 16384  # B = 8, 2, 1 at T = 2K, 8K, 32K
 
@@ -373,14 +375,6 @@ def main(argv=None) -> int:
     if args.json:
         print(f"wrote {args.json}")
     return 0
-
-
-# ATen ops that only describe or allocate memory: no kernel of their own.
-NON_COMPUTING_OPS = frozenset({
-    "view", "_unsafe_view", "reshape", "_reshape_alias", "transpose", "t", "permute", "expand", "unsqueeze",
-    "squeeze", "select", "slice", "unbind", "split", "split_with_sizes", "alias", "as_strided", "detach",
-    "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "diagonal", "unfold",
-})
 
 
 def count_dispatch(fn) -> dict:

@@ -70,3 +70,19 @@ def causal_conv1d(x, weight):
     else:
         from .causal_conv.torch_impl import causal_conv1d_torch as impl
     return impl(x, weight)
+
+
+def softcap_ce_rows(z, labels, cap: float):
+    """Triton: per row of pre-cap logits z (N, V), the logsumexp of the soft-capped row and the capped
+    logit at the label (0 where -100), both fp32 (SPEC §2.1, §5.1)."""
+    from .softcap_ce.triton_impl import softcap_ce_rows_triton
+
+    return softcap_ce_rows_triton(z, labels, cap)
+
+
+def softcap_ce_grad(z, labels, lse, coef, cap: float):
+    """Triton: d(sum_i coef_i CE_i) / dz (N, V) in z's dtype and its fp32 sum over rows, given each row's
+    logsumexp `lse`."""
+    from .softcap_ce.triton_impl import softcap_ce_grad_triton
+
+    return softcap_ce_grad_triton(z, labels, lse, coef, cap)

@@ -21,6 +21,8 @@ import time
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from kernels import NON_COMPUTING_OPS
+
 from .device import default_device, usable_device, writable_file
 from .lm_loss import (CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive,
                       uses_row_kernels)
@@ -65,7 +67,6 @@ def logits_traffic(fn, inputs, min_numel: int) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-    from kernels.bench import NON_COMPUTING_OPS
 
     found = {"bytes": 0, "ops": 0}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import TRITON_DTYPES, kernel_backend
+from kernels import TRITON_DTYPES, kernel_backend, softcap_ce_grad, softcap_ce_rows
 
 from .layers import softcap
 
@@ -41,11 +41,9 @@ def _logits_and_inverse_radius(h_c, weight, bias, cap: float, acc: torch.dtype):
 
 def _grad_logits_triton(h_c, weight, bias, labels, lse_c, focus_c, grad_sums, cap: float):
     """dL/dz of a chunk in the head's dtype and its fp32 sum over rows, from the logits recomputed once."""
-    from kernels.softcap_ce.triton_impl import softcap_ce_grad_triton
-
     # each token's weight in the two sums; 0 for ignored tokens
     coef = (grad_sums[0] + grad_sums[1] * focus_c.to(lse_c.dtype)) * (labels != IGNORE_INDEX)
-    return softcap_ce_grad_triton(_logits(h_c, weight, bias), labels, lse_c, coef.contiguous(), cap)
+    return softcap_ce_grad(_logits(h_c, weight, bias), labels, lse_c, coef.contiguous(), cap)
 
 
 def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -70,9 +68,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             end = min(start + chunk_tokens, h.shape[0])
             y = labels[start:end]
             if row_kernels:  # one read of the head-dtype logits (kernels.softcap_ce)
-                from kernels.softcap_ce.triton_impl import softcap_ce_rows_triton
-
-                lse_c, picked = softcap_ce_rows_triton(_logits(h[start:end], weight, bias), y, cap)
+                lse_c, picked = softcap_ce_rows(_logits(h[start:end], weight, bias), y, cap)
                 ce = (lse_c - picked) * (y != IGNORE_INDEX)
                 sums[0] += ce.sum()
                 sums[1] += (ce * focus[start:end]).sum()
