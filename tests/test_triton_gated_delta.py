@@ -269,7 +269,12 @@ def test_interpreted_fp32_calls_to_the_fla_bridge_take_the_triton_carry(monkeypa
 @interpreted
 def test_interpreted_model_on_the_triton_paths_equals_the_pytorch_paths(monkeypatch):
     """A tiny model with memory: loss and every gradient agree between ATMA_KERNELS=triton and =torch (fp32)."""
+    import kernels.softcap_ce.triton_impl as ce_impl
     from model import AtmaConfig, AtmaForCausalLM
+
+    row_calls = []  # the LM head loss's Triton rows, which the Triton backend takes too
+    rows = ce_impl.softcap_ce_rows_triton
+    monkeypatch.setattr(ce_impl, "softcap_ce_rows_triton", lambda *a: row_calls.append(a[0].shape) or rows(*a))
 
     torch.manual_seed(0)
     config = AtmaConfig.from_preset("tiny", vocab_size=256, head_dim=16, num_attention_heads=2, num_key_value_heads=1)
@@ -286,6 +291,7 @@ def test_interpreted_model_on_the_triton_paths_equals_the_pytorch_paths(monkeypa
         loss = model(ids, ids).loss
         loss.backward()
         results[backend] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        assert len(row_calls) == 1, row_calls  # once, on the Triton backend only
     (loss_t, grads_t), (loss_p, grads_p) = results["triton"], results["torch"]
     assert loss_t == pytest.approx(loss_p, rel=1e-5)
     memory_grads = [n for n in grads_p if ".mem.w_gamma." in n or ".mem.w_beta." in n]
