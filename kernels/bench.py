@@ -4,7 +4,8 @@
 
 Everything is timed in one process on one GPU, so the ratios compare like with like. Polar runs
 with H query heads over G key/value heads (GQA read in-kernel), its forward+backward once with
-each backward variant (two-pass, the default, and one-pass: "polar_triton_one_pass"); SDPA runs the same query heads
+each backward variant (two-pass, the default; one-pass: "polar_triton_one_pass"; split:
+"polar_triton_split"); SDPA runs the same query heads
 with `enable_gqa=True` when the backend accepts it, else with K/V expanded to H heads before
 timing (the "sdpa_gqa" field says which). Attention FLOPs count causal attention as
 2*B*H*T^2*d per forward and 2.5x that for the backward (fwd+bwd = 3.5x).
@@ -175,11 +176,14 @@ def bench_attention(args, T: int) -> list[dict]:
     rec = _measure("polar_triton", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
     rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass")
     out.append(rec)
-    # The same forward, then the one-pass backward (dq by atomic adds): forward+backward only.
-    with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": "one_pass"}):
-        rec = _measure("polar_triton_one_pass", None, polar_fb, args, fwd_flops, fb_flops)
-    rec.update(T=T, B=B, H=H, G=G, d=d, backward="one_pass")
-    out.append(rec)
+    # The same forward, then the other backward variants: the one-pass (dq by atomic adds) and the
+    # split (row terms and dq in launches of their own); forward+backward only.
+    for variant in ("one_pass", "split"):
+        with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": variant}):
+            rec = _measure(f"polar_triton_{variant}", None, polar_fb, args, fwd_flops, fb_flops)
+        rec.update(T=T, B=B, H=H, G=G, d=d, backward=variant)
+        out.append(rec)
+    variants = len(out)
 
     qs = torch.randn(B, H, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
     ks = torch.randn(B, G, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
@@ -206,8 +210,8 @@ def bench_attention(args, T: int) -> list[dict]:
             if "error" not in rec or not gqa:
                 break
         out.append(rec)
-    add_speed_ratios(out[:2], out[2:])
-    add_speed_ratios(out[1:2], out[:1])  # one-pass against two-pass: > 1 means one-pass is faster
+    add_speed_ratios(out[:variants], out[variants:])
+    add_speed_ratios(out[1:variants], out[:1])  # each variant against two-pass: > 1 means it is faster
     return out
 
 

@@ -13,8 +13,8 @@ executed, so the kernels' outputs are garbage and only the launches matter. The 
 path training takes on that GPU with the installed versions: flash-linear-attention's chunk
 kernels where its guard accepts them, else the chunked path with its Triton state carry
 (Hopper with triton < 3.7.1; `--fla-timing-only` compiles FLA's kernels there, as the
-benchmarks' switch of that name launches them). The Polar backward runs twice, as the two-pass
-default and the one-pass option.
+benchmarks' switch of that name launches them). The Polar backward runs three times, as the
+two-pass default and the one-pass and split options.
 
 The exit status is 1 when a launch has no candidate that compiles and fits (the step would fail
 there on that GPU), 0 otherwise. Candidates that fail or do not fit are listed; the autotuner
@@ -85,7 +85,7 @@ def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bo
     model = AtmaForCausalLM(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
     with triton_paths(memory_fla=memory_fla):
-        for variant in ("two_pass", "one_pass"):
+        for variant in ("two_pass", "one_pass", "split"):
             os.environ["ATMA_POLAR_BWD"] = variant
             model.zero_grad(set_to_none=True)
             out = model(ids, labels=ids)

@@ -71,12 +71,12 @@ def polar():
 
 @contextlib.contextmanager
 def backward(variant: str):
-    """Run the Polar backward as `variant` ("two_pass" or "one_pass") inside the block."""
+    """Run the Polar backward as `variant` ("two_pass", "one_pass" or "split") inside the block."""
     with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": variant}):
         yield
 
 
-VARIANTS = ("two_pass", "one_pass")
+VARIANTS = ("two_pass", "one_pass", "split")
 
 
 def kernel_backwards(fn, inputs, g_dir, g_mag, *, dtype, window, variants=VARIANTS) -> dict:
@@ -191,7 +191,7 @@ def _every_tile_shape(kind: str) -> list:
 
 
 def _tile_runs() -> list:
-    shapes = {kind: _every_tile_shape(kind) for kind in ("fwd", "dq", "dkdv", "onepass")}
+    shapes = {kind: _every_tile_shape(kind) for kind in ("fwd", "dq", "dkdv", "onepass", "rows")}
     return [{kind: shapes[kind][i % len(shapes[kind])] for kind in shapes}
             for i in range(max(len(v) for v in shapes.values()))]
 
@@ -384,7 +384,7 @@ def test_backward_variant_switch(polar, monkeypatch):
     monkeypatch.setenv(polar.BACKWARD_ENV, " One_Pass ")
     assert polar.backward_variant() == "one_pass"
     monkeypatch.setenv(polar.BACKWARD_ENV, "onepass")
-    with pytest.raises(ValueError, match="ATMA_POLAR_BWD must be one of two_pass, one_pass") as info:
+    with pytest.raises(ValueError, match="ATMA_POLAR_BWD must be one of two_pass, one_pass, split") as info:
         polar.backward_variant()
     assert "\n" not in str(info.value)
 
@@ -448,8 +448,11 @@ def test_interpreted_custom_ops_pass_opcheck(polar):
     detached = [x.detach() for x in args]
     torch.library.opcheck(fwd, (*detached, None, False), test_utils="test_faketensor")
     _, _, *stats = fwd(*detached, 4, True)
-    torch.library.opcheck(bwd, (g_dir, g_mag, *detached, *stats, 4, False))
-    torch.library.opcheck(bwd, (g_dir, g_mag, *detached, *stats, 4, True), test_utils="test_faketensor")
+    torch.library.opcheck(bwd, (g_dir, g_mag, *detached, *stats, 4, "two_pass"))
+    for variant in ("one_pass", "split"):
+        torch.library.opcheck(bwd, (g_dir, g_mag, *detached, *stats, 4, variant), test_utils="test_faketensor")
+    with pytest.raises(ValueError, match="variant must be one of two_pass, one_pass, split; got 'fused'"):
+        bwd(g_dir, g_mag, *detached, *stats, 4, "fused")
 
 
 @interpreted
@@ -521,7 +524,8 @@ class _CountLaunches(TorchDispatchMode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_interpreted_launches_per_call(polar, monkeypatch, dtype):
     """One kernel per forward; three per backward (row terms + dq, dk/dv, per-head sums) and no
-    PyTorch op; the one-pass backward adds the zeroed fp32 dq buffer and, for half inputs, its cast."""
+    PyTorch op; the one-pass backward adds the zeroed fp32 dq buffer and, for half inputs, its cast;
+    the split backward launches the query-parallel kernel twice (row terms, then dq)."""
     for owner, name in ((torch, "empty"), (torch, "empty_like"), (torch.Tensor, "new_empty")):
         fn = getattr(owner, name)  # count allocations as they are outside the NaN-poisoning harness
         monkeypatch.setattr(owner, name, getattr(fn, "__wrapped__", fn))
@@ -530,10 +534,12 @@ def test_interpreted_launches_per_call(polar, monkeypatch, dtype):
         out = polar.polar_attention_triton(*args)
     assert fwd.triton == {"polar_fwd_kernel": 1} and not fwd.torch, (fwd.triton, fwd.torch)
     backward_kernels = {"polar_bwd_kernel_dq": 1, "polar_bwd_kernel_dkdv": 1, "polar_bwd_kernel_heads": 1}
-    for variant, extra in (("two_pass", {}), ("one_pass", {"zeros": 1, **({"cast": 1} if dtype != torch.float32 else {})})):
+    one_pass_ops = {"zeros": 1, **({"cast": 1} if dtype != torch.float32 else {})}
+    for variant, extra in (("two_pass", {}), ("one_pass", one_pass_ops), ("split", {})):
         with backward(variant), _CountLaunches().launches() as bwd:
             torch.autograd.grad(out, args, (g_dir, g_mag), retain_graph=True)
-        assert bwd.triton == backward_kernels and bwd.torch == extra, (variant, bwd.triton, bwd.torch)
+        kernels = {**backward_kernels, "polar_bwd_kernel_dq": 2 if variant == "split" else 1}
+        assert bwd.triton == kernels and bwd.torch == extra, (variant, bwd.triton, bwd.torch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,9 +616,10 @@ def test_gpu_matches_oracle(polar, T, window, dtype):
     assert not any(bad.values()), bad
 
 
-# The backward variants that launch each kind: the query-parallel kernel runs in both (with the
-# dq loop, or the row terms alone ahead of the one-pass kernel).
-KIND_VARIANTS = {"fwd": ("two_pass",), "dq": VARIANTS, "dkdv": ("two_pass",), "onepass": ("one_pass",)}
+# The backward variants that launch each kind: the query-parallel kernel runs its dq loop in two
+# (after the row terms in two-pass, alone in split) and the row terms alone in the other two.
+KIND_VARIANTS = {"fwd": ("two_pass",), "dq": ("two_pass", "split"), "dkdv": ("two_pass", "split"),
+                 "onepass": ("one_pass",), "rows": ("one_pass", "split")}
 
 
 def candidate_failures(polar, monkeypatch, kind, dtype, device, shape, windows, oracle, checked=None) -> list:
@@ -667,7 +674,7 @@ GPU_CANDIDATE_SHAPE = (2, 777, 8, 2, 128)
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv", "onepass"])
+@pytest.mark.parametrize("kind", ["fwd", "dq", "dkdv", "onepass", "rows"])
 def test_gpu_every_launch_candidate_matches_oracle(polar, monkeypatch, oracle_cache, kind, dtype):
     """Every autotuning candidate of this GPU's launch class, forced one at a time, against the oracle."""
     device = torch.device("cuda")
@@ -725,11 +732,11 @@ def test_gpu_length_terms_match_numerics(polar, window):
 
 
 @pytest.mark.gpu
-def test_gpu_two_pass_backward_is_reproducible(polar, monkeypatch):
-    """No atomics in the two-pass backward: the same call gives bit-identical gradients."""
-    monkeypatch.setenv(polar.BACKWARD_ENV, "two_pass")
+@pytest.mark.parametrize("variant", ["two_pass", "split"])
+def test_gpu_backward_without_atomics_is_reproducible(polar, variant):
+    """No atomics in the two-pass and split backwards: the same call gives bit-identical gradients."""
     inputs, g_dir, g_mag = gpu_case(2, 2048, 8, 2, 128, torch.bfloat16, seed=5)
     runs = [kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.bfloat16, window=None,
-                             variants=("two_pass",))["two_pass"] for _ in range(2)]
+                             variants=(variant,))[variant] for _ in range(2)]
     for name, a, b in zip(POLAR_GRAD_NAMES, runs[0][2], runs[1][2]):
         assert torch.equal(a, b), name

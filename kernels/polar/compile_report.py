@@ -52,7 +52,7 @@ def _signature(kernel, io: str, dq_io: bool) -> dict:
 
 def _kernel_cases(dtype: torch.dtype, d: int) -> list:
     """(label, kernel, constexprs, launch options, dq in the io dtype) for every launch of one
-    forward and both backward variants, each in its class default configuration."""
+    forward and the three backward variants, each in its class default configuration."""
     from . import triton_impl as impl
     from .triton_kernels import polar_bwd_kernel_dkdv, polar_bwd_kernel_dq, polar_bwd_kernel_heads, polar_fwd_kernel
 
@@ -65,9 +65,13 @@ def _kernel_cases(dtype: torch.dtype, d: int) -> list:
     tiles, opts, cfg = default("fwd")
     cases.append((f"fwd {cfg}", polar_fwd_kernel, {**common, **tiles, "SAVE": True}, opts, True))
     tiles, opts, cfg = default("dq")
-    cases.append((f"dq + row terms {cfg}", polar_bwd_kernel_dq, {**common, **tiles, "DQ_LOOP": True}, opts, True))
-    cases.append((f"row terms (one-pass) {cfg}", polar_bwd_kernel_dq, {**common, **tiles, "DQ_LOOP": False}, opts,
-                  False))
+    cases.append((f"dq + row terms {cfg}", polar_bwd_kernel_dq, {**common, **tiles, "DQ_LOOP": True, "ROW_TERMS": True},
+                  opts, True))
+    cases.append((f"dq alone (split) {cfg}", polar_bwd_kernel_dq,
+                  {**common, **tiles, "DQ_LOOP": True, "ROW_TERMS": False}, opts, True))
+    tiles, opts, cfg = default("rows")
+    cases.append((f"row terms (one-pass, split) {cfg}", polar_bwd_kernel_dq,
+                  {**common, **tiles, "DQ_LOOP": False, "ROW_TERMS": True}, opts, False))
     tiles, opts, cfg = default("dkdv")
     cases.append((f"dkdv {cfg}", polar_bwd_kernel_dkdv, {**common, **tiles, "ONE_PASS": False}, opts, True))
     tiles, opts, cfg = default("onepass")
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}, sm_{args.arch}, {args.dtype}, d={args.head_dim}, class {args.profile}, "
           "no window; bytes per thread for stack/local, per block for shared")
     for rec in report(args.arch, _DTYPES[args.dtype], args.head_dim):
-        print(f"  {rec['kernel']:<40s} regs {rec['reg']:3d}  spill(local) {rec['local']:5d}  stack {rec['stack']:5d}  "
+        print(f"  {rec['kernel']:<44s} regs {rec['reg']:3d}  spill(local) {rec['local']:5d}  stack {rec['stack']:5d}  "
               f"shared dynamic {rec['dynamic_shared']:6d} static {rec['shared']:5d}  ({rec['seconds']} s)", flush=True)
     return 0
 

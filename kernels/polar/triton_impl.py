@@ -15,6 +15,11 @@ computes only the row terms, and the key-parallel kernel also adds dq into an fp
 atomic adds (FlashAttention-2's scheme). That is 5 tile products per tile pair instead of 7,
 and dq is no longer bit-reproducible.
 
+ATMA_POLAR_BWD=split is the two-pass backward with the row terms in a launch of their own, ahead
+of the key-parallel kernel, and dq in another, which reads them back: one more launch, and a dq
+kernel whose registers no longer hold the row terms' fp32 tiles (compiled for sm_90 with triton
+3.6: no stack at its default tile, against 824 bytes per thread for the fused launch).
+
 Launch configurations: autotuned among the candidates of the device's launch class;
 ATMA_POLAR_AUTOTUNE=0 keeps each class default, and ATMA_POLAR_CONFIG forces one configuration
 per kernel (`forced_config`), e.g. to compare every candidate with the oracle.
@@ -67,7 +72,8 @@ _INTERPRET = interpreting()
 # Launch configurations: (BM, BN, num_warps, num_stages). The forward and dq kernels need
 # BM % BN == 0 and the key-parallel kernels (dkdv, onepass) BN % BM == 0 (their tile loops start
 # on those boundaries). The first entry of each list is the class default; the rest are
-# autotuning candidates. "dq" also launches the row terms alone ahead of the one-pass kernel.
+# autotuning candidates. "rows" launches the dq kernel for the row terms alone (the one-pass and
+# split backwards; no tile products, so BN is unused).
 _CONFIGS_HALF = {
     "large": {
         "fwd": [(128, 64, 8, 2), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2),
@@ -78,18 +84,21 @@ _CONFIGS_HALF = {
                  (16, 32, 4, 2)],
         "onepass": [(16, 64, 8, 2), (32, 64, 8, 1), (32, 128, 8, 2), (64, 64, 8, 2), (16, 128, 8, 2),
                     (16, 32, 4, 2)],
+        "rows": [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
     "mid": {
         "fwd": [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2)],
         "dq": [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 2)],
         "dkdv": [(32, 64, 8, 1), (16, 64, 8, 2), (16, 32, 4, 2)],
         "onepass": [(16, 64, 8, 2), (32, 64, 8, 1), (16, 32, 4, 2)],
+        "rows": [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
     "small": {
         "fwd": [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
         "dq": [(32, 32, 4, 2), (64, 32, 8, 2)],
         "dkdv": [(16, 32, 4, 2), (32, 64, 8, 1)],
         "onepass": [(16, 32, 4, 2), (32, 64, 8, 1)],
+        "rows": [(16, 16, 4, 1), (32, 16, 8, 1)],
     },
 }
 # fp32 operands take twice the registers and shared memory of bf16 ones.
@@ -98,22 +107,25 @@ _CONFIGS_FP32 = {
     "dq": [(32, 16, 4, 2), (32, 32, 4, 2)],
     "dkdv": [(16, 32, 8, 1), (16, 32, 4, 2)],
     "onepass": [(16, 32, 8, 1), (16, 32, 4, 2)],
+    "rows": [(16, 16, 4, 1), (32, 16, 8, 1)],
 }
 # One small configuration under the interpreter: tiles smaller than the test sequences, with
 # BM != BN so that every loop boundary case is exercised.
-_CONFIG_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "onepass": (32, 64, 1, 1)}
-KERNELS = ("fwd", "dq", "dkdv", "onepass")
+_CONFIG_INTERPRET = {"fwd": (32, 16, 1, 1), "dq": (32, 16, 1, 1), "dkdv": (16, 32, 1, 1), "onepass": (32, 64, 1, 1),
+                     "rows": (16, 16, 1, 1)}
+KERNELS = ("fwd", "dq", "dkdv", "onepass", "rows")
 # The JIT kernel each launch kind runs, and the constexprs that separate its autotuning caches.
 _KIND_KERNEL = {"fwd": polar_fwd_kernel, "dq": polar_bwd_kernel_dq, "dkdv": polar_bwd_kernel_dkdv,
-                "onepass": polar_bwd_kernel_dkdv}
-_TUNE_KEYS = {"fwd": ["D", "HAS_WINDOW", "T_BUCKET"], "dq": ["D", "HAS_WINDOW", "T_BUCKET", "DQ_LOOP"],
-              "dkdv": ["D", "HAS_WINDOW", "T_BUCKET"], "onepass": ["D", "HAS_WINDOW", "T_BUCKET"]}
+                "onepass": polar_bwd_kernel_dkdv, "rows": polar_bwd_kernel_dq}
+_TUNE_KEYS = {"fwd": ["D", "HAS_WINDOW", "T_BUCKET"], "dq": ["D", "HAS_WINDOW", "T_BUCKET", "ROW_TERMS"],
+              "dkdv": ["D", "HAS_WINDOW", "T_BUCKET"], "onepass": ["D", "HAS_WINDOW", "T_BUCKET"],
+              "rows": ["D", "HAS_WINDOW", "T_BUCKET"]}
 # Forces one launch configuration per named kernel, in place of autotuning (or of the interpreter's
 # configuration), e.g. ATMA_POLAR_CONFIG="fwd=128,64,8,2;dq=64,32,8,2;dkdv=32,64,8,1".
 FORCE_ENV = "ATMA_POLAR_CONFIG"
-# The backward variant: "two_pass" (default) or "one_pass".
+# The backward variant: "two_pass" (default), "one_pass" or "split".
 BACKWARD_ENV = "ATMA_POLAR_BWD"
-BACKWARD_VARIANTS = ("two_pass", "one_pass")
+BACKWARD_VARIANTS = ("two_pass", "one_pass", "split")
 _TUNED: dict = {}
 
 
@@ -162,7 +174,7 @@ def forced_config(kind: str) -> tuple[int, int, int, int] | None:
 
 
 def backward_variant() -> str:
-    """Return the backward variant ATMA_POLAR_BWD selects: "two_pass" (default) or "one_pass"."""
+    """Return the backward variant ATMA_POLAR_BWD selects: "two_pass" (default), "one_pass" or "split"."""
     value = os.environ.get(BACKWARD_ENV, "two_pass").strip().lower() or "two_pass"
     if value not in BACKWARD_VARIANTS:
         raise ValueError(f"{BACKWARD_ENV} must be one of {', '.join(BACKWARD_VARIANTS)}; got {value!r}")
@@ -250,11 +262,14 @@ def _polar_fwd(q, k, v, v_null, params, window: int | None, save: bool):
     return direction, magnitude, s, m, l, q2
 
 
-def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int | None, one_pass: bool):
-    """Launch the backward kernels; returns the gradients of (q, k, v, v_null, *params)."""
+def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int | None, variant: str):
+    """Launch the backward kernels of `variant`; returns the gradients of (q, k, v, v_null, *params)."""
+    if variant not in BACKWARD_VARIANTS:
+        raise ValueError(f"the Polar backward variant must be one of {', '.join(BACKWARD_VARIANTS)}; got {variant!r}")
     B, T, H, D = q.shape
     G = k.shape[2]
     dev, f32 = q.device, torch.float32
+    one_pass = variant == "one_pass"
     g_dir, g_mag = g_dir.contiguous(), g_mag.contiguous()
     common = dict(D=D, HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET)
     scalars = (T, H, G, window or 0, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), _t_bucket(T))
@@ -264,35 +279,45 @@ def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int |
     gl, gq2 = (torch.empty((B, T, H), device=dev, dtype=f32) for _ in range(2))
     # One slot of per-head partial sums per (batch, query tile, head); sized for the smallest tile
     # the launch may pick, and only the slots of the tile it picks are read.
-    slots = B * triton.cdiv(T, _smallest_tile("dq", dev, q.dtype, D))
+    rows_kind = "dq" if variant == "two_pass" else "rows"
+    slots = B * triton.cdiv(T, _smallest_tile(rows_kind, dev, q.dtype, D))
     part_s = torch.empty((slots, H, 4), device=dev, dtype=f32)
     part_v = torch.empty((slots, H, D), device=dev, dtype=f32)
     if one_pass:
         dq = torch.zeros(q.shape, device=dev, dtype=f32)  # atomic adds land here
     else:
         dq = torch.empty_like(q)
-    run = _launcher(polar_bwd_kernel_dq, "dq", dev, q.dtype, D)
+    run = _launcher(polar_bwd_kernel_dq, rows_kind, dev, q.dtype, D)
     bm, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
                 q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, part_s, part_v,
-                *scalars, DQ_LOOP=not one_pass, **common)
+                *scalars, DQ_LOOP=variant == "two_pass", ROW_TERMS=True, **common)
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     kind = "onepass" if one_pass else "dkdv"
     if one_pass:
         part_t = torch.empty((B * triton.cdiv(T, _smallest_tile(kind, dev, q.dtype, D)), H), device=dev, dtype=f32)
+    elif variant == "split":  # the dq launch's temperature sums, one per (batch, query tile, head)
+        part_t = torch.empty((B * triton.cdiv(T, _smallest_tile("dq", dev, q.dtype, D)), H), device=dev, dtype=f32)
     else:
-        part_t = gl  # never touched without ONE_PASS
+        part_t = gl  # never touched by the two-pass kernels
     null_base, null_slope_raw, len_gain_raw, _ = params
     run = _launcher(polar_bwd_kernel_dkdv, kind, dev, q.dtype, D)
     _, bn = run(lambda meta: (triton.cdiv(T, meta["BN"]), B * G),
                 q, k, v, null_base, null_slope_raw, len_gain_raw, gs, m, gl, gq2, dk, dv, dq, part_t,
                 *scalars, ONE_PASS=one_pass, **common)
+    temperature_slots = B * triton.cdiv(T, bn) if one_pass else 0
+    if variant == "split":
+        run = _launcher(polar_bwd_kernel_dq, "dq", dev, q.dtype, D)
+        # s, l, q2, g_dir, g_mag, v_null and part_v are not read without ROW_TERMS
+        bm_dq, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+                       q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, part_t, part_v,
+                       *scalars, DQ_LOOP=True, ROW_TERMS=False, **common)
+        temperature_slots = B * triton.cdiv(T, bm_dq)
 
     d_v_null = torch.empty_like(v_null)
     d_params = [torch.empty_like(p) for p in params]
     polar_bwd_kernel_heads[(H,)](
-        part_s, part_v, part_t, *params[1:], d_v_null, *d_params,
-        B * triton.cdiv(T, bm), B * triton.cdiv(T, bn) if one_pass else 0, H,
+        part_s, part_v, part_t, *params[1:], d_v_null, *d_params, B * triton.cdiv(T, bm), temperature_slots, H,
         D=D, RB=16 if _INTERPRET else 32, num_warps=4,
     )
     if one_pass and dq.dtype != q.dtype:
@@ -346,16 +371,16 @@ def _polar_triton_fwd_fake(q, k, v, v_null, null_base, null_slope_raw, len_gain_
 def polar_triton_bwd(
     g_dir: Tensor, g_mag: Tensor, q: Tensor, k: Tensor, v: Tensor, v_null: Tensor, null_base: Tensor,
     null_slope_raw: Tensor, len_gain_raw: Tensor, mag_beta_raw: Tensor, s: Tensor, m: Tensor, l: Tensor,
-    q2: Tensor, window: Optional[int], one_pass: bool,
+    q2: Tensor, window: Optional[int], variant: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward kernels: the gradients of (q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw)."""
     params = (null_base, null_slope_raw, len_gain_raw, mag_beta_raw)
-    return _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window, one_pass)
+    return _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window, variant)
 
 
 @polar_triton_bwd.register_fake
 def _polar_triton_bwd_fake(g_dir, g_mag, q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw,
-                           s, m, l, q2, window, one_pass):
+                           s, m, l, q2, window, variant):
     return tuple(torch.empty_like(x) for x in (q, k, v, v_null, null_base, null_slope_raw, len_gain_raw, mag_beta_raw))
 
 
@@ -379,7 +404,7 @@ def _backward(ctx, g_dir, g_mag, *_):
         g_dir = torch.zeros_like(q)
     if g_mag is None:  # only the direction was used
         g_mag = q.new_zeros(q.shape[:3])
-    grads = torch.ops.atma.polar_triton_bwd(g_dir, g_mag, *saved, ctx.window, backward_variant() == "one_pass")
+    grads = torch.ops.atma.polar_triton_bwd(g_dir, g_mag, *saved, ctx.window, backward_variant())
     return (*grads, None, None)
 
 

@@ -341,40 +341,46 @@ def polar_bwd_kernel_dq(
     gs, gl, gq2, dq, part_s, part_v,
     T, H, G, WINDOW, qk_scale, inv_sqrt_d, T_BUCKET,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr, DQ_LOOP: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROW_TERMS: tl.constexpr,
 ):
     i_b, i_h, start_m, o_m, m_m, p_k0, p_v0, tile0, row0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
     o_d = tl.arange(0, D)
     a_len, s_null, b_null, beta = _head_scalars(null_base, null_slope_raw, len_gain_raw, mag_beta_raw, i_h)
     log_n, root, b_t, b_nu = _length_terms(o_m, WINDOW, a_len, s_null, b_null, HAS_WINDOW)
-
-    # Row terms (SPEC §2.8 steps 1-3). Rows past T read values that keep every term finite
-    # (M = +inf gives p_N = 0 and p_j = 0, L = Q2 = 1) and are excluded from every sum below.
-    b_s = tl.load(s + tile0 + o_tile, mask=m_m[:, None], other=0.0)
-    b_mr = tl.load(m + row0 + o_row, mask=m_m, other=float("inf"))
-    b_l = tl.load(l + row0 + o_row, mask=m_m, other=1.0)
-    b_q2 = tl.load(q2 + row0 + o_row, mask=m_m, other=1.0)
-    b_gc = tl.load(g_dir + tile0 + o_tile, mask=m_m[:, None], other=0.0).to(tl.float32)
-    b_gmag = tl.load(g_mag + row0 + o_row, mask=m_m, other=0.0).to(tl.float32)
-    b_vn = tl.load(v_null + i_h * D + o_d).to(tl.float32)  # [D]
-    b_gs, b_gl, b_gq2, b_gan, b_pn, b_gbeta = _row_grads(
-        b_s, b_mr, b_l, b_q2, b_t * b_nu * _LOG2E_C, b_vn, beta, b_gc, b_gmag
-    )
-    # The O(T^2) loops take g_s in the io dtype (tensor-core operands), as stored for dk/dv.
-    b_gs_io = b_gs.to(gs.dtype.element_ty)
-    tl.store(gs + tile0 + o_tile, b_gs_io, mask=m_m[:, None])
-    tl.store(gl + row0 + o_row, b_gl, mask=m_m)
-    tl.store(gq2 + row0 + o_row, b_gq2, mask=m_m)
-
     # This program's slot of the per-head sums (SPEC §2.8 step 5, before the softplus factors):
     # [g_t ln n, g_nu, g_nu sqrt(ln(n + 1)), d beta] and d v_null = sum p_N g_s, with g_nu = g_aN t.
-    # All but the first are written before the dq loop, so that g_s in fp32 dies here.
     slot = (i_b * tl.num_programs(0) + tl.program_id(0)) * H + i_h
-    b_gnu = tl.where(m_m, b_gan * b_t, 0.0)
-    tl.store(part_s + slot * 4 + 1, tl.sum(b_gnu, 0))
-    tl.store(part_s + slot * 4 + 2, tl.sum(b_gnu * root, 0))
-    tl.store(part_s + slot * 4 + 3, tl.sum(tl.where(m_m, b_gbeta, 0.0), 0))
-    tl.store(part_v + slot * D + o_d, tl.sum(tl.where(m_m[:, None], b_pn[:, None] * b_gs, 0.0), 0))
+    # Rows past T read values that keep every term finite (M = +inf gives p_N = 0 and p_j = 0,
+    # L = Q2 = 1) and are excluded from every sum below.
+    b_mr = tl.load(m + row0 + o_row, mask=m_m, other=float("inf"))
+
+    if ROW_TERMS:
+        # Row terms (SPEC §2.8 steps 1-3).
+        b_s = tl.load(s + tile0 + o_tile, mask=m_m[:, None], other=0.0)
+        b_l = tl.load(l + row0 + o_row, mask=m_m, other=1.0)
+        b_q2 = tl.load(q2 + row0 + o_row, mask=m_m, other=1.0)
+        b_gc = tl.load(g_dir + tile0 + o_tile, mask=m_m[:, None], other=0.0).to(tl.float32)
+        b_gmag = tl.load(g_mag + row0 + o_row, mask=m_m, other=0.0).to(tl.float32)
+        b_vn = tl.load(v_null + i_h * D + o_d).to(tl.float32)  # [D]
+        b_gs, b_gl, b_gq2, b_gan, b_pn, b_gbeta = _row_grads(
+            b_s, b_mr, b_l, b_q2, b_t * b_nu * _LOG2E_C, b_vn, beta, b_gc, b_gmag
+        )
+        # The O(T^2) loops take g_s in the io dtype (tensor-core operands), as stored for dk/dv.
+        b_gs_io = b_gs.to(gs.dtype.element_ty)
+        tl.store(gs + tile0 + o_tile, b_gs_io, mask=m_m[:, None])
+        tl.store(gl + row0 + o_row, b_gl, mask=m_m)
+        tl.store(gq2 + row0 + o_row, b_gq2, mask=m_m)
+        # All sums but the first are written before the dq loop, so that g_s in fp32 dies here.
+        b_gnu = tl.where(m_m, b_gan * b_t, 0.0)
+        tl.store(part_s + slot * 4 + 1, tl.sum(b_gnu, 0))
+        tl.store(part_s + slot * 4 + 2, tl.sum(b_gnu * root, 0))
+        tl.store(part_s + slot * 4 + 3, tl.sum(tl.where(m_m, b_gbeta, 0.0), 0))
+        tl.store(part_v + slot * D + o_d, tl.sum(tl.where(m_m[:, None], b_pn[:, None] * b_gs, 0.0), 0))
+    else:
+        # The row terms were written by an earlier launch of this kernel (the split backward).
+        b_gs_io = tl.load(gs + tile0 + o_tile, mask=m_m[:, None], other=0.0)
+        b_gl = tl.load(gl + row0 + o_row, mask=m_m, other=0.0)
+        b_gq2 = tl.load(gq2 + row0 + o_row, mask=m_m, other=0.0)
 
     # dL/dt = sum_j g_a,j sigma_j + g_aN nu. Adding one constant to every logit (null included)
     # changes neither c nor mu, so g_aN = -sum_j g_a,j exactly; the form sum_j g_a,j (sigma_j - nu)
@@ -406,7 +412,10 @@ def polar_bwd_kernel_dq(
         b_dq = b_dq * (b_t * inv_sqrt_d)[:, None]
         tl.store(dq + tile0 + o_tile, b_dq.to(dq.dtype.element_ty), mask=m_m[:, None])
         b_gtemp = tl.where(m_m, (b_gt * inv_sqrt_d - b_gsum * b_nu) * log_n, 0.0)
-        tl.store(part_s + slot * 4 + 0, tl.sum(b_gtemp, 0))
+        if ROW_TERMS:
+            tl.store(part_s + slot * 4 + 0, tl.sum(b_gtemp, 0))
+        else:  # the split backward: part_s holds only this sum, one slot per (batch, query tile, head)
+            tl.store(part_s + slot, tl.sum(b_gtemp, 0))
     else:
         tl.store(part_s + slot * 4 + 0, 0.0)
 
