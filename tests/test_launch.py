@@ -508,15 +508,17 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
-    assert steps == ["gpu_tests", "bench_training", "bench_training_loop_carry", "bench_loss", "bench_kernels",
-                     "bench_recipe", "bench_training_deepcompile", "bench_zero3_settings",
+    assert steps == ["gpu_tests", "bench_training", "bench_training_loop_carry", "bench_training_mb16", "bench_loss",
+                     "bench_kernels", "bench_recipe", "bench_training_deepcompile", "bench_zero3_settings",
                      "bench_kernels_fla_timing_only", "bench_training_fla_timing_only", "eval_64k", "bench_decode",
                      "bench_distill", "bench_distill_recompute"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
     calls = [" ".join(argv) for argv in dry_calls(log)]
-    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 8
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 9
+    assert any(c.startswith("-m pretrain.bench --micro-batch 16 ") and "--cases polar:3:none:blocks,nope:3:none:blocks "
+               in c for c in calls)
     # Only the loop-carry step keeps the memory's PyTorch loop (the "small" launch class of its carry).
     profiles = [(" ".join(argv), env.get("ATMA_DELTA_TRITON_PROFILE")) for argv, env in zip(dry_calls(log),
                                                                                              dry_envs(log))]
