@@ -3,16 +3,20 @@
 `TrainStep.run` forwards and backwards `grad_accum` micro-batches and steps the engine after each
 (DeepSpeed applies the update at the accumulation boundary). The loss terms and a non-finite
 count accumulate on the device; after the last micro-batch's forward, one all-reduce of
-[non-finite count, stop requests, loss terms] and one read of it are the step's only host sync
-in this code. Its result decides, before the last backward, what happens to the step:
+[non-finite count, stop requests, loss terms] is queued, and its copy to the host is read once
+the last backward is queued too: the step's only host sync in this code, which waits for the
+forward while the device already has the backward to run (a read before the backward would leave
+the device idle until the host had queued the backward's first kernels). What happens to the step:
 
 - every loss finite on every rank: backward and step as usual;
-- a non-finite loss somewhere and nan_policy=stop: `TrainingError` before the last backward,
-  so the parameters stay those of the last good step and no checkpoint of this step exists;
+- a non-finite loss somewhere and nan_policy=stop: `TrainingError` after the last backward and
+  before the optimizer step, so the parameters stay those of the last good step and no
+  checkpoint of this step exists;
 - a non-finite loss somewhere and nan_policy=skip: the whole optimizer step is skipped. The last
-  micro-batch's loss is made NaN on every rank, so every gradient norm is non-finite, and
-  DeepSpeed's ZeRO optimizers (stages 1-3) discard such a step: gradients dropped, parameters
-  and optimizer state untouched. The next step starts on the next micro-batches.
+  micro-batch's loss is made NaN on every rank, on the device (from the all-reduced count), so
+  every gradient norm is non-finite, and DeepSpeed's ZeRO optimizers (stages 1-3) discard such a
+  step: gradients dropped, parameters and optimizer state untouched. The next step starts on the
+  next micro-batches.
 
 The trainer and `python -m pretrain.bench` both drive this class, so the benchmark times the
 training step itself.
@@ -32,7 +36,7 @@ from .losses import LossWeights, combine_losses, copy_targets, signature_loss
 
 __all__ = ["NonFiniteStep", "PhaseTimer", "StepOutcome", "TrainStep", "TrainingError", "check_skip_supported"]
 
-PHASES = ("data", "forward", "sync", "backward", "optimizer")
+PHASES = ("data", "forward", "backward", "sync", "optimizer")
 
 
 class TrainingError(RuntimeError):
@@ -181,15 +185,18 @@ class TrainStep:
                                    *(t.detach().double() for t in terms.values())])
                 sums = row if sums is None else sums + row
                 names = list(terms)
-            if index == self.grad_accum - 1:
-                with timer.phase("sync"):
-                    non_finite, stop, means = self._reduce(sums, stop_requested)
-                if non_finite:
-                    if self.nan_policy == "stop":
-                        raise NonFiniteStep("non-finite loss")
-                    loss = loss * float("nan")  # every rank: DeepSpeed then discards the whole step
+            last = index == self.grad_accum - 1
+            if last:
+                flat, read = self._reduce(sums, stop_requested)
+                # NaN on every rank when any rank's loss was non-finite: DeepSpeed then discards the step
+                loss = loss * torch.where(flat[0] > 0, float("nan"), 1.0).to(loss.dtype)
             with timer.phase("backward"):
                 self.engine.backward(loss)
+            if last:
+                with timer.phase("sync"):
+                    non_finite, stop, means = read()
+                if non_finite and self.nan_policy == "stop":
+                    raise NonFiniteStep("non-finite loss")
             with timer.phase("optimizer"):
                 self.engine.step()
         applied = self.engine.was_step_applied()
@@ -201,11 +208,28 @@ class TrainStep:
         return StepOutcome(applied=applied, non_finite=non_finite or not applied, stop=stop, terms=terms,
                            data_wait_s=data_wait)
 
-    def _reduce(self, sums: torch.Tensor, stop_requested: bool) -> tuple[bool, bool, list[float]]:
-        """All-reduce [non-finite, stop, losses...] over ranks and read it: the step's one host sync."""
+    def _reduce(self, sums: torch.Tensor, stop_requested: bool):
+        """Queue the all-reduce of [non-finite, stop, losses...] over ranks and its copy to the host.
+
+        Returns the reduced tensor (on the device) and a function that reads the copy: the step's one
+        host sync, which waits only for the work queued before the copy.
+        """
         stop = sums.new_full((1,), float(stop_requested))
         flat = torch.cat([sums[:1], stop, sums[1:] / self.grad_accum])
         dist.all_reduce(flat)
-        values = flat.tolist()
+        if flat.device.type == "cuda":
+            host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            host.copy_(flat, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = flat, None
         world = dist.get_world_size()
-        return values[0] > 0, values[1] > 0, [v / world for v in values[2:]]
+
+        def read() -> tuple[bool, bool, list[float]]:
+            if copied is not None:
+                copied.synchronize()
+            values = host.tolist()
+            return values[0] > 0, values[1] > 0, [v / world for v in values[2:]]
+
+        return flat, read
