@@ -170,6 +170,59 @@ def test_the_training_step_asks_the_teacher_again_in_backward_only_with_distill_
     assert len(asked) == (6 if recompute else 3)
 
 
+class RecordingEngine:
+    """Stands in for the DeepSpeed engine around a model: records backward (with its loss), the host read
+    of the step's reduced values and step, in order."""
+
+    def __init__(self, model, events):
+        self.model, self.events = model, events
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def backward(self, loss):
+        self.events.append(("backward", loss.item()))
+
+    def step(self):
+        self.events.append(("step", None))
+
+    def was_step_applied(self):
+        return not any(kind == "backward" and value != value for kind, value in self.events)
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_the_step_reads_its_reduced_values_after_the_last_backward_and_poisons_a_bad_step(monkeypatch, policy):
+    from pretrain import step as step_module
+    from pretrain.config import LossSection
+    from pretrain.step import NonFiniteStep, TrainStep
+
+    events = []
+    monkeypatch.setattr(step_module.dist, "all_reduce", lambda t: None)
+    monkeypatch.setattr(step_module.dist, "get_world_size", lambda: 1)
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: events.append(("read", t.numel())) or tolist(t))
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
+    batches = iter([{"input_ids": ids, "labels": ids}] * 4)
+    step = TrainStep(RecordingEngine(tiny_model(), events), grad_accum=2, loss=LossSection(), nan_policy=policy,
+                     device=torch.device("cpu"))
+    outcome = step.run(batches)
+    assert [kind for kind, _ in events] == ["backward", "step", "backward", "read", "step"]
+    assert outcome.applied and not outcome.non_finite and all(v == v for _, v in events[:3:2])
+    events.clear()
+    # A NaN in the first micro-batch: the last micro-batch's loss is made NaN too, before its backward
+    # (skip: DeepSpeed then discards the step), or the step stops before the optimizer (stop).
+    if policy == "stop":
+        with pytest.raises(NonFiniteStep, match="non-finite loss"):
+            step.run(batches, inject_nan=True)
+        assert [kind for kind, _ in events] == ["backward", "step", "backward", "read"]
+    else:
+        outcome = step.run(batches, inject_nan=True)
+        assert [kind for kind, _ in events] == ["backward", "step", "backward", "read", "step"]
+        assert not outcome.applied and outcome.non_finite
+    losses = [value for kind, value in events if kind == "backward"]
+    assert len(losses) == 2 and all(v != v for v in losses)
+
+
 def test_all_zero_weights_rejected():
     with pytest.raises(ValueError, match="zero"):
         combine_losses({"lm": torch.tensor(1.0)}, LossWeights(lm=0.0))
