@@ -4,7 +4,9 @@ from the same pass of the head: a fused, chunked path and its naive reference.
 The fused path never holds fp32 logits for more than `chunk_tokens` tokens, recomputes them in
 backward instead of saving them, and writes the gradient through the soft-cap analytically into
 two buffers per chunk, where autograd of the naive path allocates one per elementwise op (about a
-dozen logits-sized tensors per chunk, forward, recomputation and backward).
+dozen logits-sized tensors per chunk, forward, recomputation and backward). Where the kernel
+backend is Triton (CUDA), the cross-entropy's rows run in the kernels of `kernels.softcap_ce`
+instead: the logits stay in the head's dtype and each pass reads them once.
 """
 
 from __future__ import annotations
