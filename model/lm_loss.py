@@ -11,6 +11,8 @@ instead: the logits stay in the head's dtype and each pass reads them once.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -19,6 +21,9 @@ from kernels import TRITON_DTYPES, kernel_backend, softcap_ce_grad, softcap_ce_r
 from .layers import softcap
 
 IGNORE_INDEX = -100
+# Overrides elementwise="auto": "torch" keeps the PyTorch rows everywhere, "triton" takes the kernels
+# wherever they fit (CE without KL, fp32/bf16/fp16) whatever ATMA_KERNELS says.
+ROWS_ENV = "ATMA_LOSS_ROWS"
 # On the CPU a logits buffer above a few MB is a fresh mapping that page-faults on every op; chunks of
 # 2^19 logits (2 MB in fp32) ran fused forward + backward 1.8-2x faster than 8,192-token chunks at a
 # vocabulary of 2,048-4,096 (one core). `chunk_tokens` stays the upper bound everywhere.
@@ -169,7 +174,8 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, ch
     `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
     fp32 probabilities (N x V) from forward to backward. `elementwise` says what runs the soft-cap and
     the cross-entropy on each chunk's logits: "triton" (the kernels of `kernels.softcap_ce`, CE only),
-    "torch", or "auto" (Triton where the kernel backend is, for CE without KL, else PyTorch)."""
+    "torch", or "auto" (Triton where the kernel backend is, for CE without KL, else PyTorch; the
+    environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     row_kernels = uses_row_kernels(h, targets_rows is not None, elementwise)
@@ -181,17 +187,23 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, ch
 
 def uses_row_kernels(h: torch.Tensor, with_kl: bool, elementwise: str) -> bool:
     """Whether the Triton row kernels run the chunks (see `softcap_cross_entropy_sums`)."""
-    if elementwise not in ("auto", "triton", "torch"):
+    choices = ("auto", "triton", "torch")
+    if elementwise not in choices:
         raise ValueError(f"elementwise must be auto, triton or torch, got {elementwise!r}")
-    if elementwise == "torch":
-        return False
     fits = h.dtype in TRITON_DTYPES and not with_kl
     if elementwise == "triton":
         if not fits:
             raise ValueError(f"elementwise='triton' takes the CE without KL on {TRITON_DTYPES} inputs, "
                              f"got {h.dtype}{' with KL' if with_kl else ''}")
         return True
-    return fits and kernel_backend(h.device) == "triton"
+    if elementwise == "torch":
+        return False
+    rows = os.environ.get(ROWS_ENV, "auto").strip().lower() or "auto"
+    if rows not in choices:
+        raise ValueError(f"the environment variable {ROWS_ENV} must be one of {', '.join(choices)}, got {rows!r}")
+    if rows == "torch" or not fits:
+        return False
+    return rows == "triton" or kernel_backend(h.device) == "triton"
 
 
 def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus, *, cap: float) -> torch.Tensor:

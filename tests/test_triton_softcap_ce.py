@@ -133,6 +133,15 @@ def test_interpreted_auto_takes_the_kernels_on_the_triton_backend_but_not_for_kl
     targets = torch.randn(8, 40)
     softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e])
     assert len(calls) == 2  # the KL term keeps the PyTorch rows
+    monkeypatch.setenv("ATMA_LOSS_ROWS", "torch")  # the rows alone back on PyTorch
+    softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4)
+    assert len(calls) == 2
+    monkeypatch.setenv("ATMA_KERNELS", "torch")
+    monkeypatch.setenv("ATMA_LOSS_ROWS", "triton")  # the rows alone on the kernels
+    softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4)
+    assert len(calls) == 4
+    softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e])
+    assert len(calls) == 4
 
 
 @interpreted
@@ -188,6 +197,16 @@ def test_the_elementwise_choice_is_checked():
                                    targets_rows=lambda s, e: torch.zeros(e - s, 10))
     with pytest.raises(ValueError, match="got torch.float64"):
         softcap_cross_entropy_sums(h.double(), w, b, y, focus, cap=CAP, chunk_tokens=4, elementwise="triton")
+
+
+def test_the_rows_environment_variable_is_checked(monkeypatch):
+    h, w, b, y, focus = loss_case(n=4, v=10)
+    monkeypatch.setenv("ATMA_LOSS_ROWS", "fast")
+    with pytest.raises(ValueError, match="ATMA_LOSS_ROWS must be one of auto, triton, torch, got 'fast'"):
+        softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4)
+    monkeypatch.setenv("ATMA_LOSS_ROWS", " Torch ")  # case and blanks do not matter
+    naive = softcap_cross_entropy_sums_naive(h, w, b, y, focus, cap=CAP)
+    torch.testing.assert_close(softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4), naive)
 
 
 def test_the_kernels_refuse_what_they_cannot_take():
