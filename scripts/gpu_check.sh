@@ -47,6 +47,9 @@
 # then "bench_recipe bench_training_deepcompile bench_zero3_settings", then
 # "bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill
 # bench_distill_recompute".
+# When a kernel's gpu test fails, no figures are written; the benchmarks can then run with that
+# kernel on its PyTorch path (ATMA_DELTA_TRITON_PROFILE=small for the memory's state carry,
+# ATMA_LOSS_ROWS=torch for the LM head loss's rows) and GPU_CHECK_STEPS without gpu_tests.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
 # step cannot starve the others; the exit status is 1 when any step failed or ran out of time.
 # GPU_CHECK_BUDGET=SECONDS bounds the whole check (e.g. a device call's time limit less a minute for
