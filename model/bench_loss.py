@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     y = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
     f = (torch.rand(args.tokens, device=device, generator=g) < 0.1).to(dtype)
     paths = {"fused": lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens)}
-    if uses_row_kernels(h, False, "auto"):  # the fused path with its rows in PyTorch, as before the kernels
+    if uses_row_kernels(h.device, h.dtype, False):  # the fused path with its rows in PyTorch, as before the kernels
         paths[TORCH_ROWS] = lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens,
                                                                   elementwise="torch")
     paths[BASELINE] = lambda *t: naive_chunked(*t, cap=15.0, chunk_tokens=args.chunk_tokens)

@@ -178,23 +178,24 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, ch
     environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    row_kernels = uses_row_kernels(h, targets_rows is not None, elementwise)
+    row_kernels = uses_row_kernels(h.device, h.dtype, targets_rows is not None, elementwise)
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
     return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
                                           temperature, recompute_targets, row_kernels)
 
 
-def uses_row_kernels(h: torch.Tensor, with_kl: bool, elementwise: str) -> bool:
-    """Whether the Triton row kernels run the chunks (see `softcap_cross_entropy_sums`)."""
+def uses_row_kernels(device: torch.device, dtype: torch.dtype, with_kl: bool, elementwise: str = "auto") -> bool:
+    """Whether the Triton row kernels run the chunks of a head input on `device` in `dtype` (see
+    `softcap_cross_entropy_sums`)."""
     choices = ("auto", "triton", "torch")
     if elementwise not in choices:
         raise ValueError(f"elementwise must be auto, triton or torch, got {elementwise!r}")
-    fits = h.dtype in TRITON_DTYPES and not with_kl
+    fits = dtype in TRITON_DTYPES and not with_kl
     if elementwise == "triton":
         if not fits:
             raise ValueError(f"elementwise='triton' takes the CE without KL on {TRITON_DTYPES} inputs, "
-                             f"got {h.dtype}{' with KL' if with_kl else ''}")
+                             f"got {dtype}{' with KL' if with_kl else ''}")
         return True
     if elementwise == "torch":
         return False
@@ -203,7 +204,7 @@ def uses_row_kernels(h: torch.Tensor, with_kl: bool, elementwise: str) -> bool:
         raise ValueError(f"the environment variable {ROWS_ENV} must be one of {', '.join(choices)}, got {rows!r}")
     if rows == "torch" or not fits:
         return False
-    return rows == "triton" or kernel_backend(h.device) == "triton"
+    return rows == "triton" or kernel_backend(device) == "triton"
 
 
 def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus, *, cap: float) -> torch.Tensor:

@@ -151,6 +151,7 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     assert f"code {describe_code(code_version())}" in proc.stdout
     assert f"torch {metadata.version('torch')}" in proc.stdout
     assert "\nmemory path: torch\n" in proc.stdout  # the chunked path's PyTorch loop on the CPU
+    assert "\nLM head loss rows: torch\n" in proc.stdout
     shipped, variant = report["results"]
     assert (shipped["ds_variant"], variant["ds_variant"]) == ("", "v1")
     # what each engine was built from: the shipped JSON, and the same JSON with the one setting changed
@@ -323,6 +324,7 @@ def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
     assert [(r["core"], r["zero_stage"]) for r in results] == [("polar", 0), ("nope", 0), ("polar", 3), ("nope", 3)]
     for r in results:
         assert r["tokens_per_s"] > 0 and r["resolved_compile"] == "off" and r["memory_kernel"] == "torch"
+        assert r["loss_rows"] == "torch"
         assert set(r["breakdown_ms"]) == {"data", "forward", "sync", "backward", "optimizer"}
         assert r["breakdown_ms"]["forward"] > 0 and r["breakdown_ms"]["backward"] > 0
         assert r["top_ops"] and all(op["self_ms_per_step"] >= 0 for op in r["top_ops"])
