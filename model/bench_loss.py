@@ -67,7 +67,6 @@ def logits_traffic(fn, inputs, min_numel: int) -> dict:
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_leaves
 
-
     found = {"bytes": 0, "ops": 0}
 
     class Traffic(TorchDispatchMode):
@@ -139,7 +138,7 @@ def count_bytes(paths: dict, inputs, args, record: dict) -> int:
 
 
 def main(argv=None) -> int:
-    """Check both paths agree, time them, print the table and the ratio."""
+    """Check every path agrees with the naive one, then time them (or count their traffic); print the table."""
     args = parse_args(argv)
     try:
         device = usable_device(args.device)

@@ -287,19 +287,24 @@ def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int |
         dq = torch.zeros(q.shape, device=dev, dtype=f32)  # atomic adds land here
     else:
         dq = torch.empty_like(q)
-    run = _launcher(polar_bwd_kernel_dq, rows_kind, dev, q.dtype, D)
-    bm, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
-                q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, part_s, part_v,
-                *scalars, DQ_LOOP=variant == "two_pass", ROW_TERMS=True, **common)
+
+    def query_parallel(kind: str, sums: torch.Tensor, **flags) -> int:
+        """Launch the query-parallel kernel as `kind`, its per-head sums into `sums`; returns its BM."""
+        run = _launcher(polar_bwd_kernel_dq, kind, dev, q.dtype, D)
+        bm, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+                    q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, sums, part_v,
+                    *scalars, **flags, **common)
+        return bm
+
+    bm = query_parallel(rows_kind, part_s, DQ_LOOP=variant == "two_pass", ROW_TERMS=True)
 
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     kind = "onepass" if one_pass else "dkdv"
-    if one_pass:
-        part_t = torch.empty((B * triton.cdiv(T, _smallest_tile(kind, dev, q.dtype, D)), H), device=dev, dtype=f32)
-    elif variant == "split":  # the dq launch's temperature sums, one per (batch, query tile, head)
-        part_t = torch.empty((B * triton.cdiv(T, _smallest_tile("dq", dev, q.dtype, D)), H), device=dev, dtype=f32)
-    else:
+    if variant == "two_pass":
         part_t = gl  # never touched by the two-pass kernels
+    else:  # the temperature sums of the launch with the dq products (one-pass: key tiles, split: query tiles)
+        tiles = triton.cdiv(T, _smallest_tile(kind if one_pass else "dq", dev, q.dtype, D))
+        part_t = torch.empty((B * tiles, H), device=dev, dtype=f32)
     null_base, null_slope_raw, len_gain_raw, _ = params
     run = _launcher(polar_bwd_kernel_dkdv, kind, dev, q.dtype, D)
     _, bn = run(lambda meta: (triton.cdiv(T, meta["BN"]), B * G),
@@ -307,12 +312,8 @@ def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int |
                 *scalars, ONE_PASS=one_pass, **common)
     temperature_slots = B * triton.cdiv(T, bn) if one_pass else 0
     if variant == "split":
-        run = _launcher(polar_bwd_kernel_dq, "dq", dev, q.dtype, D)
-        # s, l, q2, g_dir, g_mag, v_null and part_v are not read without ROW_TERMS
-        bm_dq, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
-                       q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, part_t, part_v,
-                       *scalars, DQ_LOOP=True, ROW_TERMS=False, **common)
-        temperature_slots = B * triton.cdiv(T, bm_dq)
+        # the dq loop alone: it reads g_s, g_L and g_Q2 back and writes only the temperature sums
+        temperature_slots = B * triton.cdiv(T, query_parallel("dq", part_t, DQ_LOOP=True, ROW_TERMS=False))
 
     d_v_null = torch.empty_like(v_null)
     d_params = [torch.empty_like(p) for p in params]
