@@ -1,12 +1,17 @@
 """Cross-entropy of the soft-capped LM head (SPEC §2.1), optionally with the distillation KL to soft targets
 from the same pass of the head: a fused, chunked path and its naive reference.
 
-The fused path never holds fp32 logits for more than `chunk_tokens` tokens, recomputes them in
-backward instead of saving them, and writes the gradient through the soft-cap analytically into
-two buffers per chunk, where autograd of the naive path allocates one per elementwise op (about a
-dozen logits-sized tensors per chunk, forward, recomputation and backward). Where the kernel
+The fused path never holds fp32 logits for more than `chunk_tokens` tokens and writes the gradient
+through the soft-cap analytically into two buffers per chunk, where autograd of the naive path
+allocates one per elementwise op (about a dozen logits-sized tensors per chunk). Where the kernel
 backend is Triton (CUDA), the cross-entropy's rows run in the kernels of `kernels.softcap_ce`
 instead: the logits stay in the head's dtype and each pass reads them once.
+
+When the cross-entropy is the only term that takes a gradient (no focus mask, no KL) and autograd
+will ask for one, the forward already computes the gradients of h, the weight and the bias for a
+unit gradient of the sum, from each chunk's logits while they exist, and the backward only scales
+them by the sum's gradient: the head's product runs three times per chunk instead of four. Otherwise
+the logits are recomputed in backward instead of being saved.
 """
 
 from __future__ import annotations
@@ -46,11 +51,36 @@ def _logits_and_inverse_radius(h_c, weight, bias, cap: float, acc: torch.dtype):
     return z, r
 
 
-def _grad_logits_triton(h_c, weight, bias, labels, lse_c, focus_c, grad_sums, cap: float):
-    """dL/dz of a chunk in the head's dtype and its fp32 sum over rows, from the logits recomputed once."""
-    # each token's weight in the two sums; 0 for ignored tokens
-    coef = (grad_sums[0] + grad_sums[1] * focus_c.to(lse_c.dtype)) * (labels != IGNORE_INDEX)
-    return softcap_ce_grad(_logits(h_c, weight, bias), labels, lse_c, coef.contiguous(), cap)
+def _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start: int, end: int) -> None:
+    """Add one chunk's products of dL/dz (rows, V) to the gradients of h (rows start:end), the weight and the bias."""
+    if grad_h is not None:
+        torch.mm(d_z, w, out=grad_h[start:end])
+    if grad_w is not None:
+        grad_w.add_(torch.mm(d_z.t(), h_c).to(grad_w.dtype))
+    if grad_b is not None:
+        grad_b.add_(d_b)
+
+
+def _grad_buffers(h, weight, bias, needs, acc: torch.dtype):
+    """Empty gradient of h and zeroed fp32 (fp64) sums for the weight and the bias, each only where needed."""
+    need_h, need_w, need_b = needs
+    return (torch.empty_like(h) if need_h else None,
+            torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None,
+            torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None)
+
+
+def _grad_ce_rows(s, lse_c, labels, coef) -> torch.Tensor:
+    """coef (softmax(s) - onehot(labels)) in place of the capped logits s (rows, V); ignored rows 0."""
+    d = s.sub_(lse_c.unsqueeze(1)).exp_()
+    valid = (labels != IGNORE_INDEX).to(s.dtype)
+    d.scatter_add_(1, labels.clamp_min(0).unsqueeze(1), -valid.unsqueeze(1))
+    return d.mul_((coef * valid).unsqueeze(1))
+
+
+def _through_softcap(d, r, cap: float) -> torch.Tensor:
+    """dL/dz from dL/ds in place, with r = 1 / sqrt(z^2 + cap^2)."""
+    # d softcap(z) / dz = cap * r - cap * z^2 * r^3 = cap^3 * r^3, as 1 - z^2 r^2 = cap^2 r^2.
+    return d.mul_(r.pow_(3).mul_(cap**3))
 
 
 def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,33 +90,46 @@ def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _SoftcapCrossEntropySums(torch.autograd.Function):
     """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
     logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms. The targets'
-    probabilities are kept from forward to backward, or with `recompute_targets` asked for again."""
+    probabilities are kept from forward to backward, or with `recompute_targets` asked for again. With
+    `grads_now` (only the first sum takes a gradient: no focus, no targets) the forward computes the
+    gradients for a unit gradient of that sum and the backward scales them."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0,
-                recompute_targets=False, row_kernels=False):
+                recompute_targets=False, row_kernels=False, grads_now=(False, False, False)):
         acc = _accumulation_dtype(h.dtype)
         with_kl = targets_rows is not None
+        early = any(grads_now)
         sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
-        lse = h.new_empty(h.shape[0], dtype=acc)
+        lse = h.new_empty(0 if early else h.shape[0], dtype=acc)
         lse_t = h.new_empty(h.shape[0] if with_kl else 0, dtype=acc)
+        grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, grads_now, acc)
+        w = weight.to(h.dtype) if early else None
         probs = []  # the targets' probabilities per chunk, kept for backward unless recomputed there
         for start in range(0, h.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, h.shape[0])
-            y = labels[start:end]
-            if row_kernels:  # one read of the head-dtype logits (kernels.softcap_ce)
-                lse_c, picked = softcap_ce_rows(_logits(h[start:end], weight, bias), y, cap)
-                ce = (lse_c - picked) * (y != IGNORE_INDEX)
-                sums[0] += ce.sum()
-                sums[1] += (ce * focus[start:end]).sum()
-                lse[start:end] = lse_c
-                continue
-            z, r = _logits_and_inverse_radius(h[start:end], weight, bias, cap, acc)
-            s = z.mul_(r).mul_(cap)
-            lse_c = torch.logsumexp(s, dim=-1)
-            ce = (lse_c - _picked(s, y)) * (y != IGNORE_INDEX)
+            h_c, y = h[start:end], labels[start:end]
+            valid = (y != IGNORE_INDEX).to(acc)
+            if row_kernels:  # one read of the head-dtype logits per pass (kernels.softcap_ce)
+                z = _logits(h_c, weight, bias)
+                lse_c, picked = softcap_ce_rows(z, y, cap)
+                ce = (lse_c - picked) * valid
+            else:
+                z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
+                s = z.mul_(r).mul_(cap)
+                lse_c = torch.logsumexp(s, dim=-1)
+                ce = (lse_c - _picked(s, y)) * valid
             sums[0] += ce.sum()
-            sums[1] += (ce * focus[start:end]).sum()
+            if focus is not None:
+                sums[1] += (ce * focus[start:end]).sum()
+            if early:  # the gradient of sums[0] while the logits exist: each token weighs 1
+                if row_kernels:
+                    d_z, d_b = softcap_ce_grad(z, y, lse_c, valid, cap)
+                else:
+                    d = _through_softcap(_grad_ce_rows(s, lse_c, y, valid), r, cap)
+                    d_z, d_b = d.to(h.dtype), d.sum(0)
+                _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
+                continue
             lse[start:end] = lse_c
             if with_kl:
                 # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
@@ -97,35 +140,35 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 sums[2] += log_q_c.sub_(s_t).mul_(q_c).sum() + lse_t[start:end].sum()
                 if not recompute_targets:
                     probs.append(q_c)
-        ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
+        if early:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        else:
+            ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
         ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs = cap, chunk_tokens, temperature, probs
         ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
-        ctx.with_kl, ctx.row_kernels = with_kl, row_kernels
+        ctx.with_kl, ctx.row_kernels, ctx.early = with_kl, row_kernels, early
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
         return sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
+        if ctx.early:
+            return _scaled_early_grads(ctx.saved_tensors, grad_sums[0], ctx.dtypes) + (None,) * 9
         h, weight, bias, labels, focus, lse, lse_t = ctx.saved_tensors
         cap, chunk_tokens, tau, probs = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs
         acc = lse.dtype
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, ctx.needs_input_grad[:3], acc)
         w = weight.to(h.dtype)
         for index, start in enumerate(range(0, h.shape[0], chunk_tokens)):
             end = min(start + chunk_tokens, h.shape[0])
             h_c, y = h[start:end], labels[start:end]
+            # each token's weight in the two sums
+            coef = grad_sums[0] if focus is None else grad_sums[0] + grad_sums[1] * focus[start:end].to(acc)
             if ctx.row_kernels:
-                d_h, d_b = _grad_logits_triton(h_c, weight, bias, y, lse[start:end], focus[start:end], grad_sums,
-                                               cap)
-                if need_h:
-                    torch.mm(d_h, w, out=grad_h[start:end])
-                if need_w:
-                    grad_w.add_(torch.mm(d_h.t(), h_c).to(acc))
-                if need_b:
-                    grad_b.add_(d_b)
+                coef = (coef * (y != IGNORE_INDEX)).contiguous()
+                d_z, d_b = softcap_ce_grad(_logits(h_c, weight, bias), y, lse[start:end], coef, cap)
+                _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
                 continue
             z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
             s = z.mul_(r).mul_(cap)
@@ -136,24 +179,19 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                        else _target_log_probs(ctx.targets_rows, start, end, tau, acc).exp_())
                 d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(q_c)
                         .mul_(grad_sums[2] / tau))
-            # dCE/ds = softmax(s) - onehot(y), scaled per token by its weight in the two sums.
-            d = s.sub_(lse[start:end].unsqueeze(1)).exp_()
-            valid = (y != IGNORE_INDEX).to(acc)
-            d.scatter_add_(1, y.clamp_min(0).unsqueeze(1), -valid.unsqueeze(1))
-            d.mul_(((grad_sums[0] + grad_sums[1] * focus[start:end].to(acc)) * valid).unsqueeze(1))
+            d = _grad_ce_rows(s, lse[start:end], y, coef)
             if d_kl is not None:
                 d.add_(d_kl)
-            # d softcap(z) / dz = cap * r - cap * z^2 * r^3 = cap^3 * r^3, as 1 - z^2 r^2 = cap^2 r^2.
-            d.mul_(r.pow_(3).mul_(cap**3))
-            d_h = d.to(h.dtype)
-            if need_h:
-                torch.mm(d_h, w, out=grad_h[start:end])
-            if need_w:
-                grad_w.add_(torch.mm(d_h.t(), h_c).to(acc))
-            if need_b:
-                grad_b.add_(d.sum(0))
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None, None, None, None, None)
+            d = _through_softcap(d, r, cap)
+            _add_chunk_grads(d.to(h.dtype), d.sum(0), h_c, w, grad_h, grad_w, grad_b, start, end)
+        grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                 None if grad_b is None else grad_b.to(bias.dtype))
+        return grads + (None,) * 9
+
+
+def _scaled_early_grads(saved, grad_sum, dtypes):
+    """The gradients computed in forward for a unit gradient of the CE sum, times its actual gradient."""
+    return tuple(None if g is None else g.mul(grad_sum).to(dtype) for g, dtype in zip(saved, dtypes))
 
 
 def _target_log_probs(targets_rows, start: int, end: int, temperature: float, acc: torch.dtype) -> torch.Tensor:
@@ -165,24 +203,32 @@ def _target_log_probs(targets_rows, start: int, end: int, temperature: float, ac
     return torch.log_softmax(t.to(acc) / temperature, dim=-1)
 
 
-def softcap_cross_entropy_sums(h, weight, bias, labels, focus, *, cap: float, chunk_tokens: int,
+def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: float, chunk_tokens: int,
                                targets_rows=None, temperature: float = 1.0,
-                               recompute_targets: bool = False, elementwise: str = "auto") -> torch.Tensor:
-    """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,), -100 labels counting
-    0; with `targets_rows(start, end)` -> target logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau)).
+                               recompute_targets: bool = False, elementwise: str = "auto",
+                               grads_in_forward: bool = True) -> torch.Tensor:
+    """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,; None: the second sum is 0),
+    -100 labels counting 0; with `targets_rows(start, end)` -> target logits, a third: the sum of
+    KL(softmax(t/tau) || softmax(s/tau)).
 
     `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
     fp32 probabilities (N x V) from forward to backward. `elementwise` says what runs the soft-cap and
     the cross-entropy on each chunk's logits: "triton" (the kernels of `kernels.softcap_ce`, CE only),
     "torch", or "auto" (Triton where the kernel backend is, for CE without KL, else PyTorch; the
-    environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice)."""
+    environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice). `grads_in_forward`
+    lets the forward compute the gradients where the first sum is the only differentiable term (no
+    `focus`, no targets; module docstring); False recomputes the logits in backward in every case."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     row_kernels = uses_row_kernels(h.device, h.dtype, targets_rows is not None, elementwise)
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
+    # Gradients in the forward where the CE sum is the only differentiable term (module docstring).
+    needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (h, weight, bias))
+    early = grads_in_forward and focus is None and targets_rows is None
+    grads_now = needs if early else (False, False, False)
     return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
-                                          temperature, recompute_targets, row_kernels)
+                                          temperature, recompute_targets, row_kernels, grads_now)
 
 
 def uses_row_kernels(device: torch.device, dtype: torch.dtype, with_kl: bool, elementwise: str = "auto") -> bool:
@@ -207,8 +253,8 @@ def uses_row_kernels(device: torch.device, dtype: torch.dtype, with_kl: bool, el
     return rows == "triton" or kernel_backend(device) == "triton"
 
 
-def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus, *, cap: float) -> torch.Tensor:
+def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus=None, *, cap: float) -> torch.Tensor:
     """Reference for `softcap_cross_entropy_sums`: whole logits, autograd through every op."""
     logits = softcap(F.linear(h, weight.to(h.dtype), bias.to(h.dtype)), cap)
     ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
-    return torch.stack([ce.sum(), (ce * focus).sum()])
+    return torch.stack([ce.sum(), (ce * focus).sum() if focus is not None else ce.new_zeros(())])

@@ -96,7 +96,7 @@ def lm_loss_chunked(
     chunk_tokens: int = 8192,
     focus: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean cross-entropy of soft-capped logits, chunked over tokens and recomputed in backward (`model.lm_loss`).
+    """Mean cross-entropy of soft-capped logits, chunked over tokens (`model.lm_loss`).
 
     Returns (mean over all tokens, mean over the tokens where the boolean `focus` (B,T) is set, or
     None without `focus`; 0 when it selects nothing). Never holds fp32 logits for more than
@@ -125,12 +125,12 @@ def lm_and_kl_loss_chunked(
     the head per chunk (forward and recomputation): the logits and their gradient products serve both terms."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
-    f = (focus.reshape(-1) if focus is not None else torch.zeros_like(y, dtype=torch.bool)).to(h.dtype)
+    f = None if focus is None else focus.reshape(-1).to(h.dtype)
     total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens,
                                        targets_rows=target_logits_rows, temperature=temperature,
                                        recompute_targets=recompute_targets)
     n = max(y.numel(), 1)
-    focus_mean = None if focus is None else total[1] / f.sum().clamp_min(1)
+    focus_mean = None if f is None else total[1] / f.sum().clamp_min(1)
     kl = None if target_logits_rows is None else total[2] * temperature**2 / n
     return total[0] / n, focus_mean, kl
 

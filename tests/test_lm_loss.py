@@ -56,31 +56,107 @@ def test_gradcheck():
         lambda h, w, b: softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4), (h, w, b))
 
 
-def check_bf16_against_oracle(device: str, n: int, d: int, v: int, chunk: int):
-    """Fused bf16 sums and gradients no further from the fp64 oracle than the naive path's."""
+@pytest.mark.parametrize("chunk", [1, 5, 37, 10_000])
+def test_gradients_computed_in_forward_equal_naive_in_fp64(chunk):
+    """Without a focus mask the forward computes the gradients and the backward scales them by the CE
+    sum's gradient (here 0.7; the second sum is 0 and its gradient of 1.3 must change nothing)."""
+    h, w, b, y, _ = case()
+    fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h, w, b, targets=(y,), chunk_tokens=chunk)
+    naive, naive_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h, w, b, targets=(y,))
+    assert fused[1] == 0
+    torch.testing.assert_close(fused, naive, rtol=1e-12, atol=1e-12)
+    for got, want, name in zip(fused_grads, naive_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_gradcheck_with_gradients_computed_in_forward():
+    h, w, b, y, _ = case(n=9, d=3, v=7)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: softcap_cross_entropy_sums(h, w, b, y, cap=CAP, chunk_tokens=4), (h, w, b))
+
+
+def products_per_pass(fn):
+    """Matrix products dispatched by `fn()` (forward) and by the backward of its summed result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = {"now": 0}
+
+    class Products(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts["now"] += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+            return func(*args, **(kwargs or {}))
+
+    with Products():
+        out = fn()
+    forward, counts["now"] = counts["now"], 0
+    if out.requires_grad:
+        with Products():
+            out.sum().backward()
+    return forward, counts["now"]
+
+
+@pytest.mark.parametrize("kind", ["no focus", "recomputed", "focus", "no grad", "frozen head"])
+def test_the_head_runs_three_products_per_chunk_in_forward_without_focus_else_one_plus_three(kind):
+    """4 chunks: the logits and, where the CE sum alone is differentiable, dh and dW in forward (nothing
+    left for backward); otherwise the logits in forward and again in backward with dh and dW."""
+    h, w, b, y, focus = case(n=37, d=8, v=50)
+    if kind == "frozen head":
+        w, b = w.detach(), b.detach()
+    kw = {"focus": focus} if kind == "focus" else {"grads_in_forward": False} if kind == "recomputed" else {}
+
+    def loss():
+        return softcap_cross_entropy_sums(h, w, b, y, cap=CAP, chunk_tokens=10, **kw)
+
+    if kind == "no grad":
+        with torch.no_grad():
+            assert products_per_pass(loss) == (4, 0)
+        return
+    expected = {"no focus": (12, 0), "frozen head": (8, 0), "recomputed": (4, 12), "focus": (4, 12)}[kind]
+    assert products_per_pass(loss) == expected
+    assert h.grad is not None and (w.grad is None) == (kind == "frozen head")
+
+
+def test_the_models_lm_loss_computes_its_gradients_in_forward():
+    from model.modeling import lm_loss_chunked
+
+    h, w, b, y, focus = case(n=37, d=8, v=50)
+    hidden, labels = h.reshape(1, 37, 8), y.reshape(1, 37)
+    assert products_per_pass(lambda: lm_loss_chunked(hidden, w, b, labels, cap=CAP, chunk_tokens=10)[0]) == (12, 0)
+    with_focus = focus.bool().reshape(1, 37)
+    assert products_per_pass(lambda: sum(lm_loss_chunked(hidden, w, b, labels, cap=CAP, chunk_tokens=10,
+                                                         focus=with_focus))) == (4, 12)
+
+
+def check_bf16_against_oracle(device: str, n: int, d: int, v: int, chunk: int, with_focus: bool = True):
+    """Fused bf16 sums and gradients no further from the fp64 oracle than the naive path's (without a focus
+    mask the fused path computes its gradients in the forward)."""
     h, w, b, y, focus = (t.to(device) for t in case(n=n, d=d, v=v, dtype=torch.float32, scale=1.0))
     w, b = (t.detach().requires_grad_() for t in (w, b))
     h16 = h.detach().bfloat16().requires_grad_()
-    fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h16, w, b, targets=(y, focus), chunk_tokens=chunk)
-    naive, naive_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h16, w, b, targets=(y, focus))
+    targets, targets64 = ((y, focus), (y, focus.double())) if with_focus else ((y,), (y,))
+    fused, fused_grads = sums_and_grads(softcap_cross_entropy_sums, h16, w, b, targets=targets, chunk_tokens=chunk)
+    naive, naive_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h16, w, b, targets=targets)
     h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h16, w, b))
-    exact, exact_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h64, w64, b64, targets=(y, focus.double()))
+    exact, exact_grads = sums_and_grads(softcap_cross_entropy_sums_naive, h64, w64, b64, targets=targets64)
     assert fused_grads[0].dtype == torch.bfloat16 and fused_grads[1].dtype == torch.float32
     for got, ref, want in zip((fused, *fused_grads), (naive, *naive_grads), (exact, *exact_grads)):
         err, ref_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
         assert err <= 2 * ref_err + 1e-6, (err, ref_err)
 
 
-def test_bf16_rows_are_as_close_to_the_fp64_oracle_as_the_naive_path():
-    check_bf16_against_oracle("cpu", n=64, d=16, v=96, chunk=20)
+@pytest.mark.parametrize("with_focus", [True, False], ids=["focus", "grads-in-forward"])
+def test_bf16_rows_are_as_close_to_the_fp64_oracle_as_the_naive_path(with_focus):
+    check_bf16_against_oracle("cpu", n=64, d=16, v=96, chunk=20, with_focus=with_focus)
 
 
 @pytest.mark.gpu
-def test_bf16_on_the_gpu_at_a_training_shape():
-    check_bf16_against_oracle("cuda", n=4096, d=256, v=8192, chunk=1024)
+@pytest.mark.parametrize("with_focus", [True, False], ids=["focus", "grads-in-forward"])
+def test_bf16_on_the_gpu_at_a_training_shape(with_focus):
+    check_bf16_against_oracle("cuda", n=4096, d=256, v=8192, chunk=1024, with_focus=with_focus)
 
 
-def test_logits_are_recomputed_in_backward_not_saved():
+@pytest.mark.parametrize("with_focus", [True, False], ids=["recomputed", "grads-in-forward"])
+def test_no_logits_sized_tensor_is_kept_for_backward(with_focus):
     n, v = 64, 96
     h, w, b, y, focus = case(n=n, d=8, v=v)
     saved = []
@@ -90,7 +166,7 @@ def test_logits_are_recomputed_in_backward_not_saved():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        sums = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=16)
+        sums = softcap_cross_entropy_sums(h, w, b, y, focus if with_focus else None, cap=CAP, chunk_tokens=16)
     sums.sum().backward()
     assert saved and max(saved) < 16 * v, f"a logits-sized tensor was kept for backward: {sorted(saved)}"
 
@@ -224,8 +300,10 @@ def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
     assert bench_loss.main(["--tokens", "64", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16",
                             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["ms"]) == {"fused", "naive chunked (baseline)"} and record["speedup"] > 0
-    assert "fused speedup" in capsys.readouterr().out
+    assert set(record["ms"]) == {"fused", "fused, logits recomputed", "naive chunked (baseline)"}
+    assert record["speedup"] > 0 and record["grads_in_forward_speedup"] > 0
+    printed = capsys.readouterr().out
+    assert "fused speedup" in printed and "gradients in forward" in printed
 
 
 def test_the_loss_benchmark_keeps_the_first_paths_figure_when_the_second_is_cut_short(tmp_path, monkeypatch):

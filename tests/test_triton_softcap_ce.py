@@ -91,23 +91,33 @@ def sums_and_grads(fn, h, w, b, y, focus, **kw):
     return [sums.detach(), *grads]
 
 
+# Without a focus mask the loss computes its gradients in the forward (model.lm_loss).
+FOCUS = pytest.mark.parametrize("with_focus", [True, False], ids=["focus", "grads-in-forward"])
+
+
 @interpreted
+@FOCUS
 @pytest.mark.parametrize("chunk", [5, 37, 10_000])
-def test_interpreted_fused_loss_on_the_kernels_equals_the_naive_loss(chunk):
+def test_interpreted_fused_loss_on_the_kernels_equals_the_naive_loss(chunk, with_focus):
     h, w, b, y, focus = loss_case()
+    focus = focus if with_focus else None
     got = sums_and_grads(softcap_cross_entropy_sums, h, w, b, y, focus, chunk_tokens=chunk, elementwise="triton")
     want = sums_and_grads(softcap_cross_entropy_sums_naive, *(t.detach().double().requires_grad_()
-                                                              for t in (h, w, b)), y, focus.double())
+                                                              for t in (h, w, b)), y,
+                          None if focus is None else focus.double())
     for name, a, e in zip(("sums", "hidden", "weight", "bias"), got, want):
         assert a.dtype == torch.float32, name
         assert rel_max_err(a, e) < 2e-5, name
 
 
 @interpreted
-def test_interpreted_bf16_loss_on_the_kernels_is_as_close_to_the_oracle_as_the_pytorch_rows():
+@FOCUS
+def test_interpreted_bf16_loss_on_the_kernels_is_as_close_to_the_oracle_as_the_pytorch_rows(with_focus):
     h, w, b, y, focus = loss_case(n=64, d=16, v=96, dtype=torch.bfloat16, seed=2)
+    focus = focus if with_focus else None
     exact = sums_and_grads(softcap_cross_entropy_sums_naive, *(t.detach().double().requires_grad_()
-                                                               for t in (h, w, b)), y, focus.double())
+                                                               for t in (h, w, b)), y,
+                           None if focus is None else focus.double())
     kernels = sums_and_grads(softcap_cross_entropy_sums, h, w, b, y, focus, chunk_tokens=20, elementwise="triton")
     pytorch = sums_and_grads(softcap_cross_entropy_sums, h, w, b, y, focus, chunk_tokens=20, elementwise="torch")
     assert kernels[1].dtype == torch.bfloat16 and kernels[2].dtype == torch.float32
@@ -166,7 +176,8 @@ def test_interpreted_loss_benchmark_times_the_pytorch_rows_beside_the_kernels(tm
     assert bench_loss.main(["--tokens", "24", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16",
                             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["ms"]) == {"fused", "fused, PyTorch rows", "naive chunked (baseline)"}
+    assert set(record["ms"]) == {"fused", "fused, logits recomputed", "fused, PyTorch rows",
+                                 "naive chunked (baseline)"}
     assert all(ms > 0 for ms in record["ms"].values()) and record["row_kernels_speedup"] > 0
     assert "Triton rows over PyTorch rows" in capsys.readouterr().out
     # With the rows switched back to PyTorch there is nothing to compare them with.
@@ -174,13 +185,15 @@ def test_interpreted_loss_benchmark_times_the_pytorch_rows_beside_the_kernels(tm
     assert bench_loss.main(["--tokens", "24", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16",
                             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["ms"]) == {"fused", "naive chunked (baseline)"} and "row_kernels_speedup" not in record
+    assert set(record["ms"]) == {"fused", "fused, logits recomputed", "naive chunked (baseline)"}
+    assert "row_kernels_speedup" not in record
 
 
 @interpreted
-def test_interpreted_kernels_read_and_write_the_logits_seven_times(tmp_path, monkeypatch):
-    """bf16 logits (2 bytes each): written by the head and read by the forward kernel; in backward written
-    again, read by the gradient kernel, which writes dz, read by the two products: 14 bytes per logit."""
+def test_interpreted_kernels_read_and_write_the_logits_six_times(tmp_path, monkeypatch):
+    """bf16 logits (2 bytes each), gradients in the forward: written by the head, read by the forward kernel
+    and by the gradient kernel, which writes dz, read by the two products: 12 bytes per logit. Recomputed
+    in backward, the head writes them once more and the gradient kernel reads that copy: 14."""
     import json
 
     from model import bench_loss
@@ -191,7 +204,8 @@ def test_interpreted_kernels_read_and_write_the_logits_seven_times(tmp_path, mon
                             "40", "--dtype", "bf16", "--device", "cpu", "--json", str(out)]) == 0
     traffic = json.loads(out.read_text())["traffic"]
     logits = 96 * 300
-    assert traffic["fused"] == {"bytes": 14 * logits, "ops": 6 * 3}  # 3 chunks
+    assert traffic["fused"] == {"bytes": 12 * logits, "ops": 5 * 3}  # 3 chunks
+    assert traffic["fused, logits recomputed"] == {"bytes": 14 * logits, "ops": 6 * 3}
     assert traffic["fused, PyTorch rows"]["bytes"] > 10 * traffic["fused"]["bytes"]
 
 
@@ -234,7 +248,8 @@ def test_the_kernels_refuse_what_they_cannot_take():
 
 
 @pytest.mark.gpu
-def test_gpu_loss_on_the_kernels_at_the_training_head():
+@FOCUS
+def test_gpu_loss_on_the_kernels_at_the_training_head(with_focus):
     """atma-378m's head (hidden 1024, vocabulary 50,304), bf16, 2 chunks: kernels vs PyTorch rows vs fp64."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     n, d, v = 4096, 1024, 50304
@@ -246,7 +261,7 @@ def test_gpu_loss_on_the_kernels_at_the_training_head():
     focus = (torch.rand(n, device="cuda", generator=gen) < 0.2).bfloat16()
 
     def run(fn, *leaves, **kw):
-        sums = fn(*leaves, y, focus.to(leaves[0].dtype), cap=CAP, **kw)
+        sums = fn(*leaves, y, focus.to(leaves[0].dtype) if with_focus else None, cap=CAP, **kw)
         weights = torch.tensor([0.7, 1.3], device="cuda", dtype=sums.dtype)
         return [sums.detach(), *torch.autograd.grad((sums * weights).sum(), leaves)]
 
