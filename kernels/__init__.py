@@ -6,7 +6,8 @@ backend is chosen per call from the tensors' device and `ATMA_KERNELS=triton|tor
 every Polar path uses, for callers that need the same t and nu (the distractor loss);
 `POLAR_EPS` and `compute_dtype` are the Polar clamp and dtype rules, for the one-token decoding
 step that evaluates the same reduction outside the kernels.
-`softcap_ce_rows` / `softcap_ce_grad` are the LM head loss's row passes in Triton, which
+`softcap_ce_rows` / `softcap_ce_grad` are the LM head loss's row passes in Triton (with or without
+the distillation KL), which
 `model.lm_loss` calls per chunk where the backend is Triton (its PyTorch rows are its own).
 `NON_COMPUTING_OPS` names the ATen ops without a kernel of their own, for dispatch counts.
 One folder per operation (`polar/`, `gated_delta/`, `causal_conv/`, `softcap_ce/`) holds its

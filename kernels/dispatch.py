@@ -72,17 +72,23 @@ def causal_conv1d(x, weight):
     return impl(x, weight)
 
 
-def softcap_ce_rows(z, labels, cap: float):
+def softcap_ce_rows(z, labels, cap: float, targets=None, tau: float = 1.0):
     """Triton: per row of pre-cap logits z (N, V), the logsumexp of the soft-capped row and the capped
-    logit at the label (0 where -100), both fp32 (SPEC §2.1, §5.1)."""
-    from .softcap_ce.triton_impl import softcap_ce_rows_triton
+    logit at the label (0 where -100), fp32 (SPEC §2.1, §5.1); with target logits `targets` (N, V) also
+    the logsumexp of s / tau and of targets / tau and KL(softmax(targets / tau) || softmax(s / tau))."""
+    from .softcap_ce.triton_impl import softcap_ce_kl_rows_triton, softcap_ce_rows_triton
 
-    return softcap_ce_rows_triton(z, labels, cap)
+    if targets is None:
+        return softcap_ce_rows_triton(z, labels, cap)
+    return softcap_ce_kl_rows_triton(z, targets, labels, cap, tau)
 
 
-def softcap_ce_grad(z, labels, lse, coef, cap: float):
+def softcap_ce_grad(z, labels, lse, coef, cap: float, *, targets=None, lse_st=None, lse_u=None, kl_coef=None,
+                    tau: float = 1.0):
     """Triton: d(sum_i coef_i CE_i) / dz (N, V) in z's dtype and its fp32 sum over rows, given each row's
-    logsumexp `lse`."""
-    from .softcap_ce.triton_impl import softcap_ce_grad_triton
+    logsumexp `lse`; with `targets`, plus kl_coef_i tau KL_i, given the forward's lse_st and lse_u."""
+    from .softcap_ce.triton_impl import softcap_ce_grad_triton, softcap_ce_kl_grad_triton
 
-    return softcap_ce_grad_triton(z, labels, lse, coef, cap)
+    if targets is None:
+        return softcap_ce_grad_triton(z, labels, lse, coef, cap)
+    return softcap_ce_kl_grad_triton(z, labels, lse, coef, targets, lse_st, lse_u, kl_coef, cap, tau)

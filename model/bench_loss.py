@@ -6,7 +6,9 @@ each elementwise op of the soft-cap and the cross-entropy its own tensor), which
 was computed before the fused path. The loss is the training's LM term (no focus mask), so the
 fused path computes its gradients in the forward; the same path with the logits recomputed in
 backward is timed too, and where it runs its rows in the Triton kernels of `kernels.softcap_ce` (a
-GPU), the same path with its rows in PyTorch. All are checked to agree before any timing. Prints ms per call (median), the ratios, and writes everything to
+GPU), the same path with its rows in PyTorch. With `--distill` the loss is the LM term and the
+distillation KL to random target logits (temperature 2) from the same pass of the head. All are
+checked to agree before any timing. Prints ms per call (median), the ratios, and writes everything to
 `--json` (after each path, so a time limit on a later one keeps the earlier figures).
 """
 
@@ -31,15 +33,20 @@ from .lm_loss import (CPU_LOGITS_PER_CHUNK, softcap_cross_entropy_sums, softcap_
 BASELINE = "naive chunked (baseline)"
 TORCH_ROWS = "fused, PyTorch rows"
 RECOMPUTED = "fused, logits recomputed"
+DISTILL_TEMPERATURE = 2.0
 
 
-def naive_chunked(h, w, b, y, *, cap: float, chunk_tokens: int) -> torch.Tensor:
-    """The baseline: the naive sums chunk by chunk, each chunk recomputed in backward."""
+def naive_chunked(h, w, b, y, *, cap: float, chunk_tokens: int, targets=None, temperature: float = 1.0):
+    """The baseline: the naive sums chunk by chunk (with `targets`, the KL's too), each chunk recomputed in
+    backward."""
+    def chunk_sums(h_c, w, b, y_c, t_c):
+        return softcap_cross_entropy_sums_naive(h_c, w, b, y_c, cap=cap, targets=t_c, temperature=temperature)
+
     total = 0
     for start in range(0, h.shape[0], chunk_tokens):
         rows = slice(start, start + chunk_tokens)
-        total = total + checkpoint(lambda h_c, w, b, y_c: softcap_cross_entropy_sums_naive(
-            h_c, w, b, y_c, cap=cap), h[rows], w, b, y[rows], use_reentrant=False)
+        total = total + checkpoint(chunk_sums, h[rows], w, b, y[rows], None if targets is None else targets[rows],
+                                   use_reentrant=False)
     return total
 
 
@@ -118,6 +125,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tensors (at least 3 rows, larger than the head's weight: keep --hidden small) in one "
                         "forward + backward, per logit; no GPU needed (the Triton rows run on the CPU with "
                         "TRITON_INTERPRET=1 ATMA_KERNELS=triton)")
+    p.add_argument("--distill", action="store_true",
+                   help="the LM term and the distillation KL to random target logits in the head's dtype "
+                        "(temperature 2), kept from forward to backward as training keeps them")
     p.add_argument("--json", metavar="PATH", type=writable_file, help="write the results as JSON")
     args = p.parse_args(argv)
     if min(args.tokens, args.hidden, args.vocab, args.chunk_tokens, args.repeats) < 1 or args.warmup < 0:
@@ -154,13 +164,18 @@ def main(argv=None) -> int:
     w.requires_grad_()
     b = torch.zeros(args.vocab, device=device, dtype=dtype, requires_grad=True)
     y = torch.randint(0, args.vocab, (args.tokens,), device=device, generator=g)
-    paths = {"fused": lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens),
-             RECOMPUTED: lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens,
-                                                               grads_in_forward=False)}
-    if uses_row_kernels(h.device, h.dtype, False):  # the fused path with its rows in PyTorch, as before the kernels
-        paths[TORCH_ROWS] = lambda *t: softcap_cross_entropy_sums(*t, cap=15.0, chunk_tokens=args.chunk_tokens,
-                                                                  elementwise="torch")
-    paths[BASELINE] = lambda *t: naive_chunked(*t, cap=15.0, chunk_tokens=args.chunk_tokens)
+    kw = {"cap": 15.0, "chunk_tokens": args.chunk_tokens}
+    targets = None
+    if args.distill:
+        targets = (4.0 * torch.randn(args.tokens, args.vocab, device=device, generator=g)).to(dtype)
+        kw.update(temperature=DISTILL_TEMPERATURE)
+    fused_kw = dict(kw, targets_rows=None if targets is None else (lambda start, end: targets[start:end]))
+    paths = {"fused": lambda *t: softcap_cross_entropy_sums(*t, **fused_kw)}
+    if targets is None:  # with the KL term the logits are recomputed in backward either way
+        paths[RECOMPUTED] = lambda *t: softcap_cross_entropy_sums(*t, **fused_kw, grads_in_forward=False)
+    if uses_row_kernels(h.device, h.dtype):  # the fused path with its rows in PyTorch, as before the kernels
+        paths[TORCH_ROWS] = lambda *t: softcap_cross_entropy_sums(*t, **fused_kw, elementwise="torch")
+    paths[BASELINE] = lambda *t: naive_chunked(*t, **kw, targets=targets)
     inputs = (h, w, b, y)
     sums = {name: fn(*inputs).detach().double() for name, fn in paths.items()}
     for name, value in sums.items():
@@ -178,16 +193,19 @@ def main(argv=None) -> int:
         save_record(record, args.json)
     ms = record["ms"]
     record["speedup"] = ms[BASELINE] / ms["fused"]
-    record["grads_in_forward_speedup"] = ms[RECOMPUTED] / ms["fused"]
+    if RECOMPUTED in ms:
+        record["grads_in_forward_speedup"] = ms[RECOMPUTED] / ms["fused"]
     if TORCH_ROWS in ms:
         record["row_kernels_speedup"] = ms[TORCH_ROWS] / ms["fused"]
     save_record(record, args.json)
-    print(f"{args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype} on {record['device']}, "
+    loss = "LM + distillation KL" if args.distill else "LM"
+    print(f"{loss}: {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype} on {record['device']}, "
           f"chunk {args.chunk_tokens} tokens; forward + backward, median of {args.repeats}")
     for name, value in ms.items():
         print(f"  {name:<32} {value:9.2f} ms")
     print(f"  fused speedup                    {record['speedup']:9.2f}x (same run)")
-    print(f"  gradients in forward             {record['grads_in_forward_speedup']:9.2f}x (same run)")
+    if RECOMPUTED in ms:
+        print(f"  gradients in forward             {record['grads_in_forward_speedup']:9.2f}x (same run)")
     if TORCH_ROWS in ms:
         print(f"  Triton rows over PyTorch rows    {record['row_kernels_speedup']:9.2f}x (same run)")
     return 0

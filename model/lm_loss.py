@@ -102,17 +102,28 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
         early = any(grads_now)
         sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
         lse = h.new_empty(0 if early else h.shape[0], dtype=acc)
-        lse_t = h.new_empty(h.shape[0] if with_kl else 0, dtype=acc)
+        lse_t = h.new_empty(h.shape[0] if with_kl else 0, dtype=acc)  # logsumexp of s / tau
+        lse_u = h.new_empty(h.shape[0] if with_kl and row_kernels else 0, dtype=acc)  # of targets / tau
         grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, grads_now, acc)
         w = weight.to(h.dtype) if early else None
-        probs = []  # the targets' probabilities per chunk, kept for backward unless recomputed there
+        # per chunk, kept for backward unless recomputed there: the targets' probabilities (PyTorch rows) or
+        # their logits (the kernels)
+        kept = []
         for start in range(0, h.shape[0], chunk_tokens):
             end = min(start + chunk_tokens, h.shape[0])
             h_c, y = h[start:end], labels[start:end]
             valid = (y != IGNORE_INDEX).to(acc)
-            if row_kernels:  # one read of the head-dtype logits per pass (kernels.softcap_ce)
+            if row_kernels:  # one read of the head-dtype logits (and targets) per pass (kernels.softcap_ce)
                 z = _logits(h_c, weight, bias)
-                lse_c, picked = softcap_ce_rows(z, y, cap)
+                if with_kl:
+                    t_c = _kernel_targets(targets_rows, start, end)
+                    lse_c, picked, lse_t[start:end], lse_u[start:end], kl_c = softcap_ce_rows(
+                        z, y, cap, t_c, temperature)
+                    sums[2] += kl_c.sum()
+                    if not recompute_targets:
+                        kept.append(t_c)
+                else:
+                    lse_c, picked = softcap_ce_rows(z, y, cap)
                 ce = (lse_c - picked) * valid
             else:
                 z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
@@ -131,7 +142,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
                 continue
             lse[start:end] = lse_c
-            if with_kl:
+            if with_kl and not row_kernels:
                 # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
                 log_q_c = _target_log_probs(targets_rows, start, end, temperature, acc)
                 q_c = log_q_c.exp()
@@ -139,12 +150,12 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
                 sums[2] += log_q_c.sub_(s_t).mul_(q_c).sum() + lse_t[start:end].sum()
                 if not recompute_targets:
-                    probs.append(q_c)
+                    kept.append(q_c)
         if early:
             ctx.save_for_backward(grad_h, grad_w, grad_b)
         else:
-            ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t)
-        ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs = cap, chunk_tokens, temperature, probs
+            ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t, lse_u)
+        ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.kept = cap, chunk_tokens, temperature, kept
         ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
         ctx.with_kl, ctx.row_kernels, ctx.early = with_kl, row_kernels, early
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
@@ -155,8 +166,8 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
     def backward(ctx, grad_sums):
         if ctx.early:
             return _scaled_early_grads(ctx.saved_tensors, grad_sums[0], ctx.dtypes) + (None,) * 9
-        h, weight, bias, labels, focus, lse, lse_t = ctx.saved_tensors
-        cap, chunk_tokens, tau, probs = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.probs
+        h, weight, bias, labels, focus, lse, lse_t, lse_u = ctx.saved_tensors
+        cap, chunk_tokens, tau, kept = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.kept
         acc = lse.dtype
         grad_h, grad_w, grad_b = _grad_buffers(h, weight, bias, ctx.needs_input_grad[:3], acc)
         w = weight.to(h.dtype)
@@ -167,7 +178,12 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             coef = grad_sums[0] if focus is None else grad_sums[0] + grad_sums[1] * focus[start:end].to(acc)
             if ctx.row_kernels:
                 coef = (coef * (y != IGNORE_INDEX)).contiguous()
-                d_z, d_b = softcap_ce_grad(_logits(h_c, weight, bias), y, lse[start:end], coef, cap)
+                kl = {}
+                if ctx.with_kl:
+                    t_c = kept[index] if ctx.targets_rows is None else _kernel_targets(ctx.targets_rows, start, end)
+                    kl = dict(targets=t_c, lse_st=lse_t[start:end], lse_u=lse_u[start:end], tau=tau,
+                              kl_coef=(grad_sums[2] / tau).to(acc).expand(end - start).contiguous())
+                d_z, d_b = softcap_ce_grad(_logits(h_c, weight, bias), y, lse[start:end], coef, cap, **kl)
                 _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
                 continue
             z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
@@ -175,7 +191,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             # dKL/ds = (softmax(s / tau) - q) / tau, before s is overwritten by the CE gradient below.
             d_kl = None
             if ctx.with_kl:
-                q_c = (probs[index] if ctx.targets_rows is None
+                q_c = (kept[index] if ctx.targets_rows is None
                        else _target_log_probs(ctx.targets_rows, start, end, tau, acc).exp_())
                 d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(q_c)
                         .mul_(grad_sums[2] / tau))
@@ -194,13 +210,27 @@ def _scaled_early_grads(saved, grad_sum, dtypes):
     return tuple(None if g is None else g.mul(grad_sum).to(dtype) for g, dtype in zip(saved, dtypes))
 
 
-def _target_log_probs(targets_rows, start: int, end: int, temperature: float, acc: torch.dtype) -> torch.Tensor:
-    """log softmax(targets / tau) of rows start:end of `targets_rows(start, end)`, without autograd."""
+def _target_logits(targets_rows, start: int, end: int) -> torch.Tensor:
+    """Rows start:end of `targets_rows(start, end)`, without autograd."""
     with torch.no_grad():
         t = targets_rows(start, end)
     if t.shape[0] != end - start:
         raise ValueError(f"target logits have {t.shape[0]} rows for tokens {start}:{end}")
-    return torch.log_softmax(t.to(acc) / temperature, dim=-1)
+    return t
+
+
+def _target_log_probs(targets_rows, start: int, end: int, temperature: float, acc: torch.dtype) -> torch.Tensor:
+    """log softmax(targets / tau) of rows start:end of `targets_rows(start, end)`, without autograd."""
+    return torch.log_softmax(_target_logits(targets_rows, start, end).to(acc) / temperature, dim=-1)
+
+
+def _kernel_targets(targets_rows, start: int, end: int) -> torch.Tensor:
+    """Target logits of rows start:end as the kernels read them: their dtype (fp32 if they have none of the
+    kernels'), contiguous columns."""
+    t = _target_logits(targets_rows, start, end)
+    if t.dtype not in TRITON_DTYPES:
+        t = t.float()
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: float, chunk_tokens: int,
@@ -212,15 +242,15 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: floa
     KL(softmax(t/tau) || softmax(s/tau)).
 
     `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
-    fp32 probabilities (N x V) from forward to backward. `elementwise` says what runs the soft-cap and
-    the cross-entropy on each chunk's logits: "triton" (the kernels of `kernels.softcap_ce`, CE only),
-    "torch", or "auto" (Triton where the kernel backend is, for CE without KL, else PyTorch; the
-    environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice). `grads_in_forward`
+    probabilities (N x V; with the kernels, the target logits in their dtype) from forward to backward.
+    `elementwise` says what runs the soft-cap, the cross-entropy and the KL on each chunk's logits:
+    "triton" (the kernels of `kernels.softcap_ce`), "torch", or "auto" (Triton where the kernel backend
+    is, else PyTorch; the environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice). `grads_in_forward`
     lets the forward compute the gradients where the first sum is the only differentiable term (no
     `focus`, no targets; module docstring); False recomputes the logits in backward in every case."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    row_kernels = uses_row_kernels(h.device, h.dtype, targets_rows is not None, elementwise)
+    row_kernels = uses_row_kernels(h.device, h.dtype, elementwise)
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
     # Gradients in the forward where the CE sum is the only differentiable term (module docstring).
@@ -231,17 +261,16 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: floa
                                           temperature, recompute_targets, row_kernels, grads_now)
 
 
-def uses_row_kernels(device: torch.device, dtype: torch.dtype, with_kl: bool, elementwise: str = "auto") -> bool:
+def uses_row_kernels(device: torch.device, dtype: torch.dtype, elementwise: str = "auto") -> bool:
     """Whether the Triton row kernels run the chunks of a head input on `device` in `dtype` (see
     `softcap_cross_entropy_sums`)."""
     choices = ("auto", "triton", "torch")
     if elementwise not in choices:
         raise ValueError(f"elementwise must be auto, triton or torch, got {elementwise!r}")
-    fits = dtype in TRITON_DTYPES and not with_kl
+    fits = dtype in TRITON_DTYPES
     if elementwise == "triton":
         if not fits:
-            raise ValueError(f"elementwise='triton' takes the CE without KL on {TRITON_DTYPES} inputs, "
-                             f"got {dtype}{' with KL' if with_kl else ''}")
+            raise ValueError(f"elementwise='triton' takes {TRITON_DTYPES} inputs, got {dtype}")
         return True
     if elementwise == "torch":
         return False
@@ -253,8 +282,16 @@ def uses_row_kernels(device: torch.device, dtype: torch.dtype, with_kl: bool, el
     return rows == "triton" or kernel_backend(device) == "triton"
 
 
-def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus=None, *, cap: float) -> torch.Tensor:
-    """Reference for `softcap_cross_entropy_sums`: whole logits, autograd through every op."""
+def softcap_cross_entropy_sums_naive(h, weight, bias, labels, focus=None, *, cap: float, targets=None,
+                                     temperature: float = 1.0) -> torch.Tensor:
+    """Reference for `softcap_cross_entropy_sums`: whole logits, autograd through every op; with target logits
+    `targets` (N, V) the third sum, the KL to them, in fp32 (fp64 for fp64 inputs)."""
     logits = softcap(F.linear(h, weight.to(h.dtype), bias.to(h.dtype)), cap)
     ce = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_INDEX)
-    return torch.stack([ce.sum(), (ce * focus).sum() if focus is not None else ce.new_zeros(())])
+    sums = [ce.sum(), (ce * focus).sum() if focus is not None else ce.new_zeros(())]
+    if targets is not None:
+        acc = _accumulation_dtype(h.dtype)
+        log_p = torch.log_softmax(logits.to(acc) / temperature, dim=-1)
+        log_q = torch.log_softmax(targets.to(acc) / temperature, dim=-1)
+        sums = [x.to(acc) for x in sums] + [F.kl_div(log_p, log_q, log_target=True, reduction="sum")]
+    return torch.stack(sums)

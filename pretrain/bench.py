@@ -561,7 +561,7 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "activation_checkpointing": case.checkpointing, "compile": case.compile,
         "resolved_compile": runner.cfg.train.compile_method if runner_compiles(runner) else "off",
         "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, runner.config, args),
-        "loss_rows": loss_rows(runner.device, runner.cfg.loss.distill_weight > 0),
+        "loss_rows": loss_rows(runner.device),
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "optimizer": runner.cfg.optim.name,
         "loss_terms": runner.loss_terms, "teacher": runner.cfg.loss.teacher if runner.step.teacher else None,
         "run_config": args.config, "run_config_set": args.set,
@@ -606,12 +606,12 @@ def memory_kernel(device: torch.device, config, args) -> str:
     return "chunked, triton carry" if fits else "torch"
 
 
-def loss_rows(device: torch.device, distill: bool) -> str:
-    """What runs the LM head loss's rows here: "triton" (kernels.softcap_ce) or "torch" (bf16 and fp32
-    training take the same path; with distillation the KL term keeps PyTorch's)."""
+def loss_rows(device: torch.device) -> str:
+    """What runs the LM head loss's rows here (with the distillation term too): "triton" (kernels.softcap_ce)
+    or "torch" (bf16 and fp32 training take the same path)."""
     from model.lm_loss import uses_row_kernels
 
-    return "triton" if uses_row_kernels(device, torch.bfloat16, distill) else "torch"
+    return "triton" if uses_row_kernels(device, torch.bfloat16) else "torch"
 
 
 def error_text(exc: BaseException) -> str:
@@ -812,8 +812,7 @@ def main(argv=None) -> int:
     print(f"code {describe_code(provenance['code_version'])}; {libraries}")
     if memory:
         print(f"memory path: {memory_kernel(device, case_model_config(cases[0], args), args)}")
-    distill = args.run_config is not None and args.run_config.loss.distill_weight > 0
-    print(f"LM head loss rows: {loss_rows(device, distill)}")
+    print(f"LM head loss rows: {loss_rows(device)}")
     if args.fla_timing_only:
         print("FLA TIMING ONLY: flash-linear-attention's backward runs even where its gradients are known to be "
               "wrong (guard bypassed); these figures are timings, not a configuration to train with")

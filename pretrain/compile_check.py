@@ -14,7 +14,8 @@ path training takes on that GPU with the installed versions: flash-linear-attent
 kernels where its guard accepts them, else the chunked path with its Triton state carry
 (Hopper with triton < 3.7.1; `--fla-timing-only` compiles FLA's kernels there, as the
 benchmarks' switch of that name launches them). The Polar backward runs three times, as the
-two-pass default and the one-pass and split options.
+two-pass default and the one-pass and split options; the last pass adds the distillation term, so
+the LM head loss's kernels are compiled with and without it.
 
 The exit status is 1 when a launch has no candidate that compiles and fits (the step would fail
 there on that GPU), 0 otherwise. Candidates that fail or do not fit are listed; the autotuner
@@ -84,12 +85,15 @@ def run_training_step(preset: str, seq_len: int, micro_batch: int, *, memory: bo
     torch.manual_seed(0)
     model = AtmaForCausalLM(config).to(torch.bfloat16).train()
     ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
+    targets = torch.zeros(micro_batch * seq_len, config.vocab_size, dtype=torch.bfloat16)
     with triton_paths(memory_fla=memory_fla):
         for variant in ("two_pass", "one_pass", "split"):
             os.environ["ATMA_POLAR_BWD"] = variant
             model.zero_grad(set_to_none=True)
-            out = model(ids, labels=ids)
-            out["loss"].backward()
+            # the last pass with a teacher's targets: the loss kernels' distillation variant
+            kl = {"kl_targets": lambda start, end: targets[start:end]} if variant == "split" else {}
+            out = model(ids, labels=ids, **kl)
+            (out["loss"] + out["kl_loss"] if kl else out["loss"]).backward()
 
 
 def _print_report(rows: list[dict], header: str) -> None:

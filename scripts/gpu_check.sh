@@ -38,7 +38,8 @@
 # ZeRO-3 settings 150, FLA timing only 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1
 # decoding of atma-378m with the cache against recomputation and NoPE), then distillation 120 + 120
 # (bench_distill: a same-size teacher, compiled and eager; bench_distill_recompute: with
-# loss.distill_recompute); at most 30 minutes in all. The steps run in that order, the goals'
+# loss.distill_recompute), then the loss with the distillation term 45 (bench_loss_distill: its rows
+# in the Triton kernels against PyTorch's); at most 31 minutes in all. The steps run in that order, the goals'
 # figures first. Under a 10-minute limit per call, run it as calls with GPU_CHECK_STEPS, each with
 # GPU_CHECK_BUDGET a little under that limit (a call without gpu_tests says its figures are
 # ungated): first "gpu_tests bench_training bench_training_loop_carry bench_training_mb16
@@ -46,7 +47,7 @@
 # and still yields the goals' figures; the kernel benchmark gets what is left, its 2K row first),
 # then "bench_recipe bench_training_deepcompile bench_zero3_settings", then
 # "bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill
-# bench_distill_recompute".
+# bench_distill_recompute bench_loss_distill".
 # When a kernel's gpu test fails, no figures are written; the benchmarks can then run with that
 # kernel on its PyTorch path (ATMA_DELTA_TRITON_PROFILE=small for the memory's state carry,
 # ATMA_LOSS_ROWS=torch for the LM head loss's rows) and GPU_CHECK_STEPS without gpu_tests.
@@ -104,7 +105,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYT
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_loop_carry bench_training_mb16 bench_loss bench_kernels bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_loop_carry bench_training_mb16 bench_loss bench_kernels bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute bench_loss_distill} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -263,5 +264,8 @@ measure bench_distill "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
 measure bench_distill_recompute "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
     --set loss.distill_recompute=true --cases polar:3:none:blocks --json "$out/bench_distill_recompute.json"
 rm -rf "$out/teacher-378m"
+# The LM head loss with the distillation KL (random bf16 targets), its rows in the kernels and in PyTorch.
+measure bench_loss_distill "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \
+    --distill --json "$out/bench_loss_distill.json"
 echo "gpu check finished with status $status" | tee -a "$out/gpu.txt"
 exit $status

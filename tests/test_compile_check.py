@@ -34,6 +34,8 @@ def test_every_launch_of_a_training_step_compiles_and_fits_on_hopper(tmp_path):
     assert report["memory"]["path"] in ("fla", "fla_timing_only")
     kernels = {row["kernel"]: row for row in report["kernels"]}
     assert OUR_KERNELS <= set(kernels)
+    # The LM head loss's kernels with and without the distillation term.
+    assert kernels["softcap_ce_fwd_kernel"]["compiled"] == kernels["softcap_ce_bwd_kernel"]["compiled"] == 2
     # The memory ran flash-linear-attention's chunk kernels, forward and backward.
     fla = [name for name, row in kernels.items() if row["module"].startswith("fla.")]
     assert len(fla) >= 6, sorted(kernels)

@@ -511,7 +511,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert steps == ["gpu_tests", "bench_training", "bench_training_loop_carry", "bench_training_mb16", "bench_loss",
                      "bench_kernels", "bench_recipe", "bench_training_deepcompile", "bench_zero3_settings",
                      "bench_kernels_fla_timing_only", "bench_training_fla_timing_only", "eval_64k", "bench_decode",
-                     "bench_distill", "bench_distill_recompute"]
+                     "bench_distill", "bench_distill_recompute", "bench_loss_distill"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
@@ -535,6 +535,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert "--cases polar:3:none:blocks " in timing_only[1]
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
     assert any("--set loss.distill_recompute=true" in c for c in calls)
+    assert ["--distill" in c for c in calls if c.startswith("-m model.bench_loss")] == [False, True]
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
 

@@ -213,7 +213,7 @@ def test_recomputed_targets_are_not_kept_for_backward():
     for recompute in (False, True):
         sums = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=16,
                                           targets_rows=lambda s, e: targets[s:e], recompute_targets=recompute)
-        kept[recompute] = sum(t.numel() for t in sums.grad_fn.probs)
+        kept[recompute] = sum(t.numel() for t in sums.grad_fn.kept)
         sums.sum().backward()
     assert kept == {False: n * v, True: 0}
 
@@ -304,6 +304,12 @@ def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
     assert record["speedup"] > 0 and record["grads_in_forward_speedup"] > 0
     printed = capsys.readouterr().out
     assert "fused speedup" in printed and "gradients in forward" in printed
+    # with the distillation term: the fused path (its logits recomputed in backward) against the naive one
+    assert bench_loss.main(["--tokens", "64", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16", "--distill",
+                            "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert set(record["ms"]) == {"fused", "naive chunked (baseline)"} and "grads_in_forward_speedup" not in record
+    assert "LM + distillation KL: 64 tokens" in capsys.readouterr().out
 
 
 def test_the_loss_benchmark_keeps_the_first_paths_figure_when_the_second_is_cut_short(tmp_path, monkeypatch):

@@ -727,16 +727,15 @@ def test_training_bench_names_the_memory_path_training_takes(monkeypatch):
 
 
 def test_training_bench_names_the_loss_rows_training_takes(monkeypatch):
-    """The LM head loss's Triton rows on a GPU, PyTorch's on the CPU, with the KL term, or when switched off."""
+    """The LM head loss's Triton rows on a GPU, PyTorch's on the CPU or when switched off."""
     from pretrain import bench
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.delenv("ATMA_KERNELS", raising=False)
     monkeypatch.delenv("ATMA_LOSS_ROWS", raising=False)
-    assert (bench.loss_rows(gpu, False), bench.loss_rows(cpu, False), bench.loss_rows(gpu, True)) == (
-        "triton", "torch", "torch")
+    assert (bench.loss_rows(gpu), bench.loss_rows(cpu)) == ("triton", "torch")
     monkeypatch.setenv("ATMA_LOSS_ROWS", "torch")
-    assert bench.loss_rows(gpu, False) == "torch"
+    assert bench.loss_rows(gpu) == "torch"
 
 
 def test_training_bench_refuses_data_and_outputs_it_cannot_use_before_any_engine(tiny_shards, tmp_path, capsys):

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from helpers import F64, rel_max_err, run_interpreter_tests
-from kernels.softcap_ce.naive import softcap_ce_grad_naive, softcap_ce_rows_naive
+from kernels.softcap_ce.naive import (softcap_ce_grad_naive, softcap_ce_kl_grad_naive, softcap_ce_kl_rows_naive,
+                                      softcap_ce_rows_naive)
 from model.lm_loss import softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
 
 pytestmark = pytest.mark.nan_poison
@@ -57,6 +58,31 @@ def test_interpreted_rows_and_grad_match_the_oracle(n, v, dtype):
     assert rel_max_err(dz, want, floor=1.0) < (1e-6 if dtype == torch.float32 else 1e-2)
     assert rel_max_err(db, want.sum(0), floor=1.0) < 1e-6  # summed before the rounding to the logits' dtype
     assert torch.all(dz[labels == -100] == 0)
+
+
+@interpreted
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("dtype,t_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32-targets"])
+@pytest.mark.parametrize("n,v", SHAPES, ids=[f"N{n}-V{v}" for n, v in SHAPES])
+def test_interpreted_kl_rows_and_grad_match_the_oracle(n, v, dtype, t_dtype, tau):
+    from kernels.softcap_ce.triton_impl import softcap_ce_kl_grad_triton, softcap_ce_kl_rows_triton
+
+    z, labels, coef = logits_case(n, v, dtype, seed=v)
+    t = logits_case(n, v, t_dtype, seed=v + 1, scale=4.0)[0]
+    kl_coef = torch.rand(n, generator=torch.Generator().manual_seed(v))  # every row, ignored label or not
+    rows = softcap_ce_kl_rows_triton(z, t, labels, CAP, tau)
+    want = softcap_ce_kl_rows_naive(z.double(), t.double(), labels, CAP, tau)
+    for name, got, exp in zip(("lse", "picked", "lse_st", "lse_u", "kl"), rows, want):
+        assert got.dtype == torch.float32, name
+        # the KL is a difference of terms of order lse: its error counts against that scale
+        assert rel_max_err(got, exp, floor=want[0].abs().max().item() if name == "kl" else 0.0) < 1e-6, name
+    lse, _, lse_st, lse_u, _ = (w.float() for w in want)
+    dz, db = softcap_ce_kl_grad_triton(z, labels, lse, coef, t, lse_st, lse_u, kl_coef, CAP, tau)
+    exp = softcap_ce_kl_grad_naive(z.double(), labels, coef.double(), t.double(), kl_coef.double(), CAP, tau)
+    assert dz.dtype == dtype and dz.shape == z.shape and db.dtype == torch.float32
+    assert rel_max_err(dz, exp, floor=1.0) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel_max_err(db, exp.sum(0), floor=1.0) < 1e-6
 
 
 @interpreted
@@ -110,6 +136,53 @@ def test_interpreted_fused_loss_on_the_kernels_equals_the_naive_loss(chunk, with
         assert rel_max_err(a, e) < 2e-5, name
 
 
+def sums_and_grads_with_kl(fn, h, w, b, y, focus, **kw):
+    sums = fn(h, w, b, y, focus, **kw)
+    grads = torch.autograd.grad((sums * torch.tensor([0.7, 1.3, 0.4], dtype=sums.dtype)).sum(), (h, w, b))
+    return [sums.detach(), *grads]
+
+
+@interpreted
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("chunk", [5, 37])
+def test_interpreted_fused_ce_and_kl_on_the_kernels_equal_the_naive_loss(chunk, tau, recompute):
+    h, w, b, y, focus = loss_case()
+    targets = 4.0 * torch.randn(h.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1))
+    asked = []
+
+    def rows(start, end):
+        asked.append((start, end))
+        return targets[start:end].bfloat16()  # a bf16 teacher
+
+    got = sums_and_grads_with_kl(softcap_cross_entropy_sums, h, w, b, y, focus, cap=CAP, chunk_tokens=chunk,
+                                 targets_rows=rows, temperature=tau, recompute_targets=recompute,
+                                 elementwise="triton")
+    chunks = -(-h.shape[0] // chunk)
+    assert len(asked) == chunks * (2 if recompute else 1)
+    want = sums_and_grads_with_kl(softcap_cross_entropy_sums_naive, *(t.detach().double().requires_grad_()
+                                                                      for t in (h, w, b)),
+                                  y, focus.double(), cap=CAP, targets=targets.bfloat16().double(), temperature=tau)
+    for name, a, e in zip(("sums", "hidden", "weight", "bias"), got, want):
+        assert a.dtype == torch.float32, name
+        assert rel_max_err(a, e) < 2e-5, name
+
+
+@interpreted
+def test_interpreted_bf16_ce_and_kl_on_the_kernels_are_as_close_to_the_oracle_as_the_pytorch_rows():
+    h, w, b, y, focus = loss_case(n=64, d=16, v=96, dtype=torch.bfloat16, seed=2)
+    targets = (4.0 * torch.randn(64, 96, generator=torch.Generator().manual_seed(3))).bfloat16()
+    kw = dict(cap=CAP, chunk_tokens=20, targets_rows=lambda s, e: targets[s:e], temperature=2.0)
+    exact = sums_and_grads_with_kl(softcap_cross_entropy_sums_naive, *(t.detach().double().requires_grad_()
+                                                                       for t in (h, w, b)),
+                                   y, focus.double(), cap=CAP, targets=targets.double(), temperature=2.0)
+    kernels = sums_and_grads_with_kl(softcap_cross_entropy_sums, h, w, b, y, focus, elementwise="triton", **kw)
+    pytorch = sums_and_grads_with_kl(softcap_cross_entropy_sums, h, w, b, y, focus, elementwise="torch", **kw)
+    for got, ref, want in zip(kernels, pytorch, exact):
+        err, ref_err = (got.double() - want).abs().max(), (ref.double() - want).abs().max()
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
 @interpreted
 @FOCUS
 def test_interpreted_bf16_loss_on_the_kernels_is_as_close_to_the_oracle_as_the_pytorch_rows(with_focus):
@@ -127,12 +200,12 @@ def test_interpreted_bf16_loss_on_the_kernels_is_as_close_to_the_oracle_as_the_p
 
 
 @interpreted
-def test_interpreted_auto_takes_the_kernels_on_the_triton_backend_but_not_for_kl(monkeypatch):
+def test_interpreted_auto_takes_the_kernels_on_the_triton_backend(monkeypatch):
     import kernels.softcap_ce.triton_impl as impl
 
     calls = []
-    rows = impl.softcap_ce_rows_triton
-    monkeypatch.setattr(impl, "softcap_ce_rows_triton", lambda *a: calls.append(1) or rows(*a))
+    launch = impl._fwd  # the forward kernels' launch, with or without the KL term
+    monkeypatch.setattr(impl, "_fwd", lambda *a: calls.append(1) or launch(*a))
     h, w, b, y, focus = loss_case(n=8, v=40)
     monkeypatch.setenv("ATMA_KERNELS", "torch")
     softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4)
@@ -142,27 +215,31 @@ def test_interpreted_auto_takes_the_kernels_on_the_triton_backend_but_not_for_kl
     assert len(calls) == 2  # one per chunk
     targets = torch.randn(8, 40)
     softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e])
-    assert len(calls) == 2  # the KL term keeps the PyTorch rows
+    assert len(calls) == 4  # with the KL term too
     monkeypatch.setenv("ATMA_LOSS_ROWS", "torch")  # the rows alone back on PyTorch
     softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4)
-    assert len(calls) == 2
+    softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e])
+    assert len(calls) == 4
     monkeypatch.setenv("ATMA_KERNELS", "torch")
     monkeypatch.setenv("ATMA_LOSS_ROWS", "triton")  # the rows alone on the kernels
     softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4)
-    assert len(calls) == 4
     softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e])
-    assert len(calls) == 4
+    assert len(calls) == 8
 
 
 @interpreted
 def test_interpreted_op_registration():
-    """atma::softcap_ce_fwd/_bwd: schema and fake implementations (torch.library.opcheck)."""
-    from kernels.softcap_ce.triton_impl import _rows_bwd, _rows_fwd
+    """atma::softcap_ce_fwd/_bwd and softcap_ce_kl_fwd/_bwd: schema and fake implementations (opcheck)."""
+    from kernels.softcap_ce.triton_impl import _kl_rows_bwd, _kl_rows_fwd, _rows_bwd, _rows_fwd
 
     z, labels, coef = logits_case(6, 90, torch.bfloat16)
     torch.library.opcheck(_rows_fwd, (z, labels, CAP))
     lse = softcap_ce_rows_naive(z, labels, CAP)[0].float()
     torch.library.opcheck(_rows_bwd, (z, labels, lse, coef, CAP))
+    t = logits_case(6, 90, torch.float32, seed=1, scale=4.0)[0]
+    torch.library.opcheck(_kl_rows_fwd, (z, t, labels, CAP, 2.0))
+    _, _, lse_st, lse_u, _ = (r.float() for r in softcap_ce_kl_rows_naive(z, t, labels, CAP, 2.0))
+    torch.library.opcheck(_kl_rows_bwd, (z, labels, lse, coef, t, lse_st, lse_u, coef.flip(0).contiguous(), CAP, 2.0))
 
 
 @interpreted
@@ -207,15 +284,19 @@ def test_interpreted_kernels_read_and_write_the_logits_six_times(tmp_path, monke
     assert traffic["fused"] == {"bytes": 12 * logits, "ops": 5 * 3}  # 3 chunks
     assert traffic["fused, logits recomputed"] == {"bytes": 14 * logits, "ops": 6 * 3}
     assert traffic["fused, PyTorch rows"]["bytes"] > 10 * traffic["fused"]["bytes"]
+    # With the distillation KL the kernels read the bf16 targets beside the logits in each pass (and the
+    # logits are recomputed in backward): 14 + 2 + 2 bytes.
+    assert bench_loss.main(["--count-bytes", "--tokens", "96", "--hidden", "4", "--vocab", "300", "--chunk-tokens",
+                            "40", "--dtype", "bf16", "--device", "cpu", "--distill", "--json", str(out)]) == 0
+    traffic = json.loads(out.read_text())["traffic"]
+    assert traffic["fused"] == {"bytes": 18 * logits, "ops": 6 * 3}
+    assert traffic["fused, PyTorch rows"]["bytes"] > 10 * traffic["fused"]["bytes"]
 
 
 def test_the_elementwise_choice_is_checked():
     h, w, b, y, focus = loss_case(n=4, v=10)
     with pytest.raises(ValueError, match="elementwise must be auto, triton or torch, got 'cuda'"):
         softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, elementwise="cuda")
-    with pytest.raises(ValueError, match="takes the CE without KL .* got torch.float32 with KL"):
-        softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=4, elementwise="triton",
-                                   targets_rows=lambda s, e: torch.zeros(e - s, 10))
     with pytest.raises(ValueError, match="got torch.float64"):
         softcap_cross_entropy_sums(h.double(), w, b, y, focus, cap=CAP, chunk_tokens=4, elementwise="triton")
 
@@ -245,6 +326,23 @@ def test_the_kernels_refuse_what_they_cannot_take():
         softcap_ce_rows_triton(z, labels.int(), CAP)
     with pytest.raises(ValueError, match="lse must be contiguous fp32"):
         softcap_ce_grad_triton(z, labels, torch.zeros(3, dtype=torch.float64), coef, CAP)
+
+
+@interpreted
+def test_interpreted_kl_kernels_refuse_targets_they_cannot_take():
+    from kernels.softcap_ce.triton_impl import softcap_ce_kl_grad_triton, softcap_ce_kl_rows_triton
+
+    z, labels, coef = logits_case(3, 20, torch.float32)
+    with pytest.raises(ValueError, match=r"target logits must be \(3, 20\)"):
+        softcap_ce_kl_rows_triton(z, z[:, :10], labels, CAP, 1.0)
+    with pytest.raises(ValueError, match="target logits must be .* got .* torch.float64"):
+        softcap_ce_kl_rows_triton(z, z.double(), labels, CAP, 1.0)
+    with pytest.raises(ValueError, match="contiguous columns"):
+        softcap_ce_kl_rows_triton(z, z.t().contiguous().t(), labels, CAP, 1.0)
+    with pytest.raises(ValueError, match="temperature must be positive, got 0.0"):
+        softcap_ce_kl_rows_triton(z, z, labels, CAP, 0.0)
+    with pytest.raises(ValueError, match="kl_coef must be contiguous fp32"):
+        softcap_ce_kl_grad_triton(z, labels, coef, coef, z, coef, coef, coef.double(), CAP, 1.0)
 
 
 @pytest.mark.gpu
