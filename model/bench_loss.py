@@ -199,8 +199,8 @@ def main(argv=None) -> int:
         record["row_kernels_speedup"] = ms[TORCH_ROWS] / ms["fused"]
     save_record(record, args.json)
     loss = "LM + distillation KL" if args.distill else "LM"
-    print(f"{loss}: {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype} on {record['device']}, "
-          f"chunk {args.chunk_tokens} tokens; forward + backward, median of {args.repeats}")
+    print(f"{loss}: {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {args.dtype} on "
+          f"{record['device']}, chunk {args.chunk_tokens} tokens; forward + backward, median of {args.repeats}")
     for name, value in ms.items():
         print(f"  {name:<32} {value:9.2f} ms")
     print(f"  fused speedup                    {record['speedup']:9.2f}x (same run)")

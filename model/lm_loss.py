@@ -4,8 +4,8 @@ from the same pass of the head: a fused, chunked path and its naive reference.
 The fused path never holds fp32 logits for more than `chunk_tokens` tokens and writes the gradient
 through the soft-cap analytically into two buffers per chunk, where autograd of the naive path
 allocates one per elementwise op (about a dozen logits-sized tensors per chunk). Where the kernel
-backend is Triton (CUDA), the cross-entropy's rows run in the kernels of `kernels.softcap_ce`
-instead: the logits stay in the head's dtype and each pass reads them once.
+backend is Triton (CUDA), the rows (cross-entropy and KL) run in the kernels of `kernels.softcap_ce`
+instead: the logits and the targets stay in their dtypes and each pass reads them once.
 
 When the cross-entropy is the only term that takes a gradient (no focus mask, no KL) and autograd
 will ask for one, the forward already computes the gradients of h, the weight and the bias for a
@@ -27,7 +27,7 @@ from .layers import softcap
 
 IGNORE_INDEX = -100
 # Overrides elementwise="auto": "torch" keeps the PyTorch rows everywhere, "triton" takes the kernels
-# wherever they fit (CE without KL, fp32/bf16/fp16) whatever ATMA_KERNELS says.
+# wherever they fit (fp32/bf16/fp16 heads) whatever ATMA_KERNELS says.
 ROWS_ENV = "ATMA_LOSS_ROWS"
 # On the CPU a logits buffer above a few MB is a fresh mapping that page-faults on every op; chunks of
 # 2^19 logits (2 MB in fp32) ran fused forward + backward 1.8-2x faster than 8,192-token chunks at a
@@ -90,7 +90,8 @@ def _picked(s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class _SoftcapCrossEntropySums(torch.autograd.Function):
     """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
     logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms. The targets'
-    probabilities are kept from forward to backward, or with `recompute_targets` asked for again. With
+    probabilities (their logits, with the kernels) are kept from forward to backward, or with
+    `recompute_targets` asked for again. With
     `grads_now` (only the first sum takes a gradient: no focus, no targets) the forward computes the
     gradients for a unit gradient of that sum and the backward scales them."""
 
@@ -245,9 +246,10 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: floa
     probabilities (N x V; with the kernels, the target logits in their dtype) from forward to backward.
     `elementwise` says what runs the soft-cap, the cross-entropy and the KL on each chunk's logits:
     "triton" (the kernels of `kernels.softcap_ce`), "torch", or "auto" (Triton where the kernel backend
-    is, else PyTorch; the environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice). `grads_in_forward`
-    lets the forward compute the gradients where the first sum is the only differentiable term (no
-    `focus`, no targets; module docstring); False recomputes the logits in backward in every case."""
+    is, else PyTorch; the environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice).
+    `grads_in_forward` lets the forward compute the gradients where the first sum is the only
+    differentiable term (no `focus`, no targets; module docstring); False recomputes the logits in
+    backward in every case."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     row_kernels = uses_row_kernels(h.device, h.dtype, elementwise)
