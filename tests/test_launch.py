@@ -453,6 +453,9 @@ if argv[0] == "-c" and "cuda.is_available" in argv[1]:
     print("True")
 elif argv[0] == "-c":  # the version line and the check that every step's modules import
     sys.exit(subprocess.run([sys.executable, *argv]).returncode)
+elif argv[:2] == ["-m", "pytest"] and os.environ.get("DRY_PYTEST_SUMMARY"):  # gpu tests that fail
+    print(os.environ["DRY_PYTEST_SUMMARY"])
+    sys.exit(1)
 """
 
 
@@ -538,6 +541,39 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert ["--distill" in c for c in calls if c.startswith("-m model.bench_loss")] == [False, True]
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
+
+
+@pytest.mark.parametrize("summary,fallbacks", [
+    ("FAILED tests/test_triton_softcap_ce.py::test_gpu_loss - AssertionError\n"
+     "FAILED tests/test_lm_loss.py::test_bf16_on_the_gpu[focus] - AssertionError", {"ATMA_LOSS_ROWS": "torch"}),
+    ("FAILED tests/test_triton_gated_delta.py::test_gpu_carry - AssertionError\n"
+     "ERROR tests/test_triton_softcap_ce.py::test_gpu_loss - RuntimeError",
+     {"ATMA_LOSS_ROWS": "torch", "ATMA_DELTA_TRITON_PROFILE": "small"}),
+    ("FAILED tests/test_triton_softcap_ce.py::test_gpu_loss - AssertionError\n"
+     "FAILED tests/test_triton_polar.py::test_gpu_bwd - AssertionError", None),
+    ("ERROR collecting tests/test_model_gpu.py", None),
+], ids=["loss-rows", "loss-rows-and-carry", "polar-too", "collection-error"])
+def test_failing_gpu_tests_of_a_kernel_with_a_pytorch_path_leave_the_rest_measurable(tmp_path, summary, fallbacks):
+    """Failures confined to the loss's rows or the memory's carry: the benchmarks run with that kernel off
+    and gpu.txt says so; any other failure (or none named) skips every measurement. Exit status 1 either way."""
+    python = dry_python(tmp_path)
+    log = tmp_path / "calls"
+    env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log), DRY_PYTEST_SUMMARY=summary,
+               GPU_CHECK_STEPS="gpu_tests bench_training bench_loss",
+               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
+               + os.environ["PATH"])
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (out / "gpu.txt").read_text()
+    measured = [(argv, call_env) for argv, call_env in zip(dry_calls(log), dry_envs(log))
+                if argv[:2] in (["-m", "pretrain.bench"], ["-m", "model.bench_loss"])]
+    if fallbacks is None:
+        assert measured == [] and "no figures are written" in report
+        return
+    assert len(measured) == 2 and all(call_env.items() >= fallbacks.items() for _, call_env in measured)
+    settings = " ".join(sorted(f"{k}={v}" for k, v in fallbacks.items()))
+    assert f"the benchmarks below run with {settings} (that kernel on its PyTorch path)" in report
 
 
 def test_the_gpu_tests_run_side_by_side_where_pytest_xdist_is_installed(tmp_path):
