@@ -7,11 +7,12 @@ allocates one per elementwise op (about a dozen logits-sized tensors per chunk).
 backend is Triton (CUDA), the rows (cross-entropy and KL) run in the kernels of `kernels.softcap_ce`
 instead: the logits and the targets stay in their dtypes and each pass reads them once.
 
-When the cross-entropy is the only term that takes a gradient (no focus mask, no KL) and autograd
-will ask for one, the forward already computes the gradients of h, the weight and the bias for a
-unit gradient of the sum, from each chunk's logits while they exist, and the backward only scales
-them by the sum's gradient: the head's product runs three times per chunk instead of four. Otherwise
-the logits are recomputed in backward instead of being saved.
+When one sum is the only term that takes a gradient (the cross-entropy without focus mask and KL,
+or the KL without labels) and autograd will ask for one, the forward already computes the gradients
+of h, the weight and the bias for a unit gradient of that sum, from each chunk's logits while they
+exist, and the backward only scales them by the sum's gradient: the head's product runs three times
+per chunk instead of four, and no targets are kept or asked again. Otherwise the logits are
+recomputed in backward instead of being saved.
 """
 
 from __future__ import annotations
@@ -91,9 +92,9 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
     """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
     logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms. The targets'
     probabilities (their logits, with the kernels) are kept from forward to backward, or with
-    `recompute_targets` asked for again. With
-    `grads_now` (only the first sum takes a gradient: no focus, no targets) the forward computes the
-    gradients for a unit gradient of that sum and the backward scales them."""
+    `recompute_targets` asked for again. With `grads_now` (one sum alone takes a gradient: the CE
+    without focus and targets, or the KL with every label ignored) the forward computes the gradients
+    for a unit gradient of that sum and the backward scales them."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0,
@@ -117,12 +118,10 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             if row_kernels:  # one read of the head-dtype logits (and targets) per pass (kernels.softcap_ce)
                 z = _logits(h_c, weight, bias)
                 if with_kl:
-                    t_c = _kernel_targets(targets_rows, start, end)
+                    t_c = _kernel_targets(targets_rows, start, end)  # what the backward reads again
                     lse_c, picked, lse_t[start:end], lse_u[start:end], kl_c = softcap_ce_rows(
                         z, y, cap, t_c, temperature)
                     sums[2] += kl_c.sum()
-                    if not recompute_targets:
-                        kept.append(t_c)
                 else:
                     lse_c, picked = softcap_ce_rows(z, y, cap)
                 ce = (lse_c - picked) * valid
@@ -131,27 +130,33 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 s = z.mul_(r).mul_(cap)
                 lse_c = torch.logsumexp(s, dim=-1)
                 ce = (lse_c - _picked(s, y)) * valid
+                if with_kl:
+                    # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
+                    log_q_c = _target_log_probs(targets_rows, start, end, temperature, acc)
+                    t_c = log_q_c.exp()  # q, what the backward reads again
+                    s_t = s.div_(temperature)
+                    lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
+                    sums[2] += log_q_c.sub_(s_t).mul_(t_c).sum() + lse_t[start:end].sum()
             sums[0] += ce.sum()
             if focus is not None:
                 sums[1] += (ce * focus[start:end]).sum()
-            if early:  # the gradient of sums[0] while the logits exist: each token weighs 1
+            if early:  # the gradient of the one differentiable sum while the logits exist, for a unit weight
                 if row_kernels:
-                    d_z, d_b = softcap_ce_grad(z, y, lse_c, valid, cap)
+                    kl = {} if not with_kl else dict(
+                        targets=t_c, lse_st=lse_t[start:end], lse_u=lse_u[start:end], tau=temperature,
+                        kl_coef=torch.full_like(valid, 1 / temperature))
+                    d_z, d_b = softcap_ce_grad(z, y, lse_c, valid, cap, **kl)
                 else:
-                    d = _through_softcap(_grad_ce_rows(s, lse_c, y, valid), r, cap)
+                    # dKL/ds = (softmax(s / tau) - q) / tau; with the KL every label is ignored (no CE term)
+                    d = (s_t.sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(t_c).div_(temperature) if with_kl
+                         else _grad_ce_rows(s, lse_c, y, valid))
+                    d = _through_softcap(d, r, cap)
                     d_z, d_b = d.to(h.dtype), d.sum(0)
                 _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
                 continue
             lse[start:end] = lse_c
-            if with_kl and not row_kernels:
-                # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
-                log_q_c = _target_log_probs(targets_rows, start, end, temperature, acc)
-                q_c = log_q_c.exp()
-                s_t = s.div_(temperature)
-                lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
-                sums[2] += log_q_c.sub_(s_t).mul_(q_c).sum() + lse_t[start:end].sum()
-                if not recompute_targets:
-                    kept.append(q_c)
+            if with_kl and not recompute_targets:
+                kept.append(t_c)
         if early:
             ctx.save_for_backward(grad_h, grad_w, grad_b)
         else:
@@ -159,6 +164,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
         ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.kept = cap, chunk_tokens, temperature, kept
         ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
         ctx.with_kl, ctx.row_kernels, ctx.early = with_kl, row_kernels, early
+        ctx.early_sum = 2 if with_kl else 0  # the one differentiable sum when the forward computed the gradients
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
         return sums
 
@@ -166,7 +172,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums):
         if ctx.early:
-            return _scaled_early_grads(ctx.saved_tensors, grad_sums[0], ctx.dtypes) + (None,) * 9
+            return _scaled_early_grads(ctx.saved_tensors, grad_sums[ctx.early_sum], ctx.dtypes) + (None,) * 9
         h, weight, bias, labels, focus, lse, lse_t, lse_u = ctx.saved_tensors
         cap, chunk_tokens, tau, kept = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.kept
         acc = lse.dtype
@@ -207,7 +213,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
 
 
 def _scaled_early_grads(saved, grad_sum, dtypes):
-    """The gradients computed in forward for a unit gradient of the CE sum, times its actual gradient."""
+    """The gradients computed in forward for a unit gradient of one sum, times its actual gradient."""
     return tuple(None if g is None else g.mul(grad_sum).to(dtype) for g, dtype in zip(saved, dtypes))
 
 
@@ -239,26 +245,32 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: floa
                                recompute_targets: bool = False, elementwise: str = "auto",
                                grads_in_forward: bool = True) -> torch.Tensor:
     """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,; None: the second sum is 0),
-    -100 labels counting 0; with `targets_rows(start, end)` -> target logits, a third: the sum of
-    KL(softmax(t/tau) || softmax(s/tau)).
+    -100 labels counting 0 (labels None: every one ignored); with `targets_rows(start, end)` -> target
+    logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau)).
 
     `recompute_targets` asks `targets_rows` again per chunk in backward instead of keeping the targets'
     probabilities (N x V; with the kernels, the target logits in their dtype) from forward to backward.
     `elementwise` says what runs the soft-cap, the cross-entropy and the KL on each chunk's logits:
     "triton" (the kernels of `kernels.softcap_ce`), "torch", or "auto" (Triton where the kernel backend
     is, else PyTorch; the environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice).
-    `grads_in_forward` lets the forward compute the gradients where the first sum is the only
-    differentiable term (no `focus`, no targets; module docstring); False recomputes the logits in
-    backward in every case."""
+    `grads_in_forward` lets the forward compute the gradients where one sum is the only differentiable
+    term (module docstring): the CE without focus and targets, or the KL without labels; then nothing
+    is recomputed or kept for the backward. False recomputes the logits in backward in every case."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    if labels is None and targets_rows is None:
+        raise ValueError("nothing to compute: no labels and no targets")
+    if labels is None:
+        labels = torch.full(h.shape[:1], IGNORE_INDEX, dtype=torch.long, device=h.device)
+        only_kl = focus is None
+    else:
+        only_kl = False
     row_kernels = uses_row_kernels(h.device, h.dtype, elementwise)
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
-    # Gradients in the forward where the CE sum is the only differentiable term (module docstring).
     needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (h, weight, bias))
-    early = grads_in_forward and focus is None and targets_rows is None
-    grads_now = needs if early else (False, False, False)
+    only_ce = focus is None and targets_rows is None
+    grads_now = needs if grads_in_forward and (only_ce or only_kl) else (False, False, False)
     return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
                                           temperature, recompute_targets, row_kernels, grads_now)
 

@@ -11,7 +11,7 @@ from .attention import GlobalAttention
 from .cache import AtmaCache
 from .config import AtmaConfig
 from .layers import MLP, CausalDepthwiseConv, LFM2Conv, RMSNorm, ZeroInitLinear, softcap
-from .lm_loss import IGNORE_INDEX, softcap_cross_entropy_sums
+from .lm_loss import softcap_cross_entropy_sums
 
 CHECKPOINT_POLICIES = ("none", "global", "all")
 
@@ -111,7 +111,7 @@ def lm_and_kl_loss_chunked(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     target_logits_rows,
     *,
     cap: float,
@@ -122,14 +122,15 @@ def lm_and_kl_loss_chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """`lm_loss_chunked` and, with `target_logits_rows(start, end)` -> target logits for flattened token rows,
     the mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)) (else None), from one pass of
-    the head per chunk (forward and recomputation): the logits and their gradient products serve both terms."""
+    the head per chunk (forward and recomputation): the logits and their gradient products serve both terms.
+    Without `labels` (the KL alone) the cross-entropy means are 0."""
     h = hidden.reshape(-1, hidden.shape[-1])
-    y = labels.reshape(-1)
+    y = None if labels is None else labels.reshape(-1)
     f = None if focus is None else focus.reshape(-1).to(h.dtype)
     total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens,
                                        targets_rows=target_logits_rows, temperature=temperature,
                                        recompute_targets=recompute_targets)
-    n = max(y.numel(), 1)
+    n = max(h.shape[0], 1)
     focus_mean = None if f is None else total[1] / f.sum().clamp_min(1)
     kl = None if target_logits_rows is None else total[2] * temperature**2 / n
     return total[0] / n, focus_mean, kl
@@ -152,11 +153,10 @@ class SoftcapLMHead(ZeroInitLinear):
         if labels is None and kl_targets is None:
             z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
             return {"logits": softcap(z, self.cap)}
-        # One pass of the head per chunk for every term; without labels every label is ignored, so the
-        # cross-entropy sums are zero and get no gradient.
-        y = labels if labels is not None else torch.full(hidden.shape[:-1], IGNORE_INDEX, device=hidden.device)
+        # One pass of the head per chunk for every term; without labels the cross-entropy sums are zero
+        # and the KL's gradients come from the forward (model.lm_loss).
         lm, focus_loss, kl = lm_and_kl_loss_chunked(
-            hidden, self.weight, self.bias, y, kl_targets, cap=self.cap, temperature=kl_temperature,
+            hidden, self.weight, self.bias, labels, kl_targets, cap=self.cap, temperature=kl_temperature,
             chunk_tokens=chunk_tokens, focus=focus, recompute_targets=kl_recompute_targets,
         )
         out = {"lm": lm} if labels is not None else {}

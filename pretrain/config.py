@@ -211,7 +211,8 @@ class LossSection:
     forward to backward: saves tokens x vocab x 4 bytes per micro-batch on the CPU (fp32 probabilities;
     6.6 GB at atma-378m, micro-batch 8), and on a GPU, where the loss's Triton kernels keep the
     teacher's logits, tokens x vocab x their size (3.3 GB in bf16), for one more pass of the teacher's
-    head (an estimated 3-5% of its step)."""
+    head (an estimated 3-5% of its step). With lm_weight 0 nothing is kept either way: the KL's
+    gradients are computed in the forward."""
 
     copy_weight: float = 0.0
     """Weight of an extra cross-entropy over the in-context copy targets only: tokens that continue an

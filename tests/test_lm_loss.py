@@ -205,6 +205,50 @@ def test_fused_ce_and_kl_equal_naive_in_fp64(chunk, temperature, recompute):
     assert rows == chunks + (chunks if recompute else [])
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("chunk", [1, 5, 37])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_the_kl_alone_has_its_gradients_from_the_forward_in_fp64(chunk, temperature, recompute):
+    """Without labels the KL sum is the only differentiable term: the forward computes its gradients, so the
+    targets are asked once per chunk whatever `recompute_targets` says, and nothing is left for backward."""
+    h, w, b, y, _ = case()
+    targets = 4.0 * torch.randn(h.shape[0], w.shape[0], dtype=h.dtype, generator=torch.Generator().manual_seed(1))
+    asked = []
+
+    def rows(start, end):
+        asked.append(start)
+        return targets[start:end]
+
+    weights = (0.7, 1.3, 0.9)
+    fused = softcap_cross_entropy_sums(h, w, b, None, cap=CAP, chunk_tokens=chunk, targets_rows=rows,
+                                       temperature=temperature, recompute_targets=recompute)
+    fused_grads = torch.autograd.grad((fused * torch.tensor(weights, dtype=h.dtype)).sum(), (h, w, b))
+    assert asked == list(range(0, h.shape[0], chunk))
+    ignored = torch.full_like(y, -100)
+    naive = naive_sums_with_kl(h, w, b, ignored, None, cap=CAP, targets=targets, temperature=temperature)
+    naive_grads = torch.autograd.grad((naive * torch.tensor(weights, dtype=h.dtype)).sum(), (h, w, b))
+    assert fused[0] == fused[1] == 0
+    torch.testing.assert_close(fused.detach(), naive.detach(), rtol=1e-12, atol=1e-12)
+    for got, want, name in zip(fused_grads, naive_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    products = products_per_pass(lambda: softcap_cross_entropy_sums(
+        h, w, b, None, cap=CAP, chunk_tokens=10, targets_rows=rows, temperature=temperature))
+    assert products == (12, 0)  # 37 rows in 4 chunks: logits, dh and dW in the forward
+
+
+def test_gradcheck_of_the_kl_alone():
+    h, w, b, _, _ = case(n=9, d=3, v=7)
+    targets = torch.randn(9, 7, dtype=h.dtype, generator=torch.Generator().manual_seed(2))
+    assert torch.autograd.gradcheck(lambda h, w, b: softcap_cross_entropy_sums(
+        h, w, b, None, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e], temperature=1.7), (h, w, b))
+
+
+def test_no_labels_and_no_targets_is_refused():
+    h, w, b, _, _ = case()
+    with pytest.raises(ValueError, match="nothing to compute: no labels and no targets"):
+        softcap_cross_entropy_sums(h, w, b, None, cap=CAP, chunk_tokens=4)
+
+
 def test_recomputed_targets_are_not_kept_for_backward():
     n, v = 64, 96
     h, w, b, y, focus = case(n=n, d=8, v=v)
@@ -282,7 +326,8 @@ def test_the_model_gives_the_same_lm_and_kl_terms_fused_as_one_at_a_time():
     (lm_r, kl_r), fused_r = terms_and_grads(labels=ids, kl=lambda s, e: asked.append("fused") or rows(s, e),
                                             recompute=True)
     (kl_alone_r,), kl_r_grads = terms_and_grads(kl=lambda s, e: asked.append("alone") or rows(s, e), recompute=True)
-    assert asked == ["fused"] * 10 + ["alone"] * 10  # 48 tokens in chunks of 10: forward and backward
+    # 48 tokens in chunks of 10: forward and backward; the KL alone has its gradients from the forward
+    assert asked == ["fused"] * 10 + ["alone"] * 5
     for got, want in zip((lm_r, kl_r, kl_alone_r, *fused_r, *kl_r_grads), (lm, kl, kl_alone, *fused_grads, *kl_grads)):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 

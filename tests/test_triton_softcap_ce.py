@@ -169,6 +169,23 @@ def test_interpreted_fused_ce_and_kl_on_the_kernels_equal_the_naive_loss(chunk, 
 
 
 @interpreted
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+def test_interpreted_kl_alone_on_the_kernels_has_its_gradients_from_the_forward(tau):
+    h, w, b, y, _ = loss_case()
+    targets = 4.0 * torch.randn(h.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1))
+    asked = []
+    got = sums_and_grads_with_kl(softcap_cross_entropy_sums, h, w, b, None, None, cap=CAP, chunk_tokens=10,
+                                 targets_rows=lambda s, e: asked.append(s) or targets[s:e], temperature=tau,
+                                 recompute_targets=True, elementwise="triton")
+    assert asked == [0, 10, 20, 30]  # once per chunk: nothing asked again in backward
+    want = sums_and_grads_with_kl(softcap_cross_entropy_sums_naive, *(t.detach().double().requires_grad_()
+                                                                      for t in (h, w, b)),
+                                  torch.full_like(y, -100), None, cap=CAP, targets=targets.double(), temperature=tau)
+    for name, a, e in zip(("sums", "hidden", "weight", "bias"), got, want):
+        assert rel_max_err(a, e) < 2e-5, name
+
+
+@interpreted
 def test_interpreted_bf16_ce_and_kl_on_the_kernels_are_as_close_to_the_oracle_as_the_pytorch_rows():
     h, w, b, y, focus = loss_case(n=64, d=16, v=96, dtype=torch.bfloat16, seed=2)
     targets = (4.0 * torch.randn(64, 96, generator=torch.Generator().manual_seed(3))).bfloat16()
