@@ -78,6 +78,16 @@ def _grad_ce_rows(s, lse_c, labels, coef) -> torch.Tensor:
     return d.mul_((coef * valid).unsqueeze(1))
 
 
+def _grad_kl_rows(s_t, lse_t_c, q, scale) -> torch.Tensor:
+    """scale (softmax(s_t) - q) in place of s_t = s / tau (rows, V): dKL/ds for scale = 1 / tau."""
+    return s_t.sub_(lse_t_c.unsqueeze(1)).exp_().sub_(q).mul_(scale)
+
+
+def _kernel_kl_args(t_c, lse_st, lse_u, tau: float, kl_coef) -> dict:
+    """The KL's inputs of `kernels.softcap_ce_grad` for one chunk; kl_coef (scalar tensor) on every row."""
+    return dict(targets=t_c, lse_st=lse_st, lse_u=lse_u, tau=tau, kl_coef=kl_coef.expand(lse_st.shape).contiguous())
+
+
 def _through_softcap(d, r, cap: float) -> torch.Tensor:
     """dL/dz from dL/ds in place, with r = 1 / sqrt(z^2 + cap^2)."""
     # d softcap(z) / dz = cap * r - cap * z^2 * r^3 = cap^3 * r^3, as 1 - z^2 r^2 = cap^2 r^2.
@@ -142,13 +152,12 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 sums[1] += (ce * focus[start:end]).sum()
             if early:  # the gradient of the one differentiable sum while the logits exist, for a unit weight
                 if row_kernels:
-                    kl = {} if not with_kl else dict(
-                        targets=t_c, lse_st=lse_t[start:end], lse_u=lse_u[start:end], tau=temperature,
-                        kl_coef=torch.full_like(valid, 1 / temperature))
+                    kl = {} if not with_kl else _kernel_kl_args(t_c, lse_t[start:end], lse_u[start:end], temperature,
+                                                                valid.new_tensor(1 / temperature))
                     d_z, d_b = softcap_ce_grad(z, y, lse_c, valid, cap, **kl)
                 else:
-                    # dKL/ds = (softmax(s / tau) - q) / tau; with the KL every label is ignored (no CE term)
-                    d = (s_t.sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(t_c).div_(temperature) if with_kl
+                    # with the KL every label is ignored (no CE term)
+                    d = (_grad_kl_rows(s_t, lse_t[start:end], t_c, 1 / temperature) if with_kl
                          else _grad_ce_rows(s, lse_c, y, valid))
                     d = _through_softcap(d, r, cap)
                     d_z, d_b = d.to(h.dtype), d.sum(0)
@@ -188,20 +197,18 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 kl = {}
                 if ctx.with_kl:
                     t_c = kept[index] if ctx.targets_rows is None else _kernel_targets(ctx.targets_rows, start, end)
-                    kl = dict(targets=t_c, lse_st=lse_t[start:end], lse_u=lse_u[start:end], tau=tau,
-                              kl_coef=(grad_sums[2] / tau).to(acc).expand(end - start).contiguous())
+                    kl = _kernel_kl_args(t_c, lse_t[start:end], lse_u[start:end], tau, (grad_sums[2] / tau).to(acc))
                 d_z, d_b = softcap_ce_grad(_logits(h_c, weight, bias), y, lse[start:end], coef, cap, **kl)
                 _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
                 continue
             z, r = _logits_and_inverse_radius(h_c, weight, bias, cap, acc)
             s = z.mul_(r).mul_(cap)
-            # dKL/ds = (softmax(s / tau) - q) / tau, before s is overwritten by the CE gradient below.
+            # the KL's part, before s is overwritten by the CE gradient below
             d_kl = None
             if ctx.with_kl:
                 q_c = (kept[index] if ctx.targets_rows is None
                        else _target_log_probs(ctx.targets_rows, start, end, tau, acc).exp_())
-                d_kl = (s.div(tau).sub_(lse_t[start:end].unsqueeze(1)).exp_().sub_(q_c)
-                        .mul_(grad_sums[2] / tau))
+                d_kl = _grad_kl_rows(s.div(tau), lse_t[start:end], q_c, grad_sums[2] / tau)
             d = _grad_ce_rows(s, lse[start:end], y, coef)
             if d_kl is not None:
                 d.add_(d_kl)

@@ -346,7 +346,8 @@ def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
                             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
     assert set(record["ms"]) == {"fused", "fused, logits recomputed", "naive chunked (baseline)"}
-    assert record["speedup"] > 0 and record["grads_in_forward_speedup"] > 0
+    assert all(ms > 0 for ms in record["ms"].values())
+    assert {"speedup", "grads_in_forward_speedup"} <= set(record)
     printed = capsys.readouterr().out
     assert "fused speedup" in printed and "gradients in forward" in printed
     # with the distillation term: the fused path (its logits recomputed in backward) against the naive one

@@ -272,7 +272,7 @@ def test_interpreted_loss_benchmark_times_the_pytorch_rows_beside_the_kernels(tm
     record = json.loads(out.read_text())
     assert set(record["ms"]) == {"fused", "fused, logits recomputed", "fused, PyTorch rows",
                                  "naive chunked (baseline)"}
-    assert all(ms > 0 for ms in record["ms"].values()) and record["row_kernels_speedup"] > 0
+    assert all(ms > 0 for ms in record["ms"].values()) and "row_kernels_speedup" in record
     assert "Triton rows over PyTorch rows" in capsys.readouterr().out
     # With the rows switched back to PyTorch there is nothing to compare them with.
     monkeypatch.setenv("ATMA_LOSS_ROWS", "torch")
