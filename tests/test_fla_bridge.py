@@ -1,4 +1,5 @@
-"""flash-linear-attention bridge: the safety guard (CPU, versions faked) and numerics (GPU)."""
+"""flash-linear-attention bridge: the safety guard (CPU, versions faked) and numerics: on a GPU, and on the
+CPU through FLA's own kernels in TRITON_INTERPRET=1 children of `test_interpreter_suite` (fp16)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT, project_sources, rel_rmse
+from helpers import ROOT, interpret_fla_kernels, project_sources, rel_rmse, run_interpreter_tests
 from kernels.gated_delta import fla_bridge as bridge
 from kernels.gated_delta.naive import gated_delta_rule_naive
 
 pytestmark = pytest.mark.nan_poison
+interpreted = pytest.mark.interpreter
+
+
+@pytest.mark.interpreter_driver
+def test_interpreter_suite():
+    """This file's interpreted tests, in two TRITON_INTERPRET=1 child pytests."""
+    run_interpreter_tests(__file__)
 
 
 @pytest.mark.parametrize(
@@ -162,37 +170,50 @@ def test_is_usable_without_fla(fake_env):
         assert bridge.fla_is_usable("cuda:0") is False
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("with_state", [False, True])
-def test_gpu_fla_matches_reference(with_state):
-    """FLA (bf16) vs the fp64 sequential oracle: outputs, state and all gradients, rel err < 0.05."""
-    if not bridge.fla_is_usable(torch.device("cuda")):
-        pytest.skip(f"flash-linear-attention not usable here: {bridge._USABLE.get(('cuda', None, True))}")
-    torch.manual_seed(0)
-    B, T, H, d = 2, 300, 4, 64
-    q = F.normalize(torch.randn(B, T, H, d, device="cuda", dtype=torch.float64), dim=-1)
-    k = F.normalize(torch.randn(B, T, H, d, device="cuda", dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, d, device="cuda", dtype=torch.float64)
-    g = F.logsigmoid(torch.randn(B, T, H, device="cuda", dtype=torch.float64) + 3.9)
-    beta = torch.sigmoid(torch.randn(B, T, H, device="cuda", dtype=torch.float64))
-    h0 = 0.1 * torch.randn(B, H, d, d, device="cuda", dtype=torch.float64) if with_state else None
-    q, k, v = (x.bfloat16().double() for x in (q, k, v))  # the oracle sees the same rounded inputs
-    go = torch.randn(B, T, H, d, device="cuda", dtype=torch.float64)
-    gs = torch.randn(B, H, d, d, device="cuda", dtype=torch.float64)
+NAMES = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def fla_and_oracle(device, dtype, *, B, T, H, d, with_state, final_state=True, seed=0):
+    """The bridge's outputs, final state (when asked for) and every gradient (q, k, v in `dtype`, the gates
+    and the state in fp32) and the fp64 sequential oracle's on the same rounded inputs, against fixed
+    upstream gradients; without `final_state` the loss reads the outputs alone, as training does."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device)
+
+    q, k = (F.normalize(rnd(B, T, H, d), dim=-1) for _ in range(2))
+    v = rnd(B, T, H, d)
+    g = F.logsigmoid(rnd(B, T, H) + 3.9)
+    beta = torch.sigmoid(rnd(B, T, H))
+    h0 = 0.1 * rnd(B, H, d, d) if with_state else None
+    q, k, v = (x.to(dtype).double() for x in (q, k, v))  # the oracle sees the same rounded inputs
+    go, gs = rnd(B, T, H, d), rnd(B, H, d, d)
 
     def run(fn, cast, state_dtype):
         leaves = [cast(x).detach().requires_grad_() for x in (q, k, v)]
-        gates = [x.float().detach().requires_grad_() if state_dtype == torch.float32 else x.detach().requires_grad_()
-                 for x in (g, beta)]
+        gates = [x.to(state_dtype).detach().requires_grad_() for x in (g, beta)]
         init = None if h0 is None else h0.to(state_dtype).detach().requires_grad_()
-        o, state = fn(*leaves, *gates, initial_state=init, output_final_state=True)
-        loss = (o.double() * go).sum() + (state.double() * gs).sum()
+        o, state = fn(*leaves, *gates, initial_state=init, output_final_state=final_state)
+        loss = (o.double() * go).sum() + ((state.double() * gs).sum() if final_state else 0)
         wrt = leaves + gates + ([init] if init is not None else [])
-        return [o.double(), state.double()] + [x.double() for x in torch.autograd.grad(loss, wrt)]
+        states = [state.double()] if final_state else []
+        return [o.double(), *states] + [x.double() for x in torch.autograd.grad(loss, wrt)]
 
-    ref = run(gated_delta_rule_naive, lambda x: x, torch.float64)
-    out = run(bridge.fla_gated_delta_rule, lambda x: x.bfloat16(), torch.float32)
-    names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+    return run(bridge.fla_gated_delta_rule, lambda x: x.to(dtype), torch.float32), \
+        run(gated_delta_rule_naive, lambda x: x, torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_state,final_state", [(False, False), (False, True), (True, True)])
+def test_gpu_fla_matches_reference(with_state, final_state):
+    """FLA (bf16) vs the fp64 sequential oracle: outputs, state and all gradients, rel err < 0.05; also
+    without the final state, as training calls it."""
+    if not bridge.fla_is_usable(torch.device("cuda")):
+        pytest.skip(f"flash-linear-attention not usable here: {bridge._USABLE.get(('cuda', None, True))}")
+    out, ref = fla_and_oracle("cuda", torch.bfloat16, B=2, T=300, H=4, d=64, with_state=with_state,
+                              final_state=final_state)
+    names = NAMES if final_state else [n for n in NAMES if n != "final_state"]
     for name, a, b in zip(names, out, ref):
         assert rel_rmse(a, b) < 0.05, (name, rel_rmse(a, b))
 
@@ -244,3 +265,139 @@ def test_gpu_fla_forward_only_matches_reference_and_dispatch_picks_it(monkeypatc
     assert calls == [1]
     kernels.gated_delta_rule(q, k, v.requires_grad_(), g, beta)
     assert len(calls) == 1 + int(bridge.fla_is_usable(torch.device("cuda"), backward=True))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_bridge_hands_flas_backward_a_final_state_gradient_only_when_it_returned_the_state(monkeypatch, compiled):
+    """FLA's host functions, stood in for, see what the bridge passes them: without a final state (training)
+    the backward's `dht` is None, never the zero-size gradient autograd gives the forward's empty placeholder
+    (FLA's kernel would read B*H*K*V values from it: an illegal memory access on a GPU); with one, its gradient."""
+    from fla.ops.gated_delta_rule import chunk as fla_chunk  # fla-core is a requirement
+
+    seen = {}
+
+    def fake_fwd(*, q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size):
+        seen["fwd"] = dict(scale=scale, chunk_size=chunk_size, final=output_final_state)
+        B, T, H, K = q.shape
+        state = q.new_zeros(B, H, K, v.shape[-1], dtype=torch.float32) if output_final_state else None
+        return g.cumsum(1), v * 2, q.new_zeros(B, T, H, chunk_size), state, None, None
+
+    def fake_bwd(*, q, k, v, g, beta, A, scale, initial_state, do, dht, chunk_size):
+        seen["dht"] = None if dht is None else tuple(dht.shape)
+        return (q.new_zeros(q.shape), k.new_zeros(k.shape), 2 * do, beta.new_zeros(beta.shape), g.new_zeros(g.shape),
+                None)
+
+    monkeypatch.setattr(fla_chunk, "chunk_gated_delta_rule_fwd", fake_fwd)
+    monkeypatch.setattr(fla_chunk, "chunk_gated_delta_rule_bwd", fake_bwd)
+    B, T, H, d = 2, 8, 2, 4
+
+    def loss(q, k, v, g, beta, final):
+        o, state = bridge.fla_gated_delta_rule(q, k, v, g, beta, output_final_state=final)
+        return o.float().sum() + (state.sum() if final else 0)
+
+    fn = torch.compile(loss, fullgraph=True) if compiled else loss
+    torch._dynamo.reset()
+    for final in (False, True):
+        leaves = [torch.randn(B, T, H, d, dtype=torch.float16).requires_grad_() for _ in range(3)]
+        leaves += [torch.randn(B, T, H).requires_grad_() for _ in range(2)]
+        fn(*leaves, final).backward()
+        assert seen["fwd"] == dict(scale=1.0, chunk_size=64, final=final)
+        assert seen["dht"] == ((B, H, d, d) if final else None)
+        torch.testing.assert_close(leaves[2].grad, torch.full_like(leaves[2], 2.0))
+
+
+# The bridge on the CPU: FLA's own Triton kernels under the interpreter, in fp16 (helpers.interpret_fla_kernels).
+# T = 150 is two whole chunks of FLA's 64 and a partial one.
+@interpreted
+@pytest.mark.parametrize("with_state,final_state", [(False, False), (False, True), (True, True)])
+def test_interpreted_fla_matches_reference(with_state, final_state):
+    """The bridge's forward and backward (FLA's host functions, the arguments it passes them, the saved
+    cumulative gates and WY matrix) against the fp64 oracle: outputs, final state, every gradient; also
+    as training calls it, without the final state (whose empty placeholder must not reach FLA's backward)."""
+    interpret_fla_kernels()
+    out, ref = fla_and_oracle("cpu", torch.float16, B=2, T=150, H=2, d=32, with_state=with_state,
+                              final_state=final_state)
+    names = NAMES if final_state else [n for n in NAMES if n != "final_state"]
+    assert len(out) == len(ref) == len(names) - (not with_state)
+    for name, a, b in zip(names, out, ref):
+        # fp16 inputs with FLA's fp16 intermediates: about 5e-4 here; a wrong argument gives O(1).
+        assert rel_rmse(a, b) < 2e-3, (name, rel_rmse(a, b))
+
+
+@interpreted
+@pytest.mark.parametrize("with_state", [False, True])
+def test_interpreted_fla_op_registration(with_state):
+    """atma::gated_delta_fla_fwd/_bwd: schema, fake implementations (shapes of FLA's real results) and autograd."""
+    interpret_fla_kernels()
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, d = 1, 70, 2, 16
+    q, k = (F.normalize(torch.randn(B, T, H, d, generator=gen), dim=-1).half().requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, d, generator=gen).half().requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3.9).requires_grad_()
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen)).requires_grad_()
+    h0 = (0.1 * torch.randn(B, H, d, d, generator=gen)).requires_grad_() if with_state else None
+    for final_state in (True, False):
+        torch.library.opcheck(bridge._fla_fwd, (q, k, v, g, beta, h0, final_state))
+
+
+@interpreted
+def test_interpreted_fla_bridge_compiles_without_a_graph_break():
+    """Compiled (inductor), a function around the bridge holds FLA's forward as one op, with no graph break, and
+    gives the eager values and gradients."""
+    interpret_fla_kernels()
+
+    def memory_read(q, k, v, g, beta):
+        o, state = bridge.fla_gated_delta_rule(F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, g, beta,
+                                               output_final_state=True)
+        return o.float().square().sum() + state.sum()
+
+    gen = torch.Generator().manual_seed(5)
+    B, T, H, d = 1, 80, 2, 16
+    inputs = [torch.randn(B, T, H, d, generator=gen).half() for _ in range(3)]
+    inputs += [F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3.9), torch.sigmoid(torch.randn(B, T, H, generator=gen))]
+
+    def value_and_grads(fn):
+        leaves = [x.clone().requires_grad_() for x in inputs]
+        loss = fn(*leaves)
+        return [loss, *torch.autograd.grad(loss, leaves)]
+
+    eager = value_and_grads(memory_read)
+    torch._dynamo.reset()
+    compiled = value_and_grads(torch.compile(memory_read, fullgraph=True))
+    for name, a, b in zip(["loss", "dq", "dk", "dv", "dg", "dbeta"], compiled, eager):
+        # Inductor's fp16 normalisation differs from eager's by an ulp here and there (5e-4 of the norm).
+        assert rel_rmse(a, b) < 2e-3, (name, rel_rmse(a, b))
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(memory_read)(*inputs)
+    ops = [str(node.target) for graph in explanation.graphs for node in graph.graph.nodes]
+    assert explanation.graph_break_count == 0
+    assert ops.count("atma.gated_delta_fla_fwd.default") == 1
+
+
+@interpreted
+def test_interpreted_fla_takes_any_strides():
+    """The bridge gives the same values and gradients for inputs in any layout: FLA's kernels read dense
+    tensors, and the backward gets the caller's own (saved) inputs, not the forward's dense copies."""
+    interpret_fla_kernels()
+    gen = torch.Generator().manual_seed(8)
+    B, T, H, d = 1, 70, 2, 16
+
+    def pair(x):
+        """The same values twice: dense, and as a view whose last two axes' strides are swapped."""
+        return x, x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+    q, k = (pair(F.normalize(torch.randn(B, T, H, d, generator=gen), dim=-1).half()) for _ in range(2))
+    v = pair(torch.randn(B, T, H, d, generator=gen).half())
+    g = pair(F.logsigmoid(torch.randn(B, T, H, generator=gen) + 3.9))
+    beta = pair(torch.sigmoid(torch.randn(B, T, H, generator=gen)))
+    h0 = pair(0.1 * torch.randn(B, H, d, d, generator=gen))
+    assert not (q[1].is_contiguous() or v[1].is_contiguous() or h0[1].is_contiguous())
+    go = torch.randn(B, T, H, d, generator=gen)
+
+    def run(i):
+        leaves = [x[i].detach().requires_grad_() for x in (q, k, v, g, beta, h0)]
+        o, _ = bridge.fla_gated_delta_rule(*leaves[:5], initial_state=leaves[5])
+        return [o, *torch.autograd.grad((o.float() * go).sum(), leaves)]
+
+    for name, a, b in zip(["o", "dq", "dk", "dv", "dg", "dbeta", "dh0"], run(0), run(1)):
+        torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)

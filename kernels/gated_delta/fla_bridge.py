@@ -207,6 +207,11 @@ def fla_gated_delta_rule(
 _FLA_CHUNK = 64
 
 
+def _on_device(x: torch.Tensor):
+    """FLA's launches go to the current CUDA device: make it x's (nothing to do off CUDA, e.g. the interpreter)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("atma::gated_delta_fla_fwd", mutates_args=())
 def _fla_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
@@ -215,8 +220,10 @@ def _fla_fwd(
     """FLA forward: o, the final state (empty unless asked for), the chunk-local cumulative g and A."""
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd
 
+    # FLA's kernels index every tensor as dense: the host functions do not make them so themselves.
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    with torch.cuda.device(q.device):
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    with _on_device(q):
         g_cum, o, A, final_state, *_ = chunk_gated_delta_rule_fwd(
             q=q, k=k, v=v, g=g, beta=beta, scale=1.0, initial_state=initial_state,
             output_final_state=output_final_state, chunk_size=_FLA_CHUNK,
@@ -234,7 +241,14 @@ def _fla_bwd(
     """FLA backward: gradients of q, k, v, g, beta and the initial state (empty when None)."""
     from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_bwd
 
-    with torch.cuda.device(q.device):
+    if grad_state is not None and grad_state.numel() == 0:
+        # Autograd gives the empty placeholder of a final state nobody asked for (training's case) a
+        # zero-size gradient; handed to FLA as `dht`, its kernel would read B*H*K*V values from it.
+        grad_state = None
+    # The saved inputs are the caller's tensors, in whatever layout they came (the forward used dense copies).
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    initial_state = None if initial_state is None else initial_state.contiguous()
+    with _on_device(q):
         dq, dk, dv, dbeta, dg, dh0, *_ = chunk_gated_delta_rule_bwd(
             q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=1.0, initial_state=initial_state,
             do=grad_o.contiguous(), dht=None if grad_state is None else grad_state.contiguous(),
