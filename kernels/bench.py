@@ -53,9 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-memory", action="store_true", help="skip the gated-delta memory")
     p.add_argument("--fla-timing-only", action="store_true",
                    help="time flash-linear-attention even where its gradients are known to be wrong "
-                        "(timing only; training never uses it there). On an H200 with triton 3.6 its backward "
-                        "ended in an illegal memory access, which ends the run: time it alone (--skip-attention "
-                        "--skip-conv)")
+                        "(timing only; training never uses it there). A fault inside its kernels would end the "
+                        "run: time it alone (--skip-attention --skip-conv)")
     p.add_argument("--count-ops", action="store_true",
                    help="instead of timing, count what one forward+backward of the gated-delta chunked path "
                         "dispatches per --seq-lens (batch 1, H and d as given), its state carried by the PyTorch "

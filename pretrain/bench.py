@@ -178,8 +178,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "each variant unless --cases names them")
     p.add_argument("--fla-timing-only", action="store_true",
                    help="use flash-linear-attention's backward even where its gradients are known to be wrong "
-                        "(timing only; training never does). On an H200 with triton 3.6 that backward ended in an "
-                        "illegal memory access, which leaves the process's GPU unusable: time it in a run of its own")
+                        "(timing only; training never does). A fault inside its kernels would leave the process's "
+                        "GPU unusable: time it in a run of its own")
     p.add_argument("--data", help="time on these shards through the training loader (default: random tokens)")
     p.add_argument("--breakdown-steps", type=int, default=3,
                    help="extra steps timed phase by phase (device synchronised between phases; default: 3)")

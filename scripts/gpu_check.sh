@@ -16,7 +16,9 @@
 # chunked path with its Triton state carry elsewhere; each case's breakdown names it):
 # bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar eager, with
 # activation checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the
-# goals' figures first); bench_training_loop_carry: the headline case with the chunked path's state
+# goals' figures first); bench_training_fla_timing_only: the headline case with FLA's memory
+# kernels, what a fresh install trains with (see below); bench_loss and bench_kernels (the loss
+# and the kernels alone); bench_training_loop_carry: the headline case with the chunked path's state
 # carried by its PyTorch loop (ATMA_DELTA_TRITON_PROFILE=small), the baseline of the Triton carry
 # where FLA is refused; bench_training_mb16: Polar and NoPE at micro-batch 16, the paper's own
 # loop's (its tokens/s on the same GPU were measured so); bench_recipe: the shipped paper recipe
@@ -31,26 +33,26 @@
 # embedding and the LM head sharded), and a 4x prefetch bucket. Each writes its JSON after every
 # case, so a time limit keeps what was measured.
 # Where the guard refuses flash-linear-attention's backward (Hopper with triton < 3.7.1), two steps
-# time it anyway, labelled "timing only", each in a process of its own: on an H200 with triton
-# 3.6.0 that backward ended in an illegal memory access, which leaves the process's GPU unusable,
-# so it must not take the other figures with it: bench_kernels_fla_timing_only (the gated-delta
-# kernels alone) and bench_training_fla_timing_only (the headline case). Where the guard allows
-# FLA they measure what the steps above measured.
+# time it anyway, labelled "timing only", each in a process of its own, so that a fault inside
+# FLA's kernels (it would leave the process's GPU unusable) cannot take the other figures with it:
+# bench_training_fla_timing_only (the headline case) and bench_kernels_fla_timing_only (the
+# gated-delta kernels alone). Where the guard allows FLA they measure what the steps above measured.
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
-# the six training cases about 170 s without the profiled step): tests 240, training 240, loop
-# carry 90, micro-batch 16 120, loss benchmark 45, kernel benchmark 180, recipe 150, DeepCompile 60,
-# ZeRO-3 settings 150, FLA timing only 60 + 90, evaluation 60, decode 60 (bench_decode: batch-1
-# decoding of atma-378m with the cache against recomputation and NoPE), then distillation 120 + 120
+# the six training cases about 170 s without the profiled step): tests 240, training 240, FLA
+# training 150 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
+# kernel benchmark 180, loop carry 90, micro-batch 16 120, recipe 150, DeepCompile 60, ZeRO-3
+# settings 150, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
+# atma-378m with the cache against recomputation and NoPE), then distillation 120 + 120
 # (bench_distill: a same-size teacher, compiled and eager; bench_distill_recompute: with
 # loss.distill_recompute), then the loss with the distillation term 45 (bench_loss_distill: its rows
-# in the Triton kernels against PyTorch's); at most 31 minutes in all. The steps run in that order, the goals'
-# figures first. Under a 10-minute limit per call, run it as calls with GPU_CHECK_STEPS, each with
-# GPU_CHECK_BUDGET a little under that limit (a call without gpu_tests says its figures are
-# ungated): first "gpu_tests bench_training bench_training_loop_carry bench_training_mb16
-# bench_loss bench_kernels" (where GPU time is short, GPU_CHECK_BUDGET=540 keeps it to 9 minutes
-# and still yields the goals' figures; the kernel benchmark gets what is left, its 2K row first),
-# then "bench_recipe bench_training_deepcompile bench_zero3_settings", then
-# "bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill
+# in the Triton kernels against PyTorch's); at most 32 minutes in all. The steps run in that order,
+# the goals' figures first. Under a 10-minute limit per call, run it as calls with GPU_CHECK_STEPS,
+# each with GPU_CHECK_BUDGET a little under that limit (a call without gpu_tests says its figures
+# are ungated): first "gpu_tests bench_training bench_training_fla_timing_only bench_loss
+# bench_kernels" (where GPU time is short, GPU_CHECK_BUDGET=540 keeps it to 9 minutes and still
+# yields the goals' figures; the kernel benchmark gets what is left, its 2K row first), then
+# "bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile
+# bench_zero3_settings", then "bench_kernels_fla_timing_only eval_64k bench_decode bench_distill
 # bench_distill_recompute bench_loss_distill".
 # The same settings can be given by hand, with GPU_CHECK_STEPS without gpu_tests, to measure with a
 # kernel on its PyTorch path.
@@ -102,13 +104,13 @@ out=$(cd "$out" && pwd)
 cd "$root"
 T_BENCH=${T_BENCH:-180} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-240} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-45}
-T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-90} T_LOOP=${T_LOOP:-90} T_MB16=${T_MB16:-120}
+T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-150} T_LOOP=${T_LOOP:-90} T_MB16=${T_MB16:-120}
 T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_loop_carry bench_training_mb16 bench_loss bench_kernels bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only bench_training_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute bench_loss_distill} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_fla_timing_only bench_loss bench_kernels bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute bench_loss_distill} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -194,16 +196,10 @@ train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --cases polar:3:none:blocks,nope:3:none:blocks,polar:3:none:off,polar:3:all:blocks,polar:2:none:blocks,polar:0:none:blocks \
     --trace-dir "$out/traces" --json "$out/bench_training.json"
-# The same headline case with the memory's state carried by the PyTorch loop (the "small" launch
-# class keeps it), for the Triton carry's effect on tokens/s where FLA is refused.
-ATMA_DELTA_TRITON_PROFILE=small measure bench_training_loop_carry "$T_LOOP" "$PY" -m pretrain.bench \
-    --steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 0 --cases polar:3:none:blocks \
-    --json "$out/bench_training_loop_carry.json"
-# Polar and NoPE at the paper's own loop's micro-batch (16 x 2048 tokens per optimizer step, as its
-# 83,973 tokens/s on an H200 were measured), so that comparison is made at equal tokens per step.
-measure bench_training_mb16 "$T_MB16" "$PY" -m pretrain.bench --micro-batch 16 --steps 5 --warmup 2 \
-    --breakdown-steps 1 --profile-steps 0 --cases polar:3:none:blocks,nope:3:none:blocks \
-    --json "$out/bench_training_mb16.json"
+# The headline case with flash-linear-attention's memory kernels, what a fresh install trains with (where
+# the guard refuses FLA's backward, as a timing only; in a process of its own, see above).
+measure bench_training_fla_timing_only "$T_FLA_TRAIN" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 1 \
+    --profile-steps 0 --fla-timing-only --cases polar:3:none:blocks --json "$out/bench_training_fla_timing_only.json"
 # The LM head's fused soft-capped cross-entropy (its rows in the Triton kernels, and in PyTorch)
 # against the checkpointed naive path, at atma-378m's head (hidden 1024, vocabulary 50,304) over one
 # micro-batch (8 x 2048 tokens), bf16.
@@ -215,6 +211,16 @@ iters=10
 [ "$quick" = "--quick" ] && seq_lens="2048 8192"
 measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --json "$out/bench_kernels.json"
+# The same headline case with the memory's state carried by the PyTorch loop (the "small" launch
+# class keeps it), for the Triton carry's effect on tokens/s where FLA is refused.
+ATMA_DELTA_TRITON_PROFILE=small measure bench_training_loop_carry "$T_LOOP" "$PY" -m pretrain.bench \
+    --steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 0 --cases polar:3:none:blocks \
+    --json "$out/bench_training_loop_carry.json"
+# Polar and NoPE at the paper's own loop's micro-batch (16 x 2048 tokens per optimizer step, as its
+# 83,973 tokens/s on an H200 were measured), so that comparison is made at equal tokens per step.
+measure bench_training_mb16 "$T_MB16" "$PY" -m pretrain.bench --micro-batch 16 --steps 5 --warmup 2 \
+    --breakdown-steps 1 --profile-steps 0 --cases polar:3:none:blocks,nope:3:none:blocks \
+    --json "$out/bench_training_mb16.json"
 measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/configs/atma-378m.yaml --grad-accum 2 \
     --steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 \
     --cases polar:3:none:auto,polar:2:none:auto --json "$out/bench_recipe.json"
@@ -227,11 +233,9 @@ measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warm
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \
     --ds-variant zero_optimization.stage3_prefetch_bucket_size=200000000 --json "$out/bench_zero3_settings.json"
-# flash-linear-attention's backward where its guard refuses it, timed in processes of their own (see above).
+# flash-linear-attention's backward where its guard refuses it, the kernels alone (see above).
 measure bench_kernels_fla_timing_only "$T_FLA_KERNELS" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --skip-attention --skip-conv --fla-timing-only --json "$out/bench_kernels_fla_timing_only.json"
-measure bench_training_fla_timing_only "$T_FLA_TRAIN" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 1 \
-    --profile-steps 0 --fla-timing-only --cases polar:3:none:blocks --json "$out/bench_training_fla_timing_only.json"
 
 # 64K evaluation of the paper-size model (random init): peak memory and seconds per cell.
 cat > "$out/eval_64k.py" <<'PY'

@@ -269,15 +269,17 @@ def interpret_fla_kernels() -> None:
     benchmarker (here every candidate gets the same time, so the first one runs); a `for i in
     range(n)` index is a plain Python int there, while FLA's kernels call `i.to(tl.int64)` on it as
     on the tensor a compiled kernel has (in FLA's kernels the index becomes such a tensor at the top
-    of the loop body; other kernels are rewritten as before); and before triton 3.7 a one-element
-    tensor used as a Python index went through `int(array)`, which NumPy 2 refuses (here it is
-    squeezed first, as later tritons do). bf16 stays out of reach: the
-    interpreter keeps it as raw uint16 bits, which its `tl.dot` and arithmetic take for numbers (the
-    Polar kernels upcast for it), so these runs use fp16, FLA's other input dtype.
+    of the loop body; other kernels are rewritten as before); and triton 3.6's interpreter cannot
+    take a tensor as a runtime loop bound under numpy >= 2.4 (`patch_interpreter_index`, as our
+    kernels do). bf16 stays out of reach: the interpreter keeps it as raw uint16 bits, which its
+    `tl.dot` and arithmetic take for numbers (the Polar kernels upcast for it), so these runs use
+    fp16, FLA's other input dtype.
     """
     import ast
 
     from triton.runtime import autotuner, interpreter
+
+    from kernels.common import patch_interpreter_index
 
     if getattr(interpreter.FunctionRewriter, "_fla_loop_index", False):
         return
@@ -293,7 +295,8 @@ def interpret_fla_kernels() -> None:
             if plain_range and isinstance(node.target, ast.Name):
                 name = node.target.id
                 # `i = i`: the interpreter's rewrite of assignments turns the value into a tensor.
-                rebind = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())], value=ast.Name(id=name, ctx=ast.Load()))
+                rebind = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())],
+                                    value=ast.Name(id=name, ctx=ast.Load()))
                 node.body.insert(0, ast.copy_location(rebind, node))
             return node
 
@@ -304,14 +307,8 @@ def interpret_fla_kernels() -> None:
             src = LoopIndexAsTensor().visit(ast.parse(src))  # ast.parse returns a tree it is given
         return transform(self, src)
 
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patch_tensor_with_index(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
     autotuner.Autotuner._bench = equal_times
-    interpreter._patch_lang_tensor = patch_tensor_with_index
+    patch_interpreter_index()
     interpreter.FunctionRewriter._transform_ast = transform_fla
     interpreter.FunctionRewriter._fla_loop_index = True
 
