@@ -206,6 +206,24 @@ def conv_case(B, T, C, K, *, dtype=F64, device="cpu", seed=0, channel_stride=1):
     return x, w, dy
 
 
+def fenced(x: torch.Tensor, pad: int = 4096) -> torch.Tensor:
+    """x's values as a dense view into the middle of a larger buffer filled with NaN (integers: 2**30), so that
+    a kernel that reads past either end of x reads the fence (NaN results, or a wild index) instead of whatever
+    memory happens to lie there."""
+    fill = float("nan") if x.is_floating_point() else 2**30
+    buffer = torch.full((pad + x.numel() + pad,), fill, dtype=x.dtype, device=x.device)
+    view = buffer[pad:pad + x.numel()].view(x.shape)
+    view.copy_(x.detach())
+    return view
+
+
+def assert_same_results(got, want, what: str) -> None:
+    """Every tensor of `got` equals the one of `want` bit for bit (NaN where it is NaN)."""
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True, msg=f"{what}: result {i}")
+
+
 class _KeptLangPatch:
     """Stands in for the interpreter's patch scope when the running kernel's patches are reused."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import conv_case, rel_max_err, run_interpreter_tests
+from helpers import assert_same_results, conv_case, fenced, rel_max_err, run_interpreter_tests
 from kernels.causal_conv.naive import causal_conv1d_naive
 
 pytestmark = pytest.mark.nan_poison
@@ -91,6 +91,22 @@ def test_interpreted_op_registration(weight_grad):
 
     x, w, _ = conv_case(2, 13, 40, 3, dtype=torch.float32, seed=2, channel_stride=2)
     torch.library.opcheck(_conv_fwd, (x.requires_grad_(), w.float().contiguous().requires_grad_(weight_grad)))
+
+
+@interpreted
+def test_interpreted_reads_nothing_outside_its_inputs():
+    """Every input fenced by NaN on both sides (helpers.fenced): the output and both gradients are the same,
+    bit for bit, so no load reaches past an input (on a GPU: garbage or an illegal memory access)."""
+    from kernels.causal_conv.triton_impl import causal_conv1d_triton
+
+    x, w, gy = conv_case(3, 70, 33, 4, dtype=torch.float32)
+
+    def run(wrap):
+        xl, wl = wrap(x).requires_grad_(), wrap(w.float()).requires_grad_()
+        y = causal_conv1d_triton(xl, wl)
+        return [y, *torch.autograd.grad(y, (xl, wl), wrap(gy.float()))]
+
+    assert_same_results(run(fenced), run(lambda t: t.detach().clone()), "causal conv")
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import F64, gated_delta_case, rel_max_err, run_interpreter_tests
+from helpers import F64, assert_same_results, fenced, gated_delta_case, rel_max_err, run_interpreter_tests
 from kernels.gated_delta.naive import gated_delta_rule_naive
 from kernels.gated_delta.torch_impl import chunk_gated_delta_rule_torch
 
@@ -167,6 +167,31 @@ def test_interpreted_op_takes_any_strides():
     for a, b in zip(_state_bwd(grad_o[0], None, *saved, s_all, u, "tf32"),
                     _state_bwd(grad_o[1], None, *strided_saved, s_all_t, u, "tf32")):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@interpreted
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_interpreted_op_reads_nothing_outside_its_inputs(precision):
+    """Every input of both passes fenced by NaN on both sides (helpers.fenced): the same results bit for bit,
+    so no load reaches past an input (on a GPU: garbage or an illegal memory access)."""
+    from kernels.gated_delta.triton_impl import _state_bwd, _state_fwd
+
+    gen = torch.Generator().manual_seed(9)
+    BH, N, C, K, V = 2, 3, 12, 12, 40  # partial tiles on every axis (16-wide; V in three, the last partial)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen) * 0.3
+
+    inputs = [rnd(BH, N, C, V), rnd(BH, N, C, K), rnd(BH, N, C, K), rnd(BH, N, C, C), rnd(BH, N, C, K),
+              torch.rand(BH, N, generator=gen), rnd(BH, K, V)]
+    grad_o, grad_s = rnd(BH, N, C, V), rnd(BH, K, V)
+
+    def run(wrap):
+        o, s_all, u, state = _state_fwd(*map(wrap, inputs), precision)
+        saved = [wrap(x) for x in (*inputs[1:6], s_all, u)]
+        return [o, s_all, u, state, *_state_bwd(wrap(grad_o), wrap(grad_s), *saved, precision)]
+
+    assert_same_results(run(fenced), run(lambda x: x.clone()), f"state carry {precision}")
 
 
 def test_fp64_keeps_the_loop_and_bad_carry_is_refused():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import F64, rel_max_err, run_interpreter_tests
+from helpers import F64, assert_same_results, fenced, rel_max_err, run_interpreter_tests
 from kernels.softcap_ce.naive import (softcap_ce_grad_naive, softcap_ce_kl_grad_naive, softcap_ce_kl_rows_naive,
                                       softcap_ce_rows_naive)
 from model.lm_loss import softcap_cross_entropy_sums, softcap_cross_entropy_sums_naive
@@ -83,6 +83,29 @@ def test_interpreted_kl_rows_and_grad_match_the_oracle(n, v, dtype, t_dtype, tau
     assert dz.dtype == dtype and dz.shape == z.shape and db.dtype == torch.float32
     assert rel_max_err(dz, exp, floor=1.0) < (1e-6 if dtype == torch.float32 else 1e-2)
     assert rel_max_err(db, exp.sum(0), floor=1.0) < 1e-6
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_interpreted_kernels_read_nothing_outside_their_inputs(dtype):
+    """Every input fenced by NaN (labels by a wild index) on both sides (helpers.fenced): the rows' statistics and
+    the gradients, with and without the KL, are the same bit for bit, so no load reaches past an input."""
+    from kernels.softcap_ce.triton_impl import (softcap_ce_grad_triton, softcap_ce_kl_grad_triton,
+                                                softcap_ce_kl_rows_triton, softcap_ce_rows_triton)
+
+    z, labels, coef = logits_case(7, 201, dtype, seed=5)
+    t = torch.randn(7, 201, generator=torch.Generator().manual_seed(6)).to(dtype)
+    kl_coef = torch.linspace(0.1, 1.0, 7)
+
+    def run(wrap):
+        lse, picked = softcap_ce_rows_triton(wrap(z), wrap(labels), CAP)
+        grads = softcap_ce_grad_triton(wrap(z), wrap(labels), wrap(lse), wrap(coef), CAP)
+        rows = softcap_ce_kl_rows_triton(wrap(z), wrap(t), wrap(labels), CAP, 2.0)
+        kl_grads = softcap_ce_kl_grad_triton(wrap(z), wrap(labels), wrap(rows[0]), wrap(coef), wrap(t), wrap(rows[2]),
+                                             wrap(rows[3]), wrap(kl_coef), CAP, 2.0)
+        return [lse, picked, *grads, *rows, *kl_grads]
+
+    assert_same_results(run(fenced), run(lambda x: x.clone()), f"softcap rows {dtype}")
 
 
 @interpreted
