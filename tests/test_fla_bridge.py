@@ -140,7 +140,7 @@ def test_is_usable_forward_only_on_hopper_without_warning(fake_env):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert bridge.fla_is_usable("cuda:0", backward=False) is True
-    with pytest.warns(RuntimeWarning, match="#640"):
+    with pytest.warns(RuntimeWarning, match="#640.*torch >= 2.13 installs a triton with the fix"):
         assert bridge.fla_is_usable("cuda:0", backward=True) is False
     assert bridge.fla_is_usable("cuda:0", backward=False) is True
 

@@ -68,7 +68,8 @@ def fla_guard_reason(
         return (
             f"flash-linear-attention {fla_version} computes wrong gated-delta gradients on Hopper "
             f"(compute capability {capability[0]}.{capability[1]}) with triton {triton_version} < 3.7.1 "
-            "(flash-linear-attention#640)"
+            "(flash-linear-attention#640); torch >= 2.13 installs a triton with the fix (on an H200 one "
+            "memory layer's forward and backward took 4.1 ms in FLA's kernels, 26 ms on the chunked path)"
         )
     return None
 
