@@ -39,7 +39,7 @@
 # gated-delta kernels alone). Where the guard allows FLA they measure what the steps above measured.
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
 # the six training cases about 170 s without the profiled step): tests 240, training 240, FLA
-# training 150 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
+# training 180 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
 # kernel benchmark 180, loop carry 90, micro-batch 16 120, recipe 150, DeepCompile 60, ZeRO-3
 # settings 150, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
 # atma-378m with the cache against recomputation and NoPE), then distillation 120 + 120
@@ -104,7 +104,7 @@ out=$(cd "$out" && pwd)
 cd "$root"
 T_BENCH=${T_BENCH:-180} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-240} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-45}
-T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-150} T_LOOP=${T_LOOP:-90} T_MB16=${T_MB16:-120}
+T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-180} T_LOOP=${T_LOOP:-90} T_MB16=${T_MB16:-120}
 T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
