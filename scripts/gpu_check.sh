@@ -36,7 +36,8 @@
 # time it anyway, labelled "timing only", each in a process of its own, so that a fault inside
 # FLA's kernels (it would leave the process's GPU unusable) cannot take the other figures with it:
 # bench_training_fla_timing_only (the headline case) and bench_kernels_fla_timing_only (the
-# gated-delta kernels alone). Where the guard allows FLA they measure what the steps above measured.
+# gated-delta kernels alone). Where the guard allows FLA (or FLA is not installed) they would repeat
+# what the other steps measure, and are not run (gpu.txt says so).
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
 # the six training cases about 170 s without the profiled step): tests 240, training 240, FLA
 # training 180 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
@@ -190,6 +191,24 @@ elif [[ "$steps" != *" gpu_tests "* ]]; then
     echo "gpu tests not selected (GPU_CHECK_STEPS): the figures below are not gated by them" | tee -a "$out/gpu.txt"
 fi
 
+# What the guard says of flash-linear-attention's backward on this machine: "refused" (Hopper with triton
+# < 3.7.1: the two timing-only steps time it anyway), "allowed" (the training and kernel steps already run
+# FLA's kernels, so the timing-only steps would repeat them), "absent" (not installed), or "unknown".
+fla_backward=$("$PY" -c "
+import torch
+from kernels.gated_delta import fla_bridge as b
+version = b._installed_fla_version()
+refused = b.fla_guard_reason(version, b._triton_version(), tuple(torch.cuda.get_device_capability()))
+print('absent' if version is None else 'refused' if refused else 'allowed')" 2>/dev/null) || fla_backward=unknown
+fla_timing() {  # fla_timing NAME SECONDS CMD...: a timing-only step of FLA's refused backward
+    if [ "$fla_backward" = "allowed" ] || [ "$fla_backward" = "absent" ]; then
+        [[ "$steps" == *" $1 "* ]] && echo "step $1: not needed (flash-linear-attention's backward is" \
+            "$fla_backward here; the other steps time the memory path training takes)" | tee -a "$out/gpu.txt"
+        return 0
+    fi
+    measure "$@"
+}
+
 # Every step of the training benchmark: 2 warm-up (the first compiles), 5 timed, 1 phase by phase, 1 profiled
 # (its timeline per case in OUT/traces: where the GPU waits for the host).
 train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
@@ -198,7 +217,7 @@ measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --trace-dir "$out/traces" --json "$out/bench_training.json"
 # The headline case with flash-linear-attention's memory kernels, what a fresh install trains with (where
 # the guard refuses FLA's backward, as a timing only; in a process of its own, see above).
-measure bench_training_fla_timing_only "$T_FLA_TRAIN" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 1 \
+fla_timing bench_training_fla_timing_only "$T_FLA_TRAIN" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 1 \
     --profile-steps 0 --fla-timing-only --cases polar:3:none:blocks --json "$out/bench_training_fla_timing_only.json"
 # The LM head's fused soft-capped cross-entropy (its rows in the Triton kernels, and in PyTorch)
 # against the checkpointed naive path, at atma-378m's head (hidden 1024, vocabulary 50,304) over one
@@ -234,7 +253,7 @@ measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warm
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \
     --ds-variant zero_optimization.stage3_prefetch_bucket_size=200000000 --json "$out/bench_zero3_settings.json"
 # flash-linear-attention's backward where its guard refuses it, the kernels alone (see above).
-measure bench_kernels_fla_timing_only "$T_FLA_KERNELS" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
+fla_timing bench_kernels_fla_timing_only "$T_FLA_KERNELS" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --skip-attention --skip-conv --fla-timing-only --json "$out/bench_kernels_fla_timing_only.json"
 
 # 64K evaluation of the paper-size model (random init): peak memory and seconds per cell.

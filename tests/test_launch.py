@@ -451,6 +451,8 @@ with open(os.environ["DRY_LOG"], "a") as log:
     log.write(json.dumps({{"argv": argv, "env": env}}) + "\\n")
 if argv[0] == "-c" and "cuda.is_available" in argv[1]:
     print("True")
+elif argv[0] == "-c" and "fla_guard_reason" in argv[1]:  # what the guard says of FLA's backward
+    print(os.environ.get("DRY_FLA_BACKWARD", "refused"))
 elif argv[0] == "-c":  # the version line and the check that every step's modules import
     sys.exit(subprocess.run([sys.executable, *argv]).returncode)
 elif argv[:2] == ["-m", "pytest"] and os.environ.get("DRY_PYTEST_SUMMARY"):  # gpu tests that fail
@@ -625,6 +627,32 @@ def test_a_gpu_check_budget_cuts_each_step_to_what_is_left_and_skips_what_no_lon
     proc, out = check("ten", "bench_loss")
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.strip() == "error: GPU_CHECK_BUDGET must be a whole number of seconds, got 'ten'"
+
+
+@pytest.mark.parametrize("verdict,runs", [("refused", True), ("unknown", True), ("allowed", False), ("absent", False)])
+def test_the_fla_timing_only_steps_run_only_where_the_guard_refuses_flas_backward(tmp_path, verdict, runs):
+    """Where the guard allows FLA, the training and kernel steps already run its kernels; without FLA there is
+    nothing to time: then the two timing-only steps are not run and gpu.txt says why. "unknown" (the query
+    failed) runs them, as before."""
+    python = dry_python(tmp_path)
+    log = tmp_path / "calls"
+    env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log), DRY_FLA_BACKWARD=verdict,
+               GPU_CHECK_STEPS="bench_training_fla_timing_only bench_kernels_fla_timing_only bench_loss",
+               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
+               + os.environ["PATH"])
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = (out / "gpu.txt").read_text()
+    ran = re.findall(r"^step (\w+): exit 0 after", text, flags=re.M)
+    timing = ["bench_training_fla_timing_only", "bench_kernels_fla_timing_only"]
+    if runs:
+        assert ran == [timing[0], "bench_loss", timing[1]]
+    else:
+        assert ran == ["bench_loss"]
+        assert re.findall(r"^step (\w+): not needed \(flash-linear-attention's backward is " + verdict, text,
+                          flags=re.M) == timing
+        assert not any("--fla-timing-only" in " ".join(argv) for argv in dry_calls(log))
 
 
 def test_the_gpu_check_names_a_missing_package_before_writing_anything(tmp_path):
