@@ -479,6 +479,18 @@ def dry_envs(log) -> list[dict[str, str]]:
     return [json.loads(line)["env"] for line in log.read_text().splitlines()]
 
 
+def dry_gpu_check(tmp_path, **variables):
+    """Run the GPU check with the dry run's python and a stand-in nvidia-smi, `variables` added to the
+    environment; return the process, the output folder and the log of the python's calls."""
+    log = tmp_path / "calls"
+    env = dict(os.environ, PYTHON=str(dry_python(tmp_path)), DRY_LOG=str(log), **variables,
+               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
+               + os.environ["PATH"])
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    return proc, out, log
+
+
 def check_dry_calls(calls: list[list[str]]) -> None:
     """Check each recorded step command as the step would read it: pytest collects its tests, each benchmark
     parses its arguments (pretrain.bench also plans its cases and DeepSpeed variants), each script compiles."""
@@ -558,14 +570,8 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
 def test_failing_gpu_tests_of_a_kernel_with_a_pytorch_path_leave_the_rest_measurable(tmp_path, summary, fallbacks):
     """Failures confined to the loss's rows or the memory's carry: the benchmarks run with that kernel off
     and gpu.txt says so; any other failure (or none named) skips every measurement. Exit status 1 either way."""
-    python = dry_python(tmp_path)
-    log = tmp_path / "calls"
-    env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log), DRY_PYTEST_SUMMARY=summary,
-               GPU_CHECK_STEPS="gpu_tests bench_training bench_loss",
-               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
-               + os.environ["PATH"])
-    out = tmp_path / "out"
-    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    proc, out, log = dry_gpu_check(tmp_path, DRY_PYTEST_SUMMARY=summary,
+                                   GPU_CHECK_STEPS="gpu_tests bench_training bench_loss")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = (out / "gpu.txt").read_text()
     measured = [(argv, call_env) for argv, call_env in zip(dry_calls(log), dry_envs(log))
@@ -634,14 +640,8 @@ def test_the_fla_timing_only_steps_run_only_where_the_guard_refuses_flas_backwar
     """Where the guard allows FLA, the training and kernel steps already run its kernels; without FLA there is
     nothing to time: then the two timing-only steps are not run and gpu.txt says why. "unknown" (the query
     failed) runs them, as before."""
-    python = dry_python(tmp_path)
-    log = tmp_path / "calls"
-    env = dict(os.environ, PYTHON=str(python), DRY_LOG=str(log), DRY_FLA_BACKWARD=verdict,
-               GPU_CHECK_STEPS="bench_training_fla_timing_only bench_kernels_fla_timing_only bench_loss",
-               PATH=fake_bin(tmp_path, **{"nvidia-smi": "echo 'NVIDIA H200, 143771 MiB'\n"}) + os.pathsep
-               + os.environ["PATH"])
-    out = tmp_path / "out"
-    proc = subprocess.run(["bash", GPU_CHECK, str(out)], capture_output=True, text=True, env=env, timeout=300)
+    proc, out, log = dry_gpu_check(tmp_path, DRY_FLA_BACKWARD=verdict, GPU_CHECK_STEPS=(
+        "bench_training_fla_timing_only bench_kernels_fla_timing_only bench_loss"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = (out / "gpu.txt").read_text()
     ran = re.findall(r"^step (\w+): exit 0 after", text, flags=re.M)
