@@ -265,9 +265,7 @@ def bench_memory(args, T: int) -> list[dict]:
     go = torch.randn(B, T, H, d, device=dev, dtype=torch.bfloat16)
     out = []
     paths = []
-    reason = fla_bridge.fla_guard_reason(
-        fla_bridge._installed_fla_version(), fla_bridge._triton_version(), tuple(torch.cuda.get_device_capability())
-    )
+    reason = fla_bridge.fla_refusal(tuple(torch.cuda.get_device_capability()))
     if reason is None or (args.fla_timing_only and fla_bridge._installed_fla_version() is not None):
         paths.append(("memory_fla" if reason is None else "memory_fla_timing_only", fla_bridge.fla_gated_delta_rule))
     else:

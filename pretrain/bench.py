@@ -584,8 +584,9 @@ def runner_compiles(runner: CaseRunner) -> bool:
 
 
 def memory_kernel(device: torch.device, config, args) -> str:
-    """Which gated-delta path training takes here for `config`'s model: "none" (no memory), "fla",
-    "fla (timing only: ...)", "chunked, triton carry" or "torch" (the chunked path's PyTorch loop)."""
+    """Which gated-delta path training takes here for `config`'s model: "none" (no memory), "fla" (or "fla (...
+    TileLang)" where FLA's fix for the Hopper bug runs), "fla (timing only: ...)", "chunked, triton carry" or
+    "torch" (the chunked path's PyTorch loop)."""
     if not config.memory:
         return "none"
     from kernels import kernel_backend
@@ -596,10 +597,9 @@ def memory_kernel(device: torch.device, config, args) -> str:
         return "torch"
     fla_version = fla_bridge._installed_fla_version()
     if device.type == "cuda" and fla_version is not None:
-        reason = fla_bridge.fla_guard_reason(fla_version, fla_bridge._triton_version(),
-                                             tuple(torch.cuda.get_device_capability(device)))
-        if reason is None:
-            return "fla"
+        capability = tuple(torch.cuda.get_device_capability(device))
+        if fla_bridge.fla_refusal(capability) is None:
+            return "fla (its gated backward's dq/dk/dg kernel in TileLang)" if fla_bridge.fla_tilelang_fix(capability) else "fla"
         if args.fla_timing_only:
             return "fla (timing only: guard bypassed)"
     fits = triton_carry_fits(config.head_dim, config.head_dim, config.mem_chunk, device)

@@ -192,13 +192,14 @@ elif [[ "$steps" != *" gpu_tests "* ]]; then
 fi
 
 # What the guard says of flash-linear-attention's backward on this machine: "refused" (Hopper with triton
-# < 3.7.1: the two timing-only steps time it anyway), "allowed" (the training and kernel steps already run
-# FLA's kernels, so the timing-only steps would repeat them), "absent" (not installed), or "unknown".
+# < 3.7.1 and no TileLang fix: the two timing-only steps time it anyway), "allowed" (the training and
+# kernel steps already run FLA's kernels, so the timing-only steps would repeat them), "absent" (not
+# installed), or "unknown".
 fla_backward=$("$PY" -c "
 import torch
 from kernels.gated_delta import fla_bridge as b
 version = b._installed_fla_version()
-refused = b.fla_guard_reason(version, b._triton_version(), tuple(torch.cuda.get_device_capability()))
+refused = b.fla_refusal(tuple(torch.cuda.get_device_capability()))
 print('absent' if version is None else 'refused' if refused else 'allowed')" 2>/dev/null) || fla_backward=unknown
 fla_timing() {  # fla_timing NAME SECONDS CMD...: a timing-only step of FLA's refused backward
     if [ "$fla_backward" = "allowed" ] || [ "$fla_backward" = "absent" ]; then

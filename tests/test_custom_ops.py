@@ -96,8 +96,7 @@ def test_fla_op_fake_shapes(with_state):
 
 @pytest.mark.gpu
 def test_fla_op_registration_gpu():
-    if fla_bridge.fla_guard_reason(fla_bridge._installed_fla_version(), fla_bridge._triton_version(),
-                                   tuple(torch.cuda.get_device_capability())) is not None:
+    if fla_bridge.fla_refusal(tuple(torch.cuda.get_device_capability())) is not None:
         pytest.skip("flash-linear-attention's backward is refused on this GPU/triton")
     leaves, state = gated_delta_case(1, 128, 2, 64, 64, dtype=torch.float32)
     q, k, v, g, beta = (x.detach().cuda() for x in leaves)

@@ -54,6 +54,64 @@ def test_guard_lets_forward_only_calls_through(cap, triton):
     assert "not installed" in bridge.fla_guard_reason(None, triton, cap, backward=False)
 
 
+@pytest.mark.parametrize("triton", ["3.6.0", "3.7.0"])
+def test_guard_accepts_flas_tilelang_fix_of_the_hopper_bug(triton):
+    """Where FLA runs the miscompiled kernel in TileLang (its own fix), the Hopper backward is safe."""
+    assert bridge.fla_guard_reason("0.6.0", triton, (9, 0), tilelang=True) is None
+    assert "installing tilelang" in bridge.fla_guard_reason("0.6.0", triton, (9, 0), tilelang=False)
+    assert "not installed" in bridge.fla_guard_reason(None, triton, (9, 0), tilelang=True)
+    assert "CUDA" in bridge.fla_guard_reason("0.6.0", triton, None, tilelang=True)
+
+
+def _hopper_dqkwg_call(chunk_o):
+    """Call FLA's dispatched `chunk_bwd_dqkwg` as its gated backward does: "tilelang" where its TileLang
+    backend took the call (stood in for), "#640" where FLA refused it, else the error text."""
+    q, k, v, do = (torch.randn(1, 64, 1, 16) for _ in range(4))
+    h, dh, g = torch.randn(1, 1, 1, 16, 16), torch.randn(1, 1, 1, 16, 16), torch.randn(1, 64, 1)
+    try:
+        return chunk_o.chunk_bwd_dqkwg(q, k, v, do, h, dh, g=g)
+    except Exception as exc:
+        return "#640" if "#640" in str(exc) else str(exc)
+
+
+@pytest.mark.parametrize("env,default_on,available,expected", [
+    ({}, True, True, True),  # FLA's default on Hopper with triton >= 3.4
+    ({}, False, True, False),
+    ({"FLA_TILELANG": "1"}, False, True, True),
+    ({"FLA_TILELANG": "0"}, True, True, False),
+    ({}, True, False, False),  # tilelang missing, or no nvcc for its JIT
+])
+def test_tilelang_detection_agrees_with_flas_own_dispatch(monkeypatch, env, default_on, available, expected):
+    """The guard's reading of FLA's TileLang fix matches where FLA's dispatch really sends the kernel of #640."""
+    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
+    from fla.ops.common.backends import CommonTileLangBackend
+
+    # What FLA's module flags read on an H100/H200 with triton 3.6.
+    monkeypatch.setattr(chunk_o, "IS_NVIDIA_HOPPER", True)
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_4_0", True)
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
+    monkeypatch.delenv("FLA_TILELANG", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(CommonTileLangBackend, "default_enable", default_on)
+    monkeypatch.setattr(CommonTileLangBackend, "is_available", classmethod(lambda cls: available))
+    monkeypatch.setattr(CommonTileLangBackend, "chunk_bwd_dqkwg", lambda self, *a, **kw: "tilelang")
+    assert bridge._tilelang_runs_the_affected_kernel() is expected
+    assert _hopper_dqkwg_call(chunk_o) == ("tilelang" if expected else "#640")
+
+
+def test_tilelang_detection_is_off_without_flas_backend_dispatch(monkeypatch):
+    """FLA_DISABLE_BACKEND_DISPATCH=1 sends every call to FLA's Triton kernels: no fix then."""
+    pytest.importorskip("fla.ops.common.backends")
+    from fla.ops.common.backends import CommonTileLangBackend
+
+    monkeypatch.setenv("FLA_TILELANG", "1")
+    monkeypatch.setattr(CommonTileLangBackend, "is_available", classmethod(lambda cls: True))
+    assert bridge._tilelang_runs_the_affected_kernel() is True
+    monkeypatch.setenv("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    assert bridge._tilelang_runs_the_affected_kernel() is False
+
+
 def test_guard_missing_fla_or_device():
     assert "not installed" in bridge.fla_guard_reason(None, "3.6.0", (9, 0))
     assert "CUDA" in bridge.fla_guard_reason("0.6.0", "3.6.0", None)
@@ -133,6 +191,20 @@ def test_is_usable_refuses_hopper_with_old_triton_and_warns_once(fake_env):
         assert bridge.fla_is_usable("cuda") is False
     assert len(caught) == 1
     assert "PyTorch chunked path" in str(caught[0].message) and "#640" in str(caught[0].message)
+    assert "installing tilelang" in str(caught[0].message)
+
+
+def test_is_usable_lets_fla_train_on_hopper_where_its_tilelang_fix_runs(fake_env, monkeypatch):
+    """With triton < 3.7.1 on Hopper and FLA's TileLang backend taking the affected kernel, FLA trains, silently."""
+    fake_env(cap=(9, 0), triton="3.6.0")
+    monkeypatch.setattr(bridge, "_tilelang_runs_the_affected_kernel", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert bridge.fla_is_usable("cuda:0") is True
+    assert bridge.fla_refusal((9, 0)) is None and bridge.fla_tilelang_fix((9, 0)) is True
+    assert bridge.fla_tilelang_fix((8, 0)) is False  # no bug there, so no fix in use
+    fake_env(cap=(9, 0), triton="3.7.1")
+    assert bridge.fla_tilelang_fix((9, 0)) is False
 
 
 def test_is_usable_forward_only_on_hopper_without_warning(fake_env):

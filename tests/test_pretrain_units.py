@@ -716,7 +716,11 @@ def test_training_bench_names_the_memory_path_training_takes(monkeypatch):
     monkeypatch.setattr(fla_bridge, "_triton_version", lambda: "3.7.1")
     assert bench.memory_kernel(gpu, config, args) == "fla"
     monkeypatch.setattr(fla_bridge, "_triton_version", lambda: "3.6.0")  # refused on Hopper
+    monkeypatch.setattr(fla_bridge, "_tilelang_runs_the_affected_kernel", lambda: False)
     assert bench.memory_kernel(gpu, config, args) == "chunked, triton carry"
+    monkeypatch.setattr(fla_bridge, "_tilelang_runs_the_affected_kernel", lambda: True)  # FLA's own fix
+    assert bench.memory_kernel(gpu, config, args) == "fla (its gated backward's dq/dk/dg kernel in TileLang)"
+    monkeypatch.setattr(fla_bridge, "_tilelang_runs_the_affected_kernel", lambda: False)
     args.fla_timing_only = True
     assert bench.memory_kernel(gpu, config, args).startswith("fla (timing only")
     monkeypatch.setattr(fla_bridge, "_installed_fla_version", lambda: None)

@@ -8,6 +8,8 @@ from .fla_bridge import (
     fla_gated_delta_rule,
     fla_guard_reason,
     fla_is_usable,
+    fla_refusal,
+    fla_tilelang_fix,
     fla_timing_only,
     fla_timing_only_active,
 )
@@ -18,6 +20,8 @@ __all__ = [
     "fla_gated_delta_rule",
     "fla_guard_reason",
     "fla_is_usable",
+    "fla_refusal",
+    "fla_tilelang_fix",
     "fla_timing_only",
     "fla_timing_only_active",
 ]

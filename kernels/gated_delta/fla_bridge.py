@@ -6,8 +6,9 @@ beta [B, T, H], state [B, H, dk, dv]. FLA releases up to 0.6.x compute wrong gra
 gated backward on Hopper GPUs (compute capability 9.x) with triton < 3.7.1 (a triton
 miscompilation, flash-linear-attention#640); `fla_is_usable` refuses that combination for any
 call that will be differentiated, so that training never runs on known-wrong gradients, and the
-caller falls back to the PyTorch path. Forward-only calls (evaluation) keep FLA there: the bug
-is in the backward. `ATMA_FLA=0` turns the bridge off. `fla_timing_only()` lets a benchmark time
+caller falls back to the PyTorch path, unless FLA's own fix for it is in place: with `tilelang`
+installed (and a CUDA toolkit's nvcc), FLA runs the affected kernel in its TileLang backend. Forward-
+only calls (evaluation) keep FLA there: the bug is in the backward. `ATMA_FLA=0` turns the bridge off. `fla_timing_only()` lets a benchmark time
 FLA's backward on such a machine anyway (the figure a fresh install gets), lifting FLA 0.6's own
 run-time refusal there for the block; the trainer refuses to start while it is active.
 """
@@ -22,7 +23,10 @@ import warnings
 
 import torch
 
-__all__ = ["fla_gated_delta_rule", "fla_guard_reason", "fla_is_usable", "fla_timing_only", "fla_timing_only_active"]
+__all__ = [
+    "fla_gated_delta_rule", "fla_guard_reason", "fla_is_usable", "fla_refusal", "fla_tilelang_fix",
+    "fla_timing_only", "fla_timing_only_active",
+]
 
 _WARNED = False
 _USABLE: dict = {}
@@ -52,26 +56,66 @@ def fla_guard_reason(
     capability: tuple[int, int] | None,
     *,
     backward: bool = True,
+    tilelang: bool = False,
 ) -> str | None:
     """Return why FLA must not be used for this (FLA version, triton version, GPU capability), or None.
 
     `backward=False` asks about a forward-only call, which the Hopper gradient bug does not touch.
+    `tilelang=True`: FLA runs the kernel the bug is in (`chunk_bwd_dqkwg`) in its TileLang backend,
+    FLA's own fix for that combination, so its backward is safe there too.
     """
     if fla_version is None:
         return "flash-linear-attention is not installed (or failed to import)"
     if capability is None:
         return "flash-linear-attention needs a CUDA device"
-    hopper = capability[0] == 9
-    old_fla = _older_than(fla_version, (0, 7, 0))
-    bad_triton = triton_version is None or _older_than(triton_version, (3, 7, 1))
-    if backward and hopper and old_fla and bad_triton:
+    if backward and _hopper_bug_applies(fla_version, triton_version, capability) and not tilelang:
         return (
             f"flash-linear-attention {fla_version} computes wrong gated-delta gradients on Hopper "
             f"(compute capability {capability[0]}.{capability[1]}) with triton {triton_version} < 3.7.1 "
-            "(flash-linear-attention#640); torch >= 2.13 installs a triton with the fix (on an H200 one "
-            "memory layer's forward and backward took 4.1 ms in FLA's kernels, 26 ms on the chunked path)"
+            "(flash-linear-attention#640); torch >= 2.13 installs a triton with the fix, or installing "
+            "tilelang (with a CUDA toolkit's nvcc) lets FLA run the affected kernel in TileLang (on an H200 "
+            "one memory layer's forward and backward took 4.1 ms in FLA's kernels, 26 ms on the chunked path)"
         )
     return None
+
+
+def _hopper_bug_applies(fla_version: str | None, triton_version: str | None, capability) -> bool:
+    """True for FLA <= 0.6.x on Hopper with triton < 3.7.1: the combination of flash-linear-attention#640."""
+    return (fla_version is not None and capability is not None and capability[0] == 9
+            and _older_than(fla_version, (0, 7, 0))
+            and (triton_version is None or _older_than(triton_version, (3, 7, 1))))
+
+
+def _tilelang_runs_the_affected_kernel() -> bool:
+    """Whether FLA's dispatch will send `chunk_bwd_dqkwg` (the kernel of #640) to its TileLang backend.
+
+    Mirrors FLA's own choice: backend dispatch on (FLA_DISABLE_BACKEND_DISPATCH unset), tilelang importable
+    with a usable nvcc, and the backend enabled (FLA_TILELANG; on by default on Hopper with triton >= 3.4).
+    """
+    if os.environ.get("FLA_DISABLE_BACKEND_DISPATCH") == "1":
+        return False
+    try:
+        import fla.backends
+        from fla.ops.common.backends import CommonTileLangBackend
+
+        if getattr(fla.backends, "_DISPATCH_DISABLED", False) or not hasattr(CommonTileLangBackend, "chunk_bwd_dqkwg"):
+            return False
+        return bool(CommonTileLangBackend.is_available() and CommonTileLangBackend().is_enabled())
+    except Exception:  # FLA absent, broken, or laid out otherwise: no fix known to be in place
+        return False
+
+
+def fla_tilelang_fix(capability: tuple[int, int] | None) -> bool:
+    """True where the installed FLA has the Hopper gradient bug and runs the affected kernel in TileLang instead."""
+    return (_hopper_bug_applies(_installed_fla_version(), _triton_version(), capability)
+            and _tilelang_runs_the_affected_kernel())
+
+
+def fla_refusal(capability: tuple[int, int] | None, *, backward: bool = True) -> str | None:
+    """Why the installed FLA must not run here (a GPU of `capability`; None: no CUDA device), or None."""
+    tilelang = backward and fla_tilelang_fix(capability)
+    return fla_guard_reason(_installed_fla_version(), _triton_version(), capability, backward=backward,
+                            tilelang=tilelang)
 
 
 def _installed_fla_version() -> str | None:
@@ -165,7 +209,7 @@ def fla_is_usable(device: torch.device | str, *, backward: bool = True) -> bool:
         if device.type == "cuda" and torch.cuda.is_available():
             index = device.index if device.index is not None else torch.cuda.current_device()
             capability = tuple(torch.cuda.get_device_capability(index))
-        _USABLE[key] = fla_guard_reason(_installed_fla_version(), _triton_version(), capability, backward=backward)
+        _USABLE[key] = fla_refusal(capability, backward=backward)
     reason = _USABLE[key]
     on_gpu = device.type == "cuda" and torch.cuda.is_available()
     if reason is not None and _TIMING_ONLY and on_gpu and _installed_fla_version() is not None:
