@@ -6,8 +6,10 @@ each elementwise op of the soft-cap and the cross-entropy its own tensor), which
 was computed before the fused path. The loss is the training's LM term (no focus mask), so the
 fused path computes its gradients in the forward; the same path with the logits recomputed in
 backward is timed too, and where it runs its rows in the Triton kernels of `kernels.softcap_ce` (a
-GPU), the same path with its rows in PyTorch. With `--distill` the loss is the LM term and the
-distillation KL to random target logits (temperature 2) from the same pass of the head. All are
+GPU), the same path with its rows in PyTorch. With `--distill` the loss is the LM term plus the
+distillation KL to random target logits (temperature 2) from the same pass of the head, weighted one
+to one: the fused path takes the weights and computes the gradients in the forward, as training does,
+and the same path without them keeps the targets and recomputes the logits in backward. All are
 checked to agree before any timing. Prints ms per call (median), the ratios, and writes everything to
 `--json` (after each path, so a time limit on a later one keeps the earlier figures).
 """
@@ -34,6 +36,7 @@ BASELINE = "naive chunked (baseline)"
 TORCH_ROWS = "fused, PyTorch rows"
 RECOMPUTED = "fused, logits recomputed"
 DISTILL_TEMPERATURE = 2.0
+DISTILL_WEIGHTS = (1.0, 0.0, 1.0)  # the CE and KL sums one to one (no focus sum)
 
 
 def naive_chunked(h, w, b, y, *, cap: float, chunk_tokens: int, targets=None, temperature: float = 1.0):
@@ -126,8 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "forward + backward, per logit; no GPU needed (the Triton rows run on the CPU with "
                         "TRITON_INTERPRET=1 ATMA_KERNELS=triton)")
     p.add_argument("--distill", action="store_true",
-                   help="the LM term and the distillation KL to random target logits in the head's dtype "
-                        "(temperature 2), kept from forward to backward as training keeps them")
+                   help="the LM term plus the distillation KL to random target logits in the head's dtype "
+                        "(temperature 2), both with weight 1, as training weighs them")
     p.add_argument("--json", metavar="PATH", type=writable_file, help="write the results as JSON")
     args = p.parse_args(argv)
     if min(args.tokens, args.hidden, args.vocab, args.chunk_tokens, args.repeats) < 1 or args.warmup < 0:
@@ -170,12 +173,30 @@ def main(argv=None) -> int:
         targets = (4.0 * torch.randn(args.tokens, args.vocab, device=device, generator=g)).to(dtype)
         kw.update(temperature=DISTILL_TEMPERATURE)
     fused_kw = dict(kw, targets_rows=None if targets is None else (lambda start, end: targets[start:end]))
-    paths = {"fused": lambda *t: softcap_cross_entropy_sums(*t, **fused_kw)}
-    if targets is None:  # with the KL term the logits are recomputed in backward either way
-        paths[RECOMPUTED] = lambda *t: softcap_cross_entropy_sums(*t, **fused_kw, grads_in_forward=False)
+    if targets is None:
+        def fused(*t, **extra):
+            return softcap_cross_entropy_sums(*t, **fused_kw, **extra)
+
+        def recomputed(*t):
+            return softcap_cross_entropy_sums(*t, **fused_kw, grads_in_forward=False)
+
+        def baseline(*t):
+            return naive_chunked(*t, **kw)
+    else:  # the loss is the weighted sum of the CE and the KL sums, as training takes them
+        coefs = torch.tensor(DISTILL_WEIGHTS, device=device)
+
+        def fused(*t, **extra):
+            return softcap_cross_entropy_sums(*t, **fused_kw, weights=DISTILL_WEIGHTS, **extra)[1]
+
+        def recomputed(*t):  # the sums without the weights: the targets kept, the logits again in backward
+            return (softcap_cross_entropy_sums(*t, **fused_kw) * coefs).sum()
+
+        def baseline(*t):
+            return (naive_chunked(*t, **kw, targets=targets) * coefs).sum()
+    paths = {"fused": fused, RECOMPUTED: recomputed}
     if uses_row_kernels(h.device, h.dtype):  # the fused path with its rows in PyTorch, as before the kernels
-        paths[TORCH_ROWS] = lambda *t: softcap_cross_entropy_sums(*t, **fused_kw, elementwise="torch")
-    paths[BASELINE] = lambda *t: naive_chunked(*t, **kw, targets=targets)
+        paths[TORCH_ROWS] = lambda *t: fused(*t, elementwise="torch")
+    paths[BASELINE] = baseline
     inputs = (h, w, b, y)
     sums = {name: fn(*inputs).detach().double() for name, fn in paths.items()}
     for name, value in sums.items():

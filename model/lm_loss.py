@@ -7,12 +7,13 @@ allocates one per elementwise op (about a dozen logits-sized tensors per chunk).
 backend is Triton (CUDA), the rows (cross-entropy and KL) run in the kernels of `kernels.softcap_ce`
 instead: the logits and the targets stay in their dtypes and each pass reads them once.
 
-When one sum is the only term that takes a gradient (the cross-entropy without focus mask and KL,
-or the KL without labels) and autograd will ask for one, the forward already computes the gradients
-of h, the weight and the bias for a unit gradient of that sum, from each chunk's logits while they
-exist, and the backward only scales them by the sum's gradient: the head's product runs three times
-per chunk instead of four, and no targets are kept or asked again. Otherwise the logits are
-recomputed in backward instead of being saved.
+When one scalar is the only one that takes a gradient and autograd will ask for one, the forward
+already computes the gradients of h, the weight and the bias for a unit gradient of it, from each
+chunk's logits while they exist, and the backward only scales them by its gradient: the head's
+product runs three times per chunk instead of four, and no targets are kept or asked again. That
+scalar is the cross-entropy sum without focus mask and KL, the KL sum without labels, or, for any
+combination of the terms, their weighted sum when the caller passes the weights its loss gives them
+(`weights`; the trainer does). Otherwise the logits are recomputed in backward instead of being saved.
 """
 
 from __future__ import annotations
@@ -102,16 +103,24 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
     """(sum of CE over tokens, sum of CE over focused tokens[, sum of KL to soft targets]) of soft-capped
     logits, chunked: with `targets_rows`, one pass of the head per chunk serves both terms. The targets'
     probabilities (their logits, with the kernels) are kept from forward to backward, or with
-    `recompute_targets` asked for again. With `grads_now` (one sum alone takes a gradient: the CE
-    without focus and targets, or the KL with every label ignored) the forward computes the gradients
-    for a unit gradient of that sum and the backward scales them."""
+    `recompute_targets` asked for again. With `grads_now` the forward computes the gradients of one
+    differentiable scalar while each chunk's logits exist, and the backward only scales them by its
+    gradient: with `coefs` (c_ce, c_focus, c_kl), the extra output sum_i c_i sums_i (the sums then come
+    back non-differentiable); without, the one sum that takes a gradient (the CE without focus and
+    targets, or the KL with every label ignored)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows=None, temperature=1.0,
-                recompute_targets=False, row_kernels=False, grads_now=(False, False, False)):
+                recompute_targets=False, row_kernels=False, grads_now=(False, False, False), coefs=None):
         acc = _accumulation_dtype(h.dtype)
         with_kl = targets_rows is not None
         early = any(grads_now)
+        weighted = coefs is not None
+        # the early gradient's parts: the CE's (every case with labels) and the KL's
+        early_ce = early and (weighted or not with_kl)
+        early_kl = early and with_kl
+        if early and not weighted:  # one sum alone: a unit coefficient on it
+            coefs = h.new_tensor([0.0, 0.0, 1.0] if with_kl else [1.0, 0.0], dtype=acc)
         sums = h.new_zeros(3 if with_kl else 2, dtype=acc)
         lse = h.new_empty(0 if early else h.shape[0], dtype=acc)
         lse_t = h.new_empty(h.shape[0] if with_kl else 0, dtype=acc)  # logsumexp of s / tau
@@ -144,21 +153,24 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                     # KL(q || p) = sum q log q - sum q s / tau + logsumexp(s / tau), with sum q = 1.
                     log_q_c = _target_log_probs(targets_rows, start, end, temperature, acc)
                     t_c = log_q_c.exp()  # q, what the backward reads again
-                    s_t = s.div_(temperature)
+                    s_t = s.div(temperature) if early_ce else s.div_(temperature)  # the CE's gradient reads s
                     lse_t[start:end] = torch.logsumexp(s_t, dim=-1)
                     sums[2] += log_q_c.sub_(s_t).mul_(t_c).sum() + lse_t[start:end].sum()
             sums[0] += ce.sum()
             if focus is not None:
                 sums[1] += (ce * focus[start:end]).sum()
-            if early:  # the gradient of the one differentiable sum while the logits exist, for a unit weight
+            if early:  # the gradient of the differentiable scalar while the logits exist, for a unit weight
+                # each token's weight in it: c_ce + c_focus focus for the CE, c_kl for the KL
+                coef = valid * coefs[0] if focus is None else valid * (coefs[0] + coefs[1] * focus[start:end].to(acc))
+                kl_scale = coefs[2] / temperature if with_kl else None
                 if row_kernels:
                     kl = {} if not with_kl else _kernel_kl_args(t_c, lse_t[start:end], lse_u[start:end], temperature,
-                                                                valid.new_tensor(1 / temperature))
-                    d_z, d_b = softcap_ce_grad(z, y, lse_c, valid, cap, **kl)
+                                                                kl_scale)
+                    d_z, d_b = softcap_ce_grad(z, y, lse_c, coef.contiguous(), cap, **kl)
                 else:
-                    # with the KL every label is ignored (no CE term)
-                    d = (_grad_kl_rows(s_t, lse_t[start:end], t_c, 1 / temperature) if with_kl
-                         else _grad_ce_rows(s, lse_c, y, valid))
+                    d = _grad_kl_rows(s_t, lse_t[start:end], t_c, kl_scale) if early_kl else None
+                    if early_ce:
+                        d = _grad_ce_rows(s, lse_c, y, coef) if d is None else _grad_ce_rows(s, lse_c, y, coef).add_(d)
                     d = _through_softcap(d, r, cap)
                     d_z, d_b = d.to(h.dtype), d.sum(0)
                 _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)
@@ -172,16 +184,20 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             ctx.save_for_backward(h, weight, bias, labels, focus, lse, lse_t, lse_u)
         ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.kept = cap, chunk_tokens, temperature, kept
         ctx.targets_rows = targets_rows if with_kl and recompute_targets else None
-        ctx.with_kl, ctx.row_kernels, ctx.early = with_kl, row_kernels, early
+        ctx.with_kl, ctx.row_kernels, ctx.early, ctx.weighted = with_kl, row_kernels, early, weighted
         ctx.early_sum = 2 if with_kl else 0  # the one differentiable sum when the forward computed the gradients
         ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
-        return sums
+        if not weighted:
+            return sums
+        ctx.mark_non_differentiable(sums)
+        return sums, (sums * coefs[:sums.numel()]).sum()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums):
+    def backward(ctx, grad_sums, grad_weighted=None):
         if ctx.early:
-            return _scaled_early_grads(ctx.saved_tensors, grad_sums[ctx.early_sum], ctx.dtypes) + (None,) * 9
+            scale = grad_weighted if ctx.weighted else grad_sums[ctx.early_sum]
+            return _scaled_early_grads(ctx.saved_tensors, scale, ctx.dtypes) + (None,) * 10
         h, weight, bias, labels, focus, lse, lse_t, lse_u = ctx.saved_tensors
         cap, chunk_tokens, tau, kept = ctx.cap, ctx.chunk_tokens, ctx.temperature, ctx.kept
         acc = lse.dtype
@@ -216,7 +232,7 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
             _add_chunk_grads(d.to(h.dtype), d.sum(0), h_c, w, grad_h, grad_w, grad_b, start, end)
         grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                  None if grad_b is None else grad_b.to(bias.dtype))
-        return grads + (None,) * 9
+        return grads + (None,) * 10
 
 
 def _scaled_early_grads(saved, grad_sum, dtypes):
@@ -250,7 +266,7 @@ def _kernel_targets(targets_rows, start: int, end: int) -> torch.Tensor:
 def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: float, chunk_tokens: int,
                                targets_rows=None, temperature: float = 1.0,
                                recompute_targets: bool = False, elementwise: str = "auto",
-                               grads_in_forward: bool = True) -> torch.Tensor:
+                               grads_in_forward: bool = True, weights=None):
     """Fused sums of CE over rows of `h` (N, D) and over rows weighted by `focus` (N,; None: the second sum is 0),
     -100 labels counting 0 (labels None: every one ignored); with `targets_rows(start, end)` -> target
     logits, a third: the sum of KL(softmax(t/tau) || softmax(s/tau)).
@@ -262,7 +278,13 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: floa
     is, else PyTorch; the environment variable ATMA_LOSS_ROWS=auto|triton|torch overrides that choice).
     `grads_in_forward` lets the forward compute the gradients where one sum is the only differentiable
     term (module docstring): the CE without focus and targets, or the KL without labels; then nothing
-    is recomputed or kept for the backward. False recomputes the logits in backward in every case."""
+    is recomputed or kept for the backward. False recomputes the logits in backward in every case.
+
+    `weights` (c_ce, c_focus, c_kl), floats or 0-d tensors: the coefficients with which the caller's
+    loss takes the three sums (c_kl unused without targets). The function then returns (sums, their
+    weighted sum), and only the weighted sum takes a gradient: one differentiable scalar whatever the
+    terms, so the forward computes its gradients (with `grads_in_forward`) for every combination of
+    the CE, the focus mask and the KL, and keeps no targets."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     if labels is None and targets_rows is None:
@@ -276,10 +298,20 @@ def softcap_cross_entropy_sums(h, weight, bias, labels, focus=None, *, cap: floa
     if h.device.type == "cpu":
         chunk_tokens = min(chunk_tokens, max(1, CPU_LOGITS_PER_CHUNK // weight.shape[0]))
     needs = tuple(torch.is_grad_enabled() and x.requires_grad for x in (h, weight, bias))
+    args = (h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows, temperature, recompute_targets,
+            row_kernels)
+    if weights is not None:
+        if len(weights) != 3:
+            raise ValueError(f"weights must be (c_ce, c_focus, c_kl), got {len(weights)} values")
+        acc = _accumulation_dtype(h.dtype)
+        coefs = torch.stack([torch.as_tensor(c, dtype=acc, device=h.device) for c in weights])
+        if grads_in_forward and any(needs):
+            return _SoftcapCrossEntropySums.apply(*args, needs, coefs)
+        sums = _SoftcapCrossEntropySums.apply(*args, (False, False, False), None)
+        return sums.detach(), (sums * coefs[:sums.numel()]).sum()
     only_ce = focus is None and targets_rows is None
     grads_now = needs if grads_in_forward and (only_ce or only_kl) else (False, False, False)
-    return _SoftcapCrossEntropySums.apply(h, weight, bias, labels, focus, cap, chunk_tokens, targets_rows,
-                                          temperature, recompute_targets, row_kernels, grads_now)
+    return _SoftcapCrossEntropySums.apply(*args, grads_now)
 
 
 def uses_row_kernels(device: torch.device, dtype: torch.dtype, elementwise: str = "auto") -> bool:

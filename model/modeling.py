@@ -60,11 +60,11 @@ class Block(nn.Module):
 class AtmaOutput(dict):
     """What `AtmaForCausalLM.forward` returns: a dict with attribute access.
 
-    Keys: loss, focus_loss, kl_loss, logits, hidden_states (list), align_loss. Being a dict lets DeepSpeed
-    ZeRO-3 find the tensors inside and hook their backward.
+    Keys: loss, focus_loss, kl_loss, head_loss, logits, hidden_states (list), align_loss. Being a dict lets
+    DeepSpeed ZeRO-3 find the tensors inside and hook their backward.
     """
 
-    FIELDS = ("loss", "focus_loss", "kl_loss", "logits", "hidden_states", "align_loss")
+    FIELDS = ("loss", "focus_loss", "kl_loss", "head_loss", "logits", "hidden_states", "align_loss")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -102,8 +102,8 @@ def lm_loss_chunked(
     None without `focus`; 0 when it selects nothing). Never holds fp32 logits for more than
     `chunk_tokens` tokens at once (forward or backward).
     """
-    mean, focus_mean, _ = lm_and_kl_loss_chunked(hidden, weight, bias, labels, None, cap=cap,
-                                                 chunk_tokens=chunk_tokens, focus=focus)
+    mean, focus_mean, _, _ = lm_and_kl_loss_chunked(hidden, weight, bias, labels, None, cap=cap,
+                                                    chunk_tokens=chunk_tokens, focus=focus)
     return mean, focus_mean
 
 
@@ -119,21 +119,33 @@ def lm_and_kl_loss_chunked(
     chunk_tokens: int = 8192,
     focus: torch.Tensor | None = None,
     recompute_targets: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    weights: tuple[float, float, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """`lm_loss_chunked` and, with `target_logits_rows(start, end)` -> target logits for flattened token rows,
     the mean over tokens of tau^2 * KL(softmax(target/tau) || softmax(logits/tau)) (else None), from one pass of
     the head per chunk (forward and recomputation): the logits and their gradient products serve both terms.
-    Without `labels` (the KL alone) the cross-entropy means are 0."""
+    Without `labels` (the KL alone) the cross-entropy means are 0.
+
+    The fourth value is None unless `weights` (of the mean CE, the focus mean and the KL term in the caller's
+    loss) are given: then it is their weighted sum, the one of the four that takes a gradient (computed in
+    the forward, `model.lm_loss`), and the three terms come back detached."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = None if labels is None else labels.reshape(-1)
     f = None if focus is None else focus.reshape(-1).to(h.dtype)
-    total = softcap_cross_entropy_sums(h, weight, bias, y, f, cap=cap, chunk_tokens=chunk_tokens,
-                                       targets_rows=target_logits_rows, temperature=temperature,
-                                       recompute_targets=recompute_targets)
     n = max(h.shape[0], 1)
-    focus_mean = None if f is None else total[1] / f.sum().clamp_min(1)
+    n_focus = None if f is None else f.sum().clamp_min(1)
+    kw = dict(cap=cap, chunk_tokens=chunk_tokens, targets_rows=target_logits_rows, temperature=temperature,
+              recompute_targets=recompute_targets)
+    weighted = None
+    if weights is None:
+        total = softcap_cross_entropy_sums(h, weight, bias, y, f, **kw)
+    else:
+        lm_w, focus_w, kl_w = weights
+        coefs = (lm_w / n, 0.0 if n_focus is None else focus_w / n_focus, kl_w * temperature**2 / n)
+        total, weighted = softcap_cross_entropy_sums(h, weight, bias, y, f, weights=coefs, **kw)
+    focus_mean = None if f is None else total[1] / n_focus
     kl = None if target_logits_rows is None else total[2] * temperature**2 / n
-    return total[0] / n, focus_mean, kl
+    return total[0] / n, focus_mean, kl, weighted
 
 
 class SoftcapLMHead(ZeroInitLinear):
@@ -148,22 +160,26 @@ class SoftcapLMHead(ZeroInitLinear):
         self.cap = cap
 
     def forward(self, hidden, labels=None, *, chunk_tokens=8192, kl_targets=None, kl_temperature=1.0, focus=None,
-                kl_recompute_targets=False):
-        """Return {"logits"} without targets, else {"lm"} (and {"focus"} with a `focus` mask) and/or {"kl"}."""
+                kl_recompute_targets=False, term_weights=None):
+        """Return {"logits"} without targets, else {"lm"} (and {"focus"} with a `focus` mask) and/or {"kl"};
+        with `term_weights` (of lm, focus and kl in the caller's loss) also {"weighted"}, their weighted sum,
+        the only one of them that takes a gradient."""
         if labels is None and kl_targets is None:
             z = F.linear(hidden, self.weight.to(hidden.dtype), self.bias.to(hidden.dtype))
             return {"logits": softcap(z, self.cap)}
         # One pass of the head per chunk for every term; without labels the cross-entropy sums are zero
         # and the KL's gradients come from the forward (model.lm_loss).
-        lm, focus_loss, kl = lm_and_kl_loss_chunked(
+        lm, focus_loss, kl, weighted = lm_and_kl_loss_chunked(
             hidden, self.weight, self.bias, labels, kl_targets, cap=self.cap, temperature=kl_temperature,
-            chunk_tokens=chunk_tokens, focus=focus, recompute_targets=kl_recompute_targets,
+            chunk_tokens=chunk_tokens, focus=focus, recompute_targets=kl_recompute_targets, weights=term_weights,
         )
         out = {"lm": lm} if labels is not None else {}
         if kl is not None:
             out["kl"] = kl
         if focus_loss is not None:
             out["focus"] = focus_loss
+        if weighted is not None:
+            out["weighted"] = weighted
         return out
 
 
@@ -281,6 +297,7 @@ class AtmaForCausalLM(nn.Module):
         kl_temperature: float = 1.0,
         focus: torch.Tensor | None = None,
         kl_recompute_targets: bool = False,
+        head_loss_weights: tuple[float, float, float] | None = None,
     ) -> AtmaOutput:
         """Compute logits and, with `labels` (B,T), the mean next-token cross-entropy.
 
@@ -289,6 +306,9 @@ class AtmaForCausalLM(nn.Module):
         cross-entropy over the focused tokens. `kl_targets(start, end)` -> target logits for flattened token rows
         adds `kl_loss` (distillation); `kl_recompute_targets` asks it again in backward instead of keeping
         the targets from forward to backward. `hidden_states` holds every block's residual output when asked.
+        `head_loss_weights` (the weights of `loss`, `focus_loss` and `kl_loss` in the caller's loss) makes
+        `head_loss` their weighted sum, the one head term that takes a gradient, computed in the forward for
+        any combination of the three (the three then come back detached, for logging).
         """
         hidden, hidden_states, align_loss = self.trunk(input_ids, output_hidden_states=output_hidden_states)
         if return_logits is None:
@@ -301,9 +321,10 @@ class AtmaForCausalLM(nn.Module):
         if labels is not None or kl_targets is not None:
             losses = self.proj(
                 hidden, labels, chunk_tokens=loss_chunk_tokens, kl_targets=kl_targets, kl_temperature=kl_temperature,
-                focus=focus, kl_recompute_targets=kl_recompute_targets,
+                focus=focus, kl_recompute_targets=kl_recompute_targets, term_weights=head_loss_weights,
             )
             out.loss, out.focus_loss, out.kl_loss = losses.get("lm"), losses.get("focus"), losses.get("kl")
+            out.head_loss = losses.get("weighted")
         if return_logits:
             out.logits = self.logits(hidden)
         return out

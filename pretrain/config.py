@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
+import warnings
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -207,12 +208,10 @@ class LossSection:
     """Softmax temperature of the distillation targets."""
 
     distill_recompute: bool = False
-    """Ask the teacher's head again for each chunk's targets in backward instead of keeping them from
-    forward to backward: saves tokens x vocab x 4 bytes per micro-batch on the CPU (fp32 probabilities;
-    6.6 GB at atma-378m, micro-batch 8), and on a GPU, where the loss's Triton kernels keep the
-    teacher's logits, tokens x vocab x their size (3.3 GB in bf16), for one more pass of the teacher's
-    head (an estimated 3-5% of its step). With lm_weight 0 nothing is kept either way: the KL's
-    gradients are computed in the forward."""
+    """Changes nothing in training any more (accepted so that run configs that set it still load): the
+    trainer takes the LM head's terms as one weighted sum whose gradients the forward computes, so it
+    keeps no teacher targets from forward to backward (this setting asked the teacher's head again in
+    backward instead of keeping them) and asks the teacher once per chunk."""
 
     copy_weight: float = 0.0
     """Weight of an extra cross-entropy over the in-context copy targets only: tokens that continue an
@@ -241,6 +240,9 @@ class LossSection:
         _require(self.distill_temperature > 0,
                  f"loss.distill_temperature must be positive, got {self.distill_temperature}")
         _require(self.loss_chunk_tokens > 0, f"loss.loss_chunk_tokens must be positive, got {self.loss_chunk_tokens}")
+        if self.distill_recompute:
+            warnings.warn("loss.distill_recompute changes nothing: the trainer keeps no teacher targets for the "
+                          "backward (the LM head's gradients are computed in the forward)", stacklevel=2)
         _require(self.distill_weight == 0 or bool(self.teacher),
                  "loss.distill_weight > 0 needs loss.teacher (an exported model dir or HF model)")
         _require(self.distractor_weight == 0 or self.num_random_keys > 0,

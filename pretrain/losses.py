@@ -136,11 +136,20 @@ class LossWeights:
     copy: float = 0.0
 
 
-def combine_losses(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
-    """Weighted sum of the loss terms present in `terms` (keys lm, copy, sig, distractor, distill)."""
-    total = None
+HEAD_TERMS = ("lm", "copy", "distill")
+
+
+def combine_losses(terms: dict[str, torch.Tensor], weights: LossWeights,
+                   head: torch.Tensor | None = None) -> torch.Tensor:
+    """Weighted sum of the loss terms present in `terms` (keys lm, copy, sig, distractor, distill).
+
+    `head`: the LM head's terms (lm, copy, distill) already weighted and summed by the model; those keys of
+    `terms` then serve logging only."""
+    total = head
     for name in ("lm", "copy", "sig", "distractor", "distill"):
         w = getattr(weights, name)
+        if head is not None and name in HEAD_TERMS:
+            continue
         if name in terms and w != 0:
             part = w * terms[name]
             total = part if total is None else total + part

@@ -140,6 +140,20 @@ class TrainStep:
 
     def compute_terms(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward one micro-batch and return every enabled loss term (per-token means)."""
+        return self.forward_terms(input_ids, labels)[0]
+
+    def head_weights(self) -> tuple[float, float, float] | None:
+        """The weights of the LM head's terms (lm, copy, distill) where more than one is on, else None."""
+        w = self.weights
+        on = (w.lm > 0) + (w.copy > 0) + (w.distill > 0 and self.teacher is not None)
+        return (w.lm, w.copy, w.distill) if on > 1 else None
+
+    def forward_terms(self, input_ids: torch.Tensor, labels: torch.Tensor):
+        """Forward one micro-batch: (every enabled loss term, per-token means; the LM head's weighted sum).
+
+        Where the head has more than one term (the LM term with copy or distillation), the model returns
+        their weighted sum as one differentiable loss, whose gradients its forward computes (`model.lm_loss`);
+        the head's terms in the dict are then detached, for logging. Otherwise the second value is None."""
         want_sig = self.weights.sig > 0
         want_copy = self.weights.copy > 0
         kl_targets = self.teacher.target_rows(input_ids) if self.teacher is not None else None
@@ -150,7 +164,7 @@ class TrainStep:
             input_ids, labels if self.weights.lm > 0 or want_copy else None, output_hidden_states=want_sig,
             loss_chunk_tokens=self.loss_cfg.loss_chunk_tokens, kl_targets=kl_targets,
             kl_temperature=self.loss_cfg.distill_temperature, focus=focus,
-            kl_recompute_targets=self.loss_cfg.distill_recompute,
+            head_loss_weights=self.head_weights(),
         )
         terms = {}
         if out.loss is not None:
@@ -163,7 +177,7 @@ class TrainStep:
             terms["distractor"] = out.align_loss
         if out.kl_loss is not None:
             terms["distill"] = out.kl_loss
-        return terms
+        return terms, out.head_loss
 
     def run(self, batches, *, stop_requested: bool = False, inject_nan: bool = False) -> StepOutcome:
         """One optimizer step over `grad_accum` micro-batches; `inject_nan` poisons the first loss (fault tests)."""
@@ -177,8 +191,8 @@ class TrainStep:
                 input_ids, labels = self.to_device(next(batches))
             data_wait += time.perf_counter() - start
             with timer.phase("forward"):
-                terms = self.compute_terms(input_ids, labels)
-                loss = combine_losses(terms, self.weights)
+                terms, head = self.forward_terms(input_ids, labels)
+                loss = combine_losses(terms, self.weights, head)
                 if inject_nan and index == 0:
                     loss = loss * float("nan")
                 row = torch.stack([(~torch.isfinite(loss.detach())).double(), loss.detach().double(),

@@ -43,10 +43,9 @@
 # training 180 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
 # kernel benchmark 180, loop carry 90, micro-batch 16 120, recipe 150, DeepCompile 60, ZeRO-3
 # settings 150, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
-# atma-378m with the cache against recomputation and NoPE), then distillation 120 + 120
-# (bench_distill: a same-size teacher, compiled and eager; bench_distill_recompute: with
-# loss.distill_recompute), then the loss with the distillation term 45 (bench_loss_distill: its rows
-# in the Triton kernels against PyTorch's); at most 32 minutes in all. The steps run in that order,
+# atma-378m with the cache against recomputation and NoPE), then distillation 120 (bench_distill: a
+# same-size teacher, compiled and eager), then the loss with the distillation term 45
+# (bench_loss_distill: its rows in the Triton kernels against PyTorch's); at most 30 minutes in all. The steps run in that order,
 # the goals' figures first. Under a 10-minute limit per call, run it as calls with GPU_CHECK_STEPS,
 # each with GPU_CHECK_BUDGET a little under that limit (a call without gpu_tests says its figures
 # are ungated): first "gpu_tests bench_training bench_training_fla_timing_only bench_loss
@@ -54,7 +53,7 @@
 # yields the goals' figures; the kernel benchmark gets what is left, its 2K row first), then
 # "bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile
 # bench_zero3_settings", then "bench_kernels_fla_timing_only eval_64k bench_decode bench_distill
-# bench_distill_recompute bench_loss_distill".
+# bench_loss_distill".
 # The same settings can be given by hand, with GPU_CHECK_STEPS without gpu_tests, to measure with a
 # kernel on its PyTorch path.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
@@ -111,7 +110,7 @@ export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYT
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_fla_timing_only bench_loss bench_kernels bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill bench_distill_recompute bench_loss_distill} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_fla_timing_only bench_loss bench_kernels bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill bench_loss_distill} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -296,8 +295,7 @@ decode_lens="2k,8k,32k,64k"
 ATMA_POLAR_AUTOTUNE=0 measure bench_decode "$T_DECODE" "$PY" -m model.bench_decode --lengths "$decode_lens" \
     --decode-tokens 32 --recompute-steps 2 --json "$out/bench_decode.json"
 # Distillation from a same-size teacher (a randomly initialised atma-378m, exported here first): the
-# step with the student's and the teacher's blocks compiled against both eager, then with
-# loss.distill_recompute (the teacher's head asked again in backward instead of keeping its probabilities).
+# step with the student's and the teacher's blocks compiled against both eager.
 if [[ "$steps" == *" bench_distill"* ]] && [ "$tests_failed" -eq 0 ] \
         && { [ -z "$budget" ] || [ $((deadline - SECONDS)) -ge 20 ]; }; then
     cat > "$out/export_teacher.py" <<'PY'
@@ -312,8 +310,6 @@ distill=(--steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0
          --set loss.distill_weight=0.5 --set "loss.teacher=$out/teacher-378m")
 measure bench_distill "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
     --cases polar:3:none:blocks,polar:3:none:off --json "$out/bench_distill.json"
-measure bench_distill_recompute "$T_DISTILL" "$PY" -m pretrain.bench "${distill[@]}" \
-    --set loss.distill_recompute=true --cases polar:3:none:blocks --json "$out/bench_distill_recompute.json"
 rm -rf "$out/teacher-378m"
 # The LM head loss with the distillation KL (random bf16 targets), its rows in the kernels and in PyTorch.
 measure bench_loss_distill "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \

@@ -451,7 +451,7 @@ with open(os.environ["DRY_LOG"], "a") as log:
     log.write(json.dumps({{"argv": argv, "env": env}}) + "\\n")
 if argv[0] == "-c" and "cuda.is_available" in argv[1]:
     print("True")
-elif argv[0] == "-c" and "fla_guard_reason" in argv[1]:  # what the guard says of FLA's backward
+elif argv[0] == "-c" and "fla_refusal" in argv[1]:  # what the guard says of FLA's backward
     print(os.environ.get("DRY_FLA_BACKWARD", "refused"))
 elif argv[0] == "-c":  # the version line and the check that every step's modules import
     sys.exit(subprocess.run([sys.executable, *argv]).returncode)
@@ -528,12 +528,12 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert steps == ["gpu_tests", "bench_training", "bench_training_fla_timing_only", "bench_loss", "bench_kernels",
                      "bench_training_loop_carry", "bench_training_mb16", "bench_recipe", "bench_training_deepcompile",
                      "bench_zero3_settings", "bench_kernels_fla_timing_only", "eval_64k", "bench_decode",
-                     "bench_distill", "bench_distill_recompute", "bench_loss_distill"]
+                     "bench_distill", "bench_loss_distill"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
     calls = [" ".join(argv) for argv in dry_calls(log)]
-    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 9
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 8
     assert any(c.startswith("-m pretrain.bench --micro-batch 16 ") and "--cases polar:3:none:blocks,nope:3:none:blocks "
                in c for c in calls)
     # Only the loop-carry step keeps the memory's PyTorch loop (the "small" launch class of its carry).
@@ -551,7 +551,6 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert len(timing_only) == 2 and "--skip-attention --skip-conv" in timing_only[1]
     assert "--cases polar:3:none:blocks " in timing_only[0]
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
-    assert any("--set loss.distill_recompute=true" in c for c in calls)
     assert ["--distill" in c for c in calls if c.startswith("-m model.bench_loss")] == [False, True]
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)

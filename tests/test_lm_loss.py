@@ -236,6 +236,110 @@ def test_the_kl_alone_has_its_gradients_from_the_forward_in_fp64(chunk, temperat
     assert products == (12, 0)  # 37 rows in 4 chunks: logits, dh and dW in the forward
 
 
+WEIGHTS = (0.7, 1.3, 0.9)  # a loss's coefficients of the CE, focus and KL sums
+
+
+def weighted_case(with_focus, with_kl, chunk, recompute=True):
+    """The fused sums and their weighted sum with WEIGHTS, the gradients of 1.7 x that sum, and the
+    chunks whose targets were asked for; beside the oracle's sums, weighted sum and gradients."""
+    h, w, b, y, focus = case()
+    f = focus if with_focus else None
+    targets = 4.0 * torch.randn(h.shape[0], w.shape[0], dtype=h.dtype, generator=torch.Generator().manual_seed(5))
+    asked = []
+    rows = (lambda start, end: asked.append(start) or targets[start:end]) if with_kl else None
+    sums, weighted = softcap_cross_entropy_sums(h, w, b, y, f, cap=CAP, chunk_tokens=chunk, targets_rows=rows,
+                                                temperature=2.5, recompute_targets=recompute, weights=WEIGHTS)
+    got = (sums, weighted.detach(), torch.autograd.grad(1.7 * weighted, (h, w, b)))
+    naive = (naive_sums_with_kl(h, w, b, y, f, cap=CAP, targets=targets, temperature=2.5) if with_kl
+             else softcap_cross_entropy_sums_naive(h, w, b, y, f, cap=CAP))
+    naive_weighted = (naive * torch.tensor(WEIGHTS[:naive.numel()], dtype=h.dtype)).sum()
+    want = (naive.detach(), naive_weighted.detach(), torch.autograd.grad(1.7 * naive_weighted, (h, w, b)))
+    return got, want, asked, weighted
+
+
+@pytest.mark.parametrize("with_kl", [False, True], ids=["ce", "ce+kl"])
+@pytest.mark.parametrize("with_focus", [False, True], ids=["", "focus"])
+@pytest.mark.parametrize("chunk", [1, 5, 37])
+def test_weighted_terms_take_their_gradients_from_the_forward_in_fp64(chunk, with_focus, with_kl):
+    """Given the loss's coefficients, every combination of the CE, the focus mask and the KL is one
+    differentiable scalar: its value and gradients are the oracle's, the sums come back without a
+    gradient, and the teacher is asked once per chunk although recomputing was asked for."""
+    (sums, weighted, grads), (n_sums, n_weighted, n_grads), asked, _ = weighted_case(with_focus, with_kl, chunk)
+    assert not sums.requires_grad
+    torch.testing.assert_close(sums, n_sums, rtol=1e-12, atol=1e-11)
+    torch.testing.assert_close(weighted, n_weighted, rtol=1e-12, atol=1e-11)
+    for got, want, name in zip(grads, n_grads, ("hidden", "weight", "bias")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=name)
+    assert asked == (list(range(0, 37, chunk)) if with_kl else [])
+
+
+def check_weighted_bf16_against_oracle(device: str, n: int, d: int, v: int, chunk: int):
+    """CE, focus and KL with the loss's coefficients (a 1 / tokens scale, as training's), bf16 rows: the weighted
+    sum and its gradients no further from the fp64 oracle than twice the same path's without the weights."""
+    h, w, b, y, focus = (t.to(device) for t in case(n=n, d=d, v=v, dtype=torch.float32, scale=1.0))
+    w, b = (t.detach().requires_grad_() for t in (w, b))
+    h16 = h.detach().bfloat16().requires_grad_()
+    targets = (4.0 * torch.randn(n, v, generator=torch.Generator().manual_seed(9))).to(device)
+    coefs = (1.0 / n, 0.5 / n, 0.3 * 4.0 / n)
+    kw = dict(cap=CAP, chunk_tokens=chunk, targets_rows=lambda s, e: targets[s:e].bfloat16(), temperature=2.0)
+    _, weighted = softcap_cross_entropy_sums(h16, w, b, y, focus, weights=coefs, **kw)
+    unweighted = (softcap_cross_entropy_sums(h16, w, b, y, focus, **kw)
+                  * torch.tensor(coefs, dtype=torch.float32, device=device)).sum()
+    h64, w64, b64 = (t.detach().double().requires_grad_() for t in (h16, w, b))
+    exact = (naive_sums_with_kl(h64, w64, b64, y, focus.double(), cap=CAP, targets=targets.bfloat16().double(),
+                                temperature=2.0) * torch.tensor(coefs, dtype=torch.float64, device=device)).sum()
+    got = (weighted.detach(), *torch.autograd.grad(weighted, (h16, w, b)))
+    ref = (unweighted.detach(), *torch.autograd.grad(unweighted, (h16, w, b)))
+    want = (exact.detach(), *torch.autograd.grad(exact, (h64, w64, b64)))
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    for a, r, e in zip(got, ref, want):
+        err, ref_err = (a.double() - e).abs().max(), (r.double() - e).abs().max()
+        assert err <= 2 * ref_err + 1e-9, (err, ref_err)
+
+
+def test_bf16_weighted_terms_are_as_close_to_the_fp64_oracle_as_without_the_weights():
+    check_weighted_bf16_against_oracle("cpu", n=64, d=16, v=96, chunk=20)
+
+
+@pytest.mark.gpu
+def test_bf16_weighted_terms_on_the_gpu_at_a_training_shape():
+    check_weighted_bf16_against_oracle("cuda", n=4096, d=256, v=8192, chunk=1024)
+
+
+@pytest.mark.parametrize("grads_in_forward", [True, False], ids=["in-forward", "recomputed"])
+def test_weighted_terms_run_three_products_per_chunk_in_forward_and_keep_no_targets(grads_in_forward):
+    """CE, focus and KL with the loss's coefficients: 4 chunks, the logits, dh and dW in the forward and
+    nothing in the backward, no targets kept; with grads_in_forward=False the logits again in backward."""
+    h, w, b, y, focus = case(n=37, d=8, v=50)
+    targets = torch.randn(37, 50, dtype=h.dtype)
+    outputs = []
+
+    def weighted():
+        sums, total = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=10, weights=WEIGHTS,
+                                                 targets_rows=lambda s, e: targets[s:e],
+                                                 grads_in_forward=grads_in_forward)
+        outputs.append(total)
+        return total
+
+    assert products_per_pass(weighted) == ((12, 0) if grads_in_forward else (4, 12))
+    if grads_in_forward:
+        assert outputs[0].grad_fn.kept == []
+
+
+def test_gradcheck_of_weighted_terms():
+    h, w, b, y, focus = case(n=9, d=3, v=7)
+    targets = torch.randn(9, 7, dtype=h.dtype, generator=torch.Generator().manual_seed(3))
+    assert torch.autograd.gradcheck(lambda h, w, b: softcap_cross_entropy_sums(
+        h, w, b, y, focus, cap=CAP, chunk_tokens=4, targets_rows=lambda s, e: targets[s:e], temperature=1.7,
+        weights=(0.3, 1.1, torch.tensor(0.8, dtype=h.dtype)))[1], (h, w, b))
+
+
+def test_weighted_terms_need_three_coefficients():
+    h, w, b, y, _ = case()
+    with pytest.raises(ValueError, match=r"weights must be \(c_ce, c_focus, c_kl\), got 2 values"):
+        softcap_cross_entropy_sums(h, w, b, y, cap=CAP, chunk_tokens=4, weights=(1.0, 0.0))
+
+
 def test_gradcheck_of_the_kl_alone():
     h, w, b, _, _ = case(n=9, d=3, v=7)
     targets = torch.randn(9, 7, dtype=h.dtype, generator=torch.Generator().manual_seed(2))
@@ -338,7 +442,7 @@ def test_bad_chunk_is_refused():
         softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=0)
 
 
-def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
+def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys, monkeypatch):
     from model import bench_loss
 
     out = tmp_path / "loss.json"
@@ -350,12 +454,21 @@ def test_the_loss_benchmark_checks_then_times_both_paths(tmp_path, capsys):
     assert {"speedup", "grads_in_forward_speedup"} <= set(record)
     printed = capsys.readouterr().out
     assert "fused speedup" in printed and "gradients in forward" in printed
-    # with the distillation term: the fused path (its logits recomputed in backward) against the naive one
+    # with the distillation term: the weighted loss with its gradients from the forward, the same path keeping
+    # the targets and recomputing the logits in backward, and the naive one
     assert bench_loss.main(["--tokens", "64", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16", "--distill",
                             "--repeats", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert set(record["ms"]) == {"fused", "naive chunked (baseline)"} and "grads_in_forward_speedup" not in record
+    assert set(record["ms"]) == {"fused", "fused, logits recomputed", "naive chunked (baseline)"}
+    assert {"speedup", "grads_in_forward_speedup"} <= set(record)
     assert "LM + distillation KL: 64 tokens" in capsys.readouterr().out
+    calls = []
+    fused = bench_loss.softcap_cross_entropy_sums
+    monkeypatch.setattr(bench_loss, "softcap_cross_entropy_sums",
+                        lambda *a, **kw: calls.append(kw.get("weights")) or fused(*a, **kw))
+    assert bench_loss.main(["--tokens", "64", "--hidden", "8", "--vocab", "40", "--chunk-tokens", "16", "--distill",
+                            "--repeats", "1", "--warmup", "0", "--device", "cpu"]) == 0
+    assert set(calls) == {(1.0, 0.0, 1.0), None}  # the fused path weighs the terms as training does
 
 
 def test_the_loss_benchmark_keeps_the_first_paths_figure_when_the_second_is_cut_short(tmp_path, monkeypatch):

@@ -148,26 +148,82 @@ def test_distillation_from_identical_teacher_is_zero_and_weight_scales():
     torch.testing.assert_close(combine_losses(terms, LossWeights(lm=1.0, distill=0.0)), out.loss)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_the_training_step_asks_the_teacher_again_in_backward_only_with_distill_recompute(recompute):
+class ListTeacher:
+    """Stands in for a teacher: fixed random target logits, recording the rows it is asked for."""
+
+    def __init__(self, asked):
+        self.asked = asked
+
+    def target_rows(self, input_ids):
+        logits = torch.randn(input_ids.numel(), 256, generator=torch.Generator().manual_seed(4))
+        return lambda s, e: self.asked.append((s, e)) or logits[s:e]
+
+
+def test_the_training_step_asks_the_teacher_once_per_chunk_and_keeps_no_targets():
+    """LM + distillation: the head's terms are one weighted loss whose gradients the forward computes, so the
+    teacher is asked once per chunk, nothing waits for the backward, and the logged terms carry no graph."""
     from pretrain.config import LossSection
     from pretrain.step import TrainStep
 
     model = tiny_model()
     ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(3))
     asked = []
-
-    class Teacher:
-        def target_rows(self, input_ids):
-            logits = torch.randn(input_ids.numel(), 256, generator=torch.Generator().manual_seed(4))
-            return lambda s, e: asked.append((s, e)) or logits[s:e]
-
-    loss = LossSection(distill_weight=1.0, teacher="t", distill_recompute=recompute, loss_chunk_tokens=16)
-    step = TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"), teacher=Teacher())
-    terms = step.compute_terms(ids, ids)
+    loss = LossSection(distill_weight=0.5, teacher="t", loss_chunk_tokens=16)
+    step = TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"),
+                     teacher=ListTeacher(asked))
+    assert step.head_weights() == (1.0, 0.0, 0.5)
+    terms, head = step.forward_terms(ids, ids)
     assert len(asked) == 3  # 40 tokens in chunks of 16
-    sum(terms.values()).backward()
-    assert len(asked) == (6 if recompute else 3)
+    assert set(terms) == {"lm", "distill"} and not any(t.requires_grad for t in terms.values())
+    assert head.grad_fn.kept == []  # the teacher's targets are not kept for the backward
+    combine_losses(terms, step.weights, head).backward()
+    assert len(asked) == 3 and model.proj.weight.grad.abs().sum() > 0
+
+
+def test_distill_recompute_is_accepted_with_a_warning():
+    from pretrain.config import LossSection
+
+    with pytest.warns(UserWarning, match="loss.distill_recompute changes nothing"):
+        LossSection(distill_weight=1.0, teacher="t", distill_recompute=True)
+
+
+@pytest.mark.parametrize("weights", [
+    LossWeights(lm=1.0, distill=0.5), LossWeights(lm=0.7, copy=2.0), LossWeights(lm=1.0, copy=1.5, distill=0.3),
+    LossWeights(lm=0.0, copy=1.0, distill=0.4),
+], ids=["lm+distill", "lm+copy", "lm+copy+distill", "copy+distill"])
+def test_the_head_loss_with_gradients_from_the_forward_equals_the_terms_weighted_one_by_one(weights):
+    """The training step's weighted head loss (its gradients computed in the forward) gives the same total
+    and the same gradient of every parameter as the model's terms weighted and summed by autograd."""
+    from pretrain.config import LossSection
+    from pretrain.step import TrainStep
+
+    model = tiny_model().double()
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
+    ids[:, 12:18] = ids[:, 2:8]  # repeats, so the copy term's focus mask selects tokens
+    loss = LossSection(lm_weight=weights.lm, copy_weight=weights.copy, distill_weight=weights.distill,
+                       teacher="t" if weights.distill else None, loss_chunk_tokens=16, copy_context=2)
+    teacher = ListTeacher([]) if weights.distill else None
+    if teacher is not None:
+        teacher.target_rows = (lambda rows: lambda input_ids: (lambda s, e: rows[s:e]))(
+            torch.randn(48, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+    step = TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"), teacher=teacher)
+    assert step.head_weights() is not None
+    results = []
+    for head_weights in (step.head_weights(), None):
+        step.head_weights = lambda: head_weights
+        model.zero_grad()
+        terms, head = step.forward_terms(ids, ids)
+        assert (head is None) == (head_weights is None)
+        assert weights.copy == 0 or terms["copy"] > 0  # the focus mask selects tokens
+        total = combine_losses(terms, step.weights, head)
+        total.backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                         if p.grad is not None}))
+    (total, grads), (total_ref, grads_ref) = results
+    torch.testing.assert_close(total, total_ref, rtol=1e-12, atol=1e-12)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads_ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=name)
 
 
 class RecordingEngine:

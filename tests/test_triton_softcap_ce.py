@@ -209,6 +209,30 @@ def test_interpreted_kl_alone_on_the_kernels_has_its_gradients_from_the_forward(
 
 
 @interpreted
+@FOCUS
+def test_interpreted_weighted_terms_on_the_kernels_take_their_gradients_from_the_forward(with_focus):
+    """CE (with or without focus) and KL given the loss's coefficients: one differentiable scalar whose
+    gradients the forward computes on the kernels, equal to the oracle's; the teacher asked once per chunk."""
+    h, w, b, y, focus = loss_case()
+    focus = focus if with_focus else None
+    targets = 4.0 * torch.randn(h.shape[0], w.shape[0], generator=torch.Generator().manual_seed(1))
+    coefs = (0.7, 1.3, 0.4)
+    asked = []
+    sums, total = softcap_cross_entropy_sums(h, w, b, y, focus, cap=CAP, chunk_tokens=10, temperature=2.5,
+                                             targets_rows=lambda s, e: asked.append(s) or targets[s:e],
+                                             recompute_targets=True, elementwise="triton", weights=coefs)
+    got = [sums, total.detach(), *torch.autograd.grad(total, (h, w, b))]
+    assert asked == [0, 10, 20, 30] and not sums.requires_grad
+    want = sums_and_grads_with_kl(softcap_cross_entropy_sums_naive, *(t.detach().double().requires_grad_()
+                                                                      for t in (h, w, b)),
+                                  y, None if focus is None else focus.double(), cap=CAP, targets=targets.double(),
+                                  temperature=2.5)
+    want.insert(1, (want[0] * torch.tensor(coefs, dtype=torch.float64)).sum())
+    for name, a, e in zip(("sums", "weighted", "hidden", "weight", "bias"), got, want):
+        assert rel_max_err(a, e) < 2e-5, name
+
+
+@interpreted
 def test_interpreted_bf16_ce_and_kl_on_the_kernels_are_as_close_to_the_oracle_as_the_pytorch_rows():
     h, w, b, y, focus = loss_case(n=64, d=16, v=96, dtype=torch.bfloat16, seed=2)
     targets = (4.0 * torch.randn(64, 96, generator=torch.Generator().manual_seed(3))).bfloat16()
@@ -324,12 +348,13 @@ def test_interpreted_kernels_read_and_write_the_logits_six_times(tmp_path, monke
     assert traffic["fused"] == {"bytes": 12 * logits, "ops": 5 * 3}  # 3 chunks
     assert traffic["fused, logits recomputed"] == {"bytes": 14 * logits, "ops": 6 * 3}
     assert traffic["fused, PyTorch rows"]["bytes"] > 10 * traffic["fused"]["bytes"]
-    # With the distillation KL the kernels read the bf16 targets beside the logits in each pass (and the
-    # logits are recomputed in backward): 14 + 2 + 2 bytes.
+    # With the distillation KL the kernels read the bf16 targets beside the logits in each pass: 12 + 2 + 2
+    # bytes with the gradients in the forward (the weighted loss), 14 + 2 + 2 with the logits recomputed.
     assert bench_loss.main(["--count-bytes", "--tokens", "96", "--hidden", "4", "--vocab", "300", "--chunk-tokens",
                             "40", "--dtype", "bf16", "--device", "cpu", "--distill", "--json", str(out)]) == 0
     traffic = json.loads(out.read_text())["traffic"]
-    assert traffic["fused"] == {"bytes": 18 * logits, "ops": 6 * 3}
+    assert traffic["fused"] == {"bytes": 16 * logits, "ops": 5 * 3}
+    assert traffic["fused, logits recomputed"] == {"bytes": 18 * logits, "ops": 6 * 3}
     assert traffic["fused, PyTorch rows"]["bytes"] > 10 * traffic["fused"]["bytes"]
 
 
