@@ -599,7 +599,9 @@ def memory_kernel(device: torch.device, config, args) -> str:
     if device.type == "cuda" and fla_version is not None:
         capability = tuple(torch.cuda.get_device_capability(device))
         if fla_bridge.fla_refusal(capability) is None:
-            return "fla (its gated backward's dq/dk/dg kernel in TileLang)" if fla_bridge.fla_tilelang_fix(capability) else "fla"
+            if fla_bridge.fla_tilelang_fix(capability):
+                return "fla (its gated backward's dq/dk/dg kernel in TileLang)"
+            return "fla"
         if args.fla_timing_only:
             return "fla (timing only: guard bypassed)"
     fits = triton_carry_fits(config.head_dim, config.head_dim, config.mem_chunk, device)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import types
-import warnings
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 

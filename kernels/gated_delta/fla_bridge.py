@@ -7,10 +7,11 @@ gated backward on Hopper GPUs (compute capability 9.x) with triton < 3.7.1 (a tr
 miscompilation, flash-linear-attention#640); `fla_is_usable` refuses that combination for any
 call that will be differentiated, so that training never runs on known-wrong gradients, and the
 caller falls back to the PyTorch path, unless FLA's own fix for it is in place: with `tilelang`
-installed (and a CUDA toolkit's nvcc), FLA runs the affected kernel in its TileLang backend. Forward-
-only calls (evaluation) keep FLA there: the bug is in the backward. `ATMA_FLA=0` turns the bridge off. `fla_timing_only()` lets a benchmark time
-FLA's backward on such a machine anyway (the figure a fresh install gets), lifting FLA 0.6's own
-run-time refusal there for the block; the trainer refuses to start while it is active.
+installed (and a CUDA toolkit's nvcc), FLA runs the affected kernel in its TileLang backend.
+Forward-only calls (evaluation) keep FLA there: the bug is in the backward. `ATMA_FLA=0` turns the
+bridge off. `fla_timing_only()` lets a benchmark time FLA's backward on such a machine anyway (the
+figure a fresh install gets), lifting FLA 0.6's own run-time refusal there for the block; the
+trainer refuses to start while it is active.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def _tilelang_runs_the_affected_kernel() -> bool:
         import fla.backends
         from fla.ops.common.backends import CommonTileLangBackend
 
-        if getattr(fla.backends, "_DISPATCH_DISABLED", False) or not hasattr(CommonTileLangBackend, "chunk_bwd_dqkwg"):
+        if getattr(fla.backends, "_DISPATCH_DISABLED", False):
+            return False
+        if not hasattr(CommonTileLangBackend, "chunk_bwd_dqkwg"):  # a release whose fix covers another kernel
             return False
         return bool(CommonTileLangBackend.is_available() and CommonTileLangBackend().is_enabled())
     except Exception:  # FLA absent, broken, or laid out otherwise: no fix known to be in place
