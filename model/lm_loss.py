@@ -170,7 +170,8 @@ class _SoftcapCrossEntropySums(torch.autograd.Function):
                 else:
                     d = _grad_kl_rows(s_t, lse_t[start:end], t_c, kl_scale) if early_kl else None
                     if early_ce:
-                        d = _grad_ce_rows(s, lse_c, y, coef) if d is None else _grad_ce_rows(s, lse_c, y, coef).add_(d)
+                        d_ce = _grad_ce_rows(s, lse_c, y, coef)
+                        d = d_ce if d is None else d_ce.add_(d)
                     d = _through_softcap(d, r, cap)
                     d_z, d_b = d.to(h.dtype), d.sum(0)
                 _add_chunk_grads(d_z, d_b, h_c, w, grad_h, grad_w, grad_b, start, end)

@@ -63,9 +63,21 @@ def test_guard_accepts_flas_tilelang_fix_of_the_hopper_bug(triton):
     assert "CUDA" in bridge.fla_guard_reason("0.6.0", triton, None, tilelang=True)
 
 
+@pytest.fixture
+def hopper_chunk_o(monkeypatch):
+    """FLA's `chunk_o` module with its flags as they read on an H100/H200 with triton 3.6, FLA_TILELANG unset."""
+    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
+    monkeypatch.setattr(chunk_o, "IS_NVIDIA_HOPPER", True)
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_4_0", True)
+    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
+    monkeypatch.delenv("FLA_TILELANG", raising=False)
+    return chunk_o
+
+
 def _hopper_dqkwg_call(chunk_o):
     """Call FLA's dispatched `chunk_bwd_dqkwg` as its gated backward does: "tilelang" where its TileLang
-    backend took the call (stood in for), "#640" where FLA refused it, else the error text."""
+    backend took the call (stood in for), "#640" where FLA refused it, else the error text (past the
+    refusal, the Triton launch itself fails on CPU tensors)."""
     q, k, v, do = (torch.randn(1, 64, 1, 16) for _ in range(4))
     h, dh, g = torch.randn(1, 1, 1, 16, 16), torch.randn(1, 1, 1, 16, 16), torch.randn(1, 64, 1)
     try:
@@ -81,23 +93,18 @@ def _hopper_dqkwg_call(chunk_o):
     ({"FLA_TILELANG": "0"}, True, True, False),
     ({}, True, False, False),  # tilelang missing, or no nvcc for its JIT
 ])
-def test_tilelang_detection_agrees_with_flas_own_dispatch(monkeypatch, env, default_on, available, expected):
+def test_tilelang_detection_agrees_with_flas_own_dispatch(monkeypatch, hopper_chunk_o, env, default_on, available,
+                                                          expected):
     """The guard's reading of FLA's TileLang fix matches where FLA's dispatch really sends the kernel of #640."""
-    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
     from fla.ops.common.backends import CommonTileLangBackend
 
-    # What FLA's module flags read on an H100/H200 with triton 3.6.
-    monkeypatch.setattr(chunk_o, "IS_NVIDIA_HOPPER", True)
-    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_4_0", True)
-    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
-    monkeypatch.delenv("FLA_TILELANG", raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(CommonTileLangBackend, "default_enable", default_on)
     monkeypatch.setattr(CommonTileLangBackend, "is_available", classmethod(lambda cls: available))
     monkeypatch.setattr(CommonTileLangBackend, "chunk_bwd_dqkwg", lambda self, *a, **kw: "tilelang")
     assert bridge._tilelang_runs_the_affected_kernel() is expected
-    assert _hopper_dqkwg_call(chunk_o) == ("tilelang" if expected else "#640")
+    assert _hopper_dqkwg_call(hopper_chunk_o) == ("tilelang" if expected else "#640")
 
 
 def test_tilelang_detection_is_off_without_flas_backend_dispatch(monkeypatch):
@@ -158,28 +165,13 @@ def test_only_the_benchmarks_and_the_compile_check_enable_the_timing_only_switch
                      "pretrain/compile_check.py"]
 
 
-def test_timing_only_lifts_flas_own_refusal_of_its_hopper_backward_for_the_block(monkeypatch):
+def test_timing_only_lifts_flas_own_refusal_of_its_hopper_backward_for_the_block(hopper_chunk_o, monkeypatch):
     """FLA 0.6 raises in its gated backward on Hopper with triton < 3.7.1; timing only gets past it."""
-    chunk_o = pytest.importorskip("fla.ops.common.chunk_o")
-    # What FLA's module flags read on an H100/H200 with triton 3.6.
-    monkeypatch.setattr(chunk_o, "IS_NVIDIA_HOPPER", True)
-    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_4_0", True)
-    monkeypatch.setattr(chunk_o, "TRITON_ABOVE_3_7_1", False)
-    q, k, v, do = (torch.randn(1, 64, 1, 16) for _ in range(4))
-    h, dh, g = torch.randn(1, 1, 1, 16, 16), torch.randn(1, 1, 1, 16, 16), torch.randn(1, 64, 1)
-
-    def refusal():
-        """FLA's refusal text, or None when the call got past it (it then fails on CPU tensors)."""
-        try:
-            chunk_o.chunk_bwd_dqkwg(q, k, v, do, h, dh, g=g)
-        except Exception as exc:  # past the refusal, the launch itself fails on CPU tensors
-            return str(exc) if "#640" in str(exc) else None
-        return None
-
-    assert "3.7.1" in refusal()
+    monkeypatch.setenv("FLA_TILELANG", "0")  # FLA's Triton kernel, whatever is installed here
+    assert _hopper_dqkwg_call(hopper_chunk_o) == "#640"
     with bridge.fla_timing_only():
-        assert refusal() is None
-    assert chunk_o.TRITON_ABOVE_3_7_1 is False and "3.7.1" in refusal()
+        assert _hopper_dqkwg_call(hopper_chunk_o) not in ("#640", "tilelang")
+    assert hopper_chunk_o.TRITON_ABOVE_3_7_1 is False and _hopper_dqkwg_call(hopper_chunk_o) == "#640"
 
 
 def test_is_usable_refuses_hopper_with_old_triton_and_warns_once(fake_env):

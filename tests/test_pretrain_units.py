@@ -149,13 +149,16 @@ def test_distillation_from_identical_teacher_is_zero_and_weight_scales():
 
 
 class ListTeacher:
-    """Stands in for a teacher: fixed random target logits, recording the rows it is asked for."""
+    """Stands in for a teacher: fixed random target logits (`logits`, else drawn per call), recording the
+    rows it is asked for."""
 
-    def __init__(self, asked):
-        self.asked = asked
+    def __init__(self, asked, logits=None):
+        self.asked, self.logits = asked, logits
 
     def target_rows(self, input_ids):
-        logits = torch.randn(input_ids.numel(), 256, generator=torch.Generator().manual_seed(4))
+        logits = self.logits
+        if logits is None:
+            logits = torch.randn(input_ids.numel(), 256, generator=torch.Generator().manual_seed(4))
         return lambda s, e: self.asked.append((s, e)) or logits[s:e]
 
 
@@ -202,10 +205,8 @@ def test_the_head_loss_with_gradients_from_the_forward_equals_the_terms_weighted
     ids[:, 12:18] = ids[:, 2:8]  # repeats, so the copy term's focus mask selects tokens
     loss = LossSection(lm_weight=weights.lm, copy_weight=weights.copy, distill_weight=weights.distill,
                        teacher="t" if weights.distill else None, loss_chunk_tokens=16, copy_context=2)
-    teacher = ListTeacher([]) if weights.distill else None
-    if teacher is not None:
-        teacher.target_rows = (lambda rows: lambda input_ids: (lambda s, e: rows[s:e]))(
-            torch.randn(48, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(6)))
+    logits = torch.randn(48, 256, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    teacher = ListTeacher([], logits) if weights.distill else None
     step = TrainStep(model, grad_accum=1, loss=loss, nan_policy="stop", device=torch.device("cpu"), teacher=teacher)
     assert step.head_weights() is not None
     results = []
