@@ -366,7 +366,7 @@ class CaseRunner:
 
     def __init__(self, case: Case, args, device: torch.device):
         from .config import load_run_config
-        from .optim import apply_lr
+        from .optim import adam_in_use, apply_lr
         from .step import PhaseTimer, TrainStep
         from .trainer import BatchPlan, build_ds_config, build_engine
 
@@ -384,6 +384,7 @@ class CaseRunner:
                                     overrides_source=f"--ds-variant {case.variant}")
         self.ds_config = ds_config
         self.engine, optimizer = build_engine(self.cfg, self.config, ds_config, device=device)
+        self.adam = adam_in_use(optimizer)
         apply_lr(optimizer, 1.0)
         self.timer = PhaseTimer(device, synchronize=True)
         self.step = TrainStep(self.engine, grad_accum=args.grad_accum, loss=self.cfg.loss,
@@ -563,6 +564,7 @@ def summarise(case: Case, runner: CaseRunner, args, peak: float | None, peak_mem
         "memory": runner.config.memory, "memory_kernel": memory_kernel(runner.device, runner.config, args),
         "loss_rows": loss_rows(runner.device),
         "micro_batch": args.micro_batch, "grad_accum": args.grad_accum, "optimizer": runner.cfg.optim.name,
+        "adam": runner.adam,
         "loss_terms": runner.loss_terms, "teacher": runner.cfg.loss.teacher if runner.step.teacher else None,
         "run_config": args.config, "run_config_set": args.set,
         "ds_variant": case.variant, "ds_overrides": args.ds_variants.get(case.variant, {}),
@@ -739,7 +741,7 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
             continue
         parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
         print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
-              f"{r['memory_kernel']}")
+              f"{r['memory_kernel']}; Adam {r['adam']}")
         if r.get("device_busy") is not None:
             print(f"    device kernels {r['device_ms_per_step']:.1f} ms per step: {100 * r['device_busy']:.0f}% of the "
                   "timed step (the rest the device waits for the host)")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
-
-import math
+from dataclasses import dataclass
 
 import torch
 
@@ -44,8 +44,61 @@ def build_param_groups(model: torch.nn.Module, cfg: OptimSection) -> list[dict]:
     return groups
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimSection, *, device_type: str, cpu_offload: bool):
-    """Build the optimizer for deepspeed.initialize (AdamW flavour chosen for the device)."""
+@dataclass(frozen=True)
+class AdamChoice:
+    """The Adam implementation a run steps with: its class, constructor arguments and how it gets there."""
+
+    name: str
+    """deepspeed_fused_adam, deepspeed_cpu_adam, torch_fused_adamw or torch_adamw."""
+    cls: type
+    kwargs: dict
+    builds: str | None = None
+    """The DeepSpeed op builder compiled on first use (None: nothing to compile)."""
+    note: str = ""
+    """Why the usual choice was not taken here (printed once at start), else empty."""
+
+
+def fused_adam_toolkit_missing() -> str:
+    """Why DeepSpeed's fused Adam cannot be loaded on this machine ('' when it can): neither prebuilt nor buildable."""
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils import cpp_extension
+
+    if installed_ops.get("fused_adam", False):
+        return ""
+    if torch.version.hip:
+        home, compiler, variable = cpp_extension.ROCM_HOME, "hipcc", "ROCM_HOME"
+    else:
+        home, compiler, variable = cpp_extension.CUDA_HOME, "nvcc", "CUDA_HOME"
+    if home is None:
+        return f"no GPU toolkit to compile it ({variable} is not set and no {compiler} is on PATH)"
+    if not os.path.isfile(os.path.join(home, "bin", compiler)):
+        return f"no {compiler} in {home}/bin to compile it ({variable} points at a toolkit without its compiler)"
+    return ""
+
+
+def choose_adam(device_type: str, cpu_offload: bool) -> AdamChoice:
+    """DeepSpeed's CPU Adam under offload; on CUDA DeepSpeed's fused Adam, or torch's fused AdamW where that
+    cannot be compiled (no toolkit); torch's AdamW on the CPU."""
+    _prepare_op_build_env()
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return AdamChoice("deepspeed_cpu_adam", DeepSpeedCPUAdam, {"adamw_mode": True}, builds="CPUAdamBuilder")
+    if device_type == "cuda":
+        missing = fused_adam_toolkit_missing()
+        if not missing:
+            from deepspeed.ops.adam import FusedAdam
+
+            return AdamChoice("deepspeed_fused_adam", FusedAdam, {"adam_w_mode": True}, builds="FusedAdamBuilder")
+        return AdamChoice("torch_fused_adamw", torch.optim.AdamW, {"fused": True},
+                          note=f"DeepSpeed's fused Adam is not installed prebuilt and there is {missing}: the "
+                               "optimizer steps with torch's fused AdamW instead (the same update); for "
+                               "DeepSpeed's, install the CUDA toolkit or set CUDA_HOME")
+    return AdamChoice("torch_adamw", torch.optim.AdamW, {})
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimSection, adam: AdamChoice):
+    """Build the optimizer for deepspeed.initialize with the Adam implementation `adam` (`choose_adam`)."""
     groups = build_param_groups(model, cfg)
     for g in groups:
         g["base_lr"] = g["lr"]
@@ -57,10 +110,38 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, *, device_type: s
         for g in groups:
             for p in g["params"]:
                 p.use_muon = g["use_muon"]
-        adam_cls, adam_kwargs = _adam_class(device_type, cpu_offload)
-        return MuonWithAuxAdam(groups, adam_optimizer=adam_cls, adam_optimizer_kwargs=adam_kwargs)
-    adam_cls, adam_kwargs = _adam_class(device_type, cpu_offload)
-    return adam_cls(groups, betas=tuple(cfg.betas), eps=cfg.eps, **adam_kwargs)
+        optimizer = MuonWithAuxAdam(groups, adam_optimizer=adam.cls, adam_optimizer_kwargs=adam.kwargs)
+    else:
+        optimizer = adam.cls(groups, betas=tuple(cfg.betas), eps=cfg.eps, **adam.kwargs)
+    optimizer.register_load_state_dict_pre_hook(match_step_counters)
+    return optimizer
+
+
+def keeps_tensor_steps(optimizer) -> bool:
+    """Whether `optimizer`'s Adam (Muon's auxiliary one under Muon) counts steps in tensors, as torch's does;
+    DeepSpeed's Adams and Muon's inline update count in ints."""
+    adam = getattr(optimizer, "aux_optimizer", None) or optimizer
+    return isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def match_step_counters(optimizer, state_dict: dict) -> dict:
+    """Load-state-dict pre-hook: each saved `step` as the type `optimizer` keeps, so a checkpoint moves
+    between machines that step with torch's AdamW and with DeepSpeed's fused Adam (`choose_adam`)."""
+    as_tensor = keeps_tensor_steps(optimizer)
+    for state in state_dict.get("state", {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is None or isinstance(step, torch.Tensor) == as_tensor:
+            continue
+        state["step"] = torch.tensor(float(step), dtype=torch.float32) if as_tensor else int(step.item())
+    return state_dict
+
+
+def adam_in_use(optimizer) -> str:
+    """The Adam stepping `optimizer` (a DeepSpeed wrapper, Muon or an Adam), e.g. "FusedAdam" or "AdamW (fused)"."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    adam = getattr(inner, "aux_optimizer", None) or inner
+    fused = any(group.get("fused") for group in adam.param_groups)
+    return type(adam).__name__ + (" (fused)" if fused else "")
 
 
 def jit_safe_arch_list(value: str | None) -> str | None:
@@ -77,20 +158,6 @@ def _prepare_op_build_env() -> None:
     safe = jit_safe_arch_list(value)
     if safe != value:
         os.environ["TORCH_CUDA_ARCH_LIST"] = safe
-
-
-def _adam_class(device_type: str, cpu_offload: bool):
-    """DeepSpeed's CPU Adam under offload, FusedAdam on CUDA, torch AdamW otherwise."""
-    _prepare_op_build_env()
-    if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam, {"adamw_mode": True}
-    if device_type == "cuda":
-        from deepspeed.ops.adam import FusedAdam
-
-        return FusedAdam, {"adam_w_mode": True}
-    return torch.optim.AdamW, {}
 
 
 def lr_multiplier(step: int, total: int, cfg: ScheduleSection) -> float:

@@ -30,7 +30,7 @@ from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
-from .optim import apply_lr, build_optimizer, lr_multiplier
+from .optim import apply_lr, build_optimizer, choose_adam, lr_multiplier
 from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
 from .signals import StopRequests
@@ -309,10 +309,13 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
         load_initial_weights(model, init_from, model_config)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     offload = ds_config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "cpu"
-    if offload or device.type == "cuda":
-        check_build_locks(["CPUAdamBuilder" if offload else "FusedAdamBuilder"])
-        announce_builds(["CPUAdamBuilder" if offload else "FusedAdamBuilder"])
-    optimizer = build_optimizer(model, cfg.optim, device_type=device.type, cpu_offload=offload)
+    adam = choose_adam(device.type, offload)
+    if adam.note and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        print(f"[atma] {adam.note}", flush=True)
+    if adam.builds:
+        check_build_locks([adam.builds])
+        announce_builds([adam.builds])
+    optimizer = build_optimizer(model, cfg.optim, adam)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     compile_engine(engine, compile_method(cfg.train, device.type))
     return engine, optimizer
