@@ -129,11 +129,31 @@ def match_step_counters(optimizer, state_dict: dict) -> dict:
     between machines that step with torch's AdamW and with DeepSpeed's fused Adam (`choose_adam`)."""
     as_tensor = keeps_tensor_steps(optimizer)
     for state in state_dict.get("state", {}).values():
-        step = state.get("step") if isinstance(state, dict) else None
-        if step is None or isinstance(step, torch.Tensor) == as_tensor:
-            continue
-        state["step"] = torch.tensor(float(step), dtype=torch.float32) if as_tensor else int(step.item())
+        if isinstance(state, dict) and "step" in state:
+            state["step"] = _counter_as(state["step"], as_tensor, "cpu")  # torch's load moves it where it belongs
     return state_dict
+
+
+def match_loaded_step_counters(optimizer) -> int:
+    """`match_step_counters` for state restored without the optimizer's own load (DeepSpeed's universal and
+    elastic restores write it in place); `optimizer` may be DeepSpeed's wrapper. Returns how many changed."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    as_tensor = keeps_tensor_steps(inner)
+    # torch keeps a fused or capturable Adam's counters on the parameter's device, the others on the CPU.
+    on_device = {id(p) for g in inner.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
+    changed = 0
+    for param, state in inner.state.items():
+        if "step" in state and isinstance(state["step"], torch.Tensor) != as_tensor:
+            state["step"] = _counter_as(state["step"], as_tensor, param.device if id(param) in on_device else "cpu")
+            changed += 1
+    return changed
+
+
+def _counter_as(step, as_tensor: bool, device):
+    """An Adam step counter as a float32 tensor on `device` (torch's Adams) or an int (DeepSpeed's)."""
+    if as_tensor:
+        return step if isinstance(step, torch.Tensor) else torch.tensor(float(step), dtype=torch.float32, device=device)
+    return int(step.item()) if isinstance(step, torch.Tensor) else step
 
 
 def adam_in_use(optimizer) -> str:

@@ -30,7 +30,7 @@ from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
-from .optim import apply_lr, build_optimizer, choose_adam, lr_multiplier
+from .optim import apply_lr, build_optimizer, choose_adam, lr_multiplier, match_loaded_step_counters
 from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
 from .signals import StopRequests
@@ -583,6 +583,7 @@ class Trainer:
                               f"{resume_alternatives(self.resume_from)}") from None
         for group, settings in zip(self.optimizer.param_groups, groups):
             group.update(settings)
+        match_loaded_step_counters(self.optimizer)
         if self.universal:
             from .universal import untie_step_counters
 

@@ -97,10 +97,19 @@ def _steps(model, optimizer, first, last):
         optimizer.step()
 
 
+def _restore_in_place(optimizer, saved_state):
+    """Write saved per-parameter state straight into `optimizer`, as DeepSpeed's universal restore does."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, state in saved_state["state"].items():
+        optimizer.state[params[index]] = dict(state)
+    return optim.match_loaded_step_counters(optimizer)
+
+
+@pytest.mark.parametrize("restore", ["load_state_dict", "in_place"])
 @pytest.mark.parametrize("saved_by, loaded_by", [(INT_STEPS, TORCH_FUSED), (INT_STEPS, TORCH),
                                                  (TORCH_FUSED, INT_STEPS), (TORCH, INT_STEPS)],
                          ids=lambda c: c.name)
-def test_a_checkpoint_moves_between_int_and_tensor_step_counters(saved_by, loaded_by):
+def test_a_checkpoint_moves_between_int_and_tensor_step_counters(saved_by, loaded_by, restore):
     cfg = load_run_config(None, ["data.dir=d", "optim.lr=1e-2"]).optim
     model = _model()
     optimizer = build_optimizer(model, cfg, saved_by)
@@ -111,7 +120,10 @@ def test_a_checkpoint_moves_between_int_and_tensor_step_counters(saved_by, loade
     resumed = _model()
     resumed.load_state_dict(saved_weights)
     other = build_optimizer(resumed, cfg, loaded_by)
-    other.load_state_dict(saved_state)
+    if restore == "in_place":
+        assert _restore_in_place(other, saved_state) == len(saved_state["state"])
+    else:
+        other.load_state_dict(saved_state)
     counters = [s["step"] for s in other.state.values()]
     assert all(isinstance(c, torch.Tensor) == (loaded_by.cls is torch.optim.AdamW) for c in counters)
     assert all(float(c) == 3 for c in counters)
