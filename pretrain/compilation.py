@@ -38,6 +38,13 @@ def configure_compile(ds: dict, method: str | None, *, device_type: str, source:
         if device_type != "cuda":
             raise ConfigError("train.compile_method=deepcompile needs CUDA (DeepSpeed builds DeepCompile's op "
                               "for CUDA only); use train.compile_method=blocks on the CPU")
+        from .opbuild import toolkit_missing
+
+        missing = toolkit_missing("dc")
+        if missing:
+            raise ConfigError(f"train.compile_method=deepcompile needs DeepSpeed's DeepCompile op, which is not "
+                              f"installed prebuilt, and there is {missing}; install the CUDA toolkit or set "
+                              "CUDA_HOME, or use train.compile_method=blocks")
         ds["compile"] = {**ds.get("compile", {}), "deepcompile": True}
     elif wants_deepcompile:
         raise ConfigError(f"{source}: compile.deepcompile is set; choose it with train.compile_method=deepcompile "

@@ -43,6 +43,27 @@ def pending_builds(builder_classes: list[str]) -> list[str]:
     return pending
 
 
+def toolkit_missing(op_name: str) -> str:
+    """Why DeepSpeed's op `op_name` (e.g. "fused_adam") can neither load prebuilt nor be compiled here; '' when it
+    can: built into the DeepSpeed wheel, or a GPU toolkit with its compiler found as torch's extension builder
+    finds one."""
+    import torch
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils import cpp_extension
+
+    if installed_ops.get(op_name, False):
+        return ""
+    if torch.version.hip:
+        home, compiler, variable = cpp_extension.ROCM_HOME, "hipcc", "ROCM_HOME"
+    else:
+        home, compiler, variable = cpp_extension.CUDA_HOME, "nvcc", "CUDA_HOME"
+    if home is None:
+        return f"no GPU toolkit to compile it ({variable} is not set and no {compiler} is on PATH)"
+    if not os.path.isfile(os.path.join(home, "bin", compiler)):
+        return f"no {compiler} in {home}/bin to compile it ({variable} points at a toolkit without its compiler)"
+    return ""
+
+
 def announce_builds(builder_classes: list[str]) -> None:
     """Print one line on local rank 0 for each op that is about to be compiled."""
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import OptimSection, ScheduleSection
+from .opbuild import toolkit_missing
 
 
 def build_param_groups(model: torch.nn.Module, cfg: OptimSection) -> list[dict]:
@@ -58,24 +59,6 @@ class AdamChoice:
     """Why the usual choice was not taken here (printed once at start), else empty."""
 
 
-def fused_adam_toolkit_missing() -> str:
-    """Why DeepSpeed's fused Adam cannot be loaded on this machine ('' when it can): neither prebuilt nor buildable."""
-    from deepspeed.git_version_info import installed_ops
-    from torch.utils import cpp_extension
-
-    if installed_ops.get("fused_adam", False):
-        return ""
-    if torch.version.hip:
-        home, compiler, variable = cpp_extension.ROCM_HOME, "hipcc", "ROCM_HOME"
-    else:
-        home, compiler, variable = cpp_extension.CUDA_HOME, "nvcc", "CUDA_HOME"
-    if home is None:
-        return f"no GPU toolkit to compile it ({variable} is not set and no {compiler} is on PATH)"
-    if not os.path.isfile(os.path.join(home, "bin", compiler)):
-        return f"no {compiler} in {home}/bin to compile it ({variable} points at a toolkit without its compiler)"
-    return ""
-
-
 def choose_adam(device_type: str, cpu_offload: bool) -> AdamChoice:
     """DeepSpeed's CPU Adam under offload; on CUDA DeepSpeed's fused Adam, or torch's fused AdamW where that
     cannot be compiled (no toolkit); torch's AdamW on the CPU."""
@@ -85,7 +68,7 @@ def choose_adam(device_type: str, cpu_offload: bool) -> AdamChoice:
 
         return AdamChoice("deepspeed_cpu_adam", DeepSpeedCPUAdam, {"adamw_mode": True}, builds="CPUAdamBuilder")
     if device_type == "cuda":
-        missing = fused_adam_toolkit_missing()
+        missing = toolkit_missing("fused_adam")
         if not missing:
             from deepspeed.ops.adam import FusedAdam
 

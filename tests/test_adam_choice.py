@@ -12,7 +12,8 @@ import torch
 from model import AtmaConfig, AtmaForCausalLM
 from pretrain import optim
 from pretrain.config import load_run_config
-from pretrain.optim import AdamChoice, build_optimizer, choose_adam, fused_adam_toolkit_missing
+from pretrain.opbuild import toolkit_missing
+from pretrain.optim import AdamChoice, build_optimizer, choose_adam
 
 from test_pretrain_distributed import ROOT, env
 
@@ -53,11 +54,12 @@ def test_choose_adam_per_device_and_toolkit(monkeypatch):
     offload = choose_adam("cpu", True)
     assert (offload.name, offload.cls.__name__, offload.builds) == ("deepspeed_cpu_adam", "DeepSpeedCPUAdam",
                                                                     "CPUAdamBuilder")
-    monkeypatch.setattr(optim, "fused_adam_toolkit_missing", lambda: "")
+    monkeypatch.setattr(optim, "toolkit_missing", {"fused_adam": ""}.get)
     fused = choose_adam("cuda", False)
     assert (fused.name, fused.cls.__name__, fused.kwargs, fused.builds, fused.note) == (
         "deepspeed_fused_adam", "FusedAdam", {"adam_w_mode": True}, "FusedAdamBuilder", "")
-    monkeypatch.setattr(optim, "fused_adam_toolkit_missing", lambda: "no GPU toolkit to compile it (reason)")
+    missing = {"fused_adam": "no GPU toolkit to compile it (reason)"}
+    monkeypatch.setattr(optim, "toolkit_missing", missing.get)
     fallback = choose_adam("cuda", False)
     assert (fallback.name, fallback.cls, fallback.kwargs, fallback.builds) == (
         "torch_fused_adamw", torch.optim.AdamW, {"fused": True}, None)
@@ -71,15 +73,15 @@ def test_fused_adam_toolkit_detection(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(git_version_info, "installed_ops", {"fused_adam": False})
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
-    assert fused_adam_toolkit_missing() == "no GPU toolkit to compile it (CUDA_HOME is not set and no nvcc is on PATH)"
+    assert toolkit_missing("fused_adam") == "no GPU toolkit to compile it (CUDA_HOME is not set and no nvcc is on PATH)"
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))  # a runtime-only CUDA directory
-    assert fused_adam_toolkit_missing().startswith(f"no nvcc in {tmp_path}/bin")
+    assert toolkit_missing("fused_adam").startswith(f"no nvcc in {tmp_path}/bin")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "nvcc").write_text("")
-    assert fused_adam_toolkit_missing() == ""
+    assert toolkit_missing("fused_adam") == ""
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     monkeypatch.setattr(git_version_info, "installed_ops", {"fused_adam": True})  # built into the wheel
-    assert fused_adam_toolkit_missing() == ""
+    assert toolkit_missing("fused_adam") == ""
 
 
 def _model():

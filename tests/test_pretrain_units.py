@@ -475,9 +475,10 @@ def test_ds_config_with_a_bad_zero_value_is_one_line_before_the_engine(tmp_path,
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("ds_configs/*.json")))
-def test_shipped_ds_configs_and_the_keys_the_trainer_adds_are_deepspeed_settings(path):
+def test_shipped_ds_configs_and_the_keys_the_trainer_adds_are_deepspeed_settings(path, monkeypatch):
     from pretrain.trainer import build_ds_config, check_top_level_keys
 
+    monkeypatch.setattr("pretrain.opbuild.toolkit_missing", lambda op: "")  # as on a GPU machine with nvcc
     cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}",
                                                              "train.compile=true", "train.compile_method=deepcompile"])
     ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda")
@@ -534,7 +535,7 @@ def test_training_bench_model_overrides(capsys):
     assert "too large" in capsys.readouterr().err
 
 
-def test_ds_config_compile_and_skip_rules():
+def test_ds_config_compile_and_skip_rules(monkeypatch):
     from pretrain.trainer import build_ds_config
 
     plan = plan_batch(4096, 4, 256, 2)
@@ -542,6 +543,10 @@ def test_ds_config_compile_and_skip_rules():
                                                              "train.compile_method=deepcompile"])
     with pytest.raises(ConfigError, match="deepcompile needs CUDA"):
         build_ds_config(cfg, plan, device_type="cpu")
+    monkeypatch.setattr("pretrain.opbuild.toolkit_missing", lambda op: {"dc": "no GPU toolkit (reason)"}[op])
+    with pytest.raises(ConfigError, match=r"needs DeepSpeed's DeepCompile op, .* there is no GPU toolkit \(reason\)"):
+        build_ds_config(cfg, plan, device_type="cuda")
+    monkeypatch.setattr("pretrain.opbuild.toolkit_missing", lambda op: {"dc": ""}[op])
     assert build_ds_config(cfg, plan, device_type="cuda")["compile"] == {"deepcompile": True}
     # ZeRO-3 without Blocks as leaf modules: every compiled block would break at each submodule's hook.
     no_leaf = load_run_config(None, ["data.dir=d", "train.compile=true",
