@@ -100,11 +100,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimSection, adam: AdamChoice)
     return optimizer
 
 
+def _stepping_adam(optimizer):
+    """The Adam that steps `optimizer` (DeepSpeed's wrapper unwrapped; under Muon its auxiliary Adam, or Muon
+    itself where it updates inline)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return getattr(inner, "aux_optimizer", None) or inner
+
+
 def keeps_tensor_steps(optimizer) -> bool:
-    """Whether `optimizer`'s Adam (Muon's auxiliary one under Muon) counts steps in tensors, as torch's does;
-    DeepSpeed's Adams and Muon's inline update count in ints."""
-    adam = getattr(optimizer, "aux_optimizer", None) or optimizer
-    return isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))
+    """Whether `optimizer`'s Adam counts steps in tensors, as torch's does; DeepSpeed's Adams and Muon's inline
+    update count in ints."""
+    return isinstance(_stepping_adam(optimizer), (torch.optim.Adam, torch.optim.AdamW))
 
 
 def match_step_counters(optimizer, state_dict: dict) -> dict:
@@ -141,8 +147,7 @@ def _counter_as(step, as_tensor: bool, device):
 
 def adam_in_use(optimizer) -> str:
     """The Adam stepping `optimizer` (a DeepSpeed wrapper, Muon or an Adam), e.g. "FusedAdam" or "AdamW (fused)"."""
-    inner = getattr(optimizer, "optimizer", optimizer)
-    adam = getattr(inner, "aux_optimizer", None) or inner
+    adam = _stepping_adam(optimizer)
     fused = any(group.get("fused") for group in adam.param_groups)
     return type(adam).__name__ + (" (fused)" if fused else "")
 
