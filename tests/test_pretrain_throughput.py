@@ -154,6 +154,7 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     assert "\nLM head loss rows: torch\n" in proc.stdout
     shipped, variant = report["results"]
     assert (shipped["ds_variant"], variant["ds_variant"]) == ("", "v1")
+    assert shipped["adam"] == variant["adam"] == "AdamW"  # torch's, unfused, under DeepSpeed's ZeRO-3 wrapper
     # what each engine was built from: the shipped JSON, and the same JSON with the one setting changed
     assert shipped["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000_000
     assert variant["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
