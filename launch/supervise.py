@@ -6,10 +6,10 @@ SIGKILL them 30 s later. So the launcher tree runs in a session of its own, whic
 Ctrl-C does not reach, and this process hands the first Ctrl-C to the training ranks alone: each
 finishes its step, saves a checkpoint and exits with code 130, which the launchers pass back. A
 second Ctrl-C (or a first one before any rank has started) kills the whole tree at once, and then
-removes the op build locks made since the start (a rank killed while it built a DeepSpeed op leaves
-one, and every later load of that op would wait on it forever). SIGTERM
-is handed on the same way (the ranks save and exit with code 0); SIGHUP (the terminal closed) goes
-to the whole tree, as it would without the separate session.
+removes the op build locks that were not there at the start (a rank killed while it built a DeepSpeed
+op leaves one, and every later load of that op would wait on it forever). SIGTERM is handed on the
+same way (the ranks save and exit with code 0); SIGHUP (the terminal closed) goes to the whole tree,
+as it would without the separate session.
 """
 
 from __future__ import annotations
@@ -18,12 +18,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Mapping, Sequence
 
 import psutil
 
-from pretrain.opbuild import remove_build_locks_since
+from pretrain.opbuild import build_locks, remove_build_locks_made_after
 from pretrain.signals import INTERRUPTED_EXIT_CODE
 
 
@@ -41,7 +40,7 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
     The exit code is 130 when Ctrl-C stopped the run (whether the ranks saved or were killed),
     else the launcher's own (a negative signal number N becomes 128 + N, as in a shell).
     """
-    started = time.time()
+    locks_before = build_locks(os.environ if env is None else env)
     proc = subprocess.Popen(list(command), env=None if env is None else dict(env), cwd=cwd, start_new_session=True)
     interrupts = 0
     killed = False
@@ -83,7 +82,7 @@ def run(command: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: st
             signal.signal(sig, handler)
     if killed:
         # A rank killed while it built a DeepSpeed op leaves the build's lock; the next run would wait on it.
-        for lock in remove_build_locks_since(started, os.environ if env is None else env):
+        for lock in remove_build_locks_made_after(locks_before, os.environ if env is None else env):
             print(f"[launch] removed {lock}, left by an op build that was stopped", file=sys.stderr, flush=True)
     if interrupts:
         return INTERRUPTED_EXIT_CODE

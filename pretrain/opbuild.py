@@ -113,21 +113,36 @@ def extensions_root(env: dict | None = None) -> str:
     return get_default_build_root()
 
 
-def remove_build_locks_since(started: float, env: dict | None = None) -> list[str]:
-    """Delete the op build locks made at or after `started` (by processes just killed); returns their paths.
-
-    A build killed with SIGKILL leaves its lock, and every later load of that op waits on it forever.
-    """
+def build_locks(env: dict | None = None) -> dict[str, int]:
+    """The op build locks under torch's extensions root of `env`, each with its modification time in ns."""
     import glob
 
     root = extensions_root(env)
-    removed = []
+    locks = {}
     for lock in glob.glob(os.path.join(glob.escape(root), "*", "lock")) + glob.glob(
             os.path.join(glob.escape(root), "*", "*", "lock")):
         try:
-            if os.stat(lock).st_mtime >= started:
-                os.remove(lock)
-                removed.append(lock)
+            locks[lock] = os.stat(lock).st_mtime_ns
+        except FileNotFoundError:
+            continue
+    return locks
+
+
+def remove_build_locks_made_after(before: dict[str, int], env: dict | None = None) -> list[str]:
+    """Delete the op build locks that are not in the snapshot `before` (or were remade since); returns their paths.
+
+    A build killed with SIGKILL leaves its lock, and every later load of that op waits on it forever.
+    The snapshot, not a clock, tells old locks from new: a file's timestamp comes from the kernel's
+    coarse clock (or the file system's own granularity) and can read earlier than a `time.time()`
+    taken before the file was made.
+    """
+    removed = []
+    for lock, mtime in build_locks(env).items():
+        if before.get(lock) == mtime:
+            continue
+        try:
+            os.remove(lock)
+            removed.append(lock)
         except FileNotFoundError:
             continue
     return removed

@@ -153,6 +153,8 @@ import os, sys, time
 build = os.path.join(os.environ["TORCH_EXTENSIONS_DIR"], "py311_cpu", "some_op")
 os.makedirs(build, exist_ok=True)
 open(os.path.join(build, "lock"), "w").close()  # what torch does before it builds an op
+# A file system with coarse timestamps can date the new lock before the supervisor's start.
+os.utime(os.path.join(build, "lock"), (time.time() - 2,) * 2)
 print("building", flush=True)
 time.sleep(60)
 """

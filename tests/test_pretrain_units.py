@@ -981,6 +981,25 @@ def test_an_op_not_built_yet_is_announced_before_the_build(tmp_path, monkeypatch
     assert capsys.readouterr().out == ""
 
 
+def test_only_the_build_locks_made_or_remade_after_the_snapshot_are_removed(tmp_path):
+    from pretrain.opbuild import build_locks, remove_build_locks_made_after
+
+    env = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    kept, remade = tmp_path / "py311_cpu" / "kept" / "lock", tmp_path / "remade" / "lock"
+    new = tmp_path / "py311_cu128" / "new" / "lock"
+    for lock in (kept, remade, new):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    kept.touch(), remade.touch()
+    os.utime(remade, (time.time() - 60,) * 2)
+    before = build_locks(env)
+    assert set(before) == {str(kept), str(remade)}
+    new.touch()
+    os.utime(new, (time.time() - 120,) * 2)  # dated before the snapshot, as a coarse file-system clock may
+    os.utime(remade, (time.time() - 30,) * 2)  # another build took the same op's lock since
+    assert sorted(remove_build_locks_made_after(before, env)) == sorted([str(remade), str(new)])
+    assert kept.exists() and not remade.exists() and not new.exists()
+
+
 def test_a_build_lock_left_by_a_killed_build_is_refused_in_one_line(tmp_path, monkeypatch):
     from pretrain.opbuild import STALE_LOCK_SECONDS, check_build_locks
     from pretrain.step import TrainingError
