@@ -9,6 +9,7 @@ installed prebuilt nor in that cache.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 # torch serialises an op's build with a lock file in its build directory and waits, without end, while
@@ -108,6 +109,11 @@ def extensions_root(env: dict | None = None) -> str:
     env = os.environ if env is None else env
     if env.get("TORCH_EXTENSIONS_DIR"):
         return env["TORCH_EXTENSIONS_DIR"]
+    if sys.platform.startswith("linux"):
+        # torch's own default (its user cache directory), worked out without importing torch, which
+        # would cost the launcher a second before every start.
+        cache = env.get("XDG_CACHE_HOME", os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache"))
+        return os.path.realpath(os.path.join(cache, "torch_extensions"))
     from torch.utils.cpp_extension import get_default_build_root
 
     return get_default_build_root()

@@ -6,13 +6,15 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 import warnings
 
 import pytest
 import torch
 
-from helpers import with_live_weights
+from helpers import ROOT, with_live_weights
 from model import AtmaConfig, AtmaForCausalLM
 from pretrain.config import ConfigError, load_run_config
 from pretrain.flops import forward_flops_per_token, peak_flops_for, train_flops_per_token
@@ -979,6 +981,25 @@ def test_an_op_not_built_yet_is_announced_before_the_build(tmp_path, monkeypatch
     assert pending_builds(["CPUAdamBuilder"]) == []
     announce_builds(["CPUAdamBuilder"])
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("cache", [None, "xdg-cache"])
+def test_the_extensions_root_is_torchs_default_without_importing_torch(tmp_path, monkeypatch, cache):
+    from torch.utils.cpp_extension import get_default_build_root
+
+    from pretrain.opbuild import extensions_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if cache is None:
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / cache))
+    assert extensions_root() == get_default_build_root()
+    assert extensions_root({"TORCH_EXTENSIONS_DIR": "/ext"}) == "/ext"
+    probe = "import sys; from pretrain.opbuild import extensions_root; extensions_root(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_only_the_build_locks_made_or_remade_after_the_snapshot_are_removed(tmp_path):
