@@ -859,4 +859,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .shutdown import exit_without_teardown
+
+    exit_without_teardown(main())  # it may have started a process group (pretrain.shutdown)

@@ -96,9 +96,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # Exit without interpreter teardown: gloo worker threads can otherwise release their last
-    # collective while Python finalizes and abort the process after training has finished.
-    os._exit(code)
+    from pretrain.shutdown import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINE_LOGITS = r"""
 import sys, torch
 from pretrain.config import load_run_config
+from pretrain.shutdown import exit_without_teardown
 from pretrain.trainer import Trainer
 cfg = load_run_config(sys.argv[1] + "/config.yaml", ["checkpoint.resume=auto", "logging.tensorboard=false",
                                                      "logging.progress=false"])
@@ -28,6 +29,7 @@ with torch.no_grad():
     logits = trainer.engine(ids).logits
 torch.save(logits, sys.argv[3])
 trainer.close()
+exit_without_teardown(0)  # as the trainer's entry point ends
 """
 
 
