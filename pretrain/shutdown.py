@@ -7,7 +7,9 @@ the GIL there ends the thread with a forced unwind and the whole process aborts 
 called without an active exception", exit code -6) after training has finished and saved. The
 deepspeed launcher then reports the run as failed and stops the other ranks. Every entry point
 that starts a process group therefore ends through `exit_without_teardown` once its files are
-closed: nothing is left for the interpreter's teardown to do but free memory.
+closed: nothing is left for the interpreter's teardown to do but free memory. (Tools that act at
+the interpreter's exit, such as `python -m cProfile`, get no chance to write; call `main()` from
+Python for them.)
 """
 
 from __future__ import annotations
