@@ -48,9 +48,10 @@
 # (bench_loss_distill: its rows in the Triton kernels against PyTorch's); at most 30 minutes in
 # all. The steps run in that order, the goals' figures first. Under a 10-minute limit per call,
 # run it as calls with GPU_CHECK_STEPS, each with GPU_CHECK_BUDGET a little under that limit (a
-# call without gpu_tests says its figures are ungated): first "gpu_tests bench_training bench_training_fla_timing_only bench_loss
-# bench_kernels" (where GPU time is short, GPU_CHECK_BUDGET=540 keeps it to 9 minutes and still
-# yields the goals' figures; the kernel benchmark gets what is left, its 2K row first), then
+# call without gpu_tests says its figures are ungated): first "gpu_tests bench_training
+# bench_training_fla_timing_only bench_loss bench_kernels" (where GPU time is short,
+# GPU_CHECK_BUDGET=540 keeps it to 9 minutes and still yields the goals' figures; the kernel
+# benchmark gets what is left, its 2K row first), then
 # "bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile
 # bench_zero3_settings", then "bench_kernels_fla_timing_only eval_64k bench_decode bench_distill
 # bench_loss_distill".
