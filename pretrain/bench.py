@@ -17,6 +17,9 @@ eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped J
 fails is reported and the others still run, except with --interleave or under the deepspeed
 launcher: there a failure ends the run with exit status 1 (the other cases, or the other ranks
 waiting in that case's collectives, cannot go on without it), and the JSON keeps what was done.
+Each case's startup is timed apart from its steps: building its engine, its first warm-up step
+(where compilation happens) and all its warm-up steps. Caches shared within the process (compiled
+graphs, autotuning, op builds, the teacher) make a later case's startup shorter than a fresh run's.
 
     # every GPU of a node (one rank each, real collectives; tokens/s over all ranks, MFU per GPU):
     deepspeed --num_gpus 8 --module pretrain.bench --cases polar:3:none:auto,polar:2:none:auto
@@ -157,7 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="micro-batches per optimizer step (default: 1, or what the --config's batch.tokens makes "
                         "of the micro-batch, the sequence length and the ranks)")
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps per case (default: 10)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, autotuning, allocator)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="steps before the timed ones (compilation, autotuning, allocator), timed apart as the "
+                        "case's startup (default: 3)")
     p.add_argument("--zero-stages", "--zero-stage", type=_list(int, (0, 1, 2, 3)),
                    help="comma-separated DeepSpeed ZeRO stages (default: 2,3, or the stage of the --config's "
                         "DeepSpeed JSON, which that stage's cases use; the others use ds_configs/zero{N}_bf16.json)")
@@ -347,6 +352,7 @@ class Case:
     compile: str
     variant: str = ""  # a --ds-variant name; "" is the shipped DeepSpeed JSON
     step_times: list[float] = field(default_factory=list)
+    startup: dict = field(default_factory=dict)  # build_s, first_step_s, warmup_s (timed, not in step_times)
     result: dict = field(default_factory=dict)
 
     @property
@@ -624,19 +630,36 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
+def build_and_warm_up(case: Case, args, device, *, warm_up: bool = True) -> CaseRunner:
+    """The case's runner, built (and, with `warm_up`, its warm-up steps run), each timed into case.startup."""
+    synchronize(device)
+    start = time.perf_counter()
+    runner = CaseRunner(case, args, device)
+    synchronize(device)
+    case.startup = {"build_s": time.perf_counter() - start}
+    if warm_up:
+        warm_up_case(case, runner, args.warmup)
+    return runner
+
+
+def warm_up_case(case: Case, runner: CaseRunner, steps: int) -> None:
+    """Run the case's warm-up steps (compilation, autotuning happen here); their time goes into case.startup."""
+    times = [runner.timed_step() for _ in range(steps)]
+    case.startup.update(first_step_s=times[0] if times else None, warmup_s=sum(times))
+
+
 def run_case(case: Case, args, device, peak) -> None:
     """Build, warm up, time, break down and profile one case; fills case.result (or its error)."""
     runner = None
     try:
-        runner = CaseRunner(case, args, device)
-        for _ in range(args.warmup):
-            runner.run()
+        runner = build_and_warm_up(case, args, device)
         gc.collect()  # building engines leaves enough objects for a full collection (~0.2 s) to fall in a timed step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         case.step_times = [runner.timed_step() for _ in range(args.steps)]
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         case.result = summarise(case, runner, args, peak, memory)
+        case.result.update(case.startup)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
@@ -659,11 +682,10 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
     runners = []
     for case in cases:
         with _naming(case):
-            runners.append(CaseRunner(case, args, device))
+            runners.append(build_and_warm_up(case, args, device, warm_up=False))
     for case, runner in zip(cases, runners):
         with _naming(case):
-            for _ in range(args.warmup):
-                runner.run()
+            warm_up_case(case, runner, args.warmup)
     gc.collect()  # as in run_case: no full collection left pending for the timed steps
     for _ in range(args.steps):
         for case, runner in zip(cases, runners):
@@ -671,6 +693,7 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
                 case.step_times.append(runner.timed_step())
     for case, runner in zip(cases, runners):
         case.result = summarise(case, runner, args, peak, None)
+        case.result.update(case.startup)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
@@ -731,6 +754,11 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
         print(f"{c.name:44} {1000 * r['step_s_median']:9.1f} {1000 * r['step_s_stdev']:6.1f} "
               f"{r['tokens_per_s']:10,.0f} {r['tflops']:8.2f} {mfu:>6} {paper:>8} {mem:>6}")
+    started = [c for c in cases if "build_s" in c.result]
+    if started:
+        print("startup (not in the step times):")
+        for c in started:
+            print(f"  {c.name:42} {startup_text(c.result)}")
     if found:
         print("ratios (same run):")
         for r in found:
@@ -749,6 +777,14 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
         if r.get("trace"):
             print(f"    timeline: {r['trace']}")
+
+
+def startup_text(result: dict) -> str:
+    """A case's startup as one phrase: engine build, warm-up steps (compilation, autotuning) and the first alone."""
+    text = f"engine built in {result['build_s']:.1f} s"
+    if result.get("first_step_s") is not None:
+        text += f", first step {result['first_step_s']:.1f} s, all warm-up steps {result['warmup_s']:.1f} s"
+    return text
 
 
 def rank_prefix(rank: int, args) -> str:
@@ -845,7 +881,7 @@ def main(argv=None) -> int:
             for case in cases:
                 run_case(case, args, device, peak)
                 print(f"[bench] {case.name}: " + (case.result.get("error") or
-                      f"{1000 * case.result['step_s_median']:.1f} ms/step"), flush=True)
+                      f"{1000 * case.result['step_s_median']:.1f} ms/step ({startup_text(case.result)})"), flush=True)
                 write_json()  # what is done survives a time limit
                 if args.world_size > 1 and "error" in case.result:
                     # the other ranks are still in this case's collectives and would wait for this rank

@@ -1,4 +1,5 @@
-"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up and traced steps left out."""
+"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up and traced steps left out;
+the warm-up's own duration, reported once."""
 
 from __future__ import annotations
 
@@ -14,8 +15,11 @@ class ThroughputMeter:
 
     The first `warmup_steps` steps (compilation, autotuning, allocator growth) are left out: the
     clock starts when they are done. The device is synchronised only where a window starts or is
-    read (the logging cadence), so the step itself keeps the host ahead of the device. Steps
-    between `pause()` and `resume()` (traced by the profiler) are left out with their time.
+    read (the logging cadence), at the start and after the first warm-up step, so the step itself
+    keeps the host ahead of the device. Steps
+    between `pause()` and `resume()` (traced by the profiler) are left out with their time. How long
+    the warm-up took, and its first step alone (where compilation happens), is reported once by
+    `take_warmup()`: the cost of starting (or resuming) a run that tokens/s leaves out.
     """
 
     def __init__(self, *, warmup_steps: int, device: torch.device):
@@ -27,6 +31,9 @@ class ThroughputMeter:
         self._window_tokens = 0
         self._window_data_wait = 0.0
         self._paused_at = None
+        self._started = None
+        self._first_step_s = None
+        self._warmup = None  # {"perf/warmup_s", "perf/first_step_s"} once the warm-up ends, until taken
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -35,8 +42,9 @@ class ThroughputMeter:
 
     def start(self) -> None:
         """Mark the start of training (the first window starts here when there is no warm-up)."""
+        self._started = self._now()
         if self.warmup_steps == 0:
-            self._window_start = self._now()
+            self._window_start = self._started
 
     @property
     def warming_up(self) -> bool:
@@ -46,12 +54,31 @@ class ThroughputMeter:
     def record(self, tokens: int, data_wait_s: float) -> None:
         """Count one optimizer step of `tokens` tokens that waited `data_wait_s` seconds for data."""
         self.num_steps += 1
-        if self.num_steps == self.warmup_steps:
-            self._window_start = self._now()
-        elif self.num_steps > self.warmup_steps and self._paused_at is None:
+        if self.num_steps <= self.warmup_steps:
+            self._record_warmup_step()
+        elif self._paused_at is None:
             self._window_steps += 1
             self._window_tokens += tokens
             self._window_data_wait += data_wait_s
+
+    def _record_warmup_step(self) -> None:
+        """Read the clock after the first warm-up step and the last; the last one starts the first window."""
+        if self.num_steps not in (1, self.warmup_steps):
+            return  # no clock read (on CUDA a synchronisation) inside the warm-up
+        if self._started is None:
+            raise RuntimeError("ThroughputMeter.record() before start()")
+        now = self._now()
+        if self.num_steps == 1:
+            self._first_step_s = now - self._started
+        if self.num_steps == self.warmup_steps:
+            self._window_start = now
+            self._warmup = {"perf/warmup_s": now - self._started, "perf/first_step_s": self._first_step_s}
+
+    def take_warmup(self) -> dict[str, float] | None:
+        """The warm-up's wall seconds and its first step's, once, after its last step (None before, after, or
+        with no warm-up)."""
+        found, self._warmup = self._warmup, None
+        return found
 
     def pause(self) -> None:
         """Leave the steps recorded from here until `resume()` out of the figures, and their time with them."""

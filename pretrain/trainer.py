@@ -442,6 +442,7 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
+        self.warmup_scalars: dict[str, float] = {}  # the warm-up's duration, for the next logged step
         self.ckpt_root = os.path.join(cfg.run_dir, ckpt.CHECKPOINTS)
         self.run_record = contract.build_record(
             step=0, tokens_seen=0, config=cfg.to_dict(), model_config=self.model_config.to_dict(),
@@ -687,6 +688,7 @@ class Trainer:
                     meter.pause()
                 outcome = self.train_step(batches)
                 meter.record(self.plan.tokens_per_step, outcome.data_wait_s)
+                self._report_warmup(meter)
                 profiler.after_step()
                 if not profiler.in_window(self.step + 1):
                     meter.resume()
@@ -711,6 +713,19 @@ class Trainer:
             self.save()
         self.monitor.close()
         return last
+
+    def _report_warmup(self, meter: ThroughputMeter) -> None:
+        """Once the throughput warm-up is over, say how long it took (compilation, autotuning); the next logged
+        step carries the figures."""
+        warmup = meter.take_warmup()
+        if warmup is None:
+            return
+        n, seconds, first = meter.warmup_steps, warmup["perf/warmup_s"], warmup["perf/first_step_s"]
+        took = (f"the first step took {seconds:.1f} s" if n == 1 else
+                f"the first {n} steps took {seconds:.1f} s, the first alone {first:.1f} s")
+        self.monitor.print(f"[atma] warm-up (compilation, autotuning, allocator): {took}; left out of tokens/s "
+                           "and MFU (logging.throughput_warmup_steps)")
+        self.warmup_scalars = warmup
 
     def _report_trace(self, profiler: StepProfiler) -> None:
         """Say where this rank's trace went, once it is written."""
@@ -738,6 +753,8 @@ class Trainer:
         scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else None
         scalars["perf/memory_gib"] = self._memory_gib()
         scalars.update(meter.read())
+        scalars.update(self.warmup_scalars)
+        self.warmup_scalars = {}
         if self.peak_flops and "perf/tokens_per_s" in scalars:
             scalars["perf/mfu"] = self.flops_per_token * scalars["perf/tokens_per_s"] / (self.peak_flops * self.world)
         if compile_method(cfg.train, self.device.type) is not None:

@@ -13,7 +13,8 @@
 # names the failed files and the setting, and the exit status is still 1.
 # The training benchmark (atma-378m, T=2048, micro-batch 8, bf16) runs the trainer's own step with
 # the memory path this machine trains with (flash-linear-attention where its guard allows it, the
-# chunked path with its Triton state carry elsewhere; each case's breakdown names it):
+# chunked path with its Triton state carry elsewhere; each case's breakdown names it), each case's
+# startup (engine build, the first step with its compilation and autotuning) timed apart:
 # bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar eager, with
 # activation checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the
 # goals' figures first); bench_training_fla_timing_only: the headline case with FLA's memory

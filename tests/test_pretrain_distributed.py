@@ -169,15 +169,29 @@ def test_dashboards_and_composite_loss(tiny_shards, tmp_path):
     run = tmp_path / "dash"
     losses_on = ["--set", "loss.sig_mode=weak", "--set", "loss.sig_weight=0.01", "--set", "loss.num_random_keys=8",
                  "--set", "loss.distractor_weight=0.01", "--set", "loss.copy_weight=0.5"]
-    train(tiny_shards, run, "--max-steps", "4", "--set", "logging.wandb=true", "--set", "logging.val_every=2",
-          "--set", "logging.val_batches=2", *losses_on, "--set", "logging.peak_flops=1e12")
+    proc = train(tiny_shards, run, "--max-steps", "4", "--set", "logging.wandb=true", "--set", "logging.val_every=2",
+                 "--set", "logging.val_batches=2", *losses_on, "--set", "logging.peak_flops=1e12",
+                 "--set", "logging.throughput_warmup_steps=2", "--set", "logging.every=3")
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("loss/total", "loss/lm", "loss/copy", "loss/sig", "loss/distractor", "lr", "grad_norm", "perf/tokens_per_s",
                 "perf/mfu", "perf/memory_gib", "perf/step_time_s", "loss/val"):
         assert tag in tags, tag
-    assert [e.step for e in acc.Scalars("loss/total")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("loss/total")] == [1, 3, 4]  # the first, every third, the last
+    # the warm-up's duration (steps 1-2), left out of tokens/s: said on the console when it ends, logged with
+    # the next logged step, in the same row
+    assert [e.step for e in acc.Scalars("perf/warmup_s")] == [e.step for e in acc.Scalars("perf/first_step_s")] == [3]
+    assert [e.step for e in acc.Scalars("perf/tokens_per_s")] == [3, 4]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss/total" in r] == [1, 3, 4]
+    (warmup,) = [r for r in rows if "perf/warmup_s" in r]
+    seconds, first = warmup["perf/warmup_s"], warmup["perf/first_step_s"]
+    assert warmup["step"] == 3 and "loss/total" in warmup and 0 < first < seconds
+    said = [line for line in proc.stdout.splitlines() if line.startswith("[atma] warm-up")]
+    assert said == [f"[atma] warm-up (compilation, autotuning, allocator): the first 2 steps took {seconds:.1f} s, "
+                    f"the first alone {first:.1f} s; left out of tokens/s and MFU (logging.throughput_warmup_steps)"], \
+        proc.stdout[-2000:]
     # Source files repeat names and phrases: some targets are copies, and their loss is positive.
     assert all(e.value > 0 for e in acc.Scalars("loss/copy"))
     assert any(name.startswith("offline-run") for name in os.listdir(run / "wandb"))

@@ -202,7 +202,8 @@ def test_training_bench_under_the_deepspeed_launcher_reports_once_for_all_ranks(
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("device: CPU x 2 ranks") == 1 and proc.stdout.count("ratios (same run)") == 0
-    assert proc.stdout.count("nope z3 ac=none compile=off") == 2  # rank 0's progress line and table row only
+    # rank 0's progress line, table row and startup line only
+    assert proc.stdout.count("nope z3 ac=none compile=off") == 3
     (result,) = json.loads(out.read_text())["results"]
     assert result["ranks"] == 2
     assert result["tokens_per_s"] == pytest.approx(2 * 32 / result["step_s_median"])  # both ranks' tokens
@@ -273,6 +274,56 @@ def bench_failing_where(tmp_path, condition, *args, launcher=()):
     # without the early end, a rank left waiting in a collective would hang until gloo's timeout
     return subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=240)
+
+
+# pretrain.bench with every case's engine build 0.3 s slower and its first step 0.5 s slower, as compiling
+# makes the first step of a compiled case.
+SLOW_START = r"""
+import sys, time
+from pretrain import bench
+
+build, run = bench.CaseRunner.__init__, bench.CaseRunner.run
+
+
+def slow_build(self, *args, **kwargs):
+    build(self, *args, **kwargs)
+    time.sleep(0.3)
+    self.first_done = False
+
+
+def slow_first_step(self):
+    if not self.first_done:
+        self.first_done = True
+        time.sleep(0.5)
+    return run(self)
+
+
+bench.CaseRunner.__init__, bench.CaseRunner.run = slow_build, slow_first_step
+sys.exit(bench.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_training_bench_times_each_cases_startup_apart_from_its_steps(tmp_path, interleave):
+    script, out = tmp_path / "slow_start.py", tmp_path / "bench.json"
+    script.write_text(SLOW_START)
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+                           "--micro-batch", "1", "--steps", "2", "--warmup", "2", "--breakdown-steps", "0",
+                           "--profile-steps", "0", "--cases", "nope:0:none:off,nope:2:none:off", "--json", str(out),
+                           *(["--interleave"] if interleave else [])],
+                          cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 2
+    for r in results:
+        assert r["build_s"] >= 0.3, r
+        assert r["first_step_s"] >= 0.5 and r["warmup_s"] > r["first_step_s"], r  # both warm-up steps
+        assert max(r["step_s_all"]) < 0.5, r  # the slow first step is the warm-up's, not a timed one
+    lines = proc.stdout.splitlines()
+    shown = lines[lines.index("startup (not in the step times):") + 1:][:2]
+    assert [line.split()[:2] for line in shown] == [["nope", "z0"], ["nope", "z2"]]
+    assert all(f"engine built in {r['build_s']:.1f} s, first step {r['first_step_s']:.1f} s, all warm-up steps "
+               f"{r['warmup_s']:.1f} s" in line for r, line in zip(results, shown))
 
 
 def test_a_case_failing_on_one_rank_ends_the_run_on_every_rank(tmp_path):

@@ -578,13 +578,17 @@ def test_compile_default_is_on_for_cuda_only():
 def test_throughput_leaves_out_warmup_steps(monkeypatch):
     from pretrain import throughput
 
-    clock = iter([100.0, 103.0, 104.0, 108.0])  # end of warm-up, then three reads
+    clock = iter([90.0, 97.0, 100.0, 103.0, 104.0, 108.0])  # start, first step, end of warm-up, then three reads
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     meter = throughput.ThroughputMeter(warmup_steps=2, device=torch.device("cpu"))
     meter.start()
-    for _ in range(2):  # warm-up: 100 s, not counted
+    for _ in range(2):  # warm-up: 10 s, not counted
+        assert meter.take_warmup() is None
         meter.record(1000, data_wait_s=0.5)
     assert meter.read() == {}
+    # the warm-up's time and its first step's, reported once
+    assert meter.take_warmup() == {"perf/warmup_s": pytest.approx(10.0), "perf/first_step_s": pytest.approx(7.0)}
+    assert meter.take_warmup() is None
     meter.record(1000, data_wait_s=0.25)
     meter.record(1000, data_wait_s=0.5)
     first = meter.read()  # two steps in 3 s
@@ -635,6 +639,30 @@ def test_throughput_leaves_out_paused_steps_and_their_time(clock):
     now[0] = 32.0
     meter.record(1000, data_wait_s=0.0)
     assert meter.read()["perf/step_time_s"] == pytest.approx(2.0)
+
+
+def test_throughput_reports_a_warmup_of_one_step_and_none_without_warmup(clock):
+    from pretrain import throughput
+
+    now = clock
+    now[0] = 10.0
+    one = throughput.ThroughputMeter(warmup_steps=1, device=torch.device("cpu"))
+    one.start()
+    now[0] = 14.0
+    one.record(1000, data_wait_s=0.0)
+    assert one.take_warmup() == {"perf/warmup_s": pytest.approx(4.0), "perf/first_step_s": pytest.approx(4.0)}
+    now[0] = 15.0
+    one.record(1000, data_wait_s=0.0)
+    assert one.take_warmup() is None and one.read()["perf/step_time_s"] == pytest.approx(1.0)
+    none = throughput.ThroughputMeter(warmup_steps=0, device=torch.device("cpu"))
+    none.start()
+    for _ in range(3):
+        now[0] += 1.0
+        none.record(1000, data_wait_s=0.0)
+        assert none.take_warmup() is None
+    unstarted = throughput.ThroughputMeter(warmup_steps=2, device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="before start"):
+        unstarted.record(1000, data_wait_s=0.0)
 
 
 def test_throughput_window_starts_after_a_pause_that_ends_the_warmup(clock):
