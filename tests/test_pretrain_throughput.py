@@ -249,6 +249,7 @@ def test_training_bench_times_a_run_configs_recipe(tmp_path):
 FAILING_STEP = r"""
 import os, sys
 from pretrain import bench
+from pretrain.shutdown import exit_without_teardown
 
 timed_step = bench.CaseRunner.timed_step
 
@@ -260,7 +261,7 @@ def failing(self):
 
 
 bench.CaseRunner.timed_step = failing
-sys.exit(bench.main(sys.argv[1:]))
+exit_without_teardown(bench.main(sys.argv[1:]))  # as the entry point ends
 """
 
 
@@ -281,6 +282,7 @@ def bench_failing_where(tmp_path, condition, *args, launcher=()):
 SLOW_START = r"""
 import sys, time
 from pretrain import bench
+from pretrain.shutdown import exit_without_teardown
 
 build, run = bench.CaseRunner.__init__, bench.CaseRunner.run
 
@@ -299,7 +301,7 @@ def slow_first_step(self):
 
 
 bench.CaseRunner.__init__, bench.CaseRunner.run = slow_build, slow_first_step
-sys.exit(bench.main(sys.argv[1:]))
+exit_without_teardown(bench.main(sys.argv[1:]))  # as the entry point ends
 """
 
 
