@@ -16,10 +16,10 @@ class ThroughputMeter:
     The first `warmup_steps` steps (compilation, autotuning, allocator growth) are left out: the
     clock starts when they are done. The device is synchronised only where a window starts or is
     read (the logging cadence), at the start and after the first warm-up step, so the step itself
-    keeps the host ahead of the device. Steps
-    between `pause()` and `resume()` (traced by the profiler) are left out with their time. How long
-    the warm-up took, and its first step alone (where compilation happens), is reported once by
-    `take_warmup()`: the cost of starting (or resuming) a run that tokens/s leaves out.
+    keeps the host ahead of the device. Steps between `pause()` and `resume()` (traced by the
+    profiler) are left out with their time. How long the warm-up took, and its first step alone
+    (where compilation happens), is reported once by `take_warmup()`: the cost of starting (or
+    resuming) a run that tokens/s leaves out.
     """
 
     def __init__(self, *, warmup_steps: int, device: torch.device):
