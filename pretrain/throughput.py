@@ -1,8 +1,9 @@
-"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up and traced steps left out;
-the warm-up's own duration, reported once."""
+"""Training throughput over logging windows: tokens/s, step time and data wait, warm-up and traced steps left out,
+and checkpoint saves and validation; the warm-up's own duration, reported once."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -17,7 +18,8 @@ class ThroughputMeter:
     clock starts when they are done. The device is synchronised only where a window starts or is
     read (the logging cadence), at the start and after the first warm-up step, so the step itself
     keeps the host ahead of the device. Steps between `pause()` and `resume()` (traced by the
-    profiler) are left out with their time. How long the warm-up took, and its first step alone
+    profiler) are left out with their time, and so is work done inside `set_aside()` (checkpoint
+    saves, validation), which is not training. How long the warm-up took, and its first step alone
     (where compilation happens), is reported once by `take_warmup()`: the cost of starting (or
     resuming) a run that tokens/s leaves out.
     """
@@ -79,6 +81,22 @@ class ThroughputMeter:
         with no warm-up)."""
         found, self._warmup = self._warmup, None
         return found
+
+    @contextlib.contextmanager
+    def set_aside(self):
+        """Leave the time spent inside the block out of the window (or the warm-up) it falls in; yields a dict
+        whose "seconds" holds that time once the block ends."""
+        timing = {}
+        begin = self._now()  # the steps queued so far belong to the window
+        yield timing
+        end = self._now()
+        timing["seconds"] = end - begin
+        if self._paused_at is not None:
+            return  # the pause leaves this time out already
+        if self._window_start is not None:
+            self._window_start += end - begin
+        elif self._started is not None:
+            self._started += end - begin
 
     def pause(self) -> None:
         """Leave the steps recorded from here until `resume()` out of the figures, and their time with them."""

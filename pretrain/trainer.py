@@ -12,6 +12,7 @@ import re
 import resource
 import shutil
 import socket
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -442,7 +443,8 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.skipped = 0
-        self.warmup_scalars: dict[str, float] = {}  # the warm-up's duration, for the next logged step
+        self.pending_scalars: dict[str, float] = {}  # durations (warm-up, checkpoint load, save) for the next log
+        self.resume_check_s = 0.0
         self.ckpt_root = os.path.join(cfg.run_dir, ckpt.CHECKPOINTS)
         self.run_record = contract.build_record(
             step=0, tokens_seen=0, config=cfg.to_dict(), model_config=self.model_config.to_dict(),
@@ -530,7 +532,9 @@ class Trainer:
             raise ConfigError(f"{err}; {ways}") from None
         if tag_dir is None:
             return None
+        started = time.perf_counter()
         check_loadable(tag_dir)
+        self.resume_check_s = time.perf_counter() - started
         saved = contract.read_record(tag_dir)
         if saved is None:
             try:
@@ -577,6 +581,7 @@ class Trainer:
         # The optimizer's hyperparameters come from this run's config (the resume check allowed any
         # change), not from the checkpoint, which would silently restore the old ones.
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        started = time.perf_counter()
         try:
             client, rank_state = ckpt.load(self.engine, self.resume_from, universal=self.universal)
         except (EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
@@ -594,9 +599,11 @@ class Trainer:
         self.skipped = int(rank_state.get("skipped", 0))
         self.train_loader.load_state_dict(rank_state["loader"])
         ckpt.set_rng_state(rank_state["rng"])
+        loaded = time.perf_counter() - started
+        self.pending_scalars["perf/checkpoint_load_s"] = self.resume_check_s + loaded
         if self.rank == 0:
-            print(f"[atma] resumed from {self.resume_from} at step {self.step} ({self.tokens_seen:,} tokens seen)",
-                  flush=True)
+            print(f"[atma] resumed from {self.resume_from} at step {self.step} ({self.tokens_seen:,} tokens seen); "
+                  f"checksums checked in {self.resume_check_s:.1f} s, state loaded in {loaded:.1f} s", flush=True)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches):
@@ -651,11 +658,14 @@ class Trainer:
                   "model_config": self.model_config.to_dict()}
         rank_state = {"loader": self.train_loader.state_dict(), "rng": ckpt.rng_state(), "skipped": self.skipped}
         record = dict(self.run_record, step=self.step, tokens_seen=self.tokens_seen)
+        started = time.perf_counter()
         tag = ckpt.save(self.engine, self.ckpt_root, self.step, client, rank_state,
                         keep_last=self.cfg.checkpoint.keep_last, record=record, files=(self.manifest.tokenizer_path,))
+        seconds = time.perf_counter() - started  # every rank's share: the save ends with a barrier
+        self.pending_scalars["perf/checkpoint_save_s"] = seconds
         self.last_saved = self.step
         if announce:
-            self.monitor.print(f"[atma] saved checkpoint {tag}")
+            self.monitor.print(f"[atma] saved checkpoint {tag} in {seconds:.1f} s")
         return tag
 
     def _memory_gib(self) -> float:
@@ -694,7 +704,7 @@ class Trainer:
                     meter.resume()
                 if outcome.applied:
                     last = self._log(outcome, meter)
-                    self._validate_on_cadence()
+                    self._validate_on_cadence(meter)
                     self.monitor.advance()
                 self._report_trace(profiler)
                 if outcome.stop:
@@ -705,7 +715,8 @@ class Trainer:
                                        "run the same command again to continue from it")
                     break
                 if outcome.applied and self._save_due() and self.last_saved != self.step:
-                    self.save()
+                    with meter.set_aside():  # not training: left out of tokens/s and MFU
+                        self.save()
         finally:
             profiler.close()  # a run that ends inside the window keeps the steps traced so far
             self._report_trace(profiler)
@@ -725,7 +736,7 @@ class Trainer:
                 f"the first {n} steps took {seconds:.1f} s, the first alone {first:.1f} s")
         self.monitor.print(f"[atma] warm-up (compilation, autotuning, allocator): {took}; left out of tokens/s "
                            "and MFU (logging.throughput_warmup_steps)")
-        self.warmup_scalars = warmup
+        self.pending_scalars.update(warmup)
 
     def _report_trace(self, profiler: StepProfiler) -> None:
         """Say where this rank's trace went, once it is written."""
@@ -753,8 +764,8 @@ class Trainer:
         scalars["grad_norm"] = float(grad_norm) if grad_norm is not None else None
         scalars["perf/memory_gib"] = self._memory_gib()
         scalars.update(meter.read())
-        scalars.update(self.warmup_scalars)
-        self.warmup_scalars = {}
+        scalars.update(self.pending_scalars)
+        self.pending_scalars = {}
         if self.peak_flops and "perf/tokens_per_s" in scalars:
             scalars["perf/mfu"] = self.flops_per_token * scalars["perf/tokens_per_s"] / (self.peak_flops * self.world)
         if compile_method(cfg.train, self.device.type) is not None:
@@ -762,13 +773,14 @@ class Trainer:
         self.monitor.log(self.step, scalars)
         return scalars
 
-    def _validate_on_cadence(self) -> None:
+    def _validate_on_cadence(self, meter: ThroughputMeter) -> None:
         cfg = self.cfg
         if cfg.logging.val_every and (self.step % cfg.logging.val_every == 0 or self.step == cfg.train.max_steps):
-            val = self.validate()
+            with meter.set_aside() as took:  # not training: left out of tokens/s and MFU
+                val = self.validate()
             if val is not None:
-                self.monitor.log(self.step, {"loss/val": val}, console=False)
-                self.monitor.print(f"[atma] step {self.step}: val loss {val:.4f}")
+                self.monitor.log(self.step, {"loss/val": val, "perf/val_s": took["seconds"]}, console=False)
+                self.monitor.print(f"[atma] step {self.step}: val loss {val:.4f} ({took['seconds']:.1f} s)")
 
     def close(self) -> None:
         """Tear down the process group."""

@@ -4,6 +4,7 @@ resume, crash recovery, activation checkpointing under ZeRO-3, dashboards, bad-s
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -196,8 +197,57 @@ def test_dashboards_and_composite_loss(tiny_shards, tmp_path):
     assert all(e.value > 0 for e in acc.Scalars("loss/copy"))
     assert any(name.startswith("offline-run") for name in os.listdir(run / "wandb"))
     wandb_id = (run / "wandb_id.txt").read_text().strip()
-    train(tiny_shards, run, "--max-steps", "5", "--set", "logging.wandb=true", *losses_on)
+    proc = train(tiny_shards, run, "--max-steps", "5", "--set", "logging.wandb=true", *losses_on)
     assert (run / "wandb_id.txt").read_text().strip() == wandb_id  # same W&B run across resumes
+    # How long the resume took to check and load its checkpoint: said once, logged with the next step.
+    [said] = [line for line in proc.stdout.splitlines() if line.startswith("[atma] resumed from")]
+    checked, loaded = map(float, re.fullmatch(
+        rf"\[atma\] resumed from {run}/checkpoints/step_00000004 at step 4 \(2,048 tokens seen\); "
+        r"checksums checked in (\d+\.\d) s, state loaded in (\d+\.\d) s", said).groups())
+    [row] = [json.loads(line) for line in open(run / "metrics.jsonl") if '"perf/checkpoint_load_s"' in line]
+    assert row["step"] == 5 and "loss/total" in row
+    assert row["perf/checkpoint_load_s"] == pytest.approx(checked + loaded, abs=0.11) and row["perf/checkpoint_load_s"] > 0
+
+
+# Training whose checkpoint saves and validation each take 4 s more than they do.
+SLOW_SAVES_AND_VALIDATION = """
+import runpy, time
+import pretrain.checkpoint as ckpt
+from pretrain.trainer import Trainer
+save, validate = ckpt.save, Trainer.validate
+def slow_save(*args, **kwargs):
+    time.sleep(4.0)
+    return save(*args, **kwargs)
+def slow_validate(self):
+    time.sleep(4.0)
+    return validate(self)
+ckpt.save, Trainer.validate = slow_save, slow_validate
+runpy.run_module("pretrain.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_checkpoint_saves_and_validation_are_timed_and_left_out_of_tokens_per_s(tiny_shards, tmp_path):
+    run = tmp_path / "slow-saves"
+    args = [*BASE, "--data", tiny_shards, "--run-dir", str(run), "--max-steps", "4", "--set", "checkpoint.every=2",
+            "--set", "logging.val_every=2", "--set", "logging.val_batches=1", "--set", "logging.every=2",
+            "--set", "logging.throughput_warmup_steps=1"]
+    proc = subprocess.run([sys.executable, "-c", SLOW_SAVES_AND_VALIDATION, *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    # Step 2's validation and save fall between steps 2 and 4: 8 s that tokens/s and the step time leave out.
+    [step4] = [r for r in rows if r["step"] == 4 and "loss/total" in r]
+    assert step4["perf/checkpoint_save_s"] >= 4.0
+    assert step4["perf/step_time_s"] < 2.0, step4  # with the 8 s counted, at least 4 s per step
+    assert step4["perf/tokens_per_s"] == pytest.approx(512 / step4["perf/step_time_s"], rel=1e-6)
+    val = {r["step"]: r["perf/val_s"] for r in rows if "loss/val" in r}
+    assert sorted(val) == [2, 4] and min(val.values()) >= 4.0
+    out = proc.stdout
+    for step in (2, 4):
+        [saved] = re.findall(rf"\[atma\] saved checkpoint step_0000000{step} in (\d+\.\d) s", out)
+        assert float(saved) >= 4.0
+        [took] = re.findall(rf"\[atma\] step {step}: val loss \d+\.\d{{4}} \((\d+\.\d) s\)", out)
+        assert float(took) >= 4.0
 
 
 def kl_to_teacher(teacher_dir, student, batch) -> float:

@@ -682,6 +682,44 @@ def test_throughput_window_starts_after_a_pause_that_ends_the_warmup(clock):
     assert meter.read()["perf/step_time_s"] == pytest.approx(3.0)
 
 
+def test_throughput_leaves_out_time_set_aside_for_saves_and_validation(clock):
+    from pretrain import throughput
+
+    now = clock
+    meter = throughput.ThroughputMeter(warmup_steps=2, device=torch.device("cpu"))
+    meter.start()  # t = 0
+    now[0] = 3.0
+    meter.record(1000, data_wait_s=0.0)  # warm-up step 1: 3 s
+    with meter.set_aside() as took:  # a save inside the warm-up: not part of it
+        now[0] = 10.0
+    assert took == {"seconds": pytest.approx(7.0)}
+    now[0] = 12.0
+    meter.record(1000, data_wait_s=0.0)  # warm-up step 2: 2 s
+    assert meter.take_warmup() == {"perf/warmup_s": pytest.approx(5.0), "perf/first_step_s": pytest.approx(3.0)}
+    now[0] = 13.0
+    meter.record(1000, data_wait_s=0.5)
+    with meter.set_aside() as took:  # validation: 20 s
+        now[0] = 33.0
+    now[0] = 34.0
+    meter.record(1000, data_wait_s=0.5)
+    figures = meter.read()  # two steps in 2 s of training
+    assert took["seconds"] == pytest.approx(20.0)
+    assert figures["perf/step_time_s"] == pytest.approx(1.0) and figures["perf/tokens_per_s"] == pytest.approx(1000)
+    assert figures["perf/data_wait_fraction"] == pytest.approx(0.5)
+    # Inside a pause (the profiler's window) the pause leaves the time out already, once.
+    now[0] = 36.0
+    meter.record(1000, data_wait_s=0.0)  # counted: 2 s
+    meter.pause()
+    with meter.set_aside():
+        now[0] = 37.0
+    now[0] = 40.0
+    meter.record(1000, data_wait_s=0.0)  # traced: not counted
+    meter.resume()
+    now[0] = 42.0
+    meter.record(1000, data_wait_s=0.0)  # counted: 2 s
+    assert meter.read()["perf/step_time_s"] == pytest.approx(2.0)
+
+
 def test_bench_ratios_compare_cases_that_differ_in_one_setting():
     from pretrain.bench import Case, ratios
 
