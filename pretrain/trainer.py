@@ -355,6 +355,11 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from None
 
 
+def seconds_text(seconds: float) -> str:
+    """A duration for the console: two decimals under a second (a small checkpoint saves in hundredths)."""
+    return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
+
+
 def resume_alternatives(tag_dir: str) -> str:
     """How to go on when checkpoint `tag_dir` cannot be loaded: the newest earlier intact tag, else starting over."""
     root, tag = os.path.split(tag_dir.rstrip(os.sep))
@@ -603,7 +608,8 @@ class Trainer:
         self.pending_scalars["perf/checkpoint_load_s"] = self.resume_check_s + loaded
         if self.rank == 0:
             print(f"[atma] resumed from {self.resume_from} at step {self.step} ({self.tokens_seen:,} tokens seen); "
-                  f"checksums checked in {self.resume_check_s:.1f} s, state loaded in {loaded:.1f} s", flush=True)
+                  f"checksums checked in {seconds_text(self.resume_check_s)}, "
+                  f"state loaded in {seconds_text(loaded)}", flush=True)
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batches):
@@ -665,7 +671,7 @@ class Trainer:
         self.pending_scalars["perf/checkpoint_save_s"] = seconds
         self.last_saved = self.step
         if announce:
-            self.monitor.print(f"[atma] saved checkpoint {tag} in {seconds:.1f} s")
+            self.monitor.print(f"[atma] saved checkpoint {tag} in {seconds_text(seconds)}")
         return tag
 
     def _memory_gib(self) -> float:
@@ -780,7 +786,7 @@ class Trainer:
                 val = self.validate()
             if val is not None:
                 self.monitor.log(self.step, {"loss/val": val, "perf/val_s": took["seconds"]}, console=False)
-                self.monitor.print(f"[atma] step {self.step}: val loss {val:.4f} ({took['seconds']:.1f} s)")
+                self.monitor.print(f"[atma] step {self.step}: val loss {val:.4f} ({seconds_text(took['seconds'])})")
 
     def close(self) -> None:
         """Tear down the process group."""
