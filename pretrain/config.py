@@ -344,7 +344,8 @@ class LoggingSection:
     """Run validation every this many steps; 0 turns validation off."""
 
     val_batches: int = 8
-    """Micro-batches per validation."""
+    """Micro-batches per validation, over all ranks together (each evaluates its share; rounded up to a multiple of
+    the data-parallel size): the same validation samples at any world size."""
 
     progress: bool = True
     """Show a progress bar on rank 0."""

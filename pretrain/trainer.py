@@ -444,6 +444,13 @@ class Trainer:
         self.val_loader = None
         if cfg.logging.val_every and "val" in self.manifest.splits and self.manifest.num_samples("val") > 0:
             self.val_loader = build_loader(split="val", shuffle=False, num_epochs=None, **loader_args)
+        # logging.val_batches counts micro-batches over all ranks: each rank evaluates its share, so a
+        # validation covers the same samples, and takes 1/world of the time, at any world size.
+        self.val_batches_per_rank = -(-cfg.logging.val_batches // self.world)
+        if self.val_loader is not None and self.rank == 0 and cfg.logging.val_batches % self.world:
+            print(f"[atma] validation: logging.val_batches={cfg.logging.val_batches} is not a multiple of the "
+                  f"{self.world} data-parallel ranks; each rank evaluates {self.val_batches_per_rank} micro-batches, "
+                  f"{self.val_batches_per_rank * self.world} in all", flush=True)
 
         self.step = 0
         self.tokens_seen = 0
@@ -643,7 +650,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean LM loss over logging.val_batches micro-batches per rank of the validation split."""
+        """Mean LM loss over the validation split's first logging.val_batches micro-batches, shared among the ranks."""
         if self.val_loader is None:
             return None
         self.engine.module.eval()
@@ -651,12 +658,12 @@ class Trainer:
         # The same validation batches every time: restart the loader at its first batch.
         self.val_loader.reset()
         batches = iter(self.val_loader)
-        for _ in range(self.cfg.logging.val_batches):
+        for _ in range(self.val_batches_per_rank):
             input_ids, labels = self.runner.to_device(next(batches))
             total += self.engine(input_ids, labels, loss_chunk_tokens=self.cfg.loss.loss_chunk_tokens).loss.double()
         self.engine.module.train()
         dist.all_reduce(total)
-        return total.item() / (self.world * self.cfg.logging.val_batches)
+        return total.item() / (self.world * self.val_batches_per_rank)
 
     def save(self, *, announce: bool = True) -> str:
         """Write a checkpoint of the current step on every rank; return its tag."""

@@ -81,11 +81,13 @@ def golden_run_losses(golden_run):
 
 
 def _shared_run(tiny_shards, tmp_path_factory, name, ranks, *extra):
-    """A 3-step fp32 run of the tiny-cpu config (ZeRO-3, fixed sample order) on `ranks` CPU ranks."""
+    """A 3-step fp32 run of the tiny-cpu config (ZeRO-3, fixed sample order) on `ranks` CPU ranks, validated
+    after its last step on 4 micro-batches."""
     from test_pretrain_distributed import train
 
     run = tmp_path_factory.mktemp(name) / "run"
-    train(tiny_shards, run, "--max-steps", "3", "--set", "checkpoint.every=100", *extra, ranks=ranks)
+    train(tiny_shards, run, "--max-steps", "3", "--set", "checkpoint.every=100", "--set", "logging.val_every=3",
+          "--set", "logging.val_batches=4", *extra, ranks=ranks)
     return run
 
 

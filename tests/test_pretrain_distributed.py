@@ -71,16 +71,23 @@ def test_two_ranks_match_one_rank_and_zero_stages_agree(tiny_shards, tmp_path, o
     reference = losses(one_rank_run)
     assert sorted(reference) == [1, 2, 3]
     runs = {"zero3": two_rank_run, "zero3-sharded": two_rank_sharded_run}
-    for stage in ("zero2", "zero1"):
+    for stage, val_batches in (("zero2", 4), ("zero1", 3)):  # 3: rounded up to 2 per rank, the same 4 in all
         runs[stage] = tmp_path / f"r2-{stage}"
-        train(tiny_shards, runs[stage], "--max-steps", "3", "--set", "checkpoint.every=100",
-              "--set", f"deepspeed_config=ds_configs/{stage}_bf16.json", ranks=2)
+        proc = train(tiny_shards, runs[stage], "--max-steps", "3", "--set", "checkpoint.every=100",
+                     "--set", "logging.val_every=3", "--set", f"logging.val_batches={val_batches}",
+                     "--set", f"deepspeed_config=ds_configs/{stage}_bf16.json", ranks=2)
+        rounded = ("[atma] validation: logging.val_batches=3 is not a multiple of the 2 data-parallel ranks; "
+                   "each rank evaluates 2 micro-batches, 4 in all")
+        assert (rounded in proc.stdout) == (val_batches == 3), proc.stdout[-2000:]
     for stage, run in runs.items():
         got = losses(run)
         assert sorted(got) == sorted(reference)
         for step, value in reference.items():
             # fp32 on CPU; only the order of the cross-rank gradient sum differs.
             assert abs(got[step] - value) <= 1e-5 * abs(value), (stage, step, got[step], value)
+        # Validation shares logging.val_batches among the ranks: the same samples as on one rank.
+        [val] = losses(run, "loss/val").values()
+        assert abs(val - losses(one_rank_run, "loss/val")[3]) <= 1e-5 * val, (stage, val)
     # DeepSpeed's shared-memory all-reduce segments of these runs did not outlive them.
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{LAUNCH_PORT}_*") == []
 
