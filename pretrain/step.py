@@ -34,7 +34,8 @@ import torch.distributed as dist
 from .config import ConfigError, LossSection
 from .losses import LossWeights, combine_losses, copy_targets, signature_loss
 
-__all__ = ["NonFiniteStep", "PhaseTimer", "StepOutcome", "TrainStep", "TrainingError", "check_skip_supported"]
+__all__ = ["NonFiniteStep", "PhaseTimer", "StepOutcome", "TrainStep", "TrainingError", "check_skip_supported",
+           "upload"]
 
 PHASES = ("data", "forward", "backward", "sync", "optimizer")
 
@@ -112,6 +113,19 @@ def check_skip_supported(ds_config: dict) -> None:
         raise ConfigError("train.nan_policy=skip needs bf16.check_grad_overflow true under ZeRO-1/2")
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a host tensor to `device`, asynchronously on CUDA (through page-locked memory).
+
+    A copy from pageable memory may make the host wait for the work already queued on the stream
+    (CUDA's API synchronization behavior: the driver stages it), which would stall the queuing of the
+    next micro-batch behind the previous one's backward. The caching host allocator keeps the
+    page-locked block until the copy is done.
+    """
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 class TrainStep:
     """Runs optimizer steps of `engine` over micro-batches from an iterator of {"input_ids", "labels"}."""
 
@@ -134,9 +148,8 @@ class TrainStep:
             self.number_ids = torch.tensor(number_ids, dtype=torch.long, device=device)
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move one micro-batch's input ids and labels to the training device."""
-        return (batch["input_ids"].to(self.device, non_blocking=True),
-                batch["labels"].to(self.device, non_blocking=True))
+        """Move one micro-batch's input ids and labels to the training device without waiting for its queued work."""
+        return upload(batch["input_ids"], self.device), upload(batch["labels"], self.device)
 
     def compute_terms(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward one micro-batch and return every enabled loss term (per-token means)."""

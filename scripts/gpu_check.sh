@@ -10,7 +10,9 @@
 # has a PyTorch path to fall back on (the LM head loss's rows: tests/test_triton_softcap_ce.py,
 # tests/test_lm_loss.py; the memory's Triton state carry: tests/test_triton_gated_delta.py): then the
 # measurements run with that kernel off (ATMA_LOSS_ROWS=torch, ATMA_DELTA_TRITON_PROFILE=small), gpu.txt
-# names the failed files and the setting, and the exit status is still 1.
+# names the failed files and the setting, and the exit status is still 1. Likewise where the only other
+# failures are of tests/test_pretrain_upload.py (a micro-batch's copy to the GPU waits for the work
+# queued before it): that costs throughput, which the figures then show as it is.
 # The training benchmark (atma-378m, T=2048, micro-batch 8, bf16) runs the trainer's own step with
 # the memory path this machine trains with (flash-linear-attention where its guard allows it, the
 # chunked path with its Triton state carry elsewhere; each case's breakdown names it), each case's
@@ -159,12 +161,14 @@ fi
 ATMA_POLAR_AUTOTUNE=0 step gpu_tests "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --durations=15 \
     ${GPU_TESTS_ARGS:-} tests/test_triton_polar.py tests/test_triton_conv.py tests/test_triton_gated_delta.py \
     tests/test_fla_bridge.py tests/test_model_gpu.py tests/test_custom_ops.py tests/test_lm_loss.py \
-    tests/test_triton_softcap_ce.py tests/test_pretrain_profiling.py \
+    tests/test_triton_softcap_ce.py tests/test_pretrain_profiling.py tests/test_pretrain_upload.py \
     || tests_failed=1
-fallback_for() {  # fallback_for TEST_FILE: the setting that takes its kernel off the measured path, if any
+fallback_for() {  # fallback_for TEST_FILE: the setting that takes its kernel off the measured path; "as-is"
+    # where a failure leaves the figures right (they measure the code as it is); exit 1 where they would be wrong
     case "$1" in
         tests/test_triton_softcap_ce.py|tests/test_lm_loss.py) echo ATMA_LOSS_ROWS=torch ;;
         tests/test_triton_gated_delta.py) echo ATMA_DELTA_TRITON_PROFILE=small ;;
+        tests/test_pretrain_upload.py) echo as-is ;;
         *) return 1 ;;
     esac
 }
@@ -174,16 +178,22 @@ if [ "$tests_failed" -ne 0 ]; then
     failed_files=$(grep -oE '^(FAILED|ERROR) tests/[A-Za-z0-9_]+\.py' "$out/gpu_tests.log" 2>/dev/null \
         | awk '{print $2}' | sort -u)
     fallbacks=""
+    confined=0
+    [ -n "$failed_files" ] && confined=1
     for file in $failed_files; do
-        setting=$(fallback_for "$file") || { fallbacks=""; break; }
-        fallbacks="$fallbacks $setting"
+        setting=$(fallback_for "$file") || { confined=0; break; }
+        [ "$setting" = "as-is" ] || fallbacks="$fallbacks $setting"
     done
     fallbacks=$(echo $fallbacks | tr ' ' '\n' | sort -u | tr '\n' ' ' | sed 's/ $//')
-    if [ -n "$fallbacks" ]; then
+    if [ "$confined" -eq 1 ] && [ -n "$fallbacks" ]; then
         for setting in $fallbacks; do export "${setting?}"; done
         tests_failed=0
         echo "gpu tests failed in $(echo $failed_files): the benchmarks below run with $fallbacks" \
             "(that kernel on its PyTorch path), so their figures leave it out" | tee -a "$out/gpu.txt"
+    elif [ "$confined" -eq 1 ]; then
+        tests_failed=0
+        echo "gpu tests failed in $(echo $failed_files): no kernel's results are in question, so the figures" \
+            "below are written; they measure the code as it is" | tee -a "$out/gpu.txt"
     else
         echo "gpu tests failed: the benchmark and evaluation steps are skipped and no figures are written" \
             | tee -a "$out/gpu.txt"
