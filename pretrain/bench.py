@@ -209,6 +209,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.rank, args.world_size = 0, 1  # this rank and the launcher's ranks, set once torch.distributed is up
     args.recipe_loaded = False  # load_recipe reads --config once
     args.teachers = {}  # distillation teachers the cases share (case_teacher)
+    args.ds_notes = []  # what build_ds_config changed in the DeepSpeed JSONs, printed once each (and in the JSON)
     args.number_ids = None  # the copy loss's number tokens, when the recipe counts only those (--data)
     return args
 
@@ -385,9 +386,14 @@ class CaseRunner:
         ])
         self.plan = BatchPlan(args.seq_len, args.micro_batch, args.grad_accum, args.world_size)
         self.config = case_model_config(case, args)
+        notes: list[str] = []
         ds_config = build_ds_config(self.cfg, self.plan, device_type=device.type,
                                     overrides=args.ds_variants.get(case.variant),
-                                    overrides_source=f"--ds-variant {case.variant}")
+                                    overrides_source=f"--ds-variant {case.variant}", notes=notes)
+        for note in notes:
+            if note not in args.ds_notes:
+                args.ds_notes.append(note)
+                print(f"[bench] {note} (a --ds-variant is set over this)", flush=True)
         self.ds_config = ds_config
         self.engine, optimizer = build_engine(self.cfg, self.config, ds_config, device=device)
         self.adam = adam_in_use(optimizer)

@@ -12,6 +12,7 @@ import re
 import resource
 import shutil
 import socket
+import sys
 import time
 import warnings
 import zipfile
@@ -256,12 +257,43 @@ def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
     return ds
 
 
+def keep_parameters_whole_on_one_rank(ds: dict, world_size: int) -> str | None:
+    """On one data-parallel rank, set ZeRO-3 to keep every parameter whole; return a notice when that changes `ds`.
+
+    One rank has nothing to shard: a ZeRO-3 fetch there only points the parameter at its own partition,
+    yet on CUDA DeepSpeed 0.19 waits for the device before each one (`NoGatherHandle.wait` in
+    `deepspeed/runtime/zero/partition_parameters.py`), a host sync per fetch: for `atma-378m`, the LM
+    head's in every micro-batch. Kept whole, no parameter is fetched. Memory is unchanged (a whole
+    parameter is a view of its one-rank partition); parameters offloaded to the CPU or NVMe stay so.
+    """
+    zero = ds.get("zero_optimization", {})
+    if world_size != 1 or zero.get("stage", 0) != 3:
+        return None
+    if (zero.get("offload_param") or {}).get("device", "none") not in (None, "none"):
+        return None
+    changed = []
+    # DeepSpeed's defaults: 1e5 elements per tensor, no limit on the model (sys.maxsize, its "no limit").
+    defaults = {"stage3_param_persistence_threshold": 100_000, "stage3_model_persistence_threshold": sys.maxsize}
+    for key, default in defaults.items():
+        before = zero.get(key, default)
+        if before < sys.maxsize:
+            zero[key] = sys.maxsize
+            changed.append(f"{key} {before:,} -> no limit")
+    if not changed:
+        return None
+    return (f"ZeRO-3 on one rank keeps every parameter whole ({', '.join(changed)}): with nothing to shard, "
+            f"each gather would only make the host wait for the GPU")
+
+
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overrides: dict | None = None,
-                    overrides_source: str = "overrides") -> dict:
+                    overrides_source: str = "overrides", notes: list[str] | None = None) -> dict:
     """Read the DeepSpeed JSON named by the run config (dotted `overrides` set over it) and fill in batch,
-    precision and clipping."""
+    precision and clipping; what was changed from the file is appended to `notes`."""
     path = cfg.deepspeed_config
     ds = read_ds_file(path)
+    note = keep_parameters_whole_on_one_rank(ds, plan.world_size)
+    if note and notes is not None:
+        notes.append(note)
     if overrides:
         apply_ds_overrides(ds, overrides, overrides_source)
     ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
@@ -420,7 +452,10 @@ class Trainer:
         check_profile(cfg.profile, self.world, self.device)
         self.manifest = load_manifest(cfg.data.dir)
         self.plan = plan_batch(cfg.batch.tokens, cfg.batch.micro_batch_size, self.manifest.seq_len, self.world)
-        self.ds_config = build_ds_config(cfg, self.plan, device_type=self.device.type)
+        ds_notes: list[str] = []
+        self.ds_config = build_ds_config(cfg, self.plan, device_type=self.device.type, notes=ds_notes)
+        for note in ds_notes if self.rank == 0 else ():
+            print(f"[atma] {note}", flush=True)
         self.zero_stage = self.ds_config["zero_optimization"].get("stage", 0)
 
         overrides = dict(cfg.model.overrides)

@@ -84,6 +84,70 @@ def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
         assert all(counts["deepspeed"][s].get("read", 0) <= 1 for s in map(str, range(2, 7))), counts["deepspeed"]
 
 
+# Runs the trainer on one rank and counts, per trainer step and calling function, the ZeRO-3 parameter
+# gathers that would make the host wait for the GPU: a wait on a one-way partition (DeepSpeed's
+# NoGatherHandle and NoGatherCoalescedHandle) synchronises the current CUDA stream, which the CPU
+# accelerator skips. A handle is counted once, at its first wait. Writes {step: {caller: n}} and the
+# effective persistence threshold.
+FETCH_COUNTER = r"""
+import collections, json, sys
+import deepspeed.runtime.zero.partition_parameters as pp
+from pretrain.config import load_run_config
+from pretrain.shutdown import exit_without_teardown
+from pretrain.trainer import Trainer
+
+counts = collections.defaultdict(collections.Counter)
+trainer = None
+
+
+def counted(cls):
+    wait = cls.wait
+
+    def wrapper(self, *args, **kwargs):
+        if trainer is not None and not getattr(self, f"_{cls.__name__}__complete"):
+            counts[trainer.step][sys._getframe(1).f_code.co_name] += 1
+        return wait(self, *args, **kwargs)
+    cls.wait = wrapper
+
+
+counted(pp.NoGatherHandle)
+counted(pp.NoGatherCoalescedHandle)
+out, *overrides = sys.argv[1:]
+trainer = Trainer(load_run_config(None, overrides))
+trainer.train()
+zero = trainer.ds_config["zero_optimization"]
+with open(out, "w") as f:
+    json.dump({"fetches": counts, "threshold": zero["stage3_param_persistence_threshold"]}, f)
+trainer.close()
+exit_without_teardown(0)
+"""
+
+
+def test_zero3_on_one_rank_fetches_no_parameter_once_training_runs(tiny_shards, tmp_path):
+    # A ZeRO-3 JSON that shards every tensor above 1,000 elements (the embedding, the LM head, the block
+    # matrices): on one rank the trainer keeps them all whole, so no step waits on a parameter fetch.
+    ds = json.loads(open(os.path.join(ROOT, "ds_configs", "zero3_bf16.json")).read())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    script = tmp_path / "count_fetches.py"
+    script.write_text(FETCH_COUNTER)
+    overrides = ["data.dir=" + tiny_shards, f"run_dir={tmp_path / 'run'}", f"deepspeed_config={tmp_path / 'ds.json'}",
+                 "batch.tokens=1024", "batch.micro_batch_size=2", "train.max_steps=4", "train.precision=fp32",
+                 "logging.every=1000", "logging.val_every=0", "logging.progress=false", "logging.tensorboard=false",
+                 "checkpoint.every=1000", "data.shuffle=false"]
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "fetches.json"), *overrides], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("[atma] ZeRO-3 on one rank keeps every parameter whole (stage3_param_persistence_threshold 1,000 -> "
+            "no limit)") in proc.stdout
+    result = json.loads((tmp_path / "fetches.json").read_text())
+    assert result["threshold"] == sys.maxsize
+    # Key 0 is the first step (its first forward gathers each block once); keys 1-3 hold steps 2-4, of 8
+    # micro-batches each, whose LM head would otherwise be fetched in every micro-batch. What is left is
+    # DeepSpeed gathering the whole parameters back after each optimizer step (from its _post_step).
+    assert all(result["fetches"][str(step)] == {"_allgather_params_coalesced": 1} for step in (1, 2, 3)), result
+
+
 def test_compiled_training_matches_eager_under_zero3(tiny_shards, tmp_path, two_rank_run):
     eager_run = two_rank_run  # the shared 3-step two-rank run: eager, ZeRO-3
     train(tiny_shards, tmp_path / "compiled", "--max-steps", "3", "--set", "checkpoint.every=100",
@@ -160,13 +224,15 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
     assert (shipped["ds_variant"], variant["ds_variant"]) == ("", "v1")
     assert shipped["adam"] == variant["adam"] == "AdamW"  # torch's, unfused, under DeepSpeed's ZeRO-3 wrapper
     # what each engine was built from: the shipped JSON, and the same JSON with the one setting changed
-    assert shipped["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000_000
+    # one rank: every parameter kept whole (the shipped 1e7 shards the embedding and the LM head on more ranks)
+    assert shipped["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == sys.maxsize
     assert variant["ds_config"]["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert {k: v for k, v in variant["ds_config"]["zero_optimization"].items()
             if k != "stage3_param_persistence_threshold"} == {
         k: v for k, v in shipped["ds_config"]["zero_optimization"].items() if k != "stage3_param_persistence_threshold"}
     assert [r["ratio"] for r in report["ratios"]] == ["ds v1/shipped step"]
     assert "ds variant v1: zero_optimization.stage3_param_persistence_threshold=0" in proc.stdout
+    assert proc.stdout.count("[bench] ZeRO-3 on one rank keeps every parameter whole") == 1
 
 
 def test_training_bench_writes_each_cases_timeline(tmp_path):

@@ -456,6 +456,40 @@ def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
         build_ds_config(muon, plan, device_type="cuda", overrides={"zero_optimization.reduce_scatter": True})
 
 
+def test_zero3_keeps_every_parameter_whole_on_one_rank_only(tmp_path):
+    from pretrain.trainer import build_ds_config
+
+    cfg = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero3_bf16.json"])
+    notes = []
+    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda", notes=notes)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == sys.maxsize
+    assert "stage3_model_persistence_threshold" not in ds["zero_optimization"]  # DeepSpeed's default: no limit
+    assert notes == ["ZeRO-3 on one rank keeps every parameter whole (stage3_param_persistence_threshold "
+                     "10,000,000 -> no limit): with nothing to shard, each gather would only make the host wait "
+                     "for the GPU"]
+    # More ranks shard as the file says; so do other stages, and a --ds-variant set over it is kept.
+    notes = []
+    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda", notes=notes)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000_000 and notes == []
+    zero2 = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero2_bf16.json"])
+    assert "stage3_param_persistence_threshold" not in build_ds_config(
+        zero2, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda",
+                         overrides={"zero_optimization.stage3_param_persistence_threshold": 10_000_000})
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000_000
+    # A model-wide cap is lifted too; parameters offloaded to the host stay there.
+    def on_one_rank(zero: dict) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"zero_optimization": zero}))
+        own = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}"])
+        return build_ds_config(own, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+
+    capped = on_one_rank({"stage": 3, "stage3_model_persistence_threshold": 5})
+    assert capped["stage3_param_persistence_threshold"] == capped["stage3_model_persistence_threshold"] == sys.maxsize
+    offloaded = on_one_rank({"stage": 3, "offload_param": {"device": "cpu"}})
+    assert "stage3_param_persistence_threshold" not in offloaded
+
+
 @pytest.mark.parametrize("zero, message", [
     ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
