@@ -393,7 +393,7 @@ class CaseRunner:
         for note in notes:
             if note not in args.ds_notes:
                 args.ds_notes.append(note)
-                print(f"[bench] {note} (a --ds-variant is set over this)", flush=True)
+                print(f"[bench] {note} (a --ds-variant setting still wins)", flush=True)
         self.ds_config = ds_config
         self.engine, optimizer = build_engine(self.cfg, self.config, ds_config, device=device)
         self.adam = adam_in_use(optimizer)
