@@ -257,21 +257,30 @@ def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
     return ds
 
 
-def keep_parameters_whole_on_one_rank(ds: dict, world_size: int) -> str | None:
-    """On one data-parallel rank, set ZeRO-3 to keep every parameter whole; return a notice when that changes `ds`.
+def zero3_for_one_rank(ds: dict, world_size: int) -> str | None:
+    """On one data-parallel rank, drop ZeRO-3's sharding work, as there is nothing to shard; return a notice
+    when that changes `ds`.
 
-    One rank has nothing to shard: a ZeRO-3 fetch there only points the parameter at its own partition,
-    yet on CUDA DeepSpeed 0.19 waits for the device before each one (`NoGatherHandle.wait` in
-    `deepspeed/runtime/zero/partition_parameters.py`), a host sync per fetch: for `atma-378m`, the LM
-    head's in every micro-batch. Kept whole, no parameter is fetched. Memory is unchanged (a whole
-    parameter is a view of its one-rank partition); parameters offloaded to the CPU or NVMe stay so.
+    - Every parameter is kept whole (persistent). A fetch from a one-rank partition only points the
+      parameter at that partition, yet on CUDA DeepSpeed 0.19 waits for the device before each one
+      (`NoGatherHandle.wait`, `deepspeed/runtime/zero/partition_parameters.py`): a host sync per fetch,
+      for `atma-378m` the LM head's in every micro-batch. Memory is unchanged: a whole parameter is then a
+      view of its partition.
+    - Gradients are reduced in their bucket (`reduce_scatter: false`): the reduce-scatter path first
+      concatenates each bucket's gradients, a copy of all of them per micro-batch; on one rank both paths
+      give bitwise the same gradients.
+
+    Parameters offloaded to the CPU or NVMe stay so, and with the optimizer offloaded the reduction stays
+    as configured.
     """
     zero = ds.get("zero_optimization", {})
     if world_size != 1 or zero.get("stage", 0) != 3:
         return None
-    if (zero.get("offload_param") or {}).get("device", "none") not in (None, "none"):
+    offloaded = {part: (zero.get(f"offload_{part}") or {}).get("device", "none") not in (None, "none")
+                 for part in ("param", "optimizer")}
+    if offloaded["param"]:
         return None
-    changed = []
+    what, changed = [], []
     # DeepSpeed's defaults: 1e5 elements per tensor, no limit on the model (sys.maxsize, its "no limit").
     defaults = {"stage3_param_persistence_threshold": 100_000, "stage3_model_persistence_threshold": sys.maxsize}
     for key, default in defaults.items():
@@ -279,10 +288,15 @@ def keep_parameters_whole_on_one_rank(ds: dict, world_size: int) -> str | None:
         if before < sys.maxsize:
             zero[key] = sys.maxsize
             changed.append(f"{key} {before:,} -> no limit")
+    if changed:
+        what.append("every parameter is kept whole")
+    if not offloaded["optimizer"] and zero.get("reduce_scatter", True):
+        zero["reduce_scatter"] = False
+        what.append("gradients are reduced in place")
+        changed.append("reduce_scatter true -> false")
     if not changed:
         return None
-    return (f"ZeRO-3 on one rank keeps every parameter whole ({', '.join(changed)}): with nothing to shard, "
-            f"each gather would only make the host wait for the GPU")
+    return f"ZeRO-3 on one rank has nothing to shard: {' and '.join(what)} ({', '.join(changed)})"
 
 
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overrides: dict | None = None,
@@ -291,7 +305,7 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overri
     precision and clipping; what was changed from the file is appended to `notes`."""
     path = cfg.deepspeed_config
     ds = read_ds_file(path)
-    note = keep_parameters_whole_on_one_rank(ds, plan.world_size)
+    note = zero3_for_one_rank(ds, plan.world_size)
     if note and notes is not None:
         notes.append(note)
     if overrides:

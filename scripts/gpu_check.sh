@@ -30,9 +30,10 @@
 # share is 8x what a run sees);
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
-# kept whole: one rank has nothing to shard) against five settings changed, one after another in one
-# run: the JSON's own persistence threshold of 1e7 (the embedding and the LM head sharded, so the head
-# is fetched in every micro-batch, and on one GPU each fetch waits for the device),
+# kept whole and gradients reduced in place: one rank has nothing to shard) against five settings
+# changed, one after another in one run: the JSON as written (persistence threshold 1e7: the embedding
+# and the LM head sharded, so the head is fetched in every micro-batch, and on one GPU each fetch waits
+# for the device; gradients through the reduce-scatter path, which first concatenates them),
 # stage3_module_granularity_threshold (which also switches on DeepSpeed's fast leaf-module path),
 # persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x
 # 1024 and smaller matrices whole), and a 4x prefetch bucket. Each writes its JSON after every case,
@@ -262,7 +263,7 @@ measure bench_training_deepcompile "$T_DEEPCOMPILE" "$PY" -m pretrain.bench "${t
 z3=polar:3:none:blocks
 measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 0 \
     --profile-steps 0 --cases "$z3,$z3:v1,$z3:v2,$z3:v3,$z3:v4,$z3:v5" \
-    --ds-variant zero_optimization.stage3_param_persistence_threshold=10000000 \
+    --ds-variant zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true \
     --ds-variant zero_optimization.stage3_module_granularity_threshold=1 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \

@@ -138,14 +138,69 @@ def test_zero3_on_one_rank_fetches_no_parameter_once_training_runs(tiny_shards, 
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "fetches.json"), *overrides], cwd=ROOT,
                           env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert ("[atma] ZeRO-3 on one rank keeps every parameter whole (stage3_param_persistence_threshold 1,000 -> "
-            "no limit)") in proc.stdout
+    assert ("[atma] ZeRO-3 on one rank has nothing to shard: every parameter is kept whole and gradients are "
+            "reduced in place (stage3_param_persistence_threshold 1,000 -> no limit, reduce_scatter true -> false)"
+            ) in proc.stdout
     result = json.loads((tmp_path / "fetches.json").read_text())
     assert result["threshold"] == sys.maxsize
     # Key 0 is the first step (its first forward gathers each block once); keys 1-3 hold steps 2-4, of 8
     # micro-batches each, whose LM head would otherwise be fetched in every micro-batch. What is left is
     # DeepSpeed gathering the whole parameters back after each optimizer step (from its _post_step).
     assert all(result["fetches"][str(step)] == {"_allgather_params_coalesced": 1} for step in (1, 2, 3)), result
+
+
+# Trains the tiny model for 3 optimizer steps (2 micro-batches each) on one rank under ZeRO-3, once with
+# DeepSpeed's reduce-scatter path for the gradients and once reducing them in their bucket, as the trainer
+# does on one rank; prints the losses, the gradient norm and the largest weight difference as JSON.
+REDUCE_PATHS = r"""
+import json, sys
+import deepspeed
+import torch
+from model import AtmaConfig
+from pretrain.config import load_run_config
+from pretrain.optim import apply_lr
+from pretrain.shutdown import exit_without_teardown
+from pretrain.step import TrainStep
+from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_distributed
+
+_, _, device = init_distributed()
+cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json", "train.precision=fp32"])
+runs = []
+for reduce_scatter in (True, False):
+    ds = build_ds_config(cfg, BatchPlan(64, 2, 2, 1), device_type=device.type,
+                         overrides={"zero_optimization.reduce_scatter": reduce_scatter})
+    engine, optimizer = build_engine(cfg, AtmaConfig.from_preset("tiny", vocab_size=512), ds, device=device)
+    apply_lr(optimizer, 1.0)
+    step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="stop", device=device)
+    generator = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            x = torch.randint(0, 512, (2, 65), generator=generator)
+            yield {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+    stream = batches()
+    losses = [step.run(stream).terms["loss/total"] for _ in range(3)]
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+    runs.append((losses, float(engine.get_global_grad_norm()), weights))
+(losses_a, norm_a, a), (losses_b, norm_b, b) = runs
+moved = max((a[n] - b[n]).abs().max().item() for n in a)
+print(json.dumps({"losses": [losses_a, losses_b], "grad_norms": [norm_a, norm_b], "max_weight_difference": moved}))
+exit_without_teardown(0)
+"""
+
+
+def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_path):
+    script = tmp_path / "reduce_paths.py"
+    script.write_text(REDUCE_PATHS)
+    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (losses_a, losses_b), (norm_a, norm_b) = result["losses"], result["grad_norms"]
+    assert losses_a == losses_b and norm_a == norm_b and result["max_weight_difference"] == 0.0, result
+    assert losses_a[0] != losses_a[2]  # the three steps trained
 
 
 def test_compiled_training_matches_eager_under_zero3(tiny_shards, tmp_path, two_rank_run):
@@ -232,7 +287,7 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
         k: v for k, v in shipped["ds_config"]["zero_optimization"].items() if k != "stage3_param_persistence_threshold"}
     assert [r["ratio"] for r in report["ratios"]] == ["ds v1/shipped step"]
     assert "ds variant v1: zero_optimization.stage3_param_persistence_threshold=0" in proc.stdout
-    assert proc.stdout.count("[bench] ZeRO-3 on one rank keeps every parameter whole") == 1
+    assert proc.stdout.count("[bench] ZeRO-3 on one rank has nothing to shard: every parameter is kept whole") == 1
 
 
 def test_training_bench_writes_each_cases_timeline(tmp_path):

@@ -428,7 +428,10 @@ def test_ds_config_filled_from_run_config():
     assert ds["gradient_clipping"] == 0.0
     bad = load_run_config(None, ["data.dir=d", "optim.name=muon", "deepspeed_config=ds_configs/zero3_bf16.json"])
     with pytest.raises(ConfigError, match="reduce_scatter"):
-        build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")
+        build_ds_config(bad, plan_batch(4096, 4, 256, 2), device_type="cpu")
+    # one rank reduces gradients in place anyway, which is what Muon needs
+    assert build_ds_config(bad, plan_batch(4096, 4, 256, 1), device_type="cpu")["zero_optimization"][
+        "reduce_scatter"] is False
 
 
 def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
@@ -456,38 +459,51 @@ def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
         build_ds_config(muon, plan, device_type="cuda", overrides={"zero_optimization.reduce_scatter": True})
 
 
-def test_zero3_keeps_every_parameter_whole_on_one_rank_only(tmp_path):
+def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place(tmp_path):
     from pretrain.trainer import build_ds_config
 
     cfg = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero3_bf16.json"])
     notes = []
-    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda", notes=notes)
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == sys.maxsize
-    assert "stage3_model_persistence_threshold" not in ds["zero_optimization"]  # DeepSpeed's default: no limit
-    assert notes == ["ZeRO-3 on one rank keeps every parameter whole (stage3_param_persistence_threshold "
-                     "10,000,000 -> no limit): with nothing to shard, each gather would only make the host wait "
-                     "for the GPU"]
+    zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda", notes=notes)["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == sys.maxsize and zero["reduce_scatter"] is False
+    assert "stage3_model_persistence_threshold" not in zero  # DeepSpeed's default: no limit
+    assert notes == ["ZeRO-3 on one rank has nothing to shard: every parameter is kept whole and gradients are "
+                     "reduced in place (stage3_param_persistence_threshold 10,000,000 -> no limit, reduce_scatter "
+                     "true -> false)"]
     # More ranks shard as the file says; so do other stages, and a --ds-variant set over it is kept.
     notes = []
-    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda", notes=notes)
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000_000 and notes == []
+    zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda", notes=notes)["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 10_000_000 and "reduce_scatter" not in zero and notes == []
     zero2 = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero2_bf16.json"])
-    assert "stage3_param_persistence_threshold" not in build_ds_config(
-        zero2, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
-    ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda",
-                         overrides={"zero_optimization.stage3_param_persistence_threshold": 10_000_000})
-    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 10_000_000
-    # A model-wide cap is lifted too; parameters offloaded to the host stay there.
-    def on_one_rank(zero: dict) -> dict:
+    zero = build_ds_config(zero2, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+    assert "stage3_param_persistence_threshold" not in zero and "reduce_scatter" not in zero
+    zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda", overrides={
+        "zero_optimization.stage3_param_persistence_threshold": 10_000_000,
+        "zero_optimization.reduce_scatter": True})["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 10_000_000 and zero["reduce_scatter"] is True
+
+    def on_one_rank(zero: dict) -> tuple[dict, list[str]]:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps({"zero_optimization": zero}))
         own = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}"])
-        return build_ds_config(own, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+        notes = []
+        return build_ds_config(own, plan_batch(4096, 4, 256, 1), device_type="cuda", notes=notes)[
+            "zero_optimization"], notes
 
-    capped = on_one_rank({"stage": 3, "stage3_model_persistence_threshold": 5})
+    # A model-wide cap is lifted too; parameters offloaded to the host stay there, and with the optimizer
+    # offloaded the gradients are reduced as configured.
+    capped, _ = on_one_rank({"stage": 3, "stage3_model_persistence_threshold": 5})
     assert capped["stage3_param_persistence_threshold"] == capped["stage3_model_persistence_threshold"] == sys.maxsize
-    offloaded = on_one_rank({"stage": 3, "offload_param": {"device": "cpu"}})
-    assert "stage3_param_persistence_threshold" not in offloaded
+    offloaded, notes = on_one_rank({"stage": 3, "offload_param": {"device": "cpu"}})
+    assert "stage3_param_persistence_threshold" not in offloaded and "reduce_scatter" not in offloaded and notes == []
+    optimizer_offloaded, notes = on_one_rank({"stage": 3, "offload_optimizer": {"device": "cpu"}})
+    assert optimizer_offloaded["stage3_param_persistence_threshold"] == sys.maxsize
+    assert "reduce_scatter" not in optimizer_offloaded
+    assert notes == ["ZeRO-3 on one rank has nothing to shard: every parameter is kept whole "
+                     "(stage3_param_persistence_threshold 100,000 -> no limit)"]
+    already, notes = on_one_rank({"stage": 3, "stage3_param_persistence_threshold": sys.maxsize,
+                                  "reduce_scatter": False})
+    assert notes == []
 
 
 @pytest.mark.parametrize("zero, message", [
