@@ -14,6 +14,18 @@ from test_pretrain_distributed import BASE, ROOT, env, final_weights, losses, tr
 
 pytestmark = pytest.mark.slow
 
+
+def run_script(tmp_path, name: str, source: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Write `source` to tmp_path/name, run it with this Python from the project root, check that it exited
+    with status 0 and return the finished process."""
+    script = tmp_path / name
+    script.write_text(source)
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 # Runs the trainer on every rank with the host-sync entry points counted. A call counts when it
 # comes from the project's training code (pretrain/, model/, kernels/), keyed by the trainer's
 # step counter at the time; DeepSpeed's own calls (its optimizer's overflow check) are counted
@@ -129,15 +141,11 @@ def test_zero3_on_one_rank_fetches_no_parameter_once_training_runs(tiny_shards, 
     ds = json.loads(open(os.path.join(ROOT, "ds_configs", "zero3_bf16.json")).read())
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 1000
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    script = tmp_path / "count_fetches.py"
-    script.write_text(FETCH_COUNTER)
     overrides = ["data.dir=" + tiny_shards, f"run_dir={tmp_path / 'run'}", f"deepspeed_config={tmp_path / 'ds.json'}",
                  "batch.tokens=1024", "batch.micro_batch_size=2", "train.max_steps=4", "train.precision=fp32",
                  "logging.every=1000", "logging.val_every=0", "logging.progress=false", "logging.tensorboard=false",
                  "checkpoint.every=1000", "data.shuffle=false"]
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "fetches.json"), *overrides], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_script(tmp_path, "count_fetches.py", FETCH_COUNTER, tmp_path / "fetches.json", *overrides, timeout=600)
     assert ("[atma] ZeRO-3 on one rank has nothing to shard: every parameter is kept whole and gradients are "
             "reduced in place (stage3_param_persistence_threshold 1,000 -> no limit, reduce_scatter true -> false)"
             ) in proc.stdout
@@ -192,11 +200,7 @@ exit_without_teardown(0)
 
 
 def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_path):
-    script = tmp_path / "reduce_paths.py"
-    script.write_text(REDUCE_PATHS)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(tmp_path, "reduce_paths.py", REDUCE_PATHS)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     (losses_a, losses_b), (norm_a, norm_b) = result["losses"], result["grad_norms"]
     assert losses_a == losses_b and norm_a == norm_b and result["max_weight_difference"] == 0.0, result
@@ -244,11 +248,7 @@ exit_without_teardown(0)
 def test_a_zero3_engine_leaves_torch_linear_alone(tmp_path):
     # A process-wide replacement of F.linear would also slow every other model in the process, e.g.
     # the ZeRO-0 baseline that pretrain.bench --interleave times beside the ZeRO-3 case.
-    script = tmp_path / "build.py"
-    script.write_text(ENGINE_BUILDER)
-    proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_script(tmp_path, "build.py", ENGINE_BUILDER)
     assert "linear unchanged: True" in proc.stdout
 
 
@@ -428,14 +428,11 @@ exit_without_teardown(bench.main(sys.argv[1:]))  # as the entry point ends
 
 @pytest.mark.parametrize("interleave", [False, True])
 def test_training_bench_times_each_cases_startup_apart_from_its_steps(tmp_path, interleave):
-    script, out = tmp_path / "slow_start.py", tmp_path / "bench.json"
-    script.write_text(SLOW_START)
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
-                           "--micro-batch", "1", "--steps", "2", "--warmup", "2", "--breakdown-steps", "0",
-                           "--profile-steps", "0", "--cases", "nope:0:none:off,nope:2:none:off", "--json", str(out),
-                           *(["--interleave"] if interleave else [])],
-                          cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = tmp_path / "bench.json"
+    proc = run_script(tmp_path, "slow_start.py", SLOW_START, "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+                      "--micro-batch", "1", "--steps", "2", "--warmup", "2", "--breakdown-steps", "0",
+                      "--profile-steps", "0", "--cases", "nope:0:none:off,nope:2:none:off", "--json", out,
+                      *(["--interleave"] if interleave else []))
     results = json.loads(out.read_text())["results"]
     assert len(results) == 2
     for r in results:
