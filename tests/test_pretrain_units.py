@@ -501,8 +501,8 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
     assert "reduce_scatter" not in optimizer_offloaded
     assert notes == ["ZeRO-3 on one rank has nothing to shard: every parameter is kept whole "
                      "(stage3_param_persistence_threshold 100,000 -> no limit)"]
-    already, notes = on_one_rank({"stage": 3, "stage3_param_persistence_threshold": sys.maxsize,
-                                  "reduce_scatter": False})
+    _, notes = on_one_rank({"stage": 3, "stage3_param_persistence_threshold": sys.maxsize,
+                            "reduce_scatter": False})
     assert notes == []
 
 
