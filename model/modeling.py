@@ -57,6 +57,28 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class BlockStack(nn.ModuleList):
+    """The decoder's blocks in order; calling it runs them all, as one module call that DeepSpeed's ZeRO-3
+    can take as one leaf module (the trainer does on one rank)."""
+
+    def forward(self, x: torch.Tensor, *, checkpoint_policy: str = "none", output_hidden_states: bool = False):
+        """Run every block on x; return (output, each global block's align loss, each block's output when asked)."""
+        hidden_states, aligns = [], []
+        for block in self:
+            x, align = self._run_block(block, x, checkpoint_policy)
+            if block.is_global:
+                aligns.append(align)
+            if output_hidden_states:
+                hidden_states.append(x)
+        return x, aligns, hidden_states
+
+    def _run_block(self, block: Block, x: torch.Tensor, policy: str) -> tuple[torch.Tensor, torch.Tensor]:
+        wanted = policy == "all" or (policy == "global" and block.is_global)
+        if not (wanted and self.training and torch.is_grad_enabled()):
+            return block(x)
+        return torch_checkpoint(block, x, use_reentrant=False)
+
+
 class AtmaOutput(dict):
     """What `AtmaForCausalLM.forward` returns: a dict with attribute access.
 
@@ -190,7 +212,7 @@ class AtmaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.blocks = BlockStack(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.proj = SoftcapLMHead(config.hidden_size, config.vocab_size, config.logit_softcap)
         self.checkpoint_policy = "none"
@@ -234,25 +256,14 @@ class AtmaForCausalLM(nn.Module):
         for block in self.blocks:
             block.compute = torch.compile(block.compute, **options)
 
-    def _run_block(self, block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        wanted = self.checkpoint_policy == "all" or (self.checkpoint_policy == "global" and block.is_global)
-        if not (wanted and self.training and torch.is_grad_enabled()):
-            return block(x)
-        return torch_checkpoint(block, x, use_reentrant=False)
-
     # ------------------------------------------------------------------ forward
     def trunk(self, input_ids: torch.Tensor, *, output_hidden_states: bool = False):
         """Run embedding + blocks + final norm; return (normed hidden, per-block outputs, mean align loss)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         x = self.embed(input_ids)
-        hidden_states, aligns = [], []
-        for block in self.blocks:
-            x, align = self._run_block(block, x)
-            if block.is_global:
-                aligns.append(align)
-            if output_hidden_states:
-                hidden_states.append(x)
+        x, aligns, hidden_states = self.blocks(x, checkpoint_policy=self.checkpoint_policy,
+                                               output_hidden_states=output_hidden_states)
         align_loss = torch.stack(aligns).mean() if aligns else x.new_zeros(())
         return self.norm(x), hidden_states, align_loss
 
