@@ -19,10 +19,11 @@ import warnings
 
 from .config import ConfigError, TrainSection
 
-__all__ = ["BLOCK_CLASS", "compile_engine", "compile_method", "configure_compile", "dynamo_summary"]
+__all__ = ["BLOCK_CLASS", "STACK_CLASS", "compile_engine", "compile_method", "configure_compile", "dynamo_summary"]
 
-# The block class as DeepSpeed's leaf_module config names it.
+# The block class and the class of the stack of all blocks, as DeepSpeed's leaf_module config names them.
 BLOCK_CLASS = "model.modeling.Block"
+STACK_CLASS = "model.modeling.BlockStack"
 
 
 def compile_method(train: TrainSection, device_type: str) -> str | None:
@@ -51,7 +52,7 @@ def configure_compile(ds: dict, method: str | None, *, device_type: str, source:
                           "and train.compile=true instead")
     zero = ds.get("zero_optimization", {})
     leaves = zero.get("leaf_module", {}).get("classes", [])
-    if method == "blocks" and zero.get("stage", 0) == 3 and BLOCK_CLASS not in leaves:
+    if method == "blocks" and zero.get("stage", 0) == 3 and not {BLOCK_CLASS, STACK_CLASS} & set(leaves):
         warnings.warn(f"{source}: zero_optimization.leaf_module.classes lacks {BLOCK_CLASS}; ZeRO-3's per-module "
                       "hooks will break every compiled block's graph at each submodule", stacklevel=2)
 

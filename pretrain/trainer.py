@@ -25,7 +25,7 @@ from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
 from . import contract
-from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
+from .compilation import BLOCK_CLASS, STACK_CLASS, compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .cpu_comm import without_shm_comm_op
 from .flops import peak_flops_for, train_flops_per_token
@@ -257,7 +257,7 @@ def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
     return ds
 
 
-def zero3_for_one_rank(ds: dict, world_size: int) -> str | None:
+def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) -> str | None:
     """On one data-parallel rank, drop ZeRO-3's sharding work, as there is nothing to shard; return a notice
     when that changes `ds`.
 
@@ -266,12 +266,17 @@ def zero3_for_one_rank(ds: dict, world_size: int) -> str | None:
       (`NoGatherHandle.wait`, `deepspeed/runtime/zero/partition_parameters.py`): a host sync per fetch,
       for `atma-378m` the LM head's in every micro-batch. Memory is unchanged: a whole parameter is then a
       view of its partition.
+    - The stack of blocks is the one leaf module where the JSON names each block one
+      (`leaf_module.classes`): DeepSpeed's fetch and release hooks then run once per pass for all the
+      blocks instead of once per block, and the blocks' gradients are reduced together after their
+      backward. With nothing to gather, the leaf's size costs no memory beyond holding the blocks'
+      gradients until then. Not without `module_hooks` (DeepCompile removes DeepSpeed's module hooks).
     - Gradients are reduced in their bucket (`reduce_scatter: false`): the reduce-scatter path first
       concatenates each bucket's gradients, a copy of all of them per micro-batch; on one rank both paths
       give bitwise the same gradients.
 
-    Parameters offloaded to the CPU or NVMe stay so, and with the optimizer offloaded the reduction stays
-    as configured.
+    Parameters offloaded to the CPU or NVMe stay so (and are fetched block by block), and with the optimizer
+    offloaded the reduction stays as configured.
     """
     zero = ds.get("zero_optimization", {})
     if world_size != 1 or zero.get("stage", 0) != 3:
@@ -290,13 +295,19 @@ def zero3_for_one_rank(ds: dict, world_size: int) -> str | None:
             changed.append(f"{key} {before:,} -> no limit")
     if changed:
         what.append("every parameter is kept whole")
+    leaf = zero.get("leaf_module") or {}
+    if module_hooks and BLOCK_CLASS in leaf.get("classes", []):
+        leaf["classes"] = [STACK_CLASS if name == BLOCK_CLASS else name for name in leaf["classes"]]
+        what.append("the blocks are one leaf module")
+        changed.append(f"leaf_module.classes {BLOCK_CLASS} -> {STACK_CLASS}")
     if not offloaded["optimizer"] and zero.get("reduce_scatter", True):
         zero["reduce_scatter"] = False
         what.append("gradients are reduced in place")
         changed.append("reduce_scatter true -> false")
     if not changed:
         return None
-    return f"ZeRO-3 on one rank has nothing to shard: {' and '.join(what)} ({', '.join(changed)})"
+    listed = ", ".join(what[:-1]) + " and " + what[-1] if len(what) > 1 else what[0]
+    return f"ZeRO-3 on one rank has nothing to shard: {listed} ({', '.join(changed)})"
 
 
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overrides: dict | None = None,
@@ -305,7 +316,8 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overri
     precision and clipping; what was changed from the file is appended to `notes`."""
     path = cfg.deepspeed_config
     ds = read_ds_file(path)
-    note = zero3_for_one_rank(ds, plan.world_size)
+    note = zero3_for_one_rank(ds, plan.world_size,
+                              module_hooks=compile_method(cfg.train, device_type) != "deepcompile")
     if note and notes is not None:
         notes.append(note)
     if overrides:

@@ -459,7 +459,7 @@ def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
         build_ds_config(muon, plan, device_type="cuda", overrides={"zero_optimization.reduce_scatter": True})
 
 
-def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place(tmp_path):
+def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place(tmp_path, monkeypatch):
     from pretrain.trainer import build_ds_config
 
     cfg = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero3_bf16.json"])
@@ -467,20 +467,31 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
     zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda", notes=notes)["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == sys.maxsize and zero["reduce_scatter"] is False
     assert "stage3_model_persistence_threshold" not in zero  # DeepSpeed's default: no limit
-    assert notes == ["ZeRO-3 on one rank has nothing to shard: every parameter is kept whole and gradients are "
-                     "reduced in place (stage3_param_persistence_threshold 10,000,000 -> no limit, reduce_scatter "
-                     "true -> false)"]
+    assert zero["leaf_module"]["classes"] == ["model.modeling.BlockStack"]
+    assert notes == ["ZeRO-3 on one rank has nothing to shard: every parameter is kept whole, the blocks are one "
+                     "leaf module and gradients are reduced in place (stage3_param_persistence_threshold 10,000,000 "
+                     "-> no limit, leaf_module.classes model.modeling.Block -> model.modeling.BlockStack, "
+                     "reduce_scatter true -> false)"]
     # More ranks shard as the file says; so do other stages, and a --ds-variant set over it is kept.
     notes = []
     zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda", notes=notes)["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == 10_000_000 and "reduce_scatter" not in zero and notes == []
+    assert zero["leaf_module"]["classes"] == ["model.modeling.Block"]
     zero2 = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero2_bf16.json"])
     zero = build_ds_config(zero2, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
     assert "stage3_param_persistence_threshold" not in zero and "reduce_scatter" not in zero
     zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda", overrides={
         "zero_optimization.stage3_param_persistence_threshold": 10_000_000,
-        "zero_optimization.reduce_scatter": True})["zero_optimization"]
+        "zero_optimization.reduce_scatter": True,
+        "zero_optimization.leaf_module": {"classes": ["model.modeling.Block"]}})["zero_optimization"]
     assert zero["stage3_param_persistence_threshold"] == 10_000_000 and zero["reduce_scatter"] is True
+    assert zero["leaf_module"]["classes"] == ["model.modeling.Block"]
+    # DeepCompile removes DeepSpeed's module hooks, so the leaf modules stay as the file names them.
+    deepcompile = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero3_bf16.json",
+                                         "train.compile=true", "train.compile_method=deepcompile"])
+    monkeypatch.setattr("pretrain.opbuild.toolkit_missing", lambda op: "")
+    zero = build_ds_config(deepcompile, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+    assert zero["leaf_module"]["classes"] == ["model.modeling.Block"] and zero["reduce_scatter"] is False
 
     def on_one_rank(zero: dict) -> tuple[dict, list[str]]:
         path = tmp_path / "ds.json"
@@ -504,6 +515,15 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
     _, notes = on_one_rank({"stage": 3, "stage3_param_persistence_threshold": sys.maxsize,
                             "reduce_scatter": False})
     assert notes == []
+    # The blocks' stack replaces the block among the leaf classes; the other classes and leaf settings stay,
+    # and a JSON without the block among them keeps its own choice. Parameters offloaded keep every leaf.
+    leaves = {"classes": ["model.layers.MLP", "model.modeling.Block"], "names": ["proj"]}
+    own, _ = on_one_rank({"stage": 3, "leaf_module": leaves})
+    assert own["leaf_module"] == {"classes": ["model.layers.MLP", "model.modeling.BlockStack"], "names": ["proj"]}
+    own, notes = on_one_rank({"stage": 3, "leaf_module": {"classes": ["model.layers.MLP"]}})
+    assert own["leaf_module"] == {"classes": ["model.layers.MLP"]} and "leaf" not in notes[0]
+    offloaded, _ = on_one_rank({"stage": 3, "offload_param": {"device": "cpu"}, "leaf_module": leaves})
+    assert offloaded["leaf_module"]["classes"] == ["model.layers.MLP", "model.modeling.Block"]
 
 
 @pytest.mark.parametrize("zero, message", [
