@@ -30,10 +30,11 @@
 # share is 8x what a run sees);
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
-# kept whole and gradients reduced in place: one rank has nothing to shard) against five settings
-# changed, one after another in one run: the JSON as written (persistence threshold 1e7: the embedding
-# and the LM head sharded, so the head is fetched in every micro-batch, and on one GPU each fetch waits
-# for the device; gradients through the reduce-scatter path, which first concatenates them),
+# kept whole, the stack of blocks one leaf module and gradients reduced in place: one rank has nothing
+# to shard) against six settings changed, one after another in one run: the JSON as written
+# (persistence threshold 1e7: the embedding and the LM head sharded, so the head is fetched in every
+# micro-batch, and on one GPU each fetch waits for the device; each block a leaf module; gradients
+# through the reduce-scatter path, which first concatenates them), each block a leaf module alone,
 # stage3_module_granularity_threshold (which also switches on DeepSpeed's fast leaf-module path),
 # persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x
 # 1024 and smaller matrices whole), and a 4x prefetch bucket. Each writes its JSON after every case,
@@ -261,9 +262,11 @@ measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/confi
 measure bench_training_deepcompile "$T_DEEPCOMPILE" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --cases polar:3:none:deepcompile --json "$out/bench_training_deepcompile.json"
 z3=polar:3:none:blocks
+block_leaves='zero_optimization.leaf_module={"classes":["model.modeling.Block"]}'
 measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 0 \
-    --profile-steps 0 --cases "$z3,$z3:v1,$z3:v2,$z3:v3,$z3:v4,$z3:v5" \
-    --ds-variant zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true \
+    --profile-steps 0 --cases "$z3,$z3:v1,$z3:v2,$z3:v3,$z3:v4,$z3:v5,$z3:v6" \
+    --ds-variant "zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true,$block_leaves" \
+    --ds-variant "$block_leaves" \
     --ds-variant zero_optimization.stage3_module_granularity_threshold=1 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \

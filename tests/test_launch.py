@@ -556,10 +556,16 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
     # the JSON as written first: what the trainer changes on one rank, timed against it
     zero3_settings = [c for c in calls if c.endswith("bench_zero3_settings.json")]
-    assert len(zero3_settings) == 1 and ",polar:3:none:blocks:v5 " in zero3_settings[0]
+    assert len(zero3_settings) == 1 and ",polar:3:none:blocks:v6 " in zero3_settings[0]
+    block_leaves = 'zero_optimization.leaf_module={"classes":["model.modeling.Block"]}'
     assert ("--ds-variant zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization."
-            "reduce_scatter=true --ds-variant zero_optimization.stage3_module_granularity_threshold=1 "
-            ) in zero3_settings[0]
+            f"reduce_scatter=true,{block_leaves} --ds-variant {block_leaves} --ds-variant "
+            "zero_optimization.stage3_module_granularity_threshold=1 ") in zero3_settings[0]
+    from pretrain import bench
+
+    v1, v2, *_ = bench.parse_args(dry_calls(log)[calls.index(zero3_settings[0])][2:]).ds_variant
+    assert v1["zero_optimization.leaf_module"] == v2["zero_optimization.leaf_module"] == {
+        "classes": ["model.modeling.Block"]}
 
 
 @pytest.mark.parametrize("summary,fallbacks", [
