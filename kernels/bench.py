@@ -141,6 +141,36 @@ def _measure(name: str, fwd, fwd_bwd, args, flops_fwd: float | None, flops_fb: f
     return rec
 
 
+def kernel_ms(fn, iters: int) -> dict[str, dict]:
+    """Per call of fn(): device milliseconds and launches of each CUDA kernel it runs (torch.profiler over
+    `iters` calls after one untimed call)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    # Only the device's own events: a host-side launch call carries its kernel's time too.
+    return {ev.key: {"ms": ev.self_device_time_total / 1000 / iters, "launches": ev.count / iters}
+            for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0}
+
+
+def add_launches(rec: dict, fn, iters: int) -> None:
+    """Add to a Polar record where its forward+backward spends its time, kernel by kernel (`launch_ms`),
+    and the tiles each launch kind ran with (`configs`: BM, BN, warps, stages)."""
+    from .polar.triton_impl import last_launch_configs, reset_launch_configs
+
+    reset_launch_configs()
+    try:
+        rec["launch_ms"] = kernel_ms(fn, iters)
+    except Exception as exc:  # a profiler failure must not cost the timings measured already
+        rec["launch_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    rec["configs"] = {kind: list(config) for kind, config in sorted(last_launch_configs().items())}
+
+
 def bench_attention(args, T: int) -> list[dict]:
     """Polar (Triton) and SDPA flash / cuDNN at one sequence length."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -174,12 +204,16 @@ def bench_attention(args, T: int) -> list[dict]:
 
     rec = _measure("polar_triton", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
     rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass")
+    if "fwd_bwd_ms" in rec:
+        add_launches(rec, polar_fb, args.iters)
     out.append(rec)
     # The same forward, then the other backward variants: the one-pass (dq by atomic adds) and the
     # split (row terms and dq in launches of their own); forward+backward only.
     for variant in ("one_pass", "split"):
         with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": variant}):
             rec = _measure(f"polar_triton_{variant}", None, polar_fb, args, fwd_flops, fb_flops)
+            if "fwd_bwd_ms" in rec:
+                add_launches(rec, polar_fb, args.iters)
         rec.update(T=T, B=B, H=H, G=G, d=d, backward=variant)
         out.append(rec)
     variants = len(out)
@@ -319,6 +353,18 @@ def _fmt(rec: dict) -> str:
     ratios = [f"{k.replace('_speed_vs_', ' vs ')}={v:.2f}x" for k, v in rec.items() if "_speed_vs_" in k]
     if ratios:
         line += "\n" + " " * 28 + "speed ratio (>1 = Polar faster): " + ", ".join(ratios)
+    if rec.get("launch_ms"):
+        slowest = sorted(rec["launch_ms"].items(), key=lambda item: -item[1]["ms"])
+        kernels = [f"{name[:40]} {t['ms']:.3f} ms" + (f" x{t['launches']:g}" if t["launches"] != 1 else "")
+                   for name, t in slowest[:6]]
+        rest = sum(t["ms"] for _, t in slowest[6:])
+        line += "\n" + " " * 28 + "fwd+bwd by kernel: " + ", ".join(kernels) + (
+            f", {len(slowest) - 6} more {rest:.3f} ms" if len(slowest) > 6 else "")
+    elif rec.get("launch_error"):
+        line += "\n" + " " * 28 + f"fwd+bwd by kernel: {rec['launch_error']}"
+    if rec.get("configs"):
+        tiles = [f"{kind} ({','.join(map(str, config))})" for kind, config in rec["configs"].items()]
+        line += "\n" + " " * 28 + "tiles (BM,BN,warps,stages): " + ", ".join(tiles)
     return line
 
 

@@ -135,3 +135,49 @@ def test_count_ops_runs_on_the_cpu_and_says_what_it_could_not_count(tmp_path, ca
     else:
         assert carry["skipped"] == "the Triton carry needs a GPU or TRITON_INTERPRET=1"
     assert "memory_triton_carry" in capsys.readouterr().out
+
+
+def test_polar_records_show_their_time_by_kernel_and_their_tiles(monkeypatch):
+    """Where a Polar forward+backward spends its time, kernel by kernel (the six slowest printed, the rest summed),
+    and the tiles each launch kind ran with; a profiler failure leaves the record's timings and tiles."""
+    from kernels.polar import triton_impl
+
+    times = {f"kernel_{i}": {"ms": 0.1 * i, "launches": 1.0} for i in range(1, 8)}
+    times["polar_bwd_kernel_dq"] = {"ms": 0.9, "launches": 2.0}
+    monkeypatch.setattr(bench, "kernel_ms", lambda fn, iters: fn() or times)
+    monkeypatch.setattr(triton_impl, "_LAST_CONFIGS", {"stale": (1, 1, 1, 1)})
+    launched = {"fwd": (128, 64, 8, 2), "dq": (64, 32, 8, 2)}
+    rec = {"name": "polar_triton", "fwd_ms": 0.4, "fwd_bwd_ms": 2.4, "fwd_peak_mib": 32.0, "fwd_bwd_peak_mib": 181.0}
+    bench.add_launches(rec, lambda: triton_impl._LAST_CONFIGS.update(launched), 3)
+    assert rec["launch_ms"] == times and rec["configs"] == {"dq": [64, 32, 8, 2], "fwd": [128, 64, 8, 2]}
+    lines = bench._fmt(rec).splitlines()
+    assert lines[1].split("fwd+bwd by kernel: ")[1] == (
+        "polar_bwd_kernel_dq 0.900 ms x2, kernel_7 0.700 ms, kernel_6 0.600 ms, kernel_5 0.500 ms, "
+        "kernel_4 0.400 ms, kernel_3 0.300 ms, 2 more 0.300 ms")
+    assert lines[2].split("tiles (BM,BN,warps,stages): ")[1] == "dq (64,32,8,2), fwd (128,64,8,2)"
+
+    def broken(fn, iters):
+        raise RuntimeError("CUPTI unavailable\nsecond line")
+
+    monkeypatch.setattr(bench, "kernel_ms", broken)
+    rec = {"name": "polar_triton", "fwd_ms": 0.4, "fwd_bwd_ms": 2.4, "fwd_peak_mib": 32.0, "fwd_bwd_peak_mib": 181.0}
+    bench.add_launches(rec, lambda: None, 3)
+    assert rec["launch_error"] == "RuntimeError: CUPTI unavailable" and rec["configs"] == {}
+    assert "fwd+bwd by kernel: RuntimeError: CUPTI unavailable" in bench._fmt(rec)
+
+
+@pytest.mark.gpu
+def test_polar_time_by_kernel_on_a_gpu():
+    """On a GPU each Polar variant's record names its own kernels, with their device time and tiles."""
+    args = bench.parse_args(["--seq-lens", "256", "--iters", "2", "--warmup", "1"])
+    records = {rec["name"]: rec for rec in bench.bench_attention(args, 256)}
+    expected = {"polar_triton": {"fwd", "dq", "dkdv"}, "polar_triton_one_pass": {"fwd", "rows", "onepass"},
+                "polar_triton_split": {"fwd", "rows", "dkdv", "dq"}}
+    for name, kinds in expected.items():
+        rec = records[name]
+        assert set(rec["configs"]) == kinds, rec
+        ours = {kernel: t for kernel, t in rec["launch_ms"].items() if kernel.startswith("polar_")}
+        assert any(k.startswith("polar_fwd_kernel") for k in ours) and any("dkdv" in k for k in ours), rec
+        assert all(t["ms"] > 0 and t["launches"] >= 1 for t in ours.values()), rec
+        # the kernels' device time is part of the call's time (the profiler's clock against CUDA events)
+        assert sum(t["ms"] for t in rec["launch_ms"].values()) < 2 * rec["fwd_bwd_ms"], rec

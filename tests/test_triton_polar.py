@@ -382,6 +382,43 @@ def test_forced_config_reaches_the_launch(polar, monkeypatch):
     assert kernel.launches == [((1, 1), dict(BM=16, BN=64, num_warps=8, num_stages=1, D=128))]
 
 
+def test_launches_record_the_tiles_they_ran_with(polar, monkeypatch):
+    """`kernels.bench` reports the tiles each launch kind last ran with: forced, or the autotuner's pick."""
+    if polar._INTERPRET:
+        pytest.skip("the interpreter launches its own configuration, never the autotuner")
+    import triton
+
+    monkeypatch.setenv(polar.FORCE_ENV, "dkdv=16,64,8,1")
+    polar.reset_launch_configs()
+    polar._launcher(_RecordingKernel(), "dkdv", torch.device("cuda"), torch.bfloat16, 128)(lambda meta: (1, 1), D=128)
+    assert polar.last_launch_configs() == {"dkdv": (16, 64, 8, 1)}
+    monkeypatch.delenv(polar.FORCE_ENV)
+    monkeypatch.setenv("ATMA_POLAR_TRITON_PROFILE", "large")
+
+    class Tuned(_RecordingKernel):
+        best_config = triton.Config({"BM": 64, "BN": 32}, num_warps=8, num_stages=2)
+
+    monkeypatch.setattr(polar, "_TUNED", {})
+    monkeypatch.setattr(polar.triton, "autotune", lambda **options: lambda kernel: Tuned())
+    run = polar._launcher(_RecordingKernel(), "dq", torch.device("cuda"), torch.bfloat16, 128)
+    assert run(lambda meta: (1, 1), D=128) == (64, 32)
+    assert polar.last_launch_configs() == {"dkdv": (16, 64, 8, 1), "dq": (64, 32, 8, 2)}
+    polar.reset_launch_configs()
+    assert polar.last_launch_configs() == {}
+
+
+@interpreted
+@pytest.mark.parametrize("variant,kinds", [("two_pass", {"fwd", "dq", "dkdv"}),
+                                           ("one_pass", {"fwd", "rows", "onepass"}),
+                                           ("split", {"fwd", "rows", "dkdv", "dq"})])
+def test_interpreted_launches_record_each_variants_kinds(polar, variant, kinds):
+    inputs, g_dir, g_mag = polar_case(1, 40, 4, 2, 16, seed=3)
+    polar.reset_launch_configs()
+    kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.float32, window=None,
+                     variants=(variant,))
+    assert polar.last_launch_configs() == {kind: polar._CONFIG_INTERPRET[kind] for kind in kinds}
+
+
 @pytest.mark.parametrize("value,needle", [
     ("fwd=64,32,4", "four positive integers"),
     ("fwd=64,32,4,x", "four positive integers"),

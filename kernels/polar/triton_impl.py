@@ -59,6 +59,8 @@ __all__ = [
     "launch_candidates",
     "autotune_candidates",
     "forced_config",
+    "last_launch_configs",
+    "reset_launch_configs",
     "KERNELS",
     "FORCE_ENV",
     "BACKWARD_ENV",
@@ -127,6 +129,8 @@ FORCE_ENV = "ATMA_POLAR_CONFIG"
 BACKWARD_ENV = "ATMA_POLAR_BWD"
 BACKWARD_VARIANTS = ("two_pass", "one_pass", "split")
 _TUNED: dict = {}
+# (BM, BN, num_warps, num_stages) of each launch kind's latest launch in this process.
+_LAST_CONFIGS: dict[str, tuple[int, int, int, int]] = {}
 
 
 def _key_parallel(kind: str) -> bool:
@@ -181,6 +185,17 @@ def backward_variant() -> str:
     return value
 
 
+def last_launch_configs() -> dict[str, tuple[int, int, int, int]]:
+    """The (BM, BN, num_warps, num_stages) each launch kind ran with last in this process: autotuned, forced
+    or the interpreter's; `reset_launch_configs` starts the record afresh."""
+    return dict(_LAST_CONFIGS)
+
+
+def reset_launch_configs() -> None:
+    """Forget the launches `last_launch_configs` reports."""
+    _LAST_CONFIGS.clear()
+
+
 def _fixed_config(kind: str) -> tuple[int, int, int, int] | None:
     """The configuration `kind` launches without autotuning: forced, or the interpreter's; else None."""
     return forced_config(kind) or (_CONFIG_INTERPRET[kind] if _INTERPRET else None)
@@ -204,6 +219,7 @@ def _launcher(kernel, name: str, device: torch.device, dtype: torch.dtype, d: in
         def run(grid, *args, **kw):
             g = grid({"BM": bm, "BN": bn})
             kernel[g](*args, BM=bm, BN=bn, num_warps=w, num_stages=s, **kw)
+            _LAST_CONFIGS[name] = config
             return bm, bn
 
         return run
@@ -219,7 +235,9 @@ def _launcher(kernel, name: str, device: torch.device, dtype: torch.dtype, d: in
 
     def run(grid, *args, **kw):
         tuned[grid](*args, **kw)
-        return tuned.best_config.kwargs["BM"], tuned.best_config.kwargs["BN"]
+        best = tuned.best_config
+        _LAST_CONFIGS[name] = (best.kwargs["BM"], best.kwargs["BN"], best.num_warps, best.num_stages)
+        return best.kwargs["BM"], best.kwargs["BN"]
 
     return run
 
