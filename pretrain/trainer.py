@@ -270,13 +270,14 @@ def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) 
       (`leaf_module.classes`): DeepSpeed's fetch and release hooks then run once per pass for all the
       blocks instead of once per block, and the blocks' gradients are reduced together after their
       backward. With nothing to gather, the leaf's size costs no memory beyond holding the blocks'
-      gradients until then. Not without `module_hooks` (DeepCompile removes DeepSpeed's module hooks).
+      gradients until then. Not without `module_hooks` (DeepCompile removes DeepSpeed's module hooks),
+      nor with the optimizer offloaded, whose gradients leave the device block by block.
     - Gradients are reduced in their bucket (`reduce_scatter: false`): the reduce-scatter path first
       concatenates each bucket's gradients, a copy of all of them per micro-batch; on one rank both paths
       give bitwise the same gradients.
 
     Parameters offloaded to the CPU or NVMe stay so (and are fetched block by block), and with the optimizer
-    offloaded the reduction stays as configured.
+    offloaded the reduction and the leaf modules stay as configured.
     """
     zero = ds.get("zero_optimization", {})
     if world_size != 1 or zero.get("stage", 0) != 3:
@@ -296,7 +297,7 @@ def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) 
     if changed:
         what.append("every parameter is kept whole")
     leaf = zero.get("leaf_module") or {}
-    if module_hooks and BLOCK_CLASS in leaf.get("classes", []):
+    if module_hooks and not offloaded["optimizer"] and BLOCK_CLASS in leaf.get("classes", []):
         leaf["classes"] = [STACK_CLASS if name == BLOCK_CLASS else name for name in leaf["classes"]]
         what.append("the blocks are one leaf module")
         changed.append(f"leaf_module.classes {BLOCK_CLASS} -> {STACK_CLASS}")

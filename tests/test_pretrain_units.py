@@ -516,14 +516,16 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
                             "reduce_scatter": False})
     assert notes == []
     # The blocks' stack replaces the block among the leaf classes; the other classes and leaf settings stay,
-    # and a JSON without the block among them keeps its own choice. Parameters offloaded keep every leaf.
+    # and a JSON without the block among them keeps its own choice. Parameters or the optimizer offloaded
+    # (gradients leave the device block by block) keep every leaf.
     leaves = {"classes": ["model.layers.MLP", "model.modeling.Block"], "names": ["proj"]}
     own, _ = on_one_rank({"stage": 3, "leaf_module": leaves})
     assert own["leaf_module"] == {"classes": ["model.layers.MLP", "model.modeling.BlockStack"], "names": ["proj"]}
     own, notes = on_one_rank({"stage": 3, "leaf_module": {"classes": ["model.layers.MLP"]}})
     assert own["leaf_module"] == {"classes": ["model.layers.MLP"]} and "leaf" not in notes[0]
-    offloaded, _ = on_one_rank({"stage": 3, "offload_param": {"device": "cpu"}, "leaf_module": leaves})
-    assert offloaded["leaf_module"]["classes"] == ["model.layers.MLP", "model.modeling.Block"]
+    for part in ("param", "optimizer"):
+        offloaded, _ = on_one_rank({"stage": 3, f"offload_{part}": {"device": "cpu"}, "leaf_module": leaves})
+        assert offloaded["leaf_module"]["classes"] == ["model.layers.MLP", "model.modeling.Block"], part
 
 
 @pytest.mark.parametrize("zero, message", [
