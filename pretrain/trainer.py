@@ -212,6 +212,8 @@ def check_zero_section(ds: dict, path: str) -> None:
             choices = list(dict.fromkeys(re.split(r", | or ", first["ctx"]["expected"])))
             raise ConfigError(f"{path}: {key} must be {', '.join(choices[:-1])} or {choices[-1]}{shown}") from None
         raise ConfigError(f"{path}: {key}: {first['msg']}{shown}") from None
+    except (TypeError, ValueError) as err:  # DeepSpeed's own checks of a section's shape
+        raise ConfigError(f"{path}: zero_optimization: {str(err).splitlines()[0]}") from None
 
 
 def read_ds_file(path: str) -> dict:
@@ -296,9 +298,10 @@ def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) 
             changed.append(f"{key} {before:,} -> no limit")
     if changed:
         what.append("every parameter is kept whole")
-    leaf = zero.get("leaf_module") or {}
-    if module_hooks and not offloaded["optimizer"] and BLOCK_CLASS in leaf.get("classes", []):
-        leaf["classes"] = [STACK_CLASS if name == BLOCK_CLASS else name for name in leaf["classes"]]
+    leaf = zero.get("leaf_module")
+    classes = leaf.get("classes") if isinstance(leaf, dict) else None  # DeepSpeed checks the rest of it
+    if module_hooks and not offloaded["optimizer"] and isinstance(classes, list) and BLOCK_CLASS in classes:
+        leaf["classes"] = [STACK_CLASS if name == BLOCK_CLASS else name for name in classes]
         what.append("the blocks are one leaf module")
         changed.append(f"leaf_module.classes {BLOCK_CLASS} -> {STACK_CLASS}")
     if not offloaded["optimizer"] and zero.get("reduce_scatter", True):

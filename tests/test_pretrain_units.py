@@ -536,6 +536,8 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
     ({"stage": 3, "offload_optimizer": {"device": "gpu"}},
      "zero_optimization.offload_optimizer.device must be 'none', 'cpu' or 'nvme', got 'gpu'"),
     (3, "zero_optimization must be a JSON object, got 3"),
+    ({"stage": 3, "leaf_module": ["model.modeling.Block"]},
+     "zero_optimization: leaf_module configuration must be a mapping of fields to values"),
 ])
 def test_ds_config_with_a_bad_zero_value_is_one_line_before_the_engine(tmp_path, zero, message):
     from pretrain.trainer import build_ds_config
