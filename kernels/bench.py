@@ -5,7 +5,8 @@
 Everything is timed in one process on one GPU, so the ratios compare like with like. Polar runs
 with H query heads over G key/value heads (GQA read in-kernel), its forward+backward once with
 each backward variant (two-pass, the default; one-pass: "polar_triton_one_pass"; split:
-"polar_triton_split"); SDPA runs the same query heads
+"polar_triton_split"), and the default once more with its programs started in order instead of
+longest first ("polar_triton_in_order"); SDPA runs the same query heads
 with `enable_gqa=True` when the backend accepts it, else with K/V expanded to H heads before
 timing (the "sdpa_gqa" field says which). Attention FLOPs count causal attention as
 2*B*H*T^2*d per forward and 2.5x that for the backward (fwd+bwd = 3.5x).
@@ -203,7 +204,7 @@ def bench_attention(args, T: int) -> list[dict]:
         torch.autograd.grad((c, mu), inputs, (g_dir, g_mag))
 
     rec = _measure("polar_triton", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
-    rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass")
+    rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass", schedule="longest_first")
     if "fwd_bwd_ms" in rec:
         add_launches(rec, polar_fb, args.iters)
     out.append(rec)
@@ -216,6 +217,14 @@ def bench_attention(args, T: int) -> list[dict]:
                 add_launches(rec, polar_fb, args.iters)
         rec.update(T=T, B=B, H=H, G=G, d=d, backward=variant)
         out.append(rec)
+    # The default (two-pass, longest-first program order) with its programs started tile by tile
+    # instead: the baseline of the order, timed in the same run.
+    with mock.patch.dict(os.environ, {"ATMA_POLAR_SCHEDULE": "in_order"}):
+        rec = _measure("polar_triton_in_order", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
+        if "fwd_bwd_ms" in rec:
+            add_launches(rec, polar_fb, args.iters)
+    rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass", schedule="in_order")
+    out.append(rec)
     variants = len(out)
 
     qs = torch.randn(B, H, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()

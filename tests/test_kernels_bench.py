@@ -172,7 +172,9 @@ def test_polar_time_by_kernel_on_a_gpu():
     args = bench.parse_args(["--seq-lens", "256", "--iters", "2", "--warmup", "1"])
     records = {rec["name"]: rec for rec in bench.bench_attention(args, 256)}
     expected = {"polar_triton": {"fwd", "dq", "dkdv"}, "polar_triton_one_pass": {"fwd", "rows", "onepass"},
-                "polar_triton_split": {"fwd", "rows", "dkdv", "dq"}}
+                "polar_triton_split": {"fwd", "rows", "dkdv", "dq"}, "polar_triton_in_order": {"fwd", "dq", "dkdv"}}
+    assert records["polar_triton"]["schedule"] == "longest_first"
+    assert records["polar_triton_in_order"]["schedule"] == "in_order" and "fwd_ms" in records["polar_triton_in_order"]
     for name, kinds in expected.items():
         rec = records[name]
         assert set(rec["configs"]) == kinds, rec

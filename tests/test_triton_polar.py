@@ -419,6 +419,73 @@ def test_interpreted_launches_record_each_variants_kinds(polar, variant, kinds):
     assert polar.last_launch_configs() == {kind: polar._CONFIG_INTERPRET[kind] for kind in kinds}
 
 
+@interpreted
+@pytest.mark.parametrize("schedule", ["longest_first", "in_order"])
+def test_interpreted_program_order(polar, monkeypatch, schedule):
+    """Each program id owns one (tile, slice); longest first, the tiles with the most causal work start first."""
+    monkeypatch.setenv(polar.SCHEDULE_ENV, schedule)
+    for T, tile, slices in ((100, 32, 3), (64, 16, 5), (7, 16, 2)):
+        n_tiles = -(-T // tile)
+        in_order = [(t, s) for s in range(slices) for t in range(n_tiles)]
+        for key_tiles in (False, True):
+            order = [tuple(p) for p in polar.polar_program_order_triton(T, tile, slices, key_tiles=key_tiles).tolist()]
+            assert sorted(order) == sorted(in_order), (T, tile, slices, key_tiles)
+            if schedule == "in_order":
+                assert order == in_order
+                continue
+            # a query tile's causal work grows with its index, a key tile's with its distance from the end
+            work = [n_tiles - t if key_tiles else t + 1 for t, _ in order]
+            assert work == sorted(work, reverse=True) and work[0] == n_tiles, order
+            assert [s for _, s in order[:slices]] == list(range(slices))
+
+
+@interpreted
+@pytest.mark.parametrize("window", [None, 20])
+def test_interpreted_program_order_changes_no_result(polar, monkeypatch, window):
+    """Both program orders reach every launch and give the same results: bit for bit, but for the
+    one-pass dq, whose atomic adds land in the order the programs run."""
+    launched = []
+    real_launcher = polar._launcher
+
+    def spying_launcher(kernel, name, *args):
+        run = real_launcher(kernel, name, *args)
+
+        def spy(grid, *a, **kw):
+            launched.append((name, kw["LONGEST_FIRST"]))
+            return run(grid, *a, **kw)
+
+        return spy
+
+    monkeypatch.setattr(polar, "_launcher", spying_launcher)
+    inputs, g_dir, g_mag = polar_case(2, 70, 4, 2, 16, seed=11)
+    results = {}
+    for schedule in polar.SCHEDULES:
+        monkeypatch.setenv(polar.SCHEDULE_ENV, schedule)
+        launched.clear()
+        results[schedule] = kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.float32,
+                                             window=window)
+        assert {name for name, _ in launched} == {"fwd", "dq", "dkdv", "rows", "onepass"}
+        assert {flag for _, flag in launched} == {schedule == "longest_first"}
+    for variant in VARIANTS:
+        (c1, mu1, g1), (c2, mu2, g2) = results["longest_first"][variant], results["in_order"][variant]
+        assert_same_results([c1, mu1, *g1[1:]], [c2, mu2, *g2[1:]], variant)
+        if variant == "one_pass":
+            torch.testing.assert_close(g1[0], g2[0], rtol=1e-5, atol=1e-6)
+        else:
+            assert_same_results(g1[:1], g2[:1], f"{variant}: dq")
+
+
+def test_program_order_switch(polar, monkeypatch):
+    monkeypatch.delenv(polar.SCHEDULE_ENV, raising=False)
+    assert polar.longest_first()
+    monkeypatch.setenv(polar.SCHEDULE_ENV, " In_Order ")
+    assert not polar.longest_first()
+    monkeypatch.setenv(polar.SCHEDULE_ENV, "reverse")
+    with pytest.raises(ValueError, match="ATMA_POLAR_SCHEDULE must be one of longest_first, in_order") as info:
+        polar.longest_first()
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("value,needle", [
     ("fwd=64,32,4", "four positive integers"),
     ("fwd=64,32,4,x", "four positive integers"),
@@ -791,6 +858,19 @@ def test_gpu_length_terms_match_numerics(polar, window):
     t_ref, nu_ref = polar_length_terms(polar_visible_counts(T, window, device="cuda"), *raw)
     torch.testing.assert_close(t, t_ref, rtol=2e-6, atol=0.0)
     torch.testing.assert_close(nu, nu_ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_program_orders_agree(polar, monkeypatch):
+    """At the training shape both program orders give bit-identical outputs and gradients (two-pass)."""
+    inputs, g_dir, g_mag = gpu_case(2, 2048, 8, 2, 128, torch.bfloat16, seed=6)
+    runs = []
+    for schedule in polar.SCHEDULES:
+        monkeypatch.setenv(polar.SCHEDULE_ENV, schedule)
+        c, mu, grads = kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.bfloat16,
+                                        window=None, variants=("two_pass",))["two_pass"]
+        runs.append([c, mu, *grads])
+    assert_same_results(runs[0], runs[1], "longest_first against in_order")
 
 
 @pytest.mark.gpu

@@ -60,7 +60,7 @@ def _kernel_cases(dtype: torch.dtype, d: int) -> list:
         bm, bn, warps, stages = impl.launch_candidates(kind, torch.device("cuda"), dtype, d)[0]
         return dict(BM=bm, BN=bn), dict(num_warps=warps, num_stages=stages), (bm, bn, warps, stages)
 
-    common = dict(D=d, HAS_WINDOW=False, DOT_PREC=impl._dot_precision(dtype), UPCAST=False)
+    common = dict(D=d, HAS_WINDOW=False, DOT_PREC=impl._dot_precision(dtype), UPCAST=False, LONGEST_FIRST=True)
     cases = []
     tiles, opts, cfg = default("fwd")
     cases.append((f"fwd {cfg}", polar_fwd_kernel, {**common, **tiles, "SAVE": True}, opts, True))

@@ -20,6 +20,11 @@ of the key-parallel kernel, and dq in another, which reads them back: one more l
 kernel whose registers no longer hold the row terms' fp32 tiles (compiled for sm_90 with triton
 3.6: no stack at its default tile, against 824 bytes per thread for the fused launch).
 
+Program order: the forward, dq and dk/dv kernels start the tiles with the most causal work first
+(the last query tiles, the first key tiles), so the short programs fill the last wave;
+ATMA_POLAR_SCHEDULE=in_order runs them tile by tile within each (batch, head) instead. The order
+changes no result, only when each program runs.
+
 Launch configurations: autotuned among the candidates of the device's launch class;
 ATMA_POLAR_AUTOTUNE=0 keeps each class default, and ATMA_POLAR_CONFIG forces one configuration
 per kernel (`forced_config`), e.g. to compare every candidate with the oracle.
@@ -50,12 +55,15 @@ from .triton_kernels import (
     polar_bwd_kernel_heads,
     polar_fwd_kernel,
     polar_length_terms_kernel,
+    polar_program_order_kernel,
 )
 
 __all__ = [
     "polar_attention_triton",
     "polar_length_terms_triton",
+    "polar_program_order_triton",
     "backward_variant",
+    "longest_first",
     "launch_candidates",
     "autotune_candidates",
     "forced_config",
@@ -65,6 +73,8 @@ __all__ = [
     "FORCE_ENV",
     "BACKWARD_ENV",
     "BACKWARD_VARIANTS",
+    "SCHEDULE_ENV",
+    "SCHEDULES",
 ]
 
 # Whether the JIT kernels run under the CPU interpreter (read once, at import).
@@ -128,6 +138,10 @@ FORCE_ENV = "ATMA_POLAR_CONFIG"
 # The backward variant: "two_pass" (default), "one_pass" or "split".
 BACKWARD_ENV = "ATMA_POLAR_BWD"
 BACKWARD_VARIANTS = ("two_pass", "one_pass", "split")
+# The order in which the programs of the forward, dq and dk/dv kernels start: "longest_first" (default;
+# the tiles with the most causal work first) or "in_order" (tile by tile within each (batch, head)).
+SCHEDULE_ENV = "ATMA_POLAR_SCHEDULE"
+SCHEDULES = ("longest_first", "in_order")
 _TUNED: dict = {}
 # (BM, BN, num_warps, num_stages) of each launch kind's latest launch in this process.
 _LAST_CONFIGS: dict[str, tuple[int, int, int, int]] = {}
@@ -183,6 +197,15 @@ def backward_variant() -> str:
     if value not in BACKWARD_VARIANTS:
         raise ValueError(f"{BACKWARD_ENV} must be one of {', '.join(BACKWARD_VARIANTS)}; got {value!r}")
     return value
+
+
+def longest_first() -> bool:
+    """Whether ATMA_POLAR_SCHEDULE starts the heaviest tiles first ("longest_first", the default) or runs
+    them in order ("in_order")."""
+    value = os.environ.get(SCHEDULE_ENV, "longest_first").strip().lower() or "longest_first"
+    if value not in SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV} must be one of {', '.join(SCHEDULES)}; got {value!r}")
+    return value == "longest_first"
 
 
 def last_launch_configs() -> dict[str, tuple[int, int, int, int]]:
@@ -270,12 +293,12 @@ def _polar_fwd(q, k, v, v_null, params, window: int | None, save: bool):
         s, m, l, q2 = (q.new_empty(0, dtype=torch.float32) for _ in range(4))
     run = _launcher(polar_fwd_kernel, "fwd", q.device, q.dtype, D)
     run(
-        lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+        lambda meta: (triton.cdiv(T, meta["BM"]) * B * H,),
         q, k, v, v_null, *params, direction, magnitude,
         *((s, m, l, q2) if save else (direction,) * 4),  # never written when SAVE is off
         T, H, G, window or 0, LOG2E / math.sqrt(D), _t_bucket(T),
         D=D, HAS_WINDOW=window is not None, SAVE=save,
-        DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET,
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET, LONGEST_FIRST=longest_first(),
     )
     return direction, magnitude, s, m, l, q2
 
@@ -289,7 +312,8 @@ def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int |
     dev, f32 = q.device, torch.float32
     one_pass = variant == "one_pass"
     g_dir, g_mag = g_dir.contiguous(), g_mag.contiguous()
-    common = dict(D=D, HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET)
+    common = dict(D=D, HAS_WINDOW=window is not None, DOT_PREC=_dot_precision(q.dtype), UPCAST=_INTERPRET,
+                  LONGEST_FIRST=longest_first())
     scalars = (T, H, G, window or 0, LOG2E / math.sqrt(D), 1.0 / math.sqrt(D), _t_bucket(T))
 
     # Row terms (and, two-pass, dq). g_s goes to the key-parallel kernel in the io dtype.
@@ -309,7 +333,7 @@ def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int |
     def query_parallel(kind: str, sums: torch.Tensor, **flags) -> int:
         """Launch the query-parallel kernel as `kind`, its per-head sums into `sums`; returns its BM."""
         run = _launcher(polar_bwd_kernel_dq, kind, dev, q.dtype, D)
-        bm, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]), B * H),
+        bm, _ = run(lambda meta: (triton.cdiv(T, meta["BM"]) * B * H,),
                     q, k, v, v_null, *params, s, m, l, q2, g_dir, g_mag, gs, gl, gq2, dq, sums, part_v,
                     *scalars, **flags, **common)
         return bm
@@ -325,7 +349,7 @@ def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int |
         part_t = torch.empty((B * tiles, H), device=dev, dtype=f32)
     null_base, null_slope_raw, len_gain_raw, _ = params
     run = _launcher(polar_bwd_kernel_dkdv, kind, dev, q.dtype, D)
-    _, bn = run(lambda meta: (triton.cdiv(T, meta["BN"]), B * G),
+    _, bn = run(lambda meta: (triton.cdiv(T, meta["BN"]) * B * G,),
                 q, k, v, null_base, null_slope_raw, len_gain_raw, gs, m, gl, gq2, dk, dv, dq, part_t,
                 *scalars, ONE_PASS=one_pass, **common)
     temperature_slots = B * triton.cdiv(T, bn) if one_pass else 0
@@ -359,6 +383,15 @@ def polar_length_terms_triton(T: int, window: int | None, null_base, null_slope_
         HAS_WINDOW=window is not None, BT=bt,
     )
     return t, nu
+
+
+def polar_program_order_triton(T: int, tile: int, slices: int, *, key_tiles: bool, device=None) -> Tensor:
+    """The (tile, slice) int32 [programs, 2] that each program id of a grid of ceil(T / tile) * slices owns, in
+    the order ATMA_POLAR_SCHEDULE sets: the mapping of the key-parallel kernels or of the query-parallel ones."""
+    programs = triton.cdiv(T, tile) * slices
+    out = torch.empty((programs, 2), device=device, dtype=torch.int32)
+    polar_program_order_kernel[(programs,)](out, T, TILE=tile, KEY_TILES=key_tiles, LONGEST_FIRST=longest_first())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ mag_beta_raw) and computes the length terms of its rows itself (`_length_terms`,
 - `polar_bwd_kernel_heads`, one program per head: adds the slots up in a fixed order and applies
   the softplus chain rule: the gradients of v_null and of the four raw scalars.
 
+The forward, dq and dk/dv kernels run a 1-D grid whose program ids go over the tiles in
+longest-first order by default (`_program_tile`): the tiles with the most causal work start first.
+
 The normalisation clamps follow the materialised oracle (`naive.py`) exactly, written in
 running-max units: with Z = L + p_N, c = s / max(|s|, eps Z) and n_eff = Lc^2 / max(Q2, eps Lc^2)
 with Lc = max(L, eps Z), eps = 1e-6.
@@ -40,6 +43,7 @@ __all__ = [
     "polar_bwd_kernel_dkdv",
     "polar_bwd_kernel_heads",
     "polar_length_terms_kernel",
+    "polar_program_order_kernel",
     "LOG2E",
 ]
 
@@ -155,19 +159,55 @@ def _visible(o_m, o_n, T, WINDOW, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(k, v, T, H, G, D: tl.constexpr, BM: tl.constexpr):
-    # The query tile of this program (grid (ceil(T / BM), B * H)): its batch, head, first row,
-    # rows and their mask, the K/V base pointers of the head's KV group, the offsets of the
-    # (b, h) slice in [B, T, H, D] and in [B, T, H] (int64 scalars), and the int32 offsets of the
-    # tile and of its rows within that slice (int32 keeps the per-element offsets in one register).
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+def _program_tile(T, TILE: tl.constexpr, LAST_HEAVIEST: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    # The (tile along T, slice) this program owns in a 1-D grid of ceil(T / TILE) * slices programs;
+    # also returns the tile count. A GPU starts programs in the order of their id. Under the causal
+    # mask a tile's work grows with its distance from the sequence's light end (query tiles: the
+    # last one sees every key; key tiles: the first one is seen by every query). With LONGEST_FIRST
+    # the ids run over every slice of the heaviest tile first, then the next heaviest, so the short
+    # programs fill the last wave (longest-processing-time-first order); else tile-major per slice.
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(T, TILE)
+    if LONGEST_FIRST:
+        slices = tl.num_programs(0) // n_tiles
+        i_tile = pid // slices
+        i_slice = pid % slices
+        if LAST_HEAVIEST:
+            i_tile = n_tiles - 1 - i_tile
+    else:
+        i_tile = pid % n_tiles
+        i_slice = pid // n_tiles
+    return i_tile, i_slice, n_tiles
+
+
+@triton.jit
+def _query_program(T, BM: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    # (query tile, b * H + h, tile count) of this program: the last query tile sees the most keys.
+    return _program_tile(T, BM, True, LONGEST_FIRST)
+
+
+@triton.jit
+def _key_program(T, BN: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    # (key tile, b * G + g, tile count) of this program: the first key tile is seen by the most queries.
+    return _program_tile(T, BN, False, LONGEST_FIRST)
+
+
+@triton.jit
+def _query_tile(k, v, T, H, G, D: tl.constexpr, BM: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    # The query tile of this program (ceil(T / BM) * B * H programs, `_program_tile`): its batch,
+    # head, tile index and first row, rows and their mask, the K/V base pointers of the head's KV
+    # group, the offsets of the (b, h) slice in [B, T, H, D] and in [B, T, H] (int64 scalars), and
+    # the int32 offsets of the tile and of its rows within that slice (int32 keeps the per-element
+    # offsets in one register); last, the number of query tiles.
+    i_m, i_bh, n_tiles = _query_program(T, BM, LONGEST_FIRST)
     i_b, i_h = i_bh // H, i_bh % H
     bos = i_b.to(tl.int64) * T
     kv0 = (bos * G + i_h // (H // G)) * D
     start_m = i_m * BM
     o_m = start_m + tl.arange(0, BM)
     o_tile = o_m[:, None] * (H * D) + tl.arange(0, D)[None, :]
-    return i_b, i_h, start_m, o_m, o_m < T, k + kv0, v + kv0, (bos * H + i_h) * D, bos * H + i_h, o_tile, o_m * H
+    return (i_b, i_h, i_m, start_m, o_m, o_m < T, k + kv0, v + kv0, (bos * H + i_h) * D, bos * H + i_h, o_tile,
+            o_m * H, n_tiles)
 
 
 @triton.jit
@@ -211,9 +251,11 @@ def polar_fwd_kernel(
     o, mu, s, m, l, q2,
     T, H, G, WINDOW, qk_scale, T_BUCKET,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    SAVE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    SAVE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
-    i_b, i_h, start_m, o_m, m_m, p_k0, p_v0, tile0, row0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
+    i_b, i_h, _, start_m, o_m, m_m, p_k0, p_v0, tile0, row0, o_tile, o_row, _ = _query_tile(
+        k, v, T, H, G, D, BM, LONGEST_FIRST
+    )
     a_len, s_null, b_null, beta = _head_scalars(null_base, null_slope_raw, len_gain_raw, mag_beta_raw, i_h)
     _, _, b_t, b_nu = _length_terms(o_m, WINDOW, a_len, s_null, b_null, HAS_WINDOW)
     b_q = tl.load(q + tile0 + o_tile, mask=m_m[:, None], other=0.0)  # [BM, D]
@@ -341,15 +383,17 @@ def polar_bwd_kernel_dq(
     gs, gl, gq2, dq, part_s, part_v,
     T, H, G, WINDOW, qk_scale, inv_sqrt_d, T_BUCKET,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr, DQ_LOOP: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROW_TERMS: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, ROW_TERMS: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
-    i_b, i_h, start_m, o_m, m_m, p_k0, p_v0, tile0, row0, o_tile, o_row = _query_tile(k, v, T, H, G, D, BM)
+    i_b, i_h, i_m, start_m, o_m, m_m, p_k0, p_v0, tile0, row0, o_tile, o_row, n_tiles = _query_tile(
+        k, v, T, H, G, D, BM, LONGEST_FIRST
+    )
     o_d = tl.arange(0, D)
     a_len, s_null, b_null, beta = _head_scalars(null_base, null_slope_raw, len_gain_raw, mag_beta_raw, i_h)
     log_n, root, b_t, b_nu = _length_terms(o_m, WINDOW, a_len, s_null, b_null, HAS_WINDOW)
     # This program's slot of the per-head sums (SPEC §2.8 step 5, before the softplus factors):
     # [g_t ln n, g_nu, g_nu sqrt(ln(n + 1)), d beta] and d v_null = sum p_N g_s, with g_nu = g_aN t.
-    slot = (i_b * tl.num_programs(0) + tl.program_id(0)) * H + i_h
+    slot = (i_b * n_tiles + i_m) * H + i_h
     # Rows past T read values that keep every term finite (M = +inf gives p_N = 0 and p_j = 0,
     # L = Q2 = 1) and are excluded from every sum below.
     b_mr = tl.load(m + row0 + o_row, mask=m_m, other=float("inf"))
@@ -465,9 +509,9 @@ def polar_bwd_kernel_dkdv(
     q, k, v, null_base, null_slope_raw, len_gain_raw, gs, m, gl, gq2, dk, dv, dq_acc, part_t,
     T, H, G, WINDOW, qk_scale, inv_sqrt_d, T_BUCKET,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_PASS: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
-    i_n, i_bg = tl.program_id(0), tl.program_id(1)
+    i_n, i_bg, n_tiles = _key_program(T, BN, LONGEST_FIRST)
     i_b, i_g = i_bg // G, i_bg % G
     R = H // G
     bos = i_b.to(tl.int64) * T
@@ -521,7 +565,7 @@ def polar_bwd_kernel_dkdv(
             )
         if ONE_PASS:
             # this key tile's slot of the temperature sum of head i_h
-            tl.store(part_t + (i_b * tl.num_programs(0) + i_n) * H + i_h, tl.sum(b_gtk, 0))
+            tl.store(part_t + (i_b * n_tiles + i_n) * H + i_h, tl.sum(b_gtk, 0))
     tl.store(dk + kv0 + o_tile, b_dk.to(dk.dtype.element_ty), mask=m_n[:, None])
     tl.store(dv + kv0 + o_tile, b_dv.to(dv.dtype.element_ty), mask=m_n[:, None])
 
@@ -562,6 +606,19 @@ def polar_bwd_kernel_heads(
     tl.store(d_null_slope_raw + i_h, g_ns.to(d_null_slope_raw.dtype.element_ty))
     tl.store(d_len_gain_raw + i_h, g_lg.to(d_len_gain_raw.dtype.element_ty))
     tl.store(d_mag_beta_raw + i_h, g_mb.to(d_mag_beta_raw.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["T"])
+def polar_program_order_kernel(out, T, TILE: tl.constexpr, KEY_TILES: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    # Writes (tile, slice) [programs, 2] of each program id through `_key_program` or `_query_program`,
+    # the mappings the kernels above use, so a test can check the order in which their programs start.
+    pid = tl.program_id(0)
+    if KEY_TILES:
+        i_tile, i_slice, _ = _key_program(T, TILE, LONGEST_FIRST)
+    else:
+        i_tile, i_slice, _ = _query_program(T, TILE, LONGEST_FIRST)
+    tl.store(out + pid * 2, i_tile)
+    tl.store(out + pid * 2 + 1, i_slice)
 
 
 @triton.jit(do_not_specialize=["T", "WINDOW"])
