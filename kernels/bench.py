@@ -28,6 +28,7 @@ import torch
 
 from data_pipeline.argtypes import writable_file
 
+from .common import describe_settings, kernel_settings
 from .common.ops import NON_COMPUTING_OPS
 
 DEFAULT_SEQ_LENS = (2048, 8192, 32768)
@@ -396,6 +397,7 @@ def environment() -> dict:
         "flash_linear_attention": fla_version,
         "python": platform.python_version(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "kernel_settings": kernel_settings(),
     }
 
 
@@ -408,7 +410,8 @@ def main(argv=None) -> int:
         print("kernels.bench: no CUDA GPU available; the benchmarks need one (nothing was run)", file=sys.stderr)
         return 2
     env = environment()
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(" ".join(f"{k}={v}" for k, v in env.items() if k != "kernel_settings"))
+    print(f"kernel settings from the environment: {describe_settings(env['kernel_settings'])}")
     print(f"iters={args.iters} warmup={args.warmup} H={args.heads} G={args.kv_heads} d={args.head_dim} bf16, causal")
     results = []
     record = {"environment": env, "args": vars(args), "results": results, "complete": False}

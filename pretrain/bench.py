@@ -856,6 +856,9 @@ def main(argv=None) -> int:
     provenance = benchmark_provenance()
     libraries = ", ".join(f"{k} {v}" for k, v in provenance["versions"].items() if k in SHOWN_LIBRARIES and v)
     print(f"code {describe_code(provenance['code_version'])}; {libraries}")
+    from kernels.common import describe_settings
+
+    print(f"kernel settings from the environment: {describe_settings(provenance['kernel_settings'])}")
     if memory:
         print(f"memory path: {memory_kernel(device, case_model_config(cases[0], args), args)}")
     print(f"LM head loss rows: {loss_rows(device)}")

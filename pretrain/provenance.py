@@ -46,7 +46,7 @@ def library_versions() -> dict:
 
 def benchmark_provenance() -> dict:
     """What a benchmark's figures were measured with: UTC time, code version, library versions (fla-core and
-    torch's CUDA build too)."""
+    torch's CUDA build too) and the kernel settings made in the environment."""
     versions = library_versions()
     try:
         versions["fla-core"] = metadata.version("fla-core")
@@ -54,9 +54,11 @@ def benchmark_provenance() -> dict:
         versions["fla-core"] = None
     import torch
 
+    from kernels.common import kernel_settings
+
     versions["cuda"] = torch.version.cuda  # the CUDA torch was built for (None for a CPU build)
     return {"measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "code_version": code_version(), "versions": versions}
+            "code_version": code_version(), "versions": versions, "kernel_settings": kernel_settings()}
 
 
 def describe_code(version: dict) -> str:

@@ -92,7 +92,7 @@ def test_the_lengths_done_are_written_before_a_longer_one_is_cut_short(monkeypat
     """A run stopped at its third length (a time limit, Ctrl-C) keeps the JSON of the first two."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    monkeypatch.setattr(bench, "environment", lambda: {"gpu": "test"})
+    monkeypatch.setattr(bench, "environment", lambda: {"gpu": "test", "kernel_settings": {}})
     monkeypatch.setattr(bench, "_fmt", str)
 
     def attention(args, T):
@@ -183,3 +183,18 @@ def test_polar_time_by_kernel_on_a_gpu():
         assert all(t["ms"] > 0 and t["launches"] >= 1 for t in ours.values()), rec
         # the kernels' device time is part of the call's time (the profiler's clock against CUDA events)
         assert sum(t["ms"] for t in rec["launch_ms"].values()) < 2 * rec["fwd_bwd_ms"], rec
+
+
+def test_kernel_settings_name_every_kernel_choice_made_in_the_environment(monkeypatch):
+    from kernels.common import describe_settings, kernel_settings
+
+    for name in [k for k in os.environ if k.startswith("ATMA_") or k == "TRITON_INTERPRET"]:
+        monkeypatch.delenv(name)
+    assert kernel_settings() == {} and describe_settings({}) == "none"
+    monkeypatch.setenv("ATMA_POLAR_SCHEDULE", "in_order")
+    monkeypatch.setenv("ATMA_LOSS_ROWS", "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ATMAX", "not ours")
+    settings = kernel_settings()
+    assert settings == {"ATMA_LOSS_ROWS": "torch", "ATMA_POLAR_SCHEDULE": "in_order", "TRITON_INTERPRET": "1"}
+    assert describe_settings(settings) == "ATMA_LOSS_ROWS=torch ATMA_POLAR_SCHEDULE=in_order TRITON_INTERPRET=1"

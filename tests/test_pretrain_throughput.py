@@ -310,10 +310,17 @@ def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_pat
                            "--breakdown-steps", "0", "--profile-steps", "0", "--cases",
                            "nope:3:none:off,nope:3:none:off:v1", "--ds-variant",
                            "zero_optimization.stage3_param_persistence_threshold=0", "--json", str(out)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env={**env(), "ATMA_POLAR_SCHEDULE": "in_order"}, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["device"] == "CPU"
+    # the kernel choices made in the environment, every one of them
+    assert report["kernel_settings"]["ATMA_POLAR_SCHEDULE"] == "in_order"
+    assert set(report["kernel_settings"]) == {k for k in env() if k.startswith("ATMA_")} | {"ATMA_POLAR_SCHEDULE"} | (
+        {"TRITON_INTERPRET"} if "TRITON_INTERPRET" in os.environ else set())
+    assert "\nkernel settings from the environment: " in proc.stdout and " ATMA_POLAR_SCHEDULE=in_order" in (
+        " " + proc.stdout.split("kernel settings from the environment: ")[1].splitlines()[0])
     # what the figures were measured with
     from pretrain.provenance import code_version, describe_code
 

@@ -13,9 +13,11 @@ from .triton_host import (
     TRITON_DTYPES,
     autotune_enabled,
     check_launch_device,
+    describe_settings,
     device_class,
     forced_launch_configs,
     interpreting,
+    kernel_settings,
     patch_interpreter_index,
 )
 
@@ -26,9 +28,11 @@ __all__ = [
     "autotune_enabled",
     "check_launch_device",
     "compute_dtype",
+    "describe_settings",
     "device_class",
     "forced_launch_configs",
     "interpreting",
+    "kernel_settings",
     "patch_interpreter_index",
     "polar_length_features",
     "polar_length_terms",

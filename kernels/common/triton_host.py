@@ -19,6 +19,8 @@ __all__ = [
     "device_class",
     "autotune_enabled",
     "forced_launch_configs",
+    "kernel_settings",
+    "describe_settings",
     "TRITON_DTYPES",
 ]
 
@@ -30,6 +32,18 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #   "mid":   other NVIDIA parts with >= 96 KB (A100, L4, L40S, consumer Blackwell).
 #   "small": ROCm, or below 96 KB.
 _CLASSES = ("large", "mid", "small")
+
+
+def kernel_settings() -> dict[str, str]:
+    """The environment variables set in this process that choose a kernel path or its settings: every
+    `ATMA_*` (docs/kernels.md lists them) and `TRITON_INTERPRET`, by name."""
+    return {name: os.environ[name] for name in sorted(os.environ)
+            if name.startswith("ATMA_") or name == "TRITON_INTERPRET"}
+
+
+def describe_settings(settings: dict[str, str]) -> str:
+    """`ATMA_LOSS_ROWS=torch ATMA_POLAR_BWD=split`, or `none` when no setting is made."""
+    return " ".join(f"{name}={value}" for name, value in settings.items()) or "none"
 
 
 def interpreting() -> bool:
