@@ -4,8 +4,9 @@
 
 Everything is timed in one process on one GPU, so the ratios compare like with like. Polar runs
 with H query heads over G key/value heads (GQA read in-kernel), its forward+backward once with
-each backward variant (two-pass, the default; one-pass: "polar_triton_one_pass"; split:
-"polar_triton_split"), and the default once more with its programs started in order instead of
+the default backward ("polar_triton": ATMA_POLAR_BWD=auto, the faster of two-pass and split, its
+pick and their timings recorded), then once with each variant by name ("polar_triton_two_pass",
+"_one_pass", "_split"), and the default once more with its programs started in order instead of
 longest first ("polar_triton_in_order"); SDPA runs the same query heads
 with `enable_gqa=True` when the backend accepts it, else with K/V expanded to H heads before
 timing (the "sdpa_gqa" field says which). Attention FLOPs count causal attention as
@@ -178,6 +179,7 @@ def bench_attention(args, T: int) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
+    from .polar import triton_impl
     from .polar.triton_impl import polar_attention_triton
 
     B, H, G, d = batch_for(T), args.heads, args.kv_heads, args.head_dim
@@ -204,27 +206,36 @@ def bench_attention(args, T: int) -> list[dict]:
         c, mu = polar_attention_triton(*inputs)
         torch.autograd.grad((c, mu), inputs, (g_dir, g_mag))
 
+    def backward_run() -> dict:
+        """The backward variant the default line ran: ATMA_POLAR_BWD's, and what "auto" picked with its timings."""
+        variant = triton_impl.backward_variant()
+        if variant != "auto":
+            return {"backward": variant}
+        key = (str(q.device), q.dtype, d, False, triton_impl._t_bucket(T))
+        chosen, times = triton_impl.auto_backward_choices().get(key, (None, None))
+        return {"backward": "auto", "backward_chosen": chosen, "backward_auto_ms": times}
+
     rec = _measure("polar_triton", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
-    rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass", schedule="longest_first")
+    rec.update(T=T, B=B, H=H, G=G, d=d, schedule=_schedule(), **backward_run())
     if "fwd_bwd_ms" in rec:
         add_launches(rec, polar_fb, args.iters)
     out.append(rec)
-    # The same forward, then the other backward variants: the one-pass (dq by atomic adds) and the
-    # split (row terms and dq in launches of their own); forward+backward only.
-    for variant in ("one_pass", "split"):
+    # The same forward, then each backward variant by name: the two-pass, the one-pass (dq by atomic
+    # adds) and the split (row terms and dq in launches of their own); forward+backward only.
+    for variant in triton_impl.BACKWARD_VARIANTS:
         with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": variant}):
             rec = _measure(f"polar_triton_{variant}", None, polar_fb, args, fwd_flops, fb_flops)
             if "fwd_bwd_ms" in rec:
                 add_launches(rec, polar_fb, args.iters)
         rec.update(T=T, B=B, H=H, G=G, d=d, backward=variant)
         out.append(rec)
-    # The default (two-pass, longest-first program order) with its programs started tile by tile
-    # instead: the baseline of the order, timed in the same run.
+    # The default line's settings with its programs started tile by tile instead of longest first:
+    # the baseline of the order, timed in the same run.
     with mock.patch.dict(os.environ, {"ATMA_POLAR_SCHEDULE": "in_order"}):
         rec = _measure("polar_triton_in_order", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
         if "fwd_bwd_ms" in rec:
             add_launches(rec, polar_fb, args.iters)
-    rec.update(T=T, B=B, H=H, G=G, d=d, backward="two_pass", schedule="in_order")
+        rec.update(T=T, B=B, H=H, G=G, d=d, schedule=_schedule(), **backward_run())
     out.append(rec)
     variants = len(out)
 
@@ -254,8 +265,15 @@ def bench_attention(args, T: int) -> list[dict]:
                 break
         out.append(rec)
     add_speed_ratios(out[:variants], out[variants:])
-    add_speed_ratios(out[1:variants], out[:1])  # each variant against two-pass: > 1 means it is faster
+    add_speed_ratios(out[1:variants], out[:1])  # each line against the default: > 1 means it is faster
     return out
+
+
+def _schedule() -> str:
+    """The Polar program order ATMA_POLAR_SCHEDULE sets."""
+    from .polar.triton_impl import longest_first
+
+    return "longest_first" if longest_first() else "in_order"
 
 
 def add_speed_ratios(polar_records: list[dict], baselines: list[dict]) -> None:
@@ -372,6 +390,11 @@ def _fmt(rec: dict) -> str:
             f", {len(slowest) - 6} more {rest:.3f} ms" if len(slowest) > 6 else "")
     elif rec.get("launch_error"):
         line += "\n" + " " * 28 + f"fwd+bwd by kernel: {rec['launch_error']}"
+    if rec.get("backward") == "auto":
+        timed = rec.get("backward_auto_ms") or {}
+        times = ", ".join(f"{variant} {ms:.3f} ms" for variant, ms in timed.items())
+        line += "\n" + " " * 28 + f"backward auto: {rec.get('backward_chosen') or 'not run'}" + (
+            f" (timed on first use: {times})" if times else "")
     if rec.get("configs"):
         tiles = [f"{kind} ({','.join(map(str, config))})" for kind, config in rec["configs"].items()]
         line += "\n" + " " * 28 + "tiles (BM,BN,warps,stages): " + ", ".join(tiles)

@@ -171,10 +171,16 @@ def test_polar_time_by_kernel_on_a_gpu():
     """On a GPU each Polar variant's record names its own kernels, with their device time and tiles."""
     args = bench.parse_args(["--seq-lens", "256", "--iters", "2", "--warmup", "1"])
     records = {rec["name"]: rec for rec in bench.bench_attention(args, 256)}
-    expected = {"polar_triton": {"fwd", "dq", "dkdv"}, "polar_triton_one_pass": {"fwd", "rows", "onepass"},
-                "polar_triton_split": {"fwd", "rows", "dkdv", "dq"}, "polar_triton_in_order": {"fwd", "dq", "dkdv"}}
-    assert records["polar_triton"]["schedule"] == "longest_first"
+    default = records["polar_triton"]
+    assert default["schedule"] == "longest_first" and default["backward"] == "auto"
+    kinds_of = {"two_pass": {"fwd", "dq", "dkdv"}, "split": {"fwd", "rows", "dkdv", "dq"}}
+    chosen = default["backward_chosen"]
+    assert chosen == min(default["backward_auto_ms"], key=default["backward_auto_ms"].get)
+    expected = {"polar_triton": kinds_of[chosen], "polar_triton_two_pass": kinds_of["two_pass"],
+                "polar_triton_one_pass": {"fwd", "rows", "onepass"}, "polar_triton_split": kinds_of["split"],
+                "polar_triton_in_order": kinds_of[chosen]}
     assert records["polar_triton_in_order"]["schedule"] == "in_order" and "fwd_ms" in records["polar_triton_in_order"]
+    assert f"backward auto: {chosen} (timed on first use: two_pass " in bench._fmt(default)
     for name, kinds in expected.items():
         rec = records[name]
         assert set(rec["configs"]) == kinds, rec

@@ -408,7 +408,21 @@ def test_launches_record_the_tiles_they_ran_with(polar, monkeypatch):
 
 
 @interpreted
-@pytest.mark.parametrize("variant,kinds", [("two_pass", {"fwd", "dq", "dkdv"}),
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreted_auto_backward_is_two_pass_and_split_shares_its_dq_dk_dv(polar, dtype):
+    """Without a GPU "auto" runs the two-pass backward; the split one, its other candidate, gives the same
+    dq, dk and dv bit for bit (only the per-head sums are added in another order)."""
+    polar.reset_auto_backward()
+    inputs, g_dir, g_mag = polar_case(2, 70, 4, 2, 16, seed=12)
+    runs = kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=dtype, window=17,
+                            variants=("auto", "two_pass", "split"))
+    assert_same_results(runs["auto"][2], runs["two_pass"][2], "auto against two-pass")
+    assert_same_results(runs["split"][2][:3], runs["two_pass"][2][:3], "split against two-pass: dq, dk, dv")
+    assert {choice for choice, _ in polar.auto_backward_choices().values()} == {"two_pass"}
+
+
+@interpreted
+@pytest.mark.parametrize("variant,kinds", [("auto", {"fwd", "dq", "dkdv"}), ("two_pass", {"fwd", "dq", "dkdv"}),
                                            ("one_pass", {"fwd", "rows", "onepass"}),
                                            ("split", {"fwd", "rows", "dkdv", "dq"})])
 def test_interpreted_launches_record_each_variants_kinds(polar, variant, kinds):
@@ -509,13 +523,58 @@ def test_forced_config_rejects_bad_values(polar, monkeypatch, value, needle):
 
 def test_backward_variant_switch(polar, monkeypatch):
     monkeypatch.delenv(polar.BACKWARD_ENV, raising=False)
-    assert polar.backward_variant() == "two_pass"
+    assert polar.backward_variant() == "auto"
     monkeypatch.setenv(polar.BACKWARD_ENV, " One_Pass ")
     assert polar.backward_variant() == "one_pass"
     monkeypatch.setenv(polar.BACKWARD_ENV, "onepass")
-    with pytest.raises(ValueError, match="ATMA_POLAR_BWD must be one of two_pass, one_pass, split") as info:
+    with pytest.raises(ValueError, match="ATMA_POLAR_BWD must be one of auto, two_pass, one_pass, split") as info:
         polar.backward_variant()
     assert "\n" not in str(info.value)
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA q [B, T, H, D] where only its device, dtype and shape are read."""
+
+    def __init__(self, T, D=128, index=0):
+        self.device = torch.device("cuda", index)
+        self.dtype = torch.bfloat16
+        self.shape = (8, T, 8, D)
+
+
+def test_auto_backward_times_the_candidates_once_per_shape_and_keeps_the_faster(polar, monkeypatch):
+    if polar._INTERPRET:
+        pytest.skip("under the interpreter auto is the two-pass backward without timing")
+    monkeypatch.setattr(polar, "_AUTO_CHOICES", {})
+    monkeypatch.delenv("ATMA_POLAR_AUTOTUNE", raising=False)
+    speeds = {"two_pass": 2.0, "split": 1.5}
+    calls = []
+
+    def fake_ms(fn, reps=3):
+        fn()
+        return speeds[calls[-1]]
+
+    monkeypatch.setattr(polar, "_device_ms", fake_ms)
+    run = calls.append
+    assert polar._auto_variant(_FakeCudaTensor(2048), None, run) == "split"
+    assert calls == ["two_pass", "split"]
+    # the same key is not timed again; T = 1500 falls in the same power-of-two bucket
+    assert polar._auto_variant(_FakeCudaTensor(2048), None, run) == "split"
+    assert polar._auto_variant(_FakeCudaTensor(1500), None, run) == "split" and len(calls) == 2
+    # another bucket, a window or another GPU is timed afresh
+    speeds["split"] = 2.5
+    assert polar._auto_variant(_FakeCudaTensor(8192), None, run) == "two_pass"
+    assert polar._auto_variant(_FakeCudaTensor(2048), 512, run) == "two_pass"
+    assert polar._auto_variant(_FakeCudaTensor(2048, index=1), None, run) == "two_pass" and len(calls) == 8
+    key = ("cuda:0", torch.bfloat16, 128, False, 2048)
+    assert polar.auto_backward_choices()[key] == ("split", {"two_pass": 2.0, "split": 1.5})
+    # without autotuning nothing is timed: the two-pass backward
+    polar.reset_auto_backward()
+    monkeypatch.setenv("ATMA_POLAR_AUTOTUNE", "0")
+    assert polar._auto_variant(_FakeCudaTensor(2048), None, run) == "two_pass" and len(calls) == 8
+    assert polar.auto_backward_choices() == {key: ("two_pass", None)}
+    # tensors off the GPU are never timed either
+    monkeypatch.delenv("ATMA_POLAR_AUTOTUNE")
+    assert polar._auto_variant(torch.zeros(1, 4, 1, 16), None, run) == "two_pass" and len(calls) == 8
 
 
 def test_compile_report_reads_a_hopper_build(polar):
@@ -578,9 +637,9 @@ def test_interpreted_custom_ops_pass_opcheck(polar):
     torch.library.opcheck(fwd, (*detached, None, False), test_utils="test_faketensor")
     _, _, *stats = fwd(*detached, 4, True)
     torch.library.opcheck(bwd, (g_dir, g_mag, *detached, *stats, 4, "two_pass"))
-    for variant in ("one_pass", "split"):
+    for variant in ("one_pass", "split", "auto"):
         torch.library.opcheck(bwd, (g_dir, g_mag, *detached, *stats, 4, variant), test_utils="test_faketensor")
-    with pytest.raises(ValueError, match="variant must be one of two_pass, one_pass, split; got 'fused'"):
+    with pytest.raises(ValueError, match="variant must be one of auto, two_pass, one_pass, split; got 'fused'"):
         bwd(g_dir, g_mag, *detached, *stats, 4, "fused")
 
 
@@ -858,6 +917,21 @@ def test_gpu_length_terms_match_numerics(polar, window):
     t_ref, nu_ref = polar_length_terms(polar_visible_counts(T, window, device="cuda"), *raw)
     torch.testing.assert_close(t, t_ref, rtol=2e-6, atol=0.0)
     torch.testing.assert_close(nu, nu_ref, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_backward_runs_the_faster_variant(polar, monkeypatch):
+    """On a GPU "auto" times the two-pass and the split backward on first use and runs the faster, whose
+    gradients it returns bit for bit."""
+    monkeypatch.delenv("ATMA_POLAR_AUTOTUNE", raising=False)
+    polar.reset_auto_backward()
+    inputs, g_dir, g_mag = gpu_case(2, 1024, 8, 2, 128, torch.bfloat16, seed=7)
+    runs = kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.bfloat16, window=None,
+                            variants=("auto", "two_pass", "split"))
+    (chosen, times), = polar.auto_backward_choices().values()
+    assert set(times) == set(polar.AUTO_CANDIDATES) and all(ms > 0 for ms in times.values())
+    assert chosen == min(times, key=times.get)
+    assert_same_results(runs["auto"][2], runs[chosen][2], f"auto against {chosen}")
 
 
 @pytest.mark.gpu

@@ -20,6 +20,14 @@ of the key-parallel kernel, and dq in another, which reads them back: one more l
 kernel whose registers no longer hold the row terms' fp32 tiles (compiled for sm_90 with triton
 3.6: no stack at its default tile, against 824 bytes per thread for the fused launch).
 
+The default, ATMA_POLAR_BWD=auto, runs whichever of the two-pass and the split backward is faster
+on this GPU: the first backward of each device, dtype, head dim, window flag and power-of-two
+bucket of T times both on its own inputs (after each one's tile autotuning) and keeps the faster
+for the rest of the process, as triton's autotuner keeps tiles. Both are free of atomics; they
+give the same dq, dk and dv bit for bit and differ only in the order in which the per-head sums
+are added (v_null and the four scalars, last bits). Without a GPU, under the interpreter or with
+ATMA_POLAR_AUTOTUNE=0, "auto" is the two-pass backward.
+
 Program order: the forward, dq and dk/dv kernels start the tiles with the most causal work first
 (the last query tiles, the first key tiles), so the short programs fill the last wave;
 ATMA_POLAR_SCHEDULE=in_order runs them tile by tile within each (batch, head) instead. The order
@@ -63,6 +71,8 @@ __all__ = [
     "polar_length_terms_triton",
     "polar_program_order_triton",
     "backward_variant",
+    "auto_backward_choices",
+    "reset_auto_backward",
     "longest_first",
     "launch_candidates",
     "autotune_candidates",
@@ -73,6 +83,7 @@ __all__ = [
     "FORCE_ENV",
     "BACKWARD_ENV",
     "BACKWARD_VARIANTS",
+    "AUTO_CANDIDATES",
     "SCHEDULE_ENV",
     "SCHEDULES",
 ]
@@ -135,9 +146,14 @@ _TUNE_KEYS = {"fwd": ["D", "HAS_WINDOW", "T_BUCKET"], "dq": ["D", "HAS_WINDOW", 
 # Forces one launch configuration per named kernel, in place of autotuning (or of the interpreter's
 # configuration), e.g. ATMA_POLAR_CONFIG="fwd=128,64,8,2;dq=64,32,8,2;dkdv=32,64,8,1".
 FORCE_ENV = "ATMA_POLAR_CONFIG"
-# The backward variant: "two_pass" (default), "one_pass" or "split".
+# The backward variant: "auto" (default: the faster of the deterministic two, timed on first use),
+# "two_pass", "one_pass" or "split".
 BACKWARD_ENV = "ATMA_POLAR_BWD"
 BACKWARD_VARIANTS = ("two_pass", "one_pass", "split")
+# What "auto" times and picks from: the variants without atomics (every gradient bit-reproducible).
+AUTO_CANDIDATES = ("two_pass", "split")
+# "auto"'s pick per (device, dtype, head dim, window flag, T bucket): (variant, {variant: ms} or None).
+_AUTO_CHOICES: dict[tuple, tuple[str, dict[str, float] | None]] = {}
 # The order in which the programs of the forward, dq and dk/dv kernels start: "longest_first" (default;
 # the tiles with the most causal work first) or "in_order" (tile by tile within each (batch, head)).
 SCHEDULE_ENV = "ATMA_POLAR_SCHEDULE"
@@ -192,11 +208,50 @@ def forced_config(kind: str) -> tuple[int, int, int, int] | None:
 
 
 def backward_variant() -> str:
-    """Return the backward variant ATMA_POLAR_BWD selects: "two_pass" (default), "one_pass" or "split"."""
-    value = os.environ.get(BACKWARD_ENV, "two_pass").strip().lower() or "two_pass"
-    if value not in BACKWARD_VARIANTS:
-        raise ValueError(f"{BACKWARD_ENV} must be one of {', '.join(BACKWARD_VARIANTS)}; got {value!r}")
+    """Return the backward variant ATMA_POLAR_BWD selects: "auto" (default), "two_pass", "one_pass" or "split"."""
+    value = os.environ.get(BACKWARD_ENV, "auto").strip().lower() or "auto"
+    if value not in ("auto", *BACKWARD_VARIANTS):
+        raise ValueError(f"{BACKWARD_ENV} must be one of auto, {', '.join(BACKWARD_VARIANTS)}; got {value!r}")
     return value
+
+
+def auto_backward_choices() -> dict[tuple, tuple[str, dict[str, float] | None]]:
+    """What ATMA_POLAR_BWD=auto picked so far: {(device, dtype, head dim, windowed, T bucket): (variant, {variant:
+    median ms} or None where nothing was timed)}."""
+    return dict(_AUTO_CHOICES)
+
+
+def reset_auto_backward() -> None:
+    """Forget the picks of ATMA_POLAR_BWD=auto (the next backward of each shape times the candidates again)."""
+    _AUTO_CHOICES.clear()
+
+
+def _device_ms(fn, reps: int = 3) -> float:
+    """Median device milliseconds of `fn` on the current CUDA stream over `reps` calls, after one untimed call
+    (it autotunes the launches' tiles on first use)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _auto_variant(q: Tensor, window: int | None, run) -> str:
+    """The variant ATMA_POLAR_BWD=auto runs for q's shape: on a GPU, with autotuning on, the faster of
+    AUTO_CANDIDATES, timed once per key by `run(variant)` on the call's own inputs; else two-pass."""
+    key = (str(q.device), q.dtype, q.shape[3], window is not None, _t_bucket(q.shape[1]))
+    if key not in _AUTO_CHOICES:
+        if _INTERPRET or q.device.type != "cuda" or not autotune_enabled("ATMA_POLAR_AUTOTUNE"):
+            _AUTO_CHOICES[key] = ("two_pass", None)
+        else:
+            times = {variant: _device_ms(lambda variant=variant: run(variant)) for variant in AUTO_CANDIDATES}
+            _AUTO_CHOICES[key] = (min(times, key=times.get), times)
+    return _AUTO_CHOICES[key][0]
 
 
 def longest_first() -> bool:
@@ -304,9 +359,14 @@ def _polar_fwd(q, k, v, v_null, params, window: int | None, save: bool):
 
 
 def _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2, window: int | None, variant: str):
-    """Launch the backward kernels of `variant`; returns the gradients of (q, k, v, v_null, *params)."""
+    """Launch the backward kernels of `variant` ("auto": see `_auto_variant`); returns the gradients of
+    (q, k, v, v_null, *params)."""
+    if variant == "auto":
+        variant = _auto_variant(q, window, lambda v_: _polar_bwd(g_dir, g_mag, q, k, v, v_null, params, s, m, l, q2,
+                                                                 window, v_))
     if variant not in BACKWARD_VARIANTS:
-        raise ValueError(f"the Polar backward variant must be one of {', '.join(BACKWARD_VARIANTS)}; got {variant!r}")
+        raise ValueError(f"the Polar backward variant must be one of auto, {', '.join(BACKWARD_VARIANTS)}; "
+                         f"got {variant!r}")
     B, T, H, D = q.shape
     G = k.shape[2]
     dev, f32 = q.device, torch.float32
