@@ -747,6 +747,17 @@ def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
     return out
 
 
+def polar_backward_picks() -> list[dict]:
+    """What the Polar Triton backward's "auto" picked in this process, per shape key, with its timings (none
+    where the Triton path never ran)."""
+    polar = sys.modules.get("kernels.polar.triton_impl")
+    if polar is None:
+        return []
+    return [{"shape": f"{device} {str(dtype).replace('torch.', '')} d={d} window={windowed} T<={bucket}",
+             "chosen": chosen, "ms": times}
+            for (device, dtype, d, windowed, bucket), (chosen, times) in polar.auto_backward_choices().items()]
+
+
 def print_report(cases: list[Case], found: list[dict]) -> None:
     """The table of cases, the ratios, and each case's breakdown and top ops."""
     print(f"{'case':44} {'step ms':>9} {'±':>6} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'MFU(6N)':>8} {'GiB':>6}")
@@ -876,7 +887,8 @@ def main(argv=None) -> int:
             with open(args.json, "w", encoding="utf-8") as f:
                 json.dump({"device": name, "fla_timing_only": args.fla_timing_only, **provenance, "args": shown,
                            "results": [c.result for c in cases if c.result],
-                           "ratios": ratios(cases, args.cores[-1]), "complete": complete}, f, indent=2)
+                           "ratios": ratios(cases, args.cores[-1]), "polar_backward_auto": polar_backward_picks(),
+                           "complete": complete}, f, indent=2)
 
     with fla_bridge.fla_timing_only() if args.fla_timing_only else contextlib.nullcontext():
         if args.interleave:
@@ -899,6 +911,10 @@ def main(argv=None) -> int:
                           "(the other ranks cannot go on without this one)", file=sys.stderr, flush=True)
                     return 1
     print_report(cases, ratios(cases, args.cores[-1]))
+    for pick in polar_backward_picks():
+        print(f"Polar backward (auto) for {pick['shape']}: {pick['chosen']}" + (
+            " (timed on first use: " + ", ".join(f"{v} {ms:.3f} ms" for v, ms in pick["ms"].items()) + ")"
+            if pick["ms"] else " (nothing timed)"))
     write_json(complete=True)
     return 0 if all("error" not in c.result for c in cases) else 1
 

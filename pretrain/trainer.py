@@ -849,7 +849,18 @@ class Trainer:
         if compile_method(cfg.train, self.device.type) is not None:
             scalars.update({f"compile/{k}": v for k, v in dynamo_summary().items()})
         self.monitor.log(self.step, scalars)
+        if self.step == 1:
+            self._report_polar_backward_picks()
         return scalars
+
+    def _report_polar_backward_picks(self) -> None:
+        """Print, once, which Polar backward "auto" picked on the first step's shapes, with its timings."""
+        polar = sys.modules.get("kernels.polar.triton_impl")
+        for (device, dtype, d, windowed, bucket), (chosen, times) in (polar.auto_backward_choices().items()
+                                                                      if polar else ()):
+            timed = ", ".join(f"{variant} {ms:.2f} ms" for variant, ms in (times or {}).items())
+            self.monitor.print(f"[atma] Polar backward (ATMA_POLAR_BWD=auto) at d={d}, T<={bucket}"
+                               f"{', windowed' if windowed else ''}: {chosen}" + (f" ({timed})" if timed else ""))
 
     def _validate_on_cadence(self, meter: ThroughputMeter) -> None:
         cfg = self.cfg

@@ -1178,3 +1178,41 @@ def test_a_build_lock_left_by_a_killed_build_is_refused_in_one_line(tmp_path, mo
     assert str(err.value) == (
         f"{lock} is 16 minutes old: an interrupted build of a DeepSpeed op left it, and loading the op would wait "
         f"for it forever; if no build is running, delete it (rm {lock}) and start again")
+
+
+def test_training_bench_reports_the_polar_backward_auto_picks(monkeypatch):
+    from pretrain import bench
+    from kernels.polar import triton_impl
+
+    monkeypatch.setattr(triton_impl, "_AUTO_CHOICES", {
+        ("cuda:0", torch.bfloat16, 128, False, 2048): ("split", {"two_pass": 2.05, "split": 1.8}),
+        ("cpu", torch.float32, 64, True, 256): ("two_pass", None),
+    })
+    assert bench.polar_backward_picks() == [
+        {"shape": "cuda:0 bfloat16 d=128 window=False T<=2048", "chosen": "split",
+         "ms": {"two_pass": 2.05, "split": 1.8}},
+        {"shape": "cpu float32 d=64 window=True T<=256", "chosen": "two_pass", "ms": None},
+    ]
+    monkeypatch.delitem(sys.modules, "kernels.polar.triton_impl")
+    assert bench.polar_backward_picks() == []  # the Triton path never ran in this process
+
+
+def test_trainer_prints_the_polar_backward_auto_picks_once_known(monkeypatch):
+    from types import SimpleNamespace
+
+    from kernels.polar import triton_impl
+    from pretrain.trainer import Trainer
+
+    printed = []
+    fake = SimpleNamespace(monitor=SimpleNamespace(print=printed.append))
+    monkeypatch.setattr(triton_impl, "_AUTO_CHOICES", {})
+    Trainer._report_polar_backward_picks(fake)
+    assert printed == []
+    monkeypatch.setattr(triton_impl, "_AUTO_CHOICES", {
+        ("cuda:0", torch.bfloat16, 128, False, 2048): ("split", {"two_pass": 2.05, "split": 1.8}),
+        ("cuda:0", torch.bfloat16, 128, True, 4096): ("two_pass", None),
+    })
+    Trainer._report_polar_backward_picks(fake)
+    assert printed == ["[atma] Polar backward (ATMA_POLAR_BWD=auto) at d=128, T<=2048: split (two_pass 2.05 ms, "
+                       "split 1.80 ms)",
+                       "[atma] Polar backward (ATMA_POLAR_BWD=auto) at d=128, T<=4096, windowed: two_pass"]
