@@ -13,7 +13,8 @@ it (DeepSpeed JSON ds_configs/zero{N}_bf16.json, or the --config's own for its s
 auto: bf16 on CUDA, fp32 on the CPU) and
 timed on random tokens (or --data shards). Ratios compare cases that differ in one setting, all
 measured in this run: core vs the last core of --cores, ZeRO-3 vs ZeRO-0 and ZeRO-2, compiled vs
-eager, activation checkpointing vs none, each DeepSpeed variant vs the shipped JSON. A case that
+eager, activation checkpointing (or an activation memory budget, AC value budget<F>) vs none, each
+DeepSpeed variant vs the shipped JSON. A case that
 fails is reported and the others still run, except with --interleave or under the deepspeed
 launcher: there a failure ends the run with exit status 1 (the other cases, or the other ranks
 waiting in that case's collectives, cannot go on without it), and the JSON keeps what was done.
@@ -60,6 +61,34 @@ ZERO_CONFIGS = {0: "ds_configs/zero0_bf16.json", 1: "ds_configs/zero1_bf16.json"
                 3: "ds_configs/zero3_bf16.json"}
 COMPILE_CHOICES = ("auto", "off", "blocks", "deepcompile")
 CHECKPOINT_POLICIES = ("none", "global", "all")
+# An AC value "budget<F>" (e.g. budget0.5): no checkpointing, compiled blocks keep F of their activations.
+BUDGET_PREFIX = "budget"
+
+
+def is_ac_value(text: str) -> bool:
+    """Whether `text` is an activation-recomputation setting of a case: a checkpointing policy or budget<F>, 0 <= F < 1."""
+    if text in CHECKPOINT_POLICIES:
+        return True
+    try:
+        return text.startswith(BUDGET_PREFIX) and 0.0 <= float(text[len(BUDGET_PREFIX):]) < 1.0
+    except ValueError:
+        return False
+
+
+def ac_settings(ac: str) -> list[str]:
+    """The run-config settings of a case's activation-recomputation value."""
+    if ac in CHECKPOINT_POLICIES:
+        return [f"train.activation_checkpointing={ac}", "train.activation_memory_budget=1.0"]
+    return ["train.activation_checkpointing=none", f"train.activation_memory_budget={float(ac[len(BUDGET_PREFIX):])}"]
+
+
+def _ac_list(text: str) -> list[str]:
+    """An argparse type: comma-separated activation-recomputation values (policies or budget<F>)."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values or not all(is_ac_value(v) for v in values):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(CHECKPOINT_POLICIES)} or budget<F> with 0 <= F < 1 "
+                                         f"(e.g. budget0.5); got {text!r}")
+    return values
 
 
 def _list(kind, choices=None):
@@ -84,7 +113,7 @@ def _cases(text: str) -> list[tuple]:
     for item in filter(None, (x.strip() for x in _split_settings(text))):
         parts = item.split(":")
         if len(parts) not in (4, 5) or parts[0] not in ("polar", "nope", "rope") \
-                or parts[1] not in ("0", "1", "2", "3") or parts[2] not in CHECKPOINT_POLICIES \
+                or parts[1] not in ("0", "1", "2", "3") or not is_ac_value(parts[2]) \
                 or parts[3] not in COMPILE_CHOICES or (len(parts) == 5 and not parts[4]):
             raise argparse.ArgumentTypeError(
                 f"a case is CORE:ZERO:AC:COMPILE[:VARIANT], e.g. polar:3:none:blocks or polar:3:none:blocks:v1; "
@@ -166,8 +195,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--zero-stages", "--zero-stage", type=_list(int, (0, 1, 2, 3)),
                    help="comma-separated DeepSpeed ZeRO stages (default: 2,3, or the stage of the --config's "
                         "DeepSpeed JSON, which that stage's cases use; the others use ds_configs/zero{N}_bf16.json)")
-    p.add_argument("--activation-checkpointing", type=_list(str, CHECKPOINT_POLICIES),
-                   help="comma-separated policies: none, global, all (default: none, or the --config's)")
+    p.add_argument("--activation-checkpointing", type=_ac_list,
+                   help="comma-separated: none, global, all (checkpointing policies), or budget<F> for no "
+                        "checkpointing and compiled blocks keeping F of their activations (0 <= F < 1, e.g. "
+                        "budget0.5; needs compiled blocks) (default: none, or the --config's)")
     p.add_argument("--compile", type=_list(str, COMPILE_CHOICES), default=["auto"],
                    help="comma-separated: off, blocks, deepcompile, or auto (what training does: the --config's "
                         "train.compile, by default blocks on CUDA and off on the CPU)")
@@ -241,8 +272,9 @@ def load_recipe(args) -> None:
     cfg = args.run_config
     args.preset = args.preset or (cfg.model.preset if cfg else "atma-378m")
     args.micro_batch = args.micro_batch or (cfg.batch.micro_batch_size if cfg else 8)
-    args.activation_checkpointing = args.activation_checkpointing or (
-        [cfg.train.activation_checkpointing] if cfg else ["none"])
+    configured = cfg and (f"{BUDGET_PREFIX}{cfg.train.activation_memory_budget:g}"
+                          if cfg.train.activation_memory_budget < 1.0 else cfg.train.activation_checkpointing)
+    args.activation_checkpointing = args.activation_checkpointing or [configured or "none"]
     args.zero_stages = args.zero_stages or ([ds_json_stage(cfg.deepspeed_config)] if cfg else [2, 3])
 
 
@@ -382,7 +414,7 @@ class CaseRunner:
                            "deepcompile": ["train.compile=true", "train.compile_method=deepcompile"]}[case.compile]
         self.cfg = load_run_config(args.config, [
             "data.dir=random-tokens", *args.set, f"deepspeed_config={case_ds_json(case, args)}",
-            f"train.activation_checkpointing={case.checkpointing}", *compile_setting,
+            *ac_settings(case.checkpointing), *compile_setting,
         ])
         self.plan = BatchPlan(args.seq_len, args.micro_batch, args.grad_accum, args.world_size)
         self.config = case_model_config(case, args)
@@ -725,7 +757,8 @@ def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
         ("zero", "zero_stage", [(3, 0), (2, 0), (1, 0), (3, 2)], "ZeRO-{}/ZeRO-{} step"),
         ("compile", "compile", [("blocks", "off"), ("deepcompile", "off"), ("deepcompile", "blocks")],
          "compile {}/{} step"),
-        ("ac", "checkpointing", [("global", "none"), ("all", "none")], "checkpointing {}/{} step"),
+        ("ac", "checkpointing", [(ac, "none") for ac in sorted({c.checkpointing for c in done} - {"none"})],
+         "checkpointing {}/{} step"),
         ("ds", "variant", [(v, "") for v in sorted({c.variant for c in done} - {""})], "ds {}/shipped step"),
     ]
     out = []

@@ -286,6 +286,11 @@ class TrainSection:
     """blocks (torch.compile of each block's computation; ZeRO-3 gathers stay outside the graphs) or
     deepcompile (DeepSpeed's engine.compile() with DeepCompile; CUDA only)."""
 
+    activation_memory_budget: float = 1.0
+    """With compiled blocks: the share of each block's activations the backward keeps, the compiler
+    recomputing the cheapest of the rest (torch._functorch's activation_memory_budget); 1.0 keeps what it
+    saves by default, 0.0 recomputes all it can. An alternative to activation_checkpointing."""
+
     def __post_init__(self):
         _require(self.max_steps > 0, f"train.max_steps must be positive, got {self.max_steps}")
         _require_one_of(self.activation_checkpointing, CHECKPOINT_POLICIES, "train.activation_checkpointing")
@@ -295,6 +300,19 @@ class TrainSection:
         self.compile = str(self.compile).lower()  # YAML true/false arrive as "True"/"False"
         _require_one_of(self.compile, COMPILE_CHOICES, "train.compile")
         _require_one_of(self.compile_method, COMPILE_METHODS, "train.compile_method")
+        budget = self.activation_memory_budget
+        _require(isinstance(budget, (int, float)) and not isinstance(budget, bool) and 0.0 <= budget <= 1.0,
+                 f"train.activation_memory_budget must be a number from 0 to 1 (1: keep what the compiler saves, 0: "
+                 f"recompute all it can), got {budget!r}")
+        if budget < 1.0:
+            _require(self.activation_checkpointing == "none",
+                     f"train.activation_memory_budget={budget} and train.activation_checkpointing="
+                     f"{self.activation_checkpointing}: choose one (checkpointing recomputes whole blocks, the budget "
+                     "lets the compiler recompute inside each compiled block)")
+            _require(self.compile != "false" and self.compile_method == "blocks",
+                     f"train.activation_memory_budget={budget} needs compiled blocks (train.compile=true, or auto on "
+                     f"CUDA, with train.compile_method=blocks); got train.compile={self.compile}, "
+                     f"train.compile_method={self.compile_method}")
 
 
 @dataclass(kw_only=True, slots=True)

@@ -29,7 +29,7 @@ RECORD_FORMAT = 1
 # Run-config keys (or whole sections) whose change leaves the computation as it was.
 FREE_KEYS = ("name", "run_dir", "deepspeed_config", "data.dir", "data.num_workers", "batch.micro_batch_size",
              "train.max_steps", "train.nan_policy", "train.max_skipped_steps", "train.activation_checkpointing",
-             "train.seed", "train.init_from", "checkpoint", "logging", "profile")
+             "train.activation_memory_budget", "train.seed", "train.init_from", "checkpoint", "logging", "profile")
 # Keys of this invocation, never reported as changes.
 INVOCATION_KEYS = ("checkpoint.resume", "checkpoint.allow_changes")
 # Run-config keys a checkpoint cannot continue with once changed.

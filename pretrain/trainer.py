@@ -349,7 +349,8 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overri
             warnings.warn("optim.grad_clip is not applied with Muon (DeepSpeed clips the Muon update, "
                           "not the raw gradient); training runs without gradient clipping", stacklevel=2)
             ds["gradient_clipping"] = 0.0
-    configure_compile(ds, compile_method(cfg.train, device_type), device_type=device_type, source=path)
+    configure_compile(ds, compile_method(cfg.train, device_type), device_type=device_type, source=path,
+                      budget=cfg.train.activation_memory_budget)
     if cfg.train.nan_policy == "skip":
         try:
             check_skip_supported(ds)
@@ -380,7 +381,8 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
         announce_builds([adam.builds])
     optimizer = build_optimizer(model, cfg.optim, adam)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    compile_engine(engine, compile_method(cfg.train, device.type))
+    compile_engine(engine, compile_method(cfg.train, device.type),
+                   activation_memory_budget=cfg.train.activation_memory_budget)
     return engine, optimizer
 
 

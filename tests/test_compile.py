@@ -79,3 +79,34 @@ def test_a_compiled_teacher_gives_the_eager_teachers_targets(tmp_path):
     assert (after["graphs"] - before["graphs"], after["graph_breaks"] - before["graph_breaks"]) == (2, 0)
     assert targets[True].shape == (ids.numel(), 256)
     torch.testing.assert_close(targets[True], targets[False], rtol=1e-5, atol=1e-5)
+
+
+def test_an_activation_memory_budget_recomputes_inside_the_compiled_blocks():
+    """Blocks compiled with an activation memory budget keep fewer tensors for the backward and train the same;
+    each model keeps its own budget, although Dynamo shares a graph between models compiled alike."""
+    from pretrain.compilation import memory_budget_backend
+
+    torch._dynamo.reset()
+    models = {}
+    for budget in (1.0, 0.0):
+        models[budget] = tiny_model("polar", True)
+        models[budget].compile_blocks(**({"backend": memory_budget_backend(budget)} if budget < 1 else {}))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    saved, losses = {}, {}
+    for budget in (1.0, 0.0, 1.0):  # the first model again, after the second one compiled
+        kept = []
+        models[budget].zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = models[budget](ids, ids).loss
+        loss.backward()
+        saved.setdefault(budget, set()).add(sum(kept))
+        losses.setdefault(budget, []).append(loss.item())
+    assert len(saved[1.0]) == 1, saved  # the same partition both times
+    (full,), (least,) = saved[1.0], saved[0.0]
+    assert least < 0.6 * full, saved
+    assert losses[0.0][0] == pytest.approx(losses[1.0][0], rel=1e-6)
+    assert losses[1.0][1] == losses[1.0][0]
+    # fp32: the recomputation may order a reduction differently, so a few ulps apart at most
+    for (name, p), q in zip(models[0.0].named_parameters(), models[1.0].parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)

@@ -534,8 +534,8 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     check_dry_calls(dry_calls(log))
     calls = [" ".join(argv) for argv in dry_calls(log)]
     assert sum(c.startswith("-m pretrain.bench") for c in calls) == 8
-    assert any(c.startswith("-m pretrain.bench --micro-batch 16 ") and "--cases polar:3:none:blocks,nope:3:none:blocks "
-               in c for c in calls)
+    assert any(c.startswith("-m pretrain.bench --micro-batch 16 ") and
+               "--cases polar:3:none:blocks,nope:3:none:blocks,polar:3:budget0:blocks " in c for c in calls)
     # Only the loop-carry step keeps the memory's PyTorch loop (the "small" launch class of its carry).
     profiles = [(" ".join(argv), env.get("ATMA_DELTA_TRITON_PROFILE")) for argv, env in zip(dry_calls(log),
                                                                                              dry_envs(log))]

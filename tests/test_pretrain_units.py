@@ -1216,3 +1216,59 @@ def test_trainer_prints_the_polar_backward_auto_picks_once_known(monkeypatch):
     assert printed == ["[atma] Polar backward (ATMA_POLAR_BWD=auto) at d=128, T<=2048: split (two_pass 2.05 ms, "
                        "split 1.80 ms)",
                        "[atma] Polar backward (ATMA_POLAR_BWD=auto) at d=128, T<=4096, windowed: two_pass"]
+
+
+def test_compiled_blocks_get_the_activation_memory_budget_of_the_run_config():
+    from types import SimpleNamespace
+
+    from pretrain import compilation
+
+    calls = []
+    engine = SimpleNamespace(module=SimpleNamespace(compile_blocks=lambda **kw: calls.append(kw)),
+                             compile=lambda: calls.append("engine.compile"))
+    compilation.compile_engine(engine, "blocks")
+    compilation.compile_engine(engine, "blocks", activation_memory_budget=0.25)
+    compilation.compile_engine(engine, None, activation_memory_budget=0.25)
+    assert calls == [{}, {"backend": compilation.memory_budget_backend(0.25)}]
+    # one backend per budget: Dynamo shares a graph between models compiled with the same backend
+    assert compilation.memory_budget_backend(0.25) is not compilation.memory_budget_backend(0.5)
+    assert compilation.memory_budget_backend(0.25).__name__ == "inductor_activation_memory_budget_0.25"
+    with pytest.warns(UserWarning, match="activation_memory_budget=0.25 has no effect here: the blocks are not "
+                                         "compiled on cpu"):
+        compilation.configure_compile({}, None, device_type="cpu", source="x.json", budget=0.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compilation.configure_compile({}, None, device_type="cpu", source="x.json")
+
+
+def test_training_bench_takes_an_activation_memory_budget_as_an_ac_value(tmp_path):
+    from pretrain import bench
+    from pretrain.bench import Case, ratios
+
+    assert bench._cases("polar:3:budget0.5:blocks,polar:3:none:blocks") == [("polar", 3, "budget0.5", "blocks"),
+                                                                             ("polar", 3, "none", "blocks")]
+    for bad in ("polar:3:budget1:blocks", "polar:3:budget-0.1:blocks", "polar:3:budgetx:blocks", "polar:3:budget:blocks"):
+        with pytest.raises(argparse.ArgumentTypeError, match="CORE:ZERO:AC:COMPILE"):
+            bench._cases(bad)
+    assert bench._ac_list("none,budget0,budget0.25") == ["none", "budget0", "budget0.25"]
+    with pytest.raises(argparse.ArgumentTypeError, match="budget<F> with 0 <= F < 1"):
+        bench._ac_list("budget2")
+    assert bench.ac_settings("budget0.25") == ["train.activation_checkpointing=none",
+                                               "train.activation_memory_budget=0.25"]
+    assert bench.ac_settings("all") == ["train.activation_checkpointing=all", "train.activation_memory_budget=1.0"]
+    # a run config's budget is the default AC value of its cases; a policy case sets the budget back to 1
+    run = tmp_path / "run.yaml"
+    run.write_text("data:\n  dir: d\ntrain:\n  compile: true\n  activation_memory_budget: 0.25\n")
+    args = bench.parse_args(["--device", "cpu", "--config", str(run)])
+    args.model_overrides = bench.model_overrides(args.model_set)
+    args.seq_len = 64
+    assert {case.checkpointing for case in bench.plan_cases(args)} == {"budget0.25"}
+    # each AC value is compared with no recomputation
+    cases = []
+    for ac, seconds in (("none", 1.0), ("all", 1.4), ("budget0.5", 1.1)):
+        case = Case("polar", 3, ac, "blocks")
+        case.result = {"step_s_median": seconds}
+        cases.append(case)
+    found = {r["ratio"]: r["value"] for r in ratios(cases, "polar")}
+    assert found == {"checkpointing all/none step": pytest.approx(1.4),
+                     "checkpointing budget0.5/none step": pytest.approx(1.1)}
