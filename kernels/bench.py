@@ -29,7 +29,7 @@ import torch
 
 from data_pipeline.argtypes import writable_file
 
-from .common import describe_settings, kernel_settings
+from .common import cuda_median_ms, describe_settings, kernel_settings
 from .common.ops import NON_COMPUTING_OPS
 
 DEFAULT_SEQ_LENS = (2048, 8192, 32768)
@@ -94,19 +94,7 @@ def attention_flops(B: int, H: int, T: int, d: int, *, backward: bool) -> float:
 
 def _time_ms(fn, iters: int, warmup: int) -> float:
     """Median milliseconds of fn() over `iters` runs, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+    return cuda_median_ms(fn, iters, warmup)
 
 
 def _peak_extra_mib(fn) -> float:

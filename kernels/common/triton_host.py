@@ -21,6 +21,7 @@ __all__ = [
     "forced_launch_configs",
     "kernel_settings",
     "describe_settings",
+    "cuda_median_ms",
     "TRITON_DTYPES",
 ]
 
@@ -32,6 +33,23 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #   "mid":   other NVIDIA parts with >= 96 KB (A100, L4, L40S, consumer Blackwell).
 #   "small": ROCm, or below 96 KB.
 _CLASSES = ("large", "mid", "small")
+
+
+def cuda_median_ms(fn, iters: int, warmup: int) -> float:
+    """Median milliseconds of fn() over `iters` calls on the current CUDA stream (CUDA events), after `warmup`
+    untimed calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def kernel_settings() -> dict[str, str]:

@@ -52,6 +52,7 @@ from ..common import (
     TRITON_DTYPES,
     autotune_enabled,
     check_launch_device,
+    cuda_median_ms,
     device_class,
     forced_launch_configs,
     interpreting,
@@ -227,18 +228,9 @@ def reset_auto_backward() -> None:
 
 
 def _device_ms(fn, reps: int = 3) -> float:
-    """Median device milliseconds of `fn` on the current CUDA stream over `reps` calls, after one untimed call
-    (it autotunes the launches' tiles on first use)."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    """Median device milliseconds of `fn` over `reps` calls, after one untimed call (it autotunes the launches'
+    tiles on first use)."""
+    return cuda_median_ms(fn, reps, 1)
 
 
 def _auto_variant(q: Tensor, window: int | None, run) -> str:
