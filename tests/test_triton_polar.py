@@ -575,6 +575,23 @@ def test_auto_backward_times_the_candidates_once_per_shape_and_keeps_the_faster(
     # tensors off the GPU are never timed either
     monkeypatch.delenv("ATMA_POLAR_AUTOTUNE")
     assert polar._auto_variant(torch.zeros(1, 4, 1, 16), None, run) == "two_pass" and len(calls) == 8
+    # a candidate that fails on its first use (no tile fits, say) is left out with a warning; all failing raises
+    polar.reset_auto_backward()
+
+    def split_fails(fn, reps=3):
+        fn()
+        if calls[-1] == "split":
+            raise RuntimeError("out of resource: shared memory\nmore")
+        return 9.0
+
+    monkeypatch.setattr(polar, "_device_ms", split_fails)
+    with pytest.warns(UserWarning, match="the split Polar backward failed on its first use here "
+                                         "\\(RuntimeError: out of resource: shared memory\\); it is left out"):
+        assert polar._auto_variant(_FakeCudaTensor(2048), None, run) == "two_pass"
+    assert polar.auto_backward_choices()[key] == ("two_pass", {"two_pass": 9.0})
+    monkeypatch.setattr(polar, "_device_ms", lambda fn, reps=3: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        polar._auto_variant(_FakeCudaTensor(4096), None, run)
 
 
 def test_compile_report_reads_a_hopper_build(polar):

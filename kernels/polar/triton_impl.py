@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -241,7 +242,18 @@ def _auto_variant(q: Tensor, window: int | None, run) -> str:
         if _INTERPRET or q.device.type != "cuda" or not autotune_enabled("ATMA_POLAR_AUTOTUNE"):
             _AUTO_CHOICES[key] = ("two_pass", None)
         else:
-            times = {variant: _device_ms(lambda variant=variant: run(variant)) for variant in AUTO_CANDIDATES}
+            times, failures = {}, {}
+            for variant in AUTO_CANDIDATES:
+                try:
+                    times[variant] = _device_ms(lambda variant=variant: run(variant))
+                except Exception as exc:  # e.g. no tile of a variant fits this GPU: the others still can run
+                    failures[variant] = exc
+            if not times:
+                raise next(iter(failures.values()))
+            for variant, exc in failures.items():
+                warnings.warn(f"ATMA_POLAR_BWD=auto: the {variant} Polar backward failed on its first use here "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); it is left "
+                              "out", stacklevel=2)
             _AUTO_CHOICES[key] = (min(times, key=times.get), times)
     return _AUTO_CHOICES[key][0]
 
