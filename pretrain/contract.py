@@ -2,7 +2,8 @@
 
 A tag's `run.json` holds what the numbers of that checkpoint depend on: the resolved run config,
 the model config, the sequence length, the identity of the training data (shards, tokenizer),
-the ZeRO stage and world size, the code version and the library versions. Resume compares the
+the ZeRO stage and world size, the code version, the library versions and the kernel settings made
+in the environment (`ATMA_*`). Resume compares the
 record with the run being started and sorts every difference into one of three kinds:
 
 - free: the field does not change what is computed from here on (paths, logging, profiling,
@@ -42,8 +43,9 @@ FIXED_WAYS = "set it back, train in a new --run-dir, or pass --resume none to st
 
 
 def build_record(*, step: int, tokens_seen: int, config: dict, model_config: dict, data: dict, zero_stage: int,
-                 world_size: int, code_version: dict, versions: dict) -> dict:
-    """The record stored in every checkpoint tag (see the module docstring)."""
+                 world_size: int, code_version: dict, versions: dict, kernel_settings: dict | None = None) -> dict:
+    """The record stored in every checkpoint tag (see the module docstring); `kernel_settings` are the kernel
+    choices made in the environment (`kernels.common.kernel_settings`)."""
     return {
         "format": RECORD_FORMAT,
         "step": step,
@@ -56,6 +58,7 @@ def build_record(*, step: int, tokens_seen: int, config: dict, model_config: dic
         "model_config": model_config,
         "code_version": code_version,
         "versions": versions,
+        "kernel_settings": dict(kernel_settings or {}),
     }
 
 
@@ -217,7 +220,11 @@ def _environment_notices(saved: dict, current: dict) -> list[str]:
         changes.append(f"code {describe_code(saved['code_version'])} -> {describe_code(current['code_version'])}")
     old, new = saved.get("versions") or {}, current["versions"]
     changes += [f"{name} {old[name]} -> {new.get(name)}" for name in sorted(old) if old[name] != new.get(name)]
+    if "kernel_settings" in saved:  # records written before they were kept have none to compare
+        old, new = saved["kernel_settings"], current.get("kernel_settings") or {}
+        changes += [f"{name} {old.get(name, 'unset')} -> {new.get(name, 'unset')}" for name in sorted({*old, *new})
+                    if old.get(name) != new.get(name)]
     if not changes:
         return []
-    return ["[atma] the checkpoint was written by other code or libraries (" + ", ".join(changes)
+    return ["[atma] the checkpoint was written by other code, libraries or kernel settings (" + ", ".join(changes)
             + "); training continues, the last bits of the numbers may differ"]

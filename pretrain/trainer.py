@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from kernels.common import kernel_settings
 from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
@@ -529,7 +530,7 @@ class Trainer:
             step=0, tokens_seen=0, config=cfg.to_dict(), model_config=self.model_config.to_dict(),
             data=contract.data_identity(self.manifest, self.train_loader.dataset.data_id),
             zero_stage=self.zero_stage, world_size=self.world, code_version=code_version(),
-            versions=library_versions(),
+            versions=library_versions(), kernel_settings=kernel_settings(),
         )
         self.universal = False
         # Before the engine: a tag from another world size makes the engine load a universal checkpoint.

@@ -82,11 +82,26 @@ def test_free_changes_and_other_code_are_notices():
     assert notices == [
         "[atma] changed since the checkpoint (safe for resume): data.num_workers 0 -> 2, logging.every 1 -> 5, "
         "train.max_steps 60 -> 500",
-        f"[atma] the checkpoint was written by other code or libraries (code {'c' * 12} -> {'d' * 12} (uncommitted "
-        "changes), torch 2.13.0 -> 2.14.0); training continues, the last bits of the numbers may differ",
+        f"[atma] the checkpoint was written by other code, libraries or kernel settings (code {'c' * 12} -> "
+        f"{'d' * 12} (uncommitted changes), torch 2.13.0 -> 2.14.0); training continues, the last bits of the "
+        "numbers may differ",
     ]
     # A world-size change is not refused here: the trainer converts the checkpoint instead.
     assert check_resume(record(), record(world_size=1), tag_dir=TAG, allowed=[]) == []
+
+
+def test_other_kernel_settings_are_a_notice():
+    saved = record(kernel_settings={"ATMA_POLAR_BWD": "split", "ATMA_LOSS_ROWS": "torch"})
+    current = record(kernel_settings={"ATMA_POLAR_BWD": "two_pass", "ATMA_POLAR_SCHEDULE": "in_order"})
+    assert check_resume(saved, current, tag_dir=TAG, allowed=[]) == [
+        "[atma] the checkpoint was written by other code, libraries or kernel settings (ATMA_LOSS_ROWS torch -> "
+        "unset, ATMA_POLAR_BWD split -> two_pass, ATMA_POLAR_SCHEDULE unset -> in_order); training continues, the "
+        "last bits of the numbers may differ"]
+    assert check_resume(saved, copy.deepcopy(saved), tag_dir=TAG, allowed=[]) == []
+    # a record written before kernel settings were kept has none to compare
+    old = record()
+    del old["kernel_settings"]
+    assert check_resume(old, current, tag_dir=TAG, allowed=[]) == []
 
 
 def test_data_change_names_what_changed():
