@@ -149,9 +149,9 @@ def kernel_ms(fn, iters: int) -> dict[str, dict]:
             for ev in prof.key_averages() if ev.device_type == DeviceType.CUDA and ev.self_device_time_total > 0}
 
 
-def add_launches(rec: dict, fn, iters: int) -> None:
-    """Add to a Polar record where its forward+backward spends its time, kernel by kernel (`launch_ms`),
-    and the tiles each launch kind ran with (`configs`: BM, BN, warps, stages)."""
+def add_launches(rec: dict, fn, iters: int, *, polar: bool = True) -> None:
+    """Add to a record where its forward+backward spends its device time, kernel by kernel (`launch_ms`), and
+    for a Polar record the tiles each launch kind ran with (`configs`: BM, BN, warps, stages)."""
     from .polar.triton_impl import last_launch_configs, reset_launch_configs
 
     reset_launch_configs()
@@ -159,7 +159,8 @@ def add_launches(rec: dict, fn, iters: int) -> None:
         rec["launch_ms"] = kernel_ms(fn, iters)
     except Exception as exc:  # a profiler failure must not cost the timings measured already
         rec["launch_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    rec["configs"] = {kind: list(config) for kind, config in sorted(last_launch_configs().items())}
+    if polar:
+        rec["configs"] = {kind: list(config) for kind, config in sorted(last_launch_configs().items())}
 
 
 def bench_attention(args, T: int) -> list[dict]:
@@ -294,6 +295,8 @@ def bench_conv(args, T: int) -> list[dict]:
                 torch.autograd.grad(fn(x, w), (x, w), gy)
 
             rec = _measure(name, fwd, fb, args, None, None)
+            if "fwd_bwd_ms" in rec:  # the device's own time: is a short call bound by the host?
+                add_launches(rec, fb, args.iters, polar=False)
             rec.update(T=T, B=B, C=C, K=K)
             out.append(rec)
     return out
@@ -338,6 +341,8 @@ def bench_memory(args, T: int) -> list[dict]:
         # Timing only: FLA's backward runs although its gradients are known to be wrong here.
         with fla_bridge.fla_timing_only() if name == "memory_fla_timing_only" else contextlib.nullcontext():
             rec = _measure(name, fwd, fb, args, None, None)
+            if "fwd_bwd_ms" in rec:
+                add_launches(rec, fb, args.iters, polar=False)
         rec.update(T=T, B=B, H=H, d=d)
         out.append(rec)
     return out
@@ -376,6 +381,8 @@ def _fmt(rec: dict) -> str:
         rest = sum(t["ms"] for _, t in slowest[6:])
         line += "\n" + " " * 28 + "fwd+bwd by kernel: " + ", ".join(kernels) + (
             f", {len(slowest) - 6} more {rest:.3f} ms" if len(slowest) > 6 else "")
+        # well below the call's time: the device waited for the host (launches, Python) between kernels
+        line += f"; device busy {sum(t['ms'] for _, t in slowest):.3f} of {rec['fwd_bwd_ms']:.3f} ms"
     elif rec.get("launch_error"):
         line += "\n" + " " * 28 + f"fwd+bwd by kernel: {rec['launch_error']}"
     if rec.get("backward") == "auto":

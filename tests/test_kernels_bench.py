@@ -153,8 +153,14 @@ def test_polar_records_show_their_time_by_kernel_and_their_tiles(monkeypatch):
     lines = bench._fmt(rec).splitlines()
     assert lines[1].split("fwd+bwd by kernel: ")[1] == (
         "polar_bwd_kernel_dq 0.900 ms x2, kernel_7 0.700 ms, kernel_6 0.600 ms, kernel_5 0.500 ms, "
-        "kernel_4 0.400 ms, kernel_3 0.300 ms, 2 more 0.300 ms")
+        "kernel_4 0.400 ms, kernel_3 0.300 ms, 2 more 0.300 ms; device busy 3.700 of 2.400 ms")
     assert lines[2].split("tiles (BM,BN,warps,stages): ")[1] == "dq (64,32,8,2), fwd (128,64,8,2)"
+    # the conv and memory lines: device time by kernel, no Polar tiles
+    conv = {"name": "conv_triton", "fwd_ms": 0.09, "fwd_bwd_ms": 0.45, "fwd_peak_mib": 1.0, "fwd_bwd_peak_mib": 2.0}
+    monkeypatch.setattr(bench, "kernel_ms", lambda fn, iters: {"causal_conv1d_bwd_kernel": {"ms": 0.2, "launches": 1}})
+    bench.add_launches(conv, lambda: None, 3, polar=False)
+    assert "configs" not in conv and bench._fmt(conv).splitlines()[1].endswith(
+        "fwd+bwd by kernel: causal_conv1d_bwd_kernel 0.200 ms; device busy 0.200 of 0.450 ms")
 
     def broken(fn, iters):
         raise RuntimeError("CUPTI unavailable\nsecond line")
