@@ -422,6 +422,32 @@ def test_interpreted_auto_backward_is_two_pass_and_split_shares_its_dq_dk_dv(pol
 
 
 @interpreted
+def test_interpreted_auto_backward_times_the_real_candidates_and_returns_the_picks_gradients(polar, monkeypatch):
+    """The timing path end to end, its clock faked: each candidate's real backward runs on the call's inputs,
+    and the gradients returned are those of the faster one."""
+    polar.reset_auto_backward()
+    monkeypatch.setattr(polar, "_can_time", lambda q: True)
+    timed = []
+
+    def fake_ms(fn, reps=3):
+        polar.reset_launch_configs()
+        fn()
+        timed.append(set(polar.last_launch_configs()))
+        return {"two_pass": 2.0, "split": 1.0}["split" if "rows" in timed[-1] else "two_pass"]
+
+    monkeypatch.setattr(polar, "_device_ms", fake_ms)
+    inputs, g_dir, g_mag = polar_case(2, 70, 4, 2, 16, seed=13)
+    runs = kernel_backwards(polar.polar_attention_triton, inputs, g_dir, g_mag, dtype=torch.float32, window=None,
+                            variants=("auto", "split", "two_pass"))
+    assert timed == [{"dq", "dkdv"}, {"rows", "dkdv", "dq"}]  # the two-pass backward, then the split one
+    (chosen, times), = polar.auto_backward_choices().values()
+    assert (chosen, times) == ("split", {"two_pass": 2.0, "split": 1.0})
+    assert_same_results(runs["auto"][2], runs["split"][2], "auto against split")
+    assert not all(torch.equal(a, b) for a, b in zip(runs["auto"][2], runs["two_pass"][2]))
+    polar.reset_auto_backward()
+
+
+@interpreted
 @pytest.mark.parametrize("variant,kinds", [("auto", {"fwd", "dq", "dkdv"}), ("two_pass", {"fwd", "dq", "dkdv"}),
                                            ("one_pass", {"fwd", "rows", "onepass"}),
                                            ("split", {"fwd", "rows", "dkdv", "dq"})])

@@ -234,12 +234,17 @@ def _device_ms(fn, reps: int = 3) -> float:
     return cuda_median_ms(fn, reps, 1)
 
 
+def _can_time(q: Tensor) -> bool:
+    """Whether "auto" times its candidates for q: on a GPU (not under the interpreter), with autotuning on."""
+    return not _INTERPRET and q.device.type == "cuda" and autotune_enabled("ATMA_POLAR_AUTOTUNE")
+
+
 def _auto_variant(q: Tensor, window: int | None, run) -> str:
     """The variant ATMA_POLAR_BWD=auto runs for q's shape: on a GPU, with autotuning on, the faster of
     AUTO_CANDIDATES, timed once per key by `run(variant)` on the call's own inputs; else two-pass."""
     key = (str(q.device), q.dtype, q.shape[3], window is not None, _t_bucket(q.shape[1]))
     if key not in _AUTO_CHOICES:
-        if _INTERPRET or q.device.type != "cuda" or not autotune_enabled("ATMA_POLAR_AUTOTUNE"):
+        if not _can_time(q):
             _AUTO_CHOICES[key] = ("two_pass", None)
         else:
             times, failures = {}, {}
