@@ -109,6 +109,59 @@ def test_interpreted_reads_nothing_outside_its_inputs():
     assert_same_results(run(fenced), run(lambda t: t.detach().clone()), "causal conv")
 
 
+def forcing(config) -> dict:
+    """The environment forcing `config` (BT, BC, warps, stages) on both passes."""
+    value = ",".join(map(str, config))
+    return {"ATMA_CONV_CONFIG": f"fwd={value};bwd={value}"}
+
+
+@interpreted
+@pytest.mark.parametrize("config", [(64, 128, 4, 1), (16, 128, 4, 1), (16, 256, 8, 1)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_interpreted_autotuning_candidate_tiles_match_oracle(monkeypatch, config):
+    """Candidate tiles against the oracle, forced one at a time: time tiles longer and shorter than T, the
+    weight gradient's partial sums sized by the tile the launch ran with."""
+    from kernels.causal_conv import triton_impl
+
+    for name, value in forcing(config).items():
+        monkeypatch.setenv(name, value)
+    for out, ref in run_conv(2, 70, 40, 4, torch.float32, seed=5):
+        assert rel_max_err(out, ref) < 1e-5
+    assert triton_impl.last_launch_configs() == {"fwd": config, "bwd": config}
+
+
+def test_conv_tiles_are_autotuned_unless_forced(monkeypatch):
+    from kernels.causal_conv import triton_impl
+
+    if triton_impl._INTERPRET:
+        pytest.skip("the interpreter launches its own configuration")
+    monkeypatch.delenv("ATMA_CONV_CONFIG", raising=False)
+    monkeypatch.delenv("ATMA_CONV_AUTOTUNE", raising=False)
+    assert triton_impl._configs("bwd") == (None, triton_impl.CANDIDATES)
+    monkeypatch.setenv("ATMA_CONV_AUTOTUNE", "0")
+    assert triton_impl._configs("fwd") == (None, triton_impl.CANDIDATES[:1])
+    monkeypatch.setenv("ATMA_CONV_CONFIG", "bwd=16,256,8,1")
+    assert triton_impl._configs("bwd") == ((16, 256, 8, 1), ()) and triton_impl._configs("fwd")[0] is None
+    for bad, needle in (("bwd=24,256,8,1", "powers of two"), ("bwd=16,256,6,1", "powers of two"),
+                        ("dx=16,256,8,1", "KIND")):
+        monkeypatch.setenv("ATMA_CONV_CONFIG", bad)
+        with pytest.raises(ValueError, match=needle):
+            triton_impl.forced_config("bwd")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(64, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 1), (16, 256, 8, 1),
+                                    (32, 128, 8, 1)], ids=lambda c: "-".join(map(str, c)))
+def test_gpu_every_candidate_tile_matches_oracle(monkeypatch, config):
+    from kernels.causal_conv import triton_impl
+
+    assert config in triton_impl.CANDIDATES
+    for name, value in forcing(config).items():
+        monkeypatch.setenv(name, value)
+    y, dx, dw = run_conv(2, 2049, 1024, 3, torch.bfloat16, device="cuda", seed=9)
+    assert rel_max_err(*y) < 1e-2 and rel_max_err(*dx) < 1e-2 and rel_max_err(*dw) < 1e-2
+
+
 @pytest.mark.gpu
 def test_gpu_op_registration():
     from kernels.causal_conv.triton_impl import _conv_fwd

@@ -5,7 +5,9 @@ Shape legend: B batch, T sequence, C channels, K taps. x is [B, T, C] (any strid
     y[b, t, c] = sum_k weight[c, k] * x[b, t - (K - 1) + k, c],   x[b, <0, c] = 0.
 Products and sums run in fp32; y and dx come back in x's dtype, dweight in weight's dtype.
 The weight gradient is reduced without atomics: each (batch, time tile) program writes its
-partial [C, K] sums and PyTorch adds them up. Both passes are the custom ops
+partial [C, K] sums and PyTorch adds them up. Tiles: triton.autotune picks each pass's (BT, BC,
+warps) among CANDIDATES on first use per power-of-two bucket of T, C and K (ATMA_CONV_AUTOTUNE=0
+keeps the first; ATMA_CONV_CONFIG="fwd=BT,BC,WARPS,STAGES;bwd=..." forces one). Both passes are the custom ops
 `atma::causal_conv1d_triton_fwd` / `_bwd` (fake implementations and autograd registered), so
 torch.compile keeps them in the graph as single calls.
 """
@@ -16,21 +18,69 @@ import torch
 import triton
 import triton.language as tl
 
-from ..common import TRITON_DTYPES, check_launch_device, interpreting, patch_interpreter_index
+from ..common import (
+    TRITON_DTYPES,
+    autotune_enabled,
+    check_launch_device,
+    forced_launch_configs,
+    interpreting,
+    patch_interpreter_index,
+    tile_launcher,
+)
 
-__all__ = ["causal_conv1d_triton"]
+__all__ = ["causal_conv1d_triton", "forced_config", "last_launch_configs", "CANDIDATES", "CONFIG_ENV", "KINDS"]
 
 _INTERPRET = interpreting()
 if _INTERPRET:
     patch_interpreter_index()
-# (BT, BC, num_warps): the conv is bandwidth-bound; wide channel tiles keep loads coalesced.
-_BLOCKS = (32, 32, 1) if _INTERPRET else (64, 128, 4)
+# (BT, BC, num_warps, num_stages). The conv is bandwidth-bound and wide channel tiles keep its loads
+# coalesced; fewer time rows per program hold fewer values per thread, so more programs fit on an SM
+# at once. The first is the tile every launch used before autotuning.
+CANDIDATES = ((64, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 1), (16, 256, 8, 1), (32, 128, 8, 1))
+_CONFIG_INTERPRET = (32, 32, 1, 1)
+KINDS = ("fwd", "bwd")
+CONFIG_ENV = "ATMA_CONV_CONFIG"
+_TUNED: dict = {}
+_LAST_CONFIGS: dict[str, tuple[int, int, int, int]] = {}
 
 
-@triton.jit(do_not_specialize=["T"])
+def forced_config(kind: str) -> tuple[int, int, int, int] | None:
+    """The (BT, BC, warps, stages) ATMA_CONV_CONFIG forces on `kind` ("fwd" or "bwd"), or None."""
+    config = forced_launch_configs(CONFIG_ENV, KINDS).get(kind)
+    if config is not None and any(v & (v - 1) for v in config[:3]):
+        raise ValueError(f"{CONFIG_ENV}: {kind}={','.join(map(str, config))} needs BT, BC and the warp count "
+                         "powers of two")
+    return config
+
+
+def last_launch_configs() -> dict[str, tuple[int, int, int, int]]:
+    """The (BT, BC, warps, stages) each pass ran with last in this process."""
+    return dict(_LAST_CONFIGS)
+
+
+def _configs(kind: str) -> tuple[tuple | None, tuple]:
+    """(the fixed configuration of `kind`, forced or the interpreter's, or None; the candidates to autotune)."""
+    fixed = forced_config(kind) or (_CONFIG_INTERPRET if _INTERPRET else None)
+    if fixed is not None:
+        return fixed, ()
+    return None, CANDIDATES if autotune_enabled("ATMA_CONV_AUTOTUNE") else CANDIDATES[:1]
+
+
+def _launch(kernel, kind: str, B: int, T: int, C: int, *args, **kw) -> tuple[int, int, int, int]:
+    """Launch `kernel` over (time tiles, channel tiles, B); returns the configuration it ran with."""
+    fixed, cands = _configs(kind)
+    run = tile_launcher(kernel, ("BT", "BC"), fixed, cands, key=["T_BUCKET", "C", "K"], cache=_TUNED,
+                        cache_key=(kind, cands))
+    config = run(lambda meta: (triton.cdiv(T, meta["BT"]), triton.cdiv(C, meta["BC"]), B), *args,
+                 max(64, triton.next_power_of_2(T)), **kw)
+    _LAST_CONFIGS[kind] = tuple(config)
+    return config
+
+
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def causal_conv1d_fwd_kernel(
     x, w, y,
-    T, C, stride_xb, stride_xt, stride_xc,
+    T, C, stride_xb, stride_xt, stride_xc, T_BUCKET,
     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -50,13 +100,14 @@ def causal_conv1d_fwd_kernel(
     tl.store(p_y, b_y.to(y.dtype.element_ty), mask=(o_t < T)[:, None] & m_c[None, :])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "T_BUCKET"])
 def causal_conv1d_bwd_kernel(
     x, w, dy, dx, dw,
-    T, C, NT, stride_xb, stride_xt, stride_xc, stride_yb, stride_yt, stride_yc,
+    T, C, stride_xb, stride_xt, stride_xc, stride_yb, stride_yt, stride_yc, T_BUCKET,
     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HAS_DW: tl.constexpr,
 ):
     i_t, i_c, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NT = tl.num_programs(0)  # time tiles: one [C, K] slot of partial weight sums per (batch, time tile)
     o_t = i_t * BT + tl.arange(0, BT)
     o_c = i_c * BC + tl.arange(0, BC)
     m_t = o_t < T
@@ -86,21 +137,12 @@ def causal_conv1d_bwd_kernel(
     tl.store(p_dx, b_dx.to(dx.dtype.element_ty), mask=m_t[:, None] & m_c[None, :])
 
 
-def _grid(B: int, T: int, C: int):
-    BT, BC, _ = _BLOCKS
-    return (triton.cdiv(T, BT), triton.cdiv(C, BC), B)
-
-
 @torch.library.custom_op("atma::causal_conv1d_triton_fwd", mutates_args=())
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """y [B,T,C] of x [B,T,C] (any strides) and a contiguous weight [C,K]."""
     B, T, C = x.shape
-    K = weight.shape[1]
-    BT, BC, warps = _BLOCKS
     y = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
-    causal_conv1d_fwd_kernel[_grid(B, T, C)](
-        x, weight, y, T, C, *x.stride(), K=K, BT=BT, BC=BC, num_warps=warps,
-    )
+    _launch(causal_conv1d_fwd_kernel, "fwd", B, T, C, x, weight, y, T, C, *x.stride(), K=weight.shape[1])
     return y
 
 
@@ -111,15 +153,14 @@ def _conv_bwd(
     """dx [B,T,C] and, when `weight_grad`, dweight [C,K] (else an empty tensor)."""
     B, T, C = x.shape
     K = weight.shape[1]
-    BT, BC, warps = _BLOCKS
-    grid = _grid(B, T, C)
     dx = torch.empty((B, T, C), device=x.device, dtype=x.dtype)
-    dw = torch.empty((B * grid[0], C, K), device=x.device, dtype=torch.float32) if weight_grad else dx
-    causal_conv1d_bwd_kernel[grid](
-        x, weight, dy, dx, dw, T, C, grid[0], *x.stride(), *dy.stride(),
-        K=K, BT=BT, BC=BC, HAS_DW=weight_grad, num_warps=warps,
-    )
-    dweight = dw.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    # One slot per (batch, time tile), sized for the shortest time tile the launch may pick.
+    fixed, cands = _configs("bwd")
+    slots = B * triton.cdiv(T, min(c[0] for c in ([fixed] if fixed else cands)))
+    dw = torch.empty((slots, C, K), device=x.device, dtype=torch.float32) if weight_grad else dx
+    bt = _launch(causal_conv1d_bwd_kernel, "bwd", B, T, C, x, weight, dy, dx, dw, T, C, *x.stride(), *dy.stride(),
+                 K=K, HAS_DW=weight_grad)[0]
+    dweight = dw[: B * triton.cdiv(T, bt)].sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
     return dx, dweight
 
 

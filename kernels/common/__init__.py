@@ -20,6 +20,7 @@ from .triton_host import (
     interpreting,
     kernel_settings,
     patch_interpreter_index,
+    tile_launcher,
 )
 
 __all__ = [
@@ -39,4 +40,5 @@ __all__ = [
     "polar_length_features",
     "polar_length_terms",
     "polar_visible_counts",
+    "tile_launcher",
 ]

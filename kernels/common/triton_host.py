@@ -22,6 +22,7 @@ __all__ = [
     "kernel_settings",
     "describe_settings",
     "cuda_median_ms",
+    "tile_launcher",
     "TRITON_DTYPES",
 ]
 
@@ -50,6 +51,37 @@ def cuda_median_ms(fn, iters: int, warmup: int) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def tile_launcher(kernel, tiles: tuple[str, str], fixed, candidates, *, key: list[str], cache: dict, cache_key,
+                  reset_to_zero: list[str] | None = None):
+    """A callable run(grid, *args, **kw) that launches `kernel[grid(meta)](...)` with its two tile sizes named
+    `tiles` (e.g. ("BM", "BN")) and returns the (tile, tile, num_warps, num_stages) it ran with: `fixed`
+    when given, else the fastest of `candidates`, picked by `triton.autotune` on first use per `key` (the
+    tuned kernel is kept in `cache` under `cache_key`)."""
+    first, second = tiles
+    if fixed is not None:
+        a, b, warps, stages = fixed
+
+        def run_fixed(grid, *args, **kw):
+            kernel[grid({first: a, second: b})](*args, **{first: a, second: b}, num_warps=warps, num_stages=stages,
+                                               **kw)
+            return tuple(fixed)
+
+        return run_fixed
+    tuned = cache.get(cache_key)
+    if tuned is None:
+        import triton
+
+        configs = [triton.Config({first: a, second: b}, num_warps=w, num_stages=s) for a, b, w, s in candidates]
+        tuned = cache[cache_key] = triton.autotune(configs=configs, key=key, reset_to_zero=reset_to_zero)(kernel)
+
+    def run_tuned(grid, *args, **kw):
+        tuned[grid](*args, **kw)
+        best = tuned.best_config
+        return best.kwargs[first], best.kwargs[second], best.num_warps, best.num_stages
+
+    return run_tuned
 
 
 def kernel_settings() -> dict[str, str]:

@@ -57,6 +57,7 @@ from ..common import (
     device_class,
     forced_launch_configs,
     interpreting,
+    tile_launcher,
 )
 from .triton_kernels import (
     LOG2E,
@@ -299,32 +300,16 @@ def _smallest_tile(kind: str, device: torch.device, dtype: torch.dtype, d: int) 
 def _launcher(kernel, name: str, device: torch.device, dtype: torch.dtype, d: int):
     """Return a callable kernel[grid](...) that picks the block sizes (autotuned on a GPU unless
     forced) and returns the (BM, BN) it launched with."""
-    config = _fixed_config(name)
-    if config is not None:
-        bm, bn, w, s = config
-
-        def run(grid, *args, **kw):
-            g = grid({"BM": bm, "BN": bn})
-            kernel[g](*args, BM=bm, BN=bn, num_warps=w, num_stages=s, **kw)
-            _LAST_CONFIGS[name] = config
-            return bm, bn
-
-        return run
-    cands = autotune_candidates(name, device, dtype, d)
-    key = (name, cands)
-    tuned = _TUNED.get(key)
-    if tuned is None:
-        configs = [triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in cands]
-        # The one-pass kernel adds into dq_acc: each timed trial starts from zero.
-        reset = ["dq_acc"] if name == "onepass" else None
-        tuned = triton.autotune(configs=configs, key=_TUNE_KEYS[name], reset_to_zero=reset)(kernel)
-        _TUNED[key] = tuned
+    fixed = _fixed_config(name)
+    cands = autotune_candidates(name, device, dtype, d) if fixed is None else ()
+    # The one-pass kernel adds into dq_acc: each timed trial starts from zero.
+    launch = tile_launcher(kernel, ("BM", "BN"), fixed, cands, key=_TUNE_KEYS[name], cache=_TUNED,
+                           cache_key=(name, cands), reset_to_zero=["dq_acc"] if name == "onepass" else None)
 
     def run(grid, *args, **kw):
-        tuned[grid](*args, **kw)
-        best = tuned.best_config
-        _LAST_CONFIGS[name] = (best.kwargs["BM"], best.kwargs["BN"], best.num_warps, best.num_stages)
-        return best.kwargs["BM"], best.kwargs["BN"]
+        config = launch(grid, *args, **kw)
+        _LAST_CONFIGS[name] = tuple(config)
+        return config[0], config[1]
 
     return run
 
