@@ -115,9 +115,12 @@ def forcing(config) -> dict:
     return {"ATMA_CONV_CONFIG": f"fwd={value};bwd={value}"}
 
 
+# The autotuning candidates of kernels.causal_conv.triton_impl (the tests check the two lists agree).
+CANDIDATES = [(64, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 1), (16, 256, 8, 1), (32, 128, 8, 1)]
+
+
 @interpreted
-@pytest.mark.parametrize("config", [(64, 128, 4, 1), (16, 128, 4, 1), (16, 256, 8, 1)],
-                         ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("config", CANDIDATES, ids=lambda c: "-".join(map(str, c)))
 def test_interpreted_autotuning_candidate_tiles_match_oracle(monkeypatch, config):
     """Candidate tiles against the oracle, forced one at a time: time tiles longer and shorter than T, the
     weight gradient's partial sums sized by the tile the launch ran with."""
@@ -125,6 +128,7 @@ def test_interpreted_autotuning_candidate_tiles_match_oracle(monkeypatch, config
 
     for name, value in forcing(config).items():
         monkeypatch.setenv(name, value)
+    assert list(triton_impl.CANDIDATES) == CANDIDATES
     for out, ref in run_conv(2, 70, 40, 4, torch.float32, seed=5):
         assert rel_max_err(out, ref) < 1e-5
     assert triton_impl.last_launch_configs() == {"fwd": config, "bwd": config}
@@ -150,12 +154,8 @@ def test_conv_tiles_are_autotuned_unless_forced(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [(64, 128, 4, 1), (32, 128, 4, 1), (16, 128, 4, 1), (16, 256, 8, 1),
-                                    (32, 128, 8, 1)], ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("config", CANDIDATES, ids=lambda c: "-".join(map(str, c)))
 def test_gpu_every_candidate_tile_matches_oracle(monkeypatch, config):
-    from kernels.causal_conv import triton_impl
-
-    assert config in triton_impl.CANDIDATES
     for name, value in forcing(config).items():
         monkeypatch.setenv(name, value)
     y, dx, dw = run_conv(2, 2049, 1024, 3, torch.bfloat16, device="cuda", seed=9)
