@@ -277,6 +277,7 @@ def add_speed_ratios(polar_records: list[dict], baselines: list[dict]) -> None:
 
 def bench_conv(args, T: int) -> list[dict]:
     """Causal depthwise conv, Triton vs PyTorch, for the LFM2 (K=3) and canon (K=4) widths."""
+    from .causal_conv import triton_impl as conv_triton
     from .causal_conv.torch_impl import causal_conv1d_torch
     from .causal_conv.triton_impl import causal_conv1d_triton
 
@@ -297,6 +298,8 @@ def bench_conv(args, T: int) -> list[dict]:
             rec = _measure(name, fwd, fb, args, None, None)
             if "fwd_bwd_ms" in rec:  # the device's own time: is a short call bound by the host?
                 add_launches(rec, fb, args.iters, polar=False)
+            if name == "conv_triton":  # the tiles the autotuner picked: (BT, BC, warps, stages) per pass
+                rec["configs"] = {kind: list(c) for kind, c in sorted(conv_triton.last_launch_configs().items())}
             rec.update(T=T, B=B, C=C, K=K)
             out.append(rec)
     return out
@@ -392,7 +395,8 @@ def _fmt(rec: dict) -> str:
             f" (timed on first use: {times})" if times else "")
     if rec.get("configs"):
         tiles = [f"{kind} ({','.join(map(str, config))})" for kind, config in rec["configs"].items()]
-        line += "\n" + " " * 28 + "tiles (BM,BN,warps,stages): " + ", ".join(tiles)
+        names = "BT,BC" if rec["name"].startswith("conv") else "BM,BN"
+        line += "\n" + " " * 28 + f"tiles ({names},warps,stages): " + ", ".join(tiles)
     return line
 
 

@@ -161,6 +161,8 @@ def test_polar_records_show_their_time_by_kernel_and_their_tiles(monkeypatch):
     bench.add_launches(conv, lambda: None, 3, polar=False)
     assert "configs" not in conv and bench._fmt(conv).splitlines()[1].endswith(
         "fwd+bwd by kernel: causal_conv1d_bwd_kernel 0.200 ms; device busy 0.200 of 0.450 ms")
+    conv["configs"] = {"bwd": [16, 128, 4, 1], "fwd": [32, 128, 8, 1]}
+    assert bench._fmt(conv).splitlines()[2].endswith("tiles (BT,BC,warps,stages): bwd (16,128,4,1), fwd (32,128,8,1)")
 
     def broken(fn, iters):
         raise RuntimeError("CUPTI unavailable\nsecond line")
@@ -210,3 +212,14 @@ def test_kernel_settings_name_every_kernel_choice_made_in_the_environment(monkey
     settings = kernel_settings()
     assert settings == {"ATMA_LOSS_ROWS": "torch", "ATMA_POLAR_SCHEDULE": "in_order", "TRITON_INTERPRET": "1"}
     assert describe_settings(settings) == "ATMA_LOSS_ROWS=torch ATMA_POLAR_SCHEDULE=in_order TRITON_INTERPRET=1"
+
+
+@pytest.mark.gpu
+def test_conv_time_by_kernel_and_tiles_on_a_gpu():
+    """On a GPU the conv's Triton lines name their kernels' device time and the tiles the autotuner picked."""
+    from kernels.causal_conv.triton_impl import CANDIDATES
+
+    args = bench.parse_args(["--seq-lens", "256", "--iters", "2", "--warmup", "1", "--conv-channels", "256"])
+    for rec in (r for r in bench.bench_conv(args, 256) if r["name"] == "conv_triton"):
+        assert set(rec["configs"]) == {"fwd", "bwd"} and all(tuple(c) in CANDIDATES for c in rec["configs"].values())
+        assert any(k.startswith("causal_conv1d_bwd_kernel") for k in rec["launch_ms"]), rec
