@@ -220,6 +220,8 @@ def test_conv_time_by_kernel_and_tiles_on_a_gpu():
     from kernels.causal_conv.triton_impl import CANDIDATES
 
     args = bench.parse_args(["--seq-lens", "256", "--iters", "2", "--warmup", "1", "--conv-channels", "256"])
-    for rec in (r for r in bench.bench_conv(args, 256) if r["name"] == "conv_triton"):
+    triton_lines = [r for r in bench.bench_conv(args, 256) if r["name"] == "conv_triton"]
+    assert [r["K"] for r in triton_lines] == [3, 4]
+    for rec in triton_lines:
         assert set(rec["configs"]) == {"fwd", "bwd"} and all(tuple(c) in CANDIDATES for c in rec["configs"].values())
         assert any(k.startswith("causal_conv1d_bwd_kernel") for k in rec["launch_ms"]), rec
