@@ -781,14 +781,10 @@ def ratios(cases: list[Case], baseline_core: str) -> list[dict]:
 
 
 def polar_backward_picks() -> list[dict]:
-    """What the Polar Triton backward's "auto" picked in this process, per shape key, with its timings (none
-    where the Triton path never ran)."""
+    """What the Polar Triton backward's "auto" picked in this process, per shape, with its timings (none where
+    the Triton path never ran): `kernels.polar.triton_impl.describe_auto_choices`."""
     polar = sys.modules.get("kernels.polar.triton_impl")
-    if polar is None:
-        return []
-    return [{"shape": f"{device} {str(dtype).replace('torch.', '')} d={d} window={windowed} T<={bucket}",
-             "chosen": chosen, "ms": times}
-            for (device, dtype, d, windowed, bucket), (chosen, times) in polar.auto_backward_choices().items()]
+    return polar.describe_auto_choices() if polar is not None else []
 
 
 def print_report(cases: list[Case], found: list[dict]) -> None:
@@ -945,9 +941,7 @@ def main(argv=None) -> int:
                     return 1
     print_report(cases, ratios(cases, args.cores[-1]))
     for pick in polar_backward_picks():
-        print(f"Polar backward (auto) for {pick['shape']}: {pick['chosen']}" + (
-            " (timed on first use: " + ", ".join(f"{v} {ms:.3f} ms" for v, ms in pick["ms"].items()) + ")"
-            if pick["ms"] else " (nothing timed)"))
+        print(f"Polar backward (ATMA_POLAR_BWD=auto) at {pick['text']}")
     write_json(complete=True)
     return 0 if all("error" not in c.result for c in cases) else 1
 

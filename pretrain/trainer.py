@@ -859,11 +859,8 @@ class Trainer:
     def _report_polar_backward_picks(self) -> None:
         """Print, once, which Polar backward "auto" picked on the first step's shapes, with its timings."""
         polar = sys.modules.get("kernels.polar.triton_impl")
-        for (device, dtype, d, windowed, bucket), (chosen, times) in (polar.auto_backward_choices().items()
-                                                                      if polar else ()):
-            timed = ", ".join(f"{variant} {ms:.2f} ms" for variant, ms in (times or {}).items())
-            self.monitor.print(f"[atma] Polar backward (ATMA_POLAR_BWD=auto) at d={d}, T<={bucket}"
-                               f"{', windowed' if windowed else ''}: {chosen}" + (f" ({timed})" if timed else ""))
+        for pick in polar.describe_auto_choices() if polar else ():
+            self.monitor.print(f"[atma] Polar backward (ATMA_POLAR_BWD=auto) at {pick['text']}")
 
     def _validate_on_cadence(self, meter: ThroughputMeter) -> None:
         cfg = self.cfg

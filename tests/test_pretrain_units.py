@@ -1189,9 +1189,10 @@ def test_training_bench_reports_the_polar_backward_auto_picks(monkeypatch):
         ("cpu", torch.float32, 64, True, 256): ("two_pass", None),
     })
     assert bench.polar_backward_picks() == [
-        {"shape": "cuda:0 bfloat16 d=128 window=False T<=2048", "chosen": "split",
-         "ms": {"two_pass": 2.05, "split": 1.8}},
-        {"shape": "cpu float32 d=64 window=True T<=256", "chosen": "two_pass", "ms": None},
+        {"shape": "cuda:0 bfloat16 d=128 T<=2048", "chosen": "split", "ms": {"two_pass": 2.05, "split": 1.8},
+         "text": "cuda:0 bfloat16 d=128 T<=2048: split (timed on first use: two_pass 2.050 ms, split 1.800 ms)"},
+        {"shape": "cpu float32 d=64 T<=256, windowed", "chosen": "two_pass", "ms": None,
+         "text": "cpu float32 d=64 T<=256, windowed: two_pass (nothing timed)"},
     ]
     monkeypatch.delitem(sys.modules, "kernels.polar.triton_impl")
     assert bench.polar_backward_picks() == []  # the Triton path never ran in this process
@@ -1213,9 +1214,10 @@ def test_trainer_prints_the_polar_backward_auto_picks_once_known(monkeypatch):
         ("cuda:0", torch.bfloat16, 128, True, 4096): ("two_pass", None),
     })
     Trainer._report_polar_backward_picks(fake)
-    assert printed == ["[atma] Polar backward (ATMA_POLAR_BWD=auto) at d=128, T<=2048: split (two_pass 2.05 ms, "
-                       "split 1.80 ms)",
-                       "[atma] Polar backward (ATMA_POLAR_BWD=auto) at d=128, T<=4096, windowed: two_pass"]
+    assert printed == ["[atma] Polar backward (ATMA_POLAR_BWD=auto) at cuda:0 bfloat16 d=128 T<=2048: split (timed "
+                       "on first use: two_pass 2.050 ms, split 1.800 ms)",
+                       "[atma] Polar backward (ATMA_POLAR_BWD=auto) at cuda:0 bfloat16 d=128 T<=4096, windowed: "
+                       "two_pass (nothing timed)"]
 
 
 def test_compiled_blocks_get_the_activation_memory_budget_of_the_run_config():

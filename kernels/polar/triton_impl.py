@@ -75,6 +75,7 @@ __all__ = [
     "polar_program_order_triton",
     "backward_variant",
     "auto_backward_choices",
+    "describe_auto_choices",
     "reset_auto_backward",
     "longest_first",
     "launch_candidates",
@@ -222,6 +223,18 @@ def auto_backward_choices() -> dict[tuple, tuple[str, dict[str, float] | None]]:
     """What ATMA_POLAR_BWD=auto picked so far: {(device, dtype, head dim, windowed, T bucket): (variant, {variant:
     median ms} or None where nothing was timed)}."""
     return dict(_AUTO_CHOICES)
+
+
+def describe_auto_choices() -> list[dict]:
+    """ATMA_POLAR_BWD=auto's picks for reports: per shape, {"shape": "cuda:0 bfloat16 d=128 T<=2048" (", windowed"
+    where a window applies), "chosen": variant, "ms": {variant: median ms} or None, "text": one line of all three}."""
+    out = []
+    for (device, dtype, d, windowed, bucket), (chosen, times) in _AUTO_CHOICES.items():
+        shape = f"{device} {str(dtype).replace('torch.', '')} d={d} T<={bucket}" + (", windowed" if windowed else "")
+        timed = ", ".join(f"{variant} {ms:.3f} ms" for variant, ms in (times or {}).items())
+        out.append({"shape": shape, "chosen": chosen, "ms": times,
+                    "text": f"{shape}: {chosen}" + (f" (timed on first use: {timed})" if timed else " (nothing timed)")})
+    return out
 
 
 def reset_auto_backward() -> None:
