@@ -26,13 +26,14 @@ from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
 from . import contract
-from .compilation import BLOCK_CLASS, STACK_CLASS, compile_engine, compile_method, configure_compile, dynamo_summary
+from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .cpu_comm import without_shm_comm_op
 from .flops import peak_flops_for, train_flops_per_token
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
+from .one_rank import keep_parameters_gathered, zero3_for_one_rank
 from .optim import apply_lr, build_optimizer, choose_adam, lr_multiplier, match_loaded_step_counters
 from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
@@ -260,61 +261,6 @@ def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
     return ds
 
 
-def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) -> str | None:
-    """On one data-parallel rank, drop ZeRO-3's sharding work, as there is nothing to shard; return a notice
-    when that changes `ds`.
-
-    - Every parameter is kept whole (persistent). A fetch from a one-rank partition only points the
-      parameter at that partition, yet on CUDA DeepSpeed 0.19 waits for the device before each one
-      (`NoGatherHandle.wait`, `deepspeed/runtime/zero/partition_parameters.py`): a host sync per fetch,
-      for `atma-378m` the LM head's in every micro-batch. Memory is unchanged: a whole parameter is then a
-      view of its partition.
-    - The stack of blocks is the one leaf module where the JSON names each block one
-      (`leaf_module.classes`): DeepSpeed's fetch and release hooks then run once per pass for all the
-      blocks instead of once per block, and the blocks' gradients are reduced together after their
-      backward. With nothing to gather, the leaf's size costs no memory beyond holding the blocks'
-      gradients until then. Not without `module_hooks` (DeepCompile removes DeepSpeed's module hooks),
-      nor with the optimizer offloaded, whose gradients leave the device block by block.
-    - Gradients are reduced in their bucket (`reduce_scatter: false`): the reduce-scatter path first
-      concatenates each bucket's gradients, a copy of all of them per micro-batch; on one rank both paths
-      give bitwise the same gradients.
-
-    Parameters offloaded to the CPU or NVMe stay so (and are fetched block by block), and with the optimizer
-    offloaded the reduction and the leaf modules stay as configured.
-    """
-    zero = ds.get("zero_optimization", {})
-    if world_size != 1 or zero.get("stage", 0) != 3:
-        return None
-    offloaded = {part: (zero.get(f"offload_{part}") or {}).get("device", "none") not in (None, "none")
-                 for part in ("param", "optimizer")}
-    if offloaded["param"]:
-        return None
-    what, changed = [], []
-    # DeepSpeed's defaults: 1e5 elements per tensor, no limit on the model (sys.maxsize, its "no limit").
-    defaults = {"stage3_param_persistence_threshold": 100_000, "stage3_model_persistence_threshold": sys.maxsize}
-    for key, default in defaults.items():
-        before = zero.get(key, default)
-        if before < sys.maxsize:
-            zero[key] = sys.maxsize
-            changed.append(f"{key} {before:,} -> no limit")
-    if changed:
-        what.append("every parameter is kept whole")
-    leaf = zero.get("leaf_module")
-    classes = leaf.get("classes") if isinstance(leaf, dict) else None  # DeepSpeed checks the rest of it
-    if module_hooks and not offloaded["optimizer"] and isinstance(classes, list) and BLOCK_CLASS in classes:
-        leaf["classes"] = [STACK_CLASS if name == BLOCK_CLASS else name for name in classes]
-        what.append("the blocks are one leaf module")
-        changed.append(f"leaf_module.classes {BLOCK_CLASS} -> {STACK_CLASS}")
-    if not offloaded["optimizer"] and zero.get("reduce_scatter", True):
-        zero["reduce_scatter"] = False
-        what.append("gradients are reduced in place")
-        changed.append("reduce_scatter true -> false")
-    if not changed:
-        return None
-    listed = ", ".join(what[:-1]) + " and " + what[-1] if len(what) > 1 else what[0]
-    return f"ZeRO-3 on one rank has nothing to shard: {listed} ({', '.join(changed)})"
-
-
 def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overrides: dict | None = None,
                     overrides_source: str = "overrides", notes: list[str] | None = None) -> dict:
     """Read the DeepSpeed JSON named by the run config (dotted `overrides` set over it) and fill in batch,
@@ -382,6 +328,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
         announce_builds([adam.builds])
     optimizer = build_optimizer(model, cfg.optim, adam)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    keep_parameters_gathered(engine, ds_config)
     compile_engine(engine, compile_method(cfg.train, device.type),
                    activation_memory_budget=cfg.train.activation_memory_budget)
     return engine, optimizer

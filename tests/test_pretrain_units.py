@@ -459,6 +459,57 @@ def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
         build_ds_config(muon, plan, device_type="cuda", overrides={"zero_optimization.reduce_scatter": True})
 
 
+def test_zero3_on_one_rank_keeps_parameters_gathered_only_where_that_is_safe(monkeypatch):
+    from pretrain import one_rank
+
+    class Optimizer:  # the parts of DeepSpeed's ZeRO-3 optimizer that the change reads and replaces
+        def __init__(self, ranks, **settings):
+            self.persistent_parameters, self.dp_process_group = ["whole"], ranks
+            self.offload_param = self.offload_optimizer = False
+            self.__dict__.update(settings)
+            self.seen = []
+
+        def _partition_all_parameters(self):
+            self.seen.append("released")
+
+        def step(self, closure=None):
+            self._partition_all_parameters()
+            self.seen.append(("gathered back", list(self.persistent_parameters)))
+
+    class Engine:
+        def __init__(self, ranks=1, stage=3, persist=True, **settings):
+            self.optimizer, self.stage = Optimizer(ranks, **settings), stage
+            self.module = torch.nn.Linear(2, 2)
+            for p in self.module.parameters():
+                p.ds_persist = persist
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    monkeypatch.setattr(one_rank.dist, "get_world_size", lambda group: group)
+    ds = {"zero_optimization": {"stage": 3}}
+    engine = Engine()
+    assert one_rank.keep_parameters_gathered(engine, ds)
+    engine.optimizer.step()
+    assert engine.optimizer.seen == [("gathered back", [])]  # neither released nor gathered back
+    assert engine.optimizer.persistent_parameters == ["whole"] and "_partition_all_parameters" not in vars(
+        engine.optimizer)  # both restored after the step, for DeepSpeed's checkpoint loads and saves
+    unchanged = [
+        (Engine(ranks=2), ds), (Engine(stage=2), ds), (Engine(persist=False), ds),
+        (Engine(offload_param=True), ds), (Engine(offload_optimizer=True), ds),
+        (Engine(), {"zero_optimization": {"stage": 3, "zero_quantized_weights": True}}),
+        (Engine(), {"zero_optimization": {"stage": 3}, "compile": {"deepcompile": True}}),
+    ]
+    for engine, config in unchanged:
+        assert not one_rank.keep_parameters_gathered(engine, config)
+        engine.optimizer.step()
+        assert engine.optimizer.seen == ["released", ("gathered back", ["whole"])]
+    engine = Engine()
+    del Optimizer._partition_all_parameters  # a DeepSpeed whose optimizer is laid out otherwise
+    with pytest.warns(UserWarning, match="lacks _partition_all_parameters: ZeRO-3 on one rank releases and gathers"):
+        assert not one_rank.keep_parameters_gathered(engine, ds)
+
+
 def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place(tmp_path, monkeypatch):
     from pretrain.trainer import build_ds_config
 
@@ -469,8 +520,9 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
     assert "stage3_model_persistence_threshold" not in zero  # DeepSpeed's default: no limit
     assert zero["leaf_module"]["classes"] == ["model.modeling.BlockStack"]
     assert notes == ["ZeRO-3 on one rank has nothing to shard: every parameter is kept whole, the blocks are one "
-                     "leaf module and gradients are reduced in place (stage3_param_persistence_threshold 10,000,000 "
-                     "-> no limit, leaf_module.classes model.modeling.Block -> model.modeling.BlockStack, "
+                     "leaf module, gradients are reduced in place and the parameters stay gathered through each "
+                     "optimizer step (stage3_param_persistence_threshold 10,000,000 -> no limit, "
+                     "leaf_module.classes model.modeling.Block -> model.modeling.BlockStack, "
                      "reduce_scatter true -> false)"]
     # More ranks shard as the file says; so do other stages, and a --ds-variant set over it is kept.
     notes = []
@@ -490,8 +542,11 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
     deepcompile = load_run_config(None, ["data.dir=d", "deepspeed_config=ds_configs/zero3_bf16.json",
                                          "train.compile=true", "train.compile_method=deepcompile"])
     monkeypatch.setattr("pretrain.opbuild.toolkit_missing", lambda op: "")
-    zero = build_ds_config(deepcompile, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+    notes = []
+    zero = build_ds_config(deepcompile, plan_batch(4096, 4, 256, 1), device_type="cuda", notes=notes)[
+        "zero_optimization"]
     assert zero["leaf_module"]["classes"] == ["model.modeling.Block"] and zero["reduce_scatter"] is False
+    assert "leaf module" not in notes[0] and "gathered" not in notes[0]
 
     def on_one_rank(zero: dict) -> tuple[dict, list[str]]:
         path = tmp_path / "ds.json"
