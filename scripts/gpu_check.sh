@@ -17,9 +17,10 @@
 # the memory path this machine trains with (flash-linear-attention where its guard allows it, the
 # chunked path with its Triton state carry elsewhere; each case's breakdown names it), each case's
 # startup (engine build, the first step with its compilation and autotuning) timed apart:
-# bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar eager, with
-# activation checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the
-# goals' figures first); bench_training_fla_timing_only: the headline case with FLA's memory
+# bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar with the ZeRO-3 JSON as
+# written (none of what the trainer changes on one GPU; see bench_zero3_settings), with activation
+# checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the goals' figures
+# first); bench_training_fla_timing_only: the headline case with FLA's memory
 # kernels, what a fresh install trains with (see below); bench_loss and bench_kernels (the loss
 # and the kernels alone); bench_training_loop_carry: the headline case with the chunked path's state
 # carried by its PyTorch loop (ATMA_DELTA_TRITON_PROFILE=small), the baseline of the Triton carry
@@ -32,11 +33,13 @@
 # share is 8x what a run sees);
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
-# kept whole, the stack of blocks one leaf module and gradients reduced in place: one rank has nothing
-# to shard) against six settings changed, one after another in one run: the JSON as written
-# (persistence threshold 1e7: the embedding and the LM head sharded, so the head is fetched in every
-# micro-batch, and on one GPU each fetch waits for the device; each block a leaf module; gradients
-# through the reduce-scatter path, which first concatenates them), each block a leaf module alone,
+# kept whole, the stack of blocks one leaf module, gradients reduced in place and the parameters left
+# gathered through the optimizer step: one rank has nothing to shard) against six settings changed, one
+# after another in one run: the JSON as written (persistence threshold 1e7: the embedding and the LM head
+# sharded, so the head is fetched in every micro-batch, and on one GPU each fetch waits for the device;
+# with parameters sharded, DeepSpeed's own optimizer step, which releases every parameter and gathers
+# the whole ones back, waiting for the device; each block a leaf module; gradients through the
+# reduce-scatter path, which first concatenates them), each block a leaf module alone,
 # stage3_module_granularity_threshold (which also switches on DeepSpeed's fast leaf-module path),
 # persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x
 # 1024 and smaller matrices whole), and a 4x prefetch bucket. Each writes its JSON after every case,
@@ -230,9 +233,12 @@ fla_timing() {  # fla_timing NAME SECONDS CMD...: a timing-only step of FLA's re
 # Every step of the training benchmark: 2 warm-up (the first compiles), 5 timed, 1 phase by phase, 1 profiled
 # (its timeline per case in OUT/traces: where the GPU waits for the host).
 train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
+# The ZeRO-3 JSON as written, without what the trainer changes on one rank (v1 here and in bench_zero3_settings).
+block_leaves='zero_optimization.leaf_module={"classes":["model.modeling.Block"]}'
+as_written="zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true,$block_leaves"
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" \
-    --cases polar:3:none:blocks,nope:3:none:blocks,polar:3:none:off,polar:3:all:blocks,polar:2:none:blocks,polar:0:none:blocks \
-    --trace-dir "$out/traces" --json "$out/bench_training.json"
+    --cases polar:3:none:blocks,nope:3:none:blocks,polar:3:none:blocks:v1,polar:3:all:blocks,polar:2:none:blocks,polar:0:none:blocks \
+    --ds-variant "$as_written" --trace-dir "$out/traces" --json "$out/bench_training.json"
 # The headline case with flash-linear-attention's memory kernels, what a fresh install trains with (where
 # the guard refuses FLA's backward, as a timing only; in a process of its own, see above).
 fla_timing bench_training_fla_timing_only "$T_FLA_TRAIN" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 1 \
@@ -264,10 +270,9 @@ measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/confi
 measure bench_training_deepcompile "$T_DEEPCOMPILE" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --cases polar:3:none:deepcompile --json "$out/bench_training_deepcompile.json"
 z3=polar:3:none:blocks
-block_leaves='zero_optimization.leaf_module={"classes":["model.modeling.Block"]}'
 measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 0 \
     --profile-steps 0 --cases "$z3,$z3:v1,$z3:v2,$z3:v3,$z3:v4,$z3:v5,$z3:v6" \
-    --ds-variant "zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true,$block_leaves" \
+    --ds-variant "$as_written" \
     --ds-variant "$block_leaves" \
     --ds-variant zero_optimization.stage3_module_granularity_threshold=1 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \

@@ -553,6 +553,11 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
     assert ["--distill" in c for c in calls if c.startswith("-m model.bench_loss")] == [False, True]
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
+    # the headline case beside the ZeRO-3 JSON as written, in the first call: the one-rank changes' baseline
+    training = [c for c in calls if c.endswith("bench_training.json")]
+    assert len(training) == 1 and "nope:3:none:blocks,polar:3:none:blocks:v1,polar:3:all:blocks," in training[0]
+    assert ("--ds-variant zero_optimization.stage3_param_persistence_threshold=10000000,"
+            "zero_optimization.reduce_scatter=true,zero_optimization.leaf_module=") in training[0]
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
     # the JSON as written first: what the trainer changes on one rank, timed against it
     zero3_settings = [c for c in calls if c.endswith("bench_zero3_settings.json")]
