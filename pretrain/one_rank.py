@@ -8,6 +8,7 @@ DeepSpeed config before the engine is built, `keep_parameters_gathered` the buil
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch.distributed as dist
 
@@ -97,18 +98,16 @@ def keep_parameters_gathered(engine, ds_config: dict) -> bool:
     zero = ds_config.get("zero_optimization", {})
     if engine.zero_optimization_stage() != 3 or ds_config.get("compile", {}).get("deepcompile", False):
         return False
-    if zero.get("zero_quantized_weights", False):
-        return False
     optimizer = engine.optimizer
+    if zero.get("zero_quantized_weights", False) or dist.get_world_size(
+            group=getattr(optimizer, "dp_process_group", None)) != 1:
+        return False
     missing = [name for name in _STEP_INTERNALS if not hasattr(optimizer, name)]
     if missing:
-        import warnings
-
         warnings.warn(f"{type(optimizer).__name__} lacks {', '.join(missing)}: ZeRO-3 on one rank releases and "
                       "gathers every parameter around each optimizer step, as DeepSpeed does", stacklevel=2)
         return False
-    if (dist.get_world_size(group=optimizer.dp_process_group) != 1 or optimizer.offload_param
-            or optimizer.offload_optimizer):
+    if optimizer.offload_param or optimizer.offload_optimizer:
         return False
     if not all(getattr(p, "ds_persist", False) for p in engine.module.parameters()):
         return False
