@@ -7,7 +7,8 @@ with H query heads over G key/value heads (GQA read in-kernel), its forward+back
 the default backward ("polar_triton": ATMA_POLAR_BWD=auto, the faster of two-pass and split, its
 pick and their timings recorded), then once with each variant by name ("polar_triton_two_pass",
 "_one_pass", "_split"), and the default once more with its programs started in order instead of
-longest first ("polar_triton_in_order"); SDPA runs the same query heads
+longest first ("polar_triton_in_order"; these four only at lengths up to --variants-up-to, when
+given); SDPA runs the same query heads
 with `enable_gqa=True` when the backend accepts it, else with K/V expanded to H heads before
 timing (the "sdpa_gqa" field says which). Attention FLOPs count causal attention as
 2*B*H*T^2*d per forward and 2.5x that for the backward (fwd+bwd = 3.5x).
@@ -51,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=2, help="key/value heads G of Polar (default: 2)")
     p.add_argument("--head-dim", type=int, default=128, help="head dim d (default: 128)")
     p.add_argument("--conv-channels", type=int, default=1024, help="channels of the conv benchmark (default: 1024)")
+    p.add_argument("--variants-up-to", type=int, default=None, metavar="T",
+                   help="time Polar's named backward variants and its in-order program order only at lengths <= T "
+                        "(default: at every length); longer lengths time its default line alone against SDPA "
+                        "flash and cuDNN, the figures the goals at T >= 8K compare, in a fraction of the time")
     p.add_argument("--skip-attention", action="store_true", help="skip Polar vs SDPA")
     p.add_argument("--skip-conv", action="store_true", help="skip the causal conv")
     p.add_argument("--skip-memory", action="store_true", help="skip the gated-delta memory")
@@ -76,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--iters must be >= 1 and --warmup >= 0")
     if any(t < 1 for t in args.seq_lens):
         parser.error("--seq-lens must be positive")
+    if args.variants_up_to is not None and args.variants_up_to < 1:
+        parser.error("--variants-up-to must be positive")
     if args.heads % args.kv_heads:
         parser.error("--heads must be a multiple of --kv-heads")
     return args
@@ -163,8 +170,9 @@ def add_launches(rec: dict, fn, iters: int, *, polar: bool = True) -> None:
         rec["configs"] = {kind: list(config) for kind, config in sorted(last_launch_configs().items())}
 
 
-def bench_attention(args, T: int) -> list[dict]:
-    """Polar (Triton) and SDPA flash / cuDNN at one sequence length."""
+def bench_attention(args, T: int, *, variants: bool = True) -> list[dict]:
+    """Polar (Triton) and SDPA flash / cuDNN at one sequence length; `variants`: also Polar's named backward
+    variants and its in-order program order."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     import torch.nn.functional as F
 
@@ -209,24 +217,10 @@ def bench_attention(args, T: int) -> list[dict]:
     if "fwd_bwd_ms" in rec:
         add_launches(rec, polar_fb, args.iters)
     out.append(rec)
-    # The same forward, then each backward variant by name: the two-pass, the one-pass (dq by atomic
-    # adds) and the split (row terms and dq in launches of their own); forward+backward only.
-    for variant in triton_impl.BACKWARD_VARIANTS:
-        with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": variant}):
-            rec = _measure(f"polar_triton_{variant}", None, polar_fb, args, fwd_flops, fb_flops)
-            if "fwd_bwd_ms" in rec:
-                add_launches(rec, polar_fb, args.iters)
-        rec.update(T=T, B=B, H=H, G=G, d=d, backward=variant)
-        out.append(rec)
-    # The default line's settings with its programs started tile by tile instead of longest first:
-    # the baseline of the order, timed in the same run.
-    with mock.patch.dict(os.environ, {"ATMA_POLAR_SCHEDULE": "in_order"}):
-        rec = _measure("polar_triton_in_order", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
-        if "fwd_bwd_ms" in rec:
-            add_launches(rec, polar_fb, args.iters)
-        rec.update(T=T, B=B, H=H, G=G, d=d, schedule=_schedule(), **backward_run())
-    out.append(rec)
-    variants = len(out)
+    if variants:
+        out += polar_variant_records(polar_fwd, polar_fb, backward_run, args, fwd_flops, fb_flops,
+                                     dict(T=T, B=B, H=H, G=G, d=d))
+    polar_lines = len(out)
 
     qs = torch.randn(B, H, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
     ks = torch.randn(B, G, T, d, device=dev, dtype=dt, generator=gen).requires_grad_()
@@ -253,8 +247,33 @@ def bench_attention(args, T: int) -> list[dict]:
             if "error" not in rec or not gqa:
                 break
         out.append(rec)
-    add_speed_ratios(out[:variants], out[variants:])
-    add_speed_ratios(out[1:variants], out[:1])  # each line against the default: > 1 means it is faster
+    add_speed_ratios(out[:polar_lines], out[polar_lines:])
+    add_speed_ratios(out[1:polar_lines], out[:1])  # each line against the default: > 1 means it is faster
+    return out
+
+
+def polar_variant_records(polar_fwd, polar_fb, backward_run, args, fwd_flops, fb_flops, shape: dict) -> list[dict]:
+    """Polar's forward+backward with each backward variant by name, then the default with its programs in order."""
+    from .polar import triton_impl
+
+    out = []
+    # The same forward, then each backward variant by name: the two-pass, the one-pass (dq by atomic
+    # adds) and the split (row terms and dq in launches of their own); forward+backward only.
+    for variant in triton_impl.BACKWARD_VARIANTS:
+        with mock.patch.dict(os.environ, {"ATMA_POLAR_BWD": variant}):
+            rec = _measure(f"polar_triton_{variant}", None, polar_fb, args, fwd_flops, fb_flops)
+            if "fwd_bwd_ms" in rec:
+                add_launches(rec, polar_fb, args.iters)
+        rec.update(**shape, backward=variant)
+        out.append(rec)
+    # The default line's settings with its programs started tile by tile instead of longest first:
+    # the baseline of the order, timed in the same run.
+    with mock.patch.dict(os.environ, {"ATMA_POLAR_SCHEDULE": "in_order"}):
+        rec = _measure("polar_triton_in_order", polar_fwd, polar_fb, args, fwd_flops, fb_flops)
+        if "fwd_bwd_ms" in rec:
+            add_launches(rec, polar_fb, args.iters)
+        rec.update(**shape, schedule=_schedule(), **backward_run())
+    out.append(rec)
     return out
 
 
@@ -441,7 +460,11 @@ def main(argv=None) -> int:
         print(f"T={T} B={batch_for(T)}")
         recs = []
         if not args.skip_attention:
-            recs += bench_attention(args, T)
+            variants = args.variants_up_to is None or T <= args.variants_up_to
+            if not variants:
+                print(f"  Polar's backward variants and in-order line not timed here (--variants-up-to "
+                      f"{args.variants_up_to})")
+            recs += bench_attention(args, T, variants=variants)
         if not args.skip_conv:
             recs += bench_conv(args, T)
         if not args.skip_memory:

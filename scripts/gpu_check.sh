@@ -249,10 +249,12 @@ fla_timing bench_training_fla_timing_only "$T_FLA_TRAIN" "$PY" -m pretrain.bench
 measure bench_loss "$T_LOSS" "$PY" -m model.bench_loss --tokens 16384 --hidden 1024 --vocab 50304 \
     --json "$out/bench_loss.json"
 # The kernels per length (2K first; JSON after each): Polar vs SDPA flash/cuDNN, the conv, the memory.
+# Polar's backward variants and its in-order program order at 2K only, so that the time left reaches the
+# longer lengths, whose goals compare Polar's default line with SDPA.
 seq_lens="2048 8192 32768"
 iters=10
 [ "$quick" = "--quick" ] && seq_lens="2048 8192"
-measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
+measure bench_kernels "$T_BENCH" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" --variants-up-to 2048 \
     --json "$out/bench_kernels.json"
 # The same headline case with the memory's state carried by the PyTorch loop (the "small" launch
 # class keeps it), for the Triton carry's effect on tokens/s where FLA is refused.

@@ -15,7 +15,8 @@ from kernels import bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("argv", [["--iters", "0"], ["--seq-lens", "0"], ["--heads", "8", "--kv-heads", "3"], ["--bogus"]])
+@pytest.mark.parametrize("argv", [["--iters", "0"], ["--seq-lens", "0"], ["--heads", "8", "--kv-heads", "3"], ["--bogus"],
+                                  ["--variants-up-to", "0"]])
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         bench.parse_args(argv)
@@ -95,7 +96,7 @@ def test_the_lengths_done_are_written_before_a_longer_one_is_cut_short(monkeypat
     monkeypatch.setattr(bench, "environment", lambda: {"gpu": "test", "kernel_settings": {}})
     monkeypatch.setattr(bench, "_fmt", str)
 
-    def attention(args, T):
+    def attention(args, T, variants=True):
         if T == 4096:
             raise KeyboardInterrupt
         return [{"name": "polar_triton", "T": T, "fwd_ms": 1.0}]
@@ -107,10 +108,36 @@ def test_the_lengths_done_are_written_before_a_longer_one_is_cut_short(monkeypat
         bench.main(argv)
     record = json.loads(out.read_text())
     assert [r["T"] for r in record["results"]] == [1024, 2048] and record["complete"] is False
-    monkeypatch.setattr(bench, "bench_attention", lambda args, T: [{"name": "polar_triton", "T": T}])
+    monkeypatch.setattr(bench, "bench_attention", lambda args, T, variants: [{"name": "polar_triton", "T": T}])
     assert bench.main(argv) == 0
     record = json.loads(out.read_text())
     assert [r["T"] for r in record["results"]] == [1024, 2048, 4096] and record["complete"] is True
+
+
+def test_polar_variants_are_timed_only_up_to_the_length_asked(monkeypatch, capsys):
+    """--variants-up-to leaves the longer lengths to Polar's default line against SDPA."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench, "environment", lambda: {"gpu": "test", "kernel_settings": {}})
+    monkeypatch.setattr(bench, "_fmt", str)
+    asked = []
+    monkeypatch.setattr(bench, "bench_attention", lambda args, T, variants: asked.append((T, variants)) or [])
+    argv = ["--seq-lens", "2048", "8192", "32768", "--skip-conv", "--skip-memory"]
+    assert bench.main(argv + ["--variants-up-to", "2048"]) == 0
+    assert asked == [(2048, True), (8192, False), (32768, False)]
+    assert capsys.readouterr().out.count("in-order line not timed here (--variants-up-to 2048)") == 2
+    asked.clear()
+    assert bench.main(argv) == 0 and asked == [(2048, True), (8192, True), (32768, True)]
+    # What the variants are: each named backward, forward+backward only, then the default in order.
+    monkeypatch.setattr(bench, "_measure", lambda name, fwd, fb, *a: {"name": name, "fwd_bwd_ms": 1.0,
+                                                                      "fwd_ms": None if fwd is None else 1.0})
+    monkeypatch.setattr(bench, "add_launches", lambda rec, fn, iters, **kw: None)
+    records = bench.polar_variant_records(lambda: None, lambda: None, lambda: {"backward": "auto"},
+                                          bench.parse_args([]), 1e9, 3.5e9, {"T": 2048})
+    assert [(r["name"], r["fwd_ms"]) for r in records] == [
+        ("polar_triton_two_pass", None), ("polar_triton_one_pass", None), ("polar_triton_split", None),
+        ("polar_triton_in_order", 1.0)]
+    assert records[-1]["schedule"] == "in_order" and all(r["T"] == 2048 for r in records)
 
 
 def test_count_dispatch_counts_computing_ops_apart_from_views():

@@ -553,6 +553,8 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert any(c.endswith("export_teacher.py " + str(out / "teacher-378m")) for c in calls)
     assert ["--distill" in c for c in calls if c.startswith("-m model.bench_loss")] == [False, True]
     assert any(f"--trace-dir {out / 'traces'} --json {out / 'bench_training.json'}" in c for c in calls)
+    # Polar's variants at 2K only, so that the first call's time left reaches 8K and 32K
+    assert [c for c in calls if c.endswith("bench_kernels.json") and "--variants-up-to 2048 " in c]
     # the headline case beside the ZeRO-3 JSON as written, in the first call: the one-rank changes' baseline
     training = [c for c in calls if c.endswith("bench_training.json")]
     assert len(training) == 1 and "nope:3:none:blocks,polar:3:none:blocks:v1,polar:3:all:blocks," in training[0]
