@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .compilation import BLOCK_CLASS, STACK_CLASS
 
-__all__ = ["keep_parameters_gathered", "zero3_for_one_rank"]
+__all__ = ["copies_of_partitions", "keep_parameters_gathered", "zero3_for_one_rank"]
 
 
 def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) -> str | None:
@@ -90,10 +90,12 @@ def keep_parameters_gathered(engine, ds_config: dict) -> bool:
     one rank that is Python bookkeeping per parameter and, on CUDA, a wait for the device at the gather
     (`NoGatherCoalescedHandle.wait`), so the host queues nothing of the next step until the update has run.
     There a whole parameter is a view of its partition, which the update writes in place, so the release
-    and the gather change nothing: the step skips both. Outside the step (checkpoint loads, saves) DeepSpeed
-    releases and gathers as before. Unchanged on more ranks, with parameters or the optimizer offloaded,
-    with quantized weights, under DeepCompile, where a parameter is not whole, or where this DeepSpeed's
-    optimizer lacks what is replaced (then with a warning).
+    and the gather change nothing: the step skips both. Each step first checks that every gathered parameter
+    is such a view; one that is not would miss the update, so then DeepSpeed's own step takes over for good,
+    with a warning. Outside the step (checkpoint loads, saves) DeepSpeed releases and gathers as before.
+    Unchanged on more ranks, with parameters or the optimizer offloaded, with quantized weights, under
+    DeepCompile, where a parameter is not whole, or where this DeepSpeed's optimizer lacks what is replaced
+    (then with a warning).
     """
     zero = ds_config.get("zero_optimization", {})
     if engine.zero_optimization_stage() != 3 or ds_config.get("compile", {}).get("deepcompile", False):
@@ -112,9 +114,17 @@ def keep_parameters_gathered(engine, ds_config: dict) -> bool:
     if not all(getattr(p, "ds_persist", False) for p in engine.module.parameters()):
         return False
     step = optimizer.step
+    params = list(engine.module.parameters())
 
     def step_keeping_parameters_gathered(closure=None):
         """DeepSpeed's step without releasing the parameters before the update or gathering them after it."""
+        copies = copies_of_partitions(params)
+        if copies:
+            warnings.warn(f"{copies} gathered parameter(s) are not views of their ZeRO-3 partition, so the optimizer "
+                          "step would not reach them: DeepSpeed's own step releases and gathers every parameter "
+                          "from now on", RuntimeWarning, stacklevel=2)
+            del optimizer.step  # the class's step from now on
+            return step(closure)
         persistent = optimizer.persistent_parameters
         optimizer._partition_all_parameters = _keep_parameters
         optimizer.persistent_parameters = []  # what `_post_step` gathers back
@@ -130,3 +140,11 @@ def keep_parameters_gathered(engine, ds_config: dict) -> bool:
 
 def _keep_parameters() -> None:
     """In place of ZeRO-3's release of every parameter before the update: nothing to release on one rank."""
+
+
+def copies_of_partitions(params) -> int:
+    """How many of the gathered ZeRO-3 `params` hold their data apart from their partition (`ds_tensor`)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return sum(1 for p in params if getattr(p, "ds_status", None) == ZeroParamStatus.AVAILABLE
+               and p.data.untyped_storage().data_ptr() != p.ds_tensor.untyped_storage().data_ptr())

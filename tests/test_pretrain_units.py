@@ -504,6 +504,22 @@ def test_zero3_on_one_rank_keeps_parameters_gathered_only_where_that_is_safe(mon
         assert not one_rank.keep_parameters_gathered(engine, config)
         engine.optimizer.step()
         assert engine.optimizer.seen == ["released", ("gathered back", ["whole"])]
+    # A gathered parameter that is a copy of its partition would miss the update: DeepSpeed's step takes over.
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    engine = Engine()
+    weight, bias = engine.module.weight, engine.module.bias
+    for p in (weight, bias):
+        p.ds_status, p.ds_tensor = ZeroParamStatus.AVAILABLE, p.data.view(-1)
+    assert one_rank.keep_parameters_gathered(engine, ds)
+    engine.optimizer.step()
+    assert engine.optimizer.seen == [("gathered back", [])]
+    bias.ds_tensor = bias.data.clone()
+    with pytest.warns(RuntimeWarning, match="1 gathered parameter.s. are not views of their ZeRO-3 partition"):
+        engine.optimizer.step()
+    engine.optimizer.step()
+    assert engine.optimizer.seen[1:] == 2 * ["released", ("gathered back", ["whole"])]
+    assert "step" not in vars(engine.optimizer)
     engine = Engine()
     del Optimizer._partition_all_parameters  # a DeepSpeed whose optimizer is laid out otherwise
     with pytest.warns(UserWarning, match="lacks _partition_all_parameters: ZeRO-3 on one rank releases and gathers"):
