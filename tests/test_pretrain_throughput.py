@@ -269,6 +269,16 @@ def test_zero3_on_one_rank_keeps_parameters_gathered_through_the_step_to_the_sam
     assert result["kept_gathered"] == [False, True]
 
 
+@pytest.mark.gpu
+def test_zero3_on_one_gpu_keeps_parameters_gathered_through_the_step(tmp_path):
+    # On CUDA, in bf16: every gathered parameter stays a view of its partition (else the step would have
+    # fallen back to DeepSpeed's, and "kept_gathered" would read False), and training matches DeepSpeed's
+    # step up to the device's own run-to-run rounding (its embedding backward adds atomically).
+    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_reload": True}, {"_reload": True}],
+                             "train.precision=bf16", rounding=1e-2)
+    assert result["kept_gathered"] == [False, True]
+
+
 def test_zero3_on_one_rank_trains_the_block_stack_as_one_leaf_module_to_the_same_result(tmp_path):
     # With every block recomputed in backward and every block's output in the signature loss, so that the
     # leaf's backward hook sees checkpointed blocks and outputs beside its last one.
