@@ -30,6 +30,7 @@ from .compilation import compile_engine, compile_method, configure_compile, dyna
 from .config import ConfigError, RunConfig
 from .cpu_comm import without_shm_comm_op
 from .flops import peak_flops_for, train_flops_per_token
+from .grad_norm import fuse_gradient_norm
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
@@ -329,6 +330,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     optimizer = build_optimizer(model, cfg.optim, adam)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     keep_parameters_gathered(engine, ds_config)
+    fuse_gradient_norm(engine, ds_config)
     compile_engine(engine, compile_method(cfg.train, device.type),
                    activation_memory_budget=cfg.train.activation_memory_budget)
     return engine, optimizer

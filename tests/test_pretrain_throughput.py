@@ -199,17 +199,21 @@ from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_dist
 
 _, _, device = init_distributed()
 variants = json.loads(sys.argv[1])
-runs, kept_gathered = [], []
+runs, kept_gathered, fused_norm = [], [], []
 for overrides in variants:
     # "_run": run-config settings of this variant alone; "_deepspeed_step": DeepSpeed's own optimizer step;
-    # "_reload": save a checkpoint after the second step and load it back; the rest are DeepSpeed settings
+    # "_deepspeed_norm": DeepSpeed's own gradient norm; "_reload": save a checkpoint after the second step and
+    # load it back; the rest are DeepSpeed settings
     deepspeed_step, reload = overrides.pop("_deepspeed_step", False), overrides.pop("_reload", False)
+    deepspeed_norm = overrides.pop("_deepspeed_norm", False)
     cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json",
                                  "train.precision=fp32", *sys.argv[2:], *overrides.pop("_run", [])])
     ds = build_ds_config(cfg, BatchPlan(64, 2, 2, 1), device_type=device.type, overrides=overrides)
     engine, optimizer = build_engine(cfg, AtmaConfig.from_preset("tiny", vocab_size=512), ds, device=device)
     if deepspeed_step:  # DeepSpeed's own ZeRO-3 step, as it was before the trainer changed it on one rank
         vars(engine.optimizer).pop("step")
+    if deepspeed_norm:  # DeepSpeed's own norm, one gradient tensor at a time
+        vars(engine.optimizer).pop("_get_norm_groups")
     apply_lr(optimizer, 1.0)
     step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="stop", device=device)
     generator = torch.Generator().manual_seed(0)
@@ -230,6 +234,7 @@ for overrides in variants:
         engine.load_checkpoint(sys.argv[0] + f".ckpt{len(runs)}", tag="step2")
     losses.append(step.run(stream).terms["loss/total"])
     kept_gathered.append("step" in vars(engine.optimizer))
+    fused_norm.append("_get_norm_groups" in vars(engine.optimizer))
     leaves = sorted({type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)})
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -237,7 +242,8 @@ for overrides in variants:
 (losses_a, norm_a, leaves_a, a, saved_a), (losses_b, norm_b, leaves_b, b, saved_b) = runs
 moved = max((a[n] - b[n]).abs().max().item() for n in a)
 print(json.dumps({"losses": [losses_a, losses_b], "grad_norms": [norm_a, norm_b], "leaves": [leaves_a, leaves_b],
-                  "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "kept_gathered": kept_gathered}))
+                  "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "kept_gathered": kept_gathered,
+                  "fused_norm": fused_norm}))
 exit_without_teardown(0)
 """
 
@@ -265,18 +271,91 @@ def test_zero3_on_one_rank_keeps_parameters_gathered_through_the_step_to_the_sam
     # DeepSpeed's step releases every parameter and gathers it back around the update; on one rank a whole
     # parameter is a view of the partition that the update writes, so skipping both changes nothing, bit for
     # bit, also across a checkpoint saved and loaded (whose load releases and gathers as DeepSpeed does).
-    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_reload": True}, {"_reload": True}])
-    assert result["kept_gathered"] == [False, True]
+    # The gradient norm taken in one reduction is bitwise DeepSpeed's on the CPU, so both changes are compared
+    # together against DeepSpeed's own step and norm.
+    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True, "_reload": True},
+                                        {"_reload": True}])
+    assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
 
 
 @pytest.mark.gpu
 def test_zero3_on_one_gpu_keeps_parameters_gathered_through_the_step(tmp_path):
     # On CUDA, in bf16: every gathered parameter stays a view of its partition (else the step would have
     # fallen back to DeepSpeed's, and "kept_gathered" would read False), and training matches DeepSpeed's
-    # step, within bf16 rounding should a device kernel add in another order from run to run.
-    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_reload": True}, {"_reload": True}],
-                             "train.precision=bf16", "train.compile=false", rounding=1e-2)
-    assert result["kept_gathered"] == [False, True]
+    # step and gradient norm, within bf16 rounding should a device kernel add in another order from run to run
+    # (the multi-tensor norm adds each tensor's squares in another order than DeepSpeed's per-tensor one).
+    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True, "_reload": True},
+                                        {"_reload": True}], "train.precision=bf16", "train.compile=false",
+                             rounding=1e-2)
+    assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
+
+
+# Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under ZeRO-3 and, at each
+# step, takes DeepSpeed's own gradient norms of the optimizer's sub-groups beside the ones the step uses;
+# writes both, as floats, to argv[1].rank<r>.json.
+NORM_PAIRS = r"""
+import json, sys
+import torch
+import torch.distributed as dist
+from model import AtmaConfig
+from pretrain.config import load_run_config
+from pretrain.shutdown import exit_without_teardown
+from pretrain.step import TrainStep
+from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_distributed
+
+rank, world, device = init_distributed()
+out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # the launcher adds --local_rank
+cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json", "train.precision=fp32"])
+ds = build_ds_config(cfg, BatchPlan(64, 2, 2, world), device_type=device.type)
+engine, _ = build_engine(cfg, AtmaConfig.from_preset("tiny", vocab_size=512), ds, device=device)
+optimizer = engine.optimizer
+fused, pairs = vars(optimizer).get("_get_norm_groups"), []
+
+
+def both():
+    ours = fused()
+    theirs = type(optimizer)._get_norm_groups(optimizer)
+    pairs.append([[n.item() for n in ours], [n.item() for n in theirs]])
+    return ours
+
+
+optimizer._get_norm_groups = both
+step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="stop", device=device)
+generator = torch.Generator().manual_seed(rank)
+
+
+def batches():
+    while True:
+        x = torch.randint(0, 512, (2, 65), generator=generator)
+        yield {"input_ids": x[:, :-1], "labels": x[:, 1:]}
+
+
+stream = batches()
+for _ in range(3):
+    step.run(stream)
+with open(f"{out}.rank{rank}.json", "w") as f:
+    json.dump({"pairs": pairs, "partition": [p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters()]}, f)
+dist.barrier()
+exit_without_teardown(0)
+"""
+
+
+def test_zero3_takes_deepspeeds_gradient_norm_in_one_reduction_on_two_ranks(tmp_path):
+    script = tmp_path / "norm_pairs.py"
+    script.write_text(NORM_PAIRS)
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+           str(29300 + os.getpid() % 200), str(script), str(tmp_path / "norms")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"norms.rank{rank}.json").read_text()) for rank in (0, 1)]
+    # Each rank holds half of the sharded parameters' gradients; the norms are over both halves, so the
+    # two ranks agree, and each is bitwise DeepSpeed's (fp64 per tensor, summed over the ranks).
+    assert any(results[0]["partition"])
+    assert len(results[0]["pairs"]) == 3 and results[0]["pairs"] == results[1]["pairs"]
+    for ours, theirs in results[0]["pairs"]:
+        assert ours == theirs, results[0]["pairs"]
+    # The output projections start at zero, so at the first step only the head and the scalars have gradients.
+    assert all(norm > 0 for norm in results[0]["pairs"][-1][0]), results[0]["pairs"]
 
 
 def test_zero3_on_one_rank_trains_the_block_stack_as_one_leaf_module_to_the_same_result(tmp_path):

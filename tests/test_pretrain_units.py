@@ -1345,3 +1345,107 @@ def test_training_bench_takes_an_activation_memory_budget_as_an_ac_value(tmp_pat
     found = {r["ratio"]: r["value"] for r in ratios(cases, "polar")}
     assert found == {"checkpointing all/none step": pytest.approx(1.4),
                      "checkpointing budget0.5/none step": pytest.approx(1.1)}
+
+
+def _deepspeeds_group_norm(grads) -> torch.Tensor:
+    """A group's gradient norm as DeepSpeed's ZeRO-3 `get_grad_norm_direct` takes it: one tensor at a time."""
+    total = torch.sum(torch.pow(torch.stack([g.to(torch.float64).norm(2.0) for g in grads]), 2.0)) ** 0.5
+    return torch.where(total.isinf() | total.isnan(), torch.tensor(-1.0), total)
+
+
+def test_gradient_norms_take_deepspeeds_norm_of_each_group_in_one_reduction():
+    from pretrain.grad_norm import gradient_norms
+
+    generator = torch.Generator().manual_seed(0)
+    # Groups of different sizes and scales, so that a tensor counted in the wrong group shows.
+    groups = [[torch.randn(64, 33, generator=generator) * 10.0**k for k in range(-3, 2)],
+              [torch.randn(5, generator=generator)],
+              [torch.randn(3, 7, generator=generator) * 1e3, torch.randn(1000, generator=generator) * 1e-4],
+              [torch.randn(17, 4, generator=generator).to(torch.bfloat16) for _ in range(3)]]
+    norms = gradient_norms(groups)
+    assert len(norms) == len(groups)
+    for norm, group in zip(norms, groups):
+        assert norm.dtype == torch.float64 and norm.dim() == 0
+        assert torch.equal(norm, _deepspeeds_group_norm(group))  # bit for bit on the CPU
+        oracle = torch.cat([g.to(torch.float64).flatten() for g in group]).norm()
+        assert norm.item() == pytest.approx(oracle.item(), rel=1e-14)
+    # The sums of squares are added up over the ranks once, all groups together: two ranks with the same
+    # gradients give sqrt(2) times each norm.
+    reduced = []
+    doubled = gradient_norms(groups, all_reduce=lambda totals: reduced.append(totals.shape) or totals.mul_(2.0))
+    assert reduced == [torch.Size([4])]
+    assert [d.item() for d in doubled] == pytest.approx([math.sqrt(2.0) * n.item() for n in norms], rel=1e-14)
+    # A non-finite gradient makes its own group's norm -1 (DeepSpeed's mark of an invalid norm), no other.
+    for bad in (float("inf"), float("nan")):
+        broken = [list(group) for group in groups]
+        broken[2][1] = broken[2][1].clone()
+        broken[2][1][3] = bad
+        marked = gradient_norms(broken)
+        assert marked[2].item() == -1.0
+        assert all(torch.equal(marked[i], norms[i]) for i in (0, 1, 3))
+    with pytest.raises(ValueError, match="at least one gradient tensor"):
+        gradient_norms([[], []])
+
+
+def test_zero3_takes_its_gradient_norm_in_one_reduction_only_where_that_is_the_same_norm(monkeypatch):
+    import deepspeed.comm
+
+    from pretrain import grad_norm
+
+    class Optimizer:  # the parts of DeepSpeed's ZeRO-3 optimizer that the change reads and replaces
+        def __init__(self, params, **settings):
+            self.fp16_groups = [params[:1], params[1:]]
+            self.averaged_gradients = {0: [torch.ones(2, 2)], 1: [torch.ones(9), torch.ones(4, 4)]}
+            self.offload_optimizer, self.model_parallel_group, self.dp_process_group = False, None, "ranks"
+            self.loss_scale = 4.0
+            self.__dict__.update(settings)
+
+        def _get_norm_groups(self):
+            return "DeepSpeed's"
+
+    class Engine:
+        def __init__(self, stage=3, **settings):
+            self.module = torch.nn.Linear(2, 2)
+            self.optimizer, self.stage = Optimizer(list(self.module.parameters()), **settings), stage
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    ranks = {"ranks": 1, "other ranks": 2}
+    monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda group: ranks[group])
+    ds = {"zero_optimization": {"stage": 3}}
+    engine = Engine()
+    assert grad_norm.fuse_gradient_norm(engine, ds)
+    assert [n.item() for n in engine.optimizer._get_norm_groups()] == [2.0, 5.0]  # sqrt(4), sqrt(9 + 16)
+    # A Muon update marked as lacking the loss scale gets it back, as in DeepSpeed's own norm.
+    engine = Engine(_muon_update_lacks_loss_scale=lambda i: i == 1)
+    assert grad_norm.fuse_gradient_norm(engine, ds)
+    assert [n.item() for n in engine.optimizer._get_norm_groups()] == [2.0, 20.0]
+    # Over two ranks the sums are all-reduced in the parameters' partition group.
+    calls = []
+    monkeypatch.setattr(deepspeed.comm, "all_reduce", lambda t, op, group: calls.append((t.tolist(), group)))
+    engine = Engine(dp_process_group="other ranks")
+    assert grad_norm.fuse_gradient_norm(engine, ds)
+    engine.optimizer._get_norm_groups()
+    assert calls == [([4.0, 25.0], "other ranks")]
+
+    def engine_with(*, param=None, **settings):
+        engine = Engine(**{k: v for k, v in settings.items() if k != "stage"}, stage=settings.get("stage", 3))
+        for name, value in (param or {}).items():
+            setattr(engine.module.bias, name, value)
+        return engine
+
+    unchanged = [
+        (engine_with(stage=2), ds), (engine_with(offload_optimizer=True), ds),
+        (engine_with(model_parallel_group="tensor ranks"), ds),
+        (engine_with(param={"ds_zero_placement_family": "autoep_expert"}), ds),
+        (engine_with(param={"ds_process_group": "other ranks"}), ds),
+        (engine_with(), {"zero_optimization": {"stage": 3}, "compile": {"deepcompile": True}}),
+    ]
+    for engine, config in unchanged:
+        assert not grad_norm.fuse_gradient_norm(engine, config)
+        assert engine.optimizer._get_norm_groups() == "DeepSpeed's"
+    engine = Engine()
+    del engine.optimizer.averaged_gradients  # a DeepSpeed whose optimizer is laid out otherwise
+    with pytest.warns(UserWarning, match="lacks averaged_gradients: ZeRO-3 takes its gradient norm one tensor"):
+        assert not grad_norm.fuse_gradient_norm(engine, ds)
