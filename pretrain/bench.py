@@ -18,7 +18,9 @@ DeepSpeed variant vs the shipped JSON. A case that
 fails is reported and the others still run, except with --interleave or under the deepspeed
 launcher: there a failure ends the run with exit status 1 (the other cases, or the other ranks
 waiting in that case's collectives, cannot go on without it), and the JSON keeps what was done.
-Each case's startup is timed apart from its steps: building its engine, its first warm-up step
+With breakdown steps, each ZeRO-3 case also times its gradient norm both ways (DeepSpeed's, one tensor at
+a time, and the trainer's, in one reduction) on the gradients of one more step. Each case's startup is
+timed apart from its steps: building its engine, its first warm-up step
 (where compilation happens) and all its warm-up steps. Caches shared within the process (compiled
 graphs, autotuning, op builds, the teacher) make a later case's startup shorter than a fresh run's.
 
@@ -63,6 +65,7 @@ COMPILE_CHOICES = ("auto", "off", "blocks", "deepcompile")
 CHECKPOINT_POLICIES = ("none", "global", "all")
 # An AC value "budget<F>" (e.g. budget0.5): no checkpointing, compiled blocks keep F of their activations.
 BUDGET_PREFIX = "budget"
+NORM_REPEATS = 5  # timings of each ZeRO-3 gradient norm per case, after the breakdown steps
 
 
 def is_ac_value(text: str) -> bool:
@@ -218,7 +221,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "GPU unusable: time it in a run of its own")
     p.add_argument("--data", help="time on these shards through the training loader (default: random tokens)")
     p.add_argument("--breakdown-steps", type=int, default=3,
-                   help="extra steps timed phase by phase (device synchronised between phases; default: 3)")
+                   help="extra steps timed phase by phase (device synchronised between phases; default: 3); with "
+                        "any, one more step of each ZeRO-3 case times DeepSpeed's gradient norm against the one the "
+                        "trainer takes in one reduction, on the same gradients")
     p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
     p.add_argument("--top-ops", type=int, default=8, help="profiler ops listed per case (default: 8)")
     p.add_argument("--trace-dir", metavar="DIR",
@@ -558,6 +563,35 @@ def breakdown(runner: CaseRunner, steps: int) -> dict[str, float]:
     return {name: 1000 * seconds / steps for name, seconds in runner.timer.seconds.items()}
 
 
+def time_gradient_norms(runner: CaseRunner, repeats: int) -> dict[str, float] | None:
+    """Median milliseconds of DeepSpeed's ZeRO-3 gradient norm (one tensor at a time) and of the one-reduction
+    norm the trainer uses (`pretrain/grad_norm.py`), timed `repeats` times each, alternately, device
+    synchronised, on the gradients of one more step; None where the trainer keeps DeepSpeed's norm."""
+    optimizer = runner.engine.optimizer
+    fused = vars(optimizer).get("_get_norm_groups")
+    if fused is None or repeats == 0:
+        return None
+    ways = {"deepspeed": lambda: type(optimizer)._get_norm_groups(optimizer), "one_reduction": fused}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+
+    def timed_both_ways():
+        for _ in range(repeats):
+            for name, norms in ways.items():
+                synchronize(runner.device)
+                start = time.perf_counter()
+                norms()
+                synchronize(runner.device)
+                times[name].append(time.perf_counter() - start)
+        return fused()
+
+    optimizer._get_norm_groups = timed_both_ways
+    try:
+        runner.run()
+    finally:
+        optimizer._get_norm_groups = fused
+    return {name: 1000 * statistics.median(values) for name, values in times.items()}
+
+
 def profile_case(runner: CaseRunner, steps: int, limit: int, trace: str | None = None) -> dict:
     """Profile `steps` more steps: the `limit` ops with the most self time (device time on CUDA) and, on CUDA,
     the device's kernel time per step; with `trace`, the steps' timeline is written there too."""
@@ -699,6 +733,7 @@ def run_case(case: Case, args, device, peak) -> None:
         case.result = summarise(case, runner, args, peak, memory)
         case.result.update(case.startup)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
+        case.result["gradient_norm_ms"] = time_gradient_norms(runner, NORM_REPEATS if args.breakdown_steps else 0)
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
@@ -733,6 +768,7 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
         case.result = summarise(case, runner, args, peak, None)
         case.result.update(case.startup)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
+        case.result["gradient_norm_ms"] = time_gradient_norms(runner, NORM_REPEATS if args.breakdown_steps else 0)
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
@@ -816,6 +852,10 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
         parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
         print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
               f"{r['memory_kernel']}; Adam {r['adam']}")
+        norm = r.get("gradient_norm_ms")
+        if norm:
+            print(f"    ZeRO-3 gradient norm: DeepSpeed's {norm['deepspeed']:.2f} ms, in one reduction "
+                  f"{norm['one_reduction']:.2f} ms ({norm['deepspeed'] / norm['one_reduction']:.2f}x), same gradients")
         if r.get("device_busy") is not None:
             print(f"    device kernels {r['device_ms_per_step']:.1f} ms per step: {100 * r['device_busy']:.0f}% of the "
                   "timed step (the rest the device waits for the host)")

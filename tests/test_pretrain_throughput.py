@@ -682,6 +682,13 @@ def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
         assert set(r["breakdown_ms"]) == {"data", "forward", "sync", "backward", "optimizer"}
         assert r["breakdown_ms"]["forward"] > 0 and r["breakdown_ms"]["backward"] > 0
         assert r["top_ops"] and all(op["self_ms_per_step"] >= 0 for op in r["top_ops"])
+        # ZeRO-3's gradient norm, timed both ways on the same gradients (ZeRO-0 takes no such norm)
+        if r["zero_stage"] == 3:
+            assert set(r["gradient_norm_ms"]) == {"deepspeed", "one_reduction"}, r["gradient_norm_ms"]
+            assert all(ms > 0 for ms in r["gradient_norm_ms"].values())
+        else:
+            assert r["gradient_norm_ms"] is None
+    assert proc.stdout.count("    ZeRO-3 gradient norm: DeepSpeed's ") == 2
     found = {(x["ratio"], x["case"]) for x in report["ratios"]}
     assert ("ZeRO-3/ZeRO-0 step", "polar z3 ac=none compile=auto") in found
     assert ("polar/nope step", "polar z3 ac=none compile=auto") in found
