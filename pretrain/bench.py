@@ -18,7 +18,7 @@ DeepSpeed variant vs the shipped JSON. A case that
 fails is reported and the others still run, except with --interleave or under the deepspeed
 launcher: there a failure ends the run with exit status 1 (the other cases, or the other ranks
 waiting in that case's collectives, cannot go on without it), and the JSON keeps what was done.
-With breakdown steps, each ZeRO-3 case also times its gradient norm both ways (DeepSpeed's, one tensor at
+With breakdown steps, each ZeRO-1/2/3 case also times its gradient norm both ways (DeepSpeed's, one tensor at
 a time, and the trainer's, in one reduction) on the gradients of one more step. Each case's startup is
 timed apart from its steps: building its engine, its first warm-up step
 (where compilation happens) and all its warm-up steps. Caches shared within the process (compiled
@@ -65,7 +65,7 @@ COMPILE_CHOICES = ("auto", "off", "blocks", "deepcompile")
 CHECKPOINT_POLICIES = ("none", "global", "all")
 # An AC value "budget<F>" (e.g. budget0.5): no checkpointing, compiled blocks keep F of their activations.
 BUDGET_PREFIX = "budget"
-NORM_REPEATS = 5  # timings of each ZeRO-3 gradient norm per case, after the breakdown steps
+NORM_REPEATS = 5  # timings of each ZeRO gradient norm per case, after the breakdown steps
 
 
 def is_ac_value(text: str) -> bool:
@@ -222,8 +222,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", help="time on these shards through the training loader (default: random tokens)")
     p.add_argument("--breakdown-steps", type=int, default=3,
                    help="extra steps timed phase by phase (device synchronised between phases; default: 3); with "
-                        "any, one more step of each ZeRO-3 case times DeepSpeed's gradient norm against the one the "
-                        "trainer takes in one reduction, on the same gradients")
+                        "any, one more step of each ZeRO-1/2/3 case times DeepSpeed's gradient norm against the one "
+                        "the trainer takes in one reduction, on the same gradients")
     p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
     p.add_argument("--top-ops", type=int, default=8, help="profiler ops listed per case (default: 8)")
     p.add_argument("--trace-dir", metavar="DIR",
@@ -564,14 +564,17 @@ def breakdown(runner: CaseRunner, steps: int) -> dict[str, float]:
 
 
 def time_gradient_norms(runner: CaseRunner, repeats: int) -> dict[str, float] | None:
-    """Median milliseconds of DeepSpeed's ZeRO-3 gradient norm (one tensor at a time) and of the one-reduction
+    """Median milliseconds of DeepSpeed's ZeRO gradient norm (one tensor at a time) and of the one-reduction
     norm the trainer uses (`pretrain/grad_norm.py`), timed `repeats` times each, alternately, device
     synchronised, on the gradients of one more step; None where the trainer keeps DeepSpeed's norm."""
+    from .grad_norm import NORM_METHODS
+
     optimizer = runner.engine.optimizer
-    fused = vars(optimizer).get("_get_norm_groups")
+    method = NORM_METHODS.get(runner.engine.zero_optimization_stage())
+    fused = vars(optimizer).get(method) if method else None
     if fused is None or repeats == 0:
         return None
-    ways = {"deepspeed": lambda: type(optimizer)._get_norm_groups(optimizer), "one_reduction": fused}
+    ways = {"deepspeed": lambda: getattr(type(optimizer), method)(optimizer), "one_reduction": fused}
     times: dict[str, list[float]] = {name: [] for name in ways}
 
     def timed_both_ways():
@@ -584,11 +587,11 @@ def time_gradient_norms(runner: CaseRunner, repeats: int) -> dict[str, float] | 
                 times[name].append(time.perf_counter() - start)
         return fused()
 
-    optimizer._get_norm_groups = timed_both_ways
+    setattr(optimizer, method, timed_both_ways)
     try:
         runner.run()
     finally:
-        optimizer._get_norm_groups = fused
+        setattr(optimizer, method, fused)
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
@@ -854,7 +857,7 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
               f"{r['memory_kernel']}; Adam {r['adam']}")
         norm = r.get("gradient_norm_ms")
         if norm:
-            print(f"    ZeRO-3 gradient norm: DeepSpeed's {norm['deepspeed']:.2f} ms, in one reduction "
+            print(f"    gradient norm: DeepSpeed's {norm['deepspeed']:.2f} ms, in one reduction "
                   f"{norm['one_reduction']:.2f} ms ({norm['deepspeed'] / norm['one_reduction']:.2f}x), same gradients")
         if r.get("device_busy") is not None:
             print(f"    device kernels {r['device_ms_per_step']:.1f} ms per step: {100 * r['device_busy']:.0f}% of the "

@@ -17,7 +17,7 @@
 # the memory path this machine trains with (flash-linear-attention where its guard allows it, the
 # chunked path with its Triton state carry elsewhere; each case's breakdown names it), each case's
 # startup (engine build, the first step with its compilation and autotuning) timed apart, and each
-# ZeRO-3 case's gradient norm timed both ways on the same gradients (DeepSpeed's, one tensor at a time,
+# ZeRO-2/3 case's gradient norm timed both ways on the same gradients (DeepSpeed's, one tensor at a time,
 # and the trainer's, in one reduction):
 # bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar with the ZeRO-3 JSON as
 # written (none of what the trainer changes on one GPU; see bench_zero3_settings), with activation

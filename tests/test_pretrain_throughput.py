@@ -290,36 +290,43 @@ def test_zero3_on_one_gpu_keeps_parameters_gathered_through_the_step(tmp_path):
     assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
 
 
-# Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under ZeRO-3 and, at each
-# step, takes DeepSpeed's own gradient norms of the optimizer's sub-groups beside the ones the step uses;
-# writes both, as floats, to argv[1].rank<r>.json.
+# Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under the DeepSpeed JSON
+# argv[2] (ZeRO-2 or ZeRO-3) and, at each step, takes DeepSpeed's own gradient norm beside the one the step
+# uses (ZeRO-3: each sub-group's; ZeRO-2: the combined one); writes both, as floats, and whether this rank's
+# partition is a part of the model, to argv[1].rank<r>.json.
 NORM_PAIRS = r"""
 import json, sys
 import torch
 import torch.distributed as dist
 from model import AtmaConfig
 from pretrain.config import load_run_config
+from pretrain.grad_norm import NORM_METHODS
 from pretrain.shutdown import exit_without_teardown
 from pretrain.step import TrainStep
 from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_distributed
 
 rank, world, device = init_distributed()
-out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")][0]  # the launcher adds --local_rank
-cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json", "train.precision=fp32"])
+out, ds_json = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank
+cfg = load_run_config(None, ["data.dir=unused", f"deepspeed_config={ds_json}", "train.precision=fp32"])
 ds = build_ds_config(cfg, BatchPlan(64, 2, 2, world), device_type=device.type)
 engine, _ = build_engine(cfg, AtmaConfig.from_preset("tiny", vocab_size=512), ds, device=device)
-optimizer = engine.optimizer
-fused, pairs = vars(optimizer).get("_get_norm_groups"), []
+optimizer, stage = engine.optimizer, engine.zero_optimization_stage()
+method = NORM_METHODS[stage]
+fused, pairs = vars(optimizer).get(method), []
 
 
-def both():
-    ours = fused()
-    theirs = type(optimizer)._get_norm_groups(optimizer)
-    pairs.append([[n.item() for n in ours], [n.item() for n in theirs]])
+def floats(norms):
+    return [n.item() for n in norms] if isinstance(norms, list) else [norms.item()]
+
+
+def both(*args):
+    ours = fused(*args)
+    theirs = getattr(type(optimizer), method)(optimizer, *args)
+    pairs.append([floats(ours), floats(theirs)])
     return ours
 
 
-optimizer._get_norm_groups = both
+setattr(optimizer, method, both)
 step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="stop", device=device)
 generator = torch.Generator().manual_seed(rank)
 
@@ -333,24 +340,28 @@ def batches():
 stream = batches()
 for _ in range(3):
     step.run(stream)
+model_size = sum(p.ds_numel if stage == 3 else p.numel() for p in engine.module.parameters())
+held = (sum(p.ds_tensor.numel() for p in engine.module.parameters()) if stage == 3
+        else sum(int(size) for size in optimizer.partition_size))
 with open(f"{out}.rank{rank}.json", "w") as f:
-    json.dump({"pairs": pairs, "partition": [p.ds_tensor.numel() < p.ds_numel for p in engine.module.parameters()]}, f)
+    json.dump({"pairs": pairs, "partitioned": held < model_size}, f)
 dist.barrier()
 exit_without_teardown(0)
 """
 
 
-def test_zero3_takes_deepspeeds_gradient_norm_in_one_reduction_on_two_ranks(tmp_path):
+@pytest.mark.parametrize("ds_json", ["ds_configs/zero3_bf16.json", "ds_configs/zero2_bf16.json"])
+def test_zero_takes_deepspeeds_gradient_norm_in_one_reduction_on_two_ranks(tmp_path, ds_json):
     script = tmp_path / "norm_pairs.py"
     script.write_text(NORM_PAIRS)
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-           str(29300 + os.getpid() % 200), str(script), str(tmp_path / "norms")]
+           str(29300 + os.getpid() % 200), str(script), str(tmp_path / "norms"), ds_json]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"norms.rank{rank}.json").read_text()) for rank in (0, 1)]
-    # Each rank holds half of the sharded parameters' gradients; the norms are over both halves, so the
-    # two ranks agree, and each is bitwise DeepSpeed's (fp64 per tensor, summed over the ranks).
-    assert any(results[0]["partition"])
+    # Each rank holds part of the gradients; the norms are over all parts, so the two ranks agree, and each
+    # is bitwise DeepSpeed's (fp64 per tensor, summed over the ranks).
+    assert results[0]["partitioned"] and results[1]["partitioned"]
     assert len(results[0]["pairs"]) == 3 and results[0]["pairs"] == results[1]["pairs"]
     for ours, theirs in results[0]["pairs"]:
         assert ours == theirs, results[0]["pairs"]
@@ -682,13 +693,13 @@ def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
         assert set(r["breakdown_ms"]) == {"data", "forward", "sync", "backward", "optimizer"}
         assert r["breakdown_ms"]["forward"] > 0 and r["breakdown_ms"]["backward"] > 0
         assert r["top_ops"] and all(op["self_ms_per_step"] >= 0 for op in r["top_ops"])
-        # ZeRO-3's gradient norm, timed both ways on the same gradients (ZeRO-0 takes no such norm)
+        # The ZeRO optimizer's gradient norm, timed both ways on the same gradients (ZeRO-0 takes no such norm)
         if r["zero_stage"] == 3:
             assert set(r["gradient_norm_ms"]) == {"deepspeed", "one_reduction"}, r["gradient_norm_ms"]
             assert all(ms > 0 for ms in r["gradient_norm_ms"].values())
         else:
             assert r["gradient_norm_ms"] is None
-    assert proc.stdout.count("    ZeRO-3 gradient norm: DeepSpeed's ") == 2
+    assert proc.stdout.count("    gradient norm: DeepSpeed's ") == 2
     found = {(x["ratio"], x["case"]) for x in report["ratios"]}
     assert ("ZeRO-3/ZeRO-0 step", "polar z3 ac=none compile=auto") in found
     assert ("polar/nope step", "polar z3 ac=none compile=auto") in found

@@ -1347,9 +1347,12 @@ def test_training_bench_takes_an_activation_memory_budget_as_an_ac_value(tmp_pat
                      "checkpointing budget0.5/none step": pytest.approx(1.1)}
 
 
-def _deepspeeds_group_norm(grads) -> torch.Tensor:
-    """A group's gradient norm as DeepSpeed's ZeRO-3 `get_grad_norm_direct` takes it: one tensor at a time."""
-    total = torch.sum(torch.pow(torch.stack([g.to(torch.float64).norm(2.0) for g in grads]), 2.0)) ** 0.5
+def _deepspeeds_group_norm(grads, *, zero3: bool = True) -> torch.Tensor:
+    """A group's gradient norm as DeepSpeed's `get_grad_norm_direct` takes it, one tensor at a time: ZeRO-3's, or
+    ZeRO-1/2's (which sums the squares in fp64, then goes on in fp32)."""
+    norms = torch.stack([torch.linalg.vector_norm(g.to(torch.float64), ord=2.0) for g in grads])
+    total = torch.sum(torch.pow(norms, 2.0)) if zero3 else norms.pow(2.0).sum().float()
+    total = total ** 0.5
     return torch.where(total.isinf() | total.isnan(), torch.tensor(-1.0), total)
 
 
@@ -1369,6 +1372,9 @@ def test_gradient_norms_take_deepspeeds_norm_of_each_group_in_one_reduction():
         assert torch.equal(norm, _deepspeeds_group_norm(group))  # bit for bit on the CPU
         oracle = torch.cat([g.to(torch.float64).flatten() for g in group]).norm()
         assert norm.item() == pytest.approx(oracle.item(), rel=1e-14)
+    # ZeRO-1/2 cast each group's sum to fp32 before reducing it.
+    for norm, group in zip(gradient_norms(groups, sum_dtype=torch.float32), groups):
+        assert norm.dtype == torch.float32 and torch.equal(norm, _deepspeeds_group_norm(group, zero3=False))
     # The sums of squares are added up over the ranks once, all groups together: two ranks with the same
     # gradients give sqrt(2) times each norm.
     reduced = []
@@ -1383,69 +1389,104 @@ def test_gradient_norms_take_deepspeeds_norm_of_each_group_in_one_reduction():
         marked = gradient_norms(broken)
         assert marked[2].item() == -1.0
         assert all(torch.equal(marked[i], norms[i]) for i in (0, 1, 3))
-    with pytest.raises(ValueError, match="at least one gradient tensor"):
+    # A rank without gradients still joins the other ranks' all-reduce, with zeros.
+    reduced.clear()
+    empty = gradient_norms([[], []], device=torch.device("cpu"),
+                           all_reduce=lambda totals: reduced.append(totals.tolist()) or totals.add_(9.0))
+    assert reduced == [[0.0, 0.0]] and [n.item() for n in empty] == [3.0, 3.0]
+    with pytest.raises(ValueError, match="needs a device where no group has a gradient tensor"):
         gradient_norms([[], []])
 
 
-def test_zero3_takes_its_gradient_norm_in_one_reduction_only_where_that_is_the_same_norm(monkeypatch):
+def test_zero_optimizers_take_their_gradient_norm_in_one_reduction_only_where_that_is_the_same_norm(monkeypatch):
     import deepspeed.comm
 
     from pretrain import grad_norm
 
-    class Optimizer:  # the parts of DeepSpeed's ZeRO-3 optimizer that the change reads and replaces
-        def __init__(self, params, **settings):
-            self.fp16_groups = [params[:1], params[1:]]
+    class Optimizer:  # the parts of DeepSpeed's ZeRO optimizers that the change reads and replaces
+        def __init__(self, params, stage, **settings):
+            groups = [params[:1], params[1:]]
             self.averaged_gradients = {0: [torch.ones(2, 2)], 1: [torch.ones(9), torch.ones(4, 4)]}
-            self.offload_optimizer, self.model_parallel_group, self.dp_process_group = False, None, "ranks"
-            self.loss_scale = 4.0
+            if stage == 3:
+                self.fp16_groups, self.offload_optimizer = groups, False
+            else:
+                # ZeRO-1/2 pair each real gradient with a parameter: the bias stands for two here
+                self.bit16_groups = self.params_in_partition = [groups[0], groups[1] * 2]
+                self.cpu_offload = self.has_moe_layers = False
+                padding = torch.full((3,), 100.0)
+                padding._zero_padding = True  # the partition's padding, left out of the norm
+                self.averaged_gradients[1].insert(1, padding)
+            self.model_parallel_group, self.dp_process_group, self.loss_scale = None, "ranks", 4.0
             self.__dict__.update(settings)
 
         def _get_norm_groups(self):
             return "DeepSpeed's"
 
+        def scaled_global_norm(self, norm_type=2):
+            return "DeepSpeed's"
+
     class Engine:
         def __init__(self, stage=3, **settings):
             self.module = torch.nn.Linear(2, 2)
-            self.optimizer, self.stage = Optimizer(list(self.module.parameters()), **settings), stage
+            self.optimizer, self.stage = Optimizer(list(self.module.parameters()), stage, **settings), stage
 
         def zero_optimization_stage(self):
             return self.stage
+
+        def norm(self):
+            return getattr(self.optimizer, grad_norm.NORM_METHODS[self.stage])()
 
     ranks = {"ranks": 1, "other ranks": 2}
     monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda group: ranks[group])
     ds = {"zero_optimization": {"stage": 3}}
     engine = Engine()
     assert grad_norm.fuse_gradient_norm(engine, ds)
-    assert [n.item() for n in engine.optimizer._get_norm_groups()] == [2.0, 5.0]  # sqrt(4), sqrt(9 + 16)
+    assert [n.item() for n in engine.norm()] == [2.0, 5.0]  # each sub-group's: sqrt(4), sqrt(9 + 16)
+    # ZeRO-1/2 combine the groups' norms into one: sqrt(4 + 25), without the padding.
+    for stage in (1, 2):
+        engine = Engine(stage=stage)
+        assert grad_norm.fuse_gradient_norm(engine, ds)
+        assert engine.norm().item() == pytest.approx(math.sqrt(29.0), rel=1e-7)
     # A Muon update marked as lacking the loss scale gets it back, as in DeepSpeed's own norm.
     engine = Engine(_muon_update_lacks_loss_scale=lambda i: i == 1)
     assert grad_norm.fuse_gradient_norm(engine, ds)
-    assert [n.item() for n in engine.optimizer._get_norm_groups()] == [2.0, 20.0]
+    assert [n.item() for n in engine.norm()] == [2.0, 20.0]
+    engine = Engine(stage=2, _muon_update_lacks_loss_scale=lambda i: i == 1)
+    assert grad_norm.fuse_gradient_norm(engine, ds)
+    assert engine.norm().item() == pytest.approx(math.sqrt(4.0 + 400.0), rel=1e-7)
     # Over two ranks the sums are all-reduced in the parameters' partition group.
     calls = []
     monkeypatch.setattr(deepspeed.comm, "all_reduce", lambda t, op, group: calls.append((t.tolist(), group)))
-    engine = Engine(dp_process_group="other ranks")
-    assert grad_norm.fuse_gradient_norm(engine, ds)
-    engine.optimizer._get_norm_groups()
-    assert calls == [([4.0, 25.0], "other ranks")]
+    for stage in (3, 2):
+        engine = Engine(stage=stage, dp_process_group="other ranks")
+        assert grad_norm.fuse_gradient_norm(engine, ds)
+        engine.norm()
+    assert calls == [([4.0, 25.0], "other ranks")] * 2
 
-    def engine_with(*, param=None, **settings):
-        engine = Engine(**{k: v for k, v in settings.items() if k != "stage"}, stage=settings.get("stage", 3))
+    def engine_with(stage=3, *, param=None, **settings):
+        engine = Engine(stage, **settings)
         for name, value in (param or {}).items():
             setattr(engine.module.bias, name, value)
         return engine
 
     unchanged = [
-        (engine_with(stage=2), ds), (engine_with(offload_optimizer=True), ds),
+        (engine_with(stage=0), ds), (engine_with(offload_optimizer=True), ds),
         (engine_with(model_parallel_group="tensor ranks"), ds),
         (engine_with(param={"ds_zero_placement_family": "autoep_expert"}), ds),
         (engine_with(param={"ds_process_group": "other ranks"}), ds),
         (engine_with(), {"zero_optimization": {"stage": 3}, "compile": {"deepcompile": True}}),
+        (engine_with(2, cpu_offload=True), ds), (engine_with(2, has_moe_layers=True), ds),
+        (engine_with(2, model_parallel_group="tensor ranks"), ds),
+        (engine_with(2, param={"ds_pipe_replicated": True}), ds),
     ]
     for engine, config in unchanged:
         assert not grad_norm.fuse_gradient_norm(engine, config)
-        assert engine.optimizer._get_norm_groups() == "DeepSpeed's"
+        assert "_get_norm_groups" not in vars(engine.optimizer) and "scaled_global_norm" not in vars(engine.optimizer)
     engine = Engine()
     del engine.optimizer.averaged_gradients  # a DeepSpeed whose optimizer is laid out otherwise
     with pytest.warns(UserWarning, match="lacks averaged_gradients: ZeRO-3 takes its gradient norm one tensor"):
+        assert not grad_norm.fuse_gradient_norm(engine, ds)
+    engine = Engine(stage=2)
+    del engine.optimizer.params_in_partition
+    with pytest.warns(UserWarning, match="lacks params_in_partition: ZeRO-2 takes its gradient norm one tensor"):
         assert not grad_norm.fuse_gradient_norm(engine, ds)
