@@ -62,13 +62,17 @@ def fuse_gradient_norm(engine, ds_config: dict) -> bool:
 
     Unchanged with the optimizer offloaded (its norm is taken on the CPU), with tensor, pipeline or expert
     parallelism (whose norms count parameters per rank), with parameters partitioned over different groups,
-    under DeepCompile, or where this DeepSpeed's optimizer lacks what is replaced (then with a warning).
+    under DeepCompile, for DeepSpeed's other optimizer wrappers (ZeRO-1 with bf16 parameters and fp32
+    gradients runs `BF16_Optimizer`), or where this DeepSpeed's ZeRO optimizer lacks what is replaced (then
+    with a warning).
     """
     stage = engine.zero_optimization_stage()
     if stage not in NORM_METHODS or ds_config.get("compile", {}).get("deepcompile", False):
         return False
     optimizer = engine.optimizer
-    missing = [name for name in (NORM_METHODS[stage], *_INTERNALS[stage]) if not hasattr(optimizer, name)]
+    if not hasattr(optimizer, NORM_METHODS[stage]):  # another wrapper (e.g. BF16_Optimizer under ZeRO-1)
+        return False
+    missing = [name for name in _INTERNALS[stage] if not hasattr(optimizer, name)]
     if missing:
         warnings.warn(f"{type(optimizer).__name__} lacks {', '.join(missing)}: ZeRO-{stage} takes its gradient norm "
                       "one tensor at a time, as DeepSpeed does", stacklevel=2)

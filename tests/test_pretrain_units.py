@@ -1490,3 +1490,9 @@ def test_zero_optimizers_take_their_gradient_norm_in_one_reduction_only_where_th
     del engine.optimizer.params_in_partition
     with pytest.warns(UserWarning, match="lacks params_in_partition: ZeRO-2 takes its gradient norm one tensor"):
         assert not grad_norm.fuse_gradient_norm(engine, ds)
+    # DeepSpeed's other wrappers (BF16_Optimizer under ZeRO-1) take their norm otherwise: left alone, quietly.
+    engine = Engine(stage=1)
+    engine.optimizer = object()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not grad_norm.fuse_gradient_norm(engine, ds)
