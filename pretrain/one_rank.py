@@ -2,7 +2,8 @@
 
 DeepSpeed's ZeRO-3 does the same bookkeeping on one rank as on many (gathers, releases, a reduce-scatter of
 the gradients), and on CUDA several of its gathers wait for the device. `zero3_for_one_rank` changes the
-DeepSpeed config before the engine is built, `keep_parameters_gathered` the built engine's optimizer step.
+DeepSpeed config before the engine is built, `keep_parameters_gathered` the built engine's optimizer step and
+`reduce_gradients_into_partitions` its gradient hooks.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from __future__ import annotations
 import sys
 import warnings
 
+import torch
 import torch.distributed as dist
 
 from .compilation import BLOCK_CLASS, STACK_CLASS
 
-__all__ = ["copies_of_partitions", "keep_parameters_gathered", "zero3_for_one_rank"]
+__all__ = ["copies_of_partitions", "keep_parameters_gathered", "reduce_gradients_into_partitions", "zero3_for_one_rank"]
 
 
 def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) -> str | None:
@@ -32,9 +34,11 @@ def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) 
       backward. With nothing to gather, the leaf's size costs no memory beyond holding the blocks'
       gradients until then. Not without `module_hooks` (DeepCompile removes DeepSpeed's module hooks),
       nor with the optimizer offloaded, whose gradients leave the device block by block.
-    - Gradients are reduced in their bucket (`reduce_scatter: false`): the reduce-scatter path first
-      concatenates each bucket's gradients, a copy of all of them per micro-batch; on one rank both paths
-      give bitwise the same gradients.
+    - Gradients are reduced in place (`reduce_scatter: false`): the reduce-scatter path first concatenates
+      each bucket's gradients, a copy of all of them per micro-batch; on one rank both paths give bitwise the
+      same gradients. With it the built engine moves each gradient straight into its partition
+      (`reduce_gradients_into_partitions`, applied by `build_engine`); where DeepSpeed's own gradient hooks
+      run (DeepCompile), they reduce in their bucket.
     - The parameters stay gathered through each optimizer step (`keep_parameters_gathered`, applied by
       `build_engine`). Not with the optimizer offloaded, nor without `module_hooks`.
 
@@ -81,6 +85,27 @@ _STEP_INTERNALS = ("step", "_partition_all_parameters", "persistent_parameters",
                    "offload_optimizer")
 
 
+def _one_rank_zero3_optimizer(engine, ds_config: dict, internals: tuple[str, ...], otherwise: str):
+    """The engine's ZeRO-3 optimizer where it runs on one rank, with nothing offloaded, unquantized weights and
+    without DeepCompile, else None; also None, with a warning ending in `otherwise`, where it lacks one of
+    `internals`."""
+    zero = ds_config.get("zero_optimization", {})
+    if engine.zero_optimization_stage() != 3 or ds_config.get("compile", {}).get("deepcompile", False):
+        return None
+    optimizer = engine.optimizer
+    if zero.get("zero_quantized_weights", False) or dist.get_world_size(
+            group=getattr(optimizer, "dp_process_group", None)) != 1:
+        return None
+    missing = [name for name in internals if not hasattr(optimizer, name)]
+    if missing:
+        warnings.warn(f"{type(optimizer).__name__} lacks {', '.join(missing)}: ZeRO-3 on one rank {otherwise}",
+                      stacklevel=3)
+        return None
+    if optimizer.offload_param or optimizer.offload_optimizer:
+        return None
+    return optimizer
+
+
 def keep_parameters_gathered(engine, ds_config: dict) -> bool:
     """On one rank, where every parameter is whole, let the engine's ZeRO-3 optimizer step leave them gathered;
     returns whether the step was changed.
@@ -97,21 +122,10 @@ def keep_parameters_gathered(engine, ds_config: dict) -> bool:
     DeepCompile, where a parameter is not whole, or where this DeepSpeed's optimizer lacks what is replaced
     (then with a warning).
     """
-    zero = ds_config.get("zero_optimization", {})
-    if engine.zero_optimization_stage() != 3 or ds_config.get("compile", {}).get("deepcompile", False):
-        return False
-    optimizer = engine.optimizer
-    if zero.get("zero_quantized_weights", False) or dist.get_world_size(
-            group=getattr(optimizer, "dp_process_group", None)) != 1:
-        return False
-    missing = [name for name in _STEP_INTERNALS if not hasattr(optimizer, name)]
-    if missing:
-        warnings.warn(f"{type(optimizer).__name__} lacks {', '.join(missing)}: ZeRO-3 on one rank releases and "
-                      "gathers every parameter around each optimizer step, as DeepSpeed does", stacklevel=2)
-        return False
-    if optimizer.offload_param or optimizer.offload_optimizer:
-        return False
-    if not all(getattr(p, "ds_persist", False) for p in engine.module.parameters()):
+    optimizer = _one_rank_zero3_optimizer(engine, ds_config, _STEP_INTERNALS,
+                                          "releases and gathers every parameter around each optimizer step, as "
+                                          "DeepSpeed does")
+    if optimizer is None or not all(getattr(p, "ds_persist", False) for p in engine.module.parameters()):
         return False
     step = optimizer.step
     params = list(engine.module.parameters())
@@ -136,6 +150,89 @@ def keep_parameters_gathered(engine, ds_config: dict) -> bool:
 
     optimizer.step = step_keeping_parameters_gathered
     return True
+
+
+# Where DeepSpeed's ZeRO-3 optimizer (0.19) keeps each parameter's gradient partition, a view of its flat buffer.
+_GRADIENT_PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition"
+# What `reduce_gradients_into_partitions` relies on in it.
+_GRADIENT_INTERNALS = ("reduce_ready_partitions_and_remove_grads", "independent_gradient_partition_epilogue",
+                       "_coalesce_grad_reduction", "micro_step_id", _GRADIENT_PARTITIONS, "fp16_groups",
+                       "get_param_comm_dtype", "gradient_accumulation_dtype", "_get_param_partition_group",
+                       "postscale_gradients", "gradient_predivide_factor", "sequence_parallel_size", "zenflow",
+                       "reduce_and_partition_stream", "dp_process_group", "offload_param", "offload_optimizer")
+
+
+def reduce_gradients_into_partitions(engine, ds_config: dict) -> bool:
+    """On one rank, let the engine's ZeRO-3 optimizer move each gradient straight into its partition of the flat
+    gradient buffer; returns whether it does.
+
+    DeepSpeed's gradient hook (`reduce_independent_p_g_buckets_and_remove_grads`) copies each gradient into a
+    reduction bucket on a stream of its own, divides each full bucket by the number of ranks, all-reduces it,
+    and copies every gradient from it into its partition: two copies and a turn of a Python loop per
+    gradient tensor in each micro-batch, and after each backward the host waits for that stream, so for the
+    whole backward. On one rank the division (by one) and the all-reduce change nothing, so the hook now only
+    notes the gradient, and DeepSpeed's epilogue of each backward first copies the noted gradients into their
+    partitions (adds them, after a step's first micro-batch) in one multi-tensor operation on the current
+    stream: the same gradients, bit for bit. The host no longer waits there; DeepSpeed's later work on its
+    reduction stream (the fp16 overflow check) waits for the copies on the device. Only where gradients are
+    reduced in their bucket (`reduce_scatter: false`, as `zero3_for_one_rank` sets); unchanged on more ranks,
+    with parameters or the optimizer offloaded, with quantized weights or gradients, under DeepCompile or
+    ZenFlow, with sequence parallelism, a gradient predivide factor, a communication dtype other than a
+    parameter's, or where this DeepSpeed's optimizer lacks what is replaced (then with a warning).
+    """
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("reduce_scatter", True) or zero.get("zero_quantized_gradients", False):
+        return False
+    optimizer = _one_rank_zero3_optimizer(engine, ds_config, _GRADIENT_INTERNALS,
+                                          "copies each gradient into a reduction bucket and then into its "
+                                          "partition, as DeepSpeed does")
+    if optimizer is None or optimizer.zenflow or optimizer.sequence_parallel_size != 1:
+        return False
+    if optimizer.postscale_gradients and optimizer.gradient_predivide_factor != 1.0:
+        return False  # the bucket is divided by the factor and multiplied back: not bitwise the gradient
+    params = [p for group in optimizer.fp16_groups for p in group]
+    if any(optimizer.get_param_comm_dtype(p) != p.dtype
+           or getattr(p, "ds_zero_placement_family", "replicated") != "replicated"
+           or dist.get_world_size(group=optimizer._get_param_partition_group(p)) != 1 for p in params):
+        return False
+    partitions = getattr(optimizer, _GRADIENT_PARTITIONS)
+    epilogue = optimizer.independent_gradient_partition_epilogue
+    noted: dict[int, object] = {}  # by ds_id: a parameter whose gradient grows over several hooks counts once
+
+    def note_gradient(param):
+        """In place of DeepSpeed's reduction of `param`'s gradient: note it for the epilogue."""
+        if optimizer._coalesce_grad_reduction or not getattr(param, "ds_grad_is_ready", True):
+            return
+        noted[param.ds_id] = param
+
+    def epilogue_after_moving_gradients():
+        """Move the noted gradients into their partitions, then DeepSpeed's epilogue."""
+        if noted:
+            _move_gradients(list(noted.values()), partitions, accumulate=optimizer.micro_step_id != 0)
+            noted.clear()
+        result = epilogue()
+        if optimizer.reduce_and_partition_stream is not None:  # later work there reads the partitions
+            from deepspeed.accelerator import get_accelerator
+
+            optimizer.reduce_and_partition_stream.wait_stream(get_accelerator().current_stream())
+        return result
+
+    optimizer.reduce_ready_partitions_and_remove_grads = note_gradient
+    optimizer.independent_gradient_partition_epilogue = epilogue_after_moving_gradients
+    return True
+
+
+def _move_gradients(params, partitions: dict, *, accumulate: bool) -> None:
+    """Copy (or with `accumulate` add) each parameter's gradient into `partitions[param.ds_id]`, in one
+    multi-tensor operation, and free the gradients."""
+    grads = [p.grad for p in params]
+    targets = [partitions[p.ds_id].narrow(0, 0, g.numel()).view(g.shape) for p, g in zip(params, grads)]
+    if accumulate:
+        torch._foreach_add_(targets, grads)
+    else:
+        torch._foreach_copy_(targets, grads)
+    for p in params:
+        p.grad = None
 
 
 def _keep_parameters() -> None:

@@ -34,7 +34,7 @@ from .grad_norm import fuse_gradient_norm
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
-from .one_rank import keep_parameters_gathered, zero3_for_one_rank
+from .one_rank import keep_parameters_gathered, reduce_gradients_into_partitions, zero3_for_one_rank
 from .optim import apply_lr, build_optimizer, choose_adam, lr_multiplier, match_loaded_step_counters
 from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
@@ -330,6 +330,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     optimizer = build_optimizer(model, cfg.optim, adam)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     keep_parameters_gathered(engine, ds_config)
+    reduce_gradients_into_partitions(engine, ds_config)
     fuse_gradient_norm(engine, ds_config)
     compile_engine(engine, compile_method(cfg.train, device.type),
                    activation_memory_budget=cfg.train.activation_memory_budget)

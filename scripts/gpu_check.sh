@@ -35,13 +35,16 @@
 # share is 8x what a run sees);
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
-# kept whole, the stack of blocks one leaf module, gradients reduced in place and the parameters left
-# gathered through the optimizer step: one rank has nothing to shard) against six settings changed, one
+# kept whole, the stack of blocks one leaf module, gradients moved straight into their partitions and
+# the parameters left gathered through the optimizer step: one rank has nothing to shard) against six
+# settings changed, one
 # after another in one run: the JSON as written (persistence threshold 1e7: the embedding and the LM head
 # sharded, so the head is fetched in every micro-batch, and on one GPU each fetch waits for the device;
 # with parameters sharded, DeepSpeed's own optimizer step, which releases every parameter and gathers
-# the whole ones back, waiting for the device; each block a leaf module; gradients through the
-# reduce-scatter path, which first concatenates them), each block a leaf module alone,
+# the whole ones back, waiting for the device; each block a leaf module; gradients through DeepSpeed's
+# reduce-scatter path, which copies them into a bucket, concatenates them, divides and reduces them
+# over the one rank, copies them into their partitions and waits for the device after each backward),
+# each block a leaf module alone,
 # stage3_module_granularity_threshold (which also switches on DeepSpeed's fast leaf-module path),
 # persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x
 # 1024 and smaller matrices whole), and a 4x prefetch bucket. Each writes its JSON after every case,

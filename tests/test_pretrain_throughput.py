@@ -199,13 +199,15 @@ from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_dist
 
 _, _, device = init_distributed()
 variants = json.loads(sys.argv[1])
-runs, kept_gathered, fused_norm = [], [], []
+runs, kept_gathered, fused_norm, moved_gradients = [], [], [], []
 for overrides in variants:
     # "_run": run-config settings of this variant alone; "_deepspeed_step": DeepSpeed's own optimizer step;
-    # "_deepspeed_norm": DeepSpeed's own gradient norm; "_reload": save a checkpoint after the second step and
-    # load it back; the rest are DeepSpeed settings
+    # "_deepspeed_norm": DeepSpeed's own gradient norm; "_deepspeed_gradients": DeepSpeed's own gradient hooks
+    # and epilogue; "_reload": save a checkpoint after the second step and load it back; the rest are DeepSpeed
+    # settings
     deepspeed_step, reload = overrides.pop("_deepspeed_step", False), overrides.pop("_reload", False)
     deepspeed_norm = overrides.pop("_deepspeed_norm", False)
+    deepspeed_gradients = overrides.pop("_deepspeed_gradients", False)
     cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json",
                                  "train.precision=fp32", *sys.argv[2:], *overrides.pop("_run", [])])
     ds = build_ds_config(cfg, BatchPlan(64, 2, 2, 1), device_type=device.type, overrides=overrides)
@@ -214,6 +216,9 @@ for overrides in variants:
         vars(engine.optimizer).pop("step")
     if deepspeed_norm:  # DeepSpeed's own norm, one gradient tensor at a time
         vars(engine.optimizer).pop("_get_norm_groups")
+    if deepspeed_gradients:  # DeepSpeed's reduction bucket, then each gradient into its partition
+        vars(engine.optimizer).pop("reduce_ready_partitions_and_remove_grads")
+        vars(engine.optimizer).pop("independent_gradient_partition_epilogue")
     apply_lr(optimizer, 1.0)
     step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="stop", device=device)
     generator = torch.Generator().manual_seed(0)
@@ -235,6 +240,7 @@ for overrides in variants:
     losses.append(step.run(stream).terms["loss/total"])
     kept_gathered.append("step" in vars(engine.optimizer))
     fused_norm.append("_get_norm_groups" in vars(engine.optimizer))
+    moved_gradients.append("reduce_ready_partitions_and_remove_grads" in vars(engine.optimizer))
     leaves = sorted({type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)})
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -243,7 +249,7 @@ for overrides in variants:
 moved = max((a[n] - b[n]).abs().max().item() for n in a)
 print(json.dumps({"losses": [losses_a, losses_b], "grad_norms": [norm_a, norm_b], "leaves": [leaves_a, leaves_b],
                   "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "kept_gathered": kept_gathered,
-                  "fused_norm": fused_norm}))
+                  "fused_norm": fused_norm, "moved_gradients": moved_gradients}))
 exit_without_teardown(0)
 """
 
@@ -264,18 +270,29 @@ def train_both_ways(tmp_path, variants: list[dict], *overrides: str, rounding: f
 
 
 def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_path):
-    train_both_ways(tmp_path, [{"zero_optimization.reduce_scatter": True}, {"zero_optimization.reduce_scatter": False}])
+    # DeepSpeed's reduce-scatter path (as the JSON says) against the gradients moved straight into their
+    # partitions; then DeepSpeed's bucket path without the reduce-scatter (where its own gradient hooks run).
+    result = train_both_ways(tmp_path, [{"zero_optimization.reduce_scatter": True},
+                                        {"zero_optimization.reduce_scatter": False}])
+    assert result["moved_gradients"] == [False, True]
+    train_both_ways(tmp_path, [{"zero_optimization.reduce_scatter": True},
+                               {"zero_optimization.reduce_scatter": False, "_deepspeed_gradients": True}])
+    # DeepSpeed's Muon orthogonalises the whole gradients it finds in the partitions at the step.
+    result = train_both_ways(tmp_path, [{"_deepspeed_gradients": True}, {}], "optim.name=muon")
+    assert result["moved_gradients"] == [False, True]
 
 
 def test_zero3_on_one_rank_keeps_parameters_gathered_through_the_step_to_the_same_result(tmp_path):
     # DeepSpeed's step releases every parameter and gathers it back around the update; on one rank a whole
     # parameter is a view of the partition that the update writes, so skipping both changes nothing, bit for
     # bit, also across a checkpoint saved and loaded (whose load releases and gathers as DeepSpeed does).
-    # The gradient norm taken in one reduction is bitwise DeepSpeed's on the CPU, so both changes are compared
-    # together against DeepSpeed's own step and norm.
-    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True, "_reload": True},
-                                        {"_reload": True}])
+    # The gradient norm taken in one reduction and the gradients moved straight into their partitions (copied
+    # in each step's first micro-batch, added in its second) are bitwise DeepSpeed's on the CPU, so the three
+    # changes are compared together against DeepSpeed's own step, norm and gradient hooks.
+    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True,
+                                         "_deepspeed_gradients": True, "_reload": True}, {"_reload": True}])
     assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
+    assert result["moved_gradients"] == [False, True]
 
 
 @pytest.mark.gpu
@@ -284,10 +301,12 @@ def test_zero3_on_one_gpu_keeps_parameters_gathered_through_the_step(tmp_path):
     # fallen back to DeepSpeed's, and "kept_gathered" would read False), and training matches DeepSpeed's
     # step and gradient norm, within bf16 rounding should a device kernel add in another order from run to run
     # (the multi-tensor norm adds each tensor's squares in another order than DeepSpeed's per-tensor one).
-    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True, "_reload": True},
-                                        {"_reload": True}], "train.precision=bf16", "train.compile=false",
-                             rounding=1e-2)
+    # The gradients are moved into their partitions on the compute stream, DeepSpeed's on its reduction stream.
+    result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True,
+                                         "_deepspeed_gradients": True, "_reload": True}, {"_reload": True}],
+                             "train.precision=bf16", "train.compile=false", rounding=1e-2)
     assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
+    assert result["moved_gradients"] == [False, True]
 
 
 # Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under the DeepSpeed JSON

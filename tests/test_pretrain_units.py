@@ -526,6 +526,107 @@ def test_zero3_on_one_rank_keeps_parameters_gathered_only_where_that_is_safe(mon
         assert not one_rank.keep_parameters_gathered(engine, ds)
 
 
+def test_zero3_on_one_rank_moves_each_gradient_into_its_partition_where_that_is_deepspeeds_result(monkeypatch):
+    from pretrain import one_rank
+
+    class Stream:
+        def __init__(self):
+            self.waited = []
+
+        def wait_stream(self, stream):
+            self.waited.append(stream)
+
+    class Optimizer:  # the parts of DeepSpeed's ZeRO-3 optimizer that the change reads and replaces
+        def __init__(self, params, ranks=1, **settings):
+            self.fp16_groups, self.dp_process_group = [params[:1], params[1:]], ranks
+            self.offload_param = self.offload_optimizer = self.zenflow = self._coalesce_grad_reduction = False
+            self.postscale_gradients, self.gradient_predivide_factor, self.sequence_parallel_size = True, 1.0, 1
+            self.micro_step_id, self.gradient_accumulation_dtype = 0, torch.float32
+            self.comm_dtype, self.reduce_and_partition_stream = torch.bfloat16, Stream()
+            self.__dict__.update(settings)
+            flat = torch.zeros(sum(p.numel() for p in params))
+            sizes = [p.numel() for p in params]
+            self._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition = {
+                p.ds_id: part for p, part in zip(params, flat.split(sizes))}
+            self.flat, self.seen = flat, []
+
+        def reduce_ready_partitions_and_remove_grads(self, param):
+            self.seen.append(("bucket", param.ds_id))
+
+        def independent_gradient_partition_epilogue(self):
+            self.seen.append(("epilogue", self.flat.clone(), self.reduce_and_partition_stream.waited[:]))
+
+        def get_param_comm_dtype(self, param):
+            return self.comm_dtype
+
+        def _get_param_partition_group(self, param):
+            return self.dp_process_group
+
+    class Engine:
+        def __init__(self, stage=3, **settings):
+            self.params = [torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.bfloat16)),
+                           torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16))]
+            for i, p in enumerate(self.params):
+                p.ds_id = 10 + i
+            self.optimizer, self.stage = Optimizer(self.params, **settings), stage
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    monkeypatch.setattr(one_rank.dist, "get_world_size", lambda group: group)
+    ds = {"zero_optimization": {"stage": 3, "reduce_scatter": False}}
+    engine = Engine()
+    optimizer, (w, b) = engine.optimizer, engine.params
+    assert one_rank.reduce_gradients_into_partitions(engine, ds)
+    first = [torch.randn(2, 3).bfloat16(), torch.randn(4).bfloat16()]
+    w.grad, b.grad = first[0].clone(), first[1].clone()
+    optimizer.reduce_ready_partitions_and_remove_grads(b)
+    optimizer.reduce_ready_partitions_and_remove_grads(w)
+    assert optimizer.seen == [] and w.grad is not None  # noted: nothing copied, no bucket
+    optimizer.independent_gradient_partition_epilogue()
+    (_, flat, waited), = optimizer.seen
+    # DeepSpeed's epilogue finds every gradient in its partition, in the accumulation dtype, and the
+    # gradients freed; its reduction stream waits for the copies only after that epilogue's host wait.
+    assert torch.equal(flat, torch.cat([first[0].float().flatten(), first[1].float()]))
+    assert w.grad is None and b.grad is None and waited == []
+    assert len(optimizer.reduce_and_partition_stream.waited) == 1
+    # The step's second micro-batch adds to the partitions; a gradient noted twice (it grew between its hooks)
+    # counts once. A hook under DeepSpeed's coalesced reduction, or of a gradient not yet complete, notes nothing.
+    optimizer.micro_step_id = 1
+    w.grad, b.grad = torch.ones(2, 3, dtype=torch.bfloat16), torch.full((4,), 2.0, dtype=torch.bfloat16)
+    optimizer.reduce_ready_partitions_and_remove_grads(w)
+    optimizer.reduce_ready_partitions_and_remove_grads(w)
+    b.ds_grad_is_ready = False
+    optimizer.reduce_ready_partitions_and_remove_grads(b)
+    optimizer._coalesce_grad_reduction = True
+    optimizer.reduce_ready_partitions_and_remove_grads(b)
+    optimizer.independent_gradient_partition_epilogue()
+    assert torch.equal(optimizer.seen[-1][1], torch.cat([first[0].float().flatten() + 1, first[1].float()]))
+    assert w.grad is None and b.grad is not None  # b's gradient stays with it until it is complete
+    unchanged = [
+        (Engine(ranks=2), ds), (Engine(stage=2), ds), (Engine(offload_param=True), ds),
+        (Engine(offload_optimizer=True), ds), (Engine(zenflow=True), ds), (Engine(sequence_parallel_size=2), ds),
+        (Engine(gradient_predivide_factor=2.0), ds), (Engine(comm_dtype=torch.float32), ds),
+        (Engine(), {"zero_optimization": {"stage": 3}}),  # DeepSpeed's reduce-scatter path, by its default
+        (Engine(), {"zero_optimization": {"stage": 3, "reduce_scatter": False, "zero_quantized_gradients": True}}),
+        (Engine(), {"zero_optimization": {"stage": 3, "reduce_scatter": False}, "compile": {"deepcompile": True}}),
+    ]
+    family = Engine()
+    family.params[1].ds_zero_placement_family = "autoep_expert"
+    unchanged.append((family, ds))
+    for engine, config in unchanged:
+        assert not one_rank.reduce_gradients_into_partitions(engine, config)
+        engine.optimizer.reduce_ready_partitions_and_remove_grads(engine.params[0])
+        assert engine.optimizer.seen == [("bucket", 10)]
+    # Without prescaling DeepSpeed does not divide by the predivide factor, so the gradients stay bitwise.
+    assert one_rank.reduce_gradients_into_partitions(Engine(postscale_gradients=False, gradient_predivide_factor=2.0),
+                                                     ds)
+    del Optimizer.independent_gradient_partition_epilogue  # a DeepSpeed whose optimizer is laid out otherwise
+    with pytest.warns(UserWarning, match="lacks independent_gradient_partition_epilogue: ZeRO-3 on one rank copies "
+                                         "each gradient into a reduction bucket"):
+        assert not one_rank.reduce_gradients_into_partitions(Engine(), ds)
+
+
 def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place(tmp_path, monkeypatch):
     from pretrain.trainer import build_ds_config
 
