@@ -173,8 +173,9 @@ def reduce_gradients_into_partitions(engine, ds_config: dict) -> bool:
     whole backward. On one rank the division (by one) and the all-reduce change nothing, so the hook now only
     notes the gradient, and DeepSpeed's epilogue of each backward first copies the noted gradients into their
     partitions (adds them, after a step's first micro-batch) in one multi-tensor operation on the current
-    stream: the same gradients, bit for bit. The host no longer waits there; DeepSpeed's later work on its
-    reduction stream (the fp16 overflow check) waits for the copies on the device. Only where gradients are
+    stream: the same gradients, bit for bit. With `overlap_comm` on, nothing of the backward is queued on
+    that stream, so the host's wait for it no longer waits for the backward; DeepSpeed's later work there
+    (the fp16 overflow check) waits for the copies on the device. Only where gradients are
     reduced in their bucket (`reduce_scatter: false`, as `zero3_for_one_rank` sets); unchanged on more ranks,
     with parameters or the optimizer offloaded, with quantized weights or gradients, under DeepCompile or
     ZenFlow, with sequence parallelism, a gradient predivide factor, a communication dtype other than a

@@ -37,18 +37,17 @@
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
 # kept whole, the stack of blocks one leaf module, gradients moved straight into their partitions and
 # the parameters left gathered through the optimizer step: one rank has nothing to shard) against six
-# settings changed, one
-# after another in one run: the JSON as written (persistence threshold 1e7: the embedding and the LM head
-# sharded, so the head is fetched in every micro-batch, and on one GPU each fetch waits for the device;
-# with parameters sharded, DeepSpeed's own optimizer step, which releases every parameter and gathers
-# the whole ones back, waiting for the device; each block a leaf module; gradients through DeepSpeed's
-# reduce-scatter path, which copies them into a bucket, concatenates them, divides and reduces them
-# over the one rank, copies them into their partitions and waits for the device after each backward),
-# each block a leaf module alone,
-# stage3_module_granularity_threshold (which also switches on DeepSpeed's fast leaf-module path),
-# persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x
-# 1024 and smaller matrices whole), and a 4x prefetch bucket. Each writes its JSON after every case,
-# so a time limit keeps what was measured.
+# settings changed, one after another in one run: the JSON as written (persistence threshold 1e7: the
+# embedding and the LM head sharded, so the head is fetched in every micro-batch, and on one GPU each
+# fetch waits for the device; with parameters sharded, DeepSpeed's own optimizer step, which releases
+# every parameter and gathers the whole ones back, waiting for the device; each block a leaf module;
+# gradients through DeepSpeed's reduce-scatter path, which copies them into a bucket, concatenates
+# them, divides and reduces them over the one rank, copies them into their partitions and waits for the
+# device after each backward), each block a leaf module alone, stage3_module_granularity_threshold
+# (which also switches on DeepSpeed's fast leaf-module path), persistence thresholds of 1e5
+# (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x 1024 and smaller matrices
+# whole), and DeepSpeed's own gradient path alone (reduce_scatter true). Each writes its JSON after
+# every case, so a time limit keeps what was measured.
 # Where the guard refuses flash-linear-attention's backward (Hopper with triton < 3.7.1), two steps
 # time it anyway, labelled "timing only", each in a process of its own, so that a fault inside
 # FLA's kernels (it would leave the process's GPU unusable) cannot take the other figures with it:
@@ -284,7 +283,7 @@ measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warm
     --ds-variant zero_optimization.stage3_module_granularity_threshold=1 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \
-    --ds-variant zero_optimization.stage3_prefetch_bucket_size=200000000 --json "$out/bench_zero3_settings.json"
+    --ds-variant zero_optimization.reduce_scatter=true --json "$out/bench_zero3_settings.json"
 # flash-linear-attention's backward where its guard refuses it, the kernels alone (see above).
 fla_timing bench_kernels_fla_timing_only "$T_FLA_KERNELS" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --skip-attention --skip-conv --fla-timing-only --json "$out/bench_kernels_fla_timing_only.json"

@@ -570,9 +570,10 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
             "zero_optimization.stage3_module_granularity_threshold=1 ") in zero3_settings[0]
     from pretrain import bench
 
-    v1, v2, *_ = bench.parse_args(dry_calls(log)[calls.index(zero3_settings[0])][2:]).ds_variant
+    v1, v2, *_, v6 = bench.parse_args(dry_calls(log)[calls.index(zero3_settings[0])][2:]).ds_variant
     assert v1["zero_optimization.leaf_module"] == v2["zero_optimization.leaf_module"] == {
         "classes": ["model.modeling.Block"]}
+    assert v6 == {"zero_optimization.reduce_scatter": True}  # DeepSpeed's gradient path alone
 
 
 @pytest.mark.parametrize("summary,fallbacks", [
