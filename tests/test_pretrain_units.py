@@ -618,7 +618,7 @@ def test_zero3_on_one_rank_moves_each_gradient_into_its_partition_where_that_is_
         assert not one_rank.reduce_gradients_into_partitions(engine, config)
         engine.optimizer.reduce_ready_partitions_and_remove_grads(engine.params[0])
         assert engine.optimizer.seen == [("bucket", 10)]
-    # Without prescaling DeepSpeed does not divide by the predivide factor, so the gradients stay bitwise.
+    # With prescale_gradients (postscale off) ZeRO-3's bucket path leaves the predivide factor out: still bitwise.
     assert one_rank.reduce_gradients_into_partitions(Engine(postscale_gradients=False, gradient_predivide_factor=2.0),
                                                      ds)
     del Optimizer.independent_gradient_partition_epilogue  # a DeepSpeed whose optimizer is laid out otherwise
