@@ -597,12 +597,13 @@ def time_gradient_norms(runner: CaseRunner, repeats: int) -> dict[str, float] | 
 
 def profile_case(runner: CaseRunner, steps: int, limit: int, trace: str | None = None) -> dict:
     """Profile `steps` more steps: the `limit` ops with the most self time (device time on CUDA) and, on CUDA,
-    the device's kernel time per step; with `trace`, the steps' timeline is written there too."""
+    the device's kernel time per step, whole and by kind of kernel; with `trace`, the steps' timeline is written
+    there too."""
     if steps == 0:
         return {"top_ops": []}
     from torch.profiler import ProfilerActivity, profile
 
-    from .profiling import device_ms_per_step, top_ops
+    from .profiling import device_ms_by_kind, device_ms_per_step, top_ops
 
     on_device = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
@@ -615,6 +616,7 @@ def profile_case(runner: CaseRunner, steps: int, limit: int, trace: str | None =
     found = {"top_ops": top_ops(prof, steps=steps, limit=limit, on_device=on_device)}
     if on_device:
         found["device_ms_per_step"] = device_ms_per_step(prof, steps=steps)
+        found["device_ms_by_kind"] = device_ms_by_kind(prof, steps=steps)
     return found
 
 
@@ -862,6 +864,8 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
         if r.get("device_busy") is not None:
             print(f"    device kernels {r['device_ms_per_step']:.1f} ms per step: {100 * r['device_busy']:.0f}% of the "
                   "timed step (the rest the device waits for the host)")
+            print("    by kind of kernel: " + ", ".join(f"{k['kind']} {k['ms_per_step']:.1f} ms ({100 * k['share']:.0f}%)"
+                                                      for k in r.get("device_ms_by_kind", [])))
         for op in r["top_ops"]:
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
         if r.get("trace"):

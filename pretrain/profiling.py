@@ -6,7 +6,8 @@ itself, with its data, its ranks and its interconnect. On each chosen rank, opti
 them as the profiler's warm-up when this process runs it, and written to `RUN_DIR/profile/`:
 
 - `steps{A}-{B}-rank{R}.pt.trace.json.gz`: the timeline (https://ui.perfetto.dev or chrome://tracing);
-- `steps{A}-{B}-rank{R}-ops.txt`: the ops with the most self time (device time on a GPU);
+- `steps{A}-{B}-rank{R}-ops.txt`: the ops with the most self time (device time on a GPU) and, on a GPU,
+  the device time by kind of kernel (matmuls, Polar attention, the memory, compiled elementwise, ...);
 - with `memory_snapshot` (CUDA), `steps{A}-{B}-rank{R}-memory.pickle`: the caching allocator's
   history over the window (https://pytorch.org/memory_viz).
 
@@ -24,11 +25,32 @@ from torch.autograd import DeviceType
 
 from .config import ConfigError, ProfileSection
 
-__all__ = ["PROFILE_DIR", "StepProfiler", "check_profile", "device_ms_per_step", "top_ops"]
+__all__ = ["PROFILE_DIR", "StepProfiler", "check_profile", "device_ms_by_kind", "device_ms_per_step", "top_ops"]
 
 PROFILE_DIR = "profile"
 STEP_RANGES = ("ProfilerStep#", "optimizer_step#")  # torch's own step marks, and ours
 MEMORY_HISTORY_ENTRIES = 200_000  # allocator events kept for a memory snapshot (the newest ones)
+
+# Kinds of device kernels by name, first match wins: (kind, name prefixes, name substrings), names lower-cased.
+# The project's Triton kernels are named after their op; flash-linear-attention's gated-delta kernels after
+# their chunk algorithm. Inductor names its generated kernels triton_{poi,per,red}_* (elementwise,
+# persistent and looped reductions) and triton_tem_* (templates: matmuls); attention kernels come before
+# matmuls, since memory-efficient attention's names contain "cutlass".
+KERNEL_KINDS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("Polar attention (Triton)", ("polar_",), ()),
+    ("gated-delta memory (Triton, FLA)", ("chunk_", "recompute_w_u", "prepare_wy_repr", "solve_tril", "merge_16x16",
+                                         "fused_recurrent", "l2norm", "gdn_"), ("gated_delta",)),
+    ("causal conv (Triton)", ("causal_conv1d",), ()),
+    ("LM head loss rows (Triton)", ("softcap_ce",), ()),
+    ("SDPA attention (flash, cuDNN, efficient)", (), ("flash", "fmha", "sdpa")),
+    ("matmuls (cuBLAS, CUTLASS, inductor templates)", ("nvjet", "triton_tem_"),
+     ("gemm", "gemv", "cutlass", "xmma", "cublas", "splitk")),
+    ("compiled elementwise and reductions (inductor)", ("triton_",), ()),
+    ("multi-tensor (optimizer, gradient norm and copies)", (), ("multi_tensor", "adam")),
+    ("communication (NCCL)", (), ("nccl",)),
+    ("copies and fills", ("memcpy", "memset"), ("copy", "fill")),
+)
+OTHER_KERNELS = "other PyTorch kernels"
 
 
 def top_ops(prof, *, steps: int, limit: int, on_device: bool) -> list[dict]:
@@ -47,6 +69,30 @@ def device_ms_per_step(prof, *, steps: int) -> float:
     Only the device's own events count: a CPU op's self device time is that of the kernels it launched,
     which appear again as events of their own. Kernels of overlapping streams count each."""
     return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type != DeviceType.CPU) / 1000 / steps
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device kernel by its name (KERNEL_KINDS), or OTHER_KERNELS."""
+    name = name.lower()
+    for kind, prefixes, parts in KERNEL_KINDS:
+        if name.startswith(prefixes) or any(part in name for part in parts):
+            return kind
+    return OTHER_KERNELS
+
+
+def device_ms_by_kind(prof, *, steps: int) -> list[dict]:
+    """The device time per step of a finished profile split by kind of kernel (`kernel_kind`), most first:
+    each kind's milliseconds and kernels per step and its share of all the device time."""
+    totals: dict[str, list[float]] = {}
+    for e in prof.key_averages():
+        if e.device_type != DeviceType.CPU:
+            total = totals.setdefault(kernel_kind(e.key), [0.0, 0])
+            total[0] += e.self_device_time_total
+            total[1] += e.count
+    everything = sum(us for us, _ in totals.values())
+    rows = [{"kind": kind, "ms_per_step": us / 1000 / steps, "kernels_per_step": count / steps,
+             "share": us / everything if everything else 0.0} for kind, (us, count) in totals.items()]
+    return sorted(rows, key=lambda r: r["ms_per_step"], reverse=True)
 
 
 def check_profile(cfg: ProfileSection, world: int, device: torch.device) -> None:
@@ -172,6 +218,11 @@ class StepProfiler:
                  f"{cut}",
                  f"{'ms/step':>10}  {'calls/step':>10}  op"]
         lines += [f"{r['self_ms_per_step']:10.3f}  {r['calls_per_step']:10.1f}  {r['op']}" for r in rows]
+        if on_device:
+            lines += ["", "device time per optimizer step by kind of kernel",
+                      f"{'ms/step':>10}  {'share':>6}  {'kernels/step':>12}  kind"]
+            lines += [f"{r['ms_per_step']:10.3f}  {100 * r['share']:5.1f}%  {r['kernels_per_step']:12.1f}  {r['kind']}"
+                      for r in device_ms_by_kind(prof, steps=self.recorded)]
         try:
             os.makedirs(self.out_dir, exist_ok=True)
             prof.export_chrome_trace(trace)

@@ -113,6 +113,51 @@ def test_device_time_counts_each_kernel_once_and_the_bench_gives_its_share_of_th
     assert device_busy({"step_s_median": 0.008}) is None  # the CPU: no device time
 
 
+def test_device_time_is_split_by_kind_of_kernel_from_the_kernel_names():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from pretrain.profiling import OTHER_KERNELS, device_ms_by_kind, kernel_kind
+
+    def kernel(name, us, count=1):
+        return SimpleNamespace(key=name, device_type=DeviceType.CUDA, self_device_time_total=us, count=count)
+
+    # Names as CUDA traces spell them: cuBLAS on Hopper, CUTLASS, inductor, the project's and FLA's Triton kernels.
+    named = {
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmuls (cuBLAS, CUTLASS, inductor templates)",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64": "matmuls (cuBLAS, CUTLASS, inductor templates)",
+        "triton_tem_fused_mm_0": "matmuls (cuBLAS, CUTLASS, inductor templates)",
+        "triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0": "compiled elementwise and reductions (inductor)",
+        "polar_bwd_kernel_dkdv": "Polar attention (Triton)",
+        "chunk_gated_delta_rule_fwd_kernel_h_blockdim64": "gated-delta memory (Triton, FLA)",
+        "gated_delta_state_bwd_kernel": "gated-delta memory (Triton, FLA)",
+        "causal_conv1d_bwd_kernel": "causal conv (Triton)",
+        "softcap_ce_fwd_kernel": "LM head loss rows (Triton)",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80": "SDPA attention (flash, cuDNN, efficient)",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>":
+            "SDPA attention (flash, cuDNN, efficient)",
+        "void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor<float>, float, float>":
+            "multi-tensor (optimizer, gradient norm and copies)",
+        "ncclDevKernel_AllReduce_Sum_bf16_RING_LL": "communication (NCCL)",
+        "Memcpy DtoD (Device -> Device)": "copies and fills",
+        "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float, unsigned int, 2, 128, 1>":
+            "copies and fills",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": OTHER_KERNELS,
+    }
+    assert {name: kernel_kind(name) for name in named} == named
+    events = [kernel("nvjet_tst_192x192", 30000.0, 40), kernel("triton_tem_fused_mm_0", 10000.0, 8),
+              kernel("polar_fwd_kernel", 6000.0, 8), kernel("triton_poi_fused_add_0", 2000.0, 100),
+              SimpleNamespace(key="aten::mm", device_type=DeviceType.CPU, self_device_time_total=40000.0, count=48)]
+    by_kind = device_ms_by_kind(SimpleNamespace(key_averages=lambda: events), steps=2)
+    assert [(k["kind"], k["ms_per_step"], k["kernels_per_step"]) for k in by_kind] == [
+        ("matmuls (cuBLAS, CUTLASS, inductor templates)", 20.0, 24.0),  # the CPU op's share is not counted again
+        ("Polar attention (Triton)", 3.0, 4.0),
+        ("compiled elementwise and reductions (inductor)", 1.0, 50.0)]
+    assert [k["share"] for k in by_kind] == pytest.approx([40 / 48, 6 / 48, 2 / 48])  # of the device's 48 ms
+    assert device_ms_by_kind(SimpleNamespace(key_averages=lambda: events[-1:]), steps=1) == []  # the CPU: none
+
+
 def test_profile_settings_are_checked():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"profile.ranks names rank 2, but the run has 2 rank\(s\) \(0-1\)"):
@@ -156,7 +201,7 @@ def test_gpu_a_memory_snapshot_of_the_window(tmp_path):
 def test_gpu_device_time_of_a_profile_is_its_kernels(tmp_path):
     import time
 
-    from pretrain.profiling import device_ms_per_step
+    from pretrain.profiling import device_ms_by_kind, device_ms_per_step
 
     x = torch.randn(4096, 4096, device="cuda")
     torch.cuda.synchronize()
@@ -169,3 +214,7 @@ def test_gpu_device_time_of_a_profile_is_its_kernels(tmp_path):
         wall_ms = 1000 * (time.perf_counter() - start)
     busy = device_ms_per_step(prof, steps=1)
     assert 0 < busy <= wall_ms  # each kernel once: never more than the wall time of one stream's work
+    by_kind = {k["kind"]: k for k in device_ms_by_kind(prof, steps=1)}
+    assert sum(k["ms_per_step"] for k in by_kind.values()) == pytest.approx(busy)
+    matmuls = by_kind["matmuls (cuBLAS, CUTLASS, inductor templates)"]  # this GPU's cuBLAS kernels are named so
+    assert matmuls["kernels_per_step"] >= 4 and matmuls["share"] > 0.5  # a 4096^3 matmul outweighs a division
