@@ -1,9 +1,11 @@
-"""ZeRO-3 on one data-parallel rank: what the trainer changes where there is nothing to shard.
+"""ZeRO on one data-parallel rank: what the trainer changes where there is nothing to shard.
 
 DeepSpeed's ZeRO-3 does the same bookkeeping on one rank as on many (gathers, releases, a reduce-scatter of
 the gradients), and on CUDA several of its gathers wait for the device. `zero3_for_one_rank` changes the
 DeepSpeed config before the engine is built, `keep_parameters_gathered` the built engine's optimizer step and
-`reduce_gradients_into_partitions` its gradient hooks.
+`reduce_gradients_into_partitions` its gradient hooks. ZeRO-1 and ZeRO-2 copy every gradient through a
+reduction buffer, and with `overlap_comm` wait for the device after each backward: `zero12_for_one_rank`
+changes their config.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import torch.distributed as dist
 
 from .compilation import BLOCK_CLASS, STACK_CLASS
 
-__all__ = ["copies_of_partitions", "keep_parameters_gathered", "reduce_gradients_into_partitions", "zero3_for_one_rank"]
+__all__ = ["copies_of_partitions", "keep_parameters_gathered", "reduce_gradients_into_partitions", "zero12_for_one_rank",
+           "zero3_for_one_rank"]
 
 
 def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) -> str | None:
@@ -78,6 +81,46 @@ def zero3_for_one_rank(ds: dict, world_size: int, *, module_hooks: bool = True) 
         what.append("the parameters stay gathered through each optimizer step")
     listed = ", ".join(what[:-1]) + " and " + what[-1] if len(what) > 1 else what[0]
     return f"ZeRO-3 on one rank has nothing to shard: {listed} ({', '.join(changed)})"
+
+
+def zero12_for_one_rank(ds: dict, world_size: int, *, muon: bool = False) -> str | None:
+    """On one data-parallel rank, let ZeRO-1/2 keep each gradient in its own tensor and not wait for the device
+    after each backward; return a notice when that changes `ds`.
+
+    - `contiguous_gradients: false`. With it on, DeepSpeed 0.19 copies each gradient into a reduction bucket as
+      the backward produces it, reduces the bucket, and copies every gradient again, one tensor at a time,
+      into a flat buffer of the rank's partition (`copy_grads_in_partition`,
+      `deepspeed/runtime/zero/stage_1_and_2.py`). Off, the gradients stay in their own tensors and each full
+      bucket is reduced in one flattened copy. On one rank the partition is the whole model and the
+      reduction divides by one, so both move the same values.
+    - `overlap_comm: false`. With it on, the reduction runs on a stream of its own, and DeepSpeed's epilogue of
+      each backward synchronises the whole device (`independent_gradient_partition_epilogue`) before it
+      frees what it reduced: the host queues nothing more until the backward has run.
+
+    On one rank both give bitwise the same training (`tests/test_pretrain_throughput.py`): the reduction of
+    one rank's gradients divides by one. With `muon` (DeepSpeed's Muon) the gradients stay contiguous:
+    DeepSpeed's Muon under ZeRO-1/2 trains to other weights from its second step on without the buffer, so
+    only the wait goes. Unchanged on more ranks, for other stages and with the optimizer offloaded (whose
+    copies to the host use those buffers and that stream).
+    """
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
+    if world_size != 1 or stage not in (1, 2):
+        return None
+    if (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none"):
+        return None
+    changed = []
+    # DeepSpeed's defaults for stages 1 and 2: contiguous gradients on, overlap off.
+    for key, default in (("contiguous_gradients", True), ("overlap_comm", False)):
+        if zero.get(key, default) and not (muon and key == "contiguous_gradients"):
+            zero[key] = False
+            changed.append(f"{key} true -> false")
+    if not changed:
+        return None
+    said = {"contiguous_gradients": "gradients skip DeepSpeed's contiguous buffers",
+            "overlap_comm": "the host does not wait for the device after each backward"}
+    what = [said[change.split()[0]] for change in changed]
+    return f"ZeRO-{stage} on one rank has nothing to reduce: {' and '.join(what)} ({', '.join(changed)})"
 
 
 # What `keep_parameters_gathered` relies on in DeepSpeed's ZeRO-3 optimizer (0.19).

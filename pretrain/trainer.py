@@ -34,7 +34,8 @@ from .grad_norm import fuse_gradient_norm
 from .init_from import load_initial_weights
 from .monitor import OUTPUTS, Monitor
 from .opbuild import announce_builds, check_build_locks
-from .one_rank import keep_parameters_gathered, reduce_gradients_into_partitions, zero3_for_one_rank
+from .one_rank import (keep_parameters_gathered, reduce_gradients_into_partitions, zero3_for_one_rank,
+                       zero12_for_one_rank)
 from .optim import apply_lr, build_optimizer, choose_adam, lr_multiplier, match_loaded_step_counters
 from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
@@ -270,6 +271,7 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overri
     ds = read_ds_file(path)
     note = zero3_for_one_rank(ds, plan.world_size,
                               module_hooks=compile_method(cfg.train, device_type) != "deepcompile")
+    note = note or zero12_for_one_rank(ds, plan.world_size, muon=cfg.optim.name == "muon")
     if note and notes is not None:
         notes.append(note)
     if overrides:

@@ -46,7 +46,9 @@
 # device after each backward), each block a leaf module alone, stage3_module_granularity_threshold
 # (which also switches on DeepSpeed's fast leaf-module path), persistence thresholds of 1e5
 # (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x 1024 and smaller matrices
-# whole), and DeepSpeed's own gradient path alone (reduce_scatter true). Each writes its JSON after
+# whole), and DeepSpeed's own gradient path alone (reduce_scatter true); bench_zero2_settings: ZeRO-2 as
+# the trainer runs it on one GPU (contiguous_gradients and overlap_comm off) against its JSON as written,
+# whose epilogue synchronises the device after each backward. Each writes its JSON after
 # every case, so a time limit keeps what was measured.
 # Where the guard refuses flash-linear-attention's backward (Hopper with triton < 3.7.1), two steps
 # time it anyway, labelled "timing only", each in a process of its own, so that a fault inside
@@ -58,7 +60,7 @@
 # the six training cases about 170 s without the profiled step): tests 240, training 240, FLA
 # training 180 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
 # kernel benchmark 180, loop carry 90, micro-batch 16 120, recipe 150, DeepCompile 60, ZeRO-3
-# settings 150, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
+# settings 150, ZeRO-2 settings 75, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
 # atma-378m with the cache against recomputation and NoPE), then distillation 120 (bench_distill: a
 # same-size teacher, compiled and eager), then the loss with the distillation term 45
 # (bench_loss_distill: its rows in the Triton kernels against PyTorch's); at most 30 minutes in
@@ -69,7 +71,7 @@
 # GPU_CHECK_BUDGET=540 keeps it to 9 minutes and still yields the goals' figures; the kernel
 # benchmark gets what is left, its 2K row first), then
 # "bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile
-# bench_zero3_settings", then "bench_kernels_fla_timing_only eval_64k bench_decode bench_distill
+# bench_zero3_settings", then "bench_zero2_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill
 # bench_loss_distill".
 # The same settings can be given by hand, with GPU_CHECK_STEPS without gpu_tests, to measure with a
 # kernel on its PyTorch path.
@@ -122,12 +124,12 @@ cd "$root"
 T_BENCH=${T_BENCH:-180} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-240} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-45}
 T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-180} T_LOOP=${T_LOOP:-90} T_MB16=${T_MB16:-150}
-T_ZERO3=${T_ZERO3:-150} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
+T_ZERO3=${T_ZERO3:-150} T_ZERO2=${T_ZERO2:-75} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
 # Steps to run (all by default), e.g. GPU_CHECK_STEPS="gpu_tests bench_training".
-steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_fla_timing_only bench_loss bench_kernels bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile bench_zero3_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill bench_loss_distill} "
+steps=" ${GPU_CHECK_STEPS:-gpu_tests bench_training bench_training_fla_timing_only bench_loss bench_kernels bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile bench_zero3_settings bench_zero2_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill bench_loss_distill} "
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; } > "$out/gpu.txt" 2>&1
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 
@@ -284,6 +286,14 @@ measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warm
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \
     --ds-variant zero_optimization.reduce_scatter=true --json "$out/bench_zero3_settings.json"
+# ZeRO-2 as the trainer runs it on one GPU (gradients in their own tensors, reduced on the compute stream)
+# against its JSON as written (contiguous buffers, and an overlapped stream that the device is synchronised
+# with after each backward).
+z2=polar:2:none:blocks
+measure bench_zero2_settings "$T_ZERO2" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 1 \
+    --profile-steps 0 --cases "$z2,$z2:v1" \
+    --ds-variant zero_optimization.contiguous_gradients=true,zero_optimization.overlap_comm=true \
+    --json "$out/bench_zero2_settings.json"
 # flash-linear-attention's backward where its guard refuses it, the kernels alone (see above).
 fla_timing bench_kernels_fla_timing_only "$T_FLA_KERNELS" "$PY" -m kernels.bench --seq-lens $seq_lens --iters "$iters" \
     --skip-attention --skip-conv --fla-timing-only --json "$out/bench_kernels_fla_timing_only.json"

@@ -527,13 +527,14 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     steps = re.findall(r"^step (\w+): exit 0 after", (out / "gpu.txt").read_text(), flags=re.M)
     assert steps == ["gpu_tests", "bench_training", "bench_training_fla_timing_only", "bench_loss", "bench_kernels",
                      "bench_training_loop_carry", "bench_training_mb16", "bench_recipe", "bench_training_deepcompile",
-                     "bench_zero3_settings", "bench_kernels_fla_timing_only", "eval_64k", "bench_decode",
+                     "bench_zero3_settings", "bench_zero2_settings", "bench_kernels_fla_timing_only", "eval_64k",
+                     "bench_decode",
                      "bench_distill", "bench_loss_distill"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
     calls = [" ".join(argv) for argv in dry_calls(log)]
-    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 8
+    assert sum(c.startswith("-m pretrain.bench") for c in calls) == 9
     assert any(c.startswith("-m pretrain.bench --micro-batch 16 ") and
                "--cases polar:3:none:blocks,nope:3:none:blocks,polar:3:budget0:blocks " in c for c in calls)
     # Only the loop-carry step keeps the memory's PyTorch loop (the "small" launch class of its carry).
@@ -574,6 +575,11 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert v1["zero_optimization.leaf_module"] == v2["zero_optimization.leaf_module"] == {
         "classes": ["model.modeling.Block"]}
     assert v6 == {"zero_optimization.reduce_scatter": True}  # DeepSpeed's gradient path alone
+    # ZeRO-2 as the trainer runs it on one GPU against its JSON as written
+    zero2_settings = [c for c in calls if c.endswith("bench_zero2_settings.json")]
+    assert len(zero2_settings) == 1 and "--cases polar:2:none:blocks,polar:2:none:blocks:v1 " in zero2_settings[0]
+    [as_written] = bench.parse_args(dry_calls(log)[calls.index(zero2_settings[0])][2:]).ds_variant
+    assert as_written == {"zero_optimization.contiguous_gradients": True, "zero_optimization.overlap_comm": True}
 
 
 @pytest.mark.parametrize("summary,fallbacks", [

@@ -199,7 +199,7 @@ from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_dist
 
 _, _, device = init_distributed()
 variants = json.loads(sys.argv[1])
-runs, kept_gathered, fused_norm, moved_gradients = [], [], [], []
+runs, kept_gathered, fused_norm, moved_gradients, contiguous = [], [], [], [], []
 for overrides in variants:
     # "_run": run-config settings of this variant alone; "_deepspeed_step": DeepSpeed's own optimizer step;
     # "_deepspeed_norm": DeepSpeed's own gradient norm; "_deepspeed_gradients": DeepSpeed's own gradient hooks
@@ -241,6 +241,7 @@ for overrides in variants:
     kept_gathered.append("step" in vars(engine.optimizer))
     fused_norm.append("_get_norm_groups" in vars(engine.optimizer))
     moved_gradients.append("reduce_ready_partitions_and_remove_grads" in vars(engine.optimizer))
+    contiguous.append(engine.optimizer.contiguous_gradients)
     leaves = sorted({type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)})
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -249,7 +250,7 @@ for overrides in variants:
 moved = max((a[n] - b[n]).abs().max().item() for n in a)
 print(json.dumps({"losses": [losses_a, losses_b], "grad_norms": [norm_a, norm_b], "leaves": [leaves_a, leaves_b],
                   "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "kept_gathered": kept_gathered,
-                  "fused_norm": fused_norm, "moved_gradients": moved_gradients}))
+                  "fused_norm": fused_norm, "moved_gradients": moved_gradients, "contiguous_gradients": contiguous}))
 exit_without_teardown(0)
 """
 
@@ -280,6 +281,28 @@ def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_pat
     # DeepSpeed's Muon orthogonalises the whole gradients it finds in the partitions at the step.
     result = train_both_ways(tmp_path, [{"_deepspeed_gradients": True}, {}], "optim.name=muon")
     assert result["moved_gradients"] == [False, True]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("ds_json", ["zero1_bf16.json", "zero2_bf16.json"])
+def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result(tmp_path, ds_json, precision):
+    # DeepSpeed's reduction buffer and partition buffer (and, for ZeRO-2 as its JSON says, its overlapped stream)
+    # against the gradients left in their own tensors: bitwise the same, two micro-batches per step, across a
+    # checkpoint saved and loaded.
+    as_written = {"zero_optimization.contiguous_gradients": True, "_reload": True}
+    if ds_json == "zero2_bf16.json":
+        as_written["zero_optimization.overlap_comm"] = True
+    result = train_both_ways(tmp_path, [as_written, {"_reload": True}], f"deepspeed_config=ds_configs/{ds_json}",
+                             f"train.precision={precision}")
+    assert result["contiguous_gradients"] == [True, False]
+
+
+def test_zero2_on_one_rank_with_muon_only_stops_waiting_for_the_device_to_the_same_result(tmp_path):
+    # DeepSpeed's Muon under ZeRO-2 trains to other weights without the contiguous buffer (from its second
+    # step on), so with Muon only the overlapped stream goes: bitwise the same.
+    result = train_both_ways(tmp_path, [{"zero_optimization.overlap_comm": True, "_reload": True}, {"_reload": True}],
+                             "deepspeed_config=ds_configs/zero2_bf16.json", "optim.name=muon")
+    assert result["contiguous_gradients"] == [True, True]
 
 
 def test_zero3_on_one_rank_keeps_parameters_gathered_through_the_step_to_the_same_result(tmp_path):

@@ -700,6 +700,47 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
         assert offloaded["leaf_module"]["classes"] == ["model.layers.MLP", "model.modeling.Block"], part
 
 
+def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_for_the_device(tmp_path):
+    from pretrain.trainer import build_ds_config
+
+    def built(zero: dict, ranks: int = 1, overrides: dict | None = None, run: tuple = ()) -> tuple[dict, list[str]]:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"zero_optimization": zero}))
+        cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}", *run])
+        notes = []
+        return build_ds_config(cfg, plan_batch(4096, 4, 256, ranks), device_type="cuda", notes=notes,
+                               overrides=overrides)["zero_optimization"], notes
+
+    shipped = json.loads(open("ds_configs/zero2_bf16.json").read())["zero_optimization"]
+    zero, notes = built(shipped)
+    assert zero["contiguous_gradients"] is False and zero["overlap_comm"] is False
+    assert zero["reduce_bucket_size"] == 50_000_000  # the rest as the file says
+    assert notes == ["ZeRO-2 on one rank has nothing to reduce: gradients skip DeepSpeed's contiguous buffers "
+                     "and the host does not wait for the device after each backward "
+                     "(contiguous_gradients true -> false, overlap_comm true -> false)"]
+    # ZeRO-1's file sets neither: DeepSpeed's defaults are contiguous gradients on, overlap off.
+    zero, notes = built(json.loads(open("ds_configs/zero1_bf16.json").read())["zero_optimization"])
+    assert zero["contiguous_gradients"] is False and "overlap_comm" not in zero
+    assert notes == ["ZeRO-1 on one rank has nothing to reduce: gradients skip DeepSpeed's contiguous buffers "
+                     "(contiguous_gradients true -> false)"]
+    # More ranks reduce as the file says; so do ZeRO-0 and an offloaded optimizer; nothing to change, no notice;
+    # a --ds-variant set over it is kept.
+    for zero_in, ranks in ((shipped, 2), ({"stage": 0}, 1), ({**shipped, "offload_optimizer": {"device": "cpu"}}, 1),
+                           ({"stage": 2, "contiguous_gradients": False}, 1)):
+        zero, notes = built(zero_in, ranks)
+        assert notes == [] and zero.get("contiguous_gradients", True) == zero_in.get("contiguous_gradients", True)
+        assert zero.get("overlap_comm") == zero_in.get("overlap_comm"), zero_in
+    zero, _ = built(shipped, overrides={"zero_optimization.overlap_comm": True})
+    assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is False
+    # DeepSpeed's Muon keeps its contiguous buffer (it trains otherwise without it); only the wait goes.
+    zero, notes = built(shipped, run=["optim.name=muon"])
+    assert zero["contiguous_gradients"] is True and zero["overlap_comm"] is False
+    assert notes == ["ZeRO-2 on one rank has nothing to reduce: the host does not wait for the device after each "
+                     "backward (overlap_comm true -> false)"]
+    _, notes = built({"stage": 1}, run=["optim.name=muon"])
+    assert notes == []
+
+
 @pytest.mark.parametrize("zero, message", [
     ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
