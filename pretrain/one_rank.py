@@ -100,7 +100,7 @@ def zero12_for_one_rank(ds: dict, world_size: int, *, muon: bool = False) -> str
     On one rank both give bitwise the same training (`tests/test_pretrain_throughput.py`): the reduction of
     one rank's gradients divides by one. With `muon` (DeepSpeed's Muon) the gradients stay contiguous:
     DeepSpeed's Muon under ZeRO-1/2 trains to other weights from its second step on without the buffer, so
-    only the wait goes. Unchanged on more ranks, for other stages and with the optimizer offloaded (whose
+    only the wait goes; so with a gradient predivide factor. Unchanged on more ranks, for other stages and with the optimizer offloaded (whose
     copies to the host use those buffers and that stream).
     """
     zero = ds.get("zero_optimization", {})
@@ -109,10 +109,14 @@ def zero12_for_one_rank(ds: dict, world_size: int, *, muon: bool = False) -> str
         return None
     if (zero.get("offload_optimizer") or {}).get("device", "none") not in (None, "none"):
         return None
+    # Through the contiguous buffers a predivide factor divides each gradient and multiplies it back (when
+    # postscaling, DeepSpeed's default): not bitwise the gradient, so those buffers stay.
+    predivide = ds.get("gradient_predivide_factor", 1.0) != 1.0 and not ds.get("prescale_gradients", False)
+    keep_contiguous = muon or predivide
     changed = []
     # DeepSpeed's defaults for stages 1 and 2: contiguous gradients on, overlap off.
     for key, default in (("contiguous_gradients", True), ("overlap_comm", False)):
-        if zero.get(key, default) and not (muon and key == "contiguous_gradients"):
+        if zero.get(key, default) and not (keep_contiguous and key == "contiguous_gradients"):
             zero[key] = False
             changed.append(f"{key} true -> false")
     if not changed:

@@ -297,6 +297,18 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result
     assert result["contiguous_gradients"] == [True, False]
 
 
+def test_zero2_on_one_rank_with_a_predivide_factor_keeps_the_contiguous_buffers_to_the_same_result(tmp_path):
+    # Through the contiguous buffers the factor divides each gradient and multiplies it back, which rounds;
+    # without them it is never applied, which trains to other last bits: so the buffers stay.
+    ds = json.loads(open(os.path.join(ROOT, "ds_configs", "zero2_bf16.json")).read())
+    ds["gradient_predivide_factor"] = 3.0
+    ds["zero_optimization"]["reduce_scatter"] = False  # DeepSpeed's ZeRO-2 needs it with the factor
+    (tmp_path / "predivide.json").write_text(json.dumps(ds))
+    result = train_both_ways(tmp_path, [{"zero_optimization.overlap_comm": True, "_reload": True}, {"_reload": True}],
+                             f"deepspeed_config={tmp_path / 'predivide.json'}")
+    assert result["contiguous_gradients"] == [True, True]
+
+
 def test_zero2_on_one_rank_with_muon_only_stops_waiting_for_the_device_to_the_same_result(tmp_path):
     # DeepSpeed's Muon under ZeRO-2 trains to other weights without the contiguous buffer (from its second
     # step on), so with Muon only the overlapped stream goes: bitwise the same.

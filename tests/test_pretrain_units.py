@@ -739,6 +739,15 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
                      "backward (overlap_comm true -> false)"]
     _, notes = built({"stage": 1}, run=["optim.name=muon"])
     assert notes == []
+    # Through the contiguous buffers a predivide factor divides and multiplies back: they stay (not when
+    # prescaling, where DeepSpeed divides once either way).
+    path = tmp_path / "predivide.json"
+    for extra, contiguous in (({"gradient_predivide_factor": 2.0}, True),
+                              ({"gradient_predivide_factor": 2.0, "prescale_gradients": True}, False)):
+        path.write_text(json.dumps({**extra, "zero_optimization": shipped}))
+        cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}"])
+        zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
+        assert zero["contiguous_gradients"] is contiguous and zero["overlap_comm"] is False, extra
 
 
 @pytest.mark.parametrize("zero, message", [
