@@ -98,10 +98,11 @@ def zero12_for_one_rank(ds: dict, world_size: int, *, muon: bool = False) -> str
       frees what it reduced: the host queues nothing more until the backward has run.
 
     On one rank both give bitwise the same training (`tests/test_pretrain_throughput.py`): the reduction of
-    one rank's gradients divides by one. With `muon` (DeepSpeed's Muon) the gradients stay contiguous:
-    DeepSpeed's Muon under ZeRO-1/2 trains to other weights from its second step on without the buffer, so
-    only the wait goes; so with a gradient predivide factor. Unchanged on more ranks, for other stages and with the optimizer offloaded (whose
-    copies to the host use those buffers and that stream).
+    one rank's gradients divides by one. The gradients stay contiguous, and only the wait goes, with `muon`
+    (DeepSpeed's Muon under ZeRO-1/2 trains to other weights from its second step on without the buffer) and
+    with a gradient predivide factor (the buffers divide by it and multiply back, which rounds). Unchanged on
+    more ranks, for other stages and with the optimizer offloaded (whose copies to the host use those
+    buffers and that stream).
     """
     zero = ds.get("zero_optimization", {})
     stage = zero.get("stage", 0)

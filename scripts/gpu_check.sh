@@ -59,11 +59,11 @@
 # Time plan (limits in seconds; measured on an H200: the tests take about 70 s with pytest-xdist,
 # the six training cases about 170 s without the profiled step): tests 240, training 240, FLA
 # training 180 (FLA compiles and autotunes its kernels in the warm-up steps), loss benchmark 45,
-# kernel benchmark 180, loop carry 90, micro-batch 16 120, recipe 150, DeepCompile 60, ZeRO-3
-# settings 150, ZeRO-2 settings 75, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1 decoding of
-# atma-378m with the cache against recomputation and NoPE), then distillation 120 (bench_distill: a
-# same-size teacher, compiled and eager), then the loss with the distillation term 45
-# (bench_loss_distill: its rows in the Triton kernels against PyTorch's); at most 30 minutes in
+# kernel benchmark 180, loop carry 90, micro-batch 16 150, recipe 150, DeepCompile 60, ZeRO-3
+# settings 150, ZeRO-2 settings 75, FLA kernels 60, evaluation 60, decode 60 (bench_decode: batch-1
+# decoding of atma-378m with the cache against recomputation and NoPE), then distillation 120
+# (bench_distill: a same-size teacher, compiled and eager), then the loss with the distillation term 45
+# (bench_loss_distill: its rows in the Triton kernels against PyTorch's); at most 32 minutes in
 # all. The steps run in that order, the goals' figures first. Under a 10-minute limit per call,
 # run it as calls with GPU_CHECK_STEPS, each with GPU_CHECK_BUDGET a little under that limit (a
 # call without gpu_tests says its figures are ungated): first "gpu_tests bench_training
@@ -71,8 +71,8 @@
 # GPU_CHECK_BUDGET=540 keeps it to 9 minutes and still yields the goals' figures; the kernel
 # benchmark gets what is left, its 2K row first), then
 # "bench_training_loop_carry bench_training_mb16 bench_recipe bench_training_deepcompile
-# bench_zero3_settings", then "bench_zero2_settings bench_kernels_fla_timing_only eval_64k bench_decode bench_distill
-# bench_loss_distill".
+# bench_zero3_settings", then "bench_zero2_settings bench_kernels_fla_timing_only eval_64k bench_decode
+# bench_distill bench_loss_distill".
 # The same settings can be given by hand, with GPU_CHECK_STEPS without gpu_tests, to measure with a
 # kernel on its PyTorch path.
 # Each step has its own time limit (seconds; override with the variables below) so that one slow
