@@ -528,8 +528,7 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     assert steps == ["gpu_tests", "bench_training", "bench_training_fla_timing_only", "bench_loss", "bench_kernels",
                      "bench_training_loop_carry", "bench_training_mb16", "bench_recipe", "bench_training_deepcompile",
                      "bench_zero3_settings", "bench_zero2_settings", "bench_kernels_fla_timing_only", "eval_64k",
-                     "bench_decode",
-                     "bench_distill", "bench_loss_distill"]
+                     "bench_decode", "bench_distill", "bench_loss_distill"]
     assert not (out / "teacher-378m").exists()  # the teacher's weights are not left among the results
     (out / "teacher-378m").mkdir()  # the distillation steps' teacher, for checking their command lines
     check_dry_calls(dry_calls(log))
