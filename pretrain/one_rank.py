@@ -99,7 +99,8 @@ def zero12_for_one_rank(ds: dict, world_size: int, *, muon: bool = False) -> str
 
     On one rank both give bitwise the same training (`tests/test_pretrain_throughput.py`): the reduction of
     one rank's gradients divides by one. The gradients stay contiguous, and only the wait goes, with `muon`
-    (DeepSpeed's Muon under ZeRO-1/2 trains to other weights from its second step on without the buffer) and
+    (DeepSpeed's Muon runs its Newton-Schulz iteration through torch.compile, whose code follows how the
+    gradients are laid out, so its update then differs in the last bits) and
     with a gradient predivide factor (the buffers divide by it and multiply back, which rounds). Unchanged on
     more ranks, for other stages and with the optimizer offloaded (whose copies to the host use those
     buffers and that stream).

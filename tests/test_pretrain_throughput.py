@@ -310,8 +310,9 @@ def test_zero2_on_one_rank_with_a_predivide_factor_keeps_the_contiguous_buffers_
 
 
 def test_zero2_on_one_rank_with_muon_only_stops_waiting_for_the_device_to_the_same_result(tmp_path):
-    # DeepSpeed's Muon under ZeRO-2 trains to other weights without the contiguous buffer (from its second
-    # step on), so with Muon only the overlapped stream goes: bitwise the same.
+    # DeepSpeed's Muon compiles its Newton-Schulz step, whose rounding follows the gradients' layout (the
+    # contiguous buffer's views or tensors of their own), so with Muon only the overlapped stream goes:
+    # bitwise the same.
     result = train_both_ways(tmp_path, [{"zero_optimization.overlap_comm": True, "_reload": True}, {"_reload": True}],
                              "deepspeed_config=ds_configs/zero2_bf16.json", "optim.name=muon")
     assert result["contiguous_gradients"] == [True, True]

@@ -732,7 +732,8 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
         assert zero.get("overlap_comm") == zero_in.get("overlap_comm"), zero_in
     zero, _ = built(shipped, overrides={"zero_optimization.overlap_comm": True})
     assert zero["overlap_comm"] is True and zero["contiguous_gradients"] is False
-    # DeepSpeed's Muon keeps its contiguous buffer (it trains otherwise without it); only the wait goes.
+    # DeepSpeed's Muon keeps its contiguous buffer (its compiled update rounds otherwise without it); only the
+    # wait goes.
     zero, notes = built(shipped, run=["optim.name=muon"])
     assert zero["contiguous_gradients"] is True and zero["overlap_comm"] is False
     assert notes == ["ZeRO-2 on one rank has nothing to reduce: the host does not wait for the device after each "
