@@ -192,6 +192,7 @@ import torch
 from deepspeed.utils import z3_leaf_module
 from model import AtmaConfig
 from pretrain.config import load_run_config
+from pretrain.grad_norm import NORM_METHODS
 from pretrain.optim import apply_lr
 from pretrain.shutdown import exit_without_teardown
 from pretrain.step import TrainStep
@@ -215,7 +216,7 @@ for overrides in variants:
     if deepspeed_step:  # DeepSpeed's own ZeRO-3 step, as it was before the trainer changed it on one rank
         vars(engine.optimizer).pop("step")
     if deepspeed_norm:  # DeepSpeed's own norm, one gradient tensor at a time
-        vars(engine.optimizer).pop("_get_norm_groups")
+        vars(engine.optimizer).pop(NORM_METHODS[engine.zero_optimization_stage()])
     if deepspeed_gradients:  # DeepSpeed's reduction bucket, then each gradient into its partition
         vars(engine.optimizer).pop("reduce_ready_partitions_and_remove_grads")
         vars(engine.optimizer).pop("independent_gradient_partition_epilogue")
@@ -239,7 +240,7 @@ for overrides in variants:
         engine.load_checkpoint(sys.argv[0] + f".ckpt{len(runs)}", tag="step2")
     losses.append(step.run(stream).terms["loss/total"])
     kept_gathered.append("step" in vars(engine.optimizer))
-    fused_norm.append("_get_norm_groups" in vars(engine.optimizer))
+    fused_norm.append(NORM_METHODS[engine.zero_optimization_stage()] in vars(engine.optimizer))
     moved_gradients.append("reduce_ready_partitions_and_remove_grads" in vars(engine.optimizer))
     contiguous.append(engine.optimizer.contiguous_gradients)
     leaves = sorted({type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)})
@@ -287,14 +288,14 @@ def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_pat
 @pytest.mark.parametrize("ds_json", ["zero1_bf16.json", "zero2_bf16.json"])
 def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result(tmp_path, ds_json, precision):
     # DeepSpeed's reduction buffer and partition buffer (and, for ZeRO-2 as its JSON says, its overlapped stream)
-    # against the gradients left in their own tensors: bitwise the same, two micro-batches per step, across a
-    # checkpoint saved and loaded.
-    as_written = {"zero_optimization.contiguous_gradients": True, "_reload": True}
+    # with its own gradient norm, against the gradients left in their own tensors with the trainer's norm in one
+    # reduction: bitwise the same, two micro-batches per step, across a checkpoint saved and loaded.
+    as_written = {"zero_optimization.contiguous_gradients": True, "_deepspeed_norm": True, "_reload": True}
     if ds_json == "zero2_bf16.json":
         as_written["zero_optimization.overlap_comm"] = True
     result = train_both_ways(tmp_path, [as_written, {"_reload": True}], f"deepspeed_config=ds_configs/{ds_json}",
                              f"train.precision={precision}")
-    assert result["contiguous_gradients"] == [True, False]
+    assert result["contiguous_gradients"] == [True, False] and result["fused_norm"] == [False, True]
 
 
 def test_zero2_on_one_rank_with_a_predivide_factor_keeps_the_contiguous_buffers_to_the_same_result(tmp_path):
