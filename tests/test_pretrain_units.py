@@ -703,9 +703,10 @@ def test_zero3_on_one_rank_keeps_parameters_whole_and_reduces_gradients_in_place
 def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_for_the_device(tmp_path):
     from pretrain.trainer import build_ds_config
 
-    def built(zero: dict, ranks: int = 1, overrides: dict | None = None, run: tuple = ()) -> tuple[dict, list[str]]:
+    def built(zero: dict, ranks: int = 1, overrides: dict | None = None, run: tuple = (),
+              top: dict | None = None) -> tuple[dict, list[str]]:
         path = tmp_path / "ds.json"
-        path.write_text(json.dumps({"zero_optimization": zero}))
+        path.write_text(json.dumps({**(top or {}), "zero_optimization": zero}))
         cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}", *run])
         notes = []
         return build_ds_config(cfg, plan_batch(4096, 4, 256, ranks), device_type="cuda", notes=notes,
@@ -742,13 +743,10 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
     assert notes == []
     # Through the contiguous buffers a predivide factor divides and multiplies back: they stay (not when
     # prescaling, where DeepSpeed divides once either way).
-    path = tmp_path / "predivide.json"
-    for extra, contiguous in (({"gradient_predivide_factor": 2.0}, True),
-                              ({"gradient_predivide_factor": 2.0, "prescale_gradients": True}, False)):
-        path.write_text(json.dumps({**extra, "zero_optimization": shipped}))
-        cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}"])
-        zero = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda")["zero_optimization"]
-        assert zero["contiguous_gradients"] is contiguous and zero["overlap_comm"] is False, extra
+    for top, contiguous in (({"gradient_predivide_factor": 2.0}, True),
+                            ({"gradient_predivide_factor": 2.0, "prescale_gradients": True}, False)):
+        zero, _ = built(shipped, top=top)
+        assert zero["contiguous_gradients"] is contiguous and zero["overlap_comm"] is False, top
 
 
 @pytest.mark.parametrize("zero, message", [
