@@ -41,6 +41,7 @@ from .profiling import PROFILE_DIR, StepProfiler, check_profile
 from .provenance import code_version, library_versions
 from .signals import StopRequests
 from .step import NonFiniteStep, TrainingError, TrainStep, check_skip_supported
+from .step_reads import fewer_step_reads
 from .throughput import ThroughputMeter
 
 # torch.distributed deprecation notices raised from inside DeepSpeed on every step.
@@ -333,7 +334,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     keep_parameters_gathered(engine, ds_config)
     reduce_gradients_into_partitions(engine, ds_config)
-    fuse_gradient_norm(engine, ds_config)
+    fewer_step_reads(engine, fuse_gradient_norm(engine, ds_config))
     compile_engine(engine, compile_method(cfg.train, device.type),
                    activation_memory_budget=cfg.train.activation_memory_budget)
     return engine, optimizer

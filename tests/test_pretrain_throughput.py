@@ -73,27 +73,45 @@ exit_without_teardown(0)  # as the trainer's entry point ends
 """
 
 
-def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
+def count_syncs(tiny_shards, tmp_path, ranks: int, max_steps: int, *overrides: str) -> list[dict]:
+    """SYNC_COUNTER's counts of each rank after training `max_steps` steps on `ranks` CPU ranks, two micro-batches
+    per step, logged at the first and the last step only, no validation, one checkpoint."""
     script = tmp_path / "count_syncs.py"
     script.write_text(SYNC_COUNTER)
     out = tmp_path / "syncs"
-    # 2 ranks, 2 micro-batches per step; logged at steps 1 and 8 only, no validation, one checkpoint.
-    overrides = ["data.dir=" + tiny_shards, f"run_dir={tmp_path / 'run'}", "batch.tokens=1024",
-                 "batch.micro_batch_size=4", "train.max_steps=8", "train.precision=fp32", "logging.every=1000",
+    overrides = ["data.dir=" + tiny_shards, f"run_dir={tmp_path / 'run'}", f"batch.tokens={512 * ranks}",
+                 "batch.micro_batch_size=4", f"train.max_steps={max_steps}", "logging.every=1000",
                  "logging.val_every=0", "logging.progress=false", "logging.tensorboard=false",
-                 "checkpoint.every=1000", "data.shuffle=false", "logging.throughput_warmup_steps=0"]
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+                 "checkpoint.every=1000", "data.shuffle=false", "logging.throughput_warmup_steps=0", *overrides]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
            str(29700 + os.getpid() % 200), str(script), str(out), *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank in (0, 1):
-        counts = json.loads((tmp_path / f"syncs.rank{rank}.json").read_text())
+    return [json.loads((tmp_path / f"syncs.rank{rank}.json").read_text()) for rank in range(ranks)]
+
+
+def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
+    for rank, counts in enumerate(count_syncs(tiny_shards, tmp_path, 2, 8, "train.precision=fp32")):
         # Keys 2..6 hold the whole of steps 3..7 (key 1 also holds step 1's log, key 7 step 8's).
         for step in map(str, range(2, 7)):
             assert counts["ours"][step] == {"read": 1, "collective": 1}, (rank, step, counts)
         # DeepSpeed's ZeRO-3 optimizer reads its gradient norm once per step (its non-finite check); its
         # gathers and reductions are asynchronous collectives, not reads.
         assert all(counts["deepspeed"][s].get("read", 0) <= 1 for s in map(str, range(2, 7))), counts["deepspeed"]
+
+
+@pytest.mark.parametrize(("ds_json", "reads"),
+                         [("zero0_bf16.json", 10), ("zero1_bf16.json", 1), ("zero2_bf16.json", 1)])
+def test_zero0_to_zero2_read_from_the_device_no_more_than_for_their_norm(tiny_shards, tmp_path, ds_json, reads):
+    # In bf16 DeepSpeed's ZeRO-1/2 step reads its overflow check, its norm's check and, in each parameter group, the
+    # norm again for the clip factor (7 reads); with the overflow left to the norm and the clip factor on the device,
+    # the norm's check alone. Its ZeRO-0 step (on the CPU the wrapper of optimizers other than FusedAdam) read each
+    # gradient tensor for overflow (80 reads), and reads its norm: twice in each of the five parameter groups.
+    (counts,) = count_syncs(tiny_shards, tmp_path, 1, 5, "train.precision=bf16",
+                            f"deepspeed_config=ds_configs/{ds_json}")
+    for step in ("2", "3"):  # the whole of steps 3 and 4
+        assert counts["ours"][step] == {"read": 1, "collective": 1}, (step, counts)
+        assert counts["deepspeed"][step].get("read", 0) == reads, (step, counts["deepspeed"])
 
 
 # Runs the trainer on one rank and counts, per trainer step and calling function, the ZeRO-3 parameter
@@ -200,15 +218,23 @@ from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_dist
 
 _, _, device = init_distributed()
 variants = json.loads(sys.argv[1])
-runs, kept_gathered, fused_norm, moved_gradients, contiguous = [], [], [], [], []
+
+
+def loss_of(outcome):  # the step's loss, or None where the step was skipped
+    return outcome.terms["loss/total"] if outcome.applied else None
+
+
+runs, kept_gathered, fused_norm, moved_gradients, contiguous, fewer_reads, skipped, wrappers = ([] for _ in range(8))
 for overrides in variants:
     # "_run": run-config settings of this variant alone; "_deepspeed_step": DeepSpeed's own optimizer step;
     # "_deepspeed_norm": DeepSpeed's own gradient norm; "_deepspeed_gradients": DeepSpeed's own gradient hooks
-    # and epilogue; "_reload": save a checkpoint after the second step and load it back; the rest are DeepSpeed
-    # settings
+    # and epilogue; "_deepspeed_clip": DeepSpeed's own overflow check and clip; "_inf_gradient": a gradient
+    # that is not finite in the second step; "_reload": save a checkpoint after the second step and load it back;
+    # the rest are DeepSpeed settings
     deepspeed_step, reload = overrides.pop("_deepspeed_step", False), overrides.pop("_reload", False)
     deepspeed_norm = overrides.pop("_deepspeed_norm", False)
     deepspeed_gradients = overrides.pop("_deepspeed_gradients", False)
+    deepspeed_clip, inf_gradient = overrides.pop("_deepspeed_clip", False), overrides.pop("_inf_gradient", False)
     cfg = load_run_config(None, ["data.dir=unused", "deepspeed_config=ds_configs/zero3_bf16.json",
                                  "train.precision=fp32", *sys.argv[2:], *overrides.pop("_run", [])])
     ds = build_ds_config(cfg, BatchPlan(64, 2, 2, 1), device_type=device.type, overrides=overrides)
@@ -220,8 +246,17 @@ for overrides in variants:
     if deepspeed_gradients:  # DeepSpeed's reduction bucket, then each gradient into its partition
         vars(engine.optimizer).pop("reduce_ready_partitions_and_remove_grads")
         vars(engine.optimizer).pop("independent_gradient_partition_epilogue")
+    if deepspeed_clip:  # DeepSpeed's own overflow check (and ZeRO-1/2 clip factor), each read from the device
+        for owner, name in ((engine.optimizer, "unscale_and_clip_grads"), (engine.optimizer, "check_overflow"),
+                            (getattr(engine.optimizer, "overflow_checker", None), "has_overflow")):
+            getattr(owner, "__dict__", {}).pop(name, None)
+    second_step = {"on": False}
+    if inf_gradient:  # the second step's gradient of the final norm's weight not finite
+        weight = dict(engine.module.named_parameters())["norm.weight"]
+        weight.register_hook(lambda g: g * float("inf") if second_step["on"] else g)
     apply_lr(optimizer, 1.0)
-    step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="stop", device=device)
+    step = TrainStep(engine, grad_accum=2, loss=cfg.loss, nan_policy="skip" if inf_gradient else "stop",
+                     device=device)
     generator = torch.Generator().manual_seed(0)
 
     def batches():
@@ -233,16 +268,22 @@ for overrides in variants:
     saved = []  # bytes autograd keeps for the first step's backward
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
                                                   lambda t: t):
-        losses = [step.run(stream).terms["loss/total"]]
-    losses.append(step.run(stream).terms["loss/total"])
+        losses = [loss_of(step.run(stream))]
+    second_step["on"] = True
+    losses.append(loss_of(step.run(stream)))
+    second_step["on"] = False
     if reload:
         engine.save_checkpoint(sys.argv[0] + f".ckpt{len(runs)}", tag="step2")
         engine.load_checkpoint(sys.argv[0] + f".ckpt{len(runs)}", tag="step2")
-    losses.append(step.run(stream).terms["loss/total"])
+    losses.append(loss_of(step.run(stream)))
     kept_gathered.append("step" in vars(engine.optimizer))
-    fused_norm.append(NORM_METHODS[engine.zero_optimization_stage()] in vars(engine.optimizer))
+    fused_norm.append(NORM_METHODS.get(engine.zero_optimization_stage()) in vars(engine.optimizer))
     moved_gradients.append("reduce_ready_partitions_and_remove_grads" in vars(engine.optimizer))
-    contiguous.append(engine.optimizer.contiguous_gradients)
+    contiguous.append(getattr(engine.optimizer, "contiguous_gradients", None))
+    checker = getattr(engine.optimizer, "overflow_checker", None)
+    wrappers.append(type(engine.optimizer).__name__)
+    fewer_reads.append("check_overflow" in vars(engine.optimizer) or "has_overflow" in getattr(checker, "__dict__", {}))
+    skipped.append(engine.skipped_steps)
     leaves = sorted({type(m).__name__ for m in engine.module.modules() if z3_leaf_module(m)})
     with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
         weights = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
@@ -251,7 +292,8 @@ for overrides in variants:
 moved = max((a[n] - b[n]).abs().max().item() for n in a)
 print(json.dumps({"losses": [losses_a, losses_b], "grad_norms": [norm_a, norm_b], "leaves": [leaves_a, leaves_b],
                   "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "kept_gathered": kept_gathered,
-                  "fused_norm": fused_norm, "moved_gradients": moved_gradients, "contiguous_gradients": contiguous}))
+                  "fused_norm": fused_norm, "moved_gradients": moved_gradients, "contiguous_gradients": contiguous,
+                  "fewer_reads": fewer_reads, "skipped_steps": skipped, "optimizers": wrappers}))
 exit_without_teardown(0)
 """
 
@@ -264,10 +306,12 @@ def train_both_ways(tmp_path, variants: list[dict], *overrides: str, rounding: f
     proc = run_script(tmp_path, "same_result.py", SAME_RESULT, json.dumps(variants), *overrides)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     (losses_a, losses_b), (norm_a, norm_b) = result["losses"], result["grad_norms"]
+    assert [x is None for x in losses_a] == [x is None for x in losses_b], result  # the same steps skipped
+    losses_a, losses_b = [x for x in losses_a if x is not None], [x for x in losses_b if x is not None]
     assert losses_a == pytest.approx(losses_b, rel=rounding, abs=0), result
     assert norm_a == pytest.approx(norm_b, rel=rounding, abs=0), result
     assert result["max_weight_difference"] <= rounding, result
-    assert losses_a[0] != losses_a[2]  # the three steps trained
+    assert losses_a[0] != losses_a[-1]  # the steps trained
     return result
 
 
@@ -288,14 +332,31 @@ def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_pat
 @pytest.mark.parametrize("ds_json", ["zero1_bf16.json", "zero2_bf16.json"])
 def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result(tmp_path, ds_json, precision):
     # DeepSpeed's reduction buffer and partition buffer (and, for ZeRO-2 as its JSON says, its overlapped stream)
-    # with its own gradient norm, against the gradients left in their own tensors with the trainer's norm in one
-    # reduction: bitwise the same, two micro-batches per step, across a checkpoint saved and loaded.
-    as_written = {"zero_optimization.contiguous_gradients": True, "_deepspeed_norm": True, "_reload": True}
+    # with its own gradient norm, clip and overflow check, against the gradients left in their own tensors with the
+    # trainer's norm in one reduction and the clip factor computed on the device: bitwise the same, two micro-batches
+    # per step, every step clipped, across a checkpoint saved and loaded.
+    as_written = {"zero_optimization.contiguous_gradients": True, "_deepspeed_norm": True, "_deepspeed_clip": True,
+                  "_reload": True}
     if ds_json == "zero2_bf16.json":
         as_written["zero_optimization.overlap_comm"] = True
     result = train_both_ways(tmp_path, [as_written, {"_reload": True}], f"deepspeed_config=ds_configs/{ds_json}",
-                             f"train.precision={precision}")
+                             f"train.precision={precision}", "optim.grad_clip=0.05")
     assert result["contiguous_gradients"] == [True, False] and result["fused_norm"] == [False, True]
+    assert result["fewer_reads"] == [False, True]
+    assert min(result["grad_norms"]) > 0.05  # the last step was clipped
+
+
+@pytest.mark.parametrize(("ds_json", "precision"), [("zero2_bf16.json", "fp32"), ("zero2_bf16.json", "bf16"),
+                                                    ("zero0_bf16.json", "bf16")])
+def test_a_step_with_a_gradient_not_finite_is_skipped_as_deepspeed_skips_it(tmp_path, ds_json, precision):
+    # The second step's gradients hold infs and NaNs. DeepSpeed's own overflow check (bf16) or norm check (fp32),
+    # and the check of the norm alone, skip that step the same way, and the steps around it train bitwise the same
+    # (ZeRO-2 with its clip factor computed on the device; ZeRO-0 in fp32 has no overflow check to change).
+    deepspeeds = {"_deepspeed_norm": ds_json != "zero0_bf16.json", "_deepspeed_clip": True, "_inf_gradient": True}
+    result = train_both_ways(tmp_path, [deepspeeds, {"_inf_gradient": True}], f"deepspeed_config=ds_configs/{ds_json}",
+                             f"train.precision={precision}", "optim.grad_clip=0.05")
+    assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None
+    assert result["fewer_reads"] == [False, precision == "bf16" or ds_json != "zero0_bf16.json"]
 
 
 def test_zero2_on_one_rank_with_a_predivide_factor_keeps_the_contiguous_buffers_to_the_same_result(tmp_path):
@@ -344,6 +405,21 @@ def test_zero3_on_one_gpu_keeps_parameters_gathered_through_the_step(tmp_path):
                              "train.precision=bf16", "train.compile=false", rounding=1e-2)
     assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
     assert result["moved_gradients"] == [False, True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("ds_json", "wrapper"), [("zero0_bf16.json", "FP16_Optimizer"),
+                                                  ("zero2_bf16.json", "DeepSpeedZeroOptimizer")])
+def test_zero0_and_zero2_on_one_gpu_skip_a_step_with_a_gradient_not_finite_as_deepspeed_does(tmp_path, ds_json,
+                                                                                             wrapper):
+    # On CUDA, in bf16, with FusedAdam (under ZeRO-0 DeepSpeed wraps it in FP16_Optimizer, which the CPU never
+    # runs): the overflow left to the norm (and ZeRO-2's clip factor on the device) skips the same step as
+    # DeepSpeed's own checks, and the other steps train the same, within bf16 rounding.
+    deepspeeds = {"_deepspeed_norm": ds_json != "zero0_bf16.json", "_deepspeed_clip": True, "_inf_gradient": True}
+    result = train_both_ways(tmp_path, [deepspeeds, {"_inf_gradient": True}], f"deepspeed_config=ds_configs/{ds_json}",
+                             "train.precision=bf16", "train.compile=false", "optim.grad_clip=0.05", rounding=1e-2)
+    assert result["optimizers"] == [wrapper, wrapper] and result["fewer_reads"] == [False, True]
+    assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None
 
 
 # Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under the DeepSpeed JSON

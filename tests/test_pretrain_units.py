@@ -749,6 +749,122 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
         assert zero["contiguous_gradients"] is contiguous and zero["overlap_comm"] is False, top
 
 
+def test_zero1_and_zero2_clip_on_the_device_by_deepspeeds_factor_and_leave_overflow_to_the_norm():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from pretrain import step_reads
+
+    class Optimizer:  # the parts of DeepSpeed's ZeRO-1/2 optimizer that the change reads and replaces
+        unscale_and_clip_grads = DeepSpeedZeroOptimizer.unscale_and_clip_grads
+
+        def __init__(self, **settings):
+            self.clip_grad, self.loss_scale, self.compute_grad_norm, self.check_grad_overflow = 1.0, 1.0, True, True
+            self.cpu_offload, self.dtype, self.device, self.overflow = False, torch.bfloat16, "cpu", None
+            self.__dict__.update(settings)
+
+        def check_overflow(self, partition_gradients=True):
+            self.overflow = "checked every gradient"
+
+    class Engine:
+        def __init__(self, stage=2, **settings):
+            self.optimizer, self.stage = Optimizer(**settings), stage
+
+        def zero_optimization_stage(self):
+            return self.stage
+
+    def read(self, *args):
+        raise AssertionError("the clip read from the device")
+
+    # The norm as ZeRO-1/2 hands it over (fp32; -1 is DeepSpeed's sentinel for a norm that is not finite).
+    for settings in ({}, {"clip_grad": 0.3}, {"clip_grad": 0.0, "loss_scale": 1024.0}, {"loss_scale": 1024.0}):
+        for norm in (0.01, 0.3, 1.0, 2.5, 3e38, float("inf"), float("nan"), -1.0):
+            grads = [torch.randn(7), [torch.randn(3), torch.randn(5)]]
+            expected = [g.clone() for g in [grads[0], *grads[1]]]
+            Optimizer.unscale_and_clip_grads(Optimizer(**settings), [expected[0], expected[1:]], torch.tensor(norm))
+            engine = Engine(**settings)
+            assert step_reads.fewer_step_reads(engine, True)
+            with pytest.MonkeyPatch.context() as mp:
+                for name in ("__bool__", "item", "__float__"):
+                    mp.setattr(torch.Tensor, name, read)
+                engine.optimizer.unscale_and_clip_grads(grads, torch.tensor(norm))
+            got = [grads[0], *grads[1]]
+            assert all(torch.equal(a, b) or (a.isnan().all() and b.isnan().all()) for a, b in zip(got, expected)), (
+                settings, norm)
+    engine = Engine()
+    assert step_reads.fewer_step_reads(engine, True)
+    engine.optimizer.check_overflow()
+    assert engine.optimizer.overflow is False  # left to the step's check of the norm
+    # bf16 without check_grad_overflow: the step checks neither, so neither does the change.
+    engine = Engine(check_grad_overflow=False)
+    assert step_reads.fewer_step_reads(engine, True) and "check_overflow" not in vars(engine.optimizer)
+    # fp32 and fp16 steps always check the norm.
+    engine = Engine(check_grad_overflow=False, dtype=torch.float32)
+    assert step_reads.fewer_step_reads(engine, True) and "check_overflow" in vars(engine.optimizer)
+    for engine, fused_norm in ((Engine(stage=3), True), (Engine(stage=0), True), (Engine(), False),
+                               (Engine(cpu_offload=True), False), (Engine(compute_grad_norm=False), True)):
+        assert not step_reads.fewer_step_reads(engine, fused_norm)
+        assert "unscale_and_clip_grads" not in vars(engine.optimizer)
+    del Optimizer.check_overflow  # a DeepSpeed whose optimizer is laid out otherwise
+    with pytest.warns(UserWarning, match="lacks check_overflow: ZeRO-2 reads its clip factor and overflow check"):
+        assert not step_reads.fewer_step_reads(Engine(), True)
+
+
+def test_zero0_in_bf16_leaves_overflow_to_the_norm_and_skips_the_same_steps():
+    # DeepSpeed's bf16 wrapper of FusedAdam under ZeRO-0 (FP16_Optimizer, what a GPU runs), here around AdamW:
+    # its overflow check reads each gradient tensor; left to the norm, the same steps are skipped, bit for bit.
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+
+    from pretrain import step_reads
+
+    class Engine:
+        pipeline_parallelism = False
+
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+        def zero_optimization_stage(self):
+            return 0
+
+    def build():
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape).bfloat16()) for shape in ((4, 3), (5,), (2, 2), (7,))]
+        adam = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}], lr=0.1)
+        return params, FP16_Optimizer(adam, low_precision_dtype=torch.bfloat16, clip_grad=0.5)
+
+    (params_a, deepspeeds), (params_b, ours) = build(), build()
+    assert step_reads.fewer_step_reads(Engine(ours), False)
+    reads = {"on": None, "n": 0}
+
+    def counted(fn):  # DeepSpeed's reads (not the wrapped AdamW's)
+        def wrapper(*args, **kwargs):
+            reads["n"] += reads["on"] is not None and "deepspeed" in sys._getframe(1).f_code.co_filename
+            return fn(*args, **kwargs)
+        return wrapper
+
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=generator).bfloat16() for p in params_a]
+        if step == 2:
+            grads[1][3] = float("inf")
+        counts = []
+        for params, optimizer in ((params_a, deepspeeds), (params_b, ours)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            reads["n"] = 0
+            with pytest.MonkeyPatch.context() as mp:
+                for name in ("__bool__", "item", "__float__"):
+                    mp.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+                reads["on"] = True
+                optimizer.step()
+                reads["on"] = None
+            counts.append(reads["n"])
+        assert deepspeeds.overflow == ours.overflow == (step == 2)
+        assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
+        if step != 2:  # DeepSpeed's check read every gradient tensor; the norm reads once per group and once more
+            assert counts[0] >= len(params_a) + 3 and counts[1] == 3, counts
+    assert not torch.equal(params_a[0], build()[0][0])  # the other steps trained
+
+
 @pytest.mark.parametrize("zero, message", [
     ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
