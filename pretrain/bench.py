@@ -223,7 +223,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--breakdown-steps", type=int, default=3,
                    help="extra steps timed phase by phase (device synchronised between phases; default: 3); with "
                         "any, one more step of each ZeRO-1/2/3 case times DeepSpeed's gradient norm against the one "
-                        "the trainer takes in one reduction, on the same gradients")
+                        "the trainer takes in one reduction, on the same gradients, and one more step of each bf16 "
+                        "ZeRO-0/1/2 case times DeepSpeed's overflow check of every gradient, which the trainer does "
+                        "not run")
     p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
     p.add_argument("--top-ops", type=int, default=8, help="profiler ops listed per case (default: 8)")
     p.add_argument("--trace-dir", metavar="DIR",
@@ -595,6 +597,39 @@ def time_gradient_norms(runner: CaseRunner, repeats: int) -> dict[str, float] | 
     return {name: 1000 * statistics.median(values) for name, values in times.items()}
 
 
+def time_overflow_check(runner: CaseRunner, repeats: int) -> float | None:
+    """Median milliseconds of DeepSpeed's overflow check of every gradient tensor (ZeRO-1/2's `check_overflow`,
+    ZeRO-0's `CheckOverflow.has_overflow`), which the trainer leaves to the check of the norm
+    (`pretrain/step_reads.py`), timed `repeats` times, device synchronised, in one more step where the step
+    would run it; None where the trainer keeps DeepSpeed's check, or the step runs none (fp32)."""
+    optimizer = runner.engine.optimizer
+    checker = getattr(optimizer, "overflow_checker", None)
+    if "check_overflow" in vars(optimizer):
+        owner, name = optimizer, "check_overflow"
+    elif "has_overflow" in getattr(checker, "__dict__", {}):
+        owner, name = checker, "has_overflow"
+    else:
+        return None
+    ours, deepspeeds = getattr(owner, name), getattr(type(owner), name)
+    times: list[float] = []
+
+    def timed(*args, **kwargs):
+        for _ in range(repeats):
+            synchronize(runner.device)
+            start = time.perf_counter()
+            deepspeeds(owner, *args, **kwargs)
+            synchronize(runner.device)
+            times.append(time.perf_counter() - start)
+        return ours(*args, **kwargs)
+
+    setattr(owner, name, timed)
+    try:
+        runner.run()
+    finally:
+        setattr(owner, name, ours)
+    return 1000 * statistics.median(times) if times else None
+
+
 def profile_case(runner: CaseRunner, steps: int, limit: int, trace: str | None = None) -> dict:
     """Profile `steps` more steps: the `limit` ops with the most self time (device time on CUDA) and, on CUDA,
     the device's kernel time per step, whole and by kind of kernel; with `trace`, the steps' timeline is written
@@ -739,6 +774,7 @@ def run_case(case: Case, args, device, peak) -> None:
         case.result.update(case.startup)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
         case.result["gradient_norm_ms"] = time_gradient_norms(runner, NORM_REPEATS if args.breakdown_steps else 0)
+        case.result["overflow_check_ms"] = time_overflow_check(runner, NORM_REPEATS if args.breakdown_steps else 0)
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
@@ -774,6 +810,7 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
         case.result.update(case.startup)
         case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
         case.result["gradient_norm_ms"] = time_gradient_norms(runner, NORM_REPEATS if args.breakdown_steps else 0)
+        case.result["overflow_check_ms"] = time_overflow_check(runner, NORM_REPEATS if args.breakdown_steps else 0)
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
@@ -861,6 +898,9 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
         if norm:
             print(f"    gradient norm: DeepSpeed's {norm['deepspeed']:.2f} ms, in one reduction "
                   f"{norm['one_reduction']:.2f} ms ({norm['deepspeed'] / norm['one_reduction']:.2f}x), same gradients")
+        if r.get("overflow_check_ms") is not None:
+            print(f"    overflow check of every gradient: DeepSpeed's {r['overflow_check_ms']:.2f} ms, not run (left to "
+                  "the norm's check), same gradients")
         if r.get("device_busy") is not None:
             print(f"    device kernels {r['device_ms_per_step']:.1f} ms per step: {100 * r['device_busy']:.0f}% of the "
                   "timed step (the rest the device waits for the host)")

@@ -18,7 +18,8 @@
 # chunked path with its Triton state carry elsewhere; each case's breakdown names it), each case's
 # startup (engine build, the first step with its compilation and autotuning) timed apart, and each
 # ZeRO-2/3 case's gradient norm timed both ways on the same gradients (DeepSpeed's, one tensor at a time,
-# and the trainer's, in one reduction):
+# and the trainer's, in one reduction), and each ZeRO-0/2 case's DeepSpeed overflow check of every gradient,
+# which the trainer leaves to the norm's check:
 # bench_training: Polar vs NoPE under ZeRO-3 with per-block compile, then Polar with the ZeRO-3 JSON as
 # written (none of what the trainer changes on one GPU; see bench_zero3_settings), with activation
 # checkpointing, and under ZeRO-2 and ZeRO-0 (in that order, so a time limit keeps the goals' figures
