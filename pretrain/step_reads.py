@@ -7,7 +7,7 @@ and between reads the device runs out of work while the host catches up. In bf16
 - ZeRO-1/2 (`DeepSpeedZeroOptimizer.step`, `deepspeed/runtime/zero/stage_1_and_2.py`): its overflow check of
   every gradient tensor (`check_overflow`: two reductions and a few more kernels per tensor, then a read), then
   whether the gradient norm is finite, then, in every parameter group, the norm again before it computes the
-  clip factor (`unscale_and_clip_grads`): seven reads per step with the trainer's five parameter groups.
+  clip factor (`unscale_and_clip_grads`): seven reads per step with the five parameter groups of AdamW.
 - ZeRO-0 (`FP16_Optimizer`, or `FP16_UnfusedOptimizer` with an optimizer other than DeepSpeed's FusedAdam, both
   in `deepspeed/runtime/fp16/`): its overflow check reads each gradient tensor, one tensor at a time
   (`CheckOverflow.has_overflow_serial`), 264 reads per step for `atma-378m`, then the norm group by group.
@@ -15,9 +15,10 @@ and between reads the device runs out of work while the host catches up. In bf16
 `fewer_step_reads` changes the engine's optimizer so that:
 
 - its overflow check finds no overflow by itself, and the step takes the overflow from the gradient norm
-  alone, which it checks anyway and which is not finite exactly when a gradient holds an inf or a NaN: each
+  alone, which it checks anyway and which is never finite where a gradient holds an inf or a NaN: each
   tensor's norm is summed over all of them (and over the ranks), so one inf or NaN makes the sum, and the
-  norm, inf or NaN. The step skips the same steps as before, through the same code.
+  norm, inf or NaN. DeepSpeed skipped a step where either check failed, so the same steps are skipped as
+  before, through the same code.
 - ZeRO-1/2's `unscale_and_clip_grads` computes the clip factor from the norm on the device, with a norm that
   is not finite (or DeepSpeed's -1 sentinel for one) standing for infinity, as DeepSpeed's own read makes it:
   the gradients are scaled by the same factor, bit for bit.
