@@ -26,6 +26,8 @@ from model import AtmaConfig, AtmaForCausalLM
 from model.persistence import CONFIG_NAME, INDEX_NAME, WEIGHTS_NAME, check_state_dict, save_state_dict
 
 from . import checkpoint as ckpt
+from . import universal
+from .accumulation import runs_bf16_optimizer
 from .checkpoint import read_client_state  # noqa: F401  (re-exported: tests and tools read tags with it)
 from .contract import read_record
 from .hf_export import write_transformers_files
@@ -56,13 +58,32 @@ def resolve_tag(run_dir: str, tag: str) -> str:
 
 
 def consolidate(run_dir: str, tag: str, states: dict) -> dict[str, torch.Tensor]:
-    """Full fp32 state dict of the checkpoint (lazy ZeRO consolidation, or the module for stage 0)."""
+    """Full fp32 state dict of the checkpoint (lazy ZeRO consolidation, DeepSpeed's BF16_Optimizer's fp32 weights,
+    or the module for stage 0)."""
     stage = states.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0)
     if stage == 0:
         return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    if runs_bf16_optimizer(states.get("ds_config", {})):
+        return bf16_optimizer_weights(os.path.join(run_dir, "checkpoints", tag), states)
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(os.path.join(run_dir, "checkpoints"), tag=tag, lazy_mode=True)
+
+
+def bf16_optimizer_weights(tag_dir: str, states: dict) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a tag that DeepSpeed's BF16_Optimizer wrote (ZeRO-1 with fp32 gradient accumulation),
+    whose optimizer states `zero_to_fp32` does not read: from DeepSpeed's universal copy of the tag (written into
+    it once, as a resume on another number of ranks writes it), the module's own tensors for what has no copy."""
+    try:
+        zero = os.path.join(universal.convert(tag_dir), "zero")
+    except RuntimeError as err:
+        raise ExportError(str(err)) from None
+    tensors = {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+    for name in os.listdir(zero):
+        path = os.path.join(zero, name, "fp32.pt")
+        if os.path.isfile(path):
+            tensors[name] = torch.load(path, map_location="cpu", weights_only=True)["param"]
+    return tensors
 
 
 def remove_weights(out_dir: str) -> None:

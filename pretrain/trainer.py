@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import json
@@ -26,6 +27,7 @@ from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
 from . import contract
+from .accumulation import accumulation_dtype, check_accumulation, runs_bf16_optimizer
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .cpu_comm import without_shm_comm_op
@@ -237,6 +239,7 @@ def read_ds_file(path: str) -> dict:
             raise ConfigError(f"{path}: remove the {section!r} section; the run config's optim/schedule set it")
     check_top_level_keys(ds, path)
     check_zero_section(ds, path)
+    accumulation_dtype(ds, path)
     return ds
 
 
@@ -261,6 +264,7 @@ def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
         node[leaf] = value
     check_top_level_keys(ds, source)
     check_zero_section(ds, source)
+    accumulation_dtype(ds, source)
     return ds
 
 
@@ -270,23 +274,30 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overri
     precision and clipping; what was changed from the file is appended to `notes`."""
     path = cfg.deepspeed_config
     ds = read_ds_file(path)
-    note = zero3_for_one_rank(ds, plan.world_size,
-                              module_hooks=compile_method(cfg.train, device_type) != "deepcompile")
-    note = note or zero12_for_one_rank(ds, plan.world_size, muon=cfg.optim.name == "muon")
-    if note and notes is not None:
-        notes.append(note)
-    if overrides:
-        apply_ds_overrides(ds, overrides, overrides_source)
-    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
-    ds["gradient_accumulation_steps"] = plan.grad_accum
-    ds["train_batch_size"] = plan.sequences_per_step
-    ds["gradient_clipping"] = cfg.optim.grad_clip
     precision = cfg.train.precision
     if precision == "auto":
         file_bf16 = bool(ds.get("bf16", {}).get("enabled", False))
         precision = "bf16" if device_type == "cuda" and file_bf16 else "fp32"
     ds["bf16"] = {"enabled": precision == "bf16"}
     ds.pop("fp16", None)
+    # What DeepSpeed will build once the overrides are set: its BF16_Optimizer has no ZeRO buffers to change.
+    final = apply_ds_overrides(copy.deepcopy(ds), overrides, overrides_source) if overrides else ds
+    note = zero3_for_one_rank(ds, plan.world_size,
+                              module_hooks=compile_method(cfg.train, device_type) != "deepcompile")
+    if not runs_bf16_optimizer(final):
+        note = note or zero12_for_one_rank(ds, plan.world_size, muon=cfg.optim.name == "muon")
+    if note and notes is not None:
+        notes.append(note)
+    if overrides:
+        apply_ds_overrides(ds, overrides, overrides_source)
+    accumulation_warning = check_accumulation(ds, plan.grad_accum,
+                                              f"{path} with {overrides_source}" if overrides else path)
+    if accumulation_warning:
+        warnings.warn(accumulation_warning, stacklevel=2)
+    ds["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
+    ds["gradient_accumulation_steps"] = plan.grad_accum
+    ds["train_batch_size"] = plan.sequences_per_step
+    ds["gradient_clipping"] = cfg.optim.grad_clip
     ds.setdefault("steps_per_print", 10**9)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if cfg.optim.name == "muon":

@@ -86,6 +86,34 @@ def test_export_matches_zero_to_fp32_and_training_logits(tiny_shards, tmp_path):
     torch.testing.assert_close(logits, engine_logits, rtol=0, atol=1e-6)
 
 
+
+@pytest.mark.slow
+def test_export_of_deepspeeds_bf16_optimizer_takes_its_fp32_weights(tiny_shards, tmp_path):
+    # ZeRO-1 in bf16 accumulates in fp32 as shipped, so DeepSpeed runs its BF16_Optimizer, whose optimizer states
+    # zero_to_fp32 does not read. The export takes the fp32 master weights from DeepSpeed's universal copy: they
+    # round to the module's bf16 weights and are not those weights.
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    run([sys.executable, "-m", "pretrain.train", "--config", "pretrain/configs/tiny-cpu.yaml", "--data", tiny_shards,
+         "--run-dir", str(run_dir), "--max-steps", "3", "--set", "batch.tokens=512", "--set", "logging.val_every=0",
+         "--set", "logging.progress=false", "--set", "train.precision=bf16",
+         "--set", "deepspeed_config=ds_configs/zero1_bf16.json"])
+    run([sys.executable, "-m", "pretrain.export", str(run_dir), str(out)])
+
+    from pretrain.universal import universal_path
+    from model.persistence import load_state_dict
+
+    tag = run_dir / "checkpoints" / "step_00000003"
+    module = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    exported = load_state_dict(str(out))
+    assert exported.keys() == module.keys()
+    assert all(t.dtype == torch.float32 for t in exported.values())
+    assert all(torch.equal(exported[k].to(module[k].dtype), module[k]) for k in module)
+    moved = [k for k in module if not torch.equal(exported[k], module[k].float())]
+    assert len(moved) > len(module) // 2, moved  # the fp32 weights, not the bf16 ones widened
+    for name in moved:
+        universal = torch.load(os.path.join(universal_path(str(tag)), "zero", name, "fp32.pt"), weights_only=True)
+        assert torch.equal(exported[name], universal["param"]), name
+
 def fake_run(tmp_path, states: bytes = b""):
     """A run directory with one complete checkpoint whose model states file holds `states`."""
     tag = tmp_path / "run" / "checkpoints" / "step_00000002"

@@ -100,15 +100,24 @@ def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
         assert all(counts["deepspeed"][s].get("read", 0) <= 1 for s in map(str, range(2, 7))), counts["deepspeed"]
 
 
-@pytest.mark.parametrize(("ds_json", "reads"),
-                         [("zero0_bf16.json", 10), ("zero1_bf16.json", 1), ("zero2_bf16.json", 1)])
+@pytest.mark.parametrize(("ds_json", "reads"), [("zero0_bf16.json", 10), ("zero1_bf16.json", 2), ("zero2_bf16.json", 1),
+                                               ("zero1_bf16_accumulation.json", 1)])
 def test_zero0_to_zero2_read_from_the_device_no_more_than_for_their_norm(tiny_shards, tmp_path, ds_json, reads):
     # In bf16 DeepSpeed's ZeRO-1/2 step reads its overflow check, its norm's check and, in each parameter group, the
     # norm again for the clip factor (7 reads); with the overflow left to the norm and the clip factor on the device,
     # the norm's check alone. Its ZeRO-0 step (on the CPU the wrapper of optimizers other than FusedAdam) read each
-    # gradient tensor for overflow (80 reads), and reads its norm: twice in each of the five parameter groups.
-    (counts,) = count_syncs(tiny_shards, tmp_path, 1, 5, "train.precision=bf16",
-                            f"deepspeed_config=ds_configs/{ds_json}")
+    # gradient tensor for overflow (80 reads), and reads its norm: twice in each of the five parameter groups. The
+    # shipped ZeRO-1 JSON accumulates in fp32, so DeepSpeed runs its BF16_Optimizer, which reads whether its norm is
+    # finite and whether to clip; with bf16 accumulation ("_accumulation": the JSON without its data_types and
+    # communication_data_type), the ZeRO optimizer again.
+    path = f"ds_configs/{ds_json}"
+    if ds_json == "zero1_bf16_accumulation.json":
+        with open("ds_configs/zero1_bf16.json") as f:
+            ds = json.load(f)
+        del ds["data_types"], ds["communication_data_type"]
+        path = tmp_path / ds_json
+        path.write_text(json.dumps(ds))
+    (counts,) = count_syncs(tiny_shards, tmp_path, 1, 5, "train.precision=bf16", f"deepspeed_config={path}")
     for step in ("2", "3"):  # the whole of steps 3 and 4
         assert counts["ours"][step] == {"read": 1, "collective": 1}, (step, counts)
         assert counts["deepspeed"][step].get("read", 0) == reads, (step, counts["deepspeed"])
@@ -335,14 +344,33 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result
     # with its own gradient norm, clip and overflow check, against the gradients left in their own tensors with the
     # trainer's norm in one reduction and the clip factor computed on the device: bitwise the same, two micro-batches
     # per step, every step clipped, across a checkpoint saved and loaded.
+    # In bf16 the shipped ZeRO-1 JSON accumulates in fp32, which DeepSpeed runs with its BF16_Optimizer (next test);
+    # here the ZeRO optimizer of bf16 accumulation. ZeRO-2 accumulates in fp32 as shipped.
     as_written = {"zero_optimization.contiguous_gradients": True, "_deepspeed_norm": True, "_deepspeed_clip": True,
                   "_reload": True}
+    ours = {"_reload": True}
     if ds_json == "zero2_bf16.json":
         as_written["zero_optimization.overlap_comm"] = True
-    result = train_both_ways(tmp_path, [as_written, {"_reload": True}], f"deepspeed_config=ds_configs/{ds_json}",
+    elif precision == "bf16":
+        for variant in (as_written, ours):
+            variant.update({"data_types.grad_accum_dtype": "bf16", "communication_data_type": "bf16"})
+    result = train_both_ways(tmp_path, [as_written, ours], f"deepspeed_config=ds_configs/{ds_json}",
                              f"train.precision={precision}", "optim.grad_clip=0.05")
     assert result["contiguous_gradients"] == [True, False] and result["fused_norm"] == [False, True]
     assert result["fewer_reads"] == [False, True]
+    assert min(result["grad_norms"]) > 0.05  # the last step was clipped
+
+
+def test_zero1_in_bf16_runs_deepspeeds_bf16_optimizer_as_written_through_a_checkpoint_and_a_skipped_step(tmp_path):
+    # fp32 accumulation under ZeRO-1: DeepSpeed's BF16_Optimizer, which the one-rank changes leave alone (no notice,
+    # its buffers as written). A step whose gradients hold infs and NaNs is skipped, and a checkpoint saved and
+    # loaded after it changes nothing.
+    result = train_both_ways(tmp_path, [{"_inf_gradient": True}, {"_inf_gradient": True, "_reload": True}],
+                             "deepspeed_config=ds_configs/zero1_bf16.json", "train.precision=bf16",
+                             "optim.grad_clip=0.05")
+    assert result["optimizers"] == ["BF16_Optimizer", "BF16_Optimizer"], result
+    assert result["fused_norm"] == [False, False] and result["fewer_reads"] == [False, False], result
+    assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None, result
     assert min(result["grad_norms"]) > 0.05  # the last step was clipped
 
 

@@ -459,6 +459,43 @@ def test_ds_config_overrides_are_set_over_the_json_and_checked_like_it():
         build_ds_config(muon, plan, device_type="cuda", overrides={"zero_optimization.reduce_scatter": True})
 
 
+def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can_and_a_warning_says_where_not(tmp_path):
+    from pretrain.accumulation import accumulation_dtype
+    from pretrain.trainer import build_ds_config
+
+    for name in ("zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero3_muon_bf16.json",
+                 "zero3_offload_bf16.json"):
+        assert accumulation_dtype(json.loads(open(f"ds_configs/{name}").read())) == torch.float32, name
+
+    def build(ds: dict, micro_batches: int = 4, run: tuple = (), overrides: dict | None = None) -> dict:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"bf16": {"enabled": True}, **ds}))
+        cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}", *run])
+        return build_ds_config(cfg, plan_batch(256 * micro_batches, 1, 256, 1), device_type="cuda",
+                               overrides=overrides)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(json.loads(open("ds_configs/zero3_bf16.json").read()))  # fp32: nothing to say
+        build({"zero_optimization": {"stage": 0}}, micro_batches=1)  # one micro-batch: nothing added
+        build({"zero_optimization": {"stage": 0}}, run=["train.precision=fp32"])  # fp32 weights
+    with pytest.warns(UserWarning, match="gradients of 4 micro-batches are added in bf16.*ZeRO-1/2/3 with "
+                                         "data_types.grad_accum_dtype fp32"):
+        build({"zero_optimization": {"stage": 0}})
+    with pytest.warns(UserWarning, match="ds.json with overrides: the gradients of 4 micro-batches are added in "
+                                         "bf16.*set data_types.grad_accum_dtype to fp32"):
+        build({"zero_optimization": {"stage": 3}, "data_types": {"grad_accum_dtype": "fp32"}},
+              overrides={"data_types.grad_accum_dtype": "bf16"})
+    # DeepSpeed 0.19 refuses fp32 accumulation of bf16 weights without ZeRO from deep inside its engine.
+    with pytest.raises(ConfigError, match="grad_accum_dtype 'fp32' needs ZeRO stage 1, 2 or 3.*bfloat16"):
+        build({"zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "fp32"}})
+    with pytest.raises(ConfigError, match=r"ds.json: data_types.grad_accum_dtype 'fp23' is not a dtype DeepSpeed "
+                                          r"reads \(one of .*'fp32'"):
+        build({"zero_optimization": {"stage": 3}, "data_types": {"grad_accum_dtype": "fp23"}})
+    with pytest.raises(ConfigError, match="ds.json: data_types must be a JSON object, got 'fp32'"):
+        build({"zero_optimization": {"stage": 3}, "data_types": "fp32"})
+
+
 def test_zero3_on_one_rank_keeps_parameters_gathered_only_where_that_is_safe(monkeypatch):
     from pretrain import one_rank
 
@@ -741,6 +778,16 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
                      "backward (overlap_comm true -> false)"]
     _, notes = built({"stage": 1}, run=["optim.name=muon"])
     assert notes == []
+    # ZeRO-1 as shipped accumulates bf16 gradients in fp32: DeepSpeed then runs its BF16_Optimizer, whose buffers
+    # these settings do not reach, so nothing changes and nothing is said. In fp32 (or with bf16 accumulation set
+    # over it) DeepSpeed's ZeRO optimizer runs, and the change applies.
+    zero1 = json.loads(open("ds_configs/zero1_bf16.json").read())
+    zero, notes = built(zero1["zero_optimization"], top={k: v for k, v in zero1.items() if k != "zero_optimization"})
+    assert notes == [] and "contiguous_gradients" not in zero
+    for run, overrides in ((["train.precision=fp32"], None), ((), {"data_types.grad_accum_dtype": "bf16"})):
+        zero, notes = built(zero1["zero_optimization"], run=run, overrides=overrides,
+                            top={k: v for k, v in zero1.items() if k != "zero_optimization"})
+        assert zero["contiguous_gradients"] is False and notes[0].startswith("ZeRO-1 on one rank"), (run, overrides)
     # Through the contiguous buffers a predivide factor divides and multiplies back: they stay (not when
     # prescaling, where DeepSpeed divides once either way).
     for top, contiguous in (({"gradient_predivide_factor": 2.0}, True),
