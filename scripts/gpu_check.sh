@@ -35,7 +35,8 @@
 # it can; its peak memory and step against the first case's); bench_recipe: the shipped paper recipe
 # (pretrain/configs/atma-378m.yaml: Muon under its own ZeRO-3 JSON, micro-batch 16) under ZeRO-3
 # and ZeRO-2, 2 micro-batches per optimizer step instead of the recipe's 16 (so the optimizer's
-# share is 8x what a run sees);
+# share is 8x what a run sees), and under ZeRO-3 with the gradients accumulated in bf16 (DeepSpeed's
+# default; the JSON's fp32 is the baseline in the same run);
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
 # kept whole, the stack of blocks one leaf module, gradients moved straight into their partitions and
@@ -127,7 +128,7 @@ cd "$root"
 T_BENCH=${T_BENCH:-180} T_TESTS=${T_TESTS:-240} T_TRAIN=${T_TRAIN:-240} T_EVAL=${T_EVAL:-60}
 T_DEEPCOMPILE=${T_DEEPCOMPILE:-60} T_DECODE=${T_DECODE:-60} T_LOSS=${T_LOSS:-45}
 T_FLA_KERNELS=${T_FLA_KERNELS:-60} T_FLA_TRAIN=${T_FLA_TRAIN:-180} T_LOOP=${T_LOOP:-90} T_MB16=${T_MB16:-150}
-T_ZERO3=${T_ZERO3:-150} T_ZERO2=${T_ZERO2:-75} T_RECIPE=${T_RECIPE:-150} T_DISTILL=${T_DISTILL:-120}
+T_ZERO3=${T_ZERO3:-150} T_ZERO2=${T_ZERO2:-75} T_RECIPE=${T_RECIPE:-210} T_DISTILL=${T_DISTILL:-120}
 export PYTHONUNBUFFERED=1 WANDB_MODE=offline PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # DeepSpeed's JIT op builder rejects arch suffixes such as 9.0a (images often preset that value).
 export TORCH_CUDA_ARCH_LIST=$(echo "${TORCH_CUDA_ARCH_LIST:-9.0}" | sed -E 's/([0-9]+\.[0-9]+)[a-z]+/\1/g')
@@ -278,7 +279,8 @@ measure bench_training_mb16 "$T_MB16" "$PY" -m pretrain.bench --micro-batch 16 -
     --json "$out/bench_training_mb16.json"
 measure bench_recipe "$T_RECIPE" "$PY" -m pretrain.bench --config pretrain/configs/atma-378m.yaml --grad-accum 2 \
     --steps 3 --warmup 2 --breakdown-steps 1 --profile-steps 0 \
-    --cases polar:3:none:auto,polar:2:none:auto --json "$out/bench_recipe.json"
+    --cases polar:3:none:auto,polar:2:none:auto,polar:3:none:auto:v1 --ds-variant data_types.grad_accum_dtype=bf16 \
+    --json "$out/bench_recipe.json"
 measure bench_training_deepcompile "$T_DEEPCOMPILE" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --cases polar:3:none:deepcompile --json "$out/bench_training_deepcompile.json"
 z3=polar:3:none:blocks
