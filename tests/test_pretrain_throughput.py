@@ -362,9 +362,9 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result
 
 
 def test_zero1_in_bf16_runs_deepspeeds_bf16_optimizer_as_written_through_a_checkpoint_and_a_skipped_step(tmp_path):
-    # fp32 accumulation under ZeRO-1: DeepSpeed's BF16_Optimizer, which the one-rank changes leave alone (no notice,
-    # its buffers as written). A step whose gradients hold infs and NaNs is skipped, and a checkpoint saved and
-    # loaded after it changes nothing.
+    # fp32 accumulation under ZeRO-1: DeepSpeed's BF16_Optimizer, which the trainer's norm and reads leave alone (and
+    # its one-rank settings, `tests/test_pretrain_units.py`). A step whose gradients hold infs and NaNs is skipped,
+    # and a checkpoint saved and loaded after it changes nothing.
     result = train_both_ways(tmp_path, [{"_inf_gradient": True}, {"_inf_gradient": True, "_reload": True}],
                              "deepspeed_config=ds_configs/zero1_bf16.json", "train.precision=bf16",
                              "optim.grad_clip=0.05")
