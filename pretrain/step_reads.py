@@ -25,8 +25,8 @@ and between reads the device runs out of work while the host catches up. In bf16
 
 So ZeRO-1/2 read once per step in bf16 (the norm's check), as ZeRO-3 does, and ZeRO-0 reads its norm only
 (once per parameter group, and once more for the total). DeepSpeed's `BF16_Optimizer`, which ZeRO-1 runs with
-fp32 gradient accumulation (`pretrain/accumulation.py`), is left as it is: it has no overflow check of its own
-and reads twice (whether its norm is finite, and whether to clip).
+fp32 gradient accumulation (`pretrain/accumulation.py`), has no overflow check of its own; its step gets its clip
+factor on the device in `pretrain/bf16_step.py`.
 """
 
 from __future__ import annotations

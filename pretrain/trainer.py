@@ -28,6 +28,7 @@ from model import AtmaConfig, AtmaForCausalLM
 from . import checkpoint as ckpt
 from . import contract
 from .accumulation import accumulation_dtype, check_accumulation, runs_bf16_optimizer
+from .bf16_step import one_read_bf16_step
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
 from .cpu_comm import without_shm_comm_op
@@ -346,6 +347,7 @@ def build_engine(cfg: RunConfig, model_config: AtmaConfig, ds_config: dict, *, d
     keep_parameters_gathered(engine, ds_config)
     reduce_gradients_into_partitions(engine, ds_config)
     fewer_step_reads(engine, fuse_gradient_norm(engine, ds_config))
+    one_read_bf16_step(engine, ds_config)
     compile_engine(engine, compile_method(cfg.train, device.type),
                    activation_memory_budget=cfg.train.activation_memory_budget)
     return engine, optimizer

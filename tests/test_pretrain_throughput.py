@@ -100,16 +100,17 @@ def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
         assert all(counts["deepspeed"][s].get("read", 0) <= 1 for s in map(str, range(2, 7))), counts["deepspeed"]
 
 
-@pytest.mark.parametrize(("ds_json", "reads"), [("zero0_bf16.json", 10), ("zero1_bf16.json", 2), ("zero2_bf16.json", 1),
+@pytest.mark.parametrize(("ds_json", "reads"), [("zero0_bf16.json", 10), ("zero1_bf16.json", 1), ("zero2_bf16.json", 1),
                                                ("zero1_bf16_accumulation.json", 1)])
 def test_zero0_to_zero2_read_from_the_device_no_more_than_for_their_norm(tiny_shards, tmp_path, ds_json, reads):
     # In bf16 DeepSpeed's ZeRO-1/2 step reads its overflow check, its norm's check and, in each parameter group, the
     # norm again for the clip factor (7 reads); with the overflow left to the norm and the clip factor on the device,
     # the norm's check alone. Its ZeRO-0 step (on the CPU the wrapper of optimizers other than FusedAdam) read each
     # gradient tensor for overflow (80 reads), and reads its norm: twice in each of the five parameter groups. The
-    # shipped ZeRO-1 JSON accumulates in fp32, so DeepSpeed runs its BF16_Optimizer, which reads whether its norm is
-    # finite and whether to clip; with bf16 accumulation ("_accumulation": the JSON without its data_types and
-    # communication_data_type), the ZeRO optimizer again.
+    # shipped ZeRO-1 JSON accumulates in fp32, so DeepSpeed runs its BF16_Optimizer, which read whether its norm is
+    # finite and whether to clip; with its clip factor on the device, whether its norm is finite alone. With bf16
+    # accumulation ("_accumulation": the JSON without its data_types and communication_data_type), the ZeRO
+    # optimizer again.
     path = f"ds_configs/{ds_json}"
     if ds_json == "zero1_bf16_accumulation.json":
         with open("ds_configs/zero1_bf16.json") as f:
@@ -233,7 +234,7 @@ def loss_of(outcome):  # the step's loss, or None where the step was skipped
     return outcome.terms["loss/total"] if outcome.applied else None
 
 
-runs, kept_gathered, fused_norm, moved_gradients, contiguous, fewer_reads, skipped, wrappers = ([] for _ in range(8))
+runs, replaced_step, fused_norm, moved_gradients, contiguous, fewer_reads, skipped, wrappers = ([] for _ in range(8))
 for overrides in variants:
     # "_run": run-config settings of this variant alone; "_deepspeed_step": DeepSpeed's own optimizer step;
     # "_deepspeed_norm": DeepSpeed's own gradient norm; "_deepspeed_gradients": DeepSpeed's own gradient hooks
@@ -248,7 +249,7 @@ for overrides in variants:
                                  "train.precision=fp32", *sys.argv[2:], *overrides.pop("_run", [])])
     ds = build_ds_config(cfg, BatchPlan(64, 2, 2, 1), device_type=device.type, overrides=overrides)
     engine, optimizer = build_engine(cfg, AtmaConfig.from_preset("tiny", vocab_size=512), ds, device=device)
-    if deepspeed_step:  # DeepSpeed's own ZeRO-3 step, as it was before the trainer changed it on one rank
+    if deepspeed_step:  # DeepSpeed's own step (ZeRO-3 on one rank, BF16_Optimizer), as the trainer found it
         vars(engine.optimizer).pop("step")
     if deepspeed_norm:  # DeepSpeed's own norm, one gradient tensor at a time
         vars(engine.optimizer).pop(NORM_METHODS[engine.zero_optimization_stage()])
@@ -285,7 +286,7 @@ for overrides in variants:
         engine.save_checkpoint(sys.argv[0] + f".ckpt{len(runs)}", tag="step2")
         engine.load_checkpoint(sys.argv[0] + f".ckpt{len(runs)}", tag="step2")
     losses.append(loss_of(step.run(stream)))
-    kept_gathered.append("step" in vars(engine.optimizer))
+    replaced_step.append("step" in vars(engine.optimizer))
     fused_norm.append(NORM_METHODS.get(engine.zero_optimization_stage()) in vars(engine.optimizer))
     moved_gradients.append("reduce_ready_partitions_and_remove_grads" in vars(engine.optimizer))
     contiguous.append(getattr(engine.optimizer, "contiguous_gradients", None))
@@ -300,7 +301,7 @@ for overrides in variants:
 (losses_a, norm_a, leaves_a, a, saved_a), (losses_b, norm_b, leaves_b, b, saved_b) = runs
 moved = max((a[n] - b[n]).abs().max().item() for n in a)
 print(json.dumps({"losses": [losses_a, losses_b], "grad_norms": [norm_a, norm_b], "leaves": [leaves_a, leaves_b],
-                  "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "kept_gathered": kept_gathered,
+                  "max_weight_difference": moved, "saved_mib": [saved_a, saved_b], "replaced_step": replaced_step,
                   "fused_norm": fused_norm, "moved_gradients": moved_gradients, "contiguous_gradients": contiguous,
                   "fewer_reads": fewer_reads, "skipped_steps": skipped, "optimizers": wrappers}))
 exit_without_teardown(0)
@@ -361,17 +362,20 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_to_the_same_result
     assert min(result["grad_norms"]) > 0.05  # the last step was clipped
 
 
-def test_zero1_in_bf16_runs_deepspeeds_bf16_optimizer_as_written_through_a_checkpoint_and_a_skipped_step(tmp_path):
-    # fp32 accumulation under ZeRO-1: DeepSpeed's BF16_Optimizer, which the trainer's norm and reads leave alone (and
-    # its one-rank settings, `tests/test_pretrain_units.py`). A step whose gradients hold infs and NaNs is skipped,
-    # and a checkpoint saved and loaded after it changes nothing.
-    result = train_both_ways(tmp_path, [{"_inf_gradient": True}, {"_inf_gradient": True, "_reload": True}],
+@pytest.mark.parametrize("grad_clip", [0.05, 100.0])
+def test_zero1_in_bf16_steps_deepspeeds_bf16_optimizer_with_one_read_to_the_same_result(tmp_path, grad_clip):
+    # fp32 accumulation under ZeRO-1: DeepSpeed's BF16_Optimizer (its one-rank settings stay as written,
+    # `tests/test_pretrain_units.py`). DeepSpeed's own step against the trainer's (`pretrain/bf16_step.py`: the norm
+    # in one reduction, the clip factor on the device), with every step clipped or none: bitwise the same, with a
+    # step whose gradients hold infs and NaNs skipped by both, across a checkpoint saved and loaded after it.
+    result = train_both_ways(tmp_path, [{"_inf_gradient": True, "_deepspeed_step": True},
+                                        {"_inf_gradient": True, "_reload": True}],
                              "deepspeed_config=ds_configs/zero1_bf16.json", "train.precision=bf16",
-                             "optim.grad_clip=0.05")
+                             f"optim.grad_clip={grad_clip}")
     assert result["optimizers"] == ["BF16_Optimizer", "BF16_Optimizer"], result
-    assert result["fused_norm"] == [False, False] and result["fewer_reads"] == [False, False], result
+    assert result["replaced_step"] == [False, True], result  # our step replaced DeepSpeed's on the second only
     assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None, result
-    assert min(result["grad_norms"]) > 0.05  # the last step was clipped
+    assert (min(result["grad_norms"]) > grad_clip) == (grad_clip < 1), result  # the last step clipped, or not
 
 
 @pytest.mark.parametrize(("ds_json", "precision"), [("zero2_bf16.json", "fp32"), ("zero2_bf16.json", "bf16"),
@@ -417,21 +421,21 @@ def test_zero3_on_one_rank_keeps_parameters_gathered_through_the_step_to_the_sam
     # changes are compared together against DeepSpeed's own step, norm and gradient hooks.
     result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True,
                                          "_deepspeed_gradients": True, "_reload": True}, {"_reload": True}])
-    assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
+    assert result["replaced_step"] == [False, True] and result["fused_norm"] == [False, True]
     assert result["moved_gradients"] == [False, True]
 
 
 @pytest.mark.gpu
 def test_zero3_on_one_gpu_keeps_parameters_gathered_through_the_step(tmp_path):
     # On CUDA, in bf16: every gathered parameter stays a view of its partition (else the step would have
-    # fallen back to DeepSpeed's, and "kept_gathered" would read False), and training matches DeepSpeed's
+    # fallen back to DeepSpeed's, and "replaced_step" would read False), and training matches DeepSpeed's
     # step and gradient norm, within bf16 rounding should a device kernel add in another order from run to run
     # (the multi-tensor norm adds each tensor's squares in another order than DeepSpeed's per-tensor one).
     # The gradients are moved into their partitions on the compute stream, DeepSpeed's on its reduction stream.
     result = train_both_ways(tmp_path, [{"_deepspeed_step": True, "_deepspeed_norm": True,
                                          "_deepspeed_gradients": True, "_reload": True}, {"_reload": True}],
                              "train.precision=bf16", "train.compile=false", rounding=1e-2)
-    assert result["kept_gathered"] == [False, True] and result["fused_norm"] == [False, True]
+    assert result["replaced_step"] == [False, True] and result["fused_norm"] == [False, True]
     assert result["moved_gradients"] == [False, True]
 
 
@@ -450,6 +454,18 @@ def test_zero0_and_zero2_on_one_gpu_skip_a_step_with_a_gradient_not_finite_as_de
     assert result["optimizers"][0] == result["optimizers"][1] in wrappers and result["fewer_reads"] == [False, True]
     assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None
 
+
+
+@pytest.mark.gpu
+def test_zero1_on_one_gpu_steps_deepspeeds_bf16_optimizer_with_one_read_as_deepspeed_steps(tmp_path):
+    # On CUDA, in bf16, with FusedAdam where it builds: the BF16_Optimizer's step with the norm in one reduction and
+    # the clip factor on the device skips the same step as DeepSpeed's, and the other steps train the same, within
+    # bf16 rounding (the multi-tensor norm adds on the device in another order than DeepSpeed's per-tensor one).
+    result = train_both_ways(tmp_path, [{"_inf_gradient": True, "_deepspeed_step": True}, {"_inf_gradient": True}],
+                             "deepspeed_config=ds_configs/zero1_bf16.json", "train.precision=bf16",
+                             "train.compile=false", "optim.grad_clip=0.05", rounding=1e-2)
+    assert result["optimizers"] == ["BF16_Optimizer", "BF16_Optimizer"] and result["replaced_step"] == [False, True]
+    assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None
 
 # Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under the DeepSpeed JSON
 # argv[2] (ZeRO-2 or ZeRO-3) and, at each step, takes DeepSpeed's own gradient norm beside the one the step

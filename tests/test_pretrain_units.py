@@ -912,6 +912,48 @@ def test_zero0_in_bf16_leaves_overflow_to_the_norm_and_skips_the_same_steps():
     assert not torch.equal(params_a[0], build()[0][0])  # the other steps trained
 
 
+def test_bf16_optimizer_gets_the_one_read_step_only_where_its_norm_covers_every_gradient():
+    # The step itself is trained against DeepSpeed's in `tests/test_pretrain_throughput.py`; here where it applies.
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    from pretrain.bf16_step import one_read_bf16_step
+
+    class Engine:
+        pipeline_parallelism = False
+
+        def __init__(self, optimizer):
+            self.optimizer = optimizer
+
+    def bf16_optimizer(**settings):  # DeepSpeed's BF16_Optimizer, not built, with what the step reads set
+        optimizer = BF16_Optimizer.__new__(BF16_Optimizer)
+        param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+        optimizer.__dict__.update(mpu=None, has_moe_layers=False, grad_acc_dtype=torch.float32, norm_type=2.0,
+                                  bf16_groups=[[param]], fp32_groups_flat_partition=[torch.zeros(3)],
+                                  fp32_groups_gradient_flat_partition=[torch.zeros(3)], optimizer=None,
+                                  _uses_muon=False, clip_grad=1.0)
+        optimizer.__dict__.update(settings)
+        return optimizer
+
+    engine = Engine(bf16_optimizer())
+    assert one_read_bf16_step(engine, {}) and "step" in vars(engine.optimizer)
+    replicated = torch.nn.Parameter(torch.zeros(2))
+    replicated.ds_pipe_replicated = True
+    for settings, ds in (({"mpu": object()}, {}), ({"has_moe_layers": True}, {}),
+                         ({"grad_acc_dtype": torch.bfloat16}, {}), ({"norm_type": float("inf")}, {}),
+                         ({"bf16_groups": [[replicated]]}, {}), ({}, {"compile": {"deepcompile": True}})):
+        engine = Engine(bf16_optimizer(**settings))
+        assert not one_read_bf16_step(engine, ds) and "step" not in vars(engine.optimizer), (settings, ds)
+    engine = Engine(bf16_optimizer())
+    engine.pipeline_parallelism = True
+    assert not one_read_bf16_step(engine, {})
+    assert not one_read_bf16_step(Engine(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)), {})
+    engine = Engine(bf16_optimizer())
+    del engine.optimizer.fp32_groups_flat_partition  # a DeepSpeed whose BF16_Optimizer is laid out otherwise
+    with pytest.warns(UserWarning, match="lacks fp32_groups_flat_partition: ZeRO-1 takes its gradient norm one"):
+        assert not one_read_bf16_step(engine, {})
+    assert "step" not in vars(engine.optimizer)
+
+
 @pytest.mark.parametrize("zero, message", [
     ({"stage": 7}, "zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
     ({"stage": "three"}, "zero_optimization.stage must be 0, 1, 2 or 3, got 'three'"),
