@@ -228,7 +228,7 @@ def reduce_gradients_into_partitions(engine, ds_config: dict) -> bool:
     reduced in their bucket (`reduce_scatter: false`, as `zero3_for_one_rank` sets); unchanged on more ranks,
     with parameters or the optimizer offloaded, with quantized weights or gradients, under DeepCompile or
     ZenFlow, with sequence parallelism, a gradient predivide factor, a communication dtype other than a
-    parameter's, or where this DeepSpeed's optimizer lacks what is replaced (then with a warning).
+    parameter's or fp32, or where this DeepSpeed's optimizer lacks what is replaced (then with a warning).
     """
     zero = ds_config.get("zero_optimization", {})
     if zero.get("reduce_scatter", True) or zero.get("zero_quantized_gradients", False):
@@ -241,7 +241,9 @@ def reduce_gradients_into_partitions(engine, ds_config: dict) -> bool:
     if optimizer.postscale_gradients and optimizer.gradient_predivide_factor != 1.0:
         return False  # the bucket is divided by the factor and multiplied back: not bitwise the gradient
     params = [p for group in optimizer.fp16_groups for p in group]
-    if any(optimizer.get_param_comm_dtype(p) != p.dtype
+    # A communication dtype wider than the parameter's (fp32) holds its gradient exactly: on one rank the bucket
+    # then carries the same values.
+    if any(optimizer.get_param_comm_dtype(p) not in (p.dtype, torch.float32)
            or getattr(p, "ds_zero_placement_family", "replicated") != "replicated"
            or dist.get_world_size(group=optimizer._get_param_partition_group(p)) != 1 for p in params):
         return False

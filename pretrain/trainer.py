@@ -27,7 +27,7 @@ from model import AtmaConfig, AtmaForCausalLM
 
 from . import checkpoint as ckpt
 from . import contract
-from .accumulation import accumulation_dtype, check_accumulation, runs_bf16_optimizer
+from .accumulation import accumulation_dtype, check_accumulation, communication_dtype, runs_bf16_optimizer
 from .bf16_step import one_read_bf16_step
 from .compilation import compile_engine, compile_method, configure_compile, dynamo_summary
 from .config import ConfigError, RunConfig
@@ -241,6 +241,7 @@ def read_ds_file(path: str) -> dict:
     check_top_level_keys(ds, path)
     check_zero_section(ds, path)
     accumulation_dtype(ds, path)
+    communication_dtype(ds, path)
     return ds
 
 
@@ -266,6 +267,7 @@ def apply_ds_overrides(ds: dict, overrides: dict, source: str) -> dict:
     check_top_level_keys(ds, source)
     check_zero_section(ds, source)
     accumulation_dtype(ds, source)
+    communication_dtype(ds, source)
     return ds
 
 

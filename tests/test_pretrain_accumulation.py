@@ -1,22 +1,29 @@
-"""Gradient accumulation in bf16 training: the shipped ZeRO-1/2/3 JSONs add the micro-batches' gradients in fp32,
-so the gradient the optimizer steps on is the sum of the micro-batch gradients to fp32 rounding."""
+"""Gradient accumulation and reduction in bf16 training: the shipped ZeRO-1/2/3 JSONs add the micro-batches'
+gradients in fp32 and reduce them over the ranks in fp32, so the gradient the optimizer steps on is the mean over
+the ranks of the sum of the micro-batch gradients to fp32 rounding."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from test_pretrain_distributed import ROOT, env
 from test_pretrain_throughput import run_script
 
 pytestmark = pytest.mark.slow
 
-# Trains three steps of 16 micro-batches on one CPU rank in bf16 through the trainer's step and engine, as built from
-# a DeepSpeed JSON (argv[1]; argv[2:] are DeepSpeed settings KEY=JSON over it). Each micro-batch's gradient of each
-# parameter is added in fp64 as autograd hands it over; at the third step, the gradient DeepSpeed accumulated is
-# compared with that sum. Prints {"optimizer", "relative_error" (over all parameters), "worst_parameter"}.
+# Trains three steps of 16 micro-batches per rank on CPU ranks in bf16 through the trainer's step and engine, as
+# built from a DeepSpeed JSON (argv[1]; argv[2:] are DeepSpeed settings KEY=JSON over it), each rank on its own
+# micro-batches. Each micro-batch's gradient of each parameter is added in fp64 as autograd hands it over; at the
+# third step, the gradient DeepSpeed accumulated and reduced is compared with the mean over the ranks of those sums.
+# Rank 0 prints {"optimizer", "relative_error" (over all parameters), "worst_parameter"}.
 ACCUMULATED = r"""
-import json, sys
+import itertools, json, sys
 from types import SimpleNamespace
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 from model import AtmaConfig
 from pretrain.bench import batch_stream
@@ -27,11 +34,12 @@ from pretrain.step import TrainStep
 from pretrain.trainer import BatchPlan, build_ds_config, build_engine, init_distributed
 
 MICRO_BATCHES = 16
-_, _, device = init_distributed()
-settings = dict((key, json.loads(value)) for key, value in (a.split("=", 1) for a in sys.argv[2:]))
-cfg = load_run_config(None, ["data.dir=unused", f"deepspeed_config=ds_configs/{sys.argv[1]}", "train.precision=bf16",
+rank, world, device = init_distributed()
+ds_json, *pairs = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds --local_rank
+settings = dict((key, json.loads(value)) for key, value in (a.split("=", 1) for a in pairs))
+cfg = load_run_config(None, ["data.dir=unused", f"deepspeed_config=ds_configs/{ds_json}", "train.precision=bf16",
                              "optim.grad_clip=0"])
-ds = build_ds_config(cfg, BatchPlan(64, 2, MICRO_BATCHES, 1), device_type=device.type, overrides=settings)
+ds = build_ds_config(cfg, BatchPlan(64, 2, MICRO_BATCHES, world), device_type=device.type, overrides=settings)
 engine, optimizer = build_engine(cfg, AtmaConfig.from_preset("tiny", vocab_size=512), ds, device=device)
 apply_lr(optimizer, 1e-3)
 params = dict(engine.module.named_parameters())
@@ -57,28 +65,45 @@ def step_after_reading_gradients():
 
 engine.step = step_after_reading_gradients
 step = TrainStep(engine, grad_accum=MICRO_BATCHES, loss=cfg.loss, nan_policy="stop", device=device)
-stream = batch_stream(SimpleNamespace(data=None, micro_batch=2, seq_len=64), 512)  # random tokens
+random_tokens = batch_stream(SimpleNamespace(data=None, micro_batch=2, seq_len=64), 512)
+stream = itertools.islice(random_tokens, rank, None, world)  # each rank every world-th micro-batch of one stream
 for _ in range(2):  # the LM head and each block's output start at zero: gradients reach every block from step 3
     assert step.run(stream).applied
 for running in exact.values():
     running.zero_()
 assert step.run(stream).applied
 assert accumulated.keys() == exact.keys()
+for running in exact.values():  # DeepSpeed averages the gradients over the ranks
+    dist.all_reduce(running)
+    running /= world
 errors = {name: ((accumulated[name] - exact[name]).norm() / exact[name].norm()).item()
           for name in exact if exact[name].norm() > 0}
 assert len(errors) > len(exact) // 2, errors  # most parameters took a gradient
 total = torch.cat([accumulated[n] - exact[n] for n in exact]).norm() / torch.cat(list(exact.values())).norm()
 worst = max(errors, key=errors.get)
-print(json.dumps({"optimizer": type(engine.optimizer).__name__, "relative_error": total.item(),
-                  "worst_parameter": [worst, errors[worst]]}))
+if rank == 0:
+    print(json.dumps({"optimizer": type(engine.optimizer).__name__, "relative_error": total.item(),
+                      "worst_parameter": [worst, errors[worst]]}))
+dist.barrier()
 exit_without_teardown(0)
 """
 
 
-def accumulate(tmp_path, ds_json: str, *settings: str) -> dict:
-    """ACCUMULATED's figures for one step of 16 micro-batches under `ds_json` with DeepSpeed `settings` over it."""
-    proc = run_script(tmp_path, "accumulated.py", ACCUMULATED, ds_json, *settings)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def accumulate(tmp_path, ds_json: str, *settings: str, ranks: int = 1) -> dict:
+    """ACCUMULATED's figures for one step of 16 micro-batches per rank under `ds_json` with DeepSpeed `settings` over
+    it, on `ranks` CPU ranks (more than one through the deepspeed launcher)."""
+    if ranks == 1:
+        proc = run_script(tmp_path, "accumulated.py", ACCUMULATED, ds_json, *settings)
+    else:
+        script = tmp_path / "accumulated.py"
+        script.write_text(ACCUMULATED)
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(29100 + os.getpid() % 200), str(script), ds_json, *settings]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('{"optimizer"')]
+    assert len(lines) == 1, proc.stdout[-3000:]
+    return json.loads(lines[0])
 
 
 @pytest.mark.parametrize(("ds_json", "optimizer"), [("zero1_bf16.json", "BF16_Optimizer"),
@@ -94,4 +119,18 @@ def test_shipped_zero_jsons_accumulate_bf16_gradients_in_fp32(tmp_path, ds_json,
 def test_bf16_accumulation_loses_what_the_test_above_looks_for(tmp_path):
     # The same measure with the accumulation in bf16, DeepSpeed's default: the bound above tells the two apart.
     result = accumulate(tmp_path, "zero3_bf16.json", 'data_types.grad_accum_dtype="bf16"')
+    assert result["relative_error"] > 1e-4, result
+
+
+@pytest.mark.parametrize("ds_json", ["zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json"])
+def test_shipped_zero_jsons_reduce_bf16_gradients_over_two_ranks_in_fp32(tmp_path, ds_json):
+    # ZeRO-2/3 reduce each micro-batch's gradient over the ranks as it is produced, ZeRO-1 the accumulated sum once
+    # per step; in fp32 (the JSONs' communication_data_type) the mean stays exact to fp32 rounding.
+    result = accumulate(tmp_path, ds_json, ranks=2)
+    assert result["relative_error"] < 1e-6 and result["worst_parameter"][1] < 1e-6, result
+
+
+def test_bf16_reduction_over_two_ranks_loses_what_the_test_above_looks_for(tmp_path):
+    # DeepSpeed's default, the weights' dtype: each micro-batch's sum over the ranks is rounded to bf16.
+    result = accumulate(tmp_path, "zero3_bf16.json", 'communication_data_type="bf16"', ranks=2)
     assert result["relative_error"] > 1e-4, result

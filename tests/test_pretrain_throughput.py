@@ -336,6 +336,9 @@ def test_zero3_on_one_rank_reduces_gradients_in_place_to_the_same_result(tmp_pat
     # DeepSpeed's Muon orthogonalises the whole gradients it finds in the partitions at the step.
     result = train_both_ways(tmp_path, [{"_deepspeed_gradients": True}, {}], "optim.name=muon")
     assert result["moved_gradients"] == [False, True]
+    # In bf16, with the JSON's fp32 communication: DeepSpeed's bucket carries each bf16 gradient widened to fp32.
+    result = train_both_ways(tmp_path, [{"_deepspeed_gradients": True}, {}], "train.precision=bf16")
+    assert result["moved_gradients"] == [False, True]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -496,6 +496,31 @@ def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can_and_a_warning_say
         build({"zero_optimization": {"stage": 3}, "data_types": "fp32"})
 
 
+def test_bf16_gradients_are_summed_over_the_ranks_in_fp32_as_shipped_and_a_bad_dtype_is_one_line(tmp_path):
+    from pretrain.accumulation import communication_dtype
+    from pretrain.trainer import build_ds_config
+
+    for name in ("zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero3_muon_bf16.json",
+                 "zero3_offload_bf16.json"):
+        assert communication_dtype(json.loads(open(f"ds_configs/{name}").read())) == torch.float32, name
+    # DeepSpeed's default: the weights' dtype.
+    assert communication_dtype(json.loads(open("ds_configs/zero0_bf16.json").read())) == torch.bfloat16
+    assert communication_dtype({}) == torch.float32
+    assert communication_dtype({"communication_data_type": "BF16"}) == torch.bfloat16  # DeepSpeed lower-cases it
+    path = tmp_path / "ds.json"
+    for value, shown in (("fp23", "'fp23'"), (32, "32")):
+        path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "communication_data_type": value}))
+        cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}"])
+        with pytest.raises(ConfigError, match=f"ds.json: communication_data_type {shown} is not a dtype DeepSpeed "
+                                              r"reduces in \(one of 'fp32', 'bf16', 'fp16'\)"):
+            build_ds_config(cfg, plan_batch(256, 1, 256, 1), device_type="cuda")
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_run_config(None, ["data.dir=d", f"deepspeed_config={path}"])
+    with pytest.raises(ConfigError, match="--ds-variant v1: communication_data_type 'half' is not a dtype"):
+        build_ds_config(cfg, plan_batch(256, 1, 256, 1), device_type="cuda",
+                        overrides={"communication_data_type": "half"}, overrides_source="--ds-variant v1")
+
+
 def test_zero3_on_one_rank_keeps_parameters_gathered_only_where_that_is_safe(monkeypatch):
     from pretrain import one_rank
 
