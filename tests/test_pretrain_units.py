@@ -668,7 +668,7 @@ def test_zero3_on_one_rank_moves_each_gradient_into_its_partition_where_that_is_
     unchanged = [
         (Engine(ranks=2), ds), (Engine(stage=2), ds), (Engine(offload_param=True), ds),
         (Engine(offload_optimizer=True), ds), (Engine(zenflow=True), ds), (Engine(sequence_parallel_size=2), ds),
-        (Engine(gradient_predivide_factor=2.0), ds), (Engine(comm_dtype=torch.float32), ds),
+        (Engine(gradient_predivide_factor=2.0), ds), (Engine(comm_dtype=torch.float16), ds),
         (Engine(), {"zero_optimization": {"stage": 3}}),  # DeepSpeed's reduce-scatter path, by its default
         (Engine(), {"zero_optimization": {"stage": 3, "reduce_scatter": False, "zero_quantized_gradients": True}}),
         (Engine(), {"zero_optimization": {"stage": 3, "reduce_scatter": False}, "compile": {"deepcompile": True}}),
@@ -680,6 +680,8 @@ def test_zero3_on_one_rank_moves_each_gradient_into_its_partition_where_that_is_
         assert not one_rank.reduce_gradients_into_partitions(engine, config)
         engine.optimizer.reduce_ready_partitions_and_remove_grads(engine.params[0])
         assert engine.optimizer.seen == [("bucket", 10)]
+    # bf16 gradients carried in fp32 (the shipped JSONs' communication dtype) keep their values exactly.
+    assert one_rank.reduce_gradients_into_partitions(Engine(comm_dtype=torch.float32), ds)
     # With prescale_gradients (postscale off) ZeRO-3's bucket path leaves the predivide factor out: still bitwise.
     assert one_rank.reduce_gradients_into_partitions(Engine(postscale_gradients=False, gradient_predivide_factor=2.0),
                                                      ds)
