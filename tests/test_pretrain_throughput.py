@@ -376,7 +376,7 @@ def test_zero1_in_bf16_steps_deepspeeds_bf16_optimizer_with_one_read_to_the_same
                              "deepspeed_config=ds_configs/zero1_bf16.json", "train.precision=bf16",
                              f"optim.grad_clip={grad_clip}")
     assert result["optimizers"] == ["BF16_Optimizer", "BF16_Optimizer"], result
-    assert result["replaced_step"] == [False, True], result  # our step replaced DeepSpeed's on the second only
+    assert result["replaced_step"] == [False, True], result  # the trainer's step, in the second run only
     assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None, result
     assert (min(result["grad_norms"]) > grad_clip) == (grad_clip < 1), result  # the last step clipped, or not
 
