@@ -86,7 +86,6 @@ def test_export_matches_zero_to_fp32_and_training_logits(tiny_shards, tmp_path):
     torch.testing.assert_close(logits, engine_logits, rtol=0, atol=1e-6)
 
 
-
 @pytest.mark.slow
 def test_export_of_deepspeeds_bf16_optimizer_takes_its_fp32_weights(tiny_shards, tmp_path):
     # ZeRO-1 in bf16 accumulates in fp32 as shipped, so DeepSpeed runs its BF16_Optimizer, whose optimizer states
@@ -99,8 +98,8 @@ def test_export_of_deepspeeds_bf16_optimizer_takes_its_fp32_weights(tiny_shards,
          "--set", "deepspeed_config=ds_configs/zero1_bf16.json"])
     run([sys.executable, "-m", "pretrain.export", str(run_dir), str(out)])
 
-    from pretrain.universal import universal_path
     from model.persistence import load_state_dict
+    from pretrain.universal import universal_path
 
     tag = run_dir / "checkpoints" / "step_00000003"
     module = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
@@ -113,6 +112,7 @@ def test_export_of_deepspeeds_bf16_optimizer_takes_its_fp32_weights(tiny_shards,
     for name in moved:
         universal = torch.load(os.path.join(universal_path(str(tag)), "zero", name, "fp32.pt"), weights_only=True)
         assert torch.equal(exported[name], universal["param"]), name
+
 
 def fake_run(tmp_path, states: bytes = b""):
     """A run directory with one complete checkpoint whose model states file holds `states`."""

@@ -23,6 +23,17 @@ from pretrain.optim import build_param_groups, lr_multiplier
 from pretrain.trainer import padded_vocab, plan_batch
 
 
+# The shipped DeepSpeed JSONs that shard (ZeRO-1/2/3), each of which accumulates and reduces bf16 gradients in fp32.
+SHARDED_BF16_JSONS = ("zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero3_muon_bf16.json",
+                      "zero3_offload_bf16.json")
+
+
+def shipped_ds(name: str) -> dict:
+    """A shipped DeepSpeed JSON (`ds_configs/NAME`), parsed."""
+    with open(os.path.join(ROOT, "ds_configs", name)) as f:
+        return json.load(f)
+
+
 # ---------------------------------------------------------------------- batch plan
 def test_batch_plan_derives_accumulation():
     plan = plan_batch(4096, 4, 256, 2)
@@ -463,9 +474,8 @@ def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can_and_a_warning_say
     from pretrain.accumulation import accumulation_dtype
     from pretrain.trainer import build_ds_config
 
-    for name in ("zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero3_muon_bf16.json",
-                 "zero3_offload_bf16.json"):
-        assert accumulation_dtype(json.loads(open(f"ds_configs/{name}").read())) == torch.float32, name
+    for name in SHARDED_BF16_JSONS:
+        assert accumulation_dtype(shipped_ds(name)) == torch.float32, name
 
     def build(ds: dict, micro_batches: int = 4, run: tuple = (), overrides: dict | None = None) -> dict:
         path = tmp_path / "ds.json"
@@ -476,7 +486,7 @@ def test_bf16_gradients_accumulate_in_fp32_where_deepspeed_can_and_a_warning_say
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build(json.loads(open("ds_configs/zero3_bf16.json").read()))  # fp32: nothing to say
+        build(shipped_ds("zero3_bf16.json"))  # fp32: nothing to say
         build({"zero_optimization": {"stage": 0}}, micro_batches=1)  # one micro-batch: nothing added
         build({"zero_optimization": {"stage": 0}}, run=["train.precision=fp32"])  # fp32 weights
     with pytest.warns(UserWarning, match="gradients of 4 micro-batches are added in bf16.*ZeRO-1/2/3 with "
@@ -500,11 +510,10 @@ def test_bf16_gradients_are_summed_over_the_ranks_in_fp32_as_shipped_and_a_bad_d
     from pretrain.accumulation import communication_dtype
     from pretrain.trainer import build_ds_config
 
-    for name in ("zero1_bf16.json", "zero2_bf16.json", "zero3_bf16.json", "zero3_muon_bf16.json",
-                 "zero3_offload_bf16.json"):
-        assert communication_dtype(json.loads(open(f"ds_configs/{name}").read())) == torch.float32, name
+    for name in SHARDED_BF16_JSONS:
+        assert communication_dtype(shipped_ds(name)) == torch.float32, name
     # DeepSpeed's default: the weights' dtype.
-    assert communication_dtype(json.loads(open("ds_configs/zero0_bf16.json").read())) == torch.bfloat16
+    assert communication_dtype(shipped_ds("zero0_bf16.json")) == torch.bfloat16
     assert communication_dtype({}) == torch.float32
     assert communication_dtype({"communication_data_type": "BF16"}) == torch.bfloat16  # DeepSpeed lower-cases it
     path = tmp_path / "ds.json"
@@ -776,7 +785,7 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
         return build_ds_config(cfg, plan_batch(4096, 4, 256, ranks), device_type="cuda", notes=notes,
                                overrides=overrides)["zero_optimization"], notes
 
-    shipped = json.loads(open("ds_configs/zero2_bf16.json").read())["zero_optimization"]
+    shipped = shipped_ds("zero2_bf16.json")["zero_optimization"]
     zero, notes = built(shipped)
     assert zero["contiguous_gradients"] is False and zero["overlap_comm"] is False
     assert zero["reduce_bucket_size"] == 50_000_000  # the rest as the file says
@@ -784,7 +793,7 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
                      "and the host does not wait for the device after each backward "
                      "(contiguous_gradients true -> false, overlap_comm true -> false)"]
     # ZeRO-1's file sets neither: DeepSpeed's defaults are contiguous gradients on, overlap off.
-    zero, notes = built(json.loads(open("ds_configs/zero1_bf16.json").read())["zero_optimization"])
+    zero, notes = built(shipped_ds("zero1_bf16.json")["zero_optimization"])
     assert zero["contiguous_gradients"] is False and "overlap_comm" not in zero
     assert notes == ["ZeRO-1 on one rank has nothing to reduce: gradients skip DeepSpeed's contiguous buffers "
                      "(contiguous_gradients true -> false)"]
@@ -808,7 +817,7 @@ def test_zero1_and_zero2_on_one_rank_leave_gradients_in_place_and_do_not_wait_fo
     # ZeRO-1 as shipped accumulates bf16 gradients in fp32: DeepSpeed then runs its BF16_Optimizer, whose buffers
     # these settings do not reach, so nothing changes and nothing is said. In fp32 (or with bf16 accumulation set
     # over it) DeepSpeed's ZeRO optimizer runs, and the change applies.
-    zero1 = json.loads(open("ds_configs/zero1_bf16.json").read())
+    zero1 = shipped_ds("zero1_bf16.json")
     zero, notes = built(zero1["zero_optimization"], top={k: v for k, v in zero1.items() if k != "zero_optimization"})
     assert notes == [] and "contiguous_gradients" not in zero
     for run, overrides in ((["train.precision=fp32"], None), ((), {"data_types.grad_accum_dtype": "bf16"})):
