@@ -302,6 +302,9 @@ def build_ds_config(cfg: RunConfig, plan: BatchPlan, *, device_type: str, overri
     ds["train_batch_size"] = plan.sequences_per_step
     ds["gradient_clipping"] = cfg.optim.grad_clip
     ds.setdefault("steps_per_print", 10**9)
+    # DeepSpeed's throughput timer (on by default) synchronises the device as each micro-batch's forward starts and
+    # as its step ends, which keeps the host from queuing ahead; the trainer measures throughput itself.
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     if cfg.optim.name == "muon":
         if zero.get("stage", 0) == 3 and zero.get("reduce_scatter", True):

@@ -40,20 +40,22 @@
 # bench_training_deepcompile: DeepSpeed's DeepCompile under ZeRO-3;
 # bench_zero3_settings: the shipped ZeRO-3 JSON as the trainer uses it on one GPU (every parameter
 # kept whole, the stack of blocks one leaf module, gradients moved straight into their partitions and
-# the parameters left gathered through the optimizer step: one rank has nothing to shard) against six
+# the parameters left gathered through the optimizer step: one rank has nothing to shard) against seven
 # settings changed, one after another in one run: the JSON as written (persistence threshold 1e7: the
 # embedding and the LM head sharded, so the head is fetched in every micro-batch, and on one GPU each
 # fetch waits for the device; with parameters sharded, DeepSpeed's own optimizer step, which releases
 # every parameter and gathers the whole ones back, waiting for the device; each block a leaf module;
 # gradients through DeepSpeed's reduce-scatter path, which copies them into a bucket, concatenates
 # them, divides and reduces them over the one rank, copies them into their partitions and waits for the
-# device after each backward), each block a leaf module alone, stage3_module_granularity_threshold
-# (which also switches on DeepSpeed's fast leaf-module path), persistence thresholds of 1e5
-# (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the 1024 x 1024 and smaller matrices
-# whole), and DeepSpeed's own gradient path alone (reduce_scatter true); bench_zero2_settings: ZeRO-2 as
-# the trainer runs it on one GPU (contiguous_gradients and overlap_comm off) against its JSON as written,
-# whose epilogue synchronises the device after each backward. Each writes its JSON after
-# every case, so a time limit keeps what was measured.
+# device after each backward; DeepSpeed's throughput timer on), each block a leaf module alone,
+# stage3_module_granularity_threshold (which also switches on DeepSpeed's fast leaf-module path),
+# persistence thresholds of 1e5 (DeepSpeed's default: every matrix sharded) and 1.1e6 (only the
+# 1024 x 1024 and smaller matrices whole), DeepSpeed's own gradient path alone (reduce_scatter true),
+# and DeepSpeed's throughput timer alone (on by default in DeepSpeed: it synchronises the device as
+# each micro-batch's forward starts and as its step ends; the trainer switches it off);
+# bench_zero2_settings: ZeRO-2 as the trainer runs it on one GPU (contiguous_gradients and
+# overlap_comm off) against its JSON as written, whose epilogue synchronises the device after each
+# backward. Each writes its JSON after every case, so a time limit keeps what was measured.
 # Where the guard refuses flash-linear-attention's backward (Hopper with triton < 3.7.1), two steps
 # time it anyway, labelled "timing only", each in a process of its own, so that a fault inside
 # FLA's kernels (it would leave the process's GPU unusable) cannot take the other figures with it:
@@ -244,9 +246,11 @@ fla_timing() {  # fla_timing NAME SECONDS CMD...: a timing-only step of FLA's re
 # Every step of the training benchmark: 2 warm-up (the first compiles), 5 timed, 1 phase by phase, 1 profiled
 # (its timeline per case in OUT/traces: where the GPU waits for the host).
 train_steps=(--steps 5 --warmup 2 --breakdown-steps 1 --profile-steps 1)
-# The ZeRO-3 JSON as written, without what the trainer changes on one rank (v1 here and in bench_zero3_settings).
+# The ZeRO-3 JSON as written, without what the trainer changes on one rank, and with DeepSpeed's throughput timer,
+# which synchronises the device twice per micro-batch (v1 here and in bench_zero3_settings).
 block_leaves='zero_optimization.leaf_module={"classes":["model.modeling.Block"]}'
-as_written="zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true,$block_leaves"
+deepspeed_timer="timers.throughput.enabled=true"
+as_written="zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization.reduce_scatter=true,$deepspeed_timer,$block_leaves"
 measure bench_training "$T_TRAIN" "$PY" -m pretrain.bench "${train_steps[@]}" \
     --cases polar:3:none:blocks,nope:3:none:blocks,polar:3:none:blocks:v1,polar:3:all:blocks,polar:2:none:blocks,polar:0:none:blocks \
     --ds-variant "$as_written" --trace-dir "$out/traces" --json "$out/bench_training.json"
@@ -285,13 +289,14 @@ measure bench_training_deepcompile "$T_DEEPCOMPILE" "$PY" -m pretrain.bench "${t
     --cases polar:3:none:deepcompile --json "$out/bench_training_deepcompile.json"
 z3=polar:3:none:blocks
 measure bench_zero3_settings "$T_ZERO3" "$PY" -m pretrain.bench --steps 5 --warmup 2 --breakdown-steps 0 \
-    --profile-steps 0 --cases "$z3,$z3:v1,$z3:v2,$z3:v3,$z3:v4,$z3:v5,$z3:v6" \
+    --profile-steps 0 --cases "$z3,$z3:v1,$z3:v2,$z3:v3,$z3:v4,$z3:v5,$z3:v6,$z3:v7" \
     --ds-variant "$as_written" \
     --ds-variant "$block_leaves" \
     --ds-variant zero_optimization.stage3_module_granularity_threshold=1 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=100000 \
     --ds-variant zero_optimization.stage3_param_persistence_threshold=1100000 \
-    --ds-variant zero_optimization.reduce_scatter=true --json "$out/bench_zero3_settings.json"
+    --ds-variant zero_optimization.reduce_scatter=true --ds-variant "$deepspeed_timer" \
+    --json "$out/bench_zero3_settings.json"
 # ZeRO-2 as the trainer runs it on one GPU (gradients in their own tensors, reduced on the compute stream)
 # against its JSON as written (contiguous buffers, and an overlapped stream that the device is synchronised
 # with after each backward).

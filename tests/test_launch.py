@@ -559,21 +559,24 @@ def test_every_step_of_the_gpu_check_has_a_valid_command_line(tmp_path):
     training = [c for c in calls if c.endswith("bench_training.json")]
     assert len(training) == 1 and "nope:3:none:blocks,polar:3:none:blocks:v1,polar:3:all:blocks," in training[0]
     assert ("--ds-variant zero_optimization.stage3_param_persistence_threshold=10000000,"
-            "zero_optimization.reduce_scatter=true,zero_optimization.leaf_module=") in training[0]
+            "zero_optimization.reduce_scatter=true,timers.throughput.enabled=true,zero_optimization.leaf_module=") \
+        in training[0]
     assert any("--ds-variant zero_optimization.stage3_param_persistence_threshold=100000 " in c for c in calls)
     # the JSON as written first: what the trainer changes on one rank, timed against it
     zero3_settings = [c for c in calls if c.endswith("bench_zero3_settings.json")]
-    assert len(zero3_settings) == 1 and ",polar:3:none:blocks:v6 " in zero3_settings[0]
+    assert len(zero3_settings) == 1 and ",polar:3:none:blocks:v7 " in zero3_settings[0]
     block_leaves = 'zero_optimization.leaf_module={"classes":["model.modeling.Block"]}'
     assert ("--ds-variant zero_optimization.stage3_param_persistence_threshold=10000000,zero_optimization."
-            f"reduce_scatter=true,{block_leaves} --ds-variant {block_leaves} --ds-variant "
-            "zero_optimization.stage3_module_granularity_threshold=1 ") in zero3_settings[0]
+            f"reduce_scatter=true,timers.throughput.enabled=true,{block_leaves} --ds-variant {block_leaves} "
+            "--ds-variant zero_optimization.stage3_module_granularity_threshold=1 ") in zero3_settings[0]
     from pretrain import bench
 
-    v1, v2, *_, v6 = bench.parse_args(dry_calls(log)[calls.index(zero3_settings[0])][2:]).ds_variant
+    v1, v2, *_, v6, v7 = bench.parse_args(dry_calls(log)[calls.index(zero3_settings[0])][2:]).ds_variant
     assert v1["zero_optimization.leaf_module"] == v2["zero_optimization.leaf_module"] == {
         "classes": ["model.modeling.Block"]}
+    assert v1["timers.throughput.enabled"] is True  # DeepSpeed's throughput timer, as it runs by default
     assert v6 == {"zero_optimization.reduce_scatter": True}  # DeepSpeed's gradient path alone
+    assert v7 == {"timers.throughput.enabled": True}  # its throughput timer alone
     # ZeRO-2 as the trainer runs it on one GPU against its JSON as written
     zero2_settings = [c for c in calls if c.endswith("bench_zero2_settings.json")]
     assert len(zero2_settings) == 1 and "--cases polar:2:none:blocks,polar:2:none:blocks:v1 " in zero2_settings[0]

@@ -428,6 +428,11 @@ def test_ds_config_filled_from_run_config():
     assert ds["train_batch_size"] == 16 and ds["gradient_accumulation_steps"] == 2
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"] == {"enabled": False}  # fp32 on the CPU
     assert build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda")["bf16"] == {"enabled": True}
+    # DeepSpeed's throughput timer would synchronise the device at each micro-batch: off unless the JSON asks for it
+    assert ds["timers"] == {"throughput": {"enabled": False}}
+    timed = build_ds_config(cfg, plan_batch(4096, 4, 256, 2), device_type="cuda",
+                            overrides={"timers.throughput.enabled": True, "timers.throughput.synchronized": False})
+    assert timed["timers"] == {"throughput": {"enabled": True, "synchronized": False}}
     muon = load_run_config("pretrain/configs/atma-378m.yaml", ["data.dir=d"])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the shipped Muon config asks for no clip, so nothing to warn about
@@ -1020,7 +1025,7 @@ def test_shipped_ds_configs_and_the_keys_the_trainer_adds_are_deepspeed_settings
     cfg = load_run_config("pretrain/configs/tiny-cpu.yaml", ["data.dir=d", f"deepspeed_config={path}",
                                                              "train.compile=true", "train.compile_method=deepcompile"])
     ds = build_ds_config(cfg, plan_batch(4096, 4, 256, 1), device_type="cuda")
-    assert {"train_batch_size", "gradient_clipping", "compile", "bf16", "steps_per_print"} <= set(ds)
+    assert {"train_batch_size", "gradient_clipping", "compile", "bf16", "steps_per_print", "timers"} <= set(ds)
     check_top_level_keys(ds, path)
 
 
