@@ -19,7 +19,9 @@ fails is reported and the others still run, except with --interleave or under th
 launcher: there a failure ends the run with exit status 1 (the other cases, or the other ranks
 waiting in that case's collectives, cannot go on without it), and the JSON keeps what was done.
 With breakdown steps, each ZeRO-1/2/3 case also times its gradient norm both ways (DeepSpeed's, one tensor at
-a time, and the trainer's, in one reduction) on the gradients of one more step. Each case's startup is
+a time, and the trainer's, in one reduction) on the gradients of one more step. On CUDA each case also runs
+--sync-steps more steps in which every wait of the host for the GPU is counted, with the line that made it
+(`pretrain/host_syncs.py`). Each case's startup is
 timed apart from its steps: building its engine, its first warm-up step
 (where compilation happens) and all its warm-up steps. Caches shared within the process (compiled
 graphs, autotuning, op builds, the teacher) make a later case's startup shorter than a fresh run's.
@@ -55,6 +57,7 @@ from model.device import default_device, usable_device
 
 from .config import ConfigError
 from .flops import peak_flops_for, train_flops_per_token
+from .host_syncs import count_host_syncs, host_sync_text
 from .provenance import benchmark_provenance, describe_code
 
 CPU_MAX_PARAMETERS = 50_000_000
@@ -228,6 +231,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "not run")
     p.add_argument("--profile-steps", type=int, default=2, help="extra steps under torch.profiler (0: none)")
     p.add_argument("--top-ops", type=int, default=8, help="profiler ops listed per case (default: 8)")
+    p.add_argument("--sync-steps", type=int, default=2,
+                   help="extra steps per case on CUDA in which each wait of the host for the GPU is counted, with "
+                        "the line that made it (torch's sync debug mode and explicit synchronisations; default: 2, "
+                        "0: none)")
     p.add_argument("--trace-dir", metavar="DIR",
                    help="also write each case's profiled steps as a timeline, DIR/CASE.pt.trace.json.gz (open it in "
                         "https://ui.perfetto.dev: where the device waits for the host); needs --profile-steps > 0")
@@ -238,8 +245,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", help="also write every figure to this JSON file")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.breakdown_steps < 0 or args.profile_steps < 0:
-        p.error("--steps must be >= 1; --warmup, --breakdown-steps and --profile-steps >= 0")
+    if args.steps < 1 or min(args.warmup, args.breakdown_steps, args.profile_steps, args.sync_steps) < 0:
+        p.error("--steps must be >= 1; --warmup, --breakdown-steps, --profile-steps and --sync-steps >= 0")
     if any(v is not None and v < 1 for v in (args.seq_len, args.micro_batch, args.grad_accum)):
         p.error("--seq-len, --micro-batch and --grad-accum must be >= 1")
     if args.trace_dir and args.profile_steps == 0:
@@ -655,6 +662,13 @@ def profile_case(runner: CaseRunner, steps: int, limit: int, trace: str | None =
     return found
 
 
+def host_syncs(runner: CaseRunner, steps: int) -> dict:
+    """The host's waits for the GPU in `steps` more steps, per step and by site (`pretrain/host_syncs.py`);
+    None on the CPU, where nothing waits for a device."""
+    found = count_host_syncs(runner.run, steps, runner.device)
+    return found or {"host_syncs_per_step": None, "host_syncs_all": None, "host_sync_sites": None}
+
+
 def device_busy(result: dict) -> float | None:
     """The share of the timed step (median) the device spent in kernels, from the profiled steps (None on the CPU)."""
     busy = result.get("device_ms_per_step")
@@ -778,6 +792,7 @@ def run_case(case: Case, args, device, peak) -> None:
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
+        case.result.update(host_syncs(runner, args.sync_steps))
     except Exception as exc:  # one failing case (e.g. DeepCompile without its CUDA build) must not end the run
         case.result = {"case": case.name, "error": error_text(exc)}
     finally:
@@ -814,6 +829,7 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
         case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
         case.result["device_busy"] = device_busy(case.result)
         case.result["trace"] = trace_path(case, args)
+        case.result.update(host_syncs(runner, args.sync_steps))
 
 
 @contextlib.contextmanager
@@ -889,9 +905,10 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
             print(f"  {r['ratio']:28} {r['value']:6.3f}x   {r['case']}  vs  {r['baseline']}")
     for c in cases:
         r = c.result
-        if "error" in r or not (r.get("breakdown_ms") or r.get("top_ops") or r.get("trace")):
+        if "error" in r or not (r.get("breakdown_ms") or r.get("top_ops") or r.get("trace")
+                                or r.get("host_syncs_per_step") is not None):
             continue
-        parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items())
+        parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items()) or "not run"
         print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
               f"{r['memory_kernel']}; Adam {r['adam']}")
         norm = r.get("gradient_norm_ms")
@@ -906,6 +923,8 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
                   "timed step (the rest the device waits for the host)")
             print("    by kind of kernel: " + ", ".join(f"{k['kind']} {k['ms_per_step']:.1f} ms ({100 * k['share']:.0f}%)"
                                                       for k in r.get("device_ms_by_kind", [])))
+        if r.get("host_syncs_per_step") is not None:
+            print(f"    host waits for the GPU: {host_sync_text(r)}")
         for op in r["top_ops"]:
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
         if r.get("trace"):

@@ -26,14 +26,25 @@ def run_script(tmp_path, name: str, source: str, *args, timeout: int = 300) -> s
     return proc
 
 
+def run_bench(*args, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    """Run `python -m pretrain.bench` with `args` from the project root (`extra_env` added to its environment),
+    check that it exited with status 0 and return the finished process."""
+    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", *map(str, args)], cwd=ROOT,
+                          env={**env(), **extra_env}, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 # Runs the trainer on every rank with the host-sync entry points counted. A call counts when it
 # comes from the project's training code (pretrain/, model/, kernels/), keyed by the trainer's
-# step counter at the time; DeepSpeed's own calls (its optimizer's overflow check) are counted
-# apart. Writes {"ours": {step: {kind: n}}, "deepspeed": {...}} per rank.
+# step counter at the time; DeepSpeed's own calls (its optimizer's overflow check, and its accelerator's
+# device synchronisations, which are no-ops on the CPU but wait for a GPU) are counted apart. Writes
+# {"ours": {step: {kind: n}}, "deepspeed": {...}} per rank.
 SYNC_COUNTER = r"""
 import collections, json, os, sys
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from pretrain.config import load_run_config
 from pretrain.shutdown import exit_without_teardown
 from pretrain.trainer import Trainer
@@ -59,6 +70,8 @@ def counted(kind, fn):
 for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
     setattr(torch.Tensor, name, counted("read", getattr(torch.Tensor, name)))
 torch.cuda.synchronize = counted("read", torch.cuda.synchronize)
+accelerator = get_accelerator()  # DeepSpeed's device synchronisations (a no-op on the CPU, counted all the same)
+accelerator.synchronize = counted("read", accelerator.synchronize)
 for name in ("all_reduce", "all_gather", "broadcast", "barrier", "reduce_scatter_tensor", "all_gather_into_tensor"):
     setattr(dist, name, counted("collective", getattr(dist, name)))
 
@@ -96,7 +109,8 @@ def test_one_host_sync_per_optimizer_step(tiny_shards, tmp_path):
         for step in map(str, range(2, 7)):
             assert counts["ours"][step] == {"read": 1, "collective": 1}, (rank, step, counts)
         # DeepSpeed's ZeRO-3 optimizer reads its gradient norm once per step (its non-finite check); its
-        # gathers and reductions are asynchronous collectives, not reads.
+        # gathers and reductions are asynchronous collectives, not reads. Its throughput timer, which would
+        # synchronise the device as each micro-batch's forward starts and as its step ends, is off.
         assert all(counts["deepspeed"][s].get("read", 0) <= 1 for s in map(str, range(2, 7))), counts["deepspeed"]
 
 
@@ -458,7 +472,6 @@ def test_zero0_and_zero2_on_one_gpu_skip_a_step_with_a_gradient_not_finite_as_de
     assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None
 
 
-
 @pytest.mark.gpu
 def test_zero1_on_one_gpu_steps_deepspeeds_bf16_optimizer_with_one_read_as_deepspeed_steps(tmp_path):
     # On CUDA, in bf16, with FusedAdam where it builds: the BF16_Optimizer's step with the norm in one reduction and
@@ -469,6 +482,25 @@ def test_zero1_on_one_gpu_steps_deepspeeds_bf16_optimizer_with_one_read_as_deeps
                              "train.compile=false", "optim.grad_clip=0.05", rounding=1e-2)
     assert result["optimizers"] == ["BF16_Optimizer", "BF16_Optimizer"] and result["replaced_step"] == [False, True]
     assert result["skipped_steps"] == [1, 1] and result["losses"][1][1] is None
+
+
+@pytest.mark.gpu
+def test_a_step_on_one_gpu_waits_for_it_only_for_its_loss_terms_and_gradient_norm(tmp_path):
+    # torch's sync debug mode names every operation that waits for the GPU, and the counter adds explicit
+    # synchronisations (`pretrain/host_syncs.py`). Per optimizer step of two micro-batches, compiled, in bf16, each
+    # shipped ZeRO-1/2/3 JSON: the trainer's read of its loss terms (whose copy is queued before the last backward)
+    # and the optimizer's check of its gradient norm; nothing in the model, its kernels or the micro-batches.
+    out = tmp_path / "bench.json"
+    proc = run_bench("--preset", "tiny", "--seq-len", "256",
+                     "--micro-batch", "2", "--grad-accum", "2", "--steps", "1", "--warmup", "2",
+                     "--breakdown-steps", "0", "--profile-steps", "0", "--sync-steps", "2",
+                     "--cases", "polar:3:none:auto,polar:2:none:auto,polar:1:none:auto", "--json", str(out))
+    for r in json.loads(out.read_text())["results"]:
+        sites = {s["site"].rsplit(":", 1)[0]: s["per_step"] for s in r["host_sync_sites"]}
+        assert r["host_syncs_all"] == [2, 2] and sites.get("pretrain/step.py") == 1, (r["case"], r["host_sync_sites"])
+        assert not any(site.startswith(("model/", "kernels/")) for site in sites), (r["case"], sites)
+    assert proc.stdout.count("    host waits for the GPU: 2 per step (") == 3
+
 
 # Trains the tiny model for 3 optimizer steps (2 micro-batches each) on every rank under the DeepSpeed JSON
 # argv[2] (ZeRO-2 or ZeRO-3) and, at each step, takes DeepSpeed's own gradient norm beside the one the step
@@ -616,14 +648,11 @@ def test_a_zero3_engine_leaves_torch_linear_alone(tmp_path):
 
 def test_training_bench_runs_a_deepspeed_variant_beside_the_shipped_json(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "32",
-                           "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
-                           "--breakdown-steps", "0", "--profile-steps", "0", "--cases",
-                           "nope:3:none:off,nope:3:none:off:v1", "--ds-variant",
-                           "zero_optimization.stage3_param_persistence_threshold=0", "--json", str(out)],
-                          cwd=ROOT, env={**env(), "ATMA_POLAR_SCHEDULE": "in_order"}, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_bench("--preset", "tiny", "--seq-len", "32", "--micro-batch", "1", "--steps", "1", "--warmup", "0",
+                     "--device", "cpu", "--breakdown-steps", "0", "--profile-steps", "0",
+                     "--cases", "nope:3:none:off,nope:3:none:off:v1",
+                     "--ds-variant", "zero_optimization.stage3_param_persistence_threshold=0", "--json", str(out),
+                     ATMA_POLAR_SCHEDULE="in_order")
     report = json.loads(out.read_text())
     assert report["device"] == "CPU"
     # the kernel choices made in the environment, every one of them
@@ -663,12 +692,10 @@ def test_training_bench_writes_each_cases_timeline(tmp_path):
     import gzip
 
     traces = tmp_path / "traces"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "32",
-                           "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
-                           "--breakdown-steps", "0", "--profile-steps", "1", "--top-ops", "0",
-                           "--cases", "nope:0:none:off,nope:3:none:off", "--trace-dir", str(traces)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_bench("--preset", "tiny", "--seq-len", "32",
+                     "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                     "--breakdown-steps", "0", "--profile-steps", "1", "--top-ops", "0",
+                     "--cases", "nope:0:none:off,nope:3:none:off", "--trace-dir", str(traces))
     names = ["nope_z0_ac_none_compile_off.pt.trace.json.gz", "nope_z3_ac_none_compile_off.pt.trace.json.gz"]
     assert sorted(os.listdir(traces)) == names
     for name in names:
@@ -702,11 +729,9 @@ def test_training_bench_under_the_deepspeed_launcher_reports_once_for_all_ranks(
 def test_training_bench_times_a_run_configs_recipe(tmp_path):
     def bench(*argv):
         out = tmp_path / "bench.json"
-        proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--device", "cpu", "--seq-len", "32",
-                               "--steps", "2", "--warmup", "0", "--breakdown-steps", "0", "--profile-steps", "0",
-                               *argv, "--json", str(out)],
-                              cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        proc = run_bench("--device", "cpu", "--seq-len", "32",
+                         "--steps", "2", "--warmup", "0", "--breakdown-steps", "0", "--profile-steps", "0",
+                         *argv, "--json", str(out), timeout=300)
         (result,) = json.loads(out.read_text())["results"]
         return proc.stdout, result
 
@@ -831,13 +856,12 @@ def test_a_case_failing_on_one_rank_ends_the_run_on_every_rank(tmp_path):
 
 def test_training_bench_on_shards_times_their_sequence_length(tiny_shards, tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--data", tiny_shards,
-                           "--micro-batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu",
-                           "--breakdown-steps", "0", "--profile-steps", "0", "--cases", "nope:0:none:off",
-                           # the copy loss over the shards' number tokens, which their tokenizer names
-                           "--set", "loss.copy_weight=0.5", "--set", "loss.copy_targets=numbers", "--grad-accum", "1",
-                           "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_bench("--preset", "tiny", "--data", tiny_shards,
+                     "--micro-batch", "2", "--steps", "2", "--warmup", "0", "--device", "cpu",
+                     "--breakdown-steps", "0", "--profile-steps", "0", "--cases", "nope:0:none:off",
+                     # the copy loss over the shards' number tokens, which their tokenizer names
+                     "--set", "loss.copy_weight=0.5", "--set", "loss.copy_targets=numbers", "--grad-accum", "1",
+                     "--json", str(out), timeout=300)
     assert "T=64, micro-batch 2 per rank" in proc.stdout  # the shards' length, not the 2048 default
     (result,) = json.loads(out.read_text())["results"]
     assert result["tokens_per_s"] == pytest.approx(2 * 64 / result["step_s_median"])
@@ -859,12 +883,10 @@ def test_a_failing_case_ends_an_interleaved_run_with_one_error_line(tmp_path):
 
 def test_training_bench_times_deepspeeds_overflow_check_that_bf16_steps_leave_out(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "64",
-                           "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--cores", "nope",
-                           "--zero-stages", "0,2,3", "--breakdown-steps", "1", "--profile-steps", "0",
-                           "--set", "train.precision=bf16", "--json", str(out)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_bench("--preset", "tiny", "--seq-len", "64",
+                     "--micro-batch", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--cores", "nope",
+                     "--zero-stages", "0,2,3", "--breakdown-steps", "1", "--profile-steps", "0",
+                     "--set", "train.precision=bf16", "--json", str(out))
     checks = {r["zero_stage"]: r["overflow_check_ms"] for r in json.loads(out.read_text())["results"]}
     # DeepSpeed's check reduces each of the ~80 gradient tensors (about 2 ms here); the trainer's stand-in is a no-op
     # (microseconds), so a timing of the wrong one shows. ZeRO-3 keeps DeepSpeed's own.
@@ -874,11 +896,10 @@ def test_training_bench_times_deepspeeds_overflow_check_that_bf16_steps_leave_ou
 
 def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "-m", "pretrain.bench", "--preset", "tiny", "--seq-len", "64",
-                           "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                           "--zero-stages", "0,3", "--breakdown-steps", "1", "--profile-steps", "1",
-                           "--json", str(out)], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    proc = run_bench("--preset", "tiny", "--seq-len", "64",
+                     "--micro-batch", "2", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                     "--zero-stages", "0,3", "--breakdown-steps", "1", "--profile-steps", "1",
+                     "--json", str(out))
     report = json.loads(out.read_text())
     results = report["results"]
     assert [(r["core"], r["zero_stage"]) for r in results] == [("polar", 0), ("nope", 0), ("polar", 3), ("nope", 3)]
@@ -895,6 +916,7 @@ def test_training_bench_cases_ratios_breakdown_and_profile(tmp_path):
         else:
             assert r["gradient_norm_ms"] is None
         assert r["overflow_check_ms"] is None  # fp32: no step checks its gradients for overflow
+        assert r["host_syncs_per_step"] is None and r["host_sync_sites"] is None  # counted on CUDA only
     assert proc.stdout.count("    gradient norm: DeepSpeed's ") == 2
     found = {(x["ratio"], x["case"]) for x in report["ratios"]}
     assert ("ZeRO-3/ZeRO-0 step", "polar z3 ac=none compile=auto") in found
