@@ -21,8 +21,10 @@ waiting in that case's collectives, cannot go on without it), and the JSON keeps
 With breakdown steps, each ZeRO-1/2/3 case also times its gradient norm both ways (DeepSpeed's, one tensor at
 a time, and the trainer's, in one reduction) on the gradients of one more step. On CUDA each case also runs
 --sync-steps more steps in which every wait of the host for the GPU is counted, with the line that made it
-(`pretrain/host_syncs.py`). Each case's startup is
-timed apart from its steps: building its engine, its first warm-up step
+(`pretrain/host_syncs.py`). In one process, a measure after the timed steps that fails (the breakdown, the
+norms, the profile, the waits) is reported with the case and keeps its step times; the measures after it are
+not run, and the exit status is 1. Each case's startup is timed apart from its steps: building its engine, its
+first warm-up step
 (where compilation happens) and all its warm-up steps. Caches shared within the process (compiled
 graphs, autotuning, op builds, the teacher) make a later case's startup shorter than a fresh run's.
 
@@ -774,6 +776,35 @@ def warm_up_case(case: Case, runner: CaseRunner, steps: int) -> None:
     case.startup.update(first_step_s=times[0] if times else None, warmup_s=sum(times))
 
 
+def measure_after_timing(case: Case, runner: CaseRunner, args) -> None:
+    """The case's measures after its timed steps, into case.result: the breakdown, the gradient norms, the overflow
+    check, the profile and the host's waits.
+
+    Each runs more steps of its own. In one process a measure that fails keeps the timed figures: its error goes
+    into case.result["measure_error"] and the measures after it are not run (the engine may have stopped mid-step).
+    Under the launcher it is raised, as for a failing step: the other ranks would wait in its collectives.
+    """
+    repeats = NORM_REPEATS if args.breakdown_steps else 0
+    trace = trace_path(case, args)
+    measures = [
+        ("breakdown", lambda: {"breakdown_ms": breakdown(runner, args.breakdown_steps)}),
+        ("gradient norm", lambda: {"gradient_norm_ms": time_gradient_norms(runner, repeats)}),
+        ("overflow check", lambda: {"overflow_check_ms": time_overflow_check(runner, repeats)}),
+        ("profile", lambda: profile_case(runner, args.profile_steps, args.top_ops, trace)),
+        ("host waits", lambda: host_syncs(runner, args.sync_steps)),
+    ]
+    for name, measure in measures:
+        try:
+            case.result.update(measure())
+        except Exception as exc:
+            if args.world_size > 1:
+                raise
+            case.result["measure_error"] = f"{name}: {error_text(exc)}"
+            break
+        if name == "profile":
+            case.result.update(device_busy=device_busy(case.result), trace=trace)
+
+
 def run_case(case: Case, args, device, peak) -> None:
     """Build, warm up, time, break down and profile one case; fills case.result (or its error)."""
     runner = None
@@ -786,13 +817,7 @@ def run_case(case: Case, args, device, peak) -> None:
         memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         case.result = summarise(case, runner, args, peak, memory)
         case.result.update(case.startup)
-        case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
-        case.result["gradient_norm_ms"] = time_gradient_norms(runner, NORM_REPEATS if args.breakdown_steps else 0)
-        case.result["overflow_check_ms"] = time_overflow_check(runner, NORM_REPEATS if args.breakdown_steps else 0)
-        case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
-        case.result["device_busy"] = device_busy(case.result)
-        case.result["trace"] = trace_path(case, args)
-        case.result.update(host_syncs(runner, args.sync_steps))
+        measure_after_timing(case, runner, args)
     except Exception as exc:  # one failing case (e.g. DeepCompile without its CUDA build) must not end the run
         case.result = {"case": case.name, "error": error_text(exc)}
     finally:
@@ -823,13 +848,8 @@ def run_interleaved(cases: list[Case], args, device, peak) -> None:
     for case, runner in zip(cases, runners):
         case.result = summarise(case, runner, args, peak, None)
         case.result.update(case.startup)
-        case.result["breakdown_ms"] = breakdown(runner, args.breakdown_steps)
-        case.result["gradient_norm_ms"] = time_gradient_norms(runner, NORM_REPEATS if args.breakdown_steps else 0)
-        case.result["overflow_check_ms"] = time_overflow_check(runner, NORM_REPEATS if args.breakdown_steps else 0)
-        case.result.update(profile_case(runner, args.profile_steps, args.top_ops, trace_path(case, args)))
-        case.result["device_busy"] = device_busy(case.result)
-        case.result["trace"] = trace_path(case, args)
-        case.result.update(host_syncs(runner, args.sync_steps))
+        with _naming(case):
+            measure_after_timing(case, runner, args)
 
 
 @contextlib.contextmanager
@@ -906,9 +926,9 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
     for c in cases:
         r = c.result
         if "error" in r or not (r.get("breakdown_ms") or r.get("top_ops") or r.get("trace")
-                                or r.get("host_syncs_per_step") is not None):
+                                or r.get("host_syncs_per_step") is not None or r.get("measure_error")):
             continue
-        parts = " ".join(f"{k} {v:.1f}" for k, v in r["breakdown_ms"].items()) or "not run"
+        parts = " ".join(f"{k} {v:.1f}" for k, v in r.get("breakdown_ms", {}).items()) or "not run"
         print(f"{c.name}: breakdown ms/step (device synchronised per phase): {parts}; memory kernel "
               f"{r['memory_kernel']}; Adam {r['adam']}")
         norm = r.get("gradient_norm_ms")
@@ -925,8 +945,10 @@ def print_report(cases: list[Case], found: list[dict]) -> None:
                                                       for k in r.get("device_ms_by_kind", [])))
         if r.get("host_syncs_per_step") is not None:
             print(f"    host waits for the GPU: {host_sync_text(r)}")
-        for op in r["top_ops"]:
+        for op in r.get("top_ops", []):
             print(f"    {op['self_ms_per_step']:9.2f} ms  {op['calls_per_step']:7.1f} calls  {op['op'][:90]}")
+        if r.get("measure_error"):
+            print(f"    measure failed, the ones after it not run (the step times above stand): {r['measure_error']}")
         if r.get("trace"):
             print(f"    timeline: {r['trace']}")
 
@@ -1037,7 +1059,9 @@ def main(argv=None) -> int:
             for case in cases:
                 run_case(case, args, device, peak)
                 print(f"[bench] {case.name}: " + (case.result.get("error") or
-                      f"{1000 * case.result['step_s_median']:.1f} ms/step ({startup_text(case.result)})"), flush=True)
+                      f"{1000 * case.result['step_s_median']:.1f} ms/step ({startup_text(case.result)})"
+                      + (f"; measure failed: {case.result['measure_error']}" if "measure_error" in case.result
+                         else "")), flush=True)
                 write_json()  # what is done survives a time limit
                 if args.world_size > 1 and "error" in case.result:
                     # the other ranks are still in this case's collectives and would wait for this rank
@@ -1049,7 +1073,7 @@ def main(argv=None) -> int:
     for pick in polar_backward_picks():
         print(f"Polar backward (ATMA_POLAR_BWD=auto) at {pick['text']}")
     write_json(complete=True)
-    return 0 if all("error" not in c.result for c in cases) else 1
+    return 0 if all("error" not in c.result and "measure_error" not in c.result for c in cases) else 1
 
 
 if __name__ == "__main__":

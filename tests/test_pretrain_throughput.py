@@ -854,6 +854,43 @@ def test_a_case_failing_on_one_rank_ends_the_run_on_every_rank(tmp_path):
     assert "nope z2" not in proc.stdout + proc.stderr  # no rank went on to the next case
 
 
+# pretrain.bench with its profiled steps failing (say, the profiler out of memory) in every case.
+FAILING_PROFILE = r"""
+import sys
+from pretrain import bench
+from pretrain.shutdown import exit_without_teardown
+
+
+def failing(*args, **kwargs):
+    raise RuntimeError("profiler out of memory\nsecond line")
+
+
+bench.profile_case = failing
+exit_without_teardown(bench.main(sys.argv[1:]))  # as the entry point ends
+"""
+
+
+def test_a_failing_measure_after_the_timed_steps_keeps_the_step_times(tmp_path):
+    script, out = tmp_path / "failing_profile.py", tmp_path / "bench.json"
+    script.write_text(FAILING_PROFILE)
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+                           "--micro-batch", "1", "--steps", "2", "--warmup", "0", "--breakdown-steps", "1",
+                           "--profile-steps", "1", "--cases", "nope:0:none:off,nope:3:none:off", "--json", str(out)],
+                          cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["case"] for r in results] == ["nope z0 ac=none compile=off", "nope z3 ac=none compile=off"]
+    for r in results:
+        assert "error" not in r and len(r["step_s_all"]) == 2 and r["tokens_per_s"] > 0, r
+        assert set(r["breakdown_ms"]) >= {"forward", "backward"}, r  # the measure before it stands
+        assert r["measure_error"] == "profile: RuntimeError: profiler out of memory"
+        assert "host_syncs_per_step" not in r and "top_ops" not in r  # not run after it
+    assert proc.stdout.count("    measure failed, the ones after it not run (the step times above stand): profile: "
+                             "RuntimeError: profiler out of memory") == 2
+    assert "; measure failed: profile: RuntimeError: profiler out of memory" in proc.stdout
+
+
 def test_training_bench_on_shards_times_their_sequence_length(tiny_shards, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_bench("--preset", "tiny", "--data", tiny_shards,
