@@ -780,16 +780,23 @@ exit_without_teardown(bench.main(sys.argv[1:]))  # as the entry point ends
 """
 
 
+def run_patched_bench(tmp_path, name: str, source: str, *args, launcher=(), timeout: int = 240):
+    """Run `source` (pretrain.bench with something patched) as tmp_path/name on the tiny CPU preset, under `launcher`
+    when given, and return the finished process whatever its exit status."""
+    script = tmp_path / name
+    script.write_text(source)
+    cmd = [sys.executable, *launcher, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
+           "--micro-batch", "1", *map(str, args)]
+    return subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def bench_failing_where(tmp_path, condition, *args, launcher=()):
     """Run pretrain.bench (under `launcher` when given) with its timed step failing where `condition` holds."""
-    script = tmp_path / "failing_step.py"
-    script.write_text(FAILING_STEP.replace("CONDITION", condition))
-    cmd = [sys.executable, *launcher, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
-           "--micro-batch", "1", "--breakdown-steps", "0", "--profile-steps", "0", "--json", str(tmp_path / "b.json"),
-           *args]
     # without the early end, a rank left waiting in a collective would hang until gloo's timeout
-    return subprocess.run(cmd, cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=240)
+    return run_patched_bench(tmp_path, "failing_step.py", FAILING_STEP.replace("CONDITION", condition),
+                             "--breakdown-steps", "0", "--profile-steps", "0", "--json", tmp_path / "b.json", *args,
+                             launcher=launcher)
 
 
 # pretrain.bench with every case's engine build 0.3 s slower and its first step 0.5 s slower, as compiling
@@ -871,13 +878,10 @@ exit_without_teardown(bench.main(sys.argv[1:]))  # as the entry point ends
 
 
 def test_a_failing_measure_after_the_timed_steps_keeps_the_step_times(tmp_path):
-    script, out = tmp_path / "failing_profile.py", tmp_path / "bench.json"
-    script.write_text(FAILING_PROFILE)
-    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--preset", "tiny", "--seq-len", "32",
-                           "--micro-batch", "1", "--steps", "2", "--warmup", "0", "--breakdown-steps", "1",
-                           "--profile-steps", "1", "--cases", "nope:0:none:off,nope:3:none:off", "--json", str(out)],
-                          cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
-                          timeout=300)
+    out = tmp_path / "bench.json"
+    proc = run_patched_bench(tmp_path, "failing_profile.py", FAILING_PROFILE, "--steps", "2", "--warmup", "0",
+                             "--breakdown-steps", "1", "--profile-steps", "1",
+                             "--cases", "nope:0:none:off,nope:3:none:off", "--json", out)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     assert [r["case"] for r in results] == ["nope z0 ac=none compile=off", "nope z3 ac=none compile=off"]
